@@ -1,0 +1,1125 @@
+"""
+train_gpt.py: one self-contained script for the parameter-golf speedrun.
+
+Train the best language model whose artifact (this file's bytes + the compressed weights) fits in
+16,000,000 bytes, in 10 minutes on 8xH100, scored by bits per byte on the FineWeb validation split.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # a record-style run
+    python3 train_gpt.py                                      # one process, CUDA or CPU
+    PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
+
+Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
+Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ============================================================================================
+# HYPERPARAMETERS
+# ============================================================================================
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the environment variable or file to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Every setting of a run. The environment variable is the field name in upper case."""
+
+    # --- run and data ---
+    preset: str = ""  # named bundle of defaults applied before other env vars ("smoke"); empty = none
+    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts; empty = a timestamp
+    seed: int = 1337  # seeds initialization and the training data order
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
+    vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
+    record_dir: str = ""  # when set, a records folder (README, submission.json, log, code) is written here
+
+    # --- schedule and batch ---
+    iterations: int = 20000  # maximum number of optimizer steps
+    max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
+    warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
+    warmdown_iters: int = 1200  # length of the final linear LR decay, in steps (in time when the cap is on)
+    train_batch_tokens: int = 524_288  # global batch in tokens per optimizer step, at every world size
+    train_seq_len: int = 1024  # training sequence length
+    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    train_log_every: int = 200  # log the train loss every N steps
+    val_loss_every: int = 1000  # evaluate on the full validation split every N steps; 0 = only at the end
+    val_batch_size: int = 524_288  # validation tokens per forward pass, summed over ranks
+
+    # --- model ---
+    num_layers: int = 9  # transformer blocks
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: int = 2  # MLP hidden width = MLP_MULT * MODEL_DIM
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    rope_base: float = 10000.0  # rotary embedding base
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    qk_gain_init: float = 1.5  # initial per-head gain on the normalized queries
+    tied_embed_init_std: float = 0.005  # std of the tied embedding at init
+
+    # --- optimizer ---
+    matrix_lr: float = 0.04  # Muon LR for the 2-D block matrices
+    scalar_lr: float = 0.04  # Adam LR for gains, scales and skip weights
+    tied_embed_lr: float = 0.05  # Adam LR for the tied embedding
+    embed_lr: float = 0.6  # Adam LR for the input embedding when untied
+    head_lr: float = 0.008  # Adam LR for the output head when untied
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.95  # Adam beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    muon_momentum: float = 0.95  # Muon momentum after its warmup
+    muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 500  # steps of the linear Muon momentum warmup
+    muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon update
+    grad_clip_norm: float = 0.0  # clip the global gradient norm (after averaging over ranks); 0 = off
+
+    # --- systems and export ---
+    device: str = "auto"  # auto, cuda or cpu
+    compile: bool = True  # torch.compile the model (CUDA only; the CPU always runs eager)
+    attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    compressor: str = "zstd"  # compressor of the quantized weights: zstd, brotli or zlib
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """Defaults, then the preset, then explicit env vars. Returns (hparams, {field: source})."""
+        environ = os.environ if environ is None else environ
+        preset = environ.get("PRESET", "")
+        if preset not in PRESETS:
+            raise ConfigError(f"PRESET={preset!r} is unknown; choose one of {sorted(PRESETS)} or leave it empty")
+        values, sources = {}, {}
+        for field in dataclasses.fields(cls):
+            env_name = field.name.upper()
+            if env_name in environ:
+                values[field.name] = _parse_env(env_name, environ[env_name], field.type)
+                sources[field.name] = "env"
+            elif field.name in PRESETS[preset]:
+                values[field.name] = PRESETS[preset][field.name]
+                sources[field.name] = f"preset:{preset}"
+            else:
+                sources[field.name] = "default"
+        hparams = cls(**values)
+        hparams.validate()
+        return hparams, sources
+
+    def validate(self):
+        """World-size-independent checks; `setup_distributed` checks the batch against the world size."""
+        def require(ok, env_name, why):
+            if not ok:
+                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
+                     "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        for name in ("warmup_steps", "warmdown_iters", "grad_accum_steps", "train_log_every", "val_loss_every",
+                     "max_wallclock_seconds", "grad_clip_norm", "muon_momentum_warmup_steps"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+        require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        require(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        require((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+        require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+                f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
+        require(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+        require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
+        require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
+        require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+
+
+# A preset is a named set of defaults; any env var set explicitly still wins over it.
+PRESETS = {
+    "": {},
+    # A tiny model on the offline sample (`python3 data/prepare_docs.py stdlib`): about two minutes on 2 CPU cores.
+    "smoke": dict(
+        data_path="./data/datasets/stdlib_sp1024", tokenizer_path="./data/tokenizers/stdlib_1024_bpe.model",
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=256, train_batch_tokens=4096,
+        grad_accum_steps=2, iterations=300, warmdown_iters=100, warmup_steps=2, max_wallclock_seconds=0.0,
+        muon_momentum_warmup_steps=100,
+        train_log_every=25, val_loss_every=0, val_batch_size=16384,
+    ),
+}
+
+
+def _parse_env(env_name, raw, typ):
+    try:
+        if typ is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+# ============================================================================================
+# DATA
+# ============================================================================================
+# Shard format of the challenge: 256 little-endian int32 (magic, version, token count, zeros), then uint16 tokens.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_shard_header(path):
+    """Validates magic, version and file size; returns the token count."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    if num_tokens < 0 or size != SHARD_HEADER_BYTES + 2 * num_tokens:
+        raise ValueError(f"{path}: header says {num_tokens} tokens, so {SHARD_HEADER_BYTES + 2 * num_tokens} bytes, "
+                         f"but the file has {size} (truncated or corrupted; download or export it again)")
+    return num_tokens
+
+
+def load_shard(path):
+    """The shard's tokens as a read-only uint16 memmap (validated first)."""
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def shard_files(data_path, split):
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
+                          f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
+    return files
+
+
+class TrainLoader:
+    """Deterministic training batches that do not depend on the world size.
+
+    The training shards are cut into non-overlapping windows of TRAIN_SEQ_LEN + 1 tokens. Every epoch visits all
+    windows in an order drawn from (SEED, epoch). Optimizer step s uses global windows [s*B, (s+1)*B) of that order,
+    split into WORLD_SIZE * GRAD_ACCUM_STEPS equal micro-batches, so the global batch, and thus the math, is the
+    same at any world size. The loader is stateless: `batch(step, micro_step)` can be asked for in any order.
+    """
+
+    def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1):
+        self.shards = [load_shard(f) for f in files]
+        self.seq_len, self.seqs_per_step, self.seed = seq_len, seqs_per_step, seed
+        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
+        self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
+        windows = [(len(s) - 1) // seq_len for s in self.shards]
+        self.window_offsets = np.concatenate([[0], np.cumsum(windows)])
+        self.num_windows = int(self.window_offsets[-1])
+        if self.num_windows < seqs_per_step:
+            raise ConfigError(f"the training shards hold {self.num_windows} windows of TRAIN_SEQ_LEN={seq_len}, fewer "
+                              f"than one batch of {seqs_per_step}; lower TRAIN_BATCH_TOKENS or add shards")
+        self._epoch, self._order = -1, None
+
+    def _window_order(self, epoch):
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._order
+
+    def global_window_ids(self, step):
+        first = step * self.seqs_per_step
+        positions = np.arange(first, first + self.seqs_per_step)
+        ids = np.empty(self.seqs_per_step, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_windows):  # a batch may straddle two epochs
+            in_epoch = positions // self.num_windows == epoch
+            ids[in_epoch] = self._window_order(int(epoch))[positions[in_epoch] % self.num_windows]
+        return ids
+
+    def batch(self, step, micro_step):
+        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step."""
+        chunk = self.rank * self.grad_accum_steps + micro_step
+        ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
+        rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self.window_offsets, ids, side="right") - 1
+        for row, (shard, window) in enumerate(zip(shard_of, ids)):
+            start = (window - self.window_offsets[shard]) * self.seq_len
+            rows[row] = self.shards[shard][start:start + self.seq_len + 1]
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_validation_tokens(files):
+    """The whole validation split, concatenated, as one int32 tensor."""
+    tokens = np.concatenate([np.asarray(load_shard(f)) for f in files]).astype(np.int32)
+    if tokens.size < 2:
+        raise ConfigError(f"the validation shards {files} hold fewer than 2 tokens")
+    return torch.from_numpy(tokens)
+
+
+def load_tokenizer(path, vocab_size):
+    if not os.path.isfile(path):
+        raise ConfigError(f"TOKENIZER_PATH={path!r} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                          f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without a standalone "▁" piece the leading-space bytes are miscounted (parameter-golf issue #897).
+        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount bytes")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size):
+    """Per-token UTF-8 byte counts as the challenge defines them (techniques.md 1.3).
+
+    A target y after token x covers base_bytes[y] + (has_leading_space[y] and not is_boundary[x]) bytes: the "▁"
+    of a piece is one space byte, except right after BOS (or another control token), where decoding drops it.
+    """
+    base_bytes = np.zeros(vocab_size, dtype=np.int64)
+    has_leading_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        is_boundary[token] = False
+        if sp.is_byte(token):
+            base_bytes[token] = 1
+            continue
+        piece = sp.id_to_piece(token)
+        if piece.startswith("\u2581"):
+            has_leading_space[token], piece = True, piece[1:]
+        base_bytes[token] = len(piece.encode("utf-8"))
+    return base_bytes, has_leading_space, is_boundary
+
+
+def count_target_bytes(tokens, luts):
+    """Bytes covered by tokens[1:] given their predecessors tokens[:-1] (numpy or torch, int)."""
+    base_bytes, has_leading_space, is_boundary = luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    prev, cur = tokens[:-1], tokens[1:]
+    return int(base_bytes[cur].sum() + (has_leading_space[cur] & ~is_boundary[prev]).sum())
+
+
+def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
+    """Start-up self-checks on the first documents (BOS-delimited) of the validation split.
+
+    1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
+       length of the SentencePiece decode.
+    2. The tokenizer is the one that made the shards: re-encoding a decoded document gives back its tokens (BPE
+       encoding is canonical, so the right tokenizer round-trips essentially every document; a wrong one none).
+    """
+    tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
+    bos_positions = np.flatnonzero(tokens == sp.bos_id())
+    if len(bos_positions) < 2 or bos_positions[0] != 0:
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+    docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
+    decoded = sp.decode(docs)
+    total = 0
+    for index, (doc, text) in enumerate(zip(docs, decoded)):
+        lut, utf8 = count_target_bytes([sp.bos_id()] + doc, luts), len(text.encode("utf-8"))
+        if lut != utf8:
+            raise ConfigError(f"byte accounting self-check failed on validation document {index}: the LUT counts {lut} "
+                              f"bytes, the decoded text has {utf8}; val_bpb cannot be trusted with this tokenizer")
+        total += utf8
+    sample = range(min(roundtrip_docs, len(docs)))
+    matches = sum(sp.encode(decoded[i]) == docs[i] for i in sample)
+    if matches < 0.9 * len(sample):
+        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(sample)} "
+                          f"validation documents re-encode to their own tokens")
+    return len(docs), total
+
+
+# ============================================================================================
+# MODEL
+# ============================================================================================
+# The challenge's baseline GPT: pre-norm blocks with QK-RMSNorm, a per-head query gain, RoPE, grouped-query
+# attention, a relu^2 MLP, learned residual mixing with the embedding (resid_mix), U-Net skips between the first
+# and second half of the stack, zero-initialized output projections, tied embeddings and a tanh logit softcap.
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, used in the activations' dtype (bf16 under autocast)."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def _sdpa(q, k, v):
+    # (B, T, H, D) in and out; SDPA wants heads first.
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def _load_flash_attention(backend):
+    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable."""
+    try:
+        if backend == "fa3":
+            from flash_attn_interface import flash_attn_func
+        else:
+            from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def flash(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    return flash
+
+
+def select_attention(requested, device_type):
+    """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error."""
+    candidates = ["fa3", "fa2", "sdpa"] if requested == "auto" else [requested]
+    for name in candidates:
+        if name == "sdpa":
+            return name, _sdpa
+        if device_type == "cuda":
+            fn = _load_flash_attention(name)
+            if fn is not None:
+                return name, fn
+    raise ConfigError(f"ATTN_BACKEND={requested!r} is not available here (FlashAttention needs CUDA and its package)")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with cos/sin tables precomputed for the longest sequence."""
+
+    def __init__(self, head_dim, base, max_seq_len):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x):  # x: (B, T, H, D); rotates the two halves of D as pairs
+        seq_len = x.size(1)
+        cos, sin = self.cos[:, :seq_len].to(x.dtype), self.sin[:, :seq_len].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp, attention_fn):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(hp.model_dim, hp.model_dim)
+        self.c_k = CastedLinear(hp.model_dim, kv_dim)
+        self.c_v = CastedLinear(hp.model_dim, kv_dim)
+        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, hp.rope_base, hp.train_seq_len)
+        self.attention_fn = attention_fn
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm keeps the logits' scale in check
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        return self.proj(self.attention_fn(q, k, v).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, hp):
+        super().__init__()
+        self.fc = CastedLinear(hp.model_dim, hp.mlp_mult * hp.model_dim)
+        self.proj = CastedLinear(hp.mlp_mult * hp.model_dim, hp.model_dim, zero_init=True)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp, attention_fn):
+        super().__init__()
+        self.attn = CausalSelfAttention(hp, attention_fn)
+        self.mlp = MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        # resid_mix blends the running residual with the block-0 input x0 per channel; [1, 0] = plain residual.
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)]))
+
+    def forward(self, x, x0):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, hp, attention_fn=_sdpa):
+        super().__init__()
+        self.logit_softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.blocks = nn.ModuleList(Block(hp, attention_fn) for _ in range(hp.num_layers))
+        # U-Net: the first half's outputs are added, in reverse order, to the inputs of the second half.
+        self.num_encoder_layers = hp.num_layers // 2
+        self.num_skips = min(self.num_encoder_layers, hp.num_layers - self.num_encoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        if hp.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+
+    def hidden_states(self, input_ids):
+        x = x0 = rms_norm(self.tok_emb(input_ids))
+        skips = []
+        for index, block in enumerate(self.blocks):
+            if index >= self.num_encoder_layers and skips:
+                x = x + self.skip_weights[index - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if index < self.num_encoder_layers:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, input_ids):
+        h = self.hidden_states(input_ids)
+        raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean"):
+        """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none")."""
+        logits = self.logits(input_ids)
+        if target_ids is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction=reduction)
+        return loss if reduction != "none" else loss.view_as(target_ids)
+
+
+def count_parameters(model):
+    embedding = model.tok_emb.weight.numel() + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
+    total = sum(p.numel() for p in model.parameters())
+    return total, embedding, total - embedding
+
+
+# ============================================================================================
+# OPTIMIZER
+# ============================================================================================
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: fast to converge, not to exactly 1
+
+
+def newton_schulz(grad, steps, eps=1e-7):
+    """Approximately orthogonalize a matrix (U S V^T -> U S' V^T with S' in roughly [0.7, 1.2])."""
+    a, b, c = NS_COEFFICIENTS
+    x = grad.bfloat16() if grad.is_cuda else grad.float()  # bf16 on GPU for speed; the CPU has no fast bf16 matmul
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Newton-Schulz orthogonalized updates for 2-D matrices (github.com/KellerJordan/Muon).
+
+    Gradients arrive already averaged over ranks. Rank r orthogonalizes the matrices i with i % world == r, and one
+    all-reduce of a flat buffer gives every rank every update, so the work is split without changing the math.
+    """
+
+    def __init__(self, params, lr, momentum, backend_steps, rank=0, world_size=1):
+        super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
+                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            offset = 0
+            for index, p in enumerate(params):
+                if index % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                    update = newton_schulz(update, group["backend_steps"])
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall and wide matrices
+                    flat[offset:offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                all_reduce(flat, dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def build_optimizers(model, hp, rank, world_size):
+    """Muon for the 2-D block matrices; Adam for the embedding, the head, and the gains, scales and skip weights."""
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, CastedLinear)]
+    matrix_ids = {id(p) for p in matrices}
+    embed = [model.tok_emb.weight]
+    scalars = [p for p in model.parameters() if id(p) not in matrix_ids and p is not model.tok_emb.weight
+               and (model.lm_head is None or p is not model.lm_head.weight)]
+    fused = dict(fused=True) if matrices[0].is_cuda else {}
+    adam_groups = [dict(params=embed, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr),
+                   dict(params=scalars, lr=hp.scalar_lr)]
+    if model.lm_head is not None:
+        adam_groups.append(dict(params=[model.lm_head.weight], lr=hp.head_lr))
+    for group in adam_groups:
+        group["base_lr"] = group["lr"]
+    adam = torch.optim.Adam(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
+    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rank, world_size)
+    return [adam, muon]
+
+
+def lr_multiplier(hp, step, elapsed_ms):
+    """1, then a linear decay to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock cap the warmdown is
+    measured in time (WARMDOWN_ITERS times the average step time), as in the challenge's baseline."""
+    if hp.warmdown_iters == 0:
+        return 1.0
+    if hp.max_wallclock_seconds > 0:
+        step_ms = elapsed_ms / max(step, 1)
+        remaining_ms = max(1000.0 * hp.max_wallclock_seconds - elapsed_ms, 0.0)
+        return min(remaining_ms / (hp.warmdown_iters * step_ms), 1.0) if step > 0 else 1.0
+    return min(max(hp.iterations - step, 0) / hp.warmdown_iters, 1.0)
+
+
+def muon_momentum(hp, step):
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+# ============================================================================================
+# QUANTIZATION / EXPORT
+# ============================================================================================
+# Per-row int8 with fp16 scales for the big matrices; small tensors pass through (fp16, or fp32 for vectors, whose
+# gains and mixing weights are sensitive and cost nothing). The file is magic + compressor id + SHA-256 + payload.
+
+INT8_CLIP_QUANTILE = 0.9999984  # per-row clip at this quantile of |w| (the challenge baseline's choice)
+PASSTHROUGH_MAX_NUMEL = 65536
+ARTIFACT_MAGIC = b"PGQ1"
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
+
+
+def _zstd():
+    import zstandard
+    return zstandard
+
+
+def _brotli():
+    import brotli
+    return brotli
+
+
+COMPRESSORS = {  # name: (id byte, compress, decompress)
+    "zlib": (1, lambda b: zlib.compress(b, 9), zlib.decompress),
+    "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "brotli": (3, lambda b: _brotli().compress(b, quality=11), lambda b: _brotli().decompress(b)),
+}
+
+
+def quantize_int8(state_dict):
+    quantized = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().float().cpu()
+        if t.ndim < 2:
+            quantized[name] = dict(kind="fp32", data=t)
+        elif t.numel() <= PASSTHROUGH_MAX_NUMEL:
+            quantized[name] = dict(kind="fp16", data=t.half())
+        else:
+            rows = t.flatten(1)
+            clip = torch.quantile(rows.abs(), INT8_CLIP_QUANTILE, dim=1).clamp_min(1e-12)
+            scale = (clip / 127).half()  # round the scale first so that q * scale is exactly what we decode
+            q = torch.round(rows.clamp(-clip[:, None], clip[:, None]) / scale.float()[:, None]).clamp(-127, 127)
+            quantized[name] = dict(kind="int8", data=q.to(torch.int8), scale=scale, shape=list(t.shape))
+    return quantized
+
+
+def dequantize_int8(quantized):
+    state_dict = {}
+    for name, entry in quantized.items():
+        if entry["kind"] == "int8":
+            rows = entry["data"].float() * entry["scale"].float()[:, None]
+            state_dict[name] = rows.view(entry["shape"])
+        else:
+            state_dict[name] = entry["data"].float()
+    return state_dict
+
+
+def write_artifact(path, quantized, compressor):
+    buffer = io.BytesIO()
+    torch.save(quantized, buffer)
+    compressor_id, compress, _ = COMPRESSORS[compressor]
+    payload = compress(buffer.getvalue())
+    with open(path, "wb") as f:
+        f.write(ARTIFACT_MAGIC + bytes([compressor_id]) + hashlib.sha256(payload).digest() + payload)
+    return os.path.getsize(path)
+
+
+def read_artifact(path, blob=None):
+    """The quantized state of the artifact at `path` (or of its bytes `blob`), verified against its checksum."""
+    blob = Path(path).read_bytes() if blob is None else blob
+    if len(blob) < 37 or blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a model artifact (bad magic or truncated header)")
+    by_id = {cid: (name, decompress) for name, (cid, _, decompress) in COMPRESSORS.items()}
+    if blob[4] not in by_id:
+        raise ValueError(f"{path}: unknown compressor id {blob[4]}")
+    digest, payload = blob[5:37], blob[37:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path}: checksum mismatch; the artifact is truncated or corrupted")
+    return torch.load(io.BytesIO(by_id[blob[4]][1](payload)), weights_only=True)
+
+
+# ============================================================================================
+# EVALUATION
+# ============================================================================================
+
+
+def eval_rows_per_batch(batch_tokens, seq_len, world_size):
+    return max(1, batch_tokens // (seq_len * world_size))
+
+
+@torch.no_grad()
+def evaluate(model, val_tokens, luts, seq_len, batch_tokens, rank, world_size, device, autocast):
+    """(val_loss in nats per token, val_bpb) over every validation target.
+
+    The stream is cut into windows of seq_len; the last, shorter one is padded and its padding masked, so every
+    token but the first is scored exactly once. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets).
+    """
+    num_targets = val_tokens.numel() - 1
+    num_windows = -(-num_targets // seq_len)
+    first, last = num_windows * rank // world_size, num_windows * (rank + 1) // world_size
+    rows_per_batch = eval_rows_per_batch(batch_tokens, seq_len, world_size)
+    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    for start in range(first, last, rows_per_batch):
+        # Every batch has the same shape (unused rows are masked) so a compiled model never recompiles here.
+        windows = range(start, min(start + rows_per_batch, last))
+        rows = torch.zeros(rows_per_batch, seq_len + 1, dtype=torch.int64)
+        valid = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
+        for row, window in enumerate(windows):
+            chunk = val_tokens[window * seq_len: min((window + 1) * seq_len, num_targets) + 1]
+            rows[row, :len(chunk)] = chunk
+            valid[row, :len(chunk) - 1] = True
+        rows, valid = rows.to(device), valid.to(device)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        with autocast():
+            losses = model(inputs, targets, reduction="none")
+        token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
+        sums += torch.stack([losses.double()[valid].sum(), valid.sum().double(), token_bytes[valid].sum().double()])
+    all_reduce(sums, dist.ReduceOp.SUM)
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes
+
+
+# ============================================================================================
+# MAIN
+# ============================================================================================
+
+
+def all_reduce(tensor, op):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushing every line so that a crash keeps the log."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+
+    def __call__(self, message="", console=True):
+        if self.enabled:
+            if console:
+                print(message, flush=True)
+            self.file.write(message + "\n")
+            self.file.flush()
+
+
+class Run:
+    """What the phases of `main` share: settings, devices, data, model, clocks."""
+
+    def __init__(self, hp, sources):
+        self.hp, self.sources = hp, sources
+        self.timings = {}
+        self.results = {}
+
+
+def setup(run):
+    """Distributed init, device, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    hp = run.hp
+    run.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    run.rank = int(os.environ.get("RANK", 0))
+    run.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    run.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' but no CUDA device is visible")
+    run.device = torch.device("cuda", run.local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(run.device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if run.distributed:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=10),
+                                **(dict(device_id=run.device) if device_type == "cuda" else {}))
+        probe = all_reduce(torch.ones(1, device=run.device), dist.ReduceOp.SUM)
+        if int(probe.item()) != run.world_size:
+            raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {run.world_size}")
+
+    seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
+    accum = hp.grad_accum_steps or (8 // run.world_size if 8 % run.world_size == 0 else 1)
+    if seqs_per_step % (run.world_size * accum):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is {seqs_per_step} sequences of "
+                          f"TRAIN_SEQ_LEN={hp.train_seq_len}, which does not split over WORLD_SIZE={run.world_size} x "
+                          f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
+    run.seqs_per_step, run.grad_accum_steps = seqs_per_step, accum
+
+    run.run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
+    run.log_path = os.path.join("logs", f"{run.run_id}.txt")
+    run.log = Logger(run.log_path, run.rank == 0)
+    run.code = Path(__file__).read_bytes()
+    run.log(run.code.decode("utf-8"), console=False)
+    run.log("=" * 100, console=False)
+
+    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type)
+    run.use_compile = hp.compile and device_type == "cuda"
+    autocast_dtype = torch.bfloat16 if device_type == "cuda" else None
+    run.autocast = lambda: (torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
+
+    run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    run.val_tokens = load_validation_tokens(run.val_files)
+    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.seed,
+                                   run.rank, run.world_size, accum)
+    for name, tokens in (("validation split", run.val_tokens.numpy()), (run.train_files[0], run.train_loader.shards[0])):
+        if int(tokens.max()) >= hp.vocab_size:
+            raise ConfigError(f"{name} holds token id {int(tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    run.luts = build_byte_luts(run.sp, hp.vocab_size)
+    run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
+    run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    log_environment(run)
+
+
+def _command_output(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _sha256_files(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def log_environment(run):
+    hp, log = run.hp, run.log
+    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                    sentencepiece=spm.__version__, cuda=torch.version.cuda or "none")
+    for module in ("zstandard", "brotli", "flash_attn", "flash_attn_interface"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "installed")
+        except ImportError:
+            pass
+    log("environment: " + " ".join(f"{k}:{v}" for k, v in versions.items()))
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
+    log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
+        f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
+    if run.device.type == "cuda":
+        log(_command_output(["nvidia-smi"]), console=False)
+    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
+        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{'bf16' if run.device.type == 'cuda' else 'off (fp32)'}")
+    train_tokens = sum(len(s) for s in run.train_loader.shards)
+    log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
+        f"val_sha256:{_sha256_files(run.val_files)} tokenizer_sha256:{_sha256_files([hp.tokenizer_path])}")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
+    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
+    planned = hp.iterations * hp.train_batch_tokens
+    if planned > train_tokens:
+        log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
+            f"training tokens on disk, so data repeats (download more shards)")
+
+
+def build_model(run):
+    hp = run.hp
+    torch.manual_seed(hp.seed)
+    run.model = GPT(hp, run.attention_fn).to(run.device)
+    run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    run.optimizers = build_optimizers(run.model, hp, run.rank, run.world_size)
+    total, embedding, non_embedding = count_parameters(run.model)
+    run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
+
+
+def sync_gradients(run):
+    """Average gradients over ranks in one flat all-reduce, then clip by the global norm if asked."""
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    if run.world_size > 1:
+        flat = torch.cat([g.flatten() for g in grads])
+        all_reduce(flat, dist.ReduceOp.SUM).div_(run.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    if run.hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.hp.grad_clip_norm)
+
+
+def train_step(run, step, lr_scale):
+    """One optimizer step over the global batch; returns its mean training loss (identical on every rank)."""
+    total_loss = torch.zeros((), device=run.device)
+    for micro_step in range(run.grad_accum_steps):
+        inputs, targets = (t.to(run.device, non_blocking=True) for t in run.train_loader.batch(step, micro_step))
+        with run.autocast():
+            loss = run.train_model(inputs, targets)
+        (loss / run.grad_accum_steps).backward()
+        total_loss += loss.detach()
+    sync_gradients(run)
+    momentum = muon_momentum(run.hp, step)
+    for optimizer in run.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+            if "momentum" in group:
+                group["momentum"] = momentum
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return all_reduce(total_loss / run.grad_accum_steps, dist.ReduceOp.SUM).item() / run.world_size
+
+
+def synchronize(run):
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def warmup(run):
+    """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state.
+    The evaluation graph is warmed up on training tokens too: validation tokens are never touched here."""
+    if run.hp.warmup_steps == 0:
+        return
+    start = time.perf_counter()
+    initial_model = copy.deepcopy(run.model.state_dict())
+    initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in run.optimizers]
+    for step in range(run.hp.warmup_steps):
+        train_step(run, step, lr_scale=1.0)
+        run.log(f"warmup_step:{step + 1}/{run.hp.warmup_steps}")
+    if run.use_compile:
+        rows = eval_rows_per_batch(run.hp.val_batch_size, run.hp.train_seq_len, run.world_size)
+        tokens = torch.randint(run.hp.vocab_size, (rows, run.hp.train_seq_len + 1), device=run.device)  # synthetic
+        with torch.no_grad(), run.autocast():
+            run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+    run.model.load_state_dict(initial_model)
+    for optimizer, state in zip(run.optimizers, initial_optimizers):
+        optimizer.load_state_dict(state)
+    synchronize(run)
+    run.timings["untimed_warmup_s"] = time.perf_counter() - start
+    run.log(f"warmup:done steps:{run.hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
+            f"restored:initial_weights_and_optimizer_state")
+
+
+def run_validation(run):
+    hp = run.hp
+    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.val_batch_size,
+                    run.rank, run.world_size, run.device, run.autocast)
+
+
+def train(run):
+    """The timed loop. The clock runs only during training steps; validation pauses it. The stop decision is
+    collective (MAX over ranks) and predictive: it stops before a step would cross MAX_WALLCLOCK_SECONDS."""
+    hp, log = run.hp, run.log
+    cap_ms = 1000.0 * hp.max_wallclock_seconds
+    train_ms, step, stop_after = 0.0, 0, None
+    synchronize(run)
+    clock = time.perf_counter()
+    while True:
+        last_step = step == hp.iterations or step == stop_after
+        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            synchronize(run)
+            train_ms += 1000.0 * (time.perf_counter() - clock)
+            val_loss, val_bpb = run_validation(run)
+            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+            synchronize(run)
+            clock = time.perf_counter()
+        if last_step:
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
+        train_loss = train_step(run, step, lr_multiplier(hp, step, elapsed_ms))
+        step += 1
+        synchronize(run)
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
+        step_avg = elapsed_ms / step
+        if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations:
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{step_avg:.2f}ms tok_s:{hp.train_batch_tokens / step_avg * 1000:.0f}")
+        if cap_ms > 0 and stop_after is None:
+            over = torch.tensor(float(elapsed_ms + step_avg > cap_ms), device=run.device)
+            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
+                stop_after = step
+                log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+    run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
+    if run.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+
+def export(run):
+    """Save the raw weights first (nothing is lost if what follows fails), then quantize, compress and write."""
+    hp, log = run.hp, run.log
+    start = time.perf_counter()
+    run.raw_path = os.path.join("logs", f"{run.run_id}_raw.pt")
+    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.int8.ptz")
+    if run.rank == 0:
+        torch.save(run.model.state_dict(), run.raw_path)
+        log(f"saved_raw_weights:{run.raw_path}")
+        model_bytes = write_artifact(run.artifact_path, quantize_int8(run.model.state_dict()), hp.compressor)
+        code_bytes = len(run.code)
+        total = code_bytes + model_bytes
+        log(f"Serialized model int8+{hp.compressor}: {model_bytes} bytes")
+        log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "
+            f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total}")
+        log(f"Total submission size int8+{hp.compressor}: {total} bytes")
+        if total > ARTIFACT_LIMIT_BYTES:
+            log("!" * 100 + f"\nWARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: "
+                f"{total} > {ARTIFACT_LIMIT_BYTES}. This run cannot be a submission.\n" + "!" * 100)
+        run.results.update(bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=total)
+    if run.distributed:
+        dist.barrier()
+    run.timings["export_s"] = time.perf_counter() - start
+    log(f"export_time:{run.timings['export_s']:.1f}s")
+
+
+def evaluate_artifact(run):
+    """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced)."""
+    synchronize(run)
+    start = time.perf_counter()
+    # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk.
+    blob = [Path(run.artifact_path).read_bytes() if run.rank == 0 else None]
+    if run.distributed:
+        dist.broadcast_object_list(blob, src=0)
+    run.model.load_state_dict(dequantize_int8(read_artifact(run.artifact_path, blob[0])), strict=True)
+    val_loss, val_bpb = run_validation(run)
+    synchronize(run)
+    run.timings["eval_s"] = time.perf_counter() - start
+    prefix = f"final_int8_{run.hp.compressor}_roundtrip"
+    run.log(f"{prefix} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * run.timings['eval_s']:.0f}ms")
+    run.log(f"{prefix}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    run.results.update(val_loss=val_loss, val_bpb=val_bpb)
+
+
+def log_summary(run):
+    r, t = run.results, run.timings
+    run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
+            f"export:{t['export_s']:.1f}s eval:{t['eval_s']:.1f}s")
+    summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size,
+                   code_sha256=hashlib.sha256(run.code).hexdigest()[:16], **r)
+    run.log("summary_json: " + json.dumps(summary, sort_keys=True))
+
+
+def submission_from_log(log_text):
+    """submission.json fields, read from a finished run's log (never typed by hand)."""
+    lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
+    if not lines:
+        raise ValueError("the log has no summary_json line: the run did not finish")
+    summary = json.loads(lines[-1][len("summary_json: "):])
+    hardware = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
+    torch_version = re.search(r"^environment: .*?torch:(\S+)", log_text, re.M)
+    return dict(name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
+                val_loss=summary["val_loss"], val_bpb=summary["val_bpb"], bytes_total=summary["bytes_total"],
+                bytes_code=summary["bytes_code"], bytes_model=summary["bytes_model"], seed=summary["seed"],
+                steps=summary["steps"], step_avg_ms=summary["step_avg_ms"], world_size=summary["world_size"],
+                hardware=f"{summary['world_size']}x {hardware.group(1) if hardware else 'unknown'}",
+                pytorch_version=torch_version.group(1) if torch_version else "unknown",
+                code_sha256=summary["code_sha256"])
+
+
+def write_record(run):
+    """RECORD_DIR: README skeleton with the numbers, submission.json from the log, the log, the exact code."""
+    if not run.hp.record_dir or run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_text = Path(run.log_path).read_text(encoding="utf-8")
+    submission = submission_from_log(log_text)
+    (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    shutil.copyfile(run.log_path, folder / f"train_seed{run.hp.seed}.log")
+    (folder / "train_gpt.py").write_bytes(run.code)
+    (folder / "README.md").write_text(
+        f"# {run.run_id}\n\nDescribe the idea here.\n\n| metric | value |\n|---|---|\n"
+        f"| val_bpb (round-trip, exact) | {submission['val_bpb']:.8f} |\n| val_loss | {submission['val_loss']:.8f} |\n"
+        f"| artifact bytes | {submission['bytes_total']} (code {submission['bytes_code']}, model {submission['bytes_model']}) |\n"
+        f"| steps | {submission['steps']} at {submission['step_avg_ms']:.2f} ms |\n| hardware | {submission['hardware']} |\n"
+        f"| seed | {submission['seed']} |\n\nReproduce: see the config line of `train_seed{run.hp.seed}.log`.\n")
+    run.log(f"record_dir:{folder}")
+
+
+def main():
+    hp, sources = Hyperparameters.from_env()
+    run = Run(hp, sources)
+    setup(run)
+    build_model(run)
+    warmup(run)
+    train(run)
+    export(run)
+    evaluate_artifact(run)
+    log_summary(run)
+    write_record(run)
+    if run.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
