@@ -1,0 +1,37 @@
+"""Shared fixtures: the repository on sys.path, the real-text corpus beside it, and a small exported dataset."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO.parent / "shared" / "corpus"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    """../shared/corpus (real FineWeb docs and the challenge's tokenizers), or a skip that says why."""
+    if not (CORPUS / "fineweb_docs_200.jsonl").is_file():
+        pytest.skip(f"the shared corpus is absent ({CORPUS}); these tests need real FineWeb text")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The embedded offline sample (stdlib docstrings), exported by the same code path users run."""
+    import prepare_docs
+    root = tmp_path_factory.mktemp("sample")
+    data_dir, tokenizer = prepare_docs.prepare("stdlib", "stdlib", vocab_size=1024, output_root=root)
+    return data_dir, tokenizer
+
+
+def run_script(args, env_overrides, cwd, timeout=600):
+    """Runs a command with the environment cleaned of run settings, plus `env_overrides`; returns the result."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
+    env.update(env_overrides)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

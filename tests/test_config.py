@@ -1,0 +1,66 @@
+"""Hyperparameters from the environment, their errors, and the README table that documents them."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+import train_gpt as T
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_env_vars_are_typed_and_override_presets():
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LAYERS": "6", "TIE_EMBEDDINGS": "false", "MATRIX_LR": "0.02"})
+    assert hp.num_layers == 6 and hp.tie_embeddings is False and hp.matrix_lr == 0.02
+    assert hp.model_dim == T.PRESETS["smoke"]["model_dim"]
+    assert sources["num_layers"] == "env" and sources["model_dim"] == "preset:smoke" and sources["seed"] == "default"
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"NUM_LAYERS": "nine"}, "NUM_LAYERS"),
+    ({"COMPILE": "maybe"}, "COMPILE"),
+    ({"PRESET": "huge"}, "PRESET"),
+    ({"MODEL_DIM": "500"}, "MODEL_DIM"),  # 500 is not divisible by 8 heads
+    ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
+    ({"COMPRESSOR": "lzma"}, "COMPRESSOR"),
+    ({"ATTN_BACKEND": "flex"}, "ATTN_BACKEND"),
+    ({"ITERATIONS": "0"}, "ITERATIONS"),
+])
+def test_bad_settings_fail_early_naming_the_env_var(env, name):
+    with pytest.raises(T.ConfigError, match=name):
+        T.Hyperparameters.from_env(env)
+
+
+def readme_table():
+    """{ENV_VAR: default cell} from the README's configuration table."""
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", (REPO / "README.md").read_text(), re.M)
+    return dict(rows)
+
+
+def test_readme_table_documents_every_env_var_with_its_default():
+    table = readme_table()
+    fields = {f.name.upper(): f.default for f in dataclasses.fields(T.Hyperparameters)}
+    assert set(table) == set(fields)
+    for name, default in fields.items():
+        assert table[name] == ("\"\"" if default == "" else str(default)), f"README default of {name} is {table[name]!r}, the code says {default!r}"
+
+
+def test_only_the_hyperparameters_block_reads_the_environment():
+    allowed = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}  # torchrun's
+    lines = [(n, line) for n, line in enumerate((REPO / "train_gpt.py").read_text().splitlines(), 1) if "os.environ" in line]
+    assert any("environ = os.environ if environ is None" in line for _, line in lines)  # Hyperparameters.from_env
+    for number, line in lines:
+        if "environ = os.environ if environ is None" in line:
+            continue
+        names = set(re.findall(r"[\"']([A-Z_]+)[\"']", line))
+        assert names and names <= allowed, f"train_gpt.py:{number} reads the environment outside Hyperparameters: {line.strip()}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text()
+    command = re.search(r"```bash\n(.*?)\n```", readme.split("## Quick start")[1], re.S).group(1).splitlines()[1]
+    assert command in ci, f"the README's second quick-start line is not in .ci/run: {command}"

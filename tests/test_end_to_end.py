@@ -1,0 +1,107 @@
+"""Real runs through the command line: one process, two processes under torchrun (gloo), and bad input."""
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import REPO, run_script
+
+SCRIPT = str(REPO / "train_gpt.py")
+
+
+def smoke_env(sample, **overrides):
+    data_dir, tokenizer = sample
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), TRAIN_LOG_EVERY="1")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def train_losses(log):
+    return {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", log, re.M)}
+
+
+def summary(log):
+    return json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def single_run(sample, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("single")
+    env = smoke_env(sample, ITERATIONS=40, WARMDOWN_ITERS=10, VAL_LOSS_EVERY=20, RUN_ID="e2e", RECORD_DIR=cwd / "record")
+    result = run_script([sys.executable, SCRIPT], env, cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, env, (cwd / "logs" / "e2e.txt").read_text()
+
+
+def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
+    _, _, log = single_run
+    losses = train_losses(log)
+    assert sorted(losses) == list(range(1, 41))
+    assert losses[40] < losses[1] - 1.0
+    assert re.search(r"^final_int8_zstd_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
+    assert re.search(r"^step:20/40 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
+    assert log.startswith(open(SCRIPT).read())  # the log carries the exact source that ran
+    for key in ("val_tokens:", "val_bytes:", "bpb_bytecheck:ok", "attention:sdpa", "warmup:done", "timing: "):
+        assert key in log
+
+
+def test_the_written_artifact_scores_what_the_log_says(single_run):
+    cwd, env, log = single_run
+    hp, _ = T.Hyperparameters.from_env(env)
+    model = T.GPT(hp)
+    model.load_state_dict(T.dequantize_int8(T.read_artifact(cwd / "logs" / "e2e_model.int8.ptz")), strict=True)
+    sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
+    _, val_bpb = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.val_batch_size,
+                            0, 1, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert val_bpb == pytest.approx(summary(log)["val_bpb"], rel=1e-5)
+    raw = torch.load(cwd / "logs" / "e2e_raw.pt", weights_only=True)  # the unquantized weights are kept too
+    T.GPT(hp).load_state_dict(raw, strict=True)
+    sizes = summary(log)
+    assert sizes["bytes_code"] == len(open(SCRIPT, "rb").read())
+    assert sizes["bytes_model"] == (cwd / "logs" / "e2e_model.int8.ptz").stat().st_size
+    assert sizes["bytes_total"] == sizes["bytes_code"] + sizes["bytes_model"]
+
+
+def test_the_records_folder_is_generated_from_the_log(single_run):
+    cwd, _, log = single_run
+    record = cwd / "record"
+    assert sorted(p.name for p in record.iterdir()) == ["README.md", "submission.json", "train_gpt.py", "train_seed1337.log"]
+    submission = json.loads((record / "submission.json").read_text())
+    assert submission == T.submission_from_log(log)
+    assert submission["val_bpb"] == summary(log)["val_bpb"]
+    assert (record / "train_gpt.py").read_bytes() == open(SCRIPT, "rb").read()
+    assert (record / "train_seed1337.log").read_text() == log
+    assert f"{submission['val_bpb']:.8f}" in (record / "README.md").read_text()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_path):
+    runs = {}
+    for nproc in (1, 2):
+        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+        result = run_script(launcher + [SCRIPT], env, tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[nproc] = (tmp_path / "logs" / f"ws{nproc}.txt").read_text()
+    assert "world_size:2 grad_accum_steps:2" in runs[2]
+    one, two = train_losses(runs[1]), train_losses(runs[2])
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:  # printed to 4 decimals; the sums differ only in float rounding order
+        assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
+    assert summary(runs[2])["val_bpb"] == pytest.approx(summary(runs[1])["val_bpb"], rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(VOCAB_SIZE=2048), "VOCAB_SIZE=2048"),
+    (dict(GRAD_ACCUM_STEPS=3), "GRAD_ACCUM_STEPS"),
+    (dict(DATA_PATH="/nonexistent"), "DATA_PATH"),
+])
+def test_bad_input_fails_before_training_with_a_named_fix(sample, tmp_path, overrides, message):
+    result = run_script([sys.executable, SCRIPT], smoke_env(sample, **overrides), tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "config error:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
