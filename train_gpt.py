@@ -841,7 +841,8 @@ def setup(run):
     run.luts = build_byte_luts(run.sp, hp.vocab_size)
     run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
     run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
-    log_environment(run)
+    if run.rank == 0:
+        log_environment(run)
 
 
 def _command_output(args):
@@ -916,7 +917,7 @@ def sync_gradients(run):
 
 
 def train_step(run, step, lr_scale):
-    """One optimizer step over the global batch; returns its mean training loss (identical on every rank)."""
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
     total_loss = torch.zeros((), device=run.device)
     for micro_step in range(run.grad_accum_steps):
         inputs, targets = (t.to(run.device, non_blocking=True) for t in run.train_loader.batch(step, micro_step))
@@ -933,7 +934,7 @@ def train_step(run, step, lr_scale):
                 group["momentum"] = momentum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return all_reduce(total_loss / run.grad_accum_steps, dist.ReduceOp.SUM).item() / run.world_size
+    return total_loss / run.grad_accum_steps
 
 
 def synchronize(run):
@@ -994,12 +995,14 @@ def train(run):
         if last_step:
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
-        train_loss = train_step(run, step, lr_multiplier(hp, step, elapsed_ms))
+        local_loss = train_step(run, step, lr_multiplier(hp, step, elapsed_ms))
         step += 1
         synchronize(run)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
         step_avg = elapsed_ms / step
         if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations:
+            # The mean over the global batch: every rank's micro-batches have the same size.
+            train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{step_avg:.2f}ms tok_s:{hp.train_batch_tokens / step_avg * 1000:.0f}")
         if cap_ms > 0 and stop_after is None:
@@ -1092,6 +1095,7 @@ def write_record(run):
     log_text = Path(run.log_path).read_text(encoding="utf-8")
     submission = submission_from_log(log_text)
     (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    run.log(f"record_dir:{folder}")
     shutil.copyfile(run.log_path, folder / f"train_seed{run.hp.seed}.log")
     (folder / "train_gpt.py").write_bytes(run.code)
     (folder / "README.md").write_text(
@@ -1100,7 +1104,6 @@ def write_record(run):
         f"| artifact bytes | {submission['bytes_total']} (code {submission['bytes_code']}, model {submission['bytes_model']}) |\n"
         f"| steps | {submission['steps']} at {submission['step_avg_ms']:.2f} ms |\n| hardware | {submission['hardware']} |\n"
         f"| seed | {submission['seed']} |\n\nReproduce: see the config line of `train_seed{run.hp.seed}.log`.\n")
-    run.log(f"record_dir:{folder}")
 
 
 def main():
