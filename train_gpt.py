@@ -100,6 +100,23 @@ class Hyperparameters:
     muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon update
     grad_clip_norm: float = 0.0  # clip the global gradient norm (after averaging over ranks); 0 = off
 
+    # --- evaluation and score-first test-time training ---
+    eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
+    eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
+    eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
+    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
+    ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_epochs: int = 3  # passes over each scored chunk
+    ttt_lr: float = 0.002  # peak TTT learning rate, cosine-decayed over chunks
+    ttt_optimizer: str = "sgd"  # sgd or adamw
+    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = 32  # sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = 1.0  # TTT gradient-norm clip; 0 = off
+    ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
+    ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+
     # --- systems and export ---
     device: str = "auto"  # auto, cuda or cpu
     compile: bool = True  # torch.compile the model (CUDA only; the CPU always runs eager)
@@ -150,6 +167,12 @@ class Hyperparameters:
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+        for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
+        require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
 
 
 # A preset is a named set of defaults; any env var set explicitly still wins over it.
@@ -378,11 +401,13 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
+        self.lora = None  # a CastedLoRA that test-time training may attach
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        y = F.linear(x, self.weight.to(x.dtype))
+        return y if self.lora is None else y + self.lora(x)
 
 
 def _sdpa(q, k, v):
@@ -449,7 +474,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(hp.model_dim, kv_dim)
         self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, hp.rope_base, hp.train_seq_len)
+        self.rotary = Rotary(self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.attention_fn = attention_fn
 
     def forward(self, x):
@@ -712,41 +737,224 @@ def read_artifact(path, blob=None):
 # ============================================================================================
 
 
+# Every validation target is scored exactly once, by one window. Position p of the stream predicts token p + 1. A
+# window is (start, score_from, end): the model reads positions [start, end) and its losses at [score_from, end) are
+# counted. The scored ranges partition [0, N - 1), never straddle a TTT chunk boundary, and (with EVAL_DOC_ISOLATED)
+# never read across a BOS. Sliding windows (credit: the SlidingWindowEval record) give every scored token at least
+# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context where the document has them; the last window of a stream is shifted
+# back to full length instead of being short, which also avoids the records' double-counted tail.
+
+
+def plan_windows(num_targets, seq_len, stride, doc_starts=(), cuts=()):
+    """Windows whose scored ranges partition [0, num_targets): the first window of a document scores up to seq_len
+    positions, later ones at most `stride`; `cuts` (sorted) are positions where a scored range must end."""
+    doc_starts = sorted(set(doc_starts) | {0})
+    segments = zip(doc_starts, doc_starts[1:] + [num_targets])
+    cuts = np.asarray(sorted(cuts), dtype=np.int64)
+    windows = []
+    for doc_start, doc_end in segments:
+        inner_cuts = cuts[(cuts > doc_start) & (cuts < doc_end)].tolist()
+        for piece_start, piece_end in zip([doc_start] + inner_cuts, inner_cuts + [doc_end]):
+            score_from = piece_start
+            while score_from < piece_end:
+                end = min(score_from + (seq_len if score_from == doc_start else stride), piece_end)
+                windows.append((max(end - seq_len, doc_start), score_from, end))
+                score_from = end
+    return windows
+
+
+def rank_share(items, rank, world_size):
+    """A contiguous, balanced share of `items` for this rank."""
+    return items[len(items) * rank // world_size: len(items) * (rank + 1) // world_size]
+
+
 def eval_rows_per_batch(batch_tokens, seq_len, world_size):
     return max(1, batch_tokens // (seq_len * world_size))
 
 
-@torch.no_grad()
-def evaluate(model, val_tokens, luts, seq_len, batch_tokens, rank, world_size, device, autocast):
-    """(val_loss in nats per token, val_bpb) over every validation target.
-
-    The stream is cut into windows of seq_len; the last, shorter one is padded and its padding masked, so every
-    token but the first is scored exactly once. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets).
-    """
-    num_targets = val_tokens.numel() - 1
-    num_windows = -(-num_targets // seq_len)
-    first, last = num_windows * rank // world_size, num_windows * (rank + 1) // world_size
-    rows_per_batch = eval_rows_per_batch(batch_tokens, seq_len, world_size)
-    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    for start in range(first, last, rows_per_batch):
-        # Every batch has the same shape (unused rows are masked) so a compiled model never recompiles here.
-        windows = range(start, min(start + rows_per_batch, last))
+def window_batches(tokens, windows, seq_len, rows_per_batch, device):
+    """(inputs, targets, scored mask) batches of a fixed shape: short windows and spare rows are masked, so a
+    compiled model never recompiles, and a causal model is unaffected by the right padding."""
+    for first in range(0, len(windows), rows_per_batch):
         rows = torch.zeros(rows_per_batch, seq_len + 1, dtype=torch.int64)
-        valid = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
-        for row, window in enumerate(windows):
-            chunk = val_tokens[window * seq_len: min((window + 1) * seq_len, num_targets) + 1]
-            rows[row, :len(chunk)] = chunk
-            valid[row, :len(chunk) - 1] = True
-        rows, valid = rows.to(device), valid.to(device)
-        inputs, targets = rows[:, :-1], rows[:, 1:]
+        scored = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
+        for row, (start, score_from, end) in enumerate(windows[first:first + rows_per_batch]):
+            rows[row, :end - start + 1] = tokens[start:end + 1]
+            scored[row, score_from - start:end - start] = True
+        rows, scored = rows.to(device), scored.to(device)
+        yield rows[:, :-1], rows[:, 1:], scored
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, luts, seq_len, rows_per_batch, device, autocast):
+    """float64 sums (loss in nats, targets, UTF-8 bytes) over the scored positions of `windows`."""
+    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
         with autocast():
             losses = model(inputs, targets, reduction="none")
         token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
-        sums += torch.stack([losses.double()[valid].sum(), valid.sum().double(), token_bytes[valid].sum().double()])
-    all_reduce(sums, dist.ReduceOp.SUM)
+        sums += torch.stack([losses.double()[scored].sum(), scored.sum().double(), token_bytes[scored].sum().double()])
+    return sums
+
+
+def loss_and_bpb(sums):
     loss, tokens, nbytes = sums.tolist()
     return loss / tokens, loss / math.log(2) / nbytes
+
+
+def doc_starts_of(tokens, bos_id):
+    return np.flatnonzero(np.asarray(tokens) == bos_id).tolist()
+
+
+def evaluate(model, val_tokens, luts, seq_len, stride, batch_tokens, rank, world_size, device, autocast, doc_starts=()):
+    """(val_loss in nats per token, val_bpb) over every validation target; stride = seq_len is the plain,
+    non-overlapping evaluation. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets)."""
+    windows = plan_windows(val_tokens.numel() - 1, seq_len, stride, doc_starts)
+    rows = eval_rows_per_batch(batch_tokens, seq_len, world_size)
+    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), luts, seq_len, rows, device, autocast)
+    return loss_and_bpb(all_reduce(sums, dist.ReduceOp.SUM))
+
+
+@torch.no_grad()
+def check_normalization(model, tokens, seq_len, autocast, device):
+    """(max |logsumexp| of the log-probabilities, max |scored loss + log p(target)|) on the first window: the scored
+    distribution is a normalized one, and the scoring path charges exactly -log p(target)."""
+    window = tokens[:seq_len + 1].long().to(device)[None]
+    with autocast():
+        log_probs = F.log_softmax(model(window[:, :-1]).float(), dim=-1)
+        losses = model(window[:, :-1], window[:, 1:], reduction="none").float()
+    charged = (losses + log_probs.gather(-1, window[:, 1:, None]).squeeze(-1)).abs().max().item()
+    return torch.logsumexp(log_probs, dim=-1).abs().max().item(), charged
+
+
+# --- score-first test-time training (credit: PR #461 and the LegalTTT records; rules: parameter-golf issue #1017) ---
+
+
+class ScoredTargets:
+    """The guard of score-first TTT. Scoring commits a growing prefix of target positions, and training tokens can
+    only be read through `training_tokens`, which refuses any target that has not been scored yet."""
+
+    def __init__(self, tokens):
+        self._tokens, self.scored_upto = tokens, 0
+
+    def commit(self, upto):
+        if upto < self.scored_upto:
+            raise RuntimeError("scoring must move forward through the validation stream")
+        self.scored_upto = upto
+
+    def training_tokens(self, first, end):
+        """Tokens first..end, i.e. the inputs and targets of positions [first, end)."""
+        if end > self.scored_upto:
+            raise RuntimeError(f"TTT asked to train on targets up to position {end}, but only {self.scored_upto} are "
+                               f"scored: adapting on unscored validation tokens is illegal")
+        return self._tokens[first:end + 1]
+
+
+class CastedLoRA(nn.Module):
+    """A rank-r update B A added to a CastedLinear's output; B starts at zero, so the model is unchanged at first."""
+
+    def __init__(self, in_features, out_features, rank):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+
+def ttt_parameters(model, hp):
+    """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
+    on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    if hp.ttt_params == "lora":
+        targets = hp.ttt_lora_targets.split(",")
+        for module in model.modules():
+            module.requires_grad_(False)
+        adapters = []
+        for name, module in model.named_modules():
+            if isinstance(module, CastedLinear) and ".".join(name.split(".")[-2:]) in targets:
+                module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
+                adapters += list(module.lora.parameters())
+        if not adapters:
+            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r} matches no projection (e.g. attn.c_q, mlp.fc)")
+        return adapters
+    patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(patterns is None or any(pattern in name for pattern in patterns))
+        params += [p] if p.requires_grad else []
+    if not params:
+        raise ConfigError(f"TTT_PARAMS={hp.ttt_params!r} matches no parameter name")
+    return params
+
+
+def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, rank, world_size, device, autocast):
+    """TTT_EPOCHS passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
+    is the mean over the global batch of TTT_BATCH_SEQS sequences whatever the world size; gradients are summed."""
+    tokens = ledger.training_tokens(first, end)
+    sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
+    local_rows = -(-hp.ttt_batch_seqs // world_size)
+    for _ in range(hp.ttt_epochs):
+        for batch_start in range(0, len(sequences), hp.ttt_batch_seqs):
+            batch = sequences[batch_start:batch_start + hp.ttt_batch_seqs]
+            count = sum(end_ - start for start, _, end_ in batch)
+            mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
+            inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
+            with autocast():
+                losses = model(inputs, targets, reduction="none")
+            (losses.float() * mask).sum().div(count).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if world_size > 1:
+                flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM)
+                grads = list(torch.split(flat, [g.numel() for g in grads]))
+            for p, g in zip(params, grads):
+                p.grad = g.view_as(p)
+            if hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
+                    budget_left=None):
+    """Legal test-time training. The stream is cut into chunks of TTT_CHUNK_TOKENS targets; each chunk is first
+    scored (no gradient) and committed on every rank, and only then adapted on. The last chunk is never trained on.
+    Returns (val_loss, val_bpb, per-chunk float64 sums, chunks adapted on). `budget_left()` gives the seconds of eval
+    budget left: adapting stops, scoring never does, when adapting on every remaining chunk would not fit."""
+    num_targets, seq_len = val_tokens.numel() - 1, hp.eval_seq_len or hp.train_seq_len
+    chunk = hp.ttt_chunk_tokens
+    num_chunks = -(-num_targets // chunk)
+    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, range(chunk, num_targets, chunk))
+    windows_of = [[] for _ in range(num_chunks)]
+    for window in windows:
+        windows_of[window[1] // chunk].append(window)
+    params = ttt_parameters(model, hp)
+    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
+                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+    rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
+    ledger, per_chunk, adapting, chunk_seconds = ScoredTargets(val_tokens), [], True, []
+    for index in range(num_chunks):
+        start = time.perf_counter()
+        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
+                             device, autocast)
+        per_chunk.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this chunk
+        ledger.commit(min((index + 1) * chunk, num_targets))
+        if index == num_chunks - 1:
+            break
+        if adapting and budget_left is not None and chunk_seconds:
+            needed = max(chunk_seconds) * (num_chunks - index)  # a full chunk (score + adapt) for each one left
+            over = torch.tensor(float(needed > budget_left()), device=device)
+            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
+                adapting = False
+                log(f"ttt: eval budget reached at chunk {index + 1}/{num_chunks}; scoring continues without adapting")
+        if adapting:
+            for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
+                group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(num_chunks - 1, 1)))
+            adapt_on_chunk(model, ledger, index * chunk, min((index + 1) * chunk, num_targets), params, optimizer,
+                           hp, seq_len, rank, world_size, device, autocast)
+            chunk_seconds.append(time.perf_counter() - start)
+    loss, bpb = loss_and_bpb(torch.stack(per_chunk).sum(0))
+    return loss, bpb, per_chunk, len(chunk_seconds)
 
 
 # ============================================================================================
@@ -841,6 +1049,8 @@ def setup(run):
     run.luts = build_byte_luts(run.sp, hp.vocab_size)
     run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
     run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+    run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
     if run.rank == 0:
         log_environment(run)
 
@@ -953,9 +1163,9 @@ def warmup(run):
     for step in range(run.hp.warmup_steps):
         train_step(run, step, lr_scale=1.0)
         run.log(f"warmup_step:{step + 1}/{run.hp.warmup_steps}")
-    if run.use_compile:
-        rows = eval_rows_per_batch(run.hp.val_batch_size, run.hp.train_seq_len, run.world_size)
-        tokens = torch.randint(run.hp.vocab_size, (rows, run.hp.train_seq_len + 1), device=run.device)  # synthetic
+    for seq_len in sorted({run.hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
+        rows = eval_rows_per_batch(run.hp.val_batch_size, seq_len, run.world_size)
+        tokens = torch.randint(run.hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
         with torch.no_grad(), run.autocast():
             run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
     run.model.load_state_dict(initial_model)
@@ -968,8 +1178,9 @@ def warmup(run):
 
 
 def run_validation(run):
+    """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.val_batch_size,
+    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                     run.rank, run.world_size, run.device, run.autocast)
 
 
@@ -1042,28 +1253,83 @@ def export(run):
     log(f"export_time:{run.timings['export_s']:.1f}s")
 
 
+def log_final(run, name, sums_or_pair, seconds, extra=""):
+    """One evaluation's lines: rounded, then `_exact` to 8 decimals. The last `_exact` line of a log is its score."""
+    val_loss, val_bpb = sums_or_pair
+    run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
+    run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
+
+
 def evaluate_artifact(run):
-    """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced)."""
+    """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
+    clock starts here and covers everything that follows, compilation included."""
     synchronize(run)
-    start = time.perf_counter()
+    run.eval_start = start = time.perf_counter()
     # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk.
     blob = [Path(run.artifact_path).read_bytes() if run.rank == 0 else None]
     if run.distributed:
         dist.broadcast_object_list(blob, src=0)
     run.model.load_state_dict(dequantize_int8(read_artifact(run.artifact_path, blob[0])), strict=True)
-    val_loss, val_bpb = run_validation(run)
+    result = run_validation(run)
     synchronize(run)
-    run.timings["eval_s"] = time.perf_counter() - start
-    prefix = f"final_int8_{run.hp.compressor}_roundtrip"
-    run.log(f"{prefix} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{1000 * run.timings['eval_s']:.0f}ms")
-    run.log(f"{prefix}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    run.results.update(val_loss=val_loss, val_bpb=val_bpb)
+    log_final(run, f"final_int8_{run.hp.compressor}_roundtrip", result, time.perf_counter() - start)
+
+
+def evaluate_sliding(run):
+    hp = run.hp
+    if hp.eval_stride == 0:
+        return
+    start = time.perf_counter()
+    result = evaluate(run.train_model, run.val_tokens, run.luts, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
+                      run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
+    synchronize(run)
+    log_final(run, "final_sliding_window", result, time.perf_counter() - start,
+              f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
+
+
+def evaluate_ttt(run):
+    hp = run.hp
+    if not hp.ttt_enabled:
+        return
+    start = time.perf_counter()
+    budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
+    loss, bpb, per_chunk, adapted = score_first_ttt(
+        run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
+        run.doc_starts, run.log, budget_left)
+    synchronize(run)
+    scored = int(torch.stack(per_chunk).sum(0)[1].item())
+    run.ttt_report = dict(chunks=len(per_chunk), adapted=adapted, scored=scored)
+    log_final(run, "final_ttt", (loss, bpb), time.perf_counter() - start,
+              f"chunks:{len(per_chunk)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+
+
+def log_compliance(run):
+    """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
+    score before update, single pass)."""
+    hp, log = run.hp, run.log
+    expected = run.val_tokens.numel() - 1
+    windows = plan_windows(expected, run.eval_seq_len, hp.eval_stride or run.eval_seq_len, run.doc_starts)
+    covered = sum(end - score_from for _, score_from, end in windows)
+    if covered != expected:
+        raise RuntimeError(f"the evaluation plan scores {covered} targets, not {expected}")
+    logsumexp, charged = check_normalization(run.train_model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
+        f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
+        f"targets_scored:{covered} expected:{expected} single_pass:yes")
+    if hp.ttt_enabled:
+        report = run.ttt_report
+        log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
+            f"adapted_chunks:{report['adapted']} last_chunk_trained:no targets_scored:{report['scored']} "
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
+    log(f"compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 
 
 def log_summary(run):
     r, t = run.results, run.timings
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
-            f"export:{t['export_s']:.1f}s eval:{t['eval_s']:.1f}s")
+            f"export:{t['export_s']:.1f}s eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size,
                    code_sha256=hashlib.sha256(run.code).hexdigest()[:16], **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
@@ -1115,6 +1381,11 @@ def main():
     train(run)
     export(run)
     evaluate_artifact(run)
+    evaluate_sliding(run)
+    evaluate_ttt(run)
+    synchronize(run)
+    run.timings["eval_s"] = time.perf_counter() - run.eval_start
+    log_compliance(run)
     log_summary(run)
     write_record(run)
     if run.distributed:
