@@ -84,16 +84,15 @@ class ConstantModel(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-class CountingModel(torch.nn.Module):
-    """Loss 1 per position, recording which (input, target) pairs it was asked to score."""
+class TargetValueModel(torch.nn.Module):
+    """Charges each position a function of its target id, so sums reveal which targets were scored."""
 
-    def __init__(self):
+    def __init__(self, power):
         super().__init__()
-        self.seen = []
+        self.power = power
 
     def forward(self, inputs, targets, reduction="none"):
-        self.seen.append(targets.clone())
-        return torch.ones(targets.shape)
+        return targets.double() ** self.power
 
 
 AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
@@ -105,7 +104,7 @@ def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
     vocab = 50
     tokens = torch.from_numpy(rng.integers(0, vocab, num_tokens).astype(np.int32))
     luts = (rng.integers(1, 4, vocab), rng.random(vocab) < 0.5, rng.random(vocab) < 0.1)
-    loss, bpb = T.evaluate(ConstantModel(vocab), tokens, luts, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
+    loss, bpb = T.evaluate(ConstantModel(vocab), tokens, luts, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
     n_bytes = T.count_target_bytes(tokens.numpy(), luts)
     assert loss == pytest.approx(math.log(vocab), rel=1e-6)  # fp32 cross-entropy of uniform logits
     assert bpb == pytest.approx(loss / math.log(2) * (num_tokens - 1) / n_bytes, rel=1e-12)
@@ -113,12 +112,11 @@ def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
 
 @pytest.mark.parametrize("num_tokens, seq_len, batch_tokens, world_size", [(2, 4, 4, 1), (1001, 64, 256, 3), (1025, 64, 128, 2), (97, 10, 35, 4)])
 def test_every_target_is_scored_exactly_once_over_ranks(num_tokens, seq_len, batch_tokens, world_size):
-    tokens = torch.arange(num_tokens, dtype=torch.int32)  # unique ids: padding (id 0) is never a real target
+    tokens = torch.arange(num_tokens, dtype=torch.int32)  # unique ids: the sums below identify the scored set
     luts = (np.ones(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=bool), np.zeros(num_tokens, dtype=bool))
-    scored = []
-    for rank in range(world_size):
-        counter = CountingModel()
-        T.evaluate(counter, tokens, luts, seq_len, batch_tokens, rank, world_size, torch.device("cpu"), AUTOCAST_OFF)
-        assert len({t.shape for t in counter.seen}) <= 1  # one batch shape, so a compiled model never recompiles
-        scored += [int(t) for batch in counter.seen for t in batch.flatten() if t != 0]
-    assert sorted(scored) == list(range(1, num_tokens))
+    windows = T.plan_windows(num_targets=num_tokens - 1, seq_len=seq_len, stride=seq_len)
+    rows = T.eval_rows_per_batch(batch_tokens, seq_len, world_size)
+    for power in (0, 1, 2):  # count, sum and sum of squares of the scored target ids
+        total = sum(T.score_windows(TargetValueModel(power), tokens, T.rank_share(windows, rank, world_size), luts,
+                                    seq_len, rows, torch.device("cpu"), AUTOCAST_OFF)[0].item() for rank in range(world_size))
+        assert total == sum(j ** power for j in range(1, num_tokens))

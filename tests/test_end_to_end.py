@@ -56,9 +56,9 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
     model.load_state_dict(T.dequantize_int8(T.read_artifact(cwd / "logs" / "e2e_model.int8.ptz")), strict=True)
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
-    _, val_bpb = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.val_batch_size,
+    _, val_bpb = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                             0, 1, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
-    assert val_bpb == pytest.approx(summary(log)["val_bpb"], rel=1e-5)
+    assert val_bpb == pytest.approx(summary(log)["final_int8_zstd_roundtrip_val_bpb"], rel=1e-5)
     raw = torch.load(cwd / "logs" / "e2e_raw.pt", weights_only=True)  # the unquantized weights are kept too
     T.GPT(hp).load_state_dict(raw, strict=True)
     sizes = summary(log)
@@ -82,7 +82,8 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
 def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_path):
     runs = {}
     for nproc in (1, 2):
-        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}")
+        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
+                        TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=6)  # 6 sequences: 3 per rank
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
         result = run_script(launcher + [SCRIPT], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -92,7 +93,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:  # printed to 4 decimals; the sums differ only in float rounding order
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
-    assert summary(runs[2])["val_bpb"] == pytest.approx(summary(runs[1])["val_bpb"], rel=1e-4)
+    for metric in ("final_int8_zstd_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
+        assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
+    assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:3 last_chunk_trained:no" in runs[2]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,0 +1,154 @@
+"""Sliding-window evaluation and score-first test-time training: coverage, equivalences and legality."""
+
+import dataclasses
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+
+CPU = torch.device("cpu")
+AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
+HP = T.Hyperparameters(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, train_seq_len=32,
+                       val_batch_size=256, eval_stride=8, ttt_chunk_tokens=96, ttt_epochs=2, ttt_lr=0.05,
+                       ttt_batch_seqs=4)
+LUTS = (np.ones(64, dtype=np.int64), np.zeros(64, dtype=bool), np.zeros(64, dtype=bool))  # 1 byte per token
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = T.GPT(HP)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_window_plans_partition_the_targets_with_enough_context():
+    rng = random.Random(0)
+    for _ in range(300):
+        num_targets, seq_len = rng.randint(1, 400), rng.randint(1, 64)
+        stride = rng.randint(1, seq_len)
+        docs = sorted(rng.sample(range(num_targets), rng.randint(0, min(5, num_targets))))
+        cuts = sorted(rng.sample(range(1, num_targets + 1), rng.randint(0, min(4, num_targets))))
+        windows = T.plan_windows(num_targets, seq_len, stride, docs, cuts)
+        scored = [p for _, first, end in windows for p in range(first, end)]
+        assert scored == list(range(num_targets))  # every target exactly once, in order
+        doc_starts = sorted(set(docs) | {0})
+        for start, first, end in windows:
+            doc_start = max(d for d in doc_starts if d <= first)
+            assert doc_start <= start <= first < end <= num_targets and end - start <= seq_len
+            assert not any(start < d <= first for d in doc_starts)  # never reads across a document start
+            assert not any(first < c < end for c in cuts)  # never straddles a TTT chunk boundary
+            assert first - start >= min(seq_len - stride, first - doc_start)  # context where the document has it
+
+
+def naive_plain_eval(model, tokens, seq_len):
+    """Non-overlapping windows, each run on its own, unpadded; the tail window is the last seq_len positions."""
+    num_targets, loss = tokens.numel() - 1, 0.0
+    for first in range(0, num_targets, seq_len):
+        end = min(first + seq_len, num_targets)
+        start = max(end - seq_len, 0)
+        chunk = tokens[start:end + 1].long()[None]
+        losses = model(chunk[:, :-1], chunk[:, 1:], reduction="none")[0]
+        loss += losses[first - start:].double().sum().item()
+    return loss / num_targets
+
+
+@pytest.mark.parametrize("num_tokens", [33, 200, 257])
+def test_stride_equal_to_the_window_is_the_plain_evaluation(num_tokens):
+    model = small_model()
+    tokens = torch.from_numpy(np.random.default_rng(num_tokens).integers(0, 64, num_tokens).astype(np.int32))
+    with torch.no_grad():
+        loss, _ = T.evaluate(model, tokens, LUTS, 32, 32, 256, 0, 1, CPU, AUTOCAST_OFF)
+        assert loss == pytest.approx(naive_plain_eval(model, tokens, 32), rel=1e-6)
+
+
+def test_sliding_gives_context_to_every_scored_token():
+    """On text that repeats with period 24, a model can only be right when it sees the previous period."""
+    model = small_model()
+    tokens = torch.from_numpy(np.tile(np.random.default_rng(1).integers(0, 64, 24), 20).astype(np.int32))
+    windows = T.plan_windows(tokens.numel() - 1, 32, 8)
+    assert all(first - start >= 24 for start, first, _ in windows[1:])
+
+
+def run_ttt(tokens, hp=HP, seed=0, **overrides):
+    model = small_model(seed)
+    hp = dataclasses.replace(hp, **overrides)
+    return T.score_first_ttt(model, tokens, LUTS, hp, 0, 1, CPU, AUTOCAST_OFF)
+
+
+def stream(seed, length=600):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 64, length).astype(np.int32))
+
+
+def test_a_chunk_score_never_depends_on_later_chunks():
+    tokens = stream(0)
+    _, _, reference, _ = run_ttt(tokens)
+    altered = tokens.clone()
+    altered[3 * HP.ttt_chunk_tokens + 1:] = stream(99)[: altered.numel() - 3 * HP.ttt_chunk_tokens - 1]
+    _, _, per_chunk, _ = run_ttt(altered)
+    for index in range(3):  # chunks 0..2 hold targets before the altered tokens
+        assert torch.equal(per_chunk[index], reference[index])
+    assert not torch.equal(per_chunk[3], reference[3])
+
+
+def test_the_first_chunk_scores_as_without_ttt_and_later_chunks_change():
+    tokens = stream(1)
+    _, _, adapted, chunks_adapted = run_ttt(tokens)
+    _, _, frozen, none_adapted = run_ttt(tokens, ttt_epochs=0)
+    assert chunks_adapted == len(adapted) - 1 and len(adapted) == math.ceil(599 / HP.ttt_chunk_tokens)
+    assert torch.equal(adapted[0], frozen[0])
+    assert not torch.equal(adapted[1], frozen[1])
+    # The TTT plan scores the same targets as the sliding plan, and without adaptation the same sums.
+    sliding = T.evaluate(small_model(0), tokens, LUTS, HP.train_seq_len, HP.eval_stride, 256, 0, 1, CPU, AUTOCAST_OFF)
+    frozen_total = T.loss_and_bpb(torch.stack(frozen).sum(0))
+    assert frozen_total[0] == pytest.approx(sliding[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("params", ["all", "lora", "blocks.1"])
+def test_ttt_learns_a_repeated_chunk(params):
+    chunk = stream(2, HP.ttt_chunk_tokens)
+    tokens = torch.cat([chunk, stream(3, HP.ttt_chunk_tokens), chunk, stream(4, 5)])  # chunk 2 repeats chunk 0
+    lr = 0.1 if params == "all" else 1.0  # a few adapted weights need a larger step to memorize 96 tokens
+    _, _, adapted, _ = run_ttt(tokens, ttt_params=params, ttt_epochs=4, ttt_lr=lr, ttt_lora_targets="attn.c_v,mlp.fc")
+    _, _, frozen, _ = run_ttt(tokens, ttt_epochs=0)
+    repeat = lambda sums: (sums[2][0] / sums[2][1]).item()
+    assert repeat(adapted) < repeat(frozen) - 0.2
+
+
+def test_lora_adapters_start_as_the_identity_and_only_they_train():
+    model = small_model()
+    tokens = torch.randint(0, 64, (2, 16))
+    before = model(tokens)
+    params = T.ttt_parameters(model, dataclasses.replace(HP, ttt_params="lora", ttt_lora_targets="attn.c_q,mlp.proj"))
+    assert torch.equal(model(tokens), before)
+    assert len(params) == 2 * 2 * HP.num_layers
+    assert all(not p.requires_grad for name, p in model.named_parameters() if ".lora." not in name)
+
+
+def test_the_guard_refuses_unscored_targets():
+    ledger = T.ScoredTargets(torch.arange(100))
+    ledger.commit(40)
+    assert ledger.training_tokens(0, 40).tolist() == list(range(41))
+    with pytest.raises(RuntimeError, match="unscored"):
+        ledger.training_tokens(30, 41)
+    with pytest.raises(RuntimeError):
+        ledger.commit(39)
+
+
+def test_scoring_is_normalized_and_charges_minus_log_p():
+    model = small_model()
+    logsumexp, charged = T.check_normalization(model, stream(5, 40), 32, AUTOCAST_OFF, CPU)
+    assert logsumexp < 1e-5 and charged < 1e-5
+
+
+def test_eval_budget_stops_adapting_but_not_scoring():
+    tokens = stream(6)
+    loss, _, per_chunk, adapted = T.score_first_ttt(small_model(), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
+                                                    log=lambda message: None, budget_left=lambda: 0.0)
+    assert adapted == 1  # the first adaptation measures a chunk's cost; then the budget says stop
+    assert int(torch.stack(per_chunk).sum(0)[1]) == tokens.numel() - 1
