@@ -1197,6 +1197,8 @@ def train(run):
         if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
             synchronize(run)
             train_ms += 1000.0 * (time.perf_counter() - clock)
+            if last_step:
+                save_raw_weights(run)  # before anything else can fail
             val_loss, val_bpb = run_validation(run)
             log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -1227,15 +1229,20 @@ def train(run):
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
 
+def save_raw_weights(run):
+    """The trained fp32 weights, saved as soon as training ends: a crash in validation or export loses nothing."""
+    if run.rank == 0:
+        path = os.path.join("logs", f"{run.run_id}_raw.pt")
+        torch.save(run.model.state_dict(), path)
+        run.log(f"saved_raw_weights:{path}")
+
+
 def export(run):
-    """Save the raw weights first (nothing is lost if what follows fails), then quantize, compress and write."""
+    """Quantize, compress and write the artifact; account its bytes against the limit."""
     hp, log = run.hp, run.log
     start = time.perf_counter()
-    run.raw_path = os.path.join("logs", f"{run.run_id}_raw.pt")
     run.artifact_path = os.path.join("logs", f"{run.run_id}_model.int8.ptz")
     if run.rank == 0:
-        torch.save(run.model.state_dict(), run.raw_path)
-        log(f"saved_raw_weights:{run.raw_path}")
         model_bytes = write_artifact(run.artifact_path, quantize_int8(run.model.state_dict()), hp.compressor)
         code_bytes = len(run.code)
         total = code_bytes + model_bytes
@@ -1327,6 +1334,8 @@ def log_compliance(run):
 
 
 def log_summary(run):
+    synchronize(run)
+    run.timings["eval_s"] = time.perf_counter() - run.eval_start
     r, t = run.results, run.timings
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
             f"export:{t['export_s']:.1f}s eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
@@ -1383,8 +1392,6 @@ def main():
     evaluate_artifact(run)
     evaluate_sliding(run)
     evaluate_ttt(run)
-    synchronize(run)
-    run.timings["eval_s"] = time.perf_counter() - run.eval_start
     log_compliance(run)
     log_summary(run)
     write_record(run)
