@@ -37,7 +37,7 @@ import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 # ============================================================================================
 # HYPERPARAMETERS
@@ -1329,7 +1329,7 @@ def log_compliance(run):
         log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no targets_scored:{report['scored']} "
             f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
-    log(f"compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 
 

@@ -13,7 +13,6 @@ verified. Delete a stale data/manifest.json when switching repositories (the man
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import sys

@@ -26,7 +26,6 @@ import os
 import random
 import sys
 import sysconfig
-import tempfile
 import time
 from itertools import islice
 from pathlib import Path

@@ -69,7 +69,6 @@ def test_stride_equal_to_the_window_is_the_plain_evaluation(num_tokens):
 
 def test_sliding_gives_context_to_every_scored_token():
     """On text that repeats with period 24, a model can only be right when it sees the previous period."""
-    model = small_model()
     tokens = torch.from_numpy(np.tile(np.random.default_rng(1).integers(0, 64, 24), 20).astype(np.int32))
     windows = T.plan_windows(tokens.numel() - 1, 32, 8)
     assert all(first - start >= 24 for start, first, _ in windows[1:])
