@@ -104,8 +104,9 @@ def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
     vocab = 50
     tokens = torch.from_numpy(rng.integers(0, vocab, num_tokens).astype(np.int32))
     luts = (rng.integers(1, 4, vocab), rng.random(vocab) < 0.5, rng.random(vocab) < 0.1)
-    loss, bpb = T.evaluate(ConstantModel(vocab), tokens, luts, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
+    loss, bpb, scored = T.evaluate(ConstantModel(vocab), tokens, luts, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
     n_bytes = T.count_target_bytes(tokens.numpy(), luts)
+    assert scored == num_tokens - 1
     assert loss == pytest.approx(math.log(vocab), rel=1e-6)  # fp32 cross-entropy of uniform logits
     assert bpb == pytest.approx(loss / math.log(2) * (num_tokens - 1) / n_bytes, rel=1e-12)
 

@@ -63,8 +63,9 @@ def test_stride_equal_to_the_window_is_the_plain_evaluation(num_tokens):
     model = small_model()
     tokens = torch.from_numpy(np.random.default_rng(num_tokens).integers(0, 64, num_tokens).astype(np.int32))
     with torch.no_grad():
-        loss, _ = T.evaluate(model, tokens, LUTS, 32, 32, 256, 0, 1, CPU, AUTOCAST_OFF)
+        loss, _, scored = T.evaluate(model, tokens, LUTS, 32, 32, 256, 0, 1, CPU, AUTOCAST_OFF)
         assert loss == pytest.approx(naive_plain_eval(model, tokens, 32), rel=1e-6)
+        assert scored == num_tokens - 1
 
 
 def test_sliding_gives_context_to_every_scored_token():
@@ -86,10 +87,10 @@ def stream(seed, length=600):
 
 def test_a_chunk_score_never_depends_on_later_chunks():
     tokens = stream(0)
-    _, _, reference, _ = run_ttt(tokens)
+    _, reference, _ = run_ttt(tokens)
     altered = tokens.clone()
     altered[3 * HP.ttt_chunk_tokens + 1:] = stream(99)[: altered.numel() - 3 * HP.ttt_chunk_tokens - 1]
-    _, _, per_chunk, _ = run_ttt(altered)
+    _, per_chunk, _ = run_ttt(altered)
     for index in range(3):  # chunks 0..2 hold targets before the altered tokens
         assert torch.equal(per_chunk[index], reference[index])
     assert not torch.equal(per_chunk[3], reference[3])
@@ -97,8 +98,8 @@ def test_a_chunk_score_never_depends_on_later_chunks():
 
 def test_the_first_chunk_scores_as_without_ttt_and_later_chunks_change():
     tokens = stream(1)
-    _, _, adapted, chunks_adapted = run_ttt(tokens)
-    _, _, frozen, none_adapted = run_ttt(tokens, ttt_epochs=0)
+    _, adapted, chunks_adapted = run_ttt(tokens)
+    _, frozen, none_adapted = run_ttt(tokens, ttt_epochs=0)
     assert chunks_adapted == len(adapted) - 1 and len(adapted) == math.ceil(599 / HP.ttt_chunk_tokens)
     assert torch.equal(adapted[0], frozen[0])
     assert not torch.equal(adapted[1], frozen[1])
@@ -113,8 +114,8 @@ def test_ttt_learns_a_repeated_chunk(params):
     chunk = stream(2, HP.ttt_chunk_tokens)
     tokens = torch.cat([chunk, stream(3, HP.ttt_chunk_tokens), chunk, stream(4, 5)])  # chunk 2 repeats chunk 0
     lr = 0.1 if params == "all" else 1.0  # a few adapted weights need a larger step to memorize 96 tokens
-    _, _, adapted, _ = run_ttt(tokens, ttt_params=params, ttt_epochs=4, ttt_lr=lr, ttt_lora_targets="attn.c_v,mlp.fc")
-    _, _, frozen, _ = run_ttt(tokens, ttt_epochs=0)
+    _, adapted, _ = run_ttt(tokens, ttt_params=params, ttt_epochs=4, ttt_lr=lr, ttt_lora_targets="attn.c_v,mlp.fc")
+    _, frozen, _ = run_ttt(tokens, ttt_epochs=0)
     repeat = lambda sums: (sums[2][0] / sums[2][1]).item()
     assert repeat(adapted) < repeat(frozen) - 0.2
 
@@ -147,7 +148,7 @@ def test_scoring_is_normalized_and_charges_minus_log_p():
 
 def test_eval_budget_stops_adapting_but_not_scoring():
     tokens = stream(6)
-    loss, _, per_chunk, adapted = T.score_first_ttt(small_model(), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
+    (_, _, scored), per_chunk, adapted = T.score_first_ttt(small_model(), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
                                                     log=lambda message: None, budget_left=lambda: 0.0)
     assert adapted == 1  # the first adaptation measures a chunk's cost; then the budget says stop
-    assert int(torch.stack(per_chunk).sum(0)[1]) == tokens.numel() - 1
+    assert int(torch.stack(per_chunk).sum(0)[1]) == scored == tokens.numel() - 1
