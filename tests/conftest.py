@@ -35,3 +35,16 @@ def run_script(args, env_overrides, cwd, timeout=600):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
     env.update(env_overrides)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def small_hp(preset="", **overrides):
+    """Hyperparameters of a small model: the default stack with its looped segment and parallel lanes placed to fit
+    NUM_LAYERS (middle layer looped once, parallel lanes on the last layer), or a preset's model."""
+    import train_gpt as T
+    layers = overrides.get("num_layers", 4)
+    values = dict(num_layers=layers, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, train_seq_len=32, eval_stride=16,
+                  loop_start=layers // 2, loop_end=layers // 2, num_loops=1, parallel_start_layer=layers - 1)
+    for name in filter(None, preset.split(",")):
+        values.update(T.PRESETS[name])
+    values.update(overrides)
+    return T.Hyperparameters(**values)

@@ -45,6 +45,11 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     assert re.search(r"^final_int8_zstd_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
     assert re.search(r"^step:20/40 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
     assert log.startswith(open(SCRIPT).read())  # the log carries the exact source that ran
+    # The default stack in miniature: recurrence switches on at 35% of the 40 steps, after the untimed warmup
+    # compiled (here: ran) both layouts.
+    assert re.search(r"^features: .*xsa_layers:all attn_gate:sparse .*smear_gate\(bos_masked\) ln_scale "
+                     r"unet_skips\(gated\) depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5$", log, re.M)
+    assert "recurrence: activated at step:14 " in log and "warmup_step:2/2 looping:True" in log
     for key in ("val_tokens:", "val_bytes:", "bpb_bytecheck:ok", "attention:sdpa", "warmup:done", "timing: "):
         assert key in log
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import train_gpt as T
+from conftest import small_hp
 
 CPU = torch.device("cpu")
 AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
-HP = T.Hyperparameters(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, train_seq_len=32,
-                       val_batch_size=256, eval_stride=8, ttt_chunk_tokens=96, ttt_epochs=2, ttt_lr=0.05,
+HP = small_hp(num_layers=2, val_batch_size=256, eval_stride=8, ttt_chunk_tokens=96, ttt_epochs=2, ttt_lr=0.05,
                        ttt_batch_seqs=4)
 LUTS = (np.ones(64, dtype=np.int64), np.zeros(64, dtype=bool), np.zeros(64, dtype=bool))  # 1 byte per token
 

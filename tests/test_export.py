@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from conftest import small_hp
 
 
 def test_int8_error_is_at_most_half_a_step_inside_the_clip():
@@ -57,7 +58,7 @@ def test_a_damaged_artifact_fails_clearly(tmp_path, damage, message):
 
 def test_model_read_back_from_disk_matches_the_in_memory_quantized_model(tmp_path):
     torch.manual_seed(2)
-    hp = T.Hyperparameters(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=300, train_seq_len=32)
+    hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=300)
     model = T.GPT(hp)
     with torch.no_grad():
         for p in model.parameters():

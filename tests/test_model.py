@@ -1,4 +1,4 @@
-"""The GPT: causality, parameter counts, the loss, and the attention backend choice."""
+"""The GPT and its record techniques: causality, identity at init, depth recurrence, parameter counts, the loss."""
 
 import dataclasses
 
@@ -7,66 +7,271 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as T
+from conftest import small_hp
 
-SMALL = T.Hyperparameters(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, train_seq_len=48)
+BOS = 1
+BASELINE = small_hp("baseline", num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97)
+STACK = small_hp(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97)
+# Every technique at once, including those the default stack leaves off.
+EVERYTHING = dataclasses.replace(STACK, bigram_buckets=31, bigram_dim=16, ve_layers="2,3", ve_dim=16, value_residual=True,
+                                 backout_layer=3)
+ONE_AT_A_TIME = {  # technique: settings that switch it on over the baseline
+    "leaky_relu2": dict(mlp_activation="leaky_relu2"), "ortho_init": dict(ortho_init=True),
+    "partial_rope": dict(rope_dims=8), "xsa": dict(xsa_layers="all"), "xsa_some": dict(xsa_layers="1,3"),
+    "head_gate": dict(attn_gate="head"), "output_gate": dict(attn_gate="output"), "sparse_gate": dict(attn_gate="sparse"),
+    "value_residual": dict(value_residual=True), "value_embed": dict(ve_layers="1,3", ve_dim=16),
+    "bigram_hash": dict(bigram_buckets=31, bigram_dim=16), "smear_gate": dict(smear_gate=True), "ln_scale": dict(ln_scale=True),
+    "skip_gates": dict(skip_gates=True), "recurrence": dict(num_loops=2, loop_start=1, loop_end=2, loop_enable_at=0),
+    "parallel_lanes": dict(parallel_residuals=True, parallel_start_layer=2), "backout": dict(backout_layer=2),
+}
+CONFIGS = {"baseline": BASELINE, "stack": STACK, "everything": EVERYTHING,
+           **{name: dataclasses.replace(BASELINE, **settings) for name, settings in ONE_AT_A_TIME.items()}}
 
 
-def randomized(model, seed=0):
-    """Zero-initialized projections would hide attention entirely; give every weight a random value."""
+def randomized(model, seed=0, skip=()):
+    """Zero-initialized projections and gates would hide most of the model: give every weight a random value
+    (except the parameters named in `skip`)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+        for name, p in model.named_parameters():
+            if not any(name.startswith(prefix) or f".{prefix}" in name for prefix in skip):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
     return model
 
 
-@pytest.mark.parametrize("hp", [SMALL, dataclasses.replace(SMALL, num_layers=5, tie_embeddings=False, num_kv_heads=4)])
-def test_a_future_token_never_changes_earlier_logits(hp):
+def build(hp, looping=None):
     torch.manual_seed(0)
-    model = randomized(T.GPT(hp)).eval()
-    tokens = torch.randint(0, hp.vocab_size, (2, hp.train_seq_len))
+    model = T.GPT(hp, bos_id=BOS)
+    if looping is not None:
+        model.looping = looping
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_future_token_never_changes_earlier_logits(name):
+    hp = CONFIGS[name]
+    model = randomized(build(hp, looping=True))
+    tokens = torch.randint(2, hp.vocab_size, (2, hp.train_seq_len))
+    tokens[:, 20] = BOS  # packed documents
     base = model(tokens)
-    for position in (0, 17, hp.train_seq_len - 1):
+    for position in (0, 17, 20, 21, hp.train_seq_len - 1):
         changed = tokens.clone()
         changed[:, position] = (changed[:, position] + 1) % hp.vocab_size
         out = model(changed)
-        assert torch.allclose(out[:, :position], base[:, :position], atol=1e-5, rtol=0)
-        assert not torch.allclose(out[:, position], base[:, position], atol=1e-3)
+        assert torch.allclose(out[:, :position], base[:, :position], atol=1e-5, rtol=0), position
+        assert not torch.allclose(out[:, position], base[:, position], atol=1e-3), position
 
 
-def test_baseline_parameter_count_matches_the_challenge_record():
+def test_smear_gate_and_bigram_hash_never_reach_across_a_bos():
+    model = randomized(build(EVERYTHING))
+    tokens = torch.randint(2, 97, (3, 40))
+    tokens[:, 25] = BOS
+    base = model.embed(tokens)
+    for position in (0, 12, 24):  # tokens of the first document
+        changed = tokens.clone()
+        changed[:, position] = 2 + (changed[:, position] - 1) % 95  # another non-BOS token
+        out = model.embed(changed)
+        assert torch.equal(out[:, 25:], base[:, 25:])  # the second document's embeddings do not move
+        if position + 1 < 25:  # inside a document, the previous token does count
+            assert not torch.allclose(out[:, position + 1], base[:, position + 1])
+    assert (model.bigram.bucket_ids(tokens)[:, [0, 25]] == 30).all()  # the reserved "no previous token" bucket
+
+
+@pytest.mark.parametrize("settings, own_parameters", [
+    (dict(smear_gate=True), ["smear."]),
+    (dict(bigram_buckets=31, bigram_dim=16), ["bigram.table"]),
+    (dict(ve_layers="1,3", ve_dim=16), ["value_embed.proj"]),
+    (dict(attn_gate="output"), ["gate.weight"]),
+    (dict(backout_layer=2), ["backout"]),
+])
+def test_techniques_meant_to_start_as_the_identity_do(settings, own_parameters):
+    hp = dataclasses.replace(BASELINE, **settings)
+    model = randomized(build(hp), skip=own_parameters)
+    tokens = torch.randint(0, hp.vocab_size, (2, 30))
+    with_technique = model(tokens)
+    plain = copy_without(model, settings)
+    assert torch.equal(with_technique, plain(tokens))
+    randomized(model, seed=1)  # the technique is live: once its parameters move, the output does
+    assert not torch.allclose(model(tokens), plain(tokens), atol=1e-4)
+
+
+def copy_without(model, settings):
+    """The same weights with the technique switched off."""
+    import copy
+    plain = copy.deepcopy(model)
+    if "smear_gate" in settings:
+        plain.smear = None
+    if "bigram_buckets" in settings:
+        plain.bigram = None
+    if "ve_layers" in settings:
+        for block in plain.blocks:
+            block.attn.value_embed_scale = None
+    if "attn_gate" in settings:
+        for block in plain.blocks:
+            block.attn.gate = None
+    if "backout_layer" in settings:
+        plain.backout_layer = 0
+    return plain
+
+
+def test_depth_recurrence_reuses_blocks_in_the_configured_order():
+    hp = T.Hyperparameters()  # the default stack: layers 3-5 run three times from 35% of training
+    model = T.GPT(hp)
+    assert model.layer_order(False) == list(range(11))
+    assert model.layer_order(True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    small = build(dataclasses.replace(STACK, num_loops=2, loop_start=1, loop_end=2))
+    calls = []
+    for index, block in enumerate(small.blocks):
+        block.register_forward_hook(lambda module, args, out, index=index: calls.append(index))
+    for looping in (False, True):
+        calls.clear()
+        small.looping = looping
+        small(torch.randint(0, 97, (1, 16)))
+        assert calls == small.layer_order() == ([0, 1, 2, 1, 2, 1, 2, 3] if looping else [0, 1, 2, 3])
+
+
+def test_depth_recurrence_adds_no_block_parameters_and_switching_it_on_changes_only_the_computation():
+    looped, plain = (dataclasses.replace(STACK, num_loops=loops, loop_start=1, loop_end=2) for loops in (2, 0))
+    model, reference = randomized(build(looped, looping=False)), build(plain)
+    block_params = lambda m: sum(p.numel() for p in m.blocks.parameters())
+    assert block_params(model) == block_params(reference)
+    # The only extra parameters: the skip weights and gates of the longer stack's extra U-Net pairs (8 vs 4 layers).
+    extra_pairs = len(model.layer_order(True)) // 2 - 4 // 2
+    assert T.count_parameters(model)[0] - T.count_parameters(reference)[0] == extra_pairs * 2 * looped.model_dim
+    tokens = torch.randint(0, 97, (2, 24))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    ids = [id(p) for p in model.parameters()]
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    off = compiled(tokens)
+    model.looping = True  # what `train` does at LOOP_ENABLE_AT
+    on = compiled(tokens)
+    assert not torch.allclose(on, off, atol=1e-4)  # the compiled model sees the switch
+    assert torch.equal(on, model(tokens))
+    assert [id(p) for p in model.parameters()] == ids
+    changed = [name for name, p in model.state_dict().items() if not torch.equal(before[name], p)]
+    assert changed == ["loop_active"]  # the weights file records the layout; nothing else moved
+    reloaded = build(looped, looping=False)
+    reloaded.load_state_dict(model.state_dict())
+    assert reloaded.looping and torch.equal(reloaded(tokens), on)
+
+
+def test_recurrence_schedule_by_fraction_of_steps_of_time_or_a_step():
+    hp = T.Hyperparameters(iterations=1000, max_wallclock_seconds=0, loop_enable_at=0.35)
+    assert not T.looping_due(hp, 349, 0) and T.looping_due(hp, 350, 0)
+    timed = dataclasses.replace(hp, max_wallclock_seconds=100)
+    assert not T.looping_due(timed, 999, 34_999) and T.looping_due(timed, 1, 35_000)
+    assert not T.looping_due(dataclasses.replace(hp, loop_enable_at=700), 699, 0)
+    assert T.looping_due(dataclasses.replace(hp, loop_enable_at=700), 700, 0)
+    assert not T.looping_due(dataclasses.replace(hp, num_loops=0), 999, 0)
+
+
+def test_parallel_lanes_keep_the_u_net_skips():
+    # Layers 2 and 3 are parallel and both receive a skip; one record dropped the skips added after the split.
+    hp = dataclasses.replace(BASELINE, parallel_residuals=True, parallel_start_layer=2)
+    model = randomized(build(hp))
+    assert [block.parallel for block in model.blocks] == [False, False, True, True]
+    tokens = torch.randint(0, 97, (2, 24))
+    base = model(tokens)
+    for index in range(2):
+        with torch.no_grad():
+            model.skip_weights[index].mul_(2)
+        assert not torch.allclose(model(tokens), base, atol=1e-4), index
+        base = model(tokens)
+
+
+def test_xsa_removes_the_own_value_direction_per_kv_group():
+    torch.manual_seed(3)
+    y, v = torch.randn(2, 7, 8, 16), torch.randn(2, 7, 2, 16)
+    out = T.exclusive_self_attention(y, v)
+    unit = F.normalize(v, dim=-1).repeat_interleave(4, dim=2)  # query heads 0-3 share KV head 0, 4-7 KV head 1
+    assert (out * unit).sum(-1).abs().max() < 1e-5
+    assert torch.allclose(out, y - (y * unit).sum(-1, keepdim=True) * unit, atol=1e-6)
+
+
+def test_partial_rope_rotates_only_the_leading_dims():
+    torch.manual_seed(4)
+    x = torch.randn(1, 10, 2, 16)
+    partial, full = T.Rotary(4, 10000.0, 10)(x), T.Rotary(16, 10000.0, 10)(x)
+    assert torch.equal(partial[..., 4:], x[..., 4:]) and not torch.allclose(partial[..., :4], x[..., :4])
+    assert torch.allclose(partial[:, 0], x[:, 0]) and torch.allclose(full[:, 0], x[:, 0])  # position 0 is unrotated
+    # Rotations keep norms, and the score of two rotated vectors depends on their offset only.
+    q, k = torch.randn(16), torch.randn(16)
+    rotary = T.Rotary(16, 10000.0, 10)
+    at = lambda vector, pos: rotary(vector.expand(1, 10, 1, 16))[0, pos, 0]
+    assert torch.allclose(at(q, 5) @ at(k, 3), at(q, 7) @ at(k, 5), atol=1e-5)
+
+
+def test_attention_gates_start_where_the_records_start():
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(T.AttentionGate("output", 64, 4, 12, 0.5)(x), torch.ones(2, 5, 4, 1))
+    assert torch.equal(T.AttentionGate("sparse", 64, 4, 12, 0.5)(x), torch.full((2, 5, 4, 1), 0.5))
+    head = T.AttentionGate("head", 64, 4, 12, 0.5)(x)
+    assert head.shape == (2, 5, 4, 1) and (head - 0.5).abs().max() < 0.1
+    with pytest.raises(T.ConfigError, match="ATTN_GATE"):
+        T.Hyperparameters(attn_gate="head+sparse")
+
+
+def expected_parameters(hp):
+    """Closed form, written from the technique descriptions, independent of the module code."""
+    d, heads, layers = hp.model_dim, hp.num_heads, hp.num_layers
+    kv = d // heads * hp.num_kv_heads
+    hidden = int(round(hp.mlp_mult * d))
+    gate = {"none": 0, "head": heads * d, "output": heads * hp.gate_window, "sparse": heads * hp.gate_window}[hp.attn_gate]
+    block = 2 * d * d + 2 * d * kv + heads + 2 * d * hidden + 4 * d + gate
+    ve_layers = len(hp.layer_set("ve_layers"))
+    total = layers * block + hp.vocab_size * d * (1 if hp.tie_embeddings else 2)
+    total += (layers - 1) * hp.value_residual + ve_layers
+    total += 6 * sum(hp.parallel_residuals and layer >= hp.parallel_start_layer for layer in range(layers))
+    virtual = layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
+    total += virtual // 2 * d * (2 if hp.skip_gates else 1)
+    total += (hp.gate_window + 1) * hp.smear_gate + (hp.backout_layer > 0)
+    if hp.bigram_buckets:
+        total += hp.bigram_buckets * hp.bigram_dim + hp.bigram_dim * d + 1
+    if ve_layers:
+        total += hp.vocab_size * hp.ve_dim + hp.ve_dim * kv + 1
+    return total
+
+
+@pytest.mark.parametrize("name", ["baseline", "stack", "everything", "head_gate", "untied", "default_full_size"])
+def test_parameter_counts_match_the_closed_form(name):
+    hp = {"untied": dataclasses.replace(EVERYTHING, tie_embeddings=False, attn_gate="head", mlp_mult=3.5),
+          "default_full_size": T.Hyperparameters()}.get(name) or CONFIGS[name]
+    total, embedding, non_embedding = T.count_parameters(T.GPT(hp))
+    assert total == expected_parameters(hp) and total == embedding + non_embedding
+
+
+def test_baseline_preset_matches_the_challenge_record():
     # The challenge's naive baseline (9x512, 8/4 heads, MLP 2x, vocab 1024, tied) has 17,059,912 parameters.
-    total, embedding, non_embedding = T.count_parameters(T.GPT(T.Hyperparameters()))
-    assert (total, embedding, non_embedding) == (17_059_912, 524_288, 16_535_624)
+    hp, _ = T.Hyperparameters.from_env({"PRESET": "baseline"})
+    assert T.count_parameters(T.GPT(hp)) == (17_059_912, 524_288, 16_535_624)
+    assert T.describe_features(T.GPT(hp), hp) == "mlp:relu2x2 gqa:8/4 rope_dims:64/64 qk_gain_init:1.5 softcap:30 tied_embeddings unet_skips"
 
 
-@pytest.mark.parametrize("layers, dim, heads, kv_heads, mult, vocab, tied", [(4, 64, 4, 2, 2, 97, True), (5, 96, 6, 3, 3, 300, False)])
-def test_parameter_count_closed_form(layers, dim, heads, kv_heads, mult, vocab, tied):
-    hp = T.Hyperparameters(num_layers=layers, model_dim=dim, num_heads=heads, num_kv_heads=kv_heads,
-                           mlp_mult=mult, vocab_size=vocab, tie_embeddings=tied)
-    kv_dim = dim // heads * kv_heads
-    block = 2 * dim * dim + 2 * dim * kv_dim + heads + 2 * mult * dim * dim + 4 * dim
-    expected = layers * block + vocab * dim * (1 if tied else 2) + min(layers // 2, layers - layers // 2) * dim
-    assert T.count_parameters(T.GPT(hp))[0] == expected
-
-
-def test_loss_is_the_cross_entropy_of_the_softcapped_logits():
+def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_it():
     torch.manual_seed(1)
-    model = randomized(T.GPT(SMALL))
-    tokens = torch.randint(0, SMALL.vocab_size, (3, 20))
-    targets = torch.randint(0, SMALL.vocab_size, (3, 20))
+    model = randomized(build(STACK))
+    tokens, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
     logits = model(tokens)
-    assert logits.abs().max() <= SMALL.logit_softcap
+    assert logits.abs().max() <= STACK.logit_softcap
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     assert torch.allclose(model(tokens, targets), expected, atol=1e-6)
     per_token = model(tokens, targets, reduction="none")
     assert per_token.shape == targets.shape and torch.allclose(per_token.mean(), expected, atol=1e-6)
+    # MiLe: gamma 0 is plain CE; gamma > 0 weights tokens by (1 - e^-H)^gamma with weights of mean 1.
+    assert torch.allclose(model(tokens, targets, mile_gamma=torch.tensor(0.0)), expected, atol=1e-6)
+    weights = T.mile_weights(logits.flatten(0, 1), torch.tensor(1.1))
+    log_p = F.log_softmax(logits.flatten(0, 1), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    assert torch.allclose(weights, (1 - torch.exp(-entropy)) ** 1.1 / ((1 - torch.exp(-entropy)) ** 1.1).mean(), atol=1e-5)
+    assert torch.allclose(model(tokens, targets, mile_gamma=torch.tensor(1.1)), (per_token.flatten() * weights).mean(), atol=1e-6)
 
 
-def test_output_projections_start_at_zero_so_blocks_start_as_identity():
-    model = T.GPT(SMALL)
+def test_output_projections_start_at_zero_and_ortho_init_is_orthogonal():
+    model = T.GPT(STACK)
     for block in model.blocks:
         assert block.attn.proj.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
+        w = block.attn.c_q.weight
+        assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
 
 
 def test_attention_backend_selection_on_cpu():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from conftest import small_hp
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (32, 512)])
@@ -46,14 +47,18 @@ def test_muon_descends_on_a_quadratic():
 
 def test_optimizer_routing_covers_every_parameter_once():
     for tied in (True, False):
-        hp = T.Hyperparameters(num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=50, tie_embeddings=tied)
+        hp = small_hp(num_layers=3, model_dim=64, tie_embeddings=tied, bigram_buckets=16, ve_layers="1,2",
+                      value_residual=True, backout_layer=2)
         model = T.GPT(hp)
         optimizers = T.build_optimizers(model, hp, 0, 1)
         seen = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
         assert sorted(seen) == sorted(id(p) for p in model.parameters())
         muon = optimizers[1]
         assert all(p.ndim == 2 for p in muon.param_groups[0]["params"])
-        assert len(muon.param_groups[0]["params"]) == 6 * hp.num_layers
+        # 6 matrices per block, the BigramHash and the value-embedding projections; never the untied head
+        assert len(muon.param_groups[0]["params"]) == 6 * hp.num_layers + 2
+        tables = optimizers[0].param_groups[0]["params"]
+        assert [p.shape for p in tables] == [(64, 64), (16, 112), (64, 128)]
 
 
 def test_lr_schedule_by_steps_and_by_wall_clock():
