@@ -42,7 +42,7 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     losses = train_losses(log)
     assert sorted(losses) == list(range(1, 41))
     assert losses[40] < losses[1] - 1.0
-    assert re.search(r"^final_int8_zstd_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
+    assert re.search(r"^final_int6_brotli_roundtrip_exact val_loss:\d+\.\d{8} val_bpb:\d+\.\d{8}$", log, re.M)
     assert re.search(r"^step:20/40 val_loss:[\d.]+ val_bpb:[\d.]+", log, re.M)
     assert log.startswith(open(SCRIPT).read())  # the log carries the exact source that ran
     # The default stack in miniature: recurrence switches on at 35% of the 40 steps, after the untimed warmup
@@ -58,17 +58,17 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
     cwd, env, log = single_run
     hp, _ = T.Hyperparameters.from_env(env)
     model = T.GPT(hp)
-    model.load_state_dict(T.dequantize_int8(T.read_artifact(cwd / "logs" / "e2e_model.int8.ptz")), strict=True)
+    model.load_state_dict(T.dequantize_state_dict(T.read_artifact(cwd / "logs" / "e2e_model.int6.ptz")), strict=True)
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
     _, val_bpb, _ = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                             0, 1, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
-    assert val_bpb == pytest.approx(summary(log)["final_int8_zstd_roundtrip_val_bpb"], rel=1e-5)
+    assert val_bpb == pytest.approx(summary(log)["final_int6_brotli_roundtrip_val_bpb"], rel=1e-5)
     raw = torch.load(cwd / "logs" / "e2e_raw.pt", weights_only=True)  # the unquantized weights are kept too
     T.GPT(hp).load_state_dict(raw, strict=True)
     sizes = summary(log)
     assert sizes["bytes_code"] == len(open(SCRIPT, "rb").read())
-    assert sizes["bytes_model"] == (cwd / "logs" / "e2e_model.int8.ptz").stat().st_size
+    assert sizes["bytes_model"] == (cwd / "logs" / "e2e_model.int6.ptz").stat().st_size
     assert sizes["bytes_total"] == sizes["bytes_code"] + sizes["bytes_model"]
 
 
@@ -98,7 +98,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:  # printed to 4 decimals; the sums differ only in float rounding order
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
-    for metric in ("final_int8_zstd_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
+    for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
     assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:3 last_chunk_trained:no" in runs[2]
 

@@ -1,4 +1,8 @@
-"""int8 export: quantization error, exact file round-trips, corruption, and the model read back from disk."""
+"""Export: packing, quantization error, GPTQ against round-to-nearest, LQER, QAT under compile, the size target,
+exact file round-trips, corruption, and the model read back from disk."""
+
+import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -6,39 +10,169 @@ import torch
 import train_gpt as T
 from conftest import small_hp
 
+NO_AUTOCAST = contextlib.nullcontext
 
-def test_int8_error_is_at_most_half_a_step_inside_the_clip():
+
+@pytest.mark.parametrize("packing", ["byte", "dense"])
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
+def test_packing_round_trips_every_value_exactly(bits, packing):
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.randint(-qmax, qmax + 1, (37, 53)).float()
+    q[0, :3] = torch.tensor([-qmax, qmax, 0])
+    packed = T.pack_values(q, bits, packing)
+    assert torch.equal(T.unpack_values(packed, bits, packing, [37, 53]), q)
+    if packing == "dense":
+        assert packed.numel() == -(-37 * 53 * bits // 8)  # bits per value, not bytes
+
+
+@pytest.mark.parametrize("clip", ["sdclip", "percentile", "rowmax"])
+def test_rounding_error_is_at_most_half_a_step_inside_the_clip(clip):
     torch.manual_seed(0)
-    weight = torch.randn(300, 400)
-    entry = T.quantize_int8({"w": weight})["w"]
-    assert entry["kind"] == "int8" and entry["data"].dtype == torch.int8
-    restored = T.dequantize_int8({"w": entry})["w"]
-    scale = entry["scale"].float()[:, None]
-    clip = 127 * scale
-    error, half_step = (restored - weight).abs(), scale.expand_as(weight) / 2 + 1e-6
-    inside = weight.abs() <= clip
+    w = torch.randn(64, 300) * torch.linspace(0.1, 2, 64)[:, None]
+    hp = T.Hyperparameters(quant_clip=clip, quant_bits=6)
+    scale = T.row_scales(w, 6, clip, 13.0)
+    q = T.round_to_nearest(w, scale, 31)
+    error, half_step = (q * scale[:, None] - w).abs(), scale[:, None].expand_as(w) / 2 + 1e-6
+    inside = w.abs() <= 31 * scale[:, None]
     assert (error[inside] <= half_step[inside]).all()
-    assert (error[~inside] <= (weight.abs() - clip)[~inside] + half_step[~inside]).all()  # clipped: no worse
-    assert inside.float().mean() > 0.99  # only the extreme quantile of each row is clipped
+    assert (error[~inside] <= (w.abs() - 31 * scale[:, None])[~inside] + half_step[~inside]).all()
+    assert torch.equal(scale, scale.half().float())  # the scale used is exactly the one stored
+    if clip == "sdclip":  # k * std / qmax
+        assert torch.allclose(scale, (13.0 * w.std(dim=1, unbiased=False) / 31).half().float())
+    assert hp.quant_clip == clip
 
 
-def test_small_and_vector_tensors_pass_through():
-    state = {"gain": torch.randn(8), "small": torch.randn(4, 16)}
-    quantized = T.quantize_int8(state)
-    assert quantized["gain"]["kind"] == "fp32" and torch.equal(quantized["gain"]["data"], state["gain"])
-    assert quantized["small"]["kind"] == "fp16"
+def test_state_dict_quantization_covers_matrices_and_tables_and_passes_the_rest():
+    hp = small_hp(num_layers=2, model_dim=64, bigram_buckets=16, ve_layers="1")
+    model = T.GPT(hp)
+    groups = T.quantized_tensor_groups(model)
+    assert groups["tok_emb.weight"] == groups["bigram.table.weight"] == groups["value_embed.table.weight"] == "embed"
+    assert groups["blocks.0.mlp.fc.weight"] == "mlp" and groups["blocks.1.attn.c_k.weight"] == "attn"
+    quantized = T.quantize_state_dict(model.state_dict(), groups, hp)
+    assert {name for name, e in quantized.items() if e["kind"] == "int"} == set(groups)
+    assert quantized["tok_emb.weight"]["bits"] == 7 and quantized["blocks.0.mlp.fc.weight"]["bits"] == 6
+    assert quantized["skip_weights"]["kind"] == "fp16" and quantized["blocks.0.attn_scale"]["kind"] == "fp32"
+    assert "blocks.0.attn.gate.weight" not in groups  # the small gates pass through
 
 
+@pytest.fixture(scope="module")
+def trained(sample):
+    """A small model trained briefly on the offline sample, with calibration and held-out Hessians."""
+    data_dir, _ = sample
+    hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=1024, train_seq_len=64)
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    optimizers = T.build_optimizers(model, hp, 0, 1)
+    loader = T.TrainLoader(T.shard_files(str(data_dir), "train"), 64, 16, seed=0)
+    for step in range(60):
+        model(*loader.batch(step, 0)).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    batches = lambda first: [loader.batch(step, 0)[0] for step in range(first, first + 4)]
+    return hp, model, T.collect_hessians(model, batches(100), NO_AUTOCAST), T.collect_hessians(model, batches(200), NO_AUTOCAST)
+
+
+def output_error(quantized, model, held_out):
+    """sum over matrices of ||X (W - W_hat)^T||^2 on held-out inputs, i.e. tr(dW H dW^T)."""
+    restored, weights = T.dequantize_state_dict(quantized), model.state_dict()
+    return {name: ((restored[name] - weights[name]) @ h * (restored[name] - weights[name])).sum().item()
+            for name, h in held_out.items()}
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_gptq_beats_round_to_nearest_on_held_out_activations(trained, bits):
+    hp, model, calibration, held_out = trained
+    hp = dataclasses.replace(hp, quant_bits=bits, embed_quant_bits=bits)
+    groups = T.quantized_tensor_groups(model)
+    rtn = output_error(T.quantize_state_dict(model.state_dict(), groups, hp), model, held_out)
+    gptq = output_error(T.quantize_state_dict(model.state_dict(), groups, hp, calibration), model, held_out)
+    assert set(gptq) == {name for name in groups if name != "value_embed.table.weight"}  # tok_emb via the final state
+    assert sum(gptq.values()) < 0.9 * sum(rtn.values())
+    assert sum(gptq[name] < rtn[name] for name in gptq) >= 0.8 * len(gptq)
+
+
+def test_gptq_handles_dead_columns_and_falls_back_when_cholesky_fails():
+    torch.manual_seed(3)
+    w, x = torch.randn(8, 16), torch.randn(100, 16)
+    x[:, 5] = 0  # a column that is never active
+    scale = T.row_scales(w, 6, "rowmax", 0)
+    q = T.gptq(w, x.T @ x, scale, 31)
+    assert (q[:, 5] == 0).all() and q.abs().max() <= 31
+    messages = []
+    bad = {"w": -torch.eye(16)}  # negative definite: Cholesky fails even after damping
+    hp = T.Hyperparameters(quant_clip="rowmax")
+    quantized = T.quantize_state_dict({"w": w}, {"w": "attn"}, hp, bad, log=messages.append)
+    assert "Cholesky failed for w" in messages[0] and quantized["w"]["kind"] == "int"
+
+
+def test_lqer_corrects_the_worst_matrices(trained):
+    hp, model, calibration, _ = trained
+    groups = T.quantized_tensor_groups(model)
+    plain = T.quantize_state_dict(model.state_dict(), groups, hp)
+    corrected = T.quantize_state_dict(model.state_dict(), groups, dataclasses.replace(hp, lqer_rank=4, lqer_top_k=2))
+    fixed = [name for name, entry in corrected.items() if "lqer" in entry]
+    assert len(fixed) == 2
+    weights, before, after = model.state_dict(), T.dequantize_state_dict(plain), T.dequantize_state_dict(corrected)
+    for name in fixed:
+        assert (after[name] - weights[name]).norm() < (before[name] - weights[name]).norm()
+
+
+def test_qat_switch_takes_effect_inside_a_compiled_model():
+    hp = small_hp(num_layers=2, model_dim=64, qat_start_lr_scale=0.2)
+    torch.manual_seed(4)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    T.set_qat(model, hp, on=False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    tokens = torch.randint(0, 64, (2, 16))
+    off = compiled(tokens)
+    assert torch.allclose(off, model(tokens), atol=1e-6)
+    T.set_qat(model, hp, on=True)  # what `train` does once the LR scale falls below QAT_START_LR_SCALE
+    on = compiled(tokens)
+    assert not torch.allclose(on, off, atol=1e-4)
+    reference = T.GPT(hp)  # the same weights, fake-quantized by hand, with QAT off
+    reference.load_state_dict(model.state_dict())
+    T.set_qat(reference, hp, on=False)
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(module, T.CastedLinear) and module.qat_bits_k is not None:
+                module.weight.copy_(T.fake_quantize(module.weight, *module.qat_bits_k))
+    assert torch.allclose(on, reference(tokens), atol=1e-5)
+    compiled(tokens, torch.randint(0, 64, (2, 16))).backward()  # straight-through: gradients reach the fp32 weights
+    assert model.blocks[0].mlp.fc.weight.grad.abs().sum() > 0
+
+
+def test_size_target_raises_clip_k_until_the_artifact_fits(trained):
+    hp, model, _, _ = trained
+    hp = dataclasses.replace(hp, compressor="zlib", size_target_bytes=0)
+    groups = T.quantized_tensor_groups(model)
+    _, blob, k_scale = T.quantize_to_fit(model.state_dict(), groups, hp, None, 1000)
+    assert k_scale == 1.0
+    messages = []
+    target = 1000 + len(blob) - 2000
+    _, smaller, k_scale = T.quantize_to_fit(model.state_dict(), groups, dataclasses.replace(hp, size_target_bytes=target),
+                                            None, 1000, messages.append)
+    assert k_scale > 1.0 and 1000 + len(smaller) <= target and messages and "quantizing again" in messages[0]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("compressor", sorted(T.COMPRESSORS))
-def test_artifact_file_round_trip_is_exact(tmp_path, compressor):
+def test_artifact_file_round_trip_is_exact(tmp_path, compressor, shuffle):
     torch.manual_seed(1)
-    quantized = T.quantize_int8({"a": torch.randn(256, 300), "b": torch.randn(7), "c": torch.randn(3, 5)})
-    size = T.write_artifact(tmp_path / "m.ptz", quantized, compressor)
+    hp = T.Hyperparameters(quant_packing="dense", compressor=compressor)
+    state = {"a": torch.randn(256, 300), "b": torch.randn(7), "c": torch.randn(3, 5)}
+    quantized = T.quantize_state_dict(state, {"a": "mlp"}, hp)
+    size = T.write_artifact(tmp_path / "m.ptz", T.serialize_artifact(quantized, compressor, shuffle))
     assert size == (tmp_path / "m.ptz").stat().st_size
     back = T.read_artifact(tmp_path / "m.ptz")
     for name, entry in quantized.items():
         for key, value in entry.items():
             assert torch.equal(back[name][key], value) if torch.is_tensor(value) else back[name][key] == value
+    for blob in (b"", b"x", bytes(range(255))):
+        assert T.byte_shuffle(T.byte_shuffle(blob), inverse=True) == blob
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -50,7 +184,8 @@ def test_artifact_file_round_trip_is_exact(tmp_path, compressor):
 ])
 def test_a_damaged_artifact_fails_clearly(tmp_path, damage, message):
     path = tmp_path / "m.ptz"
-    T.write_artifact(path, T.quantize_int8({"a": torch.randn(300, 300)}), "zlib")
+    quantized = T.quantize_state_dict({"a": torch.randn(300, 300)}, {"a": "attn"}, T.Hyperparameters())
+    T.write_artifact(path, T.serialize_artifact(quantized, "zlib", False))
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ValueError, match=message):
         T.read_artifact(path)
@@ -58,16 +193,26 @@ def test_a_damaged_artifact_fails_clearly(tmp_path, damage, message):
 
 def test_model_read_back_from_disk_matches_the_in_memory_quantized_model(tmp_path):
     torch.manual_seed(2)
-    hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=300)
+    hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=300, lqer_rank=2,
+                  quant_bits=8, embed_quant_bits=8, quant_clip="rowmax", quant_packing="dense")
     model = T.GPT(hp)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    quantized = T.quantize_int8(model.state_dict())
-    T.write_artifact(tmp_path / "m.ptz", quantized, "zstd")
+    quantized = T.quantize_state_dict(model.state_dict(), T.quantized_tensor_groups(model), hp)
+    T.write_artifact(tmp_path / "m.ptz", T.serialize_artifact(quantized, "brotli", True))
     in_memory, from_disk = T.GPT(hp), T.GPT(hp)
-    in_memory.load_state_dict(T.dequantize_int8(quantized), strict=True)
-    from_disk.load_state_dict(T.dequantize_int8(T.read_artifact(tmp_path / "m.ptz")), strict=True)
+    in_memory.load_state_dict(T.dequantize_state_dict(quantized), strict=True)
+    from_disk.load_state_dict(T.dequantize_state_dict(T.read_artifact(tmp_path / "m.ptz")), strict=True)
     tokens = torch.randint(0, 300, (2, 32))
     assert torch.equal(in_memory(tokens), from_disk(tokens))
     assert torch.allclose(from_disk(tokens), model(tokens), atol=0.05)  # and close to the unquantized model
+
+
+def test_a_missing_compressor_package_is_a_config_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "brotli" else real_import(name, *a, **k))
+    with pytest.raises(T.ConfigError, match="COMPRESSOR='brotli'.*pip install brotli"):
+        T.Hyperparameters(compressor="brotli")

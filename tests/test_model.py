@@ -158,8 +158,10 @@ def test_depth_recurrence_adds_no_block_parameters_and_switching_it_on_changes_o
 def test_recurrence_schedule_by_fraction_of_steps_of_time_or_a_step():
     hp = T.Hyperparameters(iterations=1000, max_wallclock_seconds=0, loop_enable_at=0.35)
     assert not T.looping_due(hp, 349, 0) and T.looping_due(hp, 350, 0)
-    timed = dataclasses.replace(hp, max_wallclock_seconds=100)
+    timed = dataclasses.replace(hp, max_wallclock_seconds=100, gptq=False)
     assert not T.looping_due(timed, 999, 34_999) and T.looping_due(timed, 1, 35_000)
+    reserved = dataclasses.replace(timed, gptq=True, gptq_reserve_seconds=20)  # 35% of the 80 s left for training
+    assert not T.looping_due(reserved, 999, 27_999) and T.looping_due(reserved, 1, 28_000)
     assert not T.looping_due(dataclasses.replace(hp, loop_enable_at=700), 699, 0)
     assert T.looping_due(dataclasses.replace(hp, loop_enable_at=700), 700, 0)
     assert not T.looping_due(dataclasses.replace(hp, num_loops=0), 999, 0)
@@ -286,3 +288,17 @@ def test_sdpa_grouped_query_attention_matches_repeated_heads():
     q, k, v = torch.randn(2, 10, 4, 8), torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
     expected = T._sdpa(q, k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2))
     assert torch.allclose(T._sdpa(q, k, v), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("looping, qat", [(False, False), (True, False), (True, True)])
+def test_the_training_step_compiles_as_one_graph_at_every_stage(looping, qat):
+    # fullgraph=True turns any graph break into an error; aot_eager traces forward and backward like inductor does.
+    hp = dataclasses.replace(EVERYTHING, qat_start_lr_scale=0.5 if qat else 0.0, mile_gamma=1.1)
+    model = randomized(build(hp, looping=looping)).train()
+    T.set_qat(model, hp, on=qat)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    tokens, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    loss = compiled(tokens, targets, mile_gamma=torch.tensor(0.5))
+    loss.backward()
+    assert torch.allclose(loss, model(tokens, targets, mile_gamma=torch.tensor(0.5)), atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,47 @@
+"""Artifact bytes of a model under every compressor, packing and byte-shuffle choice, against the 16,000,000 cap.
+
+    python3 benchmarks/artifact_size.py                      # the default (full-size) model at random init
+    PRESET=smoke python3 benchmarks/artifact_size.py --weights logs/<RUN_ID>_raw.pt   # trained weights
+
+The model and the quantization settings come from the same env vars as train_gpt.py (QUANT_BITS, CLIP_K_*, ...).
+Rounding is to nearest here (GPTQ needs calibration data; its output has the same grid, so about the same size).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as T  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", help="a state dict saved by train_gpt.py (logs/<RUN_ID>_raw.pt); default: random init")
+    args = parser.parse_args()
+    hp, _ = T.Hyperparameters.from_env()
+    torch.manual_seed(hp.seed)
+    model = T.GPT(hp)
+    if args.weights:
+        model.load_state_dict(torch.load(args.weights, weights_only=True))
+    code_bytes = len((Path(T.__file__)).read_bytes())
+    groups = T.quantized_tensor_groups(model)
+    print(f"model: {T.count_parameters(model)[0]:,} parameters ({'trained: ' + args.weights if args.weights else 'random init'}), "
+          f"quant_bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} code_bytes:{code_bytes}")
+    print("| packing | byte shuffle | compressor | model bytes | total bytes | headroom under 16,000,000 | compress s |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for packing in ("byte", "dense"):
+        quantized = T.quantize_state_dict(model.state_dict(), groups, T.dataclasses.replace(hp, quant_packing=packing))
+        for shuffle in (False, True):
+            for compressor in ("zstd", "brotli"):
+                start = time.perf_counter()
+                size = len(T.serialize_artifact(quantized, compressor, shuffle))
+                print(f"| {packing} | {shuffle} | {compressor} | {size:,} | {size + code_bytes:,} | "
+                      f"{T.ARTIFACT_LIMIT_BYTES - size - code_bytes:,} | {time.perf_counter() - start:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
