@@ -163,7 +163,7 @@ class Hyperparameters:
     lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
     lqer_top_k: int = 3  # matrices that get the LQER correction
     qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
-    size_target_bytes: int = 16_000_000  # re-quantize with every clip k raised 10% until the artifact fits; 0 = off
+    size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
     compressor: str = "brotli"  # zstd (level 22), brotli (quality 11) or zlib (level 9); a missing package is an error
     byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
 
@@ -1067,6 +1067,8 @@ ARTIFACT_MAGIC = b"PGQ2"
 ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 32
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
 PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
+K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
+SIZE_SEARCH_STEPS = 5  # bisection steps of that search (the factor ends within 8^(1/32), about 7%)
 
 
 def _zstd():
@@ -1228,21 +1230,36 @@ def dequantize_state_dict(quantized):
 
 
 def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print):
-    """(quantized, artifact bytes, k scale): while code + artifact exceed SIZE_TARGET_BYTES, every SDClip k is raised
-    by 10% (a coarser grid has a lower entropy, so it compresses smaller) and the model quantized again."""
-    k_scale = 1.0
-    while True:
+    """(quantized, artifact bytes, k scale). With SIZE_TARGET_BYTES and SDClip, every clip k is scaled by the
+    smallest factor in K_SCALE_RANGE whose artifact fits with the code: a finer grid is more accurate, a coarser one
+    has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again."""
+    def attempt(k_scale):
         quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
         blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle)
-        total = code_bytes + len(blob)
-        if not hp.size_target_bytes or total <= hp.size_target_bytes:
-            return quantized, blob, k_scale
-        if hp.quant_clip != "sdclip" or k_scale > 4:
-            log(f"size_target: {total} > {hp.size_target_bytes} bytes and no further SDClip step to take (QUANT_CLIP="
-                f"{hp.quant_clip}, k x{k_scale:.2f}); lower QUANT_BITS or the model size")
-            return quantized, blob, k_scale
-        k_scale *= 1.1
-        log(f"size_target: {total} > {hp.size_target_bytes} bytes; quantizing again with every clip k x{k_scale:.3f}")
+        return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
+
+    first = attempt(1.0)
+    if not hp.size_target_bytes or hp.quant_clip != "sdclip":
+        return first[:3]
+    low, high = K_SCALE_RANGE
+    if first[3]:
+        best, high = first, 1.0
+        finest = attempt(low)
+        if finest[3]:
+            return finest[:3]
+    else:
+        best, low = attempt(high), 1.0
+        if not best[3]:
+            log(f"size_target: even clip k x{high:g} gives {code_bytes + len(best[1])} > {hp.size_target_bytes} bytes; "
+                f"lower QUANT_BITS or the model size")
+            return best[:3]
+    for _ in range(SIZE_SEARCH_STEPS):
+        middle = math.sqrt(low * high)
+        result = attempt(middle)
+        best, low, high = (result, low, middle) if result[3] else (best, middle, high)
+    log(f"size_target: clip k x{best[2]:.3f} is the finest grid that fits: "
+        f"{code_bytes + len(best[1])} <= {hp.size_target_bytes} bytes")
+    return best[:3]
 
 
 def byte_shuffle(blob, inverse=False):

@@ -1,7 +1,7 @@
 """Architecture ablation: the baseline preset, the default stack, and the stack with one technique flipped.
 
 Runs train_gpt.py once per variant, one after the other, with the same data, steps and seed, and prints a markdown
-table of val_bpb (pre-quantization and int8 round-trip, plain windows) with the parameter counts and step times.
+table of val_bpb (pre-quantization and quantized round-trip, plain windows) with the parameter counts and step times.
 
     python3 benchmarks/ablation.py --data-path ./data/datasets/mydata --tokenizer-path ./data/tokenizers/my.model \
         ITERATIONS=1000 WARMDOWN_ITERS=250
@@ -57,7 +57,7 @@ def main():
     shared = dict(DATA_PATH=os.path.abspath(args.data_path), TOKENIZER_PATH=os.path.abspath(args.tokenizer_path))
     shared.update(setting.split("=", 1) for setting in args.settings)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
-    print("| variant | overrides | params | steps | step_avg ms | pre-quant val_bpb | int8 round-trip val_bpb |")
+    print("| variant | overrides | params | steps | step_avg ms | pre-quant val_bpb | round-trip val_bpb |")
     print("|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         row = run_variant(name, VARIANTS[name], shared, args.log_dir)

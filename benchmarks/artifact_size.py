@@ -1,10 +1,13 @@
 """Artifact bytes of a model under every compressor, packing and byte-shuffle choice, against the 16,000,000 cap.
 
-    python3 benchmarks/artifact_size.py                      # the default (full-size) model at random init
+    python3 benchmarks/artifact_size.py                      # the default (full-size) model, Gaussian weights
     PRESET=smoke python3 benchmarks/artifact_size.py --weights logs/<RUN_ID>_raw.pt   # trained weights
 
 The model and the quantization settings come from the same env vars as train_gpt.py (QUANT_BITS, CLIP_K_*, ...).
 Rounding is to nearest here (GPTQ needs calibration data; its output has the same grid, so about the same size).
+Without --weights every quantized tensor is drawn Gaussian, the zero-initialized output projections included (at
+init they are all zeros and would compress to almost nothing); SDClip's grid follows each row's std, so the size
+depends on the shape of the weight distribution, not on its scale.
 """
 
 import argparse
@@ -25,11 +28,16 @@ def main():
     hp, _ = T.Hyperparameters.from_env()
     torch.manual_seed(hp.seed)
     model = T.GPT(hp)
+    groups = T.quantized_tensor_groups(model)
     if args.weights:
         model.load_state_dict(torch.load(args.weights, weights_only=True))
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in groups:
+                    p.normal_(std=p.size(1) ** -0.5)
     code_bytes = len((Path(T.__file__)).read_bytes())
-    groups = T.quantized_tensor_groups(model)
-    print(f"model: {T.count_parameters(model)[0]:,} parameters ({'trained: ' + args.weights if args.weights else 'random init'}), "
+    print(f"model: {T.count_parameters(model)[0]:,} parameters ({'trained: ' + args.weights if args.weights else 'Gaussian weights'}), "
           f"quant_bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} code_bytes:{code_bytes}")
     print("| packing | byte shuffle | compressor | model bytes | total bytes | headroom under 16,000,000 | compress s |")
     print("|---|---|---|---|---|---|---|", flush=True)

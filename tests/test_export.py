@@ -145,17 +145,25 @@ def test_qat_switch_takes_effect_inside_a_compiled_model():
     assert model.blocks[0].mlp.fc.weight.grad.abs().sum() > 0
 
 
-def test_size_target_raises_clip_k_until_the_artifact_fits(trained):
+def test_size_target_picks_the_finest_clip_grid_that_fits(trained):
     hp, model, _, _ = trained
     hp = dataclasses.replace(hp, compressor="zlib", size_target_bytes=0)
     groups = T.quantized_tensor_groups(model)
     _, blob, k_scale = T.quantize_to_fit(model.state_dict(), groups, hp, None, 1000)
-    assert k_scale == 1.0
+    assert k_scale == 1.0  # no target: the k's as given
+    fit = lambda target: T.quantize_to_fit(model.state_dict(), groups, dataclasses.replace(hp, size_target_bytes=target),
+                                           None, 1000, messages.append)
     messages = []
-    target = 1000 + len(blob) - 2000
-    _, smaller, k_scale = T.quantize_to_fit(model.state_dict(), groups, dataclasses.replace(hp, size_target_bytes=target),
-                                            None, 1000, messages.append)
-    assert k_scale > 1.0 and 1000 + len(smaller) <= target and messages and "quantizing again" in messages[0]
+    _, _, k_scale = fit(10 ** 9)  # room to spare: the finest grid of the search range
+    assert k_scale == T.K_SCALE_RANGE[0]
+    for target in (1000 + len(blob) - 3000, 1000 + len(blob) + 3000):  # tighter and looser than k x1
+        _, fitted, k_scale = fit(target)
+        assert 1000 + len(fitted) <= target and (k_scale > 1.0) == (target < 1000 + len(blob))
+        finer = dataclasses.replace(hp, clip_k_mlp=hp.clip_k_mlp * k_scale / 1.1, clip_k_attn=hp.clip_k_attn * k_scale / 1.1,
+                                    clip_k_embed=hp.clip_k_embed * k_scale / 1.1)
+        _, too_big, _ = T.quantize_to_fit(model.state_dict(), groups, finer, None, 1000)
+        assert 1000 + len(too_big) > target  # a grid 10% finer would not have fit
+    assert "finest grid that fits" in messages[-1]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
