@@ -1105,9 +1105,17 @@ def group_bits_and_k(hp, group):
     return bits, dict(embed=hp.clip_k_embed, mlp=hp.clip_k_mlp, attn=hp.clip_k_attn)[group]
 
 
+def largest_level(bits):
+    return 2 ** (bits - 1) - 1  # symmetric: [-qmax, qmax], so that 0 is exact
+
+
+def round_to_nearest(w, scale, qmax):
+    return torch.round(w / scale[:, None]).clamp(-qmax, qmax)
+
+
 def row_scales(w, bits, method, k):
     """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = largest_level(bits)
     if method == "sdclip":
         clip = k * w.std(dim=1, unbiased=False)
     elif method == "rowmax":
@@ -1117,20 +1125,16 @@ def row_scales(w, bits, method, k):
         for quantile in PERCENTILE_CLIPS:
             candidate = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1)
             scale = (candidate / qmax).clamp_min(1e-8)
-            error = (w - torch.round(w / scale[:, None]).clamp(-qmax, qmax) * scale[:, None]).square().sum().item()
+            error = (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item()
             if best is None or error < best[0]:
                 best = (error, candidate)
         clip = best[1]
     return (clip / qmax).clamp_min(2 ** -20).half().float()
 
 
-def round_to_nearest(w, scale, qmax):
-    return torch.round(w / scale[:, None]).clamp(-qmax, qmax)
-
-
 def fake_quantize(w, bits, k):
     """The SDClip round trip of `w` (what export does without GPTQ), for quantization-aware training."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = largest_level(bits)
     scale = (k * w.detach().std(dim=1, unbiased=False) / qmax).clamp_min(2 ** -20)
     return round_to_nearest(w, scale, qmax) * scale[:, None]
 
@@ -1166,7 +1170,7 @@ def pack_values(q, bits, packing):
     """Integers in [-qmax, qmax] as int8 bytes, or densely bit-packed (offset to unsigned) into uint8."""
     if packing == "byte":
         return q.to(torch.int8).cpu()
-    unsigned = (q.flatten().to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8).cpu().numpy()
+    unsigned = (q.flatten().to(torch.int16) + largest_level(bits) + 1).to(torch.uint8).cpu().numpy()
     bit_planes = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits:]
     return torch.from_numpy(np.packbits(bit_planes.reshape(-1)))
 
@@ -1177,7 +1181,7 @@ def unpack_values(data, bits, packing, shape):
     count = math.prod(shape)
     bit_planes = np.unpackbits(data.numpy())[:count * bits].reshape(count, bits)
     unsigned = np.packbits(np.pad(bit_planes, ((0, 0), (8 - bits, 0))), axis=1)[:, 0]
-    return torch.from_numpy(unsigned.astype(np.float32) - 2 ** (bits - 1)).view(shape)
+    return torch.from_numpy(unsigned.astype(np.float32) - largest_level(bits) - 1).view(shape)
 
 
 def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=None):
@@ -1190,7 +1194,7 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
             quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
             continue
         bits, k = group_bits_and_k(hp, groups[name])
-        qmax = 2 ** (bits - 1) - 1
+        qmax = largest_level(bits)
         scale = row_scales(w, bits, hp.quant_clip, k * k_scale)
         q = None
         if hessians is not None and name in hessians:

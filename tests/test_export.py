@@ -92,6 +92,20 @@ def test_gptq_beats_round_to_nearest_on_held_out_activations(trained, bits):
     assert sum(gptq[name] < rtn[name] for name in gptq) >= 0.8 * len(gptq)
 
 
+def test_hessians_of_a_looped_layer_add_up_every_pass():
+    hp = small_hp(num_layers=3, model_dim=64, loop_start=1, loop_end=1, num_loops=2, loop_enable_at=0)
+    torch.manual_seed(5)
+    model = T.GPT(hp)
+    seen = []
+    model.blocks[1].attn.c_q.register_forward_hook(lambda m, args, out: seen.append(args[0].flatten(0, -2)))
+    tokens = torch.randint(0, 64, (2, 16))
+    hessians = T.collect_hessians(model, [tokens], NO_AUTOCAST)
+    assert len(seen) == 3  # layer 1 runs three times
+    assert torch.allclose(hessians["blocks.1.attn.c_q.weight"], sum(x.T @ x for x in seen), rtol=1e-5, atol=1e-5)
+    hidden = model.hidden_states(tokens).flatten(0, -2)  # the tied embedding: the input of the logit matmul
+    assert torch.allclose(hessians["tok_emb.weight"], hidden.T @ hidden, rtol=1e-5, atol=1e-5)
+
+
 def test_gptq_handles_dead_columns_and_falls_back_when_cholesky_fails():
     torch.manual_seed(3)
     w, x = torch.randn(8, 16), torch.randn(100, 16)
