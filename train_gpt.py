@@ -1133,9 +1133,9 @@ def row_scales(w, bits, method, k):
 
 
 def fake_quantize(w, bits, k):
-    """The SDClip round trip of `w` (what export does without GPTQ), for quantization-aware training."""
+    """The SDClip round trip of `w` on the grid export uses (without GPTQ), for quantization-aware training."""
     qmax = largest_level(bits)
-    scale = (k * w.detach().std(dim=1, unbiased=False) / qmax).clamp_min(2 ** -20)
+    scale = row_scales(w.detach(), bits, "sdclip", k)
     return round_to_nearest(w, scale, qmax) * scale[:, None]
 
 
@@ -1203,7 +1203,8 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
             except torch.linalg.LinAlgError:
                 (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
         q = round_to_nearest(w, scale, qmax) if q is None else q
-        residuals[name] = w - q * scale[:, None]
+        if hp.lqer_rank > 0:  # the error LQER corrects; kept only when asked for (a copy of every matrix)
+            residuals[name] = w - q * scale[:, None]
         quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
                                data=pack_values(q, bits, hp.quant_packing), scale=scale.half().cpu())
     if hp.lqer_rank > 0:
