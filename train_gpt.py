@@ -65,7 +65,6 @@ class Hyperparameters:
     iterations: int = 20000  # maximum number of optimizer steps
     max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
     warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
-    warmdown_iters: int = 1200  # length of the final linear LR decay, in steps (in time when the cap is on)
     train_batch_tokens: int = 524_288  # global batch in tokens per optimizer step, at every world size
     train_seq_len: int = 1024  # training sequence length
     grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
@@ -115,20 +114,34 @@ class Hyperparameters:
     backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers; 0 = off
     mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
 
-    # --- optimizer ---
-    matrix_lr: float = 0.04  # Muon LR for the 2-D block matrices
-    scalar_lr: float = 0.04  # Adam LR for gains, scales and skip weights
-    tied_embed_lr: float = 0.05  # Adam LR for the tied embedding
-    embed_lr: float = 0.6  # Adam LR for the input embedding when untied
-    head_lr: float = 0.008  # Adam LR for the output head when untied
-    beta1: float = 0.9  # Adam beta1
-    beta2: float = 0.95  # Adam beta2
-    adam_eps: float = 1e-8  # Adam epsilon
-    muon_momentum: float = 0.95  # Muon momentum after its warmup
-    muon_momentum_warmup_start: float = 0.85  # Muon momentum at step 0
-    muon_momentum_warmup_steps: int = 500  # steps of the linear Muon momentum warmup
-    muon_backend_steps: int = 5  # Newton-Schulz iterations per Muon update
-    grad_clip_norm: float = 0.0  # clip the global gradient norm (after averaging over ranks); 0 = off
+    # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
+    matrix_lr: float = 0.026  # Muon LR for the block matrices
+    scalar_lr: float = 0.02  # AdamW LR for gains, gates, scales and skip weights
+    tied_embed_lr: float = 0.03  # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
+    embed_lr: float = 0.6  # AdamW LR for the token tables when the embeddings are untied
+    head_lr: float = 0.008  # AdamW LR for the output head when untied
+    embed_weight_decay: float = 0.085  # AdamW decoupled weight decay of the token tables
+    scalar_weight_decay: float = 0.02  # AdamW decoupled weight decay of the gains, gates, scales and skip weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    muon_momentum: float = 0.97  # Muon momentum after its warmup
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 1500  # steps of the linear Muon momentum warmup
+    muon_orthogonalizer: str = "polar_express"  # quintic (Newton-Schulz, the baseline's) or polar_express
+    muon_backend_steps: int = 5  # orthogonalization iterations per Muon update
+    muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
+    muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
+    muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
+    grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
+    warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
+
+    # --- weight averaging ---
+    weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
+    ema_decay: float = 0.9965  # EMA decay per step (warmed up as min(decay, (1 + t) / (10 + t)))
+    swa_every: int = 50  # SWA takes a snapshot every N steps...
+    swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
 
     # --- evaluation and score-first test-time training ---
     eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
@@ -208,8 +221,8 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
                      "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
-        for name in ("warmup_steps", "warmdown_iters", "grad_accum_steps", "train_log_every", "val_loss_every",
-                     "max_wallclock_seconds", "grad_clip_norm", "muon_momentum_warmup_steps"):
+        for name in ("warmup_steps", "grad_accum_steps", "train_log_every", "val_loss_every",
+                     "max_wallclock_seconds"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
         require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
@@ -222,6 +235,7 @@ class Hyperparameters:
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+        self.validate_optimizer(require)
         self.validate_export(require)
         for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
@@ -255,6 +269,20 @@ class Hyperparameters:
         virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
         require(0 <= self.backout_layer < virtual, "BACKOUT_LAYER", f"must be below the {virtual} virtual layers")
         require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
+
+    def validate_optimizer(self, require):
+        for name in ("grad_clip_norm", "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay",
+                     "scalar_weight_decay"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
+        require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
+        for name in ("min_lr_scale", "ema_decay"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
+        require(self.weight_averaging in ("none", "ema", "swa", "ema_swa"), "WEIGHT_AVERAGING", "choose none, ema, swa or ema_swa")
+        require(self.swa_every > 0, "SWA_EVERY", "must be positive")
+        for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
+            require(getattr(self, name) == 0 or getattr(self, name) > self.min_lr_scale, name.upper(),
+                    f"must be above MIN_LR_SCALE={self.min_lr_scale}, or the LR scale never falls below it")
 
     def validate_export(self, require):
         for name in ("quant_bits", "embed_quant_bits"):
@@ -297,13 +325,18 @@ PRESETS = {
         num_layers=9, mlp_mult=2.0, mlp_activation="relu2", ortho_init=False, rope_dims=0, qk_gain_init=1.5,
         xsa_layers="", attn_gate="none", smear_gate=False, ln_scale=False, skip_gates=False, num_loops=0,
         parallel_residuals=False,
+        matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
+        beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
+        muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
+        warmdown_frac=0.087,  # WARMDOWN_ITERS=1200 of its 13,780 steps
+        weight_averaging="none",
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
     "smoke": dict(
         data_path="./data/datasets/stdlib_sp1024", tokenizer_path="./data/tokenizers/stdlib_1024_bpe.model",
         num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3, parallel_start_layer=4,
-        train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300, warmdown_iters=100,
+        train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
         warmup_steps=2, max_wallclock_seconds=0.0, muon_momentum_warmup_steps=100,
         train_log_every=25, val_loss_every=0, val_batch_size=16384,
     ),
@@ -944,76 +977,274 @@ def describe_features(model, hp):
 # OPTIMIZER
 # ============================================================================================
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic: fast to converge, not to exactly 1
+# Keller Jordan's quintic: fast to converge, not to exactly 1 (five steps land singular values in about [0.7, 1.2]).
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; PR #1344): one polynomial per step, same cost as the quintic, tighter result.
+# Steps past the list repeat its last polynomial, the one made for singular values already near 1.
+POLAR_EXPRESS_COEFFICIENTS = ((8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002),
+                              (3.89167, -2.77248, 0.50606), (3.28575, -2.36813, 0.46449),
+                              (2.34654, -1.70978, 0.42324))
+ORTHOGONALIZERS = {"quintic": QUINTIC_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}
+INT8_MOMENTUM_BLOCK = 256  # values per fp32 scale of the int8 Muon momentum (PR #703)
+# torch 2.13 renamed the single-tensor collectives (the old names warn); requirements.txt allows torch >= 2.5.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def newton_schulz(grad, steps, eps=1e-7):
-    """Approximately orthogonalize a matrix (U S V^T -> U S' V^T with S' in roughly [0.7, 1.2])."""
-    a, b, c = NS_COEFFICIENTS
-    x = grad.bfloat16() if grad.is_cuda else grad.float()  # bf16 on GPU for speed; the CPU has no fast bf16 matmul
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+def orthogonalize(grads, steps, method="quintic", eps=1e-7):
+    """Approximately orthogonalize a matrix or a batch of them (..., rows, cols): U S V^T -> U S' V^T, S' near 1."""
+    coefficients = ORTHOGONALIZERS[method]
+    x = grads.bfloat16() if grads.is_cuda else grads.float()  # bf16 on GPU for speed; the CPU has no fast bf16 matmul
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for step in range(steps):
+        a, b, c = coefficients[min(step, len(coefficients) - 1)]
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
-class Muon(torch.optim.Optimizer):
-    """Momentum + Newton-Schulz orthogonalized updates for 2-D matrices (github.com/KellerJordan/Muon).
+def quantize_int8_blockwise(x):
+    """Symmetric int8 with one fp32 scale per block of INT8_MOMENTUM_BLOCK values: (codes, scales)."""
+    flat = F.pad(x.flatten().float(), (0, -x.numel() % INT8_MOMENTUM_BLOCK)).view(-1, INT8_MOMENTUM_BLOCK)
+    scales = flat.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(flat / scales.clamp_min(1e-30)).to(torch.int8), scales
 
-    Gradients arrive already averaged over ranks. Rank r orthogonalizes the matrices i with i % world == r, and one
-    all-reduce of a flat buffer gives every rank every update, so the work is split without changing the math.
+
+def dequantize_int8_blockwise(codes, scales, like):
+    return (codes.float() * scales).flatten()[:like.numel()].view_as(like)
+
+
+class ParameterBank:
+    """Same-shaped matrices stored as one contiguous (n, rows, cols) tensor (credit: PR #399's parameter banks).
+
+    Each matrix stays a Parameter of its module, now a view of the bank, so modules, names, hooks and state_dict
+    keys are unchanged and the banked model computes exactly what the unbanked one did. The gradients are views of
+    one buffer padded to a multiple of the world size (autograd accumulates into them in place), so one
+    reduce-scatter hands each rank whole matrices and one all-gather brings every update back.
     """
 
-    def __init__(self, params, lr, momentum, backend_steps, rank=0, world_size=1):
-        super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, world_size):
+        self.params, self.size = params, len(params)
+        self.weights = torch.stack([p.detach() for p in params])
+        padded = -(-self.size // world_size) * world_size
+        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype, device=self.weights.device)
+        for index, p in enumerate(params):
+            p.data = self.weights[index]
+            p.grad = self.grads[index]
+        self.shard_size = padded // world_size
+        if world_size == 1:
+            self.grad_shard, self.updates = self.grads, None
+        else:  # the all-gather moves bf16 on GPU, as the update is computed in bf16 there
+            self.grad_shard = torch.empty_like(self.grads[:self.shard_size])
+            update_dtype = torch.bfloat16 if self.weights.is_cuda else self.weights.dtype
+            self.updates = torch.empty_like(self.grads, dtype=update_dtype)
+
+
+class ParallelMuon:
+    """Muon (credit: Keller Jordan) over parameter banks, without DDP (credit: PR #399's Parallel Muon).
+
+    Per bank, largest first: an asynchronous reduce-scatter leaves rank r the averaged gradient of its shard of whole
+    matrices. Momentum lives for the shard only (1/world of the memory, optionally int8), then Nesterov, MuonEq-R row
+    normalization and a batched orthogonalization run on the shard, and an asynchronous all-gather returns the
+    updates; bank i's all-gather overlaps bank i+1's work. Decoupled weight decay and the update then apply to the
+    full, replicated bank. At one process the same code runs without the collectives.
+    """
+
+    def __init__(self, banks, hp, rank, world_size):
+        self.banks = sorted(banks, key=lambda bank: -bank.weights.numel())
+        self.param_groups = [dict(lr=hp.matrix_lr, base_lr=hp.matrix_lr, momentum=hp.muon_momentum,
+                                  weight_decay=hp.muon_weight_decay)]
+        self.backend_steps, self.orthogonalizer = hp.muon_backend_steps, hp.muon_orthogonalizer
+        self.row_normalize, self.int8_momentum = hp.muon_row_normalize, hp.muon_momentum_int8
         self.rank, self.world_size = rank, world_size
+        self.state, self.pending = {}, {}
+
+    def launch_reduce_scatters(self):
+        for index, bank in enumerate(self.banks):
+            if self.world_size > 1:
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM, async_op=True)
+
+    def averaged_grad_shard(self, index):
+        """This rank's matrices of bank `index`, gradient averaged over ranks (waits for the reduce-scatter)."""
+        bank = self.banks[index]
+        work = self.pending.pop(index, None)
+        if work is not None:
+            work.wait()
+            bank.grad_shard.div_(self.world_size)  # gloo has no AVG
+        return bank.grad_shard
+
+    def momentum_step(self, index, grad, momentum):
+        """buf = momentum * buf + grad, in the shard's stored precision; returns buf in fp32."""
+        state = self.state.setdefault(index, {})
+        if self.int8_momentum:
+            buf = dequantize_int8_blockwise(*state["codes_scales"], grad) if state else torch.zeros_like(grad)
+            buf.mul_(momentum).add_(grad)
+            state["codes_scales"] = quantize_int8_blockwise(buf)
+            return buf
+        buf = state.setdefault("buffer", torch.zeros_like(grad))
+        return buf.mul_(momentum).add_(grad)
+
+    def shard_update(self, index, momentum):
+        grad = self.averaged_grad_shard(index)
+        update = grad.add(self.momentum_step(index, grad, momentum), alpha=momentum)  # Nesterov
+        if self.row_normalize:  # MuonEq-R (arXiv 2603.28254, PR #1217): equal row norms before orthogonalizing
+            update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        update = orthogonalize(update, self.backend_steps, self.orthogonalizer)
+        return update * max(1.0, update.size(-2) / update.size(-1)) ** 0.5  # same RMS for tall and wide matrices
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device,
-                               dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
-            offset = 0
-            for index, p in enumerate(params):
-                if index % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = newton_schulz(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS for tall and wide matrices
-                    flat[offset:offset + p.numel()] = update.flatten()
-                offset += p.numel()
-            if self.world_size > 1:
-                all_reduce(flat, dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        gathers = []
+        for index, bank in enumerate(self.banks):
+            update = self.shard_update(index, momentum)
+            if self.world_size == 1:
+                gathers.append((bank, None, update))
+            else:
+                work = all_gather_single(bank.updates, update.to(bank.updates.dtype), async_op=True)
+                gathers.append((bank, work, bank.updates))
+        for bank, work, updates in gathers:
+            if work is not None:
+                work.wait()
+            bank.weights.mul_(1 - lr * weight_decay).add_(updates[:bank.size].to(bank.weights.dtype), alpha=-lr)
+
+    def momentum_bytes(self):
+        """The momentum memory of this rank (its shards only)."""
+        return sum(t.numel() * t.element_size() for state in self.state.values()
+                   for value in state.values() for t in (value if isinstance(value, tuple) else (value,)))
 
 
-def build_optimizers(model, hp, rank, world_size):
-    """Muon for the 2-D projection matrices (every CastedLinear but an untied head); Adam for the token tables
-    (tokens, BigramHash, VE), the head, and the small gains, gates, scales and skip weights."""
-    head = [] if model.lm_head is None else [model.lm_head.weight]
-    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
-    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    taken = {id(p) for p in matrices + tables + head}
-    scalars = [p for p in model.parameters() if id(p) not in taken]
-    fused = dict(fused=True) if matrices[0].is_cuda else {}
-    adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr),
-                   dict(params=scalars, lr=hp.scalar_lr)]
-    if head:
-        adam_groups.append(dict(params=head, lr=hp.head_lr))
-    for group in adam_groups:
-        group["base_lr"] = group["lr"]
-    adam = torch.optim.Adam(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
-    muon = Muon(matrices, hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, rank, world_size)
-    return [adam, muon]
+class Optimizers:
+    """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
+    block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
+
+    def __init__(self, model, hp, rank, world_size):
+        head = [] if model.lm_head is None else [model.lm_head.weight]
+        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
+        tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        taken = {id(p) for p in matrices + tables + head}
+        scalars = [p for p in model.parameters() if id(p) not in taken]
+        by_shape = {}
+        for p in matrices:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.banks = [ParameterBank(params, world_size) for params in by_shape.values()]
+        self.muon = ParallelMuon(self.banks, hp, rank, world_size)
+        adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+                            weight_decay=hp.embed_weight_decay),
+                       dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.scalar_weight_decay)]
+        if head:
+            adam_groups.append(dict(params=head, lr=hp.head_lr, weight_decay=0.0))
+        for group in adam_groups:
+            group["base_lr"] = group["lr"]
+        fused = dict(fused=True) if matrices[0].is_cuda else {}
+        self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
+        self.replicated = tables + scalars + head
+        self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
+
+    def describe(self):
+        return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
+                f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.muon.banks)} "
+                f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
+                f"adamw_params:{sum(p.numel() for p in self.replicated)}")
+
+    def adam_state_bytes(self):
+        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values()
+                   if torch.is_tensor(t))
+
+    @torch.no_grad()
+    def all_reduce_replicated(self):
+        """Average the replicated parameters' gradients in one packed all-reduce."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM).div_(self.world_size)
+        for p, g in zip(self.replicated, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    @torch.no_grad()
+    def clip_global_norm(self):
+        """Clip by the norm of the averaged gradient (the records clipped each rank's local gradient instead)."""
+        shards = [self.muon.averaged_grad_shard(index) for index in range(len(self.banks))]
+        banked = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if self.world_size > 1:
+            all_reduce(banked, dist.ReduceOp.SUM)  # the shards are disjoint; the padding is zero
+        replicated = [p.grad for p in self.replicated if p.grad is not None]
+        norm = (banked + sum(g.float().square().sum() for g in replicated)).sqrt()
+        factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(shards + replicated, factor)
+
+    def step(self, lr_scale, momentum):
+        for group in self.adam.param_groups + self.muon.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        self.muon.param_groups[0]["momentum"] = momentum
+        self.muon.launch_reduce_scatters()
+        if self.world_size > 1:
+            self.all_reduce_replicated()  # while the banks' reduce-scatters are in flight
+        if self.grad_clip_norm > 0:
+            self.clip_global_norm()
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self):
+        self.adam.zero_grad(set_to_none=True)
+        for bank in self.banks:
+            bank.grads.zero_()  # in place: the parameters' gradients are views of it
+
+    def reset_state(self):
+        """Back to the state before the first step (used after the untimed warmup)."""
+        self.adam.state.clear()
+        self.muon.state.clear()
+
+
+class WeightAverage:
+    """The weights that are exported (WEIGHT_AVERAGING): the live ones, an EMA, an SWA, or an SWA of the EMA.
+
+    EMA (credit: the XSA4-EMA record): ema = d * ema + (1 - d) * w after every step, with d warmed up as
+    min(EMA_DECAY, (1 + t) / (10 + t)) so that a short run is not dominated by its initial weights (TensorFlow's
+    num_updates rule); for a long run this is the records' EMA. SWA: the uniform mean of snapshots taken every
+    SWA_EVERY steps once the LR scale is below SWA_START_LR_SCALE. Several records collected SWA and never applied
+    it; here `apply` loads the chosen average into the model, and the log says which one.
+    """
+
+    def __init__(self, model, hp):
+        self.mode, self.decay = hp.weight_averaging, hp.ema_decay
+        self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
+        self.params = [p for p in model.parameters()]
+        self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode in ("swa", "ema_swa") else None
+        self.ema_updates = self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step, lr_scale):
+        """After optimizer step `step` (1-based) taken at LR scale `lr_scale`."""
+        if self.ema is not None:
+            decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+            self.ema_updates += 1
+        if self.swa_sum is not None and lr_scale < self.swa_start_lr_scale and step % self.swa_every == 0:
+            torch._foreach_add_(self.swa_sum, self.ema if self.ema is not None else [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    def averaged(self):
+        """The chosen average as a list aligned with model.parameters(), or None for the live weights."""
+        if self.swa_sum is not None and self.swa_count:
+            return [total / self.swa_count for total in self.swa_sum]
+        return self.ema  # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+
+    @torch.no_grad()
+    def apply(self):
+        """Load the average into the model's parameters; returns a line for the log."""
+        average = self.averaged()
+        if average is not None:
+            for p, value in zip(self.params, average):
+                p.copy_(value)
+        swa = f"swa(every:{self.swa_every} below_lr_scale:{self.swa_start_lr_scale} snapshots:{self.swa_count})"
+        ema = f"ema(decay:{self.decay} updates:{self.ema_updates})"
+        applied = {"none": "live_weights", "ema": ema, "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
+                   "ema_swa": f"{swa} of {ema}" if self.swa_count else f"{ema} (no swa snapshot)"}[self.mode]
+        return f"weight_averaging: exported {applied}"
 
 
 def training_budget_ms(hp):
@@ -1024,16 +1255,20 @@ def training_budget_ms(hp):
     return 1000.0 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq else 0.0))
 
 
-def lr_multiplier(hp, step, elapsed_ms):
-    """1, then a linear decay to 0 over the last WARMDOWN_ITERS steps. Under a wall-clock cap the warmdown is
-    measured in time (WARMDOWN_ITERS times the average step time), as in the challenge's baseline."""
-    if hp.warmdown_iters == 0:
-        return 1.0
+def training_progress(hp, step, elapsed_ms):
+    """The share of training done: of the training budget under a wall-clock cap, else of ITERATIONS."""
     if hp.max_wallclock_seconds > 0:
-        step_ms = elapsed_ms / max(step, 1)
-        remaining_ms = max(training_budget_ms(hp) - elapsed_ms, 0.0)
-        return min(remaining_ms / (hp.warmdown_iters * step_ms), 1.0) if step > 0 else 1.0
-    return min(max(hp.iterations - step, 0) / hp.warmdown_iters, 1.0)
+        return elapsed_ms / training_budget_ms(hp)
+    return step / hp.iterations
+
+
+def lr_multiplier(hp, step, elapsed_ms):
+    """1, then a linear decay over the last WARMDOWN_FRAC of training, floored at MIN_LR_SCALE (the records'
+    fraction-based schedule; the baseline's step-based warmdown is the fraction it came to)."""
+    if hp.warmdown_frac == 0:
+        return 1.0
+    remaining = 1.0 - training_progress(hp, step, elapsed_ms)
+    return max(min(remaining / hp.warmdown_frac, 1.0), hp.min_lr_scale)
 
 
 def muon_momentum(hp, step):
@@ -1048,9 +1283,7 @@ def looping_due(hp, step, elapsed_ms):
         return False
     if hp.loop_enable_at >= 1:
         return step >= hp.loop_enable_at
-    if hp.max_wallclock_seconds > 0:
-        return elapsed_ms >= hp.loop_enable_at * training_budget_ms(hp)
-    return step >= hp.loop_enable_at * hp.iterations
+    return training_progress(hp, step, elapsed_ms) >= hp.loop_enable_at
 
 
 # ============================================================================================
@@ -1720,27 +1953,14 @@ def build_model(run):
     hp = run.hp
     torch.manual_seed(hp.seed)
     run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
+    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size)  # banks the matrices: after .to(device)
     run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
-    run.optimizers = build_optimizers(run.model, hp, run.rank, run.world_size)
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
     total, embedding, non_embedding = count_parameters(run.model)
     run.log(f"features: {describe_features(run.model, hp)}")
     run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
-
-
-def sync_gradients(run):
-    """Average gradients over ranks in one flat all-reduce, then clip by the global norm if asked."""
-    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
-    if run.world_size > 1:
-        flat = torch.cat([g.flatten() for g in grads])
-        all_reduce(flat, dist.ReduceOp.SUM).div_(run.world_size)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    if run.hp.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.hp.grad_clip_norm)
+    run.log(f"optimizer: {run.optimizers.describe()}")
 
 
 def train_step(run, step, lr_scale):
@@ -1755,15 +1975,8 @@ def train_step(run, step, lr_scale):
             loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
-    sync_gradients(run)
-    momentum = muon_momentum(run.hp, step)
-    for optimizer in run.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_scale
-            if "momentum" in group:
-                group["momentum"] = momentum
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    run.optimizers.step(lr_scale, muon_momentum(run.hp, step))
+    run.optimizers.zero_grad()
     return total_loss / run.grad_accum_steps
 
 
@@ -1781,7 +1994,6 @@ def warmup(run):
         return
     start = time.perf_counter()
     initial_model = copy.deepcopy(model.state_dict())
-    initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in run.optimizers]
     initial_looping = model.looping
     for step in range(hp.warmup_steps):
         model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
@@ -1796,8 +2008,7 @@ def warmup(run):
             run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
     model.looping = initial_looping
     model.load_state_dict(initial_model)
-    for optimizer, state in zip(run.optimizers, initial_optimizers):
-        optimizer.load_state_dict(state)
+    run.optimizers.reset_state()
     synchronize(run)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
     run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
@@ -1818,6 +2029,7 @@ def train(run):
     hp, log, model = run.hp, run.log, run.model
     cap_ms = training_budget_ms(hp)
     train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
+    average = WeightAverage(model, hp)
     synchronize(run)
     clock = time.perf_counter()
     while True:
@@ -1826,6 +2038,7 @@ def train(run):
             synchronize(run)
             train_ms += 1000.0 * (time.perf_counter() - clock)
             if last_step:
+                log(average.apply())  # what is evaluated and exported from here on
                 save_raw_weights(run)  # before anything else can fail
                 if qat_on:
                     set_qat(model, hp, on=False)  # evaluation and export see the plain weights
@@ -1848,6 +2061,7 @@ def train(run):
             log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f}")
         local_loss = train_step(run, step, lr_scale)
         step += 1
+        average.update(step, lr_scale)
         synchronize(run)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
         if cap_ms > 0 and run.world_size > 1:
@@ -1862,6 +2076,8 @@ def train(run):
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
     run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
+    log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
+        f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
     if run.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")

@@ -4,7 +4,7 @@ Runs train_gpt.py once per variant, one after the other, with the same data, ste
 table of val_bpb (pre-quantization and quantized round-trip, plain windows) with the parameter counts and step times.
 
     python3 benchmarks/ablation.py --data-path ./data/datasets/mydata --tokenizer-path ./data/tokenizers/my.model \
-        ITERATIONS=1000 WARMDOWN_ITERS=250
+        ITERATIONS=1000
 
 KEY=VALUE arguments are env vars applied to every variant (after PRESET=smoke sizes); `--only` picks variants.
 """
@@ -26,6 +26,12 @@ VARIANTS = {  # name: env overrides on top of the shared settings
     "stack - smear_gate": dict(SMEAR_GATE="0"),
     "stack - depth_recurrence": dict(NUM_LOOPS="0"),
     "stack - parallel_lanes": dict(PARALLEL_RESIDUALS="0"),
+    "stack - ema": dict(WEIGHT_AVERAGING="none"),
+    "stack with baseline optimizer": dict(  # PRESET=baseline's optimizer and schedule on the default model
+        MATRIX_LR="0.04", SCALAR_LR="0.04", TIED_EMBED_LR="0.05", EMBED_WEIGHT_DECAY="0", SCALAR_WEIGHT_DECAY="0",
+        BETA2="0.95", MUON_MOMENTUM="0.95", MUON_MOMENTUM_WARMUP_START="0.85", MUON_ORTHOGONALIZER="quintic",
+        MUON_ROW_NORMALIZE="0", MUON_WEIGHT_DECAY="0", GRAD_CLIP_NORM="0", WARMDOWN_FRAC="0.087",
+        WEIGHT_AVERAGING="none"),
 }
 
 

@@ -31,7 +31,7 @@ def summary(log):
 @pytest.fixture(scope="module")
 def single_run(sample, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    env = smoke_env(sample, ITERATIONS=40, WARMDOWN_ITERS=10, VAL_LOSS_EVERY=20, RUN_ID="e2e", RECORD_DIR=cwd / "record")
+    env = smoke_env(sample, ITERATIONS=40, WARMDOWN_FRAC=0.25, VAL_LOSS_EVERY=20, RUN_ID="e2e", RECORD_DIR=cwd / "record")
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, env, (cwd / "logs" / "e2e.txt").read_text()
@@ -50,6 +50,9 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     assert re.search(r"^features: .*xsa_layers:all attn_gate:sparse .*smear_gate\(bos_masked\) ln_scale "
                      r"unet_skips\(gated\) depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5$", log, re.M)
     assert "recurrence: activated at step:14 " in log and "warmup_step:2/2 looping:True" in log
+    # The exported weights are the EMA, and the log says so; the matrices are banked for Parallel Muon.
+    assert "weight_averaging: exported ema(decay:0.9965 updates:40)" in log
+    assert re.search(r"^optimizer: muon:polar_express banks:4 matrices:36 .* row_normalize:True momentum:fp32", log, re.M)
     for key in ("val_tokens:", "val_bytes:", "bpb_bytecheck:ok", "attention:sdpa", "warmup:done", "timing: "):
         assert key in log
 
@@ -87,7 +90,7 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
 def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_path):
     runs = {}
     for nproc in (1, 2):
-        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_ITERS=3, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
+        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
                         TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=6)  # 6 sequences: 3 per rank
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
         result = run_script(launcher + [SCRIPT], env, tmp_path)

@@ -62,13 +62,12 @@ def trained(sample):
     hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=1024, train_seq_len=64)
     torch.manual_seed(0)
     model = T.GPT(hp)
-    optimizers = T.build_optimizers(model, hp, 0, 1)
+    optimizers = T.Optimizers(model, hp, 0, 1)
     loader = T.TrainLoader(T.shard_files(str(data_dir), "train"), 64, 16, seed=0)
     for step in range(60):
         model(*loader.batch(step, 0)).backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizers.step(lr_scale=1.0, momentum=T.muon_momentum(hp, step))
+        optimizers.zero_grad()
     batches = lambda first: [loader.batch(step, 0)[0] for step in range(first, first + 4)]
     return hp, model, T.collect_hessians(model, batches(100), NO_AUTOCAST), T.collect_hessians(model, batches(200), NO_AUTOCAST)
 

@@ -296,9 +296,16 @@ def test_the_training_step_compiles_as_one_graph_at_every_stage(looping, qat):
     hp = dataclasses.replace(EVERYTHING, qat_start_lr_scale=0.5 if qat else 0.0, mile_gamma=1.1)
     model = randomized(build(hp, looping=looping)).train()
     T.set_qat(model, hp, on=qat)
+    optimizers = T.Optimizers(model, hp, 0, 1)  # the banks, as in training: matrices and gradients are views
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     tokens, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
     loss = compiled(tokens, targets, mile_gamma=torch.tensor(0.5))
     loss.backward()
     assert torch.allclose(loss, model(tokens, targets, mile_gamma=torch.tensor(0.5)), atol=1e-5)
     assert all(p.grad is not None for p in model.parameters())
+    for bank in optimizers.banks:  # the compiled backward accumulated into the banks' gradient buffers
+        assert bank.grads.abs().sum() > 0
+        assert all(p.grad.data_ptr() == bank.grads[i].data_ptr() for i, p in enumerate(bank.params))
+    optimizers.step(lr_scale=1.0, momentum=0.9)  # the compiled model sees the banks' in-place update
+    with torch.no_grad():
+        assert torch.allclose(compiled(tokens, targets), model(tokens, targets), atol=1e-5)

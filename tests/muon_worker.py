@@ -1,0 +1,40 @@
+"""A few training steps of a small model with the real optimizers, each rank on its share of one fixed global
+batch. Under torchrun every rank saves its parameters to <prefix>.rank<r>.pt; the tests import `train` for the
+one-process reference."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from conftest import small_hp  # first: it puts the repository on sys.path
+import train_gpt as T
+
+STEPS, GLOBAL_ROWS = 4, 12  # 12 rows: 6 per rank at 2 processes, 4 at 3
+
+
+def config():
+    # 5 layers: banks of 10 and 5 matrices, which neither 2 nor 3 processes divide; a clip norm small enough to act.
+    return small_hp(num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, grad_clip_norm=0.05)
+
+
+def train(rank, world_size):
+    hp = config()
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    optimizers = T.Optimizers(model, hp, rank, world_size)
+    batches = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        tokens = torch.randint(hp.vocab_size, (GLOBAL_ROWS, hp.train_seq_len + 1), generator=batches)
+        mine = tokens.chunk(world_size)[rank]  # equal shares: the mean of the rank means is the global mean
+        model(mine[:, :-1], mine[:, 1:]).backward()
+        optimizers.step(lr_scale=1.0 - step / STEPS, momentum=T.muon_momentum(hp, step))
+        optimizers.zero_grad()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, optimizers.muon.momentum_bytes()
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    params, momentum_bytes = train(dist.get_rank(), dist.get_world_size())
+    torch.save(dict(params=params, momentum_bytes=momentum_bytes), f"{sys.argv[1]}.rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
