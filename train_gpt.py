@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class Hyperparameters:
     preset: str = ""  # named bundles of defaults (baseline, smoke; "baseline,smoke" applies both in order); empty = none
     run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts; empty = a timestamp
     seed: int = 1337  # seeds initialization and the training data order
+    seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
     vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
@@ -235,6 +237,7 @@ class Hyperparameters:
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+        self.seed_list()  # raises on a bad list
         self.validate_optimizer(require)
         self.validate_export(require)
         for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
@@ -302,6 +305,24 @@ class Hyperparameters:
         except ImportError:
             raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
                               f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
+
+    def seed_list(self):
+        """SEEDS as integers (space- or comma-separated), or [SEED]."""
+        try:
+            seeds = [int(item) for item in self.seeds.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"SEEDS={self.seeds!r}: expected integers separated by spaces or commas") from None
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"SEEDS={self.seeds!r}: a seed is repeated")
+        return seeds or [self.seed]
+
+    def config_hash(self, data_digest):
+        """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
+        folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
+        be pooled."""
+        per_run = {"seed", "seeds", "run_id", "record_dir", "data_path", "tokenizer_path"}
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
+        return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
 
     def layer_set(self, name):
         """The layer indices of a list setting (XSA_LAYERS, VE_LAYERS): "all", "" or comma-separated indices."""
@@ -1831,40 +1852,53 @@ class Logger:
             self.file.flush()
 
 
-class Run:
-    """What the phases of `main` share: settings, devices, data, model, clocks."""
+class Cluster:
+    """This process's place in the run: rank, world size and device. Started once, shared by every seed."""
 
-    def __init__(self, hp, sources):
+    def __init__(self, hp):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device_type = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("DEVICE='cuda' but no CUDA device is visible")
+        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        if self.distributed:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=10),
+                                    **(dict(device_id=self.device) if device_type == "cuda" else {}))
+            probe = all_reduce(torch.ones(1, device=self.device), dist.ReduceOp.SUM)
+            if int(probe.item()) != self.world_size:
+                raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {self.world_size}")
+
+    def stop(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+class Run:
+    """What the phases of one seed's run share: settings, devices, data, model, clocks."""
+
+    def __init__(self, hp, sources, cluster):
         self.hp, self.sources = hp, sources
+        self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
+        self.local_rank, self.device = cluster.local_rank, cluster.device
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.timings = {}
         self.results = {}
         self.scored_targets = {}  # final evaluation name: validation targets it scored
 
 
 def setup(run):
-    """Distributed init, device, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    """Batch split, logging, tokenizer and data checks. Fails early with a message naming the fix."""
     hp = run.hp
-    run.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    run.rank = int(os.environ.get("RANK", 0))
-    run.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    run.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device_type = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE='cuda' but no CUDA device is visible")
-    run.device = torch.device("cuda", run.local_rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(run.device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    if run.distributed:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=10),
-                                **(dict(device_id=run.device) if device_type == "cuda" else {}))
-        probe = all_reduce(torch.ones(1, device=run.device), dist.ReduceOp.SUM)
-        if int(probe.item()) != run.world_size:
-            raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {run.world_size}")
-
+    device_type = run.device.type
     seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
     accum = hp.grad_accum_steps or (8 // run.world_size if 8 % run.world_size == 0 else 1)
     if seqs_per_step % (run.world_size * accum):
@@ -1898,8 +1932,12 @@ def setup(run):
     run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
     run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
     run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
+    run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
+    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code).hexdigest()[:16]
+    check_record_dir(run)
     if run.rank == 0:
         log_environment(run)
+    append_index(run, "launched")
 
 
 def _command_output(args):
@@ -1919,8 +1957,8 @@ def _sha256_files(paths):
     return digest.hexdigest()[:16]
 
 
-def log_environment(run):
-    hp, log = run.hp, run.log
+def package_versions():
+    """What ran: Python, torch, CUDA and the packages whose version changes results or speed."""
     versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                     sentencepiece=spm.__version__, cuda=torch.version.cuda or "none")
     for module in ("zstandard", "brotli", "flash_attn", "flash_attn_interface"):
@@ -1928,7 +1966,12 @@ def log_environment(run):
             versions[module] = getattr(__import__(module), "__version__", "installed")
         except ImportError:
             pass
-    log("environment: " + " ".join(f"{k}:{v}" for k, v in versions.items()))
+    return versions
+
+
+def log_environment(run):
+    hp, log = run.hp, run.log
+    log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
     log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
         f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
@@ -1939,7 +1982,8 @@ def log_environment(run):
         f"attention:{run.attention_name} compile:{run.use_compile} autocast:{'bf16' if run.device.type == 'cuda' else 'off (fp32)'}")
     train_tokens = sum(len(s) for s in run.train_loader.shards)
     log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
-        f"val_sha256:{_sha256_files(run.val_files)} tokenizer_sha256:{_sha256_files([hp.tokenizer_path])}")
+        f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
+    log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
     log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
@@ -2022,6 +2066,42 @@ def run_validation(run):
                     run.rank, run.world_size, run.device, run.autocast)
 
 
+# Dense bf16 peak per device (no sparsity), for the MFU estimate; matched against the CUDA device name.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def training_flops_per_token(model, seq_len):
+    """Forward + backward FLOPs per token: 6 x the matrix weights a token passes through (a looped layer once per
+    pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
+    because causal attention skips the upper triangle)."""
+    passes = Counter(model.layer_order())
+    block_weights = sum(count * sum(m.weight.numel() for m in model.blocks[layer].modules() if isinstance(m, CastedLinear))
+                        for layer, count in passes.items())
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    width = model.tok_emb.weight.size(1)
+    return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
+
+
+def mfu_field(run, tokens_per_s):
+    """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU)."""
+    peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
+    if not peak:
+        return ""
+    return f"mfu:{100 * tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len) / (peak * run.world_size):.1f}% "
+
+
+def throughput(run, step, step_avg_ms, elapsed_ms):
+    """tokens/s, MFU, and the training time left with its ETA."""
+    hp = run.hp
+    tokens_per_s = hp.train_batch_tokens / step_avg_ms * 1000
+    mfu = mfu_field(run, tokens_per_s)
+    remaining_ms = (hp.iterations - step) * step_avg_ms
+    if hp.max_wallclock_seconds > 0:
+        remaining_ms = min(remaining_ms, max(training_budget_ms(hp) - elapsed_ms, 0.0))
+    eta = time.strftime("%H:%M:%S", time.localtime(time.time() + remaining_ms / 1000))
+    return f"tok_s:{tokens_per_s:.0f} {mfu}remaining:{remaining_ms / 1000:.0f}s eta:{eta}"
+
+
 def train(run):
     """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
     time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
@@ -2071,7 +2151,7 @@ def train(run):
             # The mean over the global batch: every rank's micro-batches have the same size.
             train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms tok_s:{hp.train_batch_tokens / step_avg * 1000:.0f}")
+                f"step_avg:{step_avg:.2f}ms {throughput(run, step, step_avg, elapsed_ms)}")
         if cap_ms > 0 and stop_after is None and elapsed_ms + step_avg > cap_ms:
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
@@ -2227,57 +2307,181 @@ def log_compliance(run):
 
 
 def log_summary(run):
+    """The closing block: the separate clocks, the artifact, every val_bpb; then the same as one JSON line."""
     synchronize(run)
     run.timings["eval_s"] = time.perf_counter() - run.eval_start
     r, t = run.results, run.timings
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
             f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "
             f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
-    summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size,
-                   code_sha256=hashlib.sha256(run.code).hexdigest()[:16], **r)
+    bpb = lambda key: f"{r[key]:.4f}" if key in r else "-"
+    header = "=" * 40 + f" summary: {run.run_id} " + "=" * 40
+    run.log("\n".join([
+        header,
+        f"train     {r['train_time_ms'] / 1000:8.1f} s  {r['steps']} steps at {r['step_avg_ms']:.2f} ms "
+        f"(+{t.get('calibration_s', 0):.1f} s GPTQ calibration; {t.get('untimed_warmup_s', 0):.1f} s untimed warmup)",
+        f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
+        f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
+        f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_int{run.hp.quant_bits}_{run.hp.compressor}_roundtrip_val_bpb')} "
+        f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
+        "=" * len(header)]))
+    summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
+                   code_sha256=run.code_sha256, eval_time_s=t["eval_s"], versions=package_versions(), **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
-def submission_from_log(log_text):
-    """submission.json fields, read from a finished run's log (never typed by hand)."""
+def check_record_dir(run):
+    """A records folder holds one configuration and one code: refuse, before training, to add a seed whose config
+    hash or code differs from the logs already there (rank 0 looks; every rank gets its verdict)."""
+    problem = [None]
+    folder = Path(run.hp.record_dir) if run.hp.record_dir else None
+    if run.rank == 0 and folder is not None and folder.is_dir():
+        for path in sorted(folder.glob("train_seed*.log")):
+            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
+            if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
+                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another configuration or "
+                              f"code (theirs: {fingerprint.groups() if fingerprint else 'no fingerprint'}; this run: "
+                              f"{(run.config_hash, run.code_sha256)}); seeds of different runs must not be pooled: "
+                              f"use a new RECORD_DIR")
+                break
+    if run.distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+
+
+def append_index(run, event, **fields):
+    """The append-only run index (RECORD_DIR/index.jsonl, else logs/index.jsonl): every seed is written when it is
+    launched and again when it finishes, so a crashed or dropped seed stays visible (no cherry-picking)."""
+    if run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir or "logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = dict(event=event, time=time.strftime("%Y-%m-%dT%H:%M:%S"), run_id=run.run_id, seed=run.hp.seed,
+                 config_hash=run.config_hash, code_sha256=run.code_sha256, **fields)
+    with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
+        index.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def summary_of(log_text):
     lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
     if not lines:
         raise ValueError("the log has no summary_json line: the run did not finish")
-    summary = json.loads(lines[-1][len("summary_json: "):])
-    hardware = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
-    torch_version = re.search(r"^environment: .*?torch:(\S+)", log_text, re.M)
-    return dict(name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
-                val_loss=summary["val_loss"], val_bpb=summary["val_bpb"], bytes_total=summary["bytes_total"],
-                bytes_code=summary["bytes_code"], bytes_model=summary["bytes_model"], seed=summary["seed"],
-                steps=summary["steps"], step_avg_ms=summary["step_avg_ms"], world_size=summary["world_size"],
-                hardware=f"{summary['world_size']}x {hardware.group(1) if hardware else 'unknown'}",
-                pytorch_version=torch_version.group(1) if torch_version else "unknown",
-                code_sha256=summary["code_sha256"])
+    return json.loads(lines[-1][len("summary_json: "):])
 
 
-def write_record(run):
-    """RECORD_DIR: README skeleton with the numbers, submission.json from the log, the log, the exact code."""
+def submission_from_logs(log_texts):
+    """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
+    seeds, and every seed's result."""
+    summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
+    if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
+        raise ValueError("these logs come from different configurations or code; they cannot make one submission")
+    hardware = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_texts[0], re.M)
+    first = summaries[0]
+
+    def mean_std(key):
+        values = [s[key] for s in summaries]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        return mean, std
+
+    (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
+    return dict(
+        name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
+        val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
+        seeds=[s["seed"] for s in summaries],
+        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], bytes_total=s["bytes_total"],
+                                           steps=s["steps"], step_avg_ms=s["step_avg_ms"],
+                                           train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
+                      for s in summaries},
+        bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
+        bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
+        hardware=f"{first['world_size']}x {hardware.group(1) if hardware else 'unknown'}",
+        pytorch_version=first["versions"]["torch"], versions=first["versions"],
+        config_hash=first["config_hash"], code_sha256=first["code_sha256"])
+
+
+def reproduce_command(run, seeds):
+    """The command line that reruns this record: the explicit settings, SEEDS, and the launcher."""
+    explicit = [f"{f.name.upper()}={getattr(run.hp, f.name)}" for f in dataclasses.fields(run.hp)
+                if run.sources[f.name] == "env" and f.name not in ("seed", "seeds", "run_id", "record_dir")]
+    launcher = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.world_size > 1 else "python3"
+    return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
+
+
+def record_readme(run, submission, old_text):
+    """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
+    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['bytes_total']:,} | {r['steps']} "
+                     f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
+                     for seed, r in submission["seed_results"].items())
+    std = lambda value: f" ± {value:.8f}" if value is not None else ""
+    results = "\n".join([
+        RESULTS_BEGIN,
+        f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
+        f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
+        f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
+        "", "| seed | val_loss | val_bpb | bytes_total | steps | step_avg ms | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|", rows, "",
+        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "",
+        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
+        + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
+        "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
+        RESULTS_END])
+    if RESULTS_BEGIN in old_text and RESULTS_END in old_text:
+        before, rest = old_text.split(RESULTS_BEGIN, 1)
+        return before + results + rest.split(RESULTS_END, 1)[1]
+    return f"# {run.hp.record_dir.rstrip('/').split('/')[-1]}\n\nDescribe the idea here.\n\n{results}\n"
+
+
+def plot_losses(log_texts, path):
+    """Train and validation loss curves of every seed, when matplotlib is installed; returns what it did."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped (matplotlib is not installed)"
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for text in log_texts:
+        seed = summary_of(text)["seed"]
+        train = re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", text, re.M)
+        val = re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+)", text, re.M)
+        line, = axes.plot([int(s) for s, _ in train], [float(v) for _, v in train], lw=1, label=f"train, seed {seed}")
+        axes.plot([int(s) for s, _ in val], [float(v) for _, v in val], "o--", color=line.get_color(), label=f"val, seed {seed}")
+    axes.set(xlabel="step", ylabel="loss (nats)", title="loss curves")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return str(path)
+
+
+def record(run):
+    """The end of a seed: the run index; with RECORD_DIR, the records folder regenerated from all its seeds' logs
+    (README results, submission.json, the logs, the exact code, the loss curves)."""
+    append_index(run, "finished", val_loss=run.results["val_loss"], val_bpb=run.results["val_bpb"], log=run.log_path)
     if not run.hp.record_dir or run.rank != 0:
         return
     folder = Path(run.hp.record_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    log_text = Path(run.log_path).read_text(encoding="utf-8")
-    submission = submission_from_log(log_text)
-    (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
-    run.log(f"record_dir:{folder}")
-    shutil.copyfile(run.log_path, folder / f"train_seed{run.hp.seed}.log")
+    mine = folder / f"train_seed{run.hp.seed}.log"
+    logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
+    logs.append(Path(run.log_path).read_text(encoding="utf-8"))
     (folder / "train_gpt.py").write_bytes(run.code)
-    (folder / "README.md").write_text(
-        f"# {run.run_id}\n\nDescribe the idea here.\n\n| metric | value |\n|---|---|\n"
-        f"| val_bpb (round-trip, exact) | {submission['val_bpb']:.8f} |\n| val_loss | {submission['val_loss']:.8f} |\n"
-        f"| artifact bytes | {submission['bytes_total']} (code {submission['bytes_code']}, model {submission['bytes_model']}) |\n"
-        f"| steps | {submission['steps']} at {submission['step_avg_ms']:.2f} ms |\n| hardware | {submission['hardware']} |\n"
-        f"| seed | {submission['seed']} |\n\nReproduce: see the config line of `train_seed{run.hp.seed}.log`.\n")
+    submission = submission_from_logs(logs)
+    (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    readme = folder / "README.md"
+    readme.write_text(record_readme(run, submission, readme.read_text(encoding="utf-8") if readme.exists() else ""))
+    plotted = plot_losses(logs, folder / "loss_curves.png")
+    run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
+    shutil.copyfile(run.log_path, mine)  # last, so that the folder holds the whole log
 
 
-def main():
-    hp, sources = Hyperparameters.from_env()
-    run = Run(hp, sources)
+def train_and_evaluate(run):
+    """One seed, phase by phase."""
     setup(run)
     build_model(run)
     warmup(run)
@@ -2289,9 +2493,20 @@ def main():
     evaluate_ttt(run)
     log_compliance(run)
     log_summary(run)
-    write_record(run)
-    if run.distributed:
-        dist.destroy_process_group()
+    record(run)
+
+
+def main():
+    hp, sources = Hyperparameters.from_env()
+    cluster = Cluster(hp)
+    seeds = hp.seed_list()
+    base_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
+    for seed in seeds:
+        run_id = base_id if len(seeds) == 1 else f"{base_id}_seed{seed}"
+        seed_sources = sources if len(seeds) == 1 else dict(sources, seed="SEEDS")
+        train_and_evaluate(Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster))
+        torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
+    cluster.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Records: several seeds in one command, the append-only index, submission.json from the logs, the contract
+check, and the statistics helper (p-values against scipy, refusal to pool different configurations)."""
+
+import importlib.util
+import json
+import math
+import re
+import sys
+
+import pytest
+
+import train_gpt as T
+from conftest import REPO, run_script
+
+spec = importlib.util.spec_from_file_location("record_stats", REPO / "records" / "stats.py")
+stats = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stats)
+
+SCRIPT = str(REPO / "train_gpt.py")
+
+
+def tiny_env(sample, **overrides):
+    data_dir, tokenizer = sample
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8",
+               WARMUP_STEPS="1", EVAL_STRIDE="0", VAL_BATCH_SIZE="65536", TRAIN_LOG_EVERY="4", GPTQ="0")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_seeds(sample, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("seeds")
+    env = tiny_env(sample, SEEDS="1337 42", RUN_ID="pair", RECORD_DIR=cwd / "record")
+    result = run_script([sys.executable, SCRIPT], env, cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd, env
+
+
+def test_seeds_run_one_after_another_each_with_its_own_log(two_seeds):
+    cwd, _ = two_seeds
+    logs = {seed: (cwd / "logs" / f"pair_seed{seed}.txt").read_text() for seed in (1337, 42)}
+    assert {seed: T.summary_of(log)["seed"] for seed, log in logs.items()} == {1337: 1337, 42: 42}
+    assert len({T.summary_of(log)["config_hash"] for log in logs.values()}) == 1
+    # Different seeds, different initializations and data orders: different results.
+    assert T.summary_of(logs[1337])["val_loss"] != T.summary_of(logs[42])["val_loss"]
+    assert "SEED=1337('SEEDS')" in logs[1337] or "SEED=1337(SEEDS)" in logs[1337]
+
+
+def test_the_index_records_every_launch_and_finish(two_seeds):
+    cwd, _ = two_seeds
+    events = [json.loads(line) for line in (cwd / "record" / "index.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["seed"]) for e in events] == [("launched", 1337), ("finished", 1337),
+                                                        ("launched", 42), ("finished", 42)]
+
+
+def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_the_logs(two_seeds):
+    cwd, _ = two_seeds
+    folder = cwd / "record"
+    expected = {"README.md", "submission.json", "train_gpt.py", "index.jsonl", "train_seed1337.log", "train_seed42.log"}
+    if importlib.util.find_spec("matplotlib"):
+        expected.add("loss_curves.png")
+        assert (folder / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert {p.name for p in folder.iterdir()} == expected
+    submission = json.loads((folder / "submission.json").read_text())
+    logs = [(folder / f"train_seed{seed}.log").read_text() for seed in (42, 1337)]
+    losses = [T.summary_of(log)["val_loss"] for log in logs]
+    assert submission["seeds"] == [42, 1337]
+    assert submission["val_loss"] == pytest.approx(sum(losses) / 2)
+    assert submission["val_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+    assert submission["versions"]["torch"] and submission["code_sha256"] == T.summary_of(logs[0])["code_sha256"]
+    readme = (folder / "README.md").read_text()
+    assert f"{submission['val_bpb']:.8f}" in readme and 'SEEDS="42 1337"' in readme
+    assert stats.check_record(folder) == ([], [])
+
+
+def test_the_contract_check_catches_a_hand_edit_and_a_missing_seed(two_seeds, tmp_path):
+    import shutil
+    folder = tmp_path / "record"
+    shutil.copytree(two_seeds[0] / "record", folder)
+    submission = json.loads((folder / "submission.json").read_text())
+    (folder / "submission.json").write_text(json.dumps(dict(submission, val_bpb=submission["val_bpb"] - 0.01)))
+    problems, _ = stats.check_record(folder)
+    assert any("submission.json val_bpb" in p for p in problems)
+    (folder / "submission.json").write_text(json.dumps(submission))
+    with open(folder / "index.jsonl", "a") as index:  # a third seed was launched and never finished
+        index.write(json.dumps(dict(event="launched", seed=7)) + "\n")
+    problems, notes = stats.check_record(folder)
+    assert problems == [] and any("[7]" in note for note in notes)
+    (folder / "train_seed42.log").unlink()  # a finished seed dropped from the folder
+    problems, notes = stats.check_record(folder)
+    assert any("seeds [42]" in note for note in notes) and any("submission.json" in p for p in problems)
+
+
+def test_a_different_configuration_is_refused_before_training(two_seeds, sample):
+    cwd, _ = two_seeds
+    env = tiny_env(sample, SEED=5, RUN_ID="intruder", RECORD_DIR=cwd / "record", MATRIX_LR="0.05")
+    result = run_script([sys.executable, SCRIPT], env, cwd, timeout=120)
+    assert result.returncode != 0 and "config error:" in result.stderr and "RECORD_DIR" in result.stderr
+    assert "step:1/" not in (cwd / "logs" / "intruder.txt").read_text()
+    assert not (cwd / "record" / "train_seed5.log").exists()
+
+
+def fake_log(seed, val_loss, config_hash="aaaa", code="cccc"):
+    summary = dict(seed=seed, val_loss=val_loss, val_bpb=val_loss / 2, config_hash=config_hash, code_sha256=code)
+    return "...\nsummary_json: " + json.dumps(summary) + "\n"
+
+
+def write_logs(folder, losses, **hashes):
+    folder.mkdir()
+    for seed, loss in losses.items():
+        (folder / f"train_seed{seed}.log").write_text(fake_log(seed, loss, **hashes))
+    return folder
+
+
+def test_stats_refuses_to_pool_runs_of_different_configurations(tmp_path):
+    folder = write_logs(tmp_path / "mixed", {1: 2.0, 2: 2.01})
+    (folder / "train_seed3.log").write_text(fake_log(3, 1.9, config_hash="bbbb"))
+    with pytest.raises(SystemExit, match="refusing to pool"):
+        stats.load_runs([folder], "candidate")
+    assert len(stats.load_runs([folder / "train_seed1.log", folder / "train_seed2.log"], "candidate")) == 2
+
+
+CANDIDATE = [1.8800, 1.8831, 1.8792]
+BASELINE = [1.8990, 1.8932, 1.8975, 1.9010]
+# scipy 1.17.1: ttest_ind(BASELINE - 0.005, CANDIDATE, equal_var=False, alternative="greater") and
+# ttest_1samp(CANDIDATE, 1.9 - 0.005, alternative="less"): the same tests, used where scipy is not installed.
+SCIPY_P = {"welch": 0.0010910010791249155, "one_sample": 0.0034548024619442085}
+
+
+def test_the_p_values_match_scipy():
+    candidate = [dict(val_loss=v) for v in CANDIDATE]
+    baseline = [dict(val_loss=v) for v in BASELINE]
+    welch = stats.improvement_test(candidate, baseline)
+    one_sample = stats.improvement_test(candidate, baseline_value=1.9)
+    expected = dict(SCIPY_P)
+    try:
+        import numpy as np
+        from scipy import stats as scipy_stats
+        expected["welch"] = scipy_stats.ttest_ind(np.array(BASELINE) - 0.005, CANDIDATE, equal_var=False,
+                                                  alternative="greater").pvalue
+        expected["one_sample"] = scipy_stats.ttest_1samp(CANDIDATE, 1.9 - 0.005, alternative="less").pvalue
+    except ImportError:
+        pass
+    assert welch["p"] == pytest.approx(expected["welch"], rel=1e-9)
+    assert one_sample["p"] == pytest.approx(expected["one_sample"], rel=1e-9)
+    assert welch["improvement"] == pytest.approx(sum(BASELINE) / 4 - sum(CANDIDATE) / 3)
+
+
+def test_the_stats_command_prints_the_verdict(tmp_path):
+    candidate = write_logs(tmp_path / "candidate", dict(zip((1, 2, 3), CANDIDATE)))
+    baseline = write_logs(tmp_path / "baseline", dict(zip((1, 2, 3, 4), BASELINE)))
+    result = run_script([sys.executable, str(REPO / "records" / "stats.py"), str(candidate), "--baseline", str(baseline)],
+                        {}, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"p:0\.00109 -> significant at p < 0\.01", result.stdout)
+    assert "mean      1.88076667" in result.stdout
