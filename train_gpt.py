@@ -186,6 +186,7 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda or cpu
     compile: bool = True  # torch.compile the model (CUDA only; the CPU always runs eager)
     attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
 
     @classmethod
     def from_env(cls, environ=None):
@@ -223,7 +224,7 @@ class Hyperparameters:
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
                      "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
-        for name in ("warmup_steps", "grad_accum_steps", "train_log_every", "val_loss_every",
+        for name in ("warmup_steps", "grad_accum_steps", "benchmark_steps", "train_log_every", "val_loss_every",
                      "max_wallclock_seconds"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
@@ -2059,6 +2060,28 @@ def warmup(run):
             f"restored:initial_weights_and_optimizer_state")
 
 
+def benchmark(run):
+    """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
+    and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
+    hp, model = run.hp, run.model
+    for looping in ([False, True] if hp.num_loops else [False]):
+        model.looping = looping
+        train_step(run, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        synchronize(run)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        start = time.perf_counter()
+        for step in range(1, hp.benchmark_steps + 1):
+            train_step(run, step, lr_scale=1.0)
+        synchronize(run)
+        step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
+        tokens_per_s = hp.train_batch_tokens / step_ms * 1000
+        memory = (f"peak_memory_allocated:{torch.cuda.max_memory_allocated(run.device) // 2**20}MiB"
+                  if run.device.type == "cuda" else "")
+        run.log(f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f} "
+                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
+
+
 def run_validation(run):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
@@ -2485,6 +2508,8 @@ def train_and_evaluate(run):
     setup(run)
     build_model(run)
     warmup(run)
+    if run.hp.benchmark_steps:
+        return benchmark(run)
     train(run)
     calibrate(run)
     export(run)

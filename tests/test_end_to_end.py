@@ -107,6 +107,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:3 last_chunk_trained:no" in runs[2]
 
 
+def test_benchmark_mode_times_both_layouts_and_stops(sample, tmp_path):
+    env = smoke_env(sample, BENCHMARK_STEPS=2, WARMUP_STEPS=1, RUN_ID="bench")
+    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "bench.txt").read_text()
+    for looping in (False, True):  # before and after depth recurrence; no MFU on the CPU (no known peak)
+        assert re.search(rf"^benchmark: looping:{looping} steps:2 ms_per_step:[\d.]+ tokens_per_s_per_gpu:\d+ $", log, re.M)
+    assert not re.search(r"^summary_json: ", log, re.M) and not list((tmp_path / "logs").glob("*.ptz"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(VOCAB_SIZE=2048), "VOCAB_SIZE=2048"),
     (dict(GRAD_ACCUM_STEPS=3), "GRAD_ACCUM_STEPS"),
