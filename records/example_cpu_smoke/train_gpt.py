@@ -1,0 +1,2541 @@
+"""
+train_gpt.py: one self-contained script for the parameter-golf speedrun.
+
+Train the best language model whose artifact (this file's bytes + the compressed weights) fits in
+16,000,000 bytes, in 10 minutes on 8xH100, scored by bits per byte on the FineWeb validation split.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # a record-style run
+    python3 train_gpt.py                                      # one process, CUDA or CPU
+    PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
+
+Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
+Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ============================================================================================
+# HYPERPARAMETERS
+# ============================================================================================
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the environment variable or file to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Every setting of a run. The environment variable is the field name in upper case."""
+
+    # --- run and data ---
+    preset: str = ""  # named bundles of defaults (baseline, smoke; "baseline,smoke" applies both in order); empty = none
+    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts; empty = a timestamp
+    seed: int = 1337  # seeds initialization and the training data order
+    seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
+    vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
+    record_dir: str = ""  # when set, a records folder (README, submission.json, log, code) is written here
+
+    # --- schedule and batch ---
+    iterations: int = 20000  # maximum number of optimizer steps
+    max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
+    warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
+    train_batch_tokens: int = 524_288  # global batch in tokens per optimizer step, at every world size
+    train_seq_len: int = 1024  # training sequence length
+    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    train_log_every: int = 200  # log the train loss every N steps
+    val_loss_every: int = 1000  # evaluate on the full validation split every N steps; 0 = only at the end
+    val_batch_size: int = 524_288  # validation tokens per forward pass, summed over ranks
+
+    # --- model: size (defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline) ---
+    num_layers: int = 11  # physical transformer blocks
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: float = 4.0  # MLP hidden width = MLP_MULT * MODEL_DIM
+    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2) or leaky_relu2 (LeakyReLU(slope)^2)
+    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    tied_embed_init_std: float = 0.005  # std of the tied embedding at init
+    ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+
+    # --- model: attention ---
+    rope_base: float = 10000.0  # rotary embedding base
+    rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
+    qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
+    xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
+    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, output or sparse
+    attn_gate_scale: float = 0.5  # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
+    value_residual: bool = False  # add sigmoid(a) * (layer 0's V) to every later layer's V
+    ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
+    ve_dim: int = 128  # width of the value-embedding table
+
+    # --- model: embedding side ---
+    bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
+    bigram_dim: int = 112  # width of the BigramHash table
+    smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
+
+    # --- model: residual topology and loss ---
+    ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
+    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add
+    num_loops: int = 2  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
+    loop_start: int = 3  # first layer of the looped segment
+    loop_end: int = 5  # last layer of the looped segment (inclusive)
+    loop_enable_at: float = 0.35  # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    parallel_residuals: bool = True  # two residual lanes with learned routing from PARALLEL_START_LAYER on
+    parallel_start_layer: int = 8  # first physical layer with parallel lanes
+    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers; 0 = off
+    mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+
+    # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
+    matrix_lr: float = 0.026  # Muon LR for the block matrices
+    scalar_lr: float = 0.02  # AdamW LR for gains, gates, scales and skip weights
+    tied_embed_lr: float = 0.03  # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
+    embed_lr: float = 0.6  # AdamW LR for the token tables when the embeddings are untied
+    head_lr: float = 0.008  # AdamW LR for the output head when untied
+    embed_weight_decay: float = 0.085  # AdamW decoupled weight decay of the token tables
+    scalar_weight_decay: float = 0.02  # AdamW decoupled weight decay of the gains, gates, scales and skip weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    muon_momentum: float = 0.97  # Muon momentum after its warmup
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 1500  # steps of the linear Muon momentum warmup
+    muon_orthogonalizer: str = "polar_express"  # quintic (Newton-Schulz, the baseline's) or polar_express
+    muon_backend_steps: int = 5  # orthogonalization iterations per Muon update
+    muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
+    muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
+    muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
+    grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
+    warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
+
+    # --- weight averaging ---
+    weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
+    ema_decay: float = 0.9965  # EMA decay per step (warmed up as min(decay, (1 + t) / (10 + t)))
+    swa_every: int = 50  # SWA takes a snapshot every N steps...
+    swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
+
+    # --- evaluation and score-first test-time training ---
+    eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
+    eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
+    eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
+    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
+    ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_epochs: int = 3  # passes over each scored chunk
+    ttt_lr: float = 0.002  # peak TTT learning rate, cosine-decayed over chunks
+    ttt_optimizer: str = "sgd"  # sgd or adamw
+    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = 32  # sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = 1.0  # TTT gradient-norm clip; 0 = off
+    ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
+    ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+
+    # --- quantization and export ---
+    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale
+    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE)
+    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search) or rowmax
+    clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
+    clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
+    clip_k_embed: float = 14.0  # SDClip k of the token tables
+    quant_packing: str = "byte"  # byte (an int8 per value) or dense (bit-packed)
+    gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
+    gptq_calibration_batches: int = 16  # global training batches (after the last step) whose activations give the Hessians
+    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS so that calibration fits in the training budget
+    gptq_block_size: int = 128  # columns per GPTQ block
+    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
+    lqer_top_k: int = 3  # matrices that get the LQER correction
+    qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
+    size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
+    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11) or zlib (level 9); a missing package is an error
+    byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
+
+    # --- systems ---
+    device: str = "auto"  # auto, cuda or cpu
+    compile: bool = True  # torch.compile the model (CUDA only; the CPU always runs eager)
+    attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """Defaults, then the preset, then explicit env vars. Returns (hparams, {field: source})."""
+        environ = os.environ if environ is None else environ
+        preset_names = [name for name in environ.get("PRESET", "").split(",") if name.strip()]
+        for name in preset_names:
+            if name not in PRESETS:
+                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from {sorted(PRESETS)[1:]}")
+        preset_values, preset_sources = {}, {}
+        for name in preset_names:
+            preset_values.update(PRESETS[name])
+            preset_sources.update(dict.fromkeys(PRESETS[name], f"preset:{name}"))
+        values, sources = {}, {}
+        for field in dataclasses.fields(cls):
+            env_name = field.name.upper()
+            if env_name in environ:
+                values[field.name] = _parse_env(env_name, environ[env_name], field.type)
+                sources[field.name] = "env"
+            elif field.name in preset_values:
+                values[field.name] = preset_values[field.name]
+                sources[field.name] = preset_sources[field.name]
+            else:
+                sources[field.name] = "default"
+        return cls(**values), sources
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """World-size-independent checks; `setup_distributed` checks the batch against the world size."""
+        def require(ok, env_name, why):
+            if not ok:
+                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
+                     "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        for name in ("warmup_steps", "grad_accum_steps", "benchmark_steps", "train_log_every", "val_loss_every",
+                     "max_wallclock_seconds"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+        require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        require(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        require((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+        require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+                f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
+        require(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+        require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
+        require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
+        require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+        self.seed_list()  # raises on a bad list
+        self.validate_optimizer(require)
+        self.validate_export(require)
+        for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
+        require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
+        self.validate_model(require)
+
+    def validate_model(self, require):
+        head_dim = self.model_dim // self.num_heads
+        require(self.mlp_activation in ("relu2", "leaky_relu2"), "MLP_ACTIVATION", "choose relu2 or leaky_relu2")
+        require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+                f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
+        require(self.attn_gate in ("none", "head", "output", "sparse"), "ATTN_GATE",
+                "choose none, head, output or sparse (the three gates are exclusive)")
+        require(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
+        for name in ("xsa_layers", "ve_layers"):
+            self.layer_set(name)  # raises on a bad list
+        require(self.ve_dim > 0, "VE_DIM", "must be positive")
+        require(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
+        require(self.bigram_dim > 0, "BIGRAM_DIM", "must be positive")
+        require(self.num_loops >= 0, "NUM_LOOPS", "must be zero or positive")
+        if self.num_loops:
+            require(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_END",
+                    f"need 0 <= LOOP_START={self.loop_start} <= LOOP_END < NUM_LAYERS={self.num_layers} (or NUM_LOOPS=0)")
+        require(self.loop_enable_at >= 0, "LOOP_ENABLE_AT", "must be zero or positive")
+        if self.parallel_residuals:
+            require(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
+                    f"must be a layer below NUM_LAYERS={self.num_layers} (or PARALLEL_RESIDUALS=0)")
+        virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
+        require(0 <= self.backout_layer < virtual, "BACKOUT_LAYER", f"must be below the {virtual} virtual layers")
+        require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
+
+    def validate_optimizer(self, require):
+        for name in ("grad_clip_norm", "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay",
+                     "scalar_weight_decay"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
+        require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
+        for name in ("min_lr_scale", "ema_decay"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
+        require(self.weight_averaging in ("none", "ema", "swa", "ema_swa"), "WEIGHT_AVERAGING", "choose none, ema, swa or ema_swa")
+        require(self.swa_every > 0, "SWA_EVERY", "must be positive")
+        for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
+            require(getattr(self, name) == 0 or getattr(self, name) > self.min_lr_scale, name.upper(),
+                    f"must be above MIN_LR_SCALE={self.min_lr_scale}, or the LR scale never falls below it")
+
+    def validate_export(self, require):
+        for name in ("quant_bits", "embed_quant_bits"):
+            require(5 <= getattr(self, name) <= 8, name.upper(), "must be 5..8")
+        require(self.quant_clip in ("sdclip", "percentile", "rowmax"), "QUANT_CLIP", "choose sdclip, percentile or rowmax")
+        for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        require(self.quant_packing in ("byte", "dense"), "QUANT_PACKING", "choose byte or dense")
+        for name in ("gptq_calibration_batches", "gptq_reserve_seconds", "gptq_damp", "lqer_rank", "lqer_top_k",
+                     "qat_start_lr_scale", "size_target_bytes"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
+        require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+                "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        try:
+            {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib}[self.compressor]()
+        except ImportError:
+            raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
+                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
+
+    def seed_list(self):
+        """SEEDS as integers (space- or comma-separated), or [SEED]."""
+        try:
+            seeds = [int(item) for item in self.seeds.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"SEEDS={self.seeds!r}: expected integers separated by spaces or commas") from None
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"SEEDS={self.seeds!r}: a seed is repeated")
+        return seeds or [self.seed]
+
+    def config_hash(self, data_digest):
+        """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
+        folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
+        be pooled."""
+        per_run = {"seed", "seeds", "run_id", "record_dir", "data_path", "tokenizer_path"}
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
+        return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
+
+    def layer_set(self, name):
+        """The layer indices of a list setting (XSA_LAYERS, VE_LAYERS): "all", "" or comma-separated indices."""
+        spec = getattr(self, name).strip()
+        if spec == "all":
+            return set(range(self.num_layers))
+        try:
+            layers = {int(item) for item in spec.split(",") if item.strip()}
+        except ValueError:
+            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer indices") from None
+        if any(not 0 <= layer < self.num_layers for layer in layers):
+            raise ConfigError(f"{name.upper()}={spec!r}: indices must be in 0..NUM_LAYERS-1={self.num_layers - 1}")
+        return layers
+
+
+# A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
+PRESETS = {
+    "": {},
+    # The challenge's naive baseline (9x512, MLP 2x relu^2, full RoPE, none of the record techniques).
+    "baseline": dict(
+        num_layers=9, mlp_mult=2.0, mlp_activation="relu2", ortho_init=False, rope_dims=0, qk_gain_init=1.5,
+        xsa_layers="", attn_gate="none", smear_gate=False, ln_scale=False, skip_gates=False, num_loops=0,
+        parallel_residuals=False,
+        matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
+        beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
+        muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
+        warmdown_frac=0.087,  # WARMDOWN_ITERS=1200 of its 13,780 steps
+        weight_averaging="none",
+    ),
+    # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
+    # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
+    "smoke": dict(
+        data_path="./data/datasets/stdlib_sp1024", tokenizer_path="./data/tokenizers/stdlib_1024_bpe.model",
+        num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3, parallel_start_layer=4,
+        train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
+        warmup_steps=2, max_wallclock_seconds=0.0, muon_momentum_warmup_steps=100,
+        train_log_every=25, val_loss_every=0, val_batch_size=16384,
+    ),
+}
+
+
+def _parse_env(env_name, raw, typ):
+    try:
+        if typ is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+# ============================================================================================
+# DATA
+# ============================================================================================
+# Shard format of the challenge: 256 little-endian int32 (magic, version, token count, zeros), then uint16 tokens.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_shard_header(path):
+    """Validates magic, version and file size; returns the token count."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    if num_tokens < 0 or size != SHARD_HEADER_BYTES + 2 * num_tokens:
+        raise ValueError(f"{path}: header says {num_tokens} tokens, so {SHARD_HEADER_BYTES + 2 * num_tokens} bytes, "
+                         f"but the file has {size} (truncated or corrupted; download or export it again)")
+    return num_tokens
+
+
+def load_shard(path):
+    """The shard's tokens as a read-only uint16 memmap (validated first)."""
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def shard_files(data_path, split):
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
+                          f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
+    return files
+
+
+class TrainLoader:
+    """Deterministic training batches that do not depend on the world size.
+
+    The training shards are cut into non-overlapping windows of TRAIN_SEQ_LEN + 1 tokens. Every epoch visits all
+    windows in an order drawn from (SEED, epoch). Optimizer step s uses global windows [s*B, (s+1)*B) of that order,
+    split into WORLD_SIZE * GRAD_ACCUM_STEPS equal micro-batches, so the global batch, and thus the math, is the
+    same at any world size. The loader is stateless: `batch(step, micro_step)` can be asked for in any order.
+    """
+
+    def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1):
+        self.shards = [load_shard(f) for f in files]
+        self.seq_len, self.seqs_per_step, self.seed = seq_len, seqs_per_step, seed
+        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
+        self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
+        windows = [(len(s) - 1) // seq_len for s in self.shards]
+        self.window_offsets = np.concatenate([[0], np.cumsum(windows)])
+        self.num_windows = int(self.window_offsets[-1])
+        if self.num_windows < seqs_per_step:
+            raise ConfigError(f"the training shards hold {self.num_windows} windows of TRAIN_SEQ_LEN={seq_len}, fewer "
+                              f"than one batch of {seqs_per_step}; lower TRAIN_BATCH_TOKENS or add shards")
+        self._epoch, self._order = -1, None
+
+    def _window_order(self, epoch):
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+        return self._order
+
+    def global_window_ids(self, step):
+        first = step * self.seqs_per_step
+        positions = np.arange(first, first + self.seqs_per_step)
+        ids = np.empty(self.seqs_per_step, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_windows):  # a batch may straddle two epochs
+            in_epoch = positions // self.num_windows == epoch
+            ids[in_epoch] = self._window_order(int(epoch))[positions[in_epoch] % self.num_windows]
+        return ids
+
+    def batch(self, step, micro_step):
+        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step."""
+        chunk = self.rank * self.grad_accum_steps + micro_step
+        ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
+        rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self.window_offsets, ids, side="right") - 1
+        for row, (shard, window) in enumerate(zip(shard_of, ids)):
+            start = (window - self.window_offsets[shard]) * self.seq_len
+            rows[row] = self.shards[shard][start:start + self.seq_len + 1]
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_validation_tokens(files):
+    """The whole validation split, concatenated, as one int32 tensor."""
+    tokens = np.concatenate([np.asarray(load_shard(f)) for f in files]).astype(np.int32)
+    if tokens.size < 2:
+        raise ConfigError(f"the validation shards {files} hold fewer than 2 tokens")
+    return torch.from_numpy(tokens)
+
+
+def load_tokenizer(path, vocab_size):
+    if not os.path.isfile(path):
+        raise ConfigError(f"TOKENIZER_PATH={path!r} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                          f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without a standalone "▁" piece the leading-space bytes are miscounted (parameter-golf issue #897).
+        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount bytes")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size):
+    """Per-token UTF-8 byte counts as the challenge defines them (techniques.md 1.3).
+
+    A target y after token x covers base_bytes[y] + (has_leading_space[y] and not is_boundary[x]) bytes: the "▁"
+    of a piece is one space byte, except right after BOS (or another control token), where decoding drops it.
+    """
+    base_bytes = np.zeros(vocab_size, dtype=np.int64)
+    has_leading_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        is_boundary[token] = False
+        if sp.is_byte(token):
+            base_bytes[token] = 1
+            continue
+        piece = sp.id_to_piece(token)
+        if piece.startswith("\u2581"):
+            has_leading_space[token], piece = True, piece[1:]
+        base_bytes[token] = len(piece.encode("utf-8"))
+    return base_bytes, has_leading_space, is_boundary
+
+
+def count_target_bytes(tokens, luts):
+    """Bytes covered by tokens[1:] given their predecessors tokens[:-1] (numpy or torch, int)."""
+    base_bytes, has_leading_space, is_boundary = luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    prev, cur = tokens[:-1], tokens[1:]
+    return int(base_bytes[cur].sum() + (has_leading_space[cur] & ~is_boundary[prev]).sum())
+
+
+def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
+    """Start-up self-checks on the first documents (BOS-delimited) of the validation split.
+
+    1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
+       length of the SentencePiece decode.
+    2. The tokenizer is the one that made the shards: re-encoding a decoded document gives back its tokens (BPE
+       encoding is canonical, so the right tokenizer round-trips essentially every document; a wrong one none).
+    """
+    tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
+    bos_positions = np.flatnonzero(tokens == sp.bos_id())
+    if len(bos_positions) < 2 or bos_positions[0] != 0:
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+    docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
+    decoded = sp.decode(docs)
+    total = 0
+    for index, (doc, text) in enumerate(zip(docs, decoded)):
+        lut, utf8 = count_target_bytes([sp.bos_id()] + doc, luts), len(text.encode("utf-8"))
+        if lut != utf8:
+            raise ConfigError(f"byte accounting self-check failed on validation document {index}: the LUT counts {lut} "
+                              f"bytes, the decoded text has {utf8}; val_bpb cannot be trusted with this tokenizer")
+        total += utf8
+    sample = range(min(roundtrip_docs, len(docs)))
+    matches = sum(sp.encode(decoded[i]) == docs[i] for i in sample)
+    if matches < 0.9 * len(sample):
+        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(sample)} "
+                          f"validation documents re-encode to their own tokens")
+    return len(docs), total
+
+
+# ============================================================================================
+# MODEL
+# ============================================================================================
+# The challenge baseline's spine (pre-norm blocks, QK-RMSNorm, per-head query gain, RoPE, grouped-query attention,
+# resid_mix, U-Net skips, zero-initialized output projections, tied embeddings, tanh softcap) with the record
+# techniques, each behind its env var and credited where it is defined. `GPT.hidden_states` is the whole model:
+# embed (token + BigramHash, SmearGate), then the virtual layer order (depth recurrence) with U-Net skips and
+# parallel lanes, then Cache+Backout.
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, used in the activations' dtype (bf16 under autocast)."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.lora = None  # a CastedLoRA that test-time training may attach
+        self.zero_init = zero_init
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        self.qat_bits_k = None  # (bits, SDClip k) when quantization-aware training is configured (see set_qat)
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        w = self.weight
+        if self.qat_bits_k is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
+            w = w + self.qat_on * (fake_quantize(w, *self.qat_bits_k) - w).detach()
+        y = F.linear(x, w.to(x.dtype))
+        return y if self.lora is None else y + self.lora(x)
+
+
+def _sdpa(q, k, v):
+    # (B, T, H, D) in and out; SDPA wants heads first.
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def _load_flash_attention(backend):
+    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable."""
+    try:
+        if backend == "fa3":
+            from flash_attn_interface import flash_attn_func
+        else:
+            from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def flash(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    return flash
+
+
+def select_attention(requested, device_type):
+    """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error."""
+    candidates = ["fa3", "fa2", "sdpa"] if requested == "auto" else [requested]
+    for name in candidates:
+        if name == "sdpa":
+            return name, _sdpa
+        if device_type == "cuda":
+            fn = _load_flash_attention(name)
+            if fn is not None:
+                return name, fn
+    raise ConfigError(f"ATTN_BACKEND={requested!r} is not available here (FlashAttention needs CUDA and its package)")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head; the rest carry no position (partial
+    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence."""
+
+    def __init__(self, dims, base, max_seq_len):
+        super().__init__()
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x):  # x: (B, T, H, D); rotates the two halves of the first `dims` channels as pairs
+        seq_len = x.size(1)
+        cos, sin = self.cos[:, :seq_len].to(x.dtype), self.sin[:, :seq_len].to(x.dtype)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return rotated if self.dims == x.size(-1) else torch.cat((rotated, x[..., self.dims:]), dim=-1)
+
+
+def exclusive_self_attention(y, v):
+    """XSA (arXiv 2603.09078; credit: the XSA records): remove from each head's output its component along the
+    token's own value vector, so attention carries what the other tokens add. GQA-aware: the query heads of a KV
+    group share one unit vector, broadcast without repeating K/V. y: (B, T, H, D), v: (B, T, H_kv, D)."""
+    B, T, H, D = y.shape
+    grouped = y.reshape(B, T, v.size(2), H // v.size(2), D)
+    unit = F.normalize(v, dim=-1).unsqueeze(3)
+    return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).reshape(B, T, H, D)
+
+
+class AttentionGate(nn.Module):
+    """A per-head multiplicative gate on the attention output, before the output projection; one kind at a time.
+      head:   sigmoid(W x), W (H, d) ~ N(0, 0.005): about 0.5 at init (credit: Qwen's gated attention, arXiv
+              2505.06708, as in the GatedAttn record).
+      output: 2 sigmoid(W x[:window]), W zero: exactly 1 at init (credit: the attention-output-gate record, PR #1667).
+      sparse: sigmoid(s W x[:window]), W zero: 0.5 at init, 96 parameters a layer (credit: the SparseGate record)."""
+
+    def __init__(self, kind, model_dim, num_heads, window, scale):
+        super().__init__()
+        self.kind, self.window, self.scale = kind, window, scale
+        self.weight = nn.Parameter(torch.zeros(num_heads, model_dim if kind == "head" else window))
+        if kind == "head":
+            nn.init.normal_(self.weight, std=0.005)
+
+    def forward(self, x):  # x: the block's normed input (B, T, d) -> (B, T, H, 1)
+        z = F.linear(x if self.kind == "head" else x[..., :self.window], self.weight.to(x.dtype))
+        gate = 2 * torch.sigmoid(z) if self.kind == "output" else torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
+        return gate.unsqueeze(-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp, layer, attention_fn):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(hp.model_dim, hp.model_dim)
+        self.c_k = CastedLinear(hp.model_dim, kv_dim)
+        self.c_v = CastedLinear(hp.model_dim, kv_dim)
+        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
+        self.attention_fn = attention_fn
+        self.xsa = layer in hp.layer_set("xsa_layers")
+        self.gate = AttentionGate(hp.attn_gate, hp.model_dim, hp.num_heads, hp.gate_window, hp.attn_gate_scale) \
+            if hp.attn_gate != "none" else None
+        # Value residual (credit: ResFormer, as in the ValCalib record): v += sigmoid(a) v0, v0 = layer 0's V.
+        self.value_residual = nn.Parameter(torch.zeros(())) if hp.value_residual and layer > 0 else None
+        self.value_embed_scale = nn.Parameter(torch.ones(())) if layer in hp.layer_set("ve_layers") else None
+
+    def forward(self, x, v0=None, value_embed=None):
+        """x: the normed block input. Returns (output, this layer's V before the value residual)."""
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.value_embed_scale is not None:
+            v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
+        own_v = v
+        if self.value_residual is not None and v0 is not None:
+            v = v + torch.sigmoid(self.value_residual).to(x.dtype) * v0
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm keeps the logits' scale in check
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = self.attention_fn(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * self.gate(x)
+        return self.proj(y.reshape(B, T, C)), own_v
+
+
+class MLP(nn.Module):
+    """proj(act(fc x)^2) with act = ReLU (the baseline) or LeakyReLU(slope) (credit: PR #493, the LeakyReLU record)."""
+
+    def __init__(self, hp):
+        super().__init__()
+        hidden = int(round(hp.mlp_mult * hp.model_dim))
+        self.fc = CastedLinear(hp.model_dim, hidden)
+        self.proj = CastedLinear(hidden, hp.model_dim, zero_init=True)
+        self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
+
+
+def merge_lanes(lanes):
+    attention_lane, mlp_lane = lanes
+    return attention_lane if mlp_lane is None else 0.5 * (attention_lane + mlp_lane)
+
+
+class Block(nn.Module):
+    """One transformer layer. The residual stream travels as `lanes`: (x, None) in sequential blocks, (attention
+    lane, MLP lane) from PARALLEL_START_LAYER on."""
+
+    def __init__(self, hp, layer, attention_fn):
+        super().__init__()
+        self.attn = CausalSelfAttention(hp, layer, attention_fn)
+        self.mlp = MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        # resid_mix blends the running residual with the block-0 input x0 per channel; [1, 0] = plain residual.
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)]))
+        # LN scale (credit: the PartialRoPE/LN-scale record): damp deeper sublayer inputs by 1/sqrt(layer + 1).
+        # `layer` is the physical index, so a looped repeat keeps its block's factor.
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        self.parallel = hp.parallel_residuals and layer >= hp.parallel_start_layer
+        if self.parallel:
+            # Two lanes with learned routing (credit: modded-nanogpt PR #230, the ParallelResiduals record): attention
+            # reads the attention lane, the MLP the MLP lane, both from the old lanes; each output is written to both.
+            self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # [attention lane, MLP lane]
+            self.lane_routing = nn.Parameter(torch.ones(2, 2))  # [from attention, from MLP] x [to lane 0, to lane 1]
+
+    def sublayer_input(self, x):
+        return rms_norm(x) * self.norm_scale
+
+    def forward(self, lanes, x0, v0=None, value_embed=None):
+        """Returns (new lanes, this layer's V)."""
+        if not self.parallel:
+            lanes = (merge_lanes(lanes), None)
+        residual, mlp_lane = lanes
+        mix = self.resid_mix.to(residual.dtype)
+        x = mix[0] * residual + mix[1] * x0
+        attn_out, v = self.attn(self.sublayer_input(x), v0, value_embed)
+        attn_out = self.attn_scale.to(x.dtype) * attn_out
+        if not self.parallel:
+            x = x + attn_out
+            return (x + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None), v
+        mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
+        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(mlp_lane))
+        decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
+        return (decay[0] * x + route[0, 0] * attn_out + route[1, 0] * mlp_out,
+                decay[1] * mlp_lane + route[0, 1] * attn_out + route[1, 1] * mlp_out), v
+
+
+class BigramHash(nn.Module):
+    """A learned embedding of the hashed (previous, current) token pair, added to the token embedding (credit: the
+    SmearGate/BigramHash records; the XOR hash of INT6-20). Bucket BIGRAM_BUCKETS - 1 is reserved for "no previous
+    token": the first position of a row and every BOS, so packed documents never see each other. The table starts
+    at zero (the identity at init); the projection starts random, since a zero table behind a zero projection would
+    never receive a gradient."""
+
+    def __init__(self, buckets, dim, model_dim, bos_id):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.table.weight)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, input_ids):
+        current = input_ids.long()
+        previous = F.pad(current[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * current, 27191 * previous) % (self.buckets - 1)
+        no_previous = current == self.bos_id
+        no_previous[:, 0] = True
+        return torch.where(no_previous, self.buckets - 1, hashed)
+
+    def forward(self, input_ids):
+        return self.scale * self.proj(self.table(self.bucket_ids(input_ids)))
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} on the raw embedding, never across a BOS (credit:
+    modded-nanogpt's smear, the SmearGate records; the BOS mask fixes the cross-document leak found in PR #1797).
+    lam = 0 and w = 0 at init: exactly the identity."""
+
+    def __init__(self, window, bos_id):
+        super().__init__()
+        self.window, self.bos_id = window, bos_id
+        self.weight = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, input_ids):
+        gate = torch.sigmoid(F.linear(x[..., :self.window], self.weight.to(x.dtype)))
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * gate * previous
+
+
+class ValueEmbedding(nn.Module):
+    """One token table shared by the VE_LAYERS, projected to the KV width and added to their V (credit: the VE128
+    records). The projection starts at zero, so it is the identity at init."""
+
+    def __init__(self, vocab_size, dim, kv_dim):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, input_ids):
+        return self.scale * self.proj(self.table(input_ids))
+
+
+def mile_weights(logits, gamma):
+    """MiLe token weights (arXiv 2310.19531, in PR #703's form): (1 - exp(-H))^gamma of the detached predictive
+    entropy H, normalized to mean 1, so confidently predicted tokens count less. gamma = 0 is plain cross-entropy."""
+    with torch.no_grad():
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        weights = (1 - torch.exp(-entropy)).clamp_min(1e-6) ** gamma
+        return weights / weights.mean()
+
+
+class GPT(nn.Module):
+    def __init__(self, hp, attention_fn=_sdpa, bos_id=1):
+        super().__init__()
+        self.logit_softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
+        self.smear = SmearGate(hp.gate_window, bos_id) if hp.smear_gate else None
+        kv_dim = hp.num_kv_heads * (hp.model_dim // hp.num_heads)
+        self.value_embed = ValueEmbedding(hp.vocab_size, hp.ve_dim, kv_dim) if hp.layer_set("ve_layers") else None
+        self.blocks = nn.ModuleList(Block(hp, layer, attention_fn) for layer in range(hp.num_layers))
+        # Depth recurrence (credit: the MiniDepthRecurrence and 3LayerRecur records): layers LOOP_START..LOOP_END run
+        # 1 + NUM_LOOPS times once `looping` is switched on during training, reusing their weights.
+        self.num_loops, self.loop_start, self.loop_end = hp.num_loops, hp.loop_start, hp.loop_end
+        # The switch is a Python bool (compile specializes on it) mirrored in a buffer, so that the weights file says
+        # which layout they were trained with and loading it restores the switch.
+        self.register_buffer("loop_active", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "looping", bool(module.loop_active)))
+        self.looping = hp.num_loops > 0 and hp.loop_enable_at == 0
+        # U-Net skips (credit: the baseline; gates: PR #1089): the first half of the virtual stack feeds the second
+        # half in reverse order. Sized for the longer (looped) stack from the start, so that switching the recurrence
+        # on mid-run adds no parameter.
+        most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
+        self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.skip_gates else None
+        # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339): subtract a learned multiple of the
+        # residual after BACKOUT_LAYER virtual layers from the final state; 0 at init, so the identity.
+        self.backout_layer = hp.backout_layer
+        self.backout = nn.Parameter(torch.zeros(())) if hp.backout_layer else None
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        if hp.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        if hp.ortho_init:  # OrthoInit (credit: the SmearGate/OrthoInit record) on every random matrix >= 64 x 64
+            for module in self.modules():
+                if isinstance(module, CastedLinear) and not module.zero_init and min(module.weight.shape) >= 64:
+                    nn.init.orthogonal_(module.weight)
+
+    @property
+    def looping(self):
+        return self._looping
+
+    @looping.setter
+    def looping(self, on):
+        self._looping = bool(on)
+        self.loop_active.fill_(self._looping)
+
+    def layer_order(self, looping=None):
+        """The virtual stack: physical layer indices in execution order."""
+        order = list(range(len(self.blocks)))
+        if not (self.looping if looping is None else looping) or self.num_loops == 0:
+            return order
+        loop = order[self.loop_start:self.loop_end + 1]
+        return order[:self.loop_start] + loop * (1 + self.num_loops) + order[self.loop_end + 1:]
+
+    def embed(self, input_ids):
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        if self.smear is not None:
+            x = self.smear(x, input_ids)
+        return rms_norm(x)
+
+    def add_skip(self, x, skip, index):
+        weighted = self.skip_weights[index].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + weighted
+        return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
+
+    def hidden_states(self, input_ids):
+        x0 = self.embed(input_ids)
+        value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
+        order = self.layer_order()
+        num_encoder = len(order) // 2
+        lanes, skips, v0, cached = (x0, None), [], None, None
+        for position, layer in enumerate(order):
+            if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
+                lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
+            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed)
+            v0 = v if v0 is None else v0
+            if position < num_encoder:
+                skips.append(merge_lanes(lanes))
+            if position + 1 == self.backout_layer:
+                cached = merge_lanes(lanes)
+        x = merge_lanes(lanes)
+        if cached is not None:
+            x = x - self.backout.to(x.dtype) * cached
+        return rms_norm(x)
+
+    def logits(self, input_ids):
+        h = self.hidden_states(input_ids)
+        raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None):
+        """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
+        logits = self.logits(input_ids)
+        if target_ids is None:
+            return logits
+        losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
+        if reduction == "none":
+            return losses.view_as(target_ids)
+        if mile_gamma is not None:
+            losses = losses * mile_weights(logits.flatten(0, 1), mile_gamma)
+        return losses.mean()
+
+
+def count_parameters(model):
+    """(total, embedding, non-embedding): embedding = every token table (tokens, BigramHash, VE) + an untied head."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    embedding = sum(p.numel() for p in tables) + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
+    total = sum(p.numel() for p in model.parameters())
+    return total, embedding, total - embedding
+
+
+def describe_features(model, hp):
+    """The `features:` log line: every technique that is on, with its setting."""
+    head_dim = hp.model_dim // hp.num_heads
+    slope = f"({hp.mlp_leaky_slope:g})" if hp.mlp_activation == "leaky_relu2" else ""
+    parallel = [layer for layer, block in enumerate(model.blocks) if block.parallel]
+    optional = [  # (description, on)
+        ("ortho_init", hp.ortho_init),
+        (f"xsa_layers:{hp.xsa_layers}", hp.layer_set("xsa_layers")),
+        (f"attn_gate:{hp.attn_gate}", hp.attn_gate != "none"),
+        ("value_residual", hp.value_residual),
+        (f"value_embed:{hp.ve_layers}x{hp.ve_dim}", hp.layer_set("ve_layers")),
+        (f"bigram_hash:{hp.bigram_buckets}x{hp.bigram_dim}", hp.bigram_buckets),
+        ("smear_gate(bos_masked)", hp.smear_gate),
+        ("ln_scale", hp.ln_scale),
+        ("unet_skips" + ("(gated)" if hp.skip_gates else ""), True),
+        (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
+         f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
+        (f"parallel_lanes:{parallel[0]}-{parallel[-1]}" if parallel else "", parallel),
+        (f"backout:after{hp.backout_layer}", hp.backout_layer),
+        (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
+    ]
+    return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
+                     f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
+                     f"softcap:{hp.logit_softcap:g}", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
+                    + [description for description, on in optional if on])
+
+
+# ============================================================================================
+# OPTIMIZER
+# ============================================================================================
+
+# Keller Jordan's quintic: fast to converge, not to exactly 1 (five steps land singular values in about [0.7, 1.2]).
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; PR #1344): one polynomial per step, same cost as the quintic, tighter result.
+# Steps past the list repeat its last polynomial, the one made for singular values already near 1.
+POLAR_EXPRESS_COEFFICIENTS = ((8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002),
+                              (3.89167, -2.77248, 0.50606), (3.28575, -2.36813, 0.46449),
+                              (2.34654, -1.70978, 0.42324))
+ORTHOGONALIZERS = {"quintic": QUINTIC_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}
+INT8_MOMENTUM_BLOCK = 256  # values per fp32 scale of the int8 Muon momentum (PR #703)
+# torch 2.13 renamed the single-tensor collectives (the old names warn); requirements.txt allows torch >= 2.5.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def orthogonalize(grads, steps, method="quintic", eps=1e-7):
+    """Approximately orthogonalize a matrix or a batch of them (..., rows, cols): U S V^T -> U S' V^T, S' near 1."""
+    coefficients = ORTHOGONALIZERS[method]
+    x = grads.bfloat16() if grads.is_cuda else grads.float()  # bf16 on GPU for speed; the CPU has no fast bf16 matmul
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for step in range(steps):
+        a, b, c = coefficients[min(step, len(coefficients) - 1)]
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+def quantize_int8_blockwise(x):
+    """Symmetric int8 with one fp32 scale per block of INT8_MOMENTUM_BLOCK values: (codes, scales)."""
+    flat = F.pad(x.flatten().float(), (0, -x.numel() % INT8_MOMENTUM_BLOCK)).view(-1, INT8_MOMENTUM_BLOCK)
+    scales = flat.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(flat / scales.clamp_min(1e-30)).to(torch.int8), scales
+
+
+def dequantize_int8_blockwise(codes, scales, like):
+    return (codes.float() * scales).flatten()[:like.numel()].view_as(like)
+
+
+class ParameterBank:
+    """Same-shaped matrices stored as one contiguous (n, rows, cols) tensor (credit: PR #399's parameter banks).
+
+    Each matrix stays a Parameter of its module, now a view of the bank, so modules, names, hooks and state_dict
+    keys are unchanged and the banked model computes exactly what the unbanked one did. The gradients are views of
+    one buffer padded to a multiple of the world size (autograd accumulates into them in place), so one
+    reduce-scatter hands each rank whole matrices and one all-gather brings every update back.
+    """
+
+    def __init__(self, params, world_size):
+        self.params, self.size = params, len(params)
+        self.weights = torch.stack([p.detach() for p in params])
+        padded = -(-self.size // world_size) * world_size
+        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype, device=self.weights.device)
+        for index, p in enumerate(params):
+            p.data = self.weights[index]
+            p.grad = self.grads[index]
+        self.shard_size = padded // world_size
+        if world_size == 1:
+            self.grad_shard, self.updates = self.grads, None
+        else:  # the all-gather moves bf16 on GPU, as the update is computed in bf16 there
+            self.grad_shard = torch.empty_like(self.grads[:self.shard_size])
+            update_dtype = torch.bfloat16 if self.weights.is_cuda else self.weights.dtype
+            self.updates = torch.empty_like(self.grads, dtype=update_dtype)
+
+
+class ParallelMuon:
+    """Muon (credit: Keller Jordan) over parameter banks, without DDP (credit: PR #399's Parallel Muon).
+
+    Per bank, largest first: an asynchronous reduce-scatter leaves rank r the averaged gradient of its shard of whole
+    matrices. Momentum lives for the shard only (1/world of the memory, optionally int8), then Nesterov, MuonEq-R row
+    normalization and a batched orthogonalization run on the shard, and an asynchronous all-gather returns the
+    updates; bank i's all-gather overlaps bank i+1's work. Decoupled weight decay and the update then apply to the
+    full, replicated bank. At one process the same code runs without the collectives.
+    """
+
+    def __init__(self, banks, hp, rank, world_size):
+        self.banks = sorted(banks, key=lambda bank: -bank.weights.numel())
+        self.param_groups = [dict(lr=hp.matrix_lr, base_lr=hp.matrix_lr, momentum=hp.muon_momentum,
+                                  weight_decay=hp.muon_weight_decay)]
+        self.backend_steps, self.orthogonalizer = hp.muon_backend_steps, hp.muon_orthogonalizer
+        self.row_normalize, self.int8_momentum = hp.muon_row_normalize, hp.muon_momentum_int8
+        self.rank, self.world_size = rank, world_size
+        self.state, self.pending = {}, {}
+
+    def launch_reduce_scatters(self):
+        for index, bank in enumerate(self.banks):
+            if self.world_size > 1:
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM, async_op=True)
+
+    def averaged_grad_shard(self, index):
+        """This rank's matrices of bank `index`, gradient averaged over ranks (waits for the reduce-scatter)."""
+        bank = self.banks[index]
+        work = self.pending.pop(index, None)
+        if work is not None:
+            work.wait()
+            bank.grad_shard.div_(self.world_size)  # gloo has no AVG
+        return bank.grad_shard
+
+    def momentum_step(self, index, grad, momentum):
+        """buf = momentum * buf + grad, in the shard's stored precision; returns buf in fp32."""
+        state = self.state.setdefault(index, {})
+        if self.int8_momentum:
+            buf = dequantize_int8_blockwise(*state["codes_scales"], grad) if state else torch.zeros_like(grad)
+            buf.mul_(momentum).add_(grad)
+            state["codes_scales"] = quantize_int8_blockwise(buf)
+            return buf
+        buf = state.setdefault("buffer", torch.zeros_like(grad))
+        return buf.mul_(momentum).add_(grad)
+
+    def shard_update(self, index, momentum):
+        grad = self.averaged_grad_shard(index)
+        update = grad.add(self.momentum_step(index, grad, momentum), alpha=momentum)  # Nesterov
+        if self.row_normalize:  # MuonEq-R (arXiv 2603.28254, PR #1217): equal row norms before orthogonalizing
+            update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        update = orthogonalize(update, self.backend_steps, self.orthogonalizer)
+        return update * max(1.0, update.size(-2) / update.size(-1)) ** 0.5  # same RMS for tall and wide matrices
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        gathers = []
+        for index, bank in enumerate(self.banks):
+            update = self.shard_update(index, momentum)
+            if self.world_size == 1:
+                gathers.append((bank, None, update))
+            else:
+                work = all_gather_single(bank.updates, update.to(bank.updates.dtype), async_op=True)
+                gathers.append((bank, work, bank.updates))
+        for bank, work, updates in gathers:
+            if work is not None:
+                work.wait()
+            bank.weights.mul_(1 - lr * weight_decay).add_(updates[:bank.size].to(bank.weights.dtype), alpha=-lr)
+
+    def momentum_bytes(self):
+        """The momentum memory of this rank (its shards only)."""
+        return sum(t.numel() * t.element_size() for state in self.state.values()
+                   for value in state.values() for t in (value if isinstance(value, tuple) else (value,)))
+
+
+class Optimizers:
+    """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
+    block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
+
+    def __init__(self, model, hp, rank, world_size):
+        head = [] if model.lm_head is None else [model.lm_head.weight]
+        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
+        tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        taken = {id(p) for p in matrices + tables + head}
+        scalars = [p for p in model.parameters() if id(p) not in taken]
+        by_shape = {}
+        for p in matrices:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.banks = [ParameterBank(params, world_size) for params in by_shape.values()]
+        self.muon = ParallelMuon(self.banks, hp, rank, world_size)
+        adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+                            weight_decay=hp.embed_weight_decay),
+                       dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.scalar_weight_decay)]
+        if head:
+            adam_groups.append(dict(params=head, lr=hp.head_lr, weight_decay=0.0))
+        for group in adam_groups:
+            group["base_lr"] = group["lr"]
+        fused = dict(fused=True) if matrices[0].is_cuda else {}
+        self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
+        self.replicated = tables + scalars + head
+        self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
+
+    def describe(self):
+        return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
+                f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.muon.banks)} "
+                f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
+                f"adamw_params:{sum(p.numel() for p in self.replicated)}")
+
+    def adam_state_bytes(self):
+        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values()
+                   if torch.is_tensor(t))
+
+    @torch.no_grad()
+    def all_reduce_replicated(self):
+        """Average the replicated parameters' gradients in one packed all-reduce."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM).div_(self.world_size)
+        for p, g in zip(self.replicated, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    @torch.no_grad()
+    def clip_global_norm(self):
+        """Clip by the norm of the averaged gradient (the records clipped each rank's local gradient instead)."""
+        shards = [self.muon.averaged_grad_shard(index) for index in range(len(self.banks))]
+        banked = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if self.world_size > 1:
+            all_reduce(banked, dist.ReduceOp.SUM)  # the shards are disjoint; the padding is zero
+        replicated = [p.grad for p in self.replicated if p.grad is not None]
+        norm = (banked + sum(g.float().square().sum() for g in replicated)).sqrt()
+        factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(shards + replicated, factor)
+
+    def step(self, lr_scale, momentum):
+        for group in self.adam.param_groups + self.muon.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        self.muon.param_groups[0]["momentum"] = momentum
+        self.muon.launch_reduce_scatters()
+        if self.world_size > 1:
+            self.all_reduce_replicated()  # while the banks' reduce-scatters are in flight
+        if self.grad_clip_norm > 0:
+            self.clip_global_norm()
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self):
+        self.adam.zero_grad(set_to_none=True)
+        for bank in self.banks:
+            bank.grads.zero_()  # in place: the parameters' gradients are views of it
+
+    def reset_state(self):
+        """Back to the state before the first step (used after the untimed warmup)."""
+        self.adam.state.clear()
+        self.muon.state.clear()
+
+
+class WeightAverage:
+    """The weights that are exported (WEIGHT_AVERAGING): the live ones, an EMA, an SWA, or an SWA of the EMA.
+
+    EMA (credit: the XSA4-EMA record): ema = d * ema + (1 - d) * w after every step, with d warmed up as
+    min(EMA_DECAY, (1 + t) / (10 + t)) so that a short run is not dominated by its initial weights (TensorFlow's
+    num_updates rule); for a long run this is the records' EMA. SWA: the uniform mean of snapshots taken every
+    SWA_EVERY steps once the LR scale is below SWA_START_LR_SCALE. Several records collected SWA and never applied
+    it; here `apply` loads the chosen average into the model, and the log says which one.
+    """
+
+    def __init__(self, model, hp):
+        self.mode, self.decay = hp.weight_averaging, hp.ema_decay
+        self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
+        self.params = [p for p in model.parameters()]
+        self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode in ("swa", "ema_swa") else None
+        self.ema_updates = self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step, lr_scale):
+        """After optimizer step `step` (1-based) taken at LR scale `lr_scale`."""
+        if self.ema is not None:
+            decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+            self.ema_updates += 1
+        if self.swa_sum is not None and lr_scale < self.swa_start_lr_scale and step % self.swa_every == 0:
+            torch._foreach_add_(self.swa_sum, self.ema if self.ema is not None else [p.detach().float() for p in self.params])
+            self.swa_count += 1
+
+    def averaged(self):
+        """The chosen average as a list aligned with model.parameters(), or None for the live weights."""
+        if self.swa_sum is not None and self.swa_count:
+            return [total / self.swa_count for total in self.swa_sum]
+        return self.ema  # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+
+    @torch.no_grad()
+    def apply(self):
+        """Load the average into the model's parameters; returns a line for the log."""
+        average = self.averaged()
+        if average is not None:
+            for p, value in zip(self.params, average):
+                p.copy_(value)
+        swa = f"swa(every:{self.swa_every} below_lr_scale:{self.swa_start_lr_scale} snapshots:{self.swa_count})"
+        ema = f"ema(decay:{self.decay} updates:{self.ema_updates})"
+        applied = {"none": "live_weights", "ema": ema, "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
+                   "ema_swa": f"{swa} of {ema}" if self.swa_count else f"{ema} (no swa snapshot)"}[self.mode]
+        return f"weight_averaging: exported {applied}"
+
+
+def training_budget_ms(hp):
+    """The wall-clock budget of the training steps: MAX_WALLCLOCK_SECONDS less the GPTQ calibration reserve, so that
+    calibration on training data also happens inside the cap; 0 = no cap."""
+    if hp.max_wallclock_seconds == 0:
+        return 0.0
+    return 1000.0 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq else 0.0))
+
+
+def training_progress(hp, step, elapsed_ms):
+    """The share of training done: of the training budget under a wall-clock cap, else of ITERATIONS."""
+    if hp.max_wallclock_seconds > 0:
+        return elapsed_ms / training_budget_ms(hp)
+    return step / hp.iterations
+
+
+def lr_multiplier(hp, step, elapsed_ms):
+    """1, then a linear decay over the last WARMDOWN_FRAC of training, floored at MIN_LR_SCALE (the records'
+    fraction-based schedule; the baseline's step-based warmdown is the fraction it came to)."""
+    if hp.warmdown_frac == 0:
+        return 1.0
+    remaining = 1.0 - training_progress(hp, step, elapsed_ms)
+    return max(min(remaining / hp.warmdown_frac, 1.0), hp.min_lr_scale)
+
+
+def muon_momentum(hp, step):
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+def looping_due(hp, step, elapsed_ms):
+    """Whether depth recurrence runs at this step. LOOP_ENABLE_AT >= 1 is a step; below 1 it is a fraction of the
+    wall-clock cap when one is set, else of ITERATIONS (a delayed start beat always-on in the records)."""
+    if hp.num_loops == 0:
+        return False
+    if hp.loop_enable_at >= 1:
+        return step >= hp.loop_enable_at
+    return training_progress(hp, step, elapsed_ms) >= hp.loop_enable_at
+
+
+# ============================================================================================
+# QUANTIZATION / EXPORT
+# ============================================================================================
+# Every projection matrix and token table is quantized per row, symmetric, at QUANT_BITS (EMBED_QUANT_BITS for the
+# tables), with an fp16 scale per row; gains, gates and other small tensors pass through (fp32 vectors, fp16 2-D).
+# The row scale comes from the clip: SDClip (k times the row's std; credit: the SP8192 SDClip record, per-group k
+# from the current record), a GPTQ-lite percentile search, or the row max. The rounding is full-Hessian GPTQ
+# (Frantar et al., arXiv 2210.17323; credit: the Full-GPTQ records) when Hessians are given, else round to nearest.
+# The file is magic + compressor id + flags + SHA-256 + the compressed payload.
+
+ARTIFACT_MAGIC = b"PGQ2"
+ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 32
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
+PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
+K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
+SIZE_SEARCH_STEPS = 5  # bisection steps of that search (the factor ends within 8^(1/32), about 7%)
+
+
+def _zstd():
+    import zstandard
+    return zstandard
+
+
+def _brotli():
+    import brotli
+    return brotli
+
+
+COMPRESSORS = {  # name: (id byte, compress, decompress); a missing package is an error, never a silent fallback
+    "zlib": (1, lambda b: zlib.compress(b, 9), zlib.decompress),
+    "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), lambda b: _zstd().ZstdDecompressor().decompress(b)),
+    "brotli": (3, lambda b: _brotli().compress(b, quality=11), lambda b: _brotli().decompress(b)),
+}
+
+
+def quantized_tensor_groups(model):
+    """{state-dict name: group} of the tensors that are quantized: every CastedLinear weight but an untied head
+    ("mlp" or "attn") and every token table ("embed")."""
+    groups = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            groups[f"{name}.weight"] = "embed"
+        elif isinstance(module, CastedLinear) and module is not model.lm_head:
+            groups[f"{name}.weight"] = "mlp" if ".mlp." in f".{name}." else "attn"
+    return groups
+
+
+def group_bits_and_k(hp, group):
+    bits = hp.embed_quant_bits if group == "embed" else hp.quant_bits
+    return bits, dict(embed=hp.clip_k_embed, mlp=hp.clip_k_mlp, attn=hp.clip_k_attn)[group]
+
+
+def largest_level(bits):
+    return 2 ** (bits - 1) - 1  # symmetric: [-qmax, qmax], so that 0 is exact
+
+
+def round_to_nearest(w, scale, qmax):
+    return torch.round(w / scale[:, None]).clamp(-qmax, qmax)
+
+
+def row_scales(w, bits, method, k):
+    """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]."""
+    qmax = largest_level(bits)
+    if method == "sdclip":
+        clip = k * w.std(dim=1, unbiased=False)
+    elif method == "rowmax":
+        clip = w.abs().amax(dim=1)
+    else:  # GPTQ-lite: one quantile for the whole matrix, the one with the lowest weight MSE
+        best = None
+        for quantile in PERCENTILE_CLIPS:
+            candidate = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1)
+            scale = (candidate / qmax).clamp_min(1e-8)
+            error = (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item()
+            if best is None or error < best[0]:
+                best = (error, candidate)
+        clip = best[1]
+    return (clip / qmax).clamp_min(2 ** -20).half().float()
+
+
+def fake_quantize(w, bits, k):
+    """The SDClip round trip of `w` on the grid export uses (without GPTQ), for quantization-aware training."""
+    qmax = largest_level(bits)
+    scale = row_scales(w.detach(), bits, "sdclip", k)
+    return round_to_nearest(w, scale, qmax) * scale[:, None]
+
+
+def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
+    """Integer values for `w` (rows x cols) that minimize the output error on inputs with second moment `hessian`
+    (cols x cols): columns in order of decreasing Hessian diagonal (act-order), each rounded with its row scale and
+    its error spread over the columns not yet rounded through the inverse Hessian's Cholesky factor, a block of
+    columns at a time. Dead columns (never active) are zeroed. Raises torch.linalg.LinAlgError when H is not
+    positive definite even after damping."""
+    w, hessian = w.clone(), hessian.clone()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hessian.diagonal().add_(damp * hessian.diagonal().mean())
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    w, hessian = w[:, order], hessian[order][:, order]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for first in range(0, w.size(1), block_size):
+        last = min(first + block_size, w.size(1))
+        errors = torch.zeros(w.size(0), last - first, device=w.device)
+        for j in range(first, last):
+            q[:, j] = round_to_nearest(w[:, j:j + 1], scale, qmax)[:, 0]
+            error = (w[:, j] - q[:, j] * scale) / inverse[j, j]
+            w[:, j:last] -= error[:, None] * inverse[j, j:last][None]
+            errors[:, j - first] = error
+        w[:, last:] -= errors @ inverse[first:last, last:]
+    return q[:, torch.argsort(order)]
+
+
+def pack_values(q, bits, packing):
+    """Integers in [-qmax, qmax] as int8 bytes, or densely bit-packed (offset to unsigned) into uint8."""
+    if packing == "byte":
+        return q.to(torch.int8).cpu()
+    unsigned = (q.flatten().to(torch.int16) + largest_level(bits) + 1).to(torch.uint8).cpu().numpy()
+    bit_planes = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits:]
+    return torch.from_numpy(np.packbits(bit_planes.reshape(-1)))
+
+
+def unpack_values(data, bits, packing, shape):
+    if packing == "byte":
+        return data.float().view(shape)
+    count = math.prod(shape)
+    bit_planes = np.unpackbits(data.numpy())[:count * bits].reshape(count, bits)
+    unsigned = np.packbits(np.pad(bit_planes, ((0, 0), (8 - bits, 0))), axis=1)[:, 0]
+    return torch.from_numpy(unsigned.astype(np.float32) - largest_level(bits) - 1).view(shape)
+
+
+def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=None):
+    """The quantized form of a state dict. `groups` ({name: embed|mlp|attn}) says which tensors are quantized;
+    `hessians` ({name: H}) switches GPTQ on for those names; `k_scale` multiplies every SDClip k (the size target)."""
+    quantized, residuals = {}, {}
+    for name, tensor in state_dict.items():
+        w = tensor.detach().float()
+        if name not in groups:
+            quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
+            continue
+        bits, k = group_bits_and_k(hp, groups[name])
+        qmax = largest_level(bits)
+        scale = row_scales(w, bits, hp.quant_clip, k * k_scale)
+        q = None
+        if hessians is not None and name in hessians:
+            try:
+                q = gptq(w, hessians[name].to(w.device), scale, qmax, hp.gptq_block_size, hp.gptq_damp)
+            except torch.linalg.LinAlgError:
+                (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
+        q = round_to_nearest(w, scale, qmax) if q is None else q
+        if hp.lqer_rank > 0:  # the error LQER corrects; kept only when asked for (a copy of every matrix)
+            residuals[name] = w - q * scale[:, None]
+        quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
+                               data=pack_values(q, bits, hp.quant_packing), scale=scale.half().cpu())
+    if hp.lqer_rank > 0:
+        add_low_rank_corrections(quantized, residuals, hp.lqer_rank, hp.lqer_top_k)
+    return quantized
+
+
+def add_low_rank_corrections(quantized, residuals, rank, top_k):
+    """LQER (credit: PR #1530 and the current record): the matrices with the largest quantization error get a rank-r
+    fp16 correction A B of that error, from its truncated SVD."""
+    worst = sorted(residuals, key=lambda name: residuals[name].norm().item(), reverse=True)[:top_k]
+    for name in worst:
+        u, s, vh = torch.linalg.svd(residuals[name], full_matrices=False)
+        quantized[name]["lqer"] = ((u[:, :rank] * s[:rank]).half().cpu(), vh[:rank].half().cpu())
+
+
+def dequantize_state_dict(quantized):
+    state_dict = {}
+    for name, entry in quantized.items():
+        if entry["kind"] == "int":
+            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]) * entry["scale"].float()[:, None]
+            if "lqer" in entry:
+                w = w + entry["lqer"][0].float() @ entry["lqer"][1].float()
+            state_dict[name] = w
+        else:
+            state_dict[name] = entry["data"].float()
+    return state_dict
+
+
+def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print):
+    """(quantized, artifact bytes, k scale). With SIZE_TARGET_BYTES and SDClip, every clip k is scaled by the
+    smallest factor in K_SCALE_RANGE whose artifact fits with the code: a finer grid is more accurate, a coarser one
+    has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again."""
+    def attempt(k_scale):
+        quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
+        blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle)
+        return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
+
+    first = attempt(1.0)
+    if not hp.size_target_bytes or hp.quant_clip != "sdclip":
+        return first[:3]
+    low, high = K_SCALE_RANGE
+    if first[3]:
+        best, high = first, 1.0
+        finest = attempt(low)
+        if finest[3]:
+            return finest[:3]
+    else:
+        best, low = attempt(high), 1.0
+        if not best[3]:
+            log(f"size_target: even clip k x{high:g} gives {code_bytes + len(best[1])} > {hp.size_target_bytes} bytes; "
+                f"lower QUANT_BITS or the model size")
+            return best[:3]
+    for _ in range(SIZE_SEARCH_STEPS):
+        middle = math.sqrt(low * high)
+        result = attempt(middle)
+        best, low, high = (result, low, middle) if result[3] else (best, middle, high)
+    log(f"size_target: clip k x{best[2]:.3f} is the finest grid that fits: "
+        f"{code_bytes + len(best[1])} <= {hp.size_target_bytes} bytes")
+    return best[:3]
+
+
+def byte_shuffle(blob, inverse=False):
+    """Bytes at even offsets, then bytes at odd offsets (separates the two bytes of fp16 values; credit: PR #1089)."""
+    data = np.frombuffer(blob, dtype=np.uint8)
+    if not inverse:
+        return np.concatenate([data[0::2], data[1::2]]).tobytes()
+    out = np.empty_like(data)
+    half = (len(data) + 1) // 2
+    out[0::2], out[1::2] = data[:half], data[half:]
+    return out.tobytes()
+
+
+def serialize_artifact(quantized, compressor, shuffle):
+    buffer = io.BytesIO()
+    torch.save(quantized, buffer)
+    payload = buffer.getvalue()
+    compressor_id, compress, _ = COMPRESSORS[compressor]
+    payload = compress(byte_shuffle(payload) if shuffle else payload)
+    return ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + hashlib.sha256(payload).digest() + payload
+
+
+def write_artifact(path, blob):
+    with open(path, "wb") as f:
+        f.write(blob)
+    return os.path.getsize(path)
+
+
+def read_artifact(path, blob=None):
+    """The quantized state of the artifact at `path` (or of its bytes `blob`), verified against its checksum."""
+    blob = Path(path).read_bytes() if blob is None else blob
+    if len(blob) < ARTIFACT_HEADER_BYTES or blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a model artifact (bad magic or truncated header)")
+    by_id = {cid: decompress for _, (cid, _, decompress) in COMPRESSORS.items()}
+    if blob[4] not in by_id:
+        raise ValueError(f"{path}: unknown compressor id {blob[4]}")
+    digest, payload = blob[6:ARTIFACT_HEADER_BYTES], blob[ARTIFACT_HEADER_BYTES:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path}: checksum mismatch; the artifact is truncated or corrupted")
+    payload = by_id[blob[4]](payload)
+    return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if blob[5] else payload), weights_only=True)
+
+
+@torch.no_grad()
+def collect_hessians(model, batches, autocast):
+    """{name: X^T X} of the input X of every CastedLinear (a looped layer adds every pass) and, for a tied
+    embedding, of the final hidden state, which is the input of the logit matmul (credit: the SP8192 GPTQ-embedding
+    record). Runs the eager model, whose hooks see every call."""
+    hessians, hooks = {}, []
+
+    def accumulate(name, x):
+        x = x.detach().flatten(0, -2).float()
+        hessians[name] = hessians[name].addmm_(x.T, x) if name in hessians else x.T @ x
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])))
+    try:
+        for inputs in batches:
+            with autocast():
+                hidden = model.hidden_states(inputs)
+            if model.lm_head is None:
+                accumulate("tok_emb.weight", hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
+
+
+def set_qat(model, hp, on):
+    """STE quantization-aware training: the quantized CastedLinears compute with fake-quantized weights while on.
+    The switch is a tensor the forward reads, so a compiled graph follows it (a Python flag would be folded in, the
+    records' late-QAT bug)."""
+    groups = quantized_tensor_groups(model)
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and f"{name}.weight" in groups:
+            module.qat_bits_k = group_bits_and_k(hp, groups[f"{name}.weight"])
+            module.qat_on.fill_(float(on))
+
+
+# ============================================================================================
+# EVALUATION
+# ============================================================================================
+
+
+# Every validation target is scored exactly once, by one window. Position p of the stream predicts token p + 1. A
+# window is (start, score_from, end): the model reads positions [start, end) and its losses at [score_from, end) are
+# counted. The scored ranges partition [0, N - 1), never straddle a TTT chunk boundary, and (with EVAL_DOC_ISOLATED)
+# never read across a BOS. Sliding windows (credit: the SlidingWindowEval record) give every scored token at least
+# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context where the document has them; the last window of a stream is shifted
+# back to full length instead of being short, which also avoids the records' double-counted tail.
+
+
+def plan_windows(num_targets, seq_len, stride, doc_starts=(), cuts=()):
+    """Windows whose scored ranges partition [0, num_targets): the first window of a document scores up to seq_len
+    positions, later ones at most `stride`; `cuts` (sorted) are positions where a scored range must end."""
+    doc_starts = sorted(set(doc_starts) | {0})
+    segments = zip(doc_starts, doc_starts[1:] + [num_targets])
+    cuts = np.asarray(sorted(cuts), dtype=np.int64)
+    windows = []
+    for doc_start, doc_end in segments:
+        inner_cuts = cuts[(cuts > doc_start) & (cuts < doc_end)].tolist()
+        for piece_start, piece_end in zip([doc_start] + inner_cuts, inner_cuts + [doc_end]):
+            score_from = piece_start
+            while score_from < piece_end:
+                end = min(score_from + (seq_len if score_from == doc_start else stride), piece_end)
+                windows.append((max(end - seq_len, doc_start), score_from, end))
+                score_from = end
+    return windows
+
+
+def rank_share(items, rank, world_size):
+    """A contiguous, balanced share of `items` for this rank."""
+    return items[len(items) * rank // world_size: len(items) * (rank + 1) // world_size]
+
+
+def eval_rows_per_batch(batch_tokens, seq_len, world_size):
+    return max(1, batch_tokens // (seq_len * world_size))
+
+
+def window_batches(tokens, windows, seq_len, rows_per_batch, device):
+    """(inputs, targets, scored mask) batches of a fixed shape: short windows and spare rows are masked, so a
+    compiled model never recompiles, and a causal model is unaffected by the right padding."""
+    for first in range(0, len(windows), rows_per_batch):
+        rows = torch.zeros(rows_per_batch, seq_len + 1, dtype=torch.int64)
+        scored = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
+        for row, (start, score_from, end) in enumerate(windows[first:first + rows_per_batch]):
+            rows[row, :end - start + 1] = tokens[start:end + 1]
+            scored[row, score_from - start:end - start] = True
+        rows, scored = rows.to(device), scored.to(device)
+        yield rows[:, :-1], rows[:, 1:], scored
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, luts, seq_len, rows_per_batch, device, autocast):
+    """float64 sums (loss in nats, targets, UTF-8 bytes) over the scored positions of `windows`."""
+    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
+        with autocast():
+            losses = model(inputs, targets, reduction="none")
+        token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
+        sums += torch.stack([losses.double()[scored].sum(), scored.sum().double(), token_bytes[scored].sum().double()])
+    return sums
+
+
+def loss_and_bpb(sums):
+    """(val_loss, val_bpb, targets scored) from float64 sums (loss, targets, bytes)."""
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes, int(tokens)
+
+
+def doc_starts_of(tokens, bos_id):
+    return np.flatnonzero(np.asarray(tokens) == bos_id).tolist()
+
+
+def evaluate(model, val_tokens, luts, seq_len, stride, batch_tokens, rank, world_size, device, autocast, doc_starts=()):
+    """(val_loss in nats per token, val_bpb, targets scored) over every validation target; stride = seq_len is the
+    plain, non-overlapping evaluation. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets)."""
+    windows = plan_windows(val_tokens.numel() - 1, seq_len, stride, doc_starts)
+    rows = eval_rows_per_batch(batch_tokens, seq_len, world_size)
+    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), luts, seq_len, rows, device, autocast)
+    return loss_and_bpb(all_reduce(sums, dist.ReduceOp.SUM))
+
+
+@torch.no_grad()
+def check_normalization(model, tokens, seq_len, autocast, device):
+    """(max |logsumexp| of the log-probabilities, max |scored loss + log p(target)|) on the first window: the scored
+    distribution is a normalized one, and the scoring path charges exactly -log p(target)."""
+    window = tokens[:seq_len + 1].long().to(device)[None]
+    with autocast():
+        log_probs = F.log_softmax(model(window[:, :-1]).float(), dim=-1)
+        losses = model(window[:, :-1], window[:, 1:], reduction="none").float()
+    charged = (losses + log_probs.gather(-1, window[:, 1:, None]).squeeze(-1)).abs().max().item()
+    return torch.logsumexp(log_probs, dim=-1).abs().max().item(), charged
+
+
+# --- score-first test-time training (credit: PR #461 and the LegalTTT records; rules: parameter-golf issue #1017) ---
+
+
+class ScoredTargets:
+    """The guard of score-first TTT. Scoring commits a growing prefix of target positions, and training tokens can
+    only be read through `training_tokens`, which refuses any target that has not been scored yet."""
+
+    def __init__(self, tokens):
+        self._tokens, self.scored_upto = tokens, 0
+
+    def commit(self, upto):
+        if upto < self.scored_upto:
+            raise RuntimeError("scoring must move forward through the validation stream")
+        self.scored_upto = upto
+
+    def training_tokens(self, first, end):
+        """Tokens first..end, i.e. the inputs and targets of positions [first, end)."""
+        if end > self.scored_upto:
+            raise RuntimeError(f"TTT asked to train on targets up to position {end}, but only {self.scored_upto} are "
+                               f"scored: adapting on unscored validation tokens is illegal")
+        return self._tokens[first:end + 1]
+
+
+class CastedLoRA(nn.Module):
+    """A rank-r update B A added to a CastedLinear's output; B starts at zero, so the model is unchanged at first."""
+
+    def __init__(self, in_features, out_features, rank):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+
+def ttt_parameters(model, hp):
+    """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
+    on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    if hp.ttt_params == "lora":
+        targets = hp.ttt_lora_targets.split(",")
+        for module in model.modules():
+            module.requires_grad_(False)
+        adapters = []
+        for name, module in model.named_modules():
+            if isinstance(module, CastedLinear) and ".".join(name.split(".")[-2:]) in targets:
+                module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
+                adapters += list(module.lora.parameters())
+        if not adapters:
+            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r} matches no projection (e.g. attn.c_q, mlp.fc)")
+        return adapters
+    patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(patterns is None or any(pattern in name for pattern in patterns))
+        params += [p] if p.requires_grad else []
+    if not params:
+        raise ConfigError(f"TTT_PARAMS={hp.ttt_params!r} matches no parameter name")
+    return params
+
+
+def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, rank, world_size, device, autocast):
+    """TTT_EPOCHS passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
+    is the mean over the global batch of TTT_BATCH_SEQS sequences whatever the world size; gradients are summed."""
+    tokens = ledger.training_tokens(first, end)
+    sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
+    local_rows = -(-hp.ttt_batch_seqs // world_size)
+    for _ in range(hp.ttt_epochs):
+        for batch_start in range(0, len(sequences), hp.ttt_batch_seqs):
+            batch = sequences[batch_start:batch_start + hp.ttt_batch_seqs]
+            count = sum(end_ - start for start, _, end_ in batch)
+            mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
+            inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
+            with autocast():
+                losses = model(inputs, targets, reduction="none")
+            (losses.float() * mask).sum().div(count).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if world_size > 1:
+                flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM)
+                grads = list(torch.split(flat, [g.numel() for g in grads]))
+            for p, g in zip(params, grads):
+                p.grad = g.view_as(p)
+            if hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
+                    budget_left=None):
+    """Legal test-time training. The stream is cut into chunks of TTT_CHUNK_TOKENS targets; each chunk is first
+    scored (no gradient) and committed on every rank, and only then adapted on. The last chunk is never trained on.
+    Returns ((val_loss, val_bpb, targets scored), per-chunk float64 sums, chunks adapted on). `budget_left()` gives the seconds of eval
+    budget left: adapting stops, scoring never does, when adapting on every remaining chunk would not fit."""
+    num_targets, seq_len = val_tokens.numel() - 1, hp.eval_seq_len or hp.train_seq_len
+    chunk = hp.ttt_chunk_tokens
+    num_chunks = -(-num_targets // chunk)
+    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, range(chunk, num_targets, chunk))
+    windows_of = [[] for _ in range(num_chunks)]
+    for window in windows:
+        windows_of[window[1] // chunk].append(window)
+    params = ttt_parameters(model, hp)
+    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
+                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+    rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
+    ledger, per_chunk, adapting, chunk_seconds = ScoredTargets(val_tokens), [], True, []
+    for index in range(num_chunks):
+        start = time.perf_counter()
+        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
+                             device, autocast)
+        per_chunk.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this chunk
+        ledger.commit(min((index + 1) * chunk, num_targets))
+        if index == num_chunks - 1:
+            break
+        if adapting and budget_left is not None and chunk_seconds:
+            needed = max(chunk_seconds) * (num_chunks - index)  # a full chunk (score + adapt) for each one left
+            over = torch.tensor(float(needed > budget_left()), device=device)
+            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
+                adapting = False
+                log(f"ttt: eval budget reached at chunk {index + 1}/{num_chunks}; scoring continues without adapting")
+        if adapting:
+            for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
+                group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(num_chunks - 1, 1)))
+            adapt_on_chunk(model, ledger, index * chunk, min((index + 1) * chunk, num_targets), params, optimizer,
+                           hp, seq_len, rank, world_size, device, autocast)
+            chunk_seconds.append(time.perf_counter() - start)
+    return loss_and_bpb(torch.stack(per_chunk).sum(0)), per_chunk, len(chunk_seconds)
+
+
+# ============================================================================================
+# MAIN
+# ============================================================================================
+
+
+def all_reduce(tensor, op):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushing every line so that a crash keeps the log."""
+
+    def __init__(self, path, enabled):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "w", encoding="utf-8")
+
+    def __call__(self, message="", console=True):
+        if self.enabled:
+            if console:
+                print(message, flush=True)
+            self.file.write(message + "\n")
+            self.file.flush()
+
+
+class Cluster:
+    """This process's place in the run: rank, world size and device. Started once, shared by every seed."""
+
+    def __init__(self, hp):
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device_type = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("DEVICE='cuda' but no CUDA device is visible")
+        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        if self.distributed:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=10),
+                                    **(dict(device_id=self.device) if device_type == "cuda" else {}))
+            probe = all_reduce(torch.ones(1, device=self.device), dist.ReduceOp.SUM)
+            if int(probe.item()) != self.world_size:
+                raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {self.world_size}")
+
+    def stop(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+class Run:
+    """What the phases of one seed's run share: settings, devices, data, model, clocks."""
+
+    def __init__(self, hp, sources, cluster):
+        self.hp, self.sources = hp, sources
+        self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
+        self.local_rank, self.device = cluster.local_rank, cluster.device
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.timings = {}
+        self.results = {}
+        self.scored_targets = {}  # final evaluation name: validation targets it scored
+
+
+def setup(run):
+    """Batch split, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    hp = run.hp
+    device_type = run.device.type
+    seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
+    accum = hp.grad_accum_steps or (8 // run.world_size if 8 % run.world_size == 0 else 1)
+    if seqs_per_step % (run.world_size * accum):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is {seqs_per_step} sequences of "
+                          f"TRAIN_SEQ_LEN={hp.train_seq_len}, which does not split over WORLD_SIZE={run.world_size} x "
+                          f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
+    run.seqs_per_step, run.grad_accum_steps = seqs_per_step, accum
+
+    run.run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
+    run.log_path = os.path.join("logs", f"{run.run_id}.txt")
+    run.log = Logger(run.log_path, run.rank == 0)
+    run.code = Path(__file__).read_bytes()
+    run.log(run.code.decode("utf-8"), console=False)
+    run.log("=" * 100, console=False)
+
+    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type)
+    run.use_compile = hp.compile and device_type == "cuda"
+    autocast_dtype = torch.bfloat16 if device_type == "cuda" else None
+    run.autocast = lambda: (torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
+
+    run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    run.val_tokens = load_validation_tokens(run.val_files)
+    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.seed,
+                                   run.rank, run.world_size, accum)
+    for name, tokens in (("validation split", run.val_tokens.numpy()), (run.train_files[0], run.train_loader.shards[0])):
+        if int(tokens.max()) >= hp.vocab_size:
+            raise ConfigError(f"{name} holds token id {int(tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
+    run.luts = build_byte_luts(run.sp, hp.vocab_size)
+    run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
+    run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+    run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
+    run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
+    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code).hexdigest()[:16]
+    check_record_dir(run)
+    if run.rank == 0:
+        log_environment(run)
+    append_index(run, "launched")
+
+
+def _command_output(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _sha256_files(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def package_versions():
+    """What ran: Python, torch, CUDA and the packages whose version changes results or speed."""
+    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                    sentencepiece=spm.__version__, cuda=torch.version.cuda or "none")
+    for module in ("zstandard", "brotli", "flash_attn", "flash_attn_interface"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "installed")
+        except ImportError:
+            pass
+    return versions
+
+
+def log_environment(run):
+    hp, log = run.hp, run.log
+    log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
+    log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
+        f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
+    if run.device.type == "cuda":
+        log(_command_output(["nvidia-smi"]), console=False)
+    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
+        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{'bf16' if run.device.type == 'cuda' else 'off (fp32)'}")
+    train_tokens = sum(len(s) for s in run.train_loader.shards)
+    log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
+        f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
+    log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
+    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
+    planned = hp.iterations * hp.train_batch_tokens
+    if planned > train_tokens:
+        log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
+            f"training tokens on disk, so data repeats (download more shards)")
+
+
+def build_model(run):
+    hp = run.hp
+    torch.manual_seed(hp.seed)
+    run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
+    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size)  # banks the matrices: after .to(device)
+    run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    if hp.qat_start_lr_scale > 0:
+        set_qat(run.model, hp, on=False)
+    total, embedding, non_embedding = count_parameters(run.model)
+    run.log(f"features: {describe_features(run.model, hp)}")
+    run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
+    run.log(f"optimizer: {run.optimizers.describe()}")
+
+
+def train_step(run, step, lr_scale):
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
+    total_loss = torch.zeros((), device=run.device)
+    # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
+    # specializes on its value.
+    mile_gamma = torch.tensor(run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
+    for micro_step in range(run.grad_accum_steps):
+        inputs, targets = (t.to(run.device, non_blocking=True) for t in run.train_loader.batch(step, micro_step))
+        with run.autocast():
+            loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
+        (loss / run.grad_accum_steps).backward()
+        total_loss += loss.detach()
+    run.optimizers.step(lr_scale, muon_momentum(run.hp, step))
+    run.optimizers.zero_grad()
+    return total_loss / run.grad_accum_steps
+
+
+def synchronize(run):
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def warmup(run):
+    """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state. With
+    depth recurrence the second half runs looped, so both training graphs exist before the clock starts. The
+    evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here."""
+    hp, model = run.hp, run.model
+    if hp.warmup_steps == 0:
+        return
+    start = time.perf_counter()
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_looping = model.looping
+    for step in range(hp.warmup_steps):
+        model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
+        train_step(run, step, lr_scale=1.0)
+        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping}")
+    # The layout the final evaluations will see: looped if the recurrence switches on before the last step.
+    model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    for seq_len in sorted({hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
+        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
+        tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
+        with torch.no_grad(), run.autocast():
+            run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+    model.looping = initial_looping
+    model.load_state_dict(initial_model)
+    run.optimizers.reset_state()
+    synchronize(run)
+    run.timings["untimed_warmup_s"] = time.perf_counter() - start
+    run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
+            f"restored:initial_weights_and_optimizer_state")
+
+
+def benchmark(run):
+    """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
+    and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
+    hp, model = run.hp, run.model
+    for looping in ([False, True] if hp.num_loops else [False]):
+        model.looping = looping
+        train_step(run, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        synchronize(run)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        start = time.perf_counter()
+        for step in range(1, hp.benchmark_steps + 1):
+            train_step(run, step, lr_scale=1.0)
+        synchronize(run)
+        step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
+        tokens_per_s = hp.train_batch_tokens / step_ms * 1000
+        memory = (f"peak_memory_allocated:{torch.cuda.max_memory_allocated(run.device) // 2**20}MiB"
+                  if run.device.type == "cuda" else "")
+        run.log(f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f} "
+                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
+
+
+def run_validation(run):
+    """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
+    hp = run.hp
+    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+                    run.rank, run.world_size, run.device, run.autocast)
+
+
+# Dense bf16 peak per device (no sparsity), for the MFU estimate; matched against the CUDA device name.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def training_flops_per_token(model, seq_len):
+    """Forward + backward FLOPs per token: 6 x the matrix weights a token passes through (a looped layer once per
+    pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
+    because causal attention skips the upper triangle)."""
+    passes = Counter(model.layer_order())
+    block_weights = sum(count * sum(m.weight.numel() for m in model.blocks[layer].modules() if isinstance(m, CastedLinear))
+                        for layer, count in passes.items())
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    width = model.tok_emb.weight.size(1)
+    return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
+
+
+def mfu_field(run, tokens_per_s):
+    """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU)."""
+    peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
+    if not peak:
+        return ""
+    return f"mfu:{100 * tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len) / (peak * run.world_size):.1f}% "
+
+
+def throughput(run, step, step_avg_ms, elapsed_ms):
+    """tokens/s, MFU, and the training time left with its ETA."""
+    hp = run.hp
+    tokens_per_s = hp.train_batch_tokens / step_avg_ms * 1000
+    mfu = mfu_field(run, tokens_per_s)
+    remaining_ms = (hp.iterations - step) * step_avg_ms
+    if hp.max_wallclock_seconds > 0:
+        remaining_ms = min(remaining_ms, max(training_budget_ms(hp) - elapsed_ms, 0.0))
+    eta = time.strftime("%H:%M:%S", time.localtime(time.time() + remaining_ms / 1000))
+    return f"tok_s:{tokens_per_s:.0f} {mfu}remaining:{remaining_ms / 1000:.0f}s eta:{eta}"
+
+
+def train(run):
+    """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
+    time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
+    predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS."""
+    hp, log, model = run.hp, run.log, run.model
+    cap_ms = training_budget_ms(hp)
+    train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
+    average = WeightAverage(model, hp)
+    synchronize(run)
+    clock = time.perf_counter()
+    while True:
+        last_step = step == hp.iterations or step == stop_after
+        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            synchronize(run)
+            train_ms += 1000.0 * (time.perf_counter() - clock)
+            if last_step:
+                log(average.apply())  # what is evaluated and exported from here on
+                save_raw_weights(run)  # before anything else can fail
+                if qat_on:
+                    set_qat(model, hp, on=False)  # evaluation and export see the plain weights
+            val_loss, val_bpb, _ = run_validation(run)
+            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+            synchronize(run)
+            clock = time.perf_counter()
+        if last_step:
+            break
+        if not model.looping and looping_due(hp, step, elapsed_ms):
+            model.looping = True
+            log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
+                f"layers:{','.join(map(str, model.layer_order()))}")
+        lr_scale = lr_multiplier(hp, step, elapsed_ms)
+        if not qat_on and lr_scale < hp.qat_start_lr_scale:
+            set_qat(model, hp, on=True)
+            qat_on = True
+            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f}")
+        local_loss = train_step(run, step, lr_scale)
+        step += 1
+        average.update(step, lr_scale)
+        synchronize(run)
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
+        if cap_ms > 0 and run.world_size > 1:
+            elapsed_ms = all_reduce(torch.tensor(elapsed_ms, dtype=torch.float64, device=run.device), dist.ReduceOp.MAX).item()
+        step_avg = elapsed_ms / step
+        if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations:
+            # The mean over the global batch: every rank's micro-batches have the same size.
+            train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{step_avg:.2f}ms {throughput(run, step, step_avg, elapsed_ms)}")
+        if cap_ms > 0 and stop_after is None and elapsed_ms + step_avg > cap_ms:
+            stop_after = step
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+    run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
+    log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
+        f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
+    if run.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+
+def save_raw_weights(run):
+    """The trained fp32 weights, saved as soon as training ends: a crash in validation or export loses nothing."""
+    if run.rank == 0:
+        path = os.path.join("logs", f"{run.run_id}_raw.pt")
+        torch.save(run.model.state_dict(), path)
+        run.log(f"saved_raw_weights:{path}")
+
+
+def calibrate(run):
+    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES fresh global training batches (the steps after the last one
+    trained, split over ranks as in training), summed over ranks: the same tokens at every world size. It runs in
+    the reserve taken off the training budget, and is timed as training."""
+    hp = run.hp
+    run.hessians = None
+    if not hp.gptq:
+        return
+    synchronize(run)
+    start = time.perf_counter()
+    first_step = run.results["steps"]
+    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
+               for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
+    run.hessians = collect_hessians(run.model, batches, run.autocast)
+    for hessian in run.hessians.values():
+        all_reduce(hessian, dist.ReduceOp.SUM)
+    synchronize(run)
+    seconds = time.perf_counter() - start
+    run.timings["calibration_s"] = seconds
+    train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
+    run.log(f"gptq_calibration: batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens} "
+            f"matrices:{len(run.hessians)} "
+            f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
+            + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
+    if hp.max_wallclock_seconds and train_and_calibration > hp.max_wallclock_seconds:
+        run.log(f"WARNING: calibration ran over the training budget; raise GPTQ_RESERVE_SECONDS above {seconds:.1f}")
+
+
+def export(run):
+    """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
+    Over SIZE_TARGET_BYTES, every clip k is raised by 10% and the model re-quantized, until it fits."""
+    hp, log = run.hp, run.log
+    start = time.perf_counter()
+    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.int{hp.quant_bits}.ptz")
+    if run.rank == 0:
+        code_bytes = len(run.code)
+        quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model), hp,
+                                                   run.hessians, code_bytes, log)
+        total = code_bytes + len(blob)
+        run.timings["quantize_s"] = time.perf_counter() - start
+        model_bytes = write_artifact(run.artifact_path, blob)
+        others = {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
+                  if name != hp.compressor}
+        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
+            f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
+            f"time:{run.timings['quantize_s']:.1f}s")
+        log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
+            + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
+        log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "
+            f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total}")
+        if total > ARTIFACT_LIMIT_BYTES:
+            log("!" * 100 + f"\nWARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: "
+                f"{total} > {ARTIFACT_LIMIT_BYTES}. This run cannot be a submission.\n" + "!" * 100)
+        run.results.update(bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=total)
+    if run.distributed:
+        dist.barrier()
+    run.timings["export_s"] = time.perf_counter() - start
+    log(f"export_time:{run.timings['export_s']:.1f}s")
+
+
+def log_final(run, name, result, seconds, extra=""):
+    """One evaluation's lines: rounded, then `_exact` to 8 decimals. The last `_exact` line of a log is its score."""
+    val_loss, val_bpb, scored = result
+    run.scored_targets[name] = scored
+    run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
+    run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
+
+
+def evaluate_artifact(run):
+    """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
+    clock starts here and covers everything that follows, compilation included."""
+    synchronize(run)
+    run.eval_start = start = time.perf_counter()
+    # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk.
+    blob = [Path(run.artifact_path).read_bytes() if run.rank == 0 else None]
+    if run.distributed:
+        dist.broadcast_object_list(blob, src=0)
+    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob[0])), strict=True)
+    result = run_validation(run)
+    synchronize(run)
+    gap = result[1] - run.results["pre_quant_val_bpb"]
+    log_final(run, f"final_int{run.hp.quant_bits}_{run.hp.compressor}_roundtrip", result, time.perf_counter() - start,
+              f"quant_gap_bpb:{gap:+.4f} ")
+    run.results["quant_gap_bpb"] = gap
+
+
+def evaluate_sliding(run):
+    hp = run.hp
+    if hp.eval_stride == 0:
+        return
+    start = time.perf_counter()
+    result = evaluate(run.train_model, run.val_tokens, run.luts, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
+                      run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
+    synchronize(run)
+    log_final(run, "final_sliding_window", result, time.perf_counter() - start,
+              f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
+
+
+def evaluate_ttt(run):
+    hp = run.hp
+    if not hp.ttt_enabled:
+        return
+    start = time.perf_counter()
+    budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
+    result, per_chunk, adapted = score_first_ttt(
+        run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
+        run.doc_starts, run.log, budget_left)
+    synchronize(run)
+    run.ttt_report = dict(chunks=len(per_chunk), adapted=adapted)
+    log_final(run, "final_ttt", result, time.perf_counter() - start,
+              f"chunks:{len(per_chunk)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+
+
+def log_compliance(run):
+    """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
+    score before update, single pass)."""
+    hp, log = run.hp, run.log
+    expected = run.val_tokens.numel() - 1
+    for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
+        if scored != expected:
+            raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
+    logsumexp, charged = check_normalization(run.train_model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
+        f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
+        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
+    if hp.ttt_enabled:
+        report = run.ttt_report
+        log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
+            f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
+    log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
+
+
+def log_summary(run):
+    """The closing block: the separate clocks, the artifact, every val_bpb; then the same as one JSON line."""
+    synchronize(run)
+    run.timings["eval_s"] = time.perf_counter() - run.eval_start
+    r, t = run.results, run.timings
+    run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
+            f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "
+            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
+    bpb = lambda key: f"{r[key]:.4f}" if key in r else "-"
+    header = "=" * 40 + f" summary: {run.run_id} " + "=" * 40
+    run.log("\n".join([
+        header,
+        f"train     {r['train_time_ms'] / 1000:8.1f} s  {r['steps']} steps at {r['step_avg_ms']:.2f} ms "
+        f"(+{t.get('calibration_s', 0):.1f} s GPTQ calibration; {t.get('untimed_warmup_s', 0):.1f} s untimed warmup)",
+        f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
+        f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
+        f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_int{run.hp.quant_bits}_{run.hp.compressor}_roundtrip_val_bpb')} "
+        f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
+        "=" * len(header)]))
+    summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
+                   code_sha256=run.code_sha256, eval_time_s=t["eval_s"], versions=package_versions(), **r)
+    run.log("summary_json: " + json.dumps(summary, sort_keys=True))
+
+
+def check_record_dir(run):
+    """A records folder holds one configuration and one code: refuse, before training, to add a seed whose config
+    hash or code differs from the logs already there (rank 0 looks; every rank gets its verdict)."""
+    problem = [None]
+    folder = Path(run.hp.record_dir) if run.hp.record_dir else None
+    if run.rank == 0 and folder is not None and folder.is_dir():
+        for path in sorted(folder.glob("train_seed*.log")):
+            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
+            if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
+                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another configuration or "
+                              f"code (theirs: {fingerprint.groups() if fingerprint else 'no fingerprint'}; this run: "
+                              f"{(run.config_hash, run.code_sha256)}); seeds of different runs must not be pooled: "
+                              f"use a new RECORD_DIR")
+                break
+    if run.distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+
+
+def append_index(run, event, **fields):
+    """The append-only run index (RECORD_DIR/index.jsonl, else logs/index.jsonl): every seed is written when it is
+    launched and again when it finishes, so a crashed or dropped seed stays visible (no cherry-picking)."""
+    if run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir or "logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = dict(event=event, time=time.strftime("%Y-%m-%dT%H:%M:%S"), run_id=run.run_id, seed=run.hp.seed,
+                 config_hash=run.config_hash, code_sha256=run.code_sha256, **fields)
+    with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
+        index.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def summary_of(log_text):
+    lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
+    if not lines:
+        raise ValueError("the log has no summary_json line: the run did not finish")
+    return json.loads(lines[-1][len("summary_json: "):])
+
+
+def submission_from_logs(log_texts):
+    """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
+    seeds, and every seed's result."""
+    summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
+    if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
+        raise ValueError("these logs come from different configurations or code; they cannot make one submission")
+    hardware = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_texts[0], re.M)
+    first = summaries[0]
+
+    def mean_std(key):
+        values = [s[key] for s in summaries]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        return mean, std
+
+    (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
+    return dict(
+        name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
+        val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
+        seeds=[s["seed"] for s in summaries],
+        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], bytes_total=s["bytes_total"],
+                                           steps=s["steps"], step_avg_ms=s["step_avg_ms"],
+                                           train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
+                      for s in summaries},
+        bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
+        bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
+        hardware=f"{first['world_size']}x {hardware.group(1) if hardware else 'unknown'}",
+        pytorch_version=first["versions"]["torch"], versions=first["versions"],
+        config_hash=first["config_hash"], code_sha256=first["code_sha256"])
+
+
+def reproduce_command(run, seeds):
+    """The command line that reruns this record: the explicit settings, SEEDS, and the launcher."""
+    explicit = [f"{f.name.upper()}={getattr(run.hp, f.name)}" for f in dataclasses.fields(run.hp)
+                if run.sources[f.name] == "env" and f.name not in ("seed", "seeds", "run_id", "record_dir")]
+    launcher = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.world_size > 1 else "python3"
+    return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
+
+
+def record_readme(run, submission, old_text):
+    """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
+    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['bytes_total']:,} | {r['steps']} "
+                     f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
+                     for seed, r in submission["seed_results"].items())
+    std = lambda value: f" ± {value:.8f}" if value is not None else ""
+    results = "\n".join([
+        RESULTS_BEGIN,
+        f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
+        f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
+        f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
+        "", "| seed | val_loss | val_bpb | bytes_total | steps | step_avg ms | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|", rows, "",
+        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "",
+        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
+        + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
+        "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
+        RESULTS_END])
+    if RESULTS_BEGIN in old_text and RESULTS_END in old_text:
+        before, rest = old_text.split(RESULTS_BEGIN, 1)
+        return before + results + rest.split(RESULTS_END, 1)[1]
+    return f"# {run.hp.record_dir.rstrip('/').split('/')[-1]}\n\nDescribe the idea here.\n\n{results}\n"
+
+
+def plot_losses(log_texts, path):
+    """Train and validation loss curves of every seed, when matplotlib is installed; returns what it did."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped (matplotlib is not installed)"
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for text in log_texts:
+        seed = summary_of(text)["seed"]
+        train = re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", text, re.M)
+        val = re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+)", text, re.M)
+        line, = axes.plot([int(s) for s, _ in train], [float(v) for _, v in train], lw=1, label=f"train, seed {seed}")
+        axes.plot([int(s) for s, _ in val], [float(v) for _, v in val], "o--", color=line.get_color(), label=f"val, seed {seed}")
+    axes.set(xlabel="step", ylabel="loss (nats)", title="loss curves")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return str(path)
+
+
+def record(run):
+    """The end of a seed: the run index; with RECORD_DIR, the records folder regenerated from all its seeds' logs
+    (README results, submission.json, the logs, the exact code, the loss curves)."""
+    append_index(run, "finished", val_loss=run.results["val_loss"], val_bpb=run.results["val_bpb"], log=run.log_path)
+    if not run.hp.record_dir or run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir)
+    mine = folder / f"train_seed{run.hp.seed}.log"
+    logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
+    logs.append(Path(run.log_path).read_text(encoding="utf-8"))
+    (folder / "train_gpt.py").write_bytes(run.code)
+    submission = submission_from_logs(logs)
+    (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    readme = folder / "README.md"
+    readme.write_text(record_readme(run, submission, readme.read_text(encoding="utf-8") if readme.exists() else ""))
+    plotted = plot_losses(logs, folder / "loss_curves.png")
+    run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
+    shutil.copyfile(run.log_path, mine)  # last, so that the folder holds the whole log
+
+
+def train_and_evaluate(run):
+    """One seed, phase by phase."""
+    setup(run)
+    build_model(run)
+    warmup(run)
+    if run.hp.benchmark_steps:
+        return benchmark(run)
+    train(run)
+    calibrate(run)
+    export(run)
+    evaluate_artifact(run)
+    evaluate_sliding(run)
+    evaluate_ttt(run)
+    log_compliance(run)
+    log_summary(run)
+    record(run)
+
+
+def main():
+    hp, sources = Hyperparameters.from_env()
+    cluster = Cluster(hp)
+    seeds = hp.seed_list()
+    base_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
+    for seed in seeds:
+        run_id = base_id if len(seeds) == 1 else f"{base_id}_seed{seed}"
+        seed_sources = sources if len(seeds) == 1 else dict(sources, seed="SEEDS")
+        train_and_evaluate(Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster))
+        torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
+    cluster.stop()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
