@@ -466,8 +466,10 @@ class TrainLoader:
             ids[in_epoch] = self._window_order(int(epoch))[positions[in_epoch] % self.num_windows]
         return ids
 
-    def batch(self, step, micro_step):
-        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step."""
+    def batch(self, step, micro_step, device=None):
+        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
+        the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
+        the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
         rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
@@ -476,6 +478,8 @@ class TrainLoader:
             start = (window - self.window_offsets[shard]) * self.seq_len
             rows[row] = self.shards[shard][start:start + self.seq_len + 1]
         rows = torch.from_numpy(rows)
+        if device is not None and device.type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -1886,8 +1890,8 @@ class Cluster:
 class Run:
     """What the phases of one seed's run share: settings, devices, data, model, clocks."""
 
-    def __init__(self, hp, sources, cluster):
-        self.hp, self.sources = hp, sources
+    def __init__(self, hp, sources, cluster, code):
+        self.hp, self.sources, self.code = hp, sources, code
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
         self.local_rank, self.device = cluster.local_rank, cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -1911,7 +1915,6 @@ def setup(run):
     run.run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
     run.log_path = os.path.join("logs", f"{run.run_id}.txt")
     run.log = Logger(run.log_path, run.rank == 0)
-    run.code = Path(__file__).read_bytes()
     run.log(run.code.decode("utf-8"), console=False)
     run.log("=" * 100, console=False)
 
@@ -2015,7 +2018,7 @@ def train_step(run, step, lr_scale):
     # specializes on its value.
     mile_gamma = torch.tensor(run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
     for micro_step in range(run.grad_accum_steps):
-        inputs, targets = (t.to(run.device, non_blocking=True) for t in run.train_loader.batch(step, micro_step))
+        inputs, targets = run.train_loader.batch(step, micro_step, run.device)
         with run.autocast():
             loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
         (loss / run.grad_accum_steps).backward()
@@ -2523,13 +2526,14 @@ def train_and_evaluate(run):
 
 def main():
     hp, sources = Hyperparameters.from_env()
+    code = Path(__file__).read_bytes()  # once: every seed logs and ships the code that is running, even if the file changes
     cluster = Cluster(hp)
     seeds = hp.seed_list()
     base_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
     for seed in seeds:
         run_id = base_id if len(seeds) == 1 else f"{base_id}_seed{seed}"
         seed_sources = sources if len(seeds) == 1 else dict(sources, seed="SEEDS")
-        train_and_evaluate(Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster))
+        train_and_evaluate(Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code))
         torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
     cluster.stop()
 
