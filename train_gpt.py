@@ -80,7 +80,7 @@ class Hyperparameters:
     num_heads: int = 8  # query heads
     num_kv_heads: int = 4  # key/value heads (grouped-query attention)
     mlp_mult: float = 4.0  # MLP hidden width = MLP_MULT * MODEL_DIM
-    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2) or leaky_relu2 (LeakyReLU(slope)^2)
+    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
     mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2
     tie_embeddings: bool = True  # share the token embedding with the output head
     tied_embed_init_std: float = 0.005  # std of the tied embedding at init
@@ -98,6 +98,13 @@ class Hyperparameters:
     value_residual: bool = False  # add sigmoid(a) * (layer 0's V) to every later layer's V
     ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
     ve_dim: int = 128  # width of the value-embedding table
+
+    # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
+    conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
+    mlp_conv_k: int = 0  # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
+    kernel_schedule: str = ""  # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size from the start
+    conv_init: str = "identity"  # identity (the current-token tap is 1) or random (U(+-1/sqrt(k)) on the active taps, as neon213)
+    intent_gate: bool = False  # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
 
     # --- model: embedding side ---
     bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
@@ -251,7 +258,13 @@ class Hyperparameters:
 
     def validate_model(self, require):
         head_dim = self.model_dim // self.num_heads
-        require(self.mlp_activation in ("relu2", "leaky_relu2"), "MLP_ACTIVATION", "choose relu2 or leaky_relu2")
+        require(self.mlp_activation in ("relu2", "leaky_relu2", "swiglu"), "MLP_ACTIVATION", "choose relu2, leaky_relu2 or swiglu")
+        for name in ("conv_k", "mlp_conv_k"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
+        require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
+        require(self.conv_init in ("identity", "random"), "CONV_INIT", "choose identity or random")
+        stages = self.kernel_stages()
+        require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
         require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
                 f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
         require(self.attn_gate in ("none", "head", "output", "sparse"), "ATTN_GATE",
@@ -306,6 +319,23 @@ class Hyperparameters:
         except ImportError:
             raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
                               f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
+
+    def kernel_stages(self):
+        """KERNEL_SCHEDULE as [(when, taps)] in order: when < 1 is a fraction of training, >= 1 a step."""
+        try:
+            stages = [(float(when), int(taps)) for taps, when in
+                      (item.strip().split("@") for item in self.kernel_schedule.split(",") if item.strip())]
+        except ValueError:
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. 1@0,3@0.1,5@0.2") from None
+        taps = [k for _, k in stages]
+        if stages and (stages[0][0] != 0 or taps != sorted(taps) or taps[0] < 1
+                       or [w for w, _ in stages] != sorted(w for w, _ in stages)):
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: must start @0 with at least 1 tap, and grow "
+                              f"in order (kernels only grow, so that the function is preserved)")
+        if stages and taps[-1] > max(self.conv_k, self.mlp_conv_k):
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: grows to {taps[-1]} taps, beyond CONV_K="
+                              f"{self.conv_k} / MLP_CONV_K={self.mlp_conv_k}, the allocated sizes")
+        return stages
 
     def seed_list(self):
         """SEEDS as integers (space- or comma-separated), or [SEED]."""
@@ -684,6 +714,43 @@ class AttentionGate(nn.Module):
         return gate.unsqueeze(-1)
 
 
+class CausalConv(nn.Module):
+    """A causal depthwise Conv1d over time, on (B, T, C) (credit: neon213's SwiGLU-Conv). Output t reads inputs
+    t-k+1..t; the last tap multiplies the current token. The kernel is allocated at its full size MAX_K, and a mask
+    holds the taps that are not yet grown at zero: growing unmasks taps on the far-past side, whose weights are
+    still exactly zero (their gradient was masked), so the function is unchanged bit for bit, no tensor changes
+    shape, the optimizer state carries on (the new taps start with zero moments), and torch.compile does not
+    recompile. The mask is a buffer, so a reloaded artifact knows its kernel size."""
+
+    def __init__(self, channels, max_k, hp):
+        super().__init__()
+        self.max_k = max_k
+        self.weight = nn.Parameter(torch.zeros(channels, max_k))
+        self.register_buffer("tap_mask", torch.zeros(max_k))
+        stages = hp.kernel_stages()
+        taps = min(stages[0][1] if stages else max_k, max_k)
+        self.grow(taps)
+        with torch.no_grad():
+            if hp.conv_init == "identity":  # the model starts as if there were no conv
+                self.weight[:, -1] = 1.0
+            else:  # neon213: PyTorch's Conv1d init U(+-1/sqrt(fan_in)), fan_in = the active taps (k = 1: a random scale)
+                self.weight[:, max_k - taps:].uniform_(-taps ** -0.5, taps ** -0.5)
+
+    @property
+    def active_k(self):
+        return int(self.tap_mask.sum().item())
+
+    def grow(self, taps):
+        """Make the last `taps` taps (at most MAX_K) active; never shrinks."""
+        taps = min(taps, self.max_k)
+        self.tap_mask[self.max_k - taps:] = 1.0
+
+    def forward(self, x):
+        kernel = (self.weight * self.tap_mask).to(x.dtype)
+        padded = F.pad(x.transpose(1, 2), (self.max_k - 1, 0))
+        return F.conv1d(padded, kernel.unsqueeze(1), groups=kernel.size(0)).transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, hp, layer, attention_fn):
         super().__init__()
@@ -703,13 +770,23 @@ class CausalSelfAttention(nn.Module):
         # Value residual (credit: ResFormer, as in the ValCalib record): v += sigmoid(a) v0, v0 = layer 0's V.
         self.value_residual = nn.Parameter(torch.zeros(())) if hp.value_residual and layer > 0 else None
         self.value_embed_scale = nn.Parameter(torch.ones(())) if layer in hp.layer_set("ve_layers") else None
+        # The neon family (credit: neon213): causal depthwise convs on Q, K, V after their projections, and the
+        # Intent, a fourth projection whose sigmoid gates every channel of the attention output.
+        self.c_i = CastedLinear(hp.model_dim, hp.model_dim) if hp.intent_gate else None
+        convs = {"q": hp.model_dim, "k": kv_dim, "v": kv_dim, **({"i": hp.model_dim} if hp.intent_gate else {})}
+        self.convs = nn.ModuleDict({name: CausalConv(width, hp.conv_k, hp) for name, width in convs.items()}) \
+            if hp.conv_k else None
+
+    def project(self, x, name, linear):
+        y = linear(x)
+        return self.convs[name](y) if self.convs is not None else y
 
     def forward(self, x, v0=None, value_embed=None):
         """x: the normed block input. Returns (output, this layer's V before the value residual)."""
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.project(x, "q", self.c_q).view(B, T, self.num_heads, self.head_dim)
+        k = self.project(x, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(x, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
         if self.value_embed_scale is not None:
             v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
         own_v = v
@@ -722,20 +799,30 @@ class CausalSelfAttention(nn.Module):
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
             y = y * self.gate(x)
+        if self.c_i is not None:
+            y = y * torch.sigmoid(self.project(x, "i", self.c_i)).view_as(y)
         return self.proj(y.reshape(B, T, C)), own_v
 
 
 class MLP(nn.Module):
-    """proj(act(fc x)^2) with act = ReLU (the baseline) or LeakyReLU(slope) (credit: PR #493, the LeakyReLU record)."""
+    """proj(act(fc x)^2) with act = ReLU (the baseline) or LeakyReLU(slope) (credit: PR #493, the LeakyReLU record);
+    or SwiGLU, proj(silu(fc conv(x)) * up(x)), whose gate branch may read a causal conv of its input (MLP_CONV_K,
+    neon213's "Hydra" conv; the value branch sees x itself)."""
 
     def __init__(self, hp):
         super().__init__()
         hidden = int(round(hp.mlp_mult * hp.model_dim))
         self.fc = CastedLinear(hp.model_dim, hidden)
         self.proj = CastedLinear(hidden, hp.model_dim, zero_init=True)
+        self.swiglu = hp.mlp_activation == "swiglu"
+        self.up = CastedLinear(hp.model_dim, hidden) if self.swiglu else None
+        self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
         self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
 
     def forward(self, x):
+        if self.swiglu:
+            gate_input = self.gate_conv(x) if self.gate_conv is not None else x
+            return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
 
@@ -875,6 +962,9 @@ class GPT(nn.Module):
         # which layout they were trained with and loading it restores the switch.
         self.register_buffer("loop_active", torch.zeros((), dtype=torch.bool))
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "looping", bool(module.loop_active)))
+        # The kernel size the growth schedule has reached, as a Python int (the masks are the truth: reloaded too).
+        self.kernel_taps = max(self.kernel_sizes(), default=0)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "kernel_taps", max(module.kernel_sizes(), default=0)))
         self.looping = hp.num_loops > 0 and hp.loop_enable_at == 0
         # U-Net skips (credit: the baseline; gates: PR #1089): the first half of the virtual stack feeds the second
         # half in reverse order. Sized for the longer (looped) stack from the start, so that switching the recurrence
@@ -910,6 +1000,16 @@ class GPT(nn.Module):
             return order
         loop = order[self.loop_start:self.loop_end + 1]
         return order[:self.loop_start] + loop * (1 + self.num_loops) + order[self.loop_end + 1:]
+
+    def grow_kernels(self, taps):
+        """Every causal conv grows to `taps` taps (each capped at its allocated size); the function is unchanged."""
+        for module in self.modules():
+            if isinstance(module, CausalConv):
+                module.grow(taps)
+        self.kernel_taps = max(self.kernel_taps, taps)
+
+    def kernel_sizes(self):
+        return sorted({m.active_k for m in self.modules() if isinstance(m, CausalConv)})
 
     def embed(self, input_ids):
         x = self.tok_emb(input_ids)
@@ -992,6 +1092,10 @@ def describe_features(model, hp):
         (f"parallel_lanes:{parallel[0]}-{parallel[-1]}" if parallel else "", parallel),
         (f"backout:after{hp.backout_layer}", hp.backout_layer),
         (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
+        (f"conv_qkv{'i' if hp.intent_gate else ''}:{hp.conv_k}", hp.conv_k),
+        ("intent_gate", hp.intent_gate),
+        (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
+        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})", hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
@@ -1300,6 +1404,15 @@ def lr_multiplier(hp, step, elapsed_ms):
 def muon_momentum(hp, step):
     frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+def kernel_taps_due(hp, step, elapsed_ms):
+    """The conv kernel size KERNEL_SCHEDULE asks for at this point of training (None without a schedule)."""
+    due = None
+    for when, taps in hp.kernel_stages():
+        reached = step >= when if when >= 1 else training_progress(hp, step, elapsed_ms) >= when
+        due = taps if reached else due
+    return due
 
 
 def looping_due(hp, step, elapsed_ms):
@@ -2156,6 +2269,10 @@ def train(run):
             clock = time.perf_counter()
         if last_step:
             break
+        taps = kernel_taps_due(hp, step, elapsed_ms)
+        if taps is not None and taps > model.kernel_taps:
+            model.grow_kernels(taps)
+            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()}")
         if not model.looping and looping_due(hp, step, elapsed_ms):
             model.looping = True
             log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
