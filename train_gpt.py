@@ -169,6 +169,13 @@ class Hyperparameters:
     ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
     ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
 
+    # --- diagnostics ---
+    pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    gen_prompt: str = ""  # at the end, sample text from the round-tripped model after this prompt; empty = no sample
+    gen_tokens: int = 64  # tokens to sample
+    gen_temperature: float = 0.8  # sampling temperature; 0 = greedy
+    gen_top_k: int = 50  # sample among the k most likely tokens; 0 = all
+
     # --- quantization and export ---
     quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale
     embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE)
@@ -254,6 +261,8 @@ class Hyperparameters:
             require(getattr(self, name) > 0, name.upper(), "must be positive")
         require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
         require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
+        for name in ("pr_every", "gen_tokens", "gen_temperature", "gen_top_k"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         self.validate_model(require)
 
     def validate_model(self, require):
@@ -1722,6 +1731,64 @@ def set_qat(model, hp, on):
 # ============================================================================================
 
 
+def participation_ratio(x):
+    """PR = (sum of eigenvalues)^2 / (sum of squared eigenvalues) of the covariance of x (N, D), columns centred:
+    D for isotropic activations, at most r for activations in an r-dimensional subspace (credit: neon213's probes)."""
+    x = x.double() - x.double().mean(dim=0)
+    eigenvalues = torch.linalg.svdvals(x).square()
+    return (eigenvalues.sum().square() / eigenvalues.square().sum()).item()
+
+
+@torch.no_grad()
+def activation_prs(model, tokens, autocast):
+    """{kind: [PR per layer]} on one batch: Q, K, V (and Intent) after their projections and convs, averaged over
+    heads (D = head dim), and every block's output (D = width). Forward hooks on the eager model, one forward."""
+    captured, hooks = {}, []
+
+    def capture(kind, layer, heads):
+        def hook(module, inputs, output):
+            if isinstance(output, tuple):  # a Block: (lanes, v); the residual stream is the lanes' merge
+                output = merge_lanes(output[0])
+            flat = output.float().reshape(-1, output.size(-1))
+            prs = [participation_ratio(part) for part in flat.chunk(heads, dim=1)]
+            captured.setdefault(kind, {})[layer] = sum(prs) / len(prs)
+        return hook
+
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        sources = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v, "i": attn.c_i}
+        for kind, linear in sources.items():
+            if linear is not None:
+                module = attn.convs[kind] if attn.convs is not None else linear
+                heads = attn.num_heads if kind in ("q", "i") else attn.num_kv_heads
+                hooks.append(module.register_forward_hook(capture(kind, layer, heads)))
+        hooks.append(block.register_forward_hook(capture("residual", layer, 1)))
+    try:
+        with autocast():
+            model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {kind: [by_layer[layer] for layer in sorted(by_layer)] for kind, by_layer in captured.items()}
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt_ids, new_tokens, temperature, top_k, context_len, generator):
+    """Autoregressive sampling, re-reading the last `context_len` tokens at every step; temperature 0 is greedy."""
+    ids = list(prompt_ids)
+    device = next(model.parameters()).device
+    for _ in range(new_tokens):
+        logits = model.logits(torch.tensor([ids[-context_len:]], device=device))[0, -1].float()
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        logits = logits / temperature
+        if 0 < top_k < logits.numel():
+            logits[logits < torch.topk(logits, top_k).values[-1]] = -math.inf
+        ids.append(int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator)))
+    return ids[len(prompt_ids):]
+
+
 # Every validation target is scored exactly once, by one window. Position p of the stream predicts token p + 1. A
 # window is (start, score_from, end): the model reads positions [start, end) and its losses at [score_from, end) are
 # counted. The scored ranges partition [0, N - 1), never straddle a TTT chunk boundary, and (with EVAL_DOC_ISOLATED)
@@ -2249,22 +2316,31 @@ def train(run):
     cap_ms = training_budget_ms(hp)
     train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
     average = WeightAverage(model, hp)
+    # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
+    run.pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device)
     synchronize(run)
     clock = time.perf_counter()
     while True:
         last_step = step == hp.iterations or step == stop_after
-        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+        validate = last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0)
+        diagnose = hp.pr_every > 0 and step % hp.pr_every == 0
+        if validate or diagnose:  # off the clock
             synchronize(run)
             train_ms += 1000.0 * (time.perf_counter() - clock)
+            if diagnose and run.rank == 0:
+                prs = activation_prs(model, run.pr_tokens, run.autocast)
+                log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
+                                                   for kind, values in prs.items()))
             if last_step:
                 log(average.apply())  # what is evaluated and exported from here on
                 save_raw_weights(run)  # before anything else can fail
                 if qat_on:
                     set_qat(model, hp, on=False)  # evaluation and export see the plain weights
-            val_loss, val_bpb, _ = run_validation(run)
-            log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+            if validate:
+                val_loss, val_bpb, _ = run_validation(run)
+                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+                run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
             synchronize(run)
             clock = time.perf_counter()
         if last_step:
@@ -2474,6 +2550,24 @@ def log_summary(run):
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
+def generate_sample(run):
+    """GEN_PROMPT: text sampled from the model read back from the artifact (not the TTT-adapted one), in the log.
+    After the summary, so it is on no clock."""
+    hp = run.hp
+    if not hp.gen_prompt or run.rank != 0:
+        return
+    model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device).eval()
+    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path)), strict=True)
+    prompt_ids = [run.sp.bos_id()] + run.sp.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
+    generator = torch.Generator().manual_seed(hp.seed)
+    with run.autocast():
+        new_ids = sample_tokens(model, prompt_ids, hp.gen_tokens, hp.gen_temperature, hp.gen_top_k,
+                                run.eval_seq_len, generator)
+    run.log(f"sample: prompt:{hp.gen_prompt!r} tokens:{hp.gen_tokens} temperature:{hp.gen_temperature} "
+            f"top_k:{hp.gen_top_k} seed:{hp.seed}")
+    run.log(f"sample_text: {(hp.gen_prompt + run.sp.decode(new_ids))!r}")
+
+
 def check_record_dir(run):
     """A records folder holds one configuration and one code: refuse, before training, to add a seed whose config
     hash or code differs from the logs already there (rank 0 looks; every rank gets its verdict)."""
@@ -2638,6 +2732,7 @@ def train_and_evaluate(run):
     evaluate_ttt(run)
     log_compliance(run)
     log_summary(run)
+    generate_sample(run)
     record(run)
 
 

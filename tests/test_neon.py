@@ -2,6 +2,7 @@
 and kernels that grow without changing the function."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -185,18 +186,60 @@ def test_the_artifact_keeps_the_kernels_and_their_size():
     torch.testing.assert_close(restored.blocks[1].attn.convs["v"].weight, kernel.half().float())
 
 
+def test_participation_ratio_against_its_closed_form():
+    generator = torch.Generator().manual_seed(3)
+    isotropic = torch.randn(20000, 16, generator=generator)
+    assert T.participation_ratio(isotropic) == pytest.approx(16, rel=0.02)
+    low_rank = torch.randn(5000, 3, generator=generator) @ torch.randn(3, 16, generator=generator)
+    assert 1.0 <= T.participation_ratio(low_rank) <= 3.0 + 1e-6
+    one_direction = torch.randn(500, 1, generator=generator) * torch.ones(1, 16) + 7.0  # the mean does not count
+    assert T.participation_ratio(one_direction) == pytest.approx(1.0)
+    scales = torch.tensor([1.0, 1.0, 0.0, 0.0])  # two equal directions and two dead ones: PR = (1+1)^2 / (1+1) = 2
+    assert T.participation_ratio(torch.randn(50000, 4, generator=generator) * scales) == pytest.approx(2.0, rel=0.02)
+
+
+def test_activation_prs_cover_every_kind_and_layer_within_bounds():
+    model = randomize_active_taps(build(NEON))
+    prs = T.activation_prs(model, torch.randint(2, 97, (4, 32)), lambda: torch.autocast("cpu", enabled=False))
+    assert sorted(prs) == ["i", "k", "q", "residual", "v"]
+    head_dim = NEON.model_dim // NEON.num_heads
+    for kind, values in prs.items():
+        assert len(values) == NEON.num_layers
+        assert all(1.0 <= v <= (NEON.model_dim if kind == "residual" else head_dim) + 1e-6 for v in values), kind
+    assert not any(hook for m in model.modules() for hook in m._forward_hooks.values())  # removed afterwards
+    plain = T.activation_prs(build(small_hp(num_layers=2)), torch.randint(2, 64, (2, 16)),
+                             lambda: torch.autocast("cpu", enabled=False))
+    assert sorted(plain) == ["k", "q", "residual", "v"]  # no convs: the projections themselves
+
+
+def test_sampling_is_greedy_at_temperature_zero_and_reproducible():
+    model = randomize_active_taps(build(NEON)).eval()
+    prompt = [1, 5, 9]
+    greedy = T.sample_tokens(model, prompt, 6, 0.0, 0, 32, torch.Generator().manual_seed(0))
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(int(model.logits(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[3:]
+    assert T.sample_tokens(model, prompt, 6, 1.0, 1, 32, torch.Generator().manual_seed(0)) == greedy  # top-1 = greedy
+    sampled = [T.sample_tokens(model, prompt, 8, 1.5, 0, 32, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+
+
 def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     import sys
     from conftest import REPO, run_script
     data_dir, tokenizer = sample
     env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8", WARMUP_STEPS="1",
                EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
-               MLP_ACTIVATION="swiglu", INTENT_GATE="1", KERNEL_SCHEDULE="1@0,3@0.5,5@0.75")
+               MLP_ACTIVATION="swiglu", INTENT_GATE="1", KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4",
+               GEN_PROMPT="def main", GEN_TOKENS="12")
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "neon.txt").read_text()
     assert "kernel_growth: taps:3 at step:4 " in log and "kernel_growth: taps:5 at step:6 " in log
     assert "conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:identity)" in log
+    assert re.search(r"^pr: step:4 q:[\d./]+ k:[\d./]+ v:[\d./]+ i:[\d./]+ residual:[\d./]+$", log, re.M)
+    assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\nsample_text: 'def main", log, re.M)
     hp, _ = T.Hyperparameters.from_env(env)
     model = T.GPT(hp)
     model.load_state_dict(T.dequantize_state_dict(T.read_artifact(tmp_path / "logs" / "neon_model.int6.ptz")))
