@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# neon213's growth (k = 1 for 5,000 steps, then +2 taps every 3,000 to 21 at step 32,000 of 35,000), as fractions.
+NEON_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
 VARIANTS = {  # name: env overrides on top of the shared settings
     "baseline": dict(PRESET="baseline,smoke"),
     "stack": {},
@@ -27,6 +29,8 @@ VARIANTS = {  # name: env overrides on top of the shared settings
     "stack - depth_recurrence": dict(NUM_LOOPS="0"),
     "stack - parallel_lanes": dict(PARALLEL_RESIDUALS="0"),
     "stack - ema": dict(WEIGHT_AVERAGING="none"),
+    "stack + conv attention": dict(  # neon213's convs on Q/K/V/Intent with the Intent gate, grown 1 -> 21 on its schedule
+        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_SCHEDULE),
     "stack with baseline optimizer": dict(  # PRESET=baseline's optimizer and schedule on the default model
         MATRIX_LR="0.04", SCALAR_LR="0.04", TIED_EMBED_LR="0.05", EMBED_WEIGHT_DECAY="0", SCALAR_WEIGHT_DECAY="0",
         BETA2="0.95", MUON_MOMENTUM="0.95", MUON_MOMENTUM_WARMUP_START="0.85", MUON_ORTHOGONALIZER="quintic",
