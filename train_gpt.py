@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import io
@@ -272,7 +273,7 @@ class Hyperparameters:
             require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
         require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
         require(self.conv_init in ("identity", "random"), "CONV_INIT", "choose identity or random")
-        stages = self.kernel_stages()
+        stages = self.kernel_stages
         require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
         require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
                 f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
@@ -329,6 +330,7 @@ class Hyperparameters:
             raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
                               f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
 
+    @functools.cached_property  # parsed once: the training loop asks every step
     def kernel_stages(self):
         """KERNEL_SCHEDULE as [(when, taps)] in order: when < 1 is a fraction of training, >= 1 a step."""
         try:
@@ -736,7 +738,7 @@ class CausalConv(nn.Module):
         self.max_k = max_k
         self.weight = nn.Parameter(torch.zeros(channels, max_k))
         self.register_buffer("tap_mask", torch.zeros(max_k))
-        stages = hp.kernel_stages()
+        stages = hp.kernel_stages
         taps = min(stages[0][1] if stages else max_k, max_k)
         self.grow(taps)
         with torch.no_grad():
@@ -1418,7 +1420,7 @@ def muon_momentum(hp, step):
 def kernel_taps_due(hp, step, elapsed_ms):
     """The conv kernel size KERNEL_SCHEDULE asks for at this point of training (None without a schedule)."""
     due = None
-    for when, taps in hp.kernel_stages():
+    for when, taps in hp.kernel_stages:
         reached = step >= when if when >= 1 else training_progress(hp, step, elapsed_ms) >= when
         due = taps if reached else due
     return due
