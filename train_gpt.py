@@ -27,6 +27,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -973,9 +974,6 @@ class GPT(nn.Module):
         # which layout they were trained with and loading it restores the switch.
         self.register_buffer("loop_active", torch.zeros((), dtype=torch.bool))
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "looping", bool(module.loop_active)))
-        # The kernel size the growth schedule has reached, as a Python int (the masks are the truth: reloaded too).
-        self.kernel_taps = max(self.kernel_sizes(), default=0)
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "kernel_taps", max(module.kernel_sizes(), default=0)))
         self.looping = hp.num_loops > 0 and hp.loop_enable_at == 0
         # U-Net skips (credit: the baseline; gates: PR #1089): the first half of the virtual stack feeds the second
         # half in reverse order. Sized for the longer (looped) stack from the start, so that switching the recurrence
@@ -1017,7 +1015,6 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, CausalConv):
                 module.grow(taps)
-        self.kernel_taps = max(self.kernel_taps, taps)
 
     def kernel_sizes(self):
         return sorted({m.active_k for m in self.modules() if isinstance(m, CausalConv)})
@@ -1175,11 +1172,10 @@ class ParameterBank:
         for index, p in enumerate(params):
             p.data = self.weights[index]
             p.grad = self.grads[index]
-        self.shard_size = padded // world_size
         if world_size == 1:
             self.grad_shard, self.updates = self.grads, None
         else:  # the all-gather moves bf16 on GPU, as the update is computed in bf16 there
-            self.grad_shard = torch.empty_like(self.grads[:self.shard_size])
+            self.grad_shard = torch.empty_like(self.grads[:padded // world_size])
             update_dtype = torch.bfloat16 if self.weights.is_cuda else self.weights.dtype
             self.updates = torch.empty_like(self.grads, dtype=update_dtype)
 
@@ -1272,8 +1268,8 @@ class Optimizers:
         by_shape = {}
         for p in matrices:
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.banks = [ParameterBank(params, world_size) for params in by_shape.values()]
-        self.muon = ParallelMuon(self.banks, hp, rank, world_size)
+        self.muon = ParallelMuon([ParameterBank(params, world_size) for params in by_shape.values()], hp, rank, world_size)
+        self.banks = self.muon.banks  # largest first: the order of the collectives
         adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                             weight_decay=hp.embed_weight_decay),
                        dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.scalar_weight_decay)]
@@ -1288,7 +1284,7 @@ class Optimizers:
 
     def describe(self):
         return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
-                f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.muon.banks)} "
+                f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.banks)} "
                 f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
                 f"adamw_params:{sum(p.numel() for p in self.replicated)}")
 
@@ -1360,12 +1356,13 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step, lr_scale):
         """After optimizer step `step` (1-based) taken at LR scale `lr_scale`."""
+        live = [p.detach().float() for p in self.params]  # the fp32 params themselves: no copy
         if self.ema is not None:
             decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params], 1 - decay)
+            torch._foreach_lerp_(self.ema, live, 1 - decay)
             self.ema_updates += 1
         if self.swa_sum is not None and lr_scale < self.swa_start_lr_scale and step % self.swa_every == 0:
-            torch._foreach_add_(self.swa_sum, self.ema if self.ema is not None else [p.detach().float() for p in self.params])
+            torch._foreach_add_(self.swa_sum, self.ema if self.ema is not None else live)
             self.swa_count += 1
 
     def averaged(self):
@@ -2318,8 +2315,9 @@ def train(run):
     cap_ms = training_budget_ms(hp)
     train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
     average = WeightAverage(model, hp)
+    grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
-    run.pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device)
+    pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
     clock = time.perf_counter()
     while True:
@@ -2330,7 +2328,7 @@ def train(run):
             synchronize(run)
             train_ms += 1000.0 * (time.perf_counter() - clock)
             if diagnose and run.rank == 0:
-                prs = activation_prs(model, run.pr_tokens, run.autocast)
+                prs = activation_prs(model, pr_tokens, run.autocast)
                 log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
                                                    for kind, values in prs.items()))
             if last_step:
@@ -2348,8 +2346,9 @@ def train(run):
         if last_step:
             break
         taps = kernel_taps_due(hp, step, elapsed_ms)
-        if taps is not None and taps > model.kernel_taps:
+        if taps is not None and taps > grown_taps:
             model.grow_kernels(taps)
+            grown_taps = taps
             log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()}")
         if not model.looping and looping_due(hp, step, elapsed_ms):
             model.looping = True
@@ -2621,9 +2620,7 @@ def submission_from_logs(log_texts):
 
     def mean_std(key):
         values = [s[key] for s in summaries]
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-        return mean, std
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
     (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
     return dict(

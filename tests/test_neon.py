@@ -181,7 +181,7 @@ def test_the_artifact_keeps_the_kernels_and_their_size():
     assert not any("convs" in name or "gate_conv" in name for name in groups)  # the kernels stay fp16
     restored = build(NEON)
     restored.load_state_dict(T.dequantize_state_dict(T.quantize_state_dict(model.state_dict(), groups, NEON)))
-    assert restored.kernel_sizes() == [3] and restored.kernel_taps == 3
+    assert restored.kernel_sizes() == [3]  # the masks travel with the weights
     kernel = model.blocks[1].attn.convs["v"].weight
     torch.testing.assert_close(restored.blocks[1].attn.convs["v"].weight, kernel.half().float())
 
