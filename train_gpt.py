@@ -56,7 +56,7 @@ class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
     # --- run and data ---
-    preset: str = ""  # named bundles of defaults (baseline, smoke; "baseline,smoke" applies both in order); empty = none
+    preset: str = ""  # named bundles of defaults (baseline, neon213, smoke; "baseline,smoke" applies both in order); empty = none
     run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts; empty = a timestamp
     seed: int = 1337  # seeds initialization and the training data order
     seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
@@ -113,9 +113,13 @@ class Hyperparameters:
     bigram_dim: int = 112  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
 
-    # --- model: residual topology and loss ---
+    # --- model: normalization, residual topology and loss ---
+    norm_weights: bool = False  # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
     ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
-    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add
+    sublayer_scales: bool = True  # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
+    resid_mix: bool = True  # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    unet_skips: bool = True  # U-Net skips: the first half of the virtual stack feeds the second half in reverse order
+    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
     num_loops: int = 2  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
     loop_start: int = 3  # first layer of the looped segment
     loop_end: int = 5  # last layer of the looped segment (inclusive)
@@ -381,6 +385,10 @@ class Hyperparameters:
         return layers
 
 
+# neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
+# as fractions of training, so that it scales to any run length.
+NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+
 # A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
 PRESETS = {
     "": {},
@@ -395,12 +403,23 @@ PRESETS = {
         warmdown_frac=0.087,  # WARMDOWN_ITERS=1200 of its 13,780 steps
         weight_averaging="none",
     ),
+    # neon213 (NeonBench): 8 plain pre-norm blocks of width 384, 6 heads, learnable RMSNorm weights (QK-norm per head
+    # dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the Hydra conv, every kernel grown 1 -> 21
+    # on its schedule, vocabulary 16384; trained by our optimizers (Muon on the block matrices, AdamW on the rest).
+    # 26,675,584 parameters at k = 21. PRESET=neon213,smoke is the same family at the smoke size.
+    "neon213": dict(
+        data_path="./data/datasets/fineweb10B_sp16384", tokenizer_path="./data/tokenizers/fineweb_16384_bpe.model",
+        vocab_size=16384, num_layers=8, model_dim=384, num_heads=6, num_kv_heads=6, mlp_mult=4.0,
+        mlp_activation="swiglu", rope_dims=0, qk_gain_init=1.0, xsa_layers="", attn_gate="none", smear_gate=False,
+        norm_weights=True, ln_scale=False, sublayer_scales=False, resid_mix=False, unet_skips=False, num_loops=0,
+        parallel_residuals=False, conv_k=21, mlp_conv_k=21, intent_gate=True, kernel_schedule=NEON_KERNEL_SCHEDULE,
+    ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
     "smoke": dict(
         data_path="./data/datasets/stdlib_sp1024", tokenizer_path="./data/tokenizers/stdlib_1024_bpe.model",
-        num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3, parallel_start_layer=4,
-        train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
+        vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3,
+        parallel_start_layer=4, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
         warmup_steps=2, max_wallclock_seconds=0.0, muon_momentum_warmup_steps=100,
         train_log_every=25, val_loss_every=0, val_batch_size=16384,
     ),
@@ -620,6 +639,17 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; with NORM_WEIGHTS a learnable per-channel weight (neon213's norms), else none."""
+
+    def __init__(self, dim, learnable, init=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(init))) if learnable else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), None if self.weight is None else self.weight.to(x.dtype))
+
+
 class CastedLinear(nn.Linear):
     """fp32 master weight, used in the activations' dtype (bf16 under autocast)."""
 
@@ -773,7 +803,11 @@ class CausalSelfAttention(nn.Module):
         self.c_k = CastedLinear(hp.model_dim, kv_dim)
         self.c_v = CastedLinear(hp.model_dim, kv_dim)
         self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
-        self.q_gain = nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
+        # QK-norm keeps the logits' scale in check; the queries' scale is learned, per head (the baseline's gain)
+        # or, with NORM_WEIGHTS, per head dim as neon213's q_norm weight (shared by the heads, like k_norm's).
+        self.q_norm = RMSNorm(self.head_dim, hp.norm_weights, init=hp.qk_gain_init)
+        self.k_norm = RMSNorm(self.head_dim, hp.norm_weights)
+        self.q_gain = None if hp.norm_weights else nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
         self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.attention_fn = attention_fn
         self.xsa = layer in hp.layer_set("xsa_layers")
@@ -804,8 +838,9 @@ class CausalSelfAttention(nn.Module):
         own_v = v
         if self.value_residual is not None and v0 is not None:
             v = v + torch.sigmoid(self.value_residual).to(x.dtype) * v0
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm keeps the logits' scale in check
-        q = q * self.q_gain.to(q.dtype)[:, None]
+        q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[:, None]
         y = self.attention_fn(q, k, v)
         if self.xsa:
             y = exclusive_self_attention(y, v)
@@ -852,10 +887,13 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(hp, layer, attention_fn)
         self.mlp = MLP(hp)
-        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
-        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.attn_norm, self.mlp_norm = RMSNorm(hp.model_dim, hp.norm_weights), RMSNorm(hp.model_dim, hp.norm_weights)
+        scales = hp.sublayer_scales
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim)) if scales else None
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim)) if scales else None
         # resid_mix blends the running residual with the block-0 input x0 per channel; [1, 0] = plain residual.
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)]))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)])) \
+            if hp.resid_mix else None
         # LN scale (credit: the PartialRoPE/LN-scale record): damp deeper sublayer inputs by 1/sqrt(layer + 1).
         # `layer` is the physical index, so a looped repeat keeps its block's factor.
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
@@ -866,23 +904,29 @@ class Block(nn.Module):
             self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # [attention lane, MLP lane]
             self.lane_routing = nn.Parameter(torch.ones(2, 2))  # [from attention, from MLP] x [to lane 0, to lane 1]
 
-    def sublayer_input(self, x):
-        return rms_norm(x) * self.norm_scale
+    def sublayer_input(self, x, norm):
+        return norm(x) * self.norm_scale
+
+    @staticmethod
+    def scaled(output, scale):
+        return output if scale is None else scale.to(output.dtype) * output
 
     def forward(self, lanes, x0, v0=None, value_embed=None):
         """Returns (new lanes, this layer's V)."""
         if not self.parallel:
             lanes = (merge_lanes(lanes), None)
         residual, mlp_lane = lanes
-        mix = self.resid_mix.to(residual.dtype)
-        x = mix[0] * residual + mix[1] * x0
-        attn_out, v = self.attn(self.sublayer_input(x), v0, value_embed)
-        attn_out = self.attn_scale.to(x.dtype) * attn_out
+        x = residual
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(residual.dtype)
+            x = mix[0] * residual + mix[1] * x0
+        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed)
+        attn_out = self.scaled(attn_out, self.attn_scale)
         if not self.parallel:
             x = x + attn_out
-            return (x + self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(x)), None), v
+            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm)), self.mlp_scale), None), v
         mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
-        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(self.sublayer_input(mlp_lane))
+        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm)), self.mlp_scale)
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
         return (decay[0] * x + route[0, 0] * attn_out + route[1, 0] * mlp_out,
                 decay[1] * mlp_lane + route[0, 1] * attn_out + route[1, 1] * mlp_out), v
@@ -979,8 +1023,9 @@ class GPT(nn.Module):
         # half in reverse order. Sized for the longer (looped) stack from the start, so that switching the recurrence
         # on mid-run adds no parameter.
         most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
-        self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim))
-        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.skip_gates else None
+        self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
+        self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
         # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339): subtract a learned multiple of the
         # residual after BACKOUT_LAYER virtual layers from the final state; 0 at init, so the identity.
         self.backout_layer = hp.backout_layer
@@ -1037,7 +1082,7 @@ class GPT(nn.Module):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
-        num_encoder = len(order) // 2
+        num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
@@ -1051,7 +1096,7 @@ class GPT(nn.Module):
         x = merge_lanes(lanes)
         if cached is not None:
             x = x - self.backout.to(x.dtype) * cached
-        return rms_norm(x)
+        return self.final_norm(x)
 
     def logits(self, input_ids):
         h = self.hidden_states(input_ids)
@@ -1073,10 +1118,12 @@ class GPT(nn.Module):
 
 
 def count_parameters(model):
-    """(total, embedding, non-embedding): embedding = every token table (tokens, BigramHash, VE) + an untied head."""
+    """(total, embedding, non-embedding): embedding = every token table (tokens, BigramHash, VE) + an untied head.
+    Conv taps not yet grown are held at zero, so they are not counted: a kernel of k active taps counts k."""
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     embedding = sum(p.numel() for p in tables) + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
-    total = sum(p.numel() for p in model.parameters())
+    ungrown = sum(m.weight.size(0) * (m.max_k - m.active_k) for m in model.modules() if isinstance(m, CausalConv))
+    total = sum(p.numel() for p in model.parameters()) - ungrown
     return total, embedding, total - embedding
 
 
@@ -1093,8 +1140,11 @@ def describe_features(model, hp):
         (f"value_embed:{hp.ve_layers}x{hp.ve_dim}", hp.layer_set("ve_layers")),
         (f"bigram_hash:{hp.bigram_buckets}x{hp.bigram_dim}", hp.bigram_buckets),
         ("smear_gate(bos_masked)", hp.smear_gate),
+        ("norm_weights", hp.norm_weights),
         ("ln_scale", hp.ln_scale),
-        ("unet_skips" + ("(gated)" if hp.skip_gates else ""), True),
+        ("sublayer_scales", hp.sublayer_scales),
+        ("resid_mix", hp.resid_mix),
+        ("unet_skips" + ("(gated)" if hp.skip_gates else ""), hp.unet_skips),
         (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
          f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
         (f"parallel_lanes:{parallel[0]}-{parallel[-1]}" if parallel else "", parallel),
@@ -2349,7 +2399,8 @@ def train(run):
         if taps is not None and taps > grown_taps:
             model.grow_kernels(taps)
             grown_taps = taps
-            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()}")
+            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
+                f"model_params:{count_parameters(model)[0]}")
         if not model.looping and looping_due(hp, step, elapsed_ms):
             model.looping = True
             log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "

@@ -23,8 +23,12 @@ ONE_AT_A_TIME = {  # technique: settings that switch it on over the baseline
     "bigram_hash": dict(bigram_buckets=31, bigram_dim=16), "smear_gate": dict(smear_gate=True), "ln_scale": dict(ln_scale=True),
     "skip_gates": dict(skip_gates=True), "recurrence": dict(num_loops=2, loop_start=1, loop_end=2, loop_enable_at=0),
     "parallel_lanes": dict(parallel_residuals=True, parallel_start_layer=2), "backout": dict(backout_layer=2),
+    "norm_weights": dict(norm_weights=True),
 }
+# neon213's plain pre-norm block: learnable norms, no resid_mix, no output scales, no U-Net skips.
+PLAIN_BLOCKS = dict(norm_weights=True, resid_mix=False, sublayer_scales=False, unet_skips=False)
 CONFIGS = {"baseline": BASELINE, "stack": STACK, "everything": EVERYTHING,
+           "stack_plain_blocks": dataclasses.replace(STACK, **PLAIN_BLOCKS),
            **{name: dataclasses.replace(BASELINE, **settings) for name, settings in ONE_AT_A_TIME.items()}}
 
 
@@ -93,6 +97,26 @@ def test_techniques_meant_to_start_as_the_identity_do(settings, own_parameters):
     assert torch.equal(with_technique, plain(tokens))
     randomized(model, seed=1)  # the technique is live: once its parameters move, the output does
     assert not torch.allclose(model(tokens), plain(tokens), atol=1e-4)
+
+
+def test_plain_block_switches_start_as_the_default_block():
+    # Norm weights start at 1 (the query's at QK_GAIN_INIT, which commutes with RoPE), resid_mix at [1, 0] and the
+    # output scales at 1: with the same matrices, switching them all starts from the same function.
+    settings = {name: value for name, value in PLAIN_BLOCKS.items() if name != "unet_skips"}
+    default, plain = build(STACK), build(dataclasses.replace(STACK, **settings))
+    randomized(default, skip=["resid_mix", "attn_scale", "mlp_scale", "q_gain"])
+    with torch.no_grad():
+        for block in default.blocks:
+            block.attn.q_gain.fill_(STACK.qk_gain_init)
+    missing, unexpected = plain.load_state_dict(default.state_dict(), strict=False)
+    assert {name.rsplit(".", 2)[-2] for name in missing} == {"attn_norm", "mlp_norm", "q_norm", "k_norm", "final_norm"}
+    assert {name.rsplit(".", 1)[-1] for name in unexpected} == {"resid_mix", "attn_scale", "mlp_scale", "q_gain"}
+    tokens = torch.randint(0, 97, (2, 30))
+    assert torch.allclose(plain(tokens), default(tokens), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        plain.blocks[1].attn.k_norm.weight[:3].mul_(3)  # the weights are live
+        plain.final_norm.weight[:5].mul_(2)
+    assert not torch.allclose(plain(tokens), default(tokens), atol=1e-3)
 
 
 def copy_without(model, settings):
@@ -219,13 +243,15 @@ def expected_parameters(hp):
     kv = d // heads * hp.num_kv_heads
     hidden = int(round(hp.mlp_mult * d))
     gate = {"none": 0, "head": heads * d, "output": heads * hp.gate_window, "sparse": heads * hp.gate_window}[hp.attn_gate]
-    block = 2 * d * d + 2 * d * kv + heads + 2 * d * hidden + 4 * d + gate
+    head_dim = d // heads
+    query_scale = 2 * head_dim + 2 * d if hp.norm_weights else heads  # q/k and sublayer norm weights, or the q gain
+    block = 2 * d * d + 2 * d * kv + query_scale + 2 * d * hidden + 2 * d * hp.sublayer_scales + 2 * d * hp.resid_mix + gate
     ve_layers = len(hp.layer_set("ve_layers"))
     total = layers * block + hp.vocab_size * d * (1 if hp.tie_embeddings else 2)
     total += (layers - 1) * hp.value_residual + ve_layers
     total += 6 * sum(hp.parallel_residuals and layer >= hp.parallel_start_layer for layer in range(layers))
     virtual = layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
-    total += virtual // 2 * d * (2 if hp.skip_gates else 1)
+    total += virtual // 2 * d * (2 if hp.skip_gates else 1) * hp.unet_skips + d * hp.norm_weights  # + the final norm
     total += (hp.gate_window + 1) * hp.smear_gate + (hp.backout_layer > 0)
     if hp.bigram_buckets:
         total += hp.bigram_buckets * hp.bigram_dim + hp.bigram_dim * d + 1
@@ -234,7 +260,8 @@ def expected_parameters(hp):
     return total
 
 
-@pytest.mark.parametrize("name", ["baseline", "stack", "everything", "head_gate", "untied", "default_full_size"])
+@pytest.mark.parametrize("name", ["baseline", "stack", "everything", "head_gate", "untied", "default_full_size",
+                                  "stack_plain_blocks", "norm_weights"])
 def test_parameter_counts_match_the_closed_form(name):
     hp = {"untied": dataclasses.replace(EVERYTHING, tie_embeddings=False, attn_gate="head", mlp_mult=3.5),
           "default_full_size": T.Hyperparameters()}.get(name) or CONFIGS[name]
@@ -246,7 +273,7 @@ def test_baseline_preset_matches_the_challenge_record():
     # The challenge's naive baseline (9x512, 8/4 heads, MLP 2x, vocab 1024, tied) has 17,059,912 parameters.
     hp, _ = T.Hyperparameters.from_env({"PRESET": "baseline"})
     assert T.count_parameters(T.GPT(hp)) == (17_059_912, 524_288, 16_535_624)
-    assert T.describe_features(T.GPT(hp), hp) == "mlp:relu2x2 gqa:8/4 rope_dims:64/64 qk_gain_init:1.5 softcap:30 tied_embeddings unet_skips"
+    assert T.describe_features(T.GPT(hp), hp) == "mlp:relu2x2 gqa:8/4 rope_dims:64/64 qk_gain_init:1.5 softcap:30 tied_embeddings sublayer_scales resid_mix unet_skips"
 
 
 def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_it():

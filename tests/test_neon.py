@@ -13,7 +13,8 @@ from conftest import small_hp
 
 BOS = 1
 NEON = small_hp(num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, mlp_activation="swiglu",
-                conv_k=7, mlp_conv_k=5, intent_gate=True, kernel_schedule="1@0,3@0.3,7@0.6")
+                conv_k=7, mlp_conv_k=5, intent_gate=True, kernel_schedule="1@0,3@0.3,7@0.6",
+                norm_weights=True, resid_mix=False, sublayer_scales=False, unet_skips=False)  # neon213's plain block
 
 
 def build(hp, seed=0):
@@ -32,6 +33,21 @@ def randomize_active_taps(model, seed=0):
             if isinstance(module, T.CastedLinear):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.2)
     return model
+
+
+@pytest.mark.parametrize("taps", [1, 9, 21])
+def test_the_neon213_preset_has_the_spec_parameter_count(taps):
+    # neon.md section 1, recounted from neon213's code: (total with the tied embedding, non-embedding) by kernel size.
+    spec = {1: (26_368_384, 20_076_928), 9: (26_491_264, 20_199_808), 21: (26_675_584, 20_384_128)}[taps]
+    fixed, _ = T.Hyperparameters.from_env({"PRESET": "neon213", "CONV_K": str(taps), "MLP_CONV_K": str(taps),
+                                           "KERNEL_SCHEDULE": ""})
+    total, embedding, non_embedding = T.count_parameters(T.GPT(fixed))
+    assert (total, non_embedding) == spec and embedding == 16384 * 384
+    grown, _ = T.Hyperparameters.from_env({"PRESET": "neon213"})  # allocated at 21, grown on neon213's schedule
+    assert grown.kernel_stages[0] == (0.0, 1) and grown.kernel_stages[-1][1] == 21
+    model = T.GPT(grown)
+    model.grow_kernels(taps)
+    assert model.kernel_sizes() == [taps] and T.count_parameters(model)[0] == spec[0]
 
 
 def test_the_last_tap_is_the_current_token_and_the_conv_is_causal():
@@ -229,15 +245,15 @@ def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     import sys
     from conftest import REPO, run_script
     data_dir, tokenizer = sample
-    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8", WARMUP_STEPS="1",
-               EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
-               MLP_ACTIVATION="swiglu", INTENT_GATE="1", KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4",
-               GEN_PROMPT="def main", GEN_TOKENS="12")
+    env = dict(PRESET="neon213,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8",
+               WARMUP_STEPS="1", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
+               KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4", GEN_PROMPT="def main", GEN_TOKENS="12")
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "neon.txt").read_text()
     assert "kernel_growth: taps:3 at step:4 " in log and "kernel_growth: taps:5 at step:6 " in log
-    assert "conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:identity)" in log
+    assert ("mlp:swiglux4 gqa:4/2 rope_dims:32/32 qk_gain_init:1 softcap:30 tied_embeddings ortho_init norm_weights "
+            "conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:identity)") in log
     assert re.search(r"^pr: step:4 q:[\d./]+ k:[\d./]+ v:[\d./]+ i:[\d./]+ residual:[\d./]+$", log, re.M)
     assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\nsample_text: 'def main", log, re.M)
     hp, _ = T.Hyperparameters.from_env(env)
