@@ -1,7 +1,8 @@
 """Architecture ablation: the baseline preset, the default stack, and the stack with one technique flipped.
 
 Runs train_gpt.py once per variant, one after the other, with the same data, steps and seed, and prints a markdown
-table of val_bpb (pre-quantization and quantized round-trip, plain windows) with the parameter counts and step times.
+table of val_bpb (pre-quantization and quantized round-trip, plain windows) with the parameter counts and step times,
+and, with PR_EVERY set, the participation ratios at the last step (means over layers; Q/K/V/I per head).
 
     python3 benchmarks/ablation.py --data-path ./data/datasets/mydata --tokenizer-path ./data/tokenizers/my.model \
         ITERATIONS=1000
@@ -18,8 +19,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# neon213's growth (k = 1 for 5,000 steps, then +2 taps every 3,000 to 21 at step 32,000 of 35,000), as fractions.
-NEON_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+sys.path.insert(0, str(REPO))
+from train_gpt import NEON_KERNEL_SCHEDULE  # noqa: E402
+
 VARIANTS = {  # name: env overrides on top of the shared settings
     "baseline": dict(PRESET="baseline,smoke"),
     "stack": {},
@@ -30,7 +32,11 @@ VARIANTS = {  # name: env overrides on top of the shared settings
     "stack - parallel_lanes": dict(PARALLEL_RESIDUALS="0"),
     "stack - ema": dict(WEIGHT_AVERAGING="none"),
     "stack + conv attention": dict(  # neon213's convs on Q/K/V/Intent with the Intent gate, grown 1 -> 21 on its schedule
-        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_SCHEDULE),
+        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE),
+    "stack + conv attention / random init": dict(
+        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE, CONV_INIT="random"),
+    "neon213 at smoke size": dict(PRESET="neon213,smoke"),
+    "neon213 at smoke size / random init": dict(PRESET="neon213,smoke", CONV_INIT="random"),
     "stack with baseline optimizer": dict(  # PRESET=baseline's optimizer and schedule on the default model
         MATRIX_LR="0.04", SCALAR_LR="0.04", TIED_EMBED_LR="0.05", EMBED_WEIGHT_DECAY="0", SCALAR_WEIGHT_DECAY="0",
         BETA2="0.95", MUON_MOMENTUM="0.95", MUON_MOMENTUM_WARMUP_START="0.85", MUON_ORTHOGONALIZER="quintic",
@@ -51,9 +57,19 @@ def run_variant(name, overrides, shared, log_dir):
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
     log = log_path.read_text()
     summary = json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
-    params = re.search(r"^model_params:(\d+)", log, re.M).group(1)
+    params = re.findall(r"model_params:(\d+)", log)[-1]  # after the last kernel growth
     return dict(name=name, overrides=" ".join(f"{k}={v}" for k, v in overrides.items()) or "(defaults)",
-                params=int(params), log=str(log_path), **summary)
+                params=int(params), log=str(log_path), prs=last_prs(log), **summary)
+
+
+def last_prs(log):
+    """The last `pr:` line as "q/k/v/i/residual" means over layers ("-" for a kind the model lacks), or "" without."""
+    lines = re.findall(r"^pr: step:\d+ (.*)$", log, re.M)
+    if not lines:
+        return ""
+    means = {kind: sum(map(float, values.split("/"))) / len(values.split("/"))
+             for kind, values in (item.split(":") for item in lines[-1].split())}
+    return "/".join(f"{means[kind]:.1f}" if kind in means else "-" for kind in ("q", "k", "v", "i", "residual"))
 
 
 def main():
@@ -67,12 +83,15 @@ def main():
     shared = dict(DATA_PATH=os.path.abspath(args.data_path), TOKENIZER_PATH=os.path.abspath(args.tokenizer_path))
     shared.update(setting.split("=", 1) for setting in args.settings)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
-    print("| variant | overrides | params | steps | step_avg ms | pre-quant val_bpb | round-trip val_bpb |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--only: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    print("| variant | overrides | params | steps | step_avg ms | pre-quant val_bpb | round-trip val_bpb | PR q/k/v/i/res |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for name in names:
         row = run_variant(name, VARIANTS[name], shared, args.log_dir)
         print(f"| {row['name']} | `{row['overrides']}` | {row['params']:,} | {row['steps']} | {row['step_avg_ms']:.0f} | "
-              f"{row['pre_quant_val_bpb']:.4f} | {row['val_bpb']:.4f} |", flush=True)
+              f"{row['pre_quant_val_bpb']:.4f} | {row['val_bpb']:.4f} | {row['prs']} |", flush=True)
 
 
 if __name__ == "__main__":
