@@ -105,7 +105,7 @@ class Hyperparameters:
     conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
     mlp_conv_k: int = 0  # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
     kernel_schedule: str = ""  # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size from the start
-    conv_init: str = "identity"  # identity (the current-token tap is 1) or random (U(+-1/sqrt(k)) on the active taps, as neon213)
+    conv_init: str = "random"  # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
     intent_gate: bool = False  # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
 
     # --- model: embedding side ---
@@ -277,7 +277,7 @@ class Hyperparameters:
         for name in ("conv_k", "mlp_conv_k"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
         require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
-        require(self.conv_init in ("identity", "random"), "CONV_INIT", "choose identity or random")
+        require(self.conv_init in ("random", "identity"), "CONV_INIT", "choose random or identity")
         stages = self.kernel_stages
         require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
         require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
@@ -773,10 +773,10 @@ class CausalConv(nn.Module):
         taps = min(stages[0][1] if stages else max_k, max_k)
         self.grow(taps)
         with torch.no_grad():
-            if hp.conv_init == "identity":  # the model starts as if there were no conv
+            if hp.conv_init == "random":  # neon213: PyTorch's Conv1d init U(+-1/sqrt(fan_in)), fan_in = the active taps
+                self.weight[:, max_k - taps:].uniform_(-taps ** -0.5, taps ** -0.5)  # (k = 1: a random scale and sign)
+            else:  # identity: the model starts as if there were no conv
                 self.weight[:, -1] = 1.0
-            else:  # neon213: PyTorch's Conv1d init U(+-1/sqrt(fan_in)), fan_in = the active taps (k = 1: a random scale)
-                self.weight[:, max_k - taps:].uniform_(-taps ** -0.5, taps ** -0.5)
 
     @property
     def active_k(self):

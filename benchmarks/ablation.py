@@ -33,10 +33,10 @@ VARIANTS = {  # name: env overrides on top of the shared settings
     "stack - ema": dict(WEIGHT_AVERAGING="none"),
     "stack + conv attention": dict(  # neon213's convs on Q/K/V/Intent with the Intent gate, grown 1 -> 21 on its schedule
         CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE),
-    "stack + conv attention / random init": dict(
-        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE, CONV_INIT="random"),
+    "stack + conv attention / identity init": dict(
+        CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE, CONV_INIT="identity"),
     "neon213 at smoke size": dict(PRESET="neon213,smoke"),
-    "neon213 at smoke size / random init": dict(PRESET="neon213,smoke", CONV_INIT="random"),
+    "neon213 at smoke size / identity init": dict(PRESET="neon213,smoke", CONV_INIT="identity"),
     "stack with baseline optimizer": dict(  # PRESET=baseline's optimizer and schedule on the default model
         MATRIX_LR="0.04", SCALAR_LR="0.04", TIED_EMBED_LR="0.05", EMBED_WEIGHT_DECAY="0", SCALAR_WEIGHT_DECAY="0",
         BETA2="0.95", MUON_MOMENTUM="0.95", MUON_MOMENTUM_WARMUP_START="0.85", MUON_ORTHOGONALIZER="quintic",

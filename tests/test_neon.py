@@ -253,7 +253,7 @@ def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     log = (tmp_path / "logs" / "neon.txt").read_text()
     assert "kernel_growth: taps:3 at step:4 " in log and "kernel_growth: taps:5 at step:6 " in log
     assert ("mlp:swiglux4 gqa:4/2 rope_dims:32/32 qk_gain_init:1 softcap:30 tied_embeddings ortho_init norm_weights "
-            "conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:identity)") in log
+            "conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:random)") in log
     assert re.search(r"^pr: step:4 q:[\d./]+ k:[\d./]+ v:[\d./]+ i:[\d./]+ residual:[\d./]+$", log, re.M)
     assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\nsample_text: 'def main", log, re.M)
     hp, _ = T.Hyperparameters.from_env(env)
