@@ -635,10 +635,6 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
 # parallel lanes, then Cache+Backout.
 
 
-def rms_norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim; with NORM_WEIGHTS a learnable per-channel weight (neon213's norms), else none."""
 
@@ -1025,6 +1021,7 @@ class GPT(nn.Module):
         most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
+        self.embed_norm = RMSNorm(hp.model_dim, learnable=False)  # the baseline's; neon213 has none (no parameter either way)
         self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
         # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339): subtract a learned multiple of the
         # residual after BACKOUT_LAYER virtual layers from the final state; 0 at init, so the identity.
@@ -1070,7 +1067,7 @@ class GPT(nn.Module):
             x = x + self.bigram(input_ids)
         if self.smear is not None:
             x = self.smear(x, input_ids)
-        return rms_norm(x)
+        return self.embed_norm(x)
 
     def add_skip(self, x, skip, index):
         weighted = self.skip_weights[index].to(x.dtype) * skip
