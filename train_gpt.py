@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import functools
 import glob
 import hashlib
@@ -25,12 +26,14 @@ import math
 import os
 import platform
 import re
-import shutil
+import secrets
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -57,7 +60,9 @@ class Hyperparameters:
 
     # --- run and data ---
     preset: str = ""  # named bundles of defaults (baseline, neon213, smoke; "baseline,smoke" applies both in order); empty = none
-    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts; empty = a timestamp
+    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
+    overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
+    finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
     seed: int = 1337  # seeds initialization and the training data order
     seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
@@ -150,6 +155,7 @@ class Hyperparameters:
     muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
     grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
     warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    warmdown_iters: int = 0  # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces WARMDOWN_FRAC
     min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
 
     # --- weight averaging ---
@@ -210,7 +216,9 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, environ=None):
-        """Defaults, then the preset, then explicit env vars. Returns (hparams, {field: source})."""
+        """Defaults, then the preset, then explicit env vars. Returns (hparams, {field: source}). A variable that
+        looks like a setting but is not one of ours (a typo, a name of the baseline or the records) is accepted as
+        an alias of the same meaning or refused, never ignored."""
         environ = os.environ if environ is None else environ
         preset_names = [name for name in environ.get("PRESET", "").split(",") if name.strip()]
         for name in preset_names:
@@ -220,17 +228,24 @@ class Hyperparameters:
         for name in preset_names:
             preset_values.update(PRESETS[name])
             preset_sources.update(dict.fromkeys(PRESETS[name], f"preset:{name}"))
+        types = {field.name: field.type for field in dataclasses.fields(cls)}
         values, sources = {}, {}
-        for field in dataclasses.fields(cls):
-            env_name = field.name.upper()
-            if env_name in environ:
-                values[field.name] = _parse_env(env_name, environ[env_name], field.type)
-                sources[field.name] = "env"
-            elif field.name in preset_values:
-                values[field.name] = preset_values[field.name]
-                sources[field.name] = preset_sources[field.name]
-            else:
-                sources[field.name] = "default"
+        for name, (env_name, raw) in settings_in_environ(environ, types).items():
+            values[name] = _parse_env(env_name, raw, types[name])
+            sources[name] = "env" if env_name == name.upper() else f"env:{env_name}(alias)"
+        for name in types:
+            if name not in values:
+                if name in preset_values:
+                    values[name], sources[name] = preset_values[name], preset_sources[name]
+                else:
+                    sources[name] = "default"
+        # The baseline's step-based warmdown and the records' fraction are two forms of one setting.
+        if values.get("warmdown_iters", 0) > 0:
+            if sources["warmdown_frac"] != "default" and values["warmdown_frac"] > 0:
+                raise ConfigError(f"WARMDOWN_ITERS={values['warmdown_iters']} ({sources['warmdown_iters']}) and "
+                                  f"WARMDOWN_FRAC={values['warmdown_frac']} ({sources['warmdown_frac']}) are two forms "
+                                  f"of the warmdown; set one (WARMDOWN_ITERS=0 to use the fraction, WARMDOWN_FRAC=0 to use the steps)")
+            values["warmdown_frac"], sources["warmdown_frac"] = 0.0, "implied:WARMDOWN_ITERS"
         return cls(**values), sources
 
     def __post_init__(self):
@@ -241,6 +256,10 @@ class Hyperparameters:
         def require(ok, env_name, why):
             if not ok:
                 raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
+        for field in dataclasses.fields(self):  # nan and inf pass no range check below: refuse them here
+            require(field.type is not float or math.isfinite(getattr(self, field.name)), field.name.upper(), "must be finite")
+        require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", self.run_id) is not None, "RUN_ID",
+                "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
         for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
                      "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
@@ -303,9 +322,16 @@ class Hyperparameters:
         require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
 
     def validate_optimizer(self, require):
-        for name in ("grad_clip_norm", "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay",
-                     "scalar_weight_decay"):
+        for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "grad_clip_norm",
+                     "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay",
+                     "warmdown_iters", "tied_embed_init_std"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ttt_momentum"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
+        require(self.adam_eps > 0, "ADAM_EPS", "must be positive")
+        require(self.rope_base > 0, "ROPE_BASE", "must be positive")
+        require(not (self.warmdown_iters > 0 and self.warmdown_frac > 0), "WARMDOWN_ITERS",
+                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one of them to 0")
         require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
         require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
         for name in ("min_lr_scale", "ema_decay"):
@@ -367,7 +393,7 @@ class Hyperparameters:
         """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
         folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
         be pooled."""
-        per_run = {"seed", "seeds", "run_id", "record_dir", "data_path", "tokenizer_path"}
+        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "record_dir", "data_path", "tokenizer_path"}
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
         return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -400,7 +426,7 @@ PRESETS = {
         matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
         beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
         muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
-        warmdown_frac=0.087,  # WARMDOWN_ITERS=1200 of its 13,780 steps
+        warmdown_iters=1200, warmdown_frac=0.0,
         weight_averaging="none",
     ),
     # neon213 (NeonBench): 8 plain pre-norm blocks of width 384, 6 heads, learnable RMSNorm weights (QK-norm per head
@@ -440,6 +466,82 @@ def _parse_env(env_name, raw, typ):
         raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
 
 
+# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
+# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
+SETTING_ALIASES = {
+    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
+    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
+    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
+    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
+}
+FOREIGN_SETTING_HINTS = {
+    "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
+    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
+    "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
+    "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
+    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE", "QAT_ENABLED": "QAT_START_LR_SCALE",
+    "LATE_QAT_THRESHOLD": "QAT_START_LR_SCALE", "SWA_ENABLED": "WEIGHT_AVERAGING", "EMA_ENABLED": "WEIGHT_AVERAGING",
+    "VE_ENABLED": "VE_LAYERS", "BIGRAM_VOCAB_SIZE": "BIGRAM_BUCKETS", "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS",
+    "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE", "COMPILE_MODEL": "COMPILE",
+    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
+    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
+    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
+    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
+    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
+}
+# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
+FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
+    TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
+    TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES
+    GLOBAL_TTT_MOMENTUM GLOBAL_TTT_LR GLOBAL_TTT_GRAD_CLIP GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS
+    GLOBAL_TTT_BATCH_SEQS PHASED_TTT_NUM_PHASES MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GATED_ATTN_INIT_STD FP_STORAGE CASEOPS_ENABLED ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
+    TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM PHASED_TTT_ENABLED MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
+    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
+    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
+    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
+    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
+    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
+    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
+    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
+    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATE_QAT LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
+    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
+    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
+    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
+    EVAL_ONLY_QUANTIZED_PATH EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
+    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
+    BLOCK_LARS_MIN_SCALE ATTN_VARIANT
+""".split())
+# Variables of other programs that are never read as settings, even when a name is close to one of ours.
+FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
+
+
+def settings_in_environ(environ, types):
+    """{field: (env name, raw value)} of the settings in `environ`; raises ConfigError on a refused name."""
+    found = {}
+    for env_name, raw in environ.items():
+        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
+        if field is not None:
+            if field in found:
+                raise ConfigError(f"{env_name}={raw!r} and {found[field][0]}={found[field][1]!r} set the same setting "
+                                  f"({field.upper()}); set one")
+            found[field] = (env_name, raw)
+            continue
+        if env_name in FOREIGN_SETTINGS:
+            hint = FOREIGN_SETTING_HINTS.get(env_name)
+            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
+                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
+            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
+    return found
+
+
 # ============================================================================================
 # DATA
 # ============================================================================================
@@ -460,19 +562,28 @@ def write_shard(path, tokens):
         f.write(tokens.astype("<u2").tobytes())
 
 
+class DataError(ConfigError):
+    """A shard or tokenizer file that cannot be used: the message names the file and the env var that points to it."""
+
+
 def read_shard_header(path):
     """Validates magic, version and file size; returns the token count."""
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise DataError(f"{path} (in DATA_PATH) cannot be read: {error.strerror}") from None
     if size < SHARD_HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
     if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
     num_tokens = int(header[2])
     if num_tokens < 0 or size != SHARD_HEADER_BYTES + 2 * num_tokens:
-        raise ValueError(f"{path}: header says {num_tokens} tokens, so {SHARD_HEADER_BYTES + 2 * num_tokens} bytes, "
+        raise DataError(f"{path}: header says {num_tokens} tokens, so {SHARD_HEADER_BYTES + 2 * num_tokens} bytes, "
                          f"but the file has {size} (truncated or corrupted; download or export it again)")
     return num_tokens
 
@@ -484,6 +595,10 @@ def load_shard(path):
 
 
 def shard_files(data_path, split):
+    if not os.path.isdir(data_path):
+        raise ConfigError(f"DATA_PATH={data_path!r} is {'a file' if os.path.exists(data_path) else 'missing'}, not a "
+                          f"folder of shards; download them with data/cached_challenge_fineweb.py or export them with "
+                          f"data/prepare_docs.py")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
@@ -495,13 +610,15 @@ class TrainLoader:
     """Deterministic training batches that do not depend on the world size.
 
     The training shards are cut into non-overlapping windows of TRAIN_SEQ_LEN + 1 tokens. Every epoch visits all
-    windows in an order drawn from (SEED, epoch). Optimizer step s uses global windows [s*B, (s+1)*B) of that order,
+    windows in an order drawn from (SEED, epoch). With `vocab_size`, the windows of a whole global step are checked
+    before its first micro-batch is served (on every rank, so that all of them stop at the same step): a token id
+    out of range is an error naming the shard, found when first read instead of by a full scan at start-up. Optimizer step s uses global windows [s*B, (s+1)*B) of that order,
     split into WORLD_SIZE * GRAD_ACCUM_STEPS equal micro-batches, so the global batch, and thus the math, is the
     same at any world size. The loader is stateless: `batch(step, micro_step)` can be asked for in any order.
     """
 
-    def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1):
-        self.shards = [load_shard(f) for f in files]
+    def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1, vocab_size=None):
+        self.files, self.shards, self.vocab_size, self._checked_step = files, [load_shard(f) for f in files], vocab_size, None
         self.seq_len, self.seqs_per_step, self.seed = seq_len, seqs_per_step, seed
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
@@ -531,17 +648,33 @@ class TrainLoader:
         """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
         the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
         the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
+        if self.vocab_size is not None and step != self._checked_step:
+            self.check_tokens(self.global_window_ids(step))
+            self._checked_step = step
         chunk = self.rank * self.grad_accum_steps + micro_step
         ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
+        rows = torch.from_numpy(self.windows(ids))
+        if device is not None and device.type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+
+    def windows(self, ids):
         rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         shard_of = np.searchsorted(self.window_offsets, ids, side="right") - 1
         for row, (shard, window) in enumerate(zip(shard_of, ids)):
             start = (window - self.window_offsets[shard]) * self.seq_len
             rows[row] = self.shards[shard][start:start + self.seq_len + 1]
-        rows = torch.from_numpy(rows)
-        if device is not None and device.type == "cuda":
-            rows = rows.pin_memory().to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+        return rows
+
+    def check_tokens(self, ids):
+        rows = self.windows(ids)
+        if rows.max() >= self.vocab_size:
+            row, column = np.unravel_index(int(rows.argmax()), rows.shape)
+            shard = int(np.searchsorted(self.window_offsets, ids[row], side="right") - 1)
+            position = (ids[row] - self.window_offsets[shard]) * self.seq_len + column
+            raise DataError(f"{self.files[shard]} holds token id {int(rows.max())} >= VOCAB_SIZE={self.vocab_size} (at "
+                            f"token {position}); re-export or re-download this shard, or fix VOCAB_SIZE / DATA_PATH")
 
 
 def load_validation_tokens(files):
@@ -554,8 +687,12 @@ def load_validation_tokens(files):
 
 def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
-        raise ConfigError(f"TOKENIZER_PATH={path!r} does not exist")
-    sp = spm.SentencePieceProcessor(model_file=path)
+        raise ConfigError(f"TOKENIZER_PATH={path!r} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as error:
+        reason = "cannot be read" if not os.access(path, os.R_OK) else "is not a SentencePiece model"
+        raise ConfigError(f"TOKENIZER_PATH={path!r} {reason} ({str(error).strip()[:120]})") from None
     if sp.vocab_size() != vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
                           f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
@@ -1448,8 +1585,18 @@ def training_progress(hp, step, elapsed_ms):
 
 
 def lr_multiplier(hp, step, elapsed_ms):
-    """1, then a linear decay over the last WARMDOWN_FRAC of training, floored at MIN_LR_SCALE (the records'
-    fraction-based schedule; the baseline's step-based warmdown is the fraction it came to)."""
+    """1, then a linear decay to 0, floored at MIN_LR_SCALE: over the last WARMDOWN_FRAC of training (the records'
+    form), or over the last WARMDOWN_ITERS steps (the baseline's form: under a wall-clock cap those steps are
+    converted to time with the mean step time so far, exactly as the baseline does)."""
+    if hp.warmdown_iters > 0:
+        if hp.max_wallclock_seconds == 0:
+            start = max(hp.iterations - hp.warmdown_iters, 0)
+            scale = max((hp.iterations - step) / hp.warmdown_iters, 0.0) if start <= step < hp.iterations else 1.0
+        else:
+            warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
+            remaining_ms = max(training_budget_ms(hp) - elapsed_ms, 0.0)
+            scale = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        return max(scale, hp.min_lr_scale)
     if hp.warmdown_frac == 0:
         return 1.0
     remaining = 1.0 - training_progress(hp, step, elapsed_ms)
@@ -1488,10 +1635,13 @@ def looping_due(hp, step, elapsed_ms):
 # The row scale comes from the clip: SDClip (k times the row's std; credit: the SP8192 SDClip record, per-group k
 # from the current record), a GPTQ-lite percentile search, or the row max. The rounding is full-Hessian GPTQ
 # (Frantar et al., arXiv 2210.17323; credit: the Full-GPTQ records) when Hessians are given, else round to nearest.
-# The file is magic + compressor id + flags + SHA-256 + the compressed payload.
+# The file is magic + compressor id + flags + the payload's decompressed size (uint64, little-endian) + SHA-256 +
+# the compressed payload. The digest covers everything else in the file, header included, and the size bounds the
+# decompression, so a corrupt or hostile file is refused before it reaches torch.load or allocates memory.
 
-ARTIFACT_MAGIC = b"PGQ2"
-ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 32
+ARTIFACT_MAGIC = b"PGQ3"
+ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 8 + 32
+ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 28  # a cap on the decompressed size whatever the header says (16 times the limit)
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
 PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
 K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
@@ -1508,10 +1658,34 @@ def _brotli():
     return brotli
 
 
-COMPRESSORS = {  # name: (id byte, compress, decompress); a missing package is an error, never a silent fallback
-    "zlib": (1, lambda b: zlib.compress(b, 9), zlib.decompress),
-    "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), lambda b: _zstd().ZstdDecompressor().decompress(b)),
-    "brotli": (3, lambda b: _brotli().compress(b, quality=11), lambda b: _brotli().decompress(b)),
+def _zlib_decompress(data, limit):
+    return zlib.decompressobj().decompress(data, limit)
+
+
+def _zstd_decompress(data, limit):
+    return _zstd().ZstdDecompressor().stream_reader(io.BytesIO(data)).read(limit)
+
+
+def _brotli_decompress(data, limit):
+    """Small input pieces and a capped output buffer, so that no call expands far past `limit`."""
+    decompressor, out, size = _brotli().Decompressor(), [], 0
+    for start in range(0, len(data), 256):
+        out.append(decompressor.process(data[start:start + 256], output_buffer_limit=limit - size))
+        size += len(out[-1])
+        while size < limit and not decompressor.can_accept_more_data():
+            out.append(decompressor.process(b"", output_buffer_limit=limit - size))
+            size += len(out[-1])
+        if size >= limit:
+            break
+    return b"".join(out)[:limit]
+
+
+# name: (id byte, compress, decompress(data, limit) -> at most `limit` bytes).
+# A missing package is an error, never a silent fallback.
+COMPRESSORS = {
+    "zlib": (1, lambda b: zlib.compress(b, 9), _zlib_decompress),
+    "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), _zstd_decompress),
+    "brotli": (3, lambda b: _brotli().compress(b, quality=11), _brotli_decompress),
 }
 
 
@@ -1710,29 +1884,56 @@ def serialize_artifact(quantized, compressor, shuffle):
     torch.save(quantized, buffer)
     payload = buffer.getvalue()
     compressor_id, compress, _ = COMPRESSORS[compressor]
-    payload = compress(byte_shuffle(payload) if shuffle else payload)
-    return ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + hashlib.sha256(payload).digest() + payload
+    header = ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + len(payload).to_bytes(8, "little")
+    compressed = compress(byte_shuffle(payload) if shuffle else payload)
+    return header + hashlib.sha256(header + compressed).digest() + compressed
+
+
+def write_atomically(path, data, what):
+    """Writes `data` (bytes, or a function that writes to the open file) under a temporary name beside `path`, then
+    renames it: a failed write (full disk, no permission) never leaves a partial file under the final name, and the
+    error names the path and what was being written. Returns the size written."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise RunError(f"could not write {what} to {path}: {getattr(error, 'strerror', None) or error}") from error
+    return path.stat().st_size
 
 
 def write_artifact(path, blob):
-    with open(path, "wb") as f:
-        f.write(blob)
-    return os.path.getsize(path)
+    return write_atomically(path, blob, "the model artifact")
 
 
 def read_artifact(path, blob=None):
-    """The quantized state of the artifact at `path` (or of its bytes `blob`), verified against its checksum."""
+    """The quantized state of the artifact at `path` (or of its bytes `blob`), verified against its checksum and
+    decompressed to no more than the size its header records."""
     blob = Path(path).read_bytes() if blob is None else blob
     if len(blob) < ARTIFACT_HEADER_BYTES or blob[:4] != ARTIFACT_MAGIC:
-        raise ValueError(f"{path}: not a model artifact (bad magic or truncated header)")
-    by_id = {cid: decompress for _, (cid, _, decompress) in COMPRESSORS.items()}
-    if blob[4] not in by_id:
-        raise ValueError(f"{path}: unknown compressor id {blob[4]}")
-    digest, payload = blob[6:ARTIFACT_HEADER_BYTES], blob[ARTIFACT_HEADER_BYTES:]
-    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(f"{path}: not a model artifact of this format (bad magic or truncated header)")
+    header, digest, compressed = blob[:14], blob[14:ARTIFACT_HEADER_BYTES], blob[ARTIFACT_HEADER_BYTES:]
+    if hashlib.sha256(header + compressed).digest() != digest:
         raise ValueError(f"{path}: checksum mismatch; the artifact is truncated or corrupted")
-    payload = by_id[blob[4]](payload)
-    return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if blob[5] else payload), weights_only=True)
+    by_id = {cid: decompress for _, (cid, _, decompress) in COMPRESSORS.items()}
+    size = int.from_bytes(header[6:14], "little")
+    if header[4] not in by_id or header[5] > 1 or size > ARTIFACT_MAX_PAYLOAD_BYTES:
+        raise ValueError(f"{path}: bad header (compressor id {header[4]}, flags {header[5]}, payload size {size})")
+    payload = by_id[header[4]](compressed, size + 1)  # one byte more than recorded tells a larger payload
+    if len(payload) != size:
+        raise ValueError(f"{path}: the payload decompresses to {'more' if len(payload) > size else len(payload)} bytes, "
+                         f"not the {size} its header records")
+    try:
+        return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if header[5] else payload), weights_only=True)
+    except Exception as error:  # never retried without weights_only: the file could run code
+        raise ValueError(f"{path}: the payload is not a plain tensor state ({type(error).__name__}); refused") from None
 
 
 @torch.no_grad()
@@ -1962,28 +2163,47 @@ class CastedLoRA(nn.Module):
         return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
 
 
+def lora_target_modules(model, hp):
+    """The CastedLinear modules named by TTT_LORA_TARGETS (matched on the last two parts of the module name)."""
+    targets = hp.ttt_lora_targets.split(",")
+    return [module for name, module in model.named_modules()
+            if isinstance(module, CastedLinear) and ".".join(name.split(".")[-2:]) in targets]
+
+
+def check_ttt_settings(model, hp):
+    """TTT_PARAMS / TTT_LORA_TARGETS against the model's names, at start-up: a pattern that matches nothing is an
+    error before training, not after training, export and evaluation."""
+    if hp.ttt_params == "lora":
+        names = {".".join(name.split(".")[-2:]) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+        missing = [target for target in hp.ttt_lora_targets.split(",") if target not in names]
+        if missing:
+            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: {missing} match no projection; choose among "
+                              f"{sorted(names)}")
+    elif hp.ttt_params != "all":
+        names = [name for name, _ in model.named_parameters()]
+        missing = [pattern for pattern in hp.ttt_params.split(",") if not any(pattern in name for name in names)]
+        if missing:
+            raise ConfigError(f"TTT_PARAMS={hp.ttt_params!r}: {missing} match no parameter name "
+                              f"(names look like {names[0]}, {names[-1]})")
+
+
 def ttt_parameters(model, hp):
     """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
     on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    check_ttt_settings(model, hp)
     if hp.ttt_params == "lora":
-        targets = hp.ttt_lora_targets.split(",")
         for module in model.modules():
             module.requires_grad_(False)
         adapters = []
-        for name, module in model.named_modules():
-            if isinstance(module, CastedLinear) and ".".join(name.split(".")[-2:]) in targets:
-                module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
-                adapters += list(module.lora.parameters())
-        if not adapters:
-            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r} matches no projection (e.g. attn.c_q, mlp.fc)")
+        for module in lora_target_modules(model, hp):
+            module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
+            adapters += list(module.lora.parameters())
         return adapters
     patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(patterns is None or any(pattern in name for pattern in patterns))
         params += [p] if p.requires_grad else []
-    if not params:
-        raise ConfigError(f"TTT_PARAMS={hp.ttt_params!r} matches no parameter name")
     return params
 
 
@@ -2067,20 +2287,60 @@ def all_reduce(tensor, op):
 
 
 class Logger:
-    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushing every line so that a crash keeps the log."""
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushing every line so that a crash keeps the log. The file is
+    created exclusively: a second run of the same RUN_ID never writes into the first one's log (OVERWRITE_RUN=1 to
+    replace it on purpose)."""
 
-    def __init__(self, path, enabled):
+    def __init__(self, path, enabled, overwrite=False):
         self.path, self.enabled = path, enabled
         if enabled:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "w", encoding="utf-8")
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.file = open(path, "w" if overwrite else "x", encoding="utf-8")
+            except FileExistsError:
+                raise ConfigError(f"RUN_ID: {path} already exists (another run of this name); choose another RUN_ID, "
+                                  f"or set OVERWRITE_RUN=1 to replace it") from None
+            except OSError as error:
+                raise ConfigError(f"cannot create the log {path}: {error.strerror}; make its folder writable or run "
+                                  f"from another folder") from None
 
     def __call__(self, message="", console=True):
         if self.enabled:
             if console:
                 print(message, flush=True)
-            self.file.write(message + "\n")
-            self.file.flush()
+            try:
+                self.file.write(message + "\n")
+                self.file.flush()
+            except OSError as error:
+                raise RunError(f"could not append to the log {self.path}: {error.strerror}") from error
+
+
+class RunError(RuntimeError):
+    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and where."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run (at `step` of training, or in the phase that was running)."""
+
+    def __init__(self, signum, step=None):
+        super().__init__(f"signal:{signal.Signals(signum).name}")
+        self.signum, self.step = signum, step
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what schedulers send and torchrun forwards). While `deferred` (the training loop) the
+    handler only records the signal, and the loop stops every rank at the same step with the weights saved; at any
+    other time it raises Interrupted at once."""
+
+    def __init__(self):
+        self.received, self.deferred = None, False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if not self.deferred:
+            raise Interrupted(signum)
 
 
 class Cluster:
@@ -2108,6 +2368,13 @@ class Cluster:
             if int(probe.item()) != self.world_size:
                 raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {self.world_size}")
 
+    def broadcast(self, value):
+        """Rank 0's `value`, on every rank."""
+        box = [value]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def stop(self):
         if self.distributed:
             dist.destroy_process_group()
@@ -2116,8 +2383,11 @@ class Cluster:
 class Run:
     """What the phases of one seed's run share: settings, devices, data, model, clocks."""
 
-    def __init__(self, hp, sources, cluster, code):
-        self.hp, self.sources, self.code = hp, sources, code
+    def __init__(self, hp, sources, cluster, code, signals):
+        self.hp, self.sources, self.code, self.signals, self.cluster = hp, sources, code, signals, cluster
+        self.run_id, self.log = hp.run_id, print  # the log file is opened by `setup`
+        self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
+        self.phase, self.training_began, self.raw_saved, self.steps_done, self.average = "setup", False, False, 0, None
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
         self.local_rank, self.device = cluster.local_rank, cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -2138,9 +2408,8 @@ def setup(run):
                           f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
     run.seqs_per_step, run.grad_accum_steps = seqs_per_step, accum
 
-    run.run_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
     run.log_path = os.path.join("logs", f"{run.run_id}.txt")
-    run.log = Logger(run.log_path, run.rank == 0)
+    run.log = Logger(run.log_path, run.rank == 0, hp.overwrite_run)
     run.log(run.code.decode("utf-8"), console=False)
     run.log("=" * 100, console=False)
 
@@ -2149,11 +2418,13 @@ def setup(run):
     autocast_dtype = torch.bfloat16 if device_type == "cuda" else None
     run.autocast = lambda: (torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
 
+    if hp.finish_from and not os.path.isfile(hp.finish_from):
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
     run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     run.val_tokens = load_validation_tokens(run.val_files)
     run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.seed,
-                                   run.rank, run.world_size, accum)
+                                   run.rank, run.world_size, accum, vocab_size=hp.vocab_size)
     for name, tokens in (("validation split", run.val_tokens.numpy()), (run.train_files[0], run.train_loader.shards[0])):
         if int(tokens.max()) >= hp.vocab_size:
             raise ConfigError(f"{name} holds token id {int(tokens.max())} >= VOCAB_SIZE={hp.vocab_size}")
@@ -2232,6 +2503,7 @@ def build_model(run):
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
     total, embedding, non_embedding = count_parameters(run.model)
+    check_ttt_settings(run.model, hp)  # name patterns are checked now, not after training
     run.log(f"features: {describe_features(run.model, hp)}")
     run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
     run.log(f"optimizer: {run.optimizers.describe()}")
@@ -2357,15 +2629,19 @@ def throughput(run, step, step_avg_ms, elapsed_ms):
 def train(run):
     """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
     time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
-    predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS."""
+    predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS. A SIGINT/SIGTERM stops every rank at
+    the same step (the flag travels with the elapsed time) with the raw weights saved; a non-finite loss stops the
+    run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
     hp, log, model = run.hp, run.log, run.model
     cap_ms = training_budget_ms(hp)
     train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
-    average = WeightAverage(model, hp)
+    average = run.average = WeightAverage(model, hp)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # any non-finite loss since the last check
     grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
     pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
+    run.training_began, run.signals.deferred = True, True
     clock = time.perf_counter()
     while True:
         last_step = step == hp.iterations or step == stop_after
@@ -2379,8 +2655,10 @@ def train(run):
                 log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
                                                    for kind, values in prs.items()))
             if last_step:
+                check_finite(run, nonfinite, step, lr_scale)
                 log(average.apply())  # what is evaluated and exported from here on
                 save_raw_weights(run)  # before anything else can fail
+                run.signals.deferred = False
                 if qat_on:
                     set_qat(model, hp, on=False)  # evaluation and export see the plain weights
             if validate:
@@ -2408,14 +2686,22 @@ def train(run):
             qat_on = True
             log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f}")
         local_loss = train_step(run, step, lr_scale)
-        step += 1
+        nonfinite |= ~torch.isfinite(local_loss)
+        step = run.steps_done = step + 1
         average.update(step, lr_scale)
         synchronize(run)
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
-        if cap_ms > 0 and run.world_size > 1:
-            elapsed_ms = all_reduce(torch.tensor(elapsed_ms, dtype=torch.float64, device=run.device), dist.ReduceOp.MAX).item()
+        signalled = float(run.signals.received is not None)
+        if run.world_size > 1:  # one small all-reduce: the slowest rank's clock and any rank's signal
+            agreed = torch.tensor([elapsed_ms, signalled], dtype=torch.float64, device=run.device)
+            elapsed_ms, signalled = all_reduce(agreed, dist.ReduceOp.MAX).tolist()
         step_avg = elapsed_ms / step
-        if step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations:
+        logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
+        if logged or step % NONFINITE_CHECK_EVERY == 0:
+            check_finite(run, nonfinite, step, lr_scale)
+        if signalled:
+            stop_on_signal(run, average, step)
+        if logged:
             # The mean over the global batch: every rank's micro-batches have the same size.
             train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
@@ -2431,12 +2717,67 @@ def train(run):
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
 
+NONFINITE_CHECK_EVERY = 100  # steps between the checks for a non-finite loss when no step line is logged
+
+
+def check_finite(run, nonfinite, step, lr_scale):
+    """A NaN or inf loss on any rank since the last check ends the run: it must never become an artifact or a score."""
+    if all_reduce(nonfinite.float(), dist.ReduceOp.MAX).item() > 0:
+        hp = run.hp
+        lrs = " ".join(f"{name}:{getattr(hp, name) * lr_scale:.3g}" for name in
+                       ("matrix_lr", "scalar_lr", "tied_embed_lr" if hp.tie_embeddings else "embed_lr"))
+        raise RunError(f"train_loss is not finite by step {step} (lr_scale:{lr_scale:.4f} {lr_scale and lrs} "
+                       f"grad_clip_norm:{hp.grad_clip_norm}); the run stops with no artifact and no score: lower the "
+                       f"learning rates or set GRAD_CLIP_NORM")
+
+
+def stop_on_signal(run, average, step):
+    """Every rank saw the signal at this step: apply the average, save the raw weights (rank 0), stop."""
+    signum = run.signals.received or signal.SIGTERM  # a rank that did not receive it itself stops with the others
+    run.log(average.apply())
+    save_raw_weights(run)
+    raise Interrupted(signum, step)
+
+
 def save_raw_weights(run):
-    """The trained fp32 weights, saved as soon as training ends: a crash in validation or export loses nothing."""
+    """The fp32 weights that would be exported (the average, once applied), saved as soon as training ends or fails:
+    a crash or signal later loses nothing, and FINISH_FROM=<this file> finishes the run from them."""
     if run.rank == 0:
-        path = os.path.join("logs", f"{run.run_id}_raw.pt")
-        torch.save(run.model.state_dict(), path)
-        run.log(f"saved_raw_weights:{path}")
+        state = dict(model=run.model.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
+                     run_id=run.run_id, config_hash=run.config_hash)
+        write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        run.log(f"saved_raw_weights:{run.raw_weights_path} step:{run.steps_done}")
+    run.raw_saved = True
+
+
+def load_raw_weights(path):
+    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(saved, dict) and "model" in saved and isinstance(saved["model"], dict):
+        return saved["model"], {k: v for k, v in saved.items() if k != "model"}
+    return saved, {}
+
+
+def finish_from_raw_weights(run):
+    """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
+    same configuration, so that calibration, export and evaluation are those the run would have done."""
+    hp = run.hp
+    state, meta = load_raw_weights(hp.finish_from)
+    if meta.get("config_hash") != run.config_hash:
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash {meta.get('config_hash')}, "
+                          f"this run has {run.config_hash}: rerun with the settings of the run that saved it")
+    try:
+        run.model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} does not fit this model: {error}") from None
+    run.steps_done = meta["step"]
+    run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
+    val_loss, val_bpb, _ = run_validation(run)
+    run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
+    train_ms = meta.get("train_time_ms") or 0.0
+    run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
+                       train_time_ms=train_ms, step_avg_ms=train_ms / max(meta["step"], 1))
+    run.raw_saved = True
 
 
 def calibrate(run):
@@ -2473,6 +2814,10 @@ def export(run):
     hp, log = run.hp, run.log
     start = time.perf_counter()
     run.artifact_path = os.path.join("logs", f"{run.run_id}_model.int{hp.quant_bits}.ptz")
+    bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:  # every rank holds the same weights, so every rank stops here
+        raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                       f"no artifact is written")
     if run.rank == 0:
         code_bytes = len(run.code)
         quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model), hp,
@@ -2480,6 +2825,7 @@ def export(run):
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
         model_bytes = write_artifact(run.artifact_path, blob)
+        run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
                   if name != hp.compressor}
         log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
@@ -2513,11 +2859,19 @@ def evaluate_artifact(run):
     clock starts here and covers everything that follows, compilation included."""
     synchronize(run)
     run.eval_start = start = time.perf_counter()
-    # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk.
-    blob = [Path(run.artifact_path).read_bytes() if run.rank == 0 else None]
-    if run.distributed:
-        dist.broadcast_object_list(blob, src=0)
-    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob[0])), strict=True)
+    # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk. They must
+    # be the bytes this run wrote: another process writing to the same path is caught here.
+    blob, problem = None, None
+    if run.rank == 0:
+        blob = Path(run.artifact_path).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != run.artifact_sha256:
+            blob, problem = None, (f"{run.artifact_path} is not the artifact this run wrote (its SHA-256 changed "
+                                   f"after the write: another process wrote to it); nothing was scored")
+    blob, problem = run.cluster.broadcast((blob, problem))
+    if problem:
+        raise RunError(problem)
+    run.artifact_blob = blob
+    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob)), strict=True)
     result = run_validation(run)
     synchronize(run)
     gap = result[1] - run.results["pre_quant_val_bpb"]
@@ -2606,7 +2960,7 @@ def generate_sample(run):
     if not hp.gen_prompt or run.rank != 0:
         return
     model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device).eval()
-    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path)), strict=True)
+    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
     prompt_ids = [run.sp.bos_id()] + run.sp.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
     generator = torch.Generator().manual_seed(hp.seed)
     with run.autocast():
@@ -2622,7 +2976,15 @@ def check_record_dir(run):
     hash or code differs from the logs already there (rank 0 looks; every rank gets its verdict)."""
     problem = [None]
     folder = Path(run.hp.record_dir) if run.hp.record_dir else None
-    if run.rank == 0 and folder is not None and folder.is_dir():
+    if run.rank == 0 and folder is not None:
+        try:  # a folder that cannot take the records must fail now, not after training
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            problem[0] = f"RECORD_DIR={run.hp.record_dir!r} is not writable: {error.strerror}"
+    if run.rank == 0 and folder is not None and folder.is_dir() and not problem[0]:
         for path in sorted(folder.glob("train_seed*.log")):
             fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
             if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
@@ -2646,8 +3008,11 @@ def append_index(run, event, **fields):
     folder.mkdir(parents=True, exist_ok=True)
     entry = dict(event=event, time=time.strftime("%Y-%m-%dT%H:%M:%S"), run_id=run.run_id, seed=run.hp.seed,
                  config_hash=run.config_hash, code_sha256=run.code_sha256, **fields)
-    with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
-        index.write(json.dumps(entry, sort_keys=True) + "\n")
+    try:
+        with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
+            index.write(json.dumps(entry, sort_keys=True) + "\n")
+    except OSError as error:
+        raise RunError(f"could not append the '{event}' entry to {folder / 'index.jsonl'}: {error.strerror}") from error
 
 
 def summary_of(log_text):
@@ -2670,6 +3035,9 @@ def submission_from_logs(log_texts):
         values = [s[key] for s in summaries]
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
+    for s in summaries:  # a NaN or inf is never a score
+        if not all(math.isfinite(s[key]) for key in ("val_loss", "val_bpb")):
+            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
     (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
     return dict(
         name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
@@ -2754,45 +3122,101 @@ def record(run):
     mine = folder / f"train_seed{run.hp.seed}.log"
     logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
     logs.append(Path(run.log_path).read_text(encoding="utf-8"))
-    (folder / "train_gpt.py").write_bytes(run.code)
-    submission = submission_from_logs(logs)
-    (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
+    try:
+        submission = submission_from_logs(logs)
+    except ValueError as error:
+        raise RunError(f"RECORD_DIR={run.hp.record_dir!r}: no submission.json written: {error}") from None
+    write_atomically(folder / "train_gpt.py", run.code, "the code of the record")
+    write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
+                     "submission.json")
     readme = folder / "README.md"
-    readme.write_text(record_readme(run, submission, readme.read_text(encoding="utf-8") if readme.exists() else ""))
+    old_readme = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    write_atomically(readme, record_readme(run, submission, old_readme).encode(), "the record's README")
     plotted = plot_losses(logs, folder / "loss_curves.png")
     run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
-    shutil.copyfile(run.log_path, mine)  # last, so that the folder holds the whole log
+    write_atomically(mine, Path(run.log_path).read_bytes(), "the seed's log")  # last, so that it holds the whole log
+
+
+AFTER_TRAINING = (calibrate, export, evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary,
+                  generate_sample, record)
 
 
 def train_and_evaluate(run):
     """One seed, phase by phase."""
     setup(run)
     build_model(run)
-    warmup(run)
-    if run.hp.benchmark_steps:
-        return benchmark(run)
-    train(run)
-    calibrate(run)
-    export(run)
-    evaluate_artifact(run)
-    evaluate_sliding(run)
-    evaluate_ttt(run)
-    log_compliance(run)
-    log_summary(run)
-    generate_sample(run)
-    record(run)
+    if run.hp.finish_from:
+        finish_from_raw_weights(run)
+    else:
+        run.phase = "warmup"
+        warmup(run)
+        if run.hp.benchmark_steps:
+            return benchmark(run)
+        run.phase = "train"
+        train(run)
+    for phase in AFTER_TRAINING:
+        run.phase = phase.__name__
+        phase(run)
+
+
+def conclude_failure(run, error):
+    """A seed that fails: the raw weights are saved first if training had begun, the error goes into the log (and
+    the run index), and the log says what did not finish and how to finish it."""
+    log = run.log if callable(run.log) else print
+    def best_effort(line):
+        with contextlib.suppress(Exception):
+            log(line)
+    if run.training_began and not run.raw_saved:
+        try:
+            if run.average is not None:
+                best_effort(run.average.apply())
+            save_raw_weights(run)
+        except Exception as save_error:
+            best_effort(f"raw_weights: NOT saved: {save_error}")
+    where = f"step:{error.step}" if isinstance(error, Interrupted) and error.step is not None else f"phase:{run.phase}"
+    if isinstance(error, Interrupted):
+        best_effort(f"interrupted: {error} {where}")
+    elif isinstance(error, (ConfigError, RunError)):
+        best_effort(f"error: {type(error).__name__}: {error} {where}")
+    else:
+        best_effort(f"error: {where}\n" + traceback.format_exc())
+    if run.raw_saved:
+        names = [phase.__name__ for phase in AFTER_TRAINING]
+        pending = names[names.index(run.phase):] if run.phase in names else names
+        best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
+                    f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
+    with contextlib.suppress(Exception):
+        append_index(run, "failed", phase=run.phase, error=str(error)[:500])
+
+
+def run_ids(hp, cluster):
+    """The RUN_ID of every seed. The default is a timestamp plus a random suffix (two runs started in the same second
+    differ), made on rank 0 so that every rank of one run uses it. A name whose log exists is refused before anything
+    is written, unless OVERWRITE_RUN=1."""
+    base = hp.run_id or cluster.broadcast(f"{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}")
+    seeds = hp.seed_list()
+    ids = {seed: base if len(seeds) == 1 else f"{base}_seed{seed}" for seed in seeds}
+    taken = [f"logs/{name}.txt" for name in ids.values() if os.path.exists(os.path.join("logs", f"{name}.txt"))]
+    taken = cluster.broadcast(taken if cluster.rank == 0 else None)
+    if taken and not hp.overwrite_run:
+        raise ConfigError(f"RUN_ID={base!r}: {', '.join(taken)} already exists (a run of that name was made); choose "
+                          f"another RUN_ID, or set OVERWRITE_RUN=1 to replace it")
+    return ids
 
 
 def main():
     hp, sources = Hyperparameters.from_env()
     code = Path(__file__).read_bytes()  # once: every seed logs and ships the code that is running, even if the file changes
     cluster = Cluster(hp)
-    seeds = hp.seed_list()
-    base_id = hp.run_id or time.strftime("%Y%m%d_%H%M%S")
-    for seed in seeds:
-        run_id = base_id if len(seeds) == 1 else f"{base_id}_seed{seed}"
-        seed_sources = sources if len(seeds) == 1 else dict(sources, seed="SEEDS")
-        train_and_evaluate(Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code))
+    signals = StopSignals()
+    for seed, run_id in run_ids(hp, cluster).items():
+        seed_sources = sources if len(hp.seed_list()) == 1 else dict(sources, seed="SEEDS")
+        run = Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code, signals)
+        try:
+            train_and_evaluate(run)
+        except BaseException as error:
+            conclude_failure(run, error)
+            raise
         torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
     cluster.stop()
 
@@ -2800,5 +3224,12 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+    except DataError as error:
+        sys.exit(f"data error: {error}")
     except ConfigError as error:
         sys.exit(f"config error: {error}")
+    except RunError as error:
+        sys.exit(f"error: {error}")
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(128 + error.signum)

@@ -30,7 +30,7 @@ def main():
     model = T.GPT(hp)
     groups = T.quantized_tensor_groups(model)
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, weights_only=True))
+        model.load_state_dict(T.load_raw_weights(args.weights)[0])
     else:
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -37,7 +37,7 @@ def main():
     luts = T.build_byte_luts(sp, hp.vocab_size)
     loader = T.TrainLoader(T.shard_files(hp.data_path, "train"), hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len, hp.seed)
     model = T.GPT(hp, bos_id=sp.bos_id())
-    weights = torch.load(args.weights, weights_only=True)
+    weights = T.load_raw_weights(args.weights)[0]
     model.load_state_dict(weights)
     cpu, no_autocast = torch.device("cpu"), contextlib.nullcontext
     score = lambda: T.evaluate(model, val, luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size, 0, 1, cpu, no_autocast)[1]

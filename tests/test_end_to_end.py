@@ -67,8 +67,9 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
     _, val_bpb, _ = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                             0, 1, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert val_bpb == pytest.approx(summary(log)["final_int6_brotli_roundtrip_val_bpb"], rel=1e-5)
-    raw = torch.load(cwd / "logs" / "e2e_raw.pt", weights_only=True)  # the unquantized weights are kept too
+    raw, meta = T.load_raw_weights(cwd / "logs" / "e2e_raw.pt")  # the unquantized weights are kept too
     T.GPT(hp).load_state_dict(raw, strict=True)
+    assert meta["step"] == 40 and meta["config_hash"] == summary(log)["config_hash"]
     sizes = summary(log)
     assert sizes["bytes_code"] == len(open(SCRIPT, "rb").read())
     assert sizes["bytes_model"] == (cwd / "logs" / "e2e_model.int6.ptz").stat().st_size

@@ -201,7 +201,10 @@ def test_artifact_file_round_trip_is_exact(tmp_path, compressor, shuffle):
     (lambda b: b[:50] + bytes([b[50] ^ 1]) + b[51:], "checksum mismatch"),
     (lambda b: b"XXXX" + b[4:], "bad magic"),
     (lambda b: b[:20], "truncated header"),
-    (lambda b: b[:4] + bytes([9]) + b[5:], "unknown compressor"),
+    # the header is under the digest: a flipped compressor id, shuffle flag or size byte never reaches torch.load
+    (lambda b: b[:4] + bytes([b[4] ^ 1]) + b[5:], "checksum mismatch"),
+    (lambda b: b[:5] + bytes([b[5] ^ 1]) + b[6:], "checksum mismatch"),
+    (lambda b: b[:8] + bytes([b[8] ^ 1]) + b[9:], "checksum mismatch"),
 ])
 def test_a_damaged_artifact_fails_clearly(tmp_path, damage, message):
     path = tmp_path / "m.ptz"
