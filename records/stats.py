@@ -151,13 +151,21 @@ def check_record(folder):
             problems.append(f"{path.name}: code_sha256 {summary['code_sha256']} is not this folder's train_gpt.py")
         if summary["bytes_total"] > T.ARTIFACT_LIMIT_BYTES:
             problems.append(f"{path.name}: artifact {summary['bytes_total']} bytes > {T.ARTIFACT_LIMIT_BYTES}")
+        for key in ("val_loss", "val_bpb"):
+            if not math.isfinite(summary[key]):
+                problems.append(f"{path.name}: {key} is {summary[key]!r}: a non-finite score is never a result")
         if not {"python", "torch", "cuda"} <= set(summary.get("versions", {})):
             problems.append(f"{path.name}: the versions that ran are not recorded")
     if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
         problems.append("the logs come from different configurations or codes: seeds must not be pooled")
     if problems:
         return problems, notes
-    submission = json.loads((folder / "submission.json").read_text())
+    submission = json.loads((folder / "submission.json").read_text())  # reads NaN and Infinity as floats
+    for key in ("val_loss", "val_bpb"):
+        if not isinstance(submission.get(key), (int, float)) or not math.isfinite(submission[key]):
+            problems.append(f"submission.json: {key} is {submission.get(key)!r}, not a finite score")
+    if problems:
+        return problems, notes
     expected = T.submission_from_logs(texts)
     for key, value in expected.items():
         if key not in USER_FIELDS and submission.get(key) != value:

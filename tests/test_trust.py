@@ -1,0 +1,349 @@
+"""Trust: every setting is honoured or refused before training, runs never mix, and no signal, NaN, bad shard,
+failed write or hostile artifact loses the trained weights or turns into a score."""
+
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import REPO, run_script
+
+SCRIPT = str(REPO / "train_gpt.py")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, name", [
+    ({"ITERATION": "5"}, "ITERATIONS"),  # typos of ours: refused with the name to use
+    ({"NUM_LAYER": "3"}, "NUM_LAYERS"),
+    ({"MATRIX_LRR": "0.1"}, "MATRIX_LR"),
+    ({"WARMDOWN_FRACT": "0.5"}, "WARMDOWN_FRAC"),
+    ({"XSA_LAST_N": "4"}, "XSA_LAYERS"),  # names of the records with no same-meaning setting here
+    ({"TTT_CHUNK_SIZE": "48"}, "TTT_CHUNK_TOKENS"),
+    ({"PHASED_TTT_NUM_PHASES": "3"}, "PHASED_TTT_NUM_PHASES"),
+    ({"MUON_WD": "0.1", "MUON_WEIGHT_DECAY": "0.1"}, "MUON_WEIGHT_DECAY"),  # an alias and its setting together
+    ({"WARMDOWN_ITERS": "3500", "WARMDOWN_FRAC": "0.5"}, "WARMDOWN_ITERS"),  # two forms of one setting
+    ({"PRESET": "baseline", "WARMDOWN_FRAC": "0.5"}, "WARMDOWN_FRAC"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),  # non-finite
+    ({"SCALAR_LR": "inf"}, "SCALAR_LR"),
+    ({"MAX_WALLCLOCK_SECONDS": "inf"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"MATRIX_LR": "-1"}, "MATRIX_LR"),  # out of range
+    ({"TTT_LR": "-0.1"}, "TTT_LR"),
+    ({"BETA1": "1.5"}, "BETA1"),
+    ({"BETA2": "1"}, "BETA2"),
+    ({"MUON_MOMENTUM": "1.0"}, "MUON_MOMENTUM"),
+    ({"ADAM_EPS": "0"}, "ADAM_EPS"),
+    ({"WARMDOWN_ITERS": "-5"}, "WARMDOWN_ITERS"),
+    ({"EMA_DECAY": "1.2"}, "EMA_DECAY"),
+    ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
+    ({"RUN_ID": "a/b"}, "RUN_ID"),
+])
+def test_a_bad_setting_is_refused_naming_the_variable(env, name):
+    with pytest.raises(T.ConfigError, match=name):
+        T.Hyperparameters.from_env(env)
+
+
+def test_aliases_apply_with_the_records_meaning_and_say_so():
+    hp, sources = T.Hyperparameters.from_env({"MUON_WD": "0.04", "MATRIX_BITS": "5", "SMEAR_GATE_ENABLED": "0"})
+    assert (hp.muon_weight_decay, hp.quant_bits, hp.smear_gate) == (0.04, 5, False)
+    assert sources["muon_weight_decay"] == "env:MUON_WD(alias)"
+    for alias, field in T.SETTING_ALIASES.items():  # every alias points at one of ours
+        assert field in {f.name for f in T.dataclasses.fields(T.Hyperparameters)}, alias
+
+
+def test_unrelated_variables_are_left_alone():
+    env = {"PATH": "/bin", "HOME": "/root", "CUDA_VISIBLE_DEVICES": "0", "NCCL_DEBUG": "INFO", "LOCAL_RANK": "0",
+           "TORCHELASTIC_RUN_ID": "x", "OMP_NUM_THREADS": "2", "PYTHONPATH": ".", "ITERATIONS": "7"}
+    hp, sources = T.Hyperparameters.from_env(env)
+    assert hp.iterations == 7 and sources["iterations"] == "env"
+
+
+def baseline_lr_mul(iterations, warmdown_iters, max_wallclock_ms, step, elapsed_ms):
+    """The challenge baseline's lr_mul, restated from its train_gpt.py."""
+    if max_wallclock_ms is None:
+        start = max(iterations - warmdown_iters, 0)
+        return max((iterations - step) / max(warmdown_iters, 1), 0.0) if start <= step < iterations else 1.0
+    warmdown_ms = warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(max_wallclock_ms - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def test_warmdown_iters_has_the_baselines_meaning():
+    hp, sources = T.Hyperparameters.from_env({"WARMDOWN_ITERS": "300", "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "0"})
+    assert hp.warmdown_frac == 0 and sources["warmdown_frac"] == "implied:WARMDOWN_ITERS"
+    for step in (0, 500, 699, 700, 701, 850, 999, 1000):
+        assert T.lr_multiplier(hp, step, 0.0) == baseline_lr_mul(1000, 300, None, step, 0.0), step
+    capped, _ = T.Hyperparameters.from_env({"WARMDOWN_ITERS": "1200", "MAX_WALLCLOCK_SECONDS": "600", "GPTQ": "0"})
+    for step, elapsed in ((100, 5e3), (10000, 5.2e5), (12000, 5.9e5), (13000, 6.1e5)):
+        assert T.lr_multiplier(capped, step, elapsed) == pytest.approx(baseline_lr_mul(20000, 1200, 6e5, step, elapsed))
+    assert T.lr_multiplier(capped, 12000, 5.9e5) < 1.0
+    baseline, _ = T.Hyperparameters.from_env({"PRESET": "baseline"})
+    assert (baseline.warmdown_iters, baseline.warmdown_frac) == (1200, 0.0)
+
+
+def test_ttt_patterns_that_match_nothing_are_refused_when_the_model_is_built():
+    from conftest import small_hp
+    model = T.GPT(small_hp())
+    T.check_ttt_settings(model, small_hp(ttt_params="blocks.1,attn"))
+    for hp, name in ((small_hp(ttt_params="blocks.1,blocks.99"), "TTT_PARAMS"),
+                     (small_hp(ttt_params="lora", ttt_lora_targets="attn.c_q,attn.nope"), "TTT_LORA_TARGETS")):
+        with pytest.raises(T.ConfigError, match=name):
+            T.check_ttt_settings(model, hp)
+
+
+# --------------------------------------------------------------------------------------------
+# Real runs through the command line (a two-layer model: seconds per run)
+# --------------------------------------------------------------------------------------------
+
+def tiny_env(sample, **overrides):
+    data_dir, tokenizer = sample
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="2", NUM_LOOPS="0",
+               PARALLEL_RESIDUALS="0", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024",
+               GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2",
+               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", WARMDOWN_FRAC="0", ITERATIONS="6")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def roundtrip(log):
+    return re.search(r"^final_int6_brotli_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", log, re.M).groups()
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(ITERATION=5), "ITERATIONS"),
+    (dict(MATRIX_LR="nan"), "MATRIX_LR"),
+    (dict(TTT_ENABLED=1, TTT_PARAMS="blocks.99"), "TTT_PARAMS"),  # a model-dependent check, before training
+])
+def test_the_cli_refuses_a_bad_setting_within_seconds(sample, tmp_path, overrides, name):
+    start = time.perf_counter()
+    result = run_script([sys.executable, SCRIPT], tiny_env(sample, RUN_ID="bad", **overrides), tmp_path, timeout=60)
+    assert result.returncode != 0 and "config error:" in result.stderr and name in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and time.perf_counter() - start < 30
+    assert not list(tmp_path.glob("logs/*_raw.pt")) and "step:1/" not in result.stdout
+
+
+def test_a_second_run_with_the_same_run_id_is_refused_and_the_first_is_intact(sample, tmp_path):
+    env = tiny_env(sample, RUN_ID="same", SEED=1)
+    assert run_script([sys.executable, SCRIPT], env, tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "logs").iterdir()}
+    result = run_script([sys.executable, SCRIPT], dict(env, SEED="2"), tmp_path, timeout=60)
+    assert result.returncode != 0 and "RUN_ID='same'" in result.stderr and "OVERWRITE_RUN=1" in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "logs").iterdir()} == before
+
+
+def test_default_run_ids_are_unique_within_one_second():
+    class OneProcess:
+        rank, distributed = 0, False
+        broadcast = staticmethod(lambda value: value)
+    ids = {T.run_ids(T.Hyperparameters(), OneProcess())[1337] for _ in range(50)}
+    assert len(ids) == 50 and all(re.fullmatch(r"\d{8}_\d{6}_[0-9a-f]{6}", i) for i in ids)
+
+
+def start_and_signal(command, env, cwd, signum, log_name, after_step=3, timeout=120):
+    """Launches `command`, waits until the log shows `after_step`, sends `signum`; returns (returncode, log)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
+    process = subprocess.Popen(command, cwd=cwd, env=dict(clean, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = Path(cwd) / "logs" / log_name
+    deadline = time.time() + timeout
+    while not (log.exists() and f"step:{after_step}/" in log.read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0].decode()[-3000:]
+        time.sleep(0.1)
+    process.send_signal(signum)
+    output = process.communicate(timeout=timeout)[0].decode()
+    return process.returncode, log.read_text(), output
+
+
+def test_sigint_saves_the_weights_and_finishing_later_scores_as_a_run_that_stopped_there(sample, tmp_path):
+    # Constant LR and a step-based recurrence start: the trajectory to step k does not depend on ITERATIONS, so an
+    # interrupted long run and a run of k steps hold the same weights at step k.
+    env = tiny_env(sample, ITERATIONS=3000, RUN_ID="cut")
+    code, log, output = start_and_signal([sys.executable, SCRIPT], env, tmp_path, signal.SIGINT, "cut.txt")
+    assert code == 128 + signal.SIGINT, output[-3000:]
+    step = int(re.search(r"^interrupted: signal:SIGINT step:(\d+)$", log, re.M).group(1))
+    assert f"saved_raw_weights:logs/cut_raw.pt step:{step}" in log and "FINISH_FROM=logs/cut_raw.pt" in log
+    assert not list((tmp_path / "logs").glob("cut_model*"))
+    finished = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="cut_finished", FINISH_FROM="logs/cut_raw.pt"), tmp_path)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    stopped = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="stopped", ITERATIONS=str(step)), tmp_path)
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    finished_log, stopped_log = (tmp_path / "logs" / "cut_finished.txt").read_text(), (tmp_path / "logs" / "stopped.txt").read_text()
+    assert f"finish_from:logs/cut_raw.pt step:{step}" in finished_log
+    assert roundtrip(finished_log) == roundtrip(stopped_log)
+    # FINISH_FROM refuses weights of another configuration.
+    other = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="other", MODEL_DIM="32", FINISH_FROM="logs/cut_raw.pt"), tmp_path)
+    assert other.returncode != 0 and "FINISH_FROM" in other.stderr and "config hash" in other.stderr
+
+
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_the_weights_saved(sample, tmp_path):
+    env = tiny_env(sample, ITERATIONS=3000, RUN_ID="tr", TRAIN_BATCH_TOKENS=2048)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    code, log, output = start_and_signal(command, env, tmp_path, signal.SIGTERM, "tr.txt")
+    assert code != 0
+    step = int(re.search(r"^interrupted: signal:SIGTERM step:(\d+)$", log, re.M).group(1))
+    raw, meta = T.load_raw_weights(tmp_path / "logs" / "tr_raw.pt")
+    assert meta["step"] == step and all(torch.isfinite(t).all() for t in raw.values())
+    assert "world_size:2" in log
+
+
+def test_a_diverging_run_stops_with_no_artifact_and_no_record(sample, tmp_path):
+    env = tiny_env(sample, ITERATIONS=40, RUN_ID="nan", MATRIX_LR=1e30, SCALAR_LR=1e30, TIED_EMBED_LR=1e30,
+                   GRAD_CLIP_NORM=0, RECORD_DIR=tmp_path / "record")
+    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=120)
+    assert result.returncode != 0 and "train_loss is not finite by step" in result.stderr, result.stderr[-3000:]
+    assert "matrix_lr:" in result.stderr
+    log = (tmp_path / "logs" / "nan.txt").read_text()
+    assert "train_loss is not finite" in log and "step:40/40" not in log
+    assert not list((tmp_path / "logs").glob("*.ptz")) and not (tmp_path / "record" / "submission.json").exists()
+
+
+def test_a_bad_token_in_a_later_shard_is_named_and_the_weights_are_kept(sample, tmp_path):
+    data_dir, tokenizer = sample
+    bad_data = tmp_path / "data"
+    bad_data.mkdir()
+    for path in data_dir.glob("fineweb_*.bin"):
+        (bad_data / path.name).symlink_to(path)
+    # A second training shard full of an out-of-range id, sized so that the first step reading it comes after a
+    # few steps of training (found with the loader the run uses).
+    good = T.shard_files(str(data_dir), "train")
+    bad_path = bad_data / "fineweb_train_999999.bin"
+    for windows in (4, 8, 16, 32, 64):
+        T.write_shard(bad_path, np.full(windows * 256 + 1, 1500, dtype=np.uint16))
+        loader = T.TrainLoader(good + [str(bad_path)], 256, 4, seed=1337)
+        first_bad = next(s for s in range(10**4) if (loader.global_window_ids(s) >= loader.window_offsets[-2]).any())
+        if 3 <= first_bad <= 25:
+            break
+    else:
+        pytest.skip("no shard size puts the bad window after a few steps with this sample")
+    env = tiny_env(sample, DATA_PATH=bad_data, ITERATIONS=first_bad + 5, RUN_ID="shard")
+    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=120)
+    assert result.returncode != 0 and "data error:" in result.stderr, result.stderr[-3000:]
+    assert "fineweb_train_999999.bin holds token id 1500 >= VOCAB_SIZE=1024" in result.stderr
+    log = (tmp_path / "logs" / "shard.txt").read_text()
+    assert f"saved_raw_weights:logs/shard_raw.pt step:{first_bad}" in log and "fineweb_train_999999.bin" in log
+
+
+def test_a_failed_artifact_write_keeps_the_raw_weights_and_leaves_no_partial_file(sample, tmp_path):
+    (tmp_path / "logs" / "w_model.int6.ptz").mkdir(parents=True)  # the final name cannot be written
+    result = run_script([sys.executable, SCRIPT], tiny_env(sample, RUN_ID="w"), tmp_path, timeout=120)
+    assert result.returncode != 0 and "could not write the model artifact to logs/w_model.int6.ptz" in result.stderr
+    log = (tmp_path / "logs" / "w.txt").read_text()
+    assert "saved_raw_weights:logs/w_raw.pt step:6" in log and "could not write the model artifact" in log
+    assert "not_finished: export," in log
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["index.jsonl", "w.txt", "w_model.int6.ptz", "w_raw.pt"]
+    assert not list((tmp_path / "logs" / "w_model.int6.ptz").iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(RECORD_DIR="{tmp}/file/record"), "RECORD_DIR="),  # a folder that cannot be made (a file is in the way)
+    (dict(TOKENIZER_PATH="{tmp}"), "TOKENIZER_PATH="),  # a folder
+    (dict(TOKENIZER_PATH="{tmp}/file"), "is not a SentencePiece model"),
+    (dict(DATA_PATH="{tmp}/file"), "DATA_PATH="),
+])
+def test_unusable_paths_are_named_before_training(sample, tmp_path, overrides, message):
+    (tmp_path / "file").write_text("not a model")
+    env = tiny_env(sample, RUN_ID="p", **{k: v.format(tmp=tmp_path) for k, v in overrides.items()})
+    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=60)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes, bad shards, hostile artifacts
+# --------------------------------------------------------------------------------------------
+
+def test_a_full_disk_leaves_no_partial_file_and_names_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "m.ptz"
+    target.write_bytes(b"the earlier file")
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(T.RunError, match=r"could not write the model artifact to .*m\.ptz: No space left"):
+        T.write_atomically(target, full_disk, "the model artifact")
+    assert target.read_bytes() == b"the earlier file" and [p.name for p in tmp_path.iterdir()] == ["m.ptz"]
+    # torch.save reports a full disk as a RuntimeError: the same message, no file left.
+    monkeypatch.setattr(T.torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("enforce fail")))
+    with pytest.raises(T.RunError, match="could not write the raw weights"):
+        T.write_atomically(tmp_path / "r.pt", lambda f: T.torch.save({}, f), "the raw weights")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.ptz"]
+
+
+def test_a_bad_id_in_a_later_shard_is_found_when_read_and_names_the_file(tmp_path):
+    paths = [tmp_path / f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    for i, path in enumerate(paths):
+        tokens = np.arange(33 * 8) % 100
+        if i == 2:
+            tokens[40] = 100  # one id out of range, in the last shard: in its window 1 (tokens 32..64)
+        T.write_shard(path, tokens)
+    loader = T.TrainLoader([str(p) for p in paths], 32, 4, seed=0, vocab_size=100)
+    bad_window = loader.window_offsets[2] + 1
+    first_bad = next(s for s in range(100) if bad_window in loader.global_window_ids(s))
+    for step in range(first_bad):
+        loader.batch(step, 0)
+    with pytest.raises(T.DataError, match=r"fineweb_train_000002\.bin holds token id 100 >= VOCAB_SIZE=100 \(at token 40\)"):
+        loader.batch(first_bad, 0)
+
+
+def test_a_shard_that_cannot_be_read_is_named(tmp_path):
+    with pytest.raises(T.DataError, match="missing.bin .*cannot be read"):
+        T.read_shard_header(str(tmp_path / "missing.bin"))
+
+
+def artifact_with(payload_size, compressed, compressor_id=3):
+    header = T.ARTIFACT_MAGIC + bytes([compressor_id, 0]) + payload_size.to_bytes(8, "little")
+    return header + hashlib.sha256(header + compressed).digest() + compressed
+
+
+def test_a_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
+    import brotli
+    compressor = brotli.Compressor(quality=1)
+    zeros = bytes(1 << 24)
+    bomb = b"".join(compressor.process(zeros) for _ in range(64)) + compressor.finish()  # 1 GiB of zeros
+    path = tmp_path / "bomb.ptz"
+    path.write_bytes(artifact_with(1000, bomb))
+    probe = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import train_gpt as T\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
+             "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
+    assert "decompresses to more bytes, not the 1000 its header records" in result.stdout, result.stdout + result.stderr
+    assert int(re.search(r"grew_kib (\d+)", result.stdout).group(1)) < 64 * 1024, result.stdout
+    path.write_bytes(artifact_with(T.ARTIFACT_MAX_PAYLOAD_BYTES + 1, bomb))
+    with pytest.raises(ValueError, match="bad header"):
+        T.read_artifact(path)
+
+
+def test_an_artifact_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    import pickle
+    payload = pickle.dumps(Exploit())
+    path = tmp_path / "evil.ptz"
+    path.write_bytes(artifact_with(len(payload), T.COMPRESSORS["zlib"][1](payload), compressor_id=1))
+    with pytest.raises(ValueError, match="not a plain tensor state"):
+        T.read_artifact(path)
+    assert not marker.exists()
+
+
+def test_a_nan_score_never_reaches_submission_json():
+    log = "x\nsummary_json: " + json.dumps(dict(seed=1, val_loss=float("nan"), val_bpb=float("nan"),
+                                                 config_hash="a", code_sha256="c")) + "\n"
+    with pytest.raises(ValueError, match="non-finite score"):
+        T.submission_from_logs([log])
