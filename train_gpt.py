@@ -513,7 +513,7 @@ FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
     EVAL_ONLY_QUANTIZED_PATH EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
     COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
-    BLOCK_LARS_MIN_SCALE ATTN_VARIANT
+    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
 """.split())
 # Variables of other programs that are never read as settings, even when a name is close to one of ours.
 FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
@@ -3146,6 +3146,7 @@ def train_and_evaluate(run):
     setup(run)
     build_model(run)
     if run.hp.finish_from:
+        run.phase = "finish_from"
         finish_from_raw_weights(run)
     else:
         run.phase = "warmup"
