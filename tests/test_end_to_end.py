@@ -93,7 +93,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     runs = {}
     for nproc in (1, 2):
         env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
-                        TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=6)  # 6 sequences: 3 per rank
+                        TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
+                        GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
         result = run_script(launcher + [SCRIPT], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
