@@ -20,8 +20,11 @@ import difflib
 import functools
 import glob
 import hashlib
+import ast
+import base64
 import io
 import json
+import lzma
 import math
 import os
 import platform
@@ -33,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tokenize
 import traceback
 import zlib
 from collections import Counter
@@ -207,6 +211,7 @@ class Hyperparameters:
     size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
     compressor: str = "brotli"  # zstd (level 22), brotli (quality 11) or zlib (level 9); a missing package is an error
     byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
+    pack_code: bool = True  # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw file
 
     # --- systems ---
     device: str = "auto"  # auto, cuda or cpu
@@ -355,6 +360,12 @@ class Hyperparameters:
         require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
         require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
                 "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        if self.pack_code:
+            try:
+                _brotli()
+            except ImportError:
+                raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
+                                  "(pip install brotli, or PACK_CODE=0 to count the raw file)") from None
         try:
             {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib}[self.compressor]()
         except ImportError:
@@ -1936,6 +1947,90 @@ def read_artifact(path, blob=None):
         raise ValueError(f"{path}: the payload is not a plain tensor state ({type(error).__name__}); refused") from None
 
 
+# --- code bytes: what the artifact counts as code (credit: the 04-05 record's self-extracting train_gpt.py) ---
+# The readable source is for people. What is counted and shipped is the same program: the source without comments
+# and docstrings, on the same lines (so that a traceback's line numbers point into the readable file), compressed with
+# the smaller of brotli and LZMA, base85-encoded and wrapped in three lines that decompress and exec it.
+
+READABLE_CODE_NAME = "train_gpt_human.py"  # the readable source beside a packed train_gpt.py (the records' name)
+PACKED_CODE_PREFIX = b"# train_gpt.py, packed from "
+CODE_PACKERS = {  # name: (compress, decompress); the packed file imports the module of the same name
+    "brotli": (lambda data: _brotli().compress(data, quality=11), lambda data: _brotli().decompress(data)),
+    "lzma": (lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+}
+
+
+def strip_source(source):
+    """`source` (str) without comments and docstrings, every line where it was: a docstring becomes blank lines (or
+    `pass` where it is the whole body), a comment is cut off its line. Raises SyntaxError if it does not parse."""
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            first, last = body[0].lineno - 1, body[0].end_lineno
+            indent = lines[first][:len(lines[first]) - len(lines[first].lstrip())]
+            lines[first:last] = [indent + "pass" if len(body) == 1 else ""] + [""] * (last - first - 1)
+    text = "\n".join(lines) + "\n"
+    lines = text.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            lines[row - 1] = lines[row - 1][:column]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def pack_source(source, readable_name=READABLE_CODE_NAME):
+    """(packed file, compressor, {compressor: packed size}) of `source` (bytes): a runnable file that executes the
+    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed file."""
+    try:
+        stripped = strip_source(source.decode("utf-8")).encode("utf-8")
+    except SyntaxError as error:
+        raise ValueError(f"cannot pack {readable_name}: it does not parse (line {error.lineno}: {error.msg})") from None
+    files = {}
+    for name, (compress, _) in CODE_PACKERS.items():
+        payload = base64.b85encode(compress(stripped)).decode("ascii")
+        files[name] = (f"{PACKED_CODE_PREFIX.decode()}{readable_name} ({name}); run it as the readable file.\n"
+                       f"import base64, {name}\n"
+                       f"exec(compile({name}.decompress(base64.b85decode('{payload}')), "
+                       f"{readable_name + ' (packed)'!r}, 'exec'))\n").encode("ascii")
+    best = min(files, key=lambda name: len(files[name]))
+    return files[best], best, {name: len(blob) for name, blob in files.items()}
+
+
+def unpack_source(packed):
+    """The stripped source a packed file executes (bytes)."""
+    match = re.match(rb"# train_gpt.py, packed from \S+ \((\w+)\);.*?b85decode\('([^']*)'\)", packed, re.S)
+    if match is None or match.group(1).decode() not in CODE_PACKERS:
+        raise ValueError("not a packed train_gpt.py")
+    return CODE_PACKERS[match.group(1).decode()][1](base64.b85decode(match.group(2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Code:
+    """This program's bytes, read once per process: `source` is what the log and the records folder keep as the
+    readable source, `counted` what the artifact counts and ships as train_gpt.py, `how` how it was counted."""
+    source: bytes
+    counted: bytes
+    how: str
+
+    @classmethod
+    def read(cls, path, pack):
+        own = Path(path).read_bytes()
+        if own.startswith(PACKED_CODE_PREFIX):  # the packed file itself is running: it is what is counted
+            return cls(unpack_source(own), own, "packed_file")
+        if not pack:
+            return cls(own, own, "raw (PACK_CODE=0)")
+        packed, compressor, sizes = pack_source(own)
+        return cls(own, packed, f"packed:{compressor} " + " ".join(f"{name}:{size}" for name, size in sizes.items()))
+
+    @property
+    def readable(self):
+        """Whether `source` is the readable file (not the stripped source of a packed one)."""
+        return self.how != "packed_file"
+
+
 @torch.no_grad()
 def collect_hessians(model, batches, autocast):
     """{name: X^T X} of the input X of every CastedLinear (a looped layer adds every pass) and, for a tied
@@ -2410,7 +2505,7 @@ def setup(run):
 
     run.log_path = os.path.join("logs", f"{run.run_id}.txt")
     run.log = Logger(run.log_path, run.rank == 0, hp.overwrite_run)
-    run.log(run.code.decode("utf-8"), console=False)
+    run.log(run.code.source.decode("utf-8"), console=False)
     run.log("=" * 100, console=False)
 
     run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type)
@@ -2434,7 +2529,7 @@ def setup(run):
     run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
     run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
     run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
-    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code).hexdigest()[:16]
+    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
     check_record_dir(run)
     if run.rank == 0:
         log_environment(run)
@@ -2485,6 +2580,7 @@ def log_environment(run):
     log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
         f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
     log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
+    log(f"code: bytes_counted:{len(run.code.counted)} bytes_source:{len(run.code.source)} {run.code.how}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
     log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
@@ -2819,7 +2915,7 @@ def export(run):
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                        f"no artifact is written")
     if run.rank == 0:
-        code_bytes = len(run.code)
+        code_bytes = len(run.code.counted)
         quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model), hp,
                                                    run.hessians, code_bytes, log)
         total = code_bytes + len(blob)
@@ -3062,6 +3158,17 @@ def reproduce_command(run, seeds):
     return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
 
 
+def code_note(code):
+    """The records README's sentence on which code file is which."""
+    if code.counted == code.source:
+        return f"`train_gpt.py` ({len(code.counted):,} bytes) is the code that ran and is counted."
+    readable = (f"`{READABLE_CODE_NAME}` is its readable source; `python3 records/pack.py {READABLE_CODE_NAME} "
+                f"train_gpt.py` regenerates it, and `records/stats.py --check` verifies that it decodes to it"
+                if code.readable else "the run started from a packed file, so no readable source is here")
+    return (f"`train_gpt.py` ({len(code.counted):,} bytes) is what ran and is counted: the packed, self-extracting "
+            f"form of the source (comments and docstrings removed, compressed); {readable}.")
+
+
 RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
 
 
@@ -3078,7 +3185,7 @@ def record_readme(run, submission, old_text):
         f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
         "", "| seed | val_loss | val_bpb | bytes_total | steps | step_avg ms | train s | eval s |",
         "|---|---|---|---|---|---|---|---|", rows, "",
-        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "",
+        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "", code_note(run.code), "",
         f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
         + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
         "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
@@ -3126,7 +3233,9 @@ def record(run):
         submission = submission_from_logs(logs)
     except ValueError as error:
         raise RunError(f"RECORD_DIR={run.hp.record_dir!r}: no submission.json written: {error}") from None
-    write_atomically(folder / "train_gpt.py", run.code, "the code of the record")
+    write_atomically(folder / "train_gpt.py", run.code.counted, "the code of the record")
+    if run.code.readable and run.code.counted != run.code.source:
+        write_atomically(folder / READABLE_CODE_NAME, run.code.source, "the readable source of the record")
     write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
                      "submission.json")
     readme = folder / "README.md"
@@ -3207,7 +3316,7 @@ def run_ids(hp, cluster):
 
 def main():
     hp, sources = Hyperparameters.from_env()
-    code = Path(__file__).read_bytes()  # once: every seed logs and ships the code that is running, even if the file changes
+    code = Code.read(__file__, hp.pack_code)  # once: every seed logs and ships the code that is running, even if the file changes
     cluster = Cluster(hp)
     signals = StopSignals()
     for seed, run_id in run_ids(hp, cluster).items():

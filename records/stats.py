@@ -122,6 +122,25 @@ def describe(runs, label):
     return "\n".join(lines)
 
 
+def source_of(folder, code):
+    """(the source the logs must start with, a problem or None): the readable file beside a packed train_gpt.py,
+    which the packed file must decode to; the packed file's own payload when there is none; else train_gpt.py."""
+    if not code.startswith(T.PACKED_CODE_PREFIX):
+        return code, None
+    try:
+        payload = T.unpack_source(code)
+    except Exception as error:
+        return code, f"train_gpt.py looks packed but does not decode: {error}"
+    readable = folder / T.READABLE_CODE_NAME
+    if not readable.is_file():
+        return payload, None
+    source = readable.read_bytes()
+    if T.strip_source(source.decode("utf-8")).encode("utf-8") != payload:
+        return source, (f"train_gpt.py does not decode to {T.READABLE_CODE_NAME} (regenerate it: python3 records/pack.py "
+                        f"{folder / T.READABLE_CODE_NAME} {folder / 'train_gpt.py'})")
+    return source, None
+
+
 def check_record(folder):
     """The records contract (records/README.md). Returns (problems, notes): a folder passes when there is no problem."""
     folder, problems, notes = Path(folder), [], []
@@ -134,6 +153,9 @@ def check_record(folder):
     if problems:
         return problems, notes
     code = (folder / "train_gpt.py").read_bytes()
+    source, problem = source_of(folder, code)
+    if problem:
+        return [problem], notes
     texts = [path.read_text(encoding="utf-8") for path in logs]
     summaries = []
     for path, text in zip(logs, texts):
@@ -145,8 +167,8 @@ def check_record(folder):
         summaries.append(summary)
         if path.name != f"train_seed{summary['seed']}.log":
             problems.append(f"{path.name} holds seed {summary['seed']}")
-        if not text.startswith(code.decode("utf-8")):
-            problems.append(f"{path.name} does not start with this folder's train_gpt.py: another code ran")
+        if not text.startswith(source.decode("utf-8")):
+            problems.append(f"{path.name} does not start with this folder's source: another code ran")
         if summary["code_sha256"] != hashlib.sha256(code).hexdigest()[:16]:
             problems.append(f"{path.name}: code_sha256 {summary['code_sha256']} is not this folder's train_gpt.py")
         if summary["bytes_total"] > T.ARTIFACT_LIMIT_BYTES:

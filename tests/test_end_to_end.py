@@ -71,7 +71,8 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
     T.GPT(hp).load_state_dict(raw, strict=True)
     assert meta["step"] == 40 and meta["config_hash"] == summary(log)["config_hash"]
     sizes = summary(log)
-    assert sizes["bytes_code"] == len(open(SCRIPT, "rb").read())
+    packed = T.pack_source(open(SCRIPT, "rb").read())[0]  # the code counts as its packed form (PACK_CODE=1)
+    assert sizes["bytes_code"] == len(packed) < len(open(SCRIPT, "rb").read()) // 3
     assert sizes["bytes_model"] == (cwd / "logs" / "e2e_model.int6.ptz").stat().st_size
     assert sizes["bytes_total"] == sizes["bytes_code"] + sizes["bytes_model"]
 
@@ -80,11 +81,12 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
     cwd, _, log = single_run
     record = cwd / "record"
     names = {p.name for p in record.iterdir()} - {"loss_curves.png"}  # the plot needs matplotlib
-    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_seed1337.log"}
+    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py", "train_seed1337.log"}
     submission = json.loads((record / "submission.json").read_text())
     assert submission == T.submission_from_logs([log])
     assert submission["val_bpb"] == summary(log)["val_bpb"] and submission["seeds"] == [1337]
-    assert (record / "train_gpt.py").read_bytes() == open(SCRIPT, "rb").read()
+    assert (record / "train_gpt_human.py").read_bytes() == open(SCRIPT, "rb").read()
+    assert (record / "train_gpt.py").read_bytes() == T.pack_source(open(SCRIPT, "rb").read())[0]
     assert (record / "train_seed1337.log").read_text() == log
     assert f"{submission['val_bpb']:.8f}" in (record / "README.md").read_text()
 

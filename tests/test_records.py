@@ -56,7 +56,8 @@ def test_the_index_records_every_launch_and_finish(two_seeds):
 def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_the_logs(two_seeds):
     cwd, _ = two_seeds
     folder = cwd / "record"
-    expected = {"README.md", "submission.json", "train_gpt.py", "index.jsonl", "train_seed1337.log", "train_seed42.log"}
+    expected = {"README.md", "submission.json", "train_gpt.py", "train_gpt_human.py", "index.jsonl", "train_seed1337.log",
+                "train_seed42.log"}
     if importlib.util.find_spec("matplotlib"):
         expected.add("loss_curves.png")
         assert (folder / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
@@ -89,6 +90,29 @@ def test_the_contract_check_catches_a_hand_edit_and_a_missing_seed(two_seeds, tm
     (folder / "train_seed42.log").unlink()  # a finished seed dropped from the folder
     problems, notes = stats.check_record(folder)
     assert any("seeds [42]" in note for note in notes) and any("submission.json" in p for p in problems)
+
+
+def test_the_contract_check_reports_a_nan_as_a_nan_and_a_packed_file_that_is_not_its_source(two_seeds, tmp_path):
+    import shutil
+    folder = tmp_path / "record"
+    shutil.copytree(two_seeds[0] / "record", folder)
+    submission = json.loads((folder / "submission.json").read_text())
+    (folder / "submission.json").write_text(json.dumps(dict(submission, val_bpb=float("nan"))))
+    problems, _ = stats.check_record(folder)
+    assert problems == ["submission.json: val_bpb is nan, not a finite score"]
+    log = (folder / "train_seed42.log").read_text()
+    summary = T.summary_of(log)
+    (folder / "train_seed42.log").write_text(log.replace(json.dumps(summary, sort_keys=True),
+                                                         json.dumps(dict(summary, val_loss=float("nan")), sort_keys=True)))
+    problems, _ = stats.check_record(folder)
+    assert "train_seed42.log: val_loss is nan: a non-finite score is never a result" in problems
+    (folder / "train_seed42.log").write_text(log)
+    (folder / "submission.json").write_text(json.dumps(submission))
+    assert stats.check_record(folder) == ([], [])
+    readable = folder / "train_gpt_human.py"  # the packed file must decode to the readable one beside it
+    readable.write_text(readable.read_text().replace("def main():", "def main():\n    print('edited')", 1))
+    problems, _ = stats.check_record(folder)
+    assert problems and "does not decode to train_gpt_human.py" in problems[0]
 
 
 def test_a_different_configuration_is_refused_before_training(two_seeds, sample):
