@@ -1,6 +1,7 @@
 """Artifact bytes of a model under every compressor, packing and byte-shuffle choice, against the 16,000,000 cap.
 
     python3 benchmarks/artifact_size.py                      # the default (full-size) model, Gaussian weights
+    PACK_CODE=0 python3 benchmarks/artifact_size.py          # the same, counting the raw train_gpt.py
     PRESET=smoke python3 benchmarks/artifact_size.py --weights logs/<RUN_ID>_raw.pt   # trained weights
 
 The model and the quantization settings come from the same env vars as train_gpt.py (QUANT_BITS, CLIP_K_*, ...).
@@ -36,7 +37,13 @@ def main():
             for name, p in model.named_parameters():
                 if name in groups:
                     p.normal_(std=p.size(1) ** -0.5)
-    code_bytes = len((Path(T.__file__)).read_bytes())
+    source = Path(T.__file__).read_bytes()
+    packed, compressor, packed_sizes = T.pack_source(source)
+    code_bytes = len(packed) if hp.pack_code else len(source)
+    print(f"code: raw {len(source):,} bytes, packed " + ", ".join(f"{k} {v:,}" for k, v in packed_sizes.items())
+          + f" (shipped: {compressor}); counted with PACK_CODE={int(hp.pack_code)}: {code_bytes:,}; packing frees "
+          f"{len(source) - len(packed):,} bytes, about {8 * (len(source) - len(packed)) // hp.quant_bits:,} "
+          f"int{hp.quant_bits} weights before compression")
     print(f"model: {T.count_parameters(model)[0]:,} parameters ({'trained: ' + args.weights if args.weights else 'Gaussian weights'}), "
           f"quant_bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} code_bytes:{code_bytes}")
     print("| packing | byte shuffle | compressor | model bytes | total bytes | headroom under 16,000,000 | compress s |")

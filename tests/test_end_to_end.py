@@ -95,7 +95,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     runs = {}
     for nproc in (1, 2):
         env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
-                        TTT_CHUNK_TOKENS=8192, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
+                        TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
         result = run_script(launcher + [SCRIPT], env, tmp_path)
@@ -108,7 +108,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
-    assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:3 last_chunk_trained:no" in runs[2]
+    assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:2 last_chunk_trained:no" in runs[2]
 
 
 def test_benchmark_mode_times_both_layouts_and_stops(sample, tmp_path):

@@ -239,4 +239,4 @@ def test_a_missing_compressor_package_is_a_config_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "brotli" else real_import(name, *a, **k))
     with pytest.raises(T.ConfigError, match="COMPRESSOR='brotli'.*pip install brotli"):
-        T.Hyperparameters(compressor="brotli")
+        T.Hyperparameters(compressor="brotli", pack_code=False)

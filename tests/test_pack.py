@@ -108,7 +108,7 @@ def tiny_env(sample, **overrides):
     env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="2", NUM_LOOPS="0",
                PARALLEL_RESIDUALS="0", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048",
                GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2",
-               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", ITERATIONS="4", VAL_BATCH_SIZE="16384")
+               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", ITERATIONS="3", VAL_BATCH_SIZE="16384")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
@@ -130,6 +130,6 @@ def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample
         result = run_script(launcher + [str(script)], tiny_env(sample, RUN_ID=name), tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         logs[name] = (tmp_path / "logs" / f"{name}.txt").read_text()
-    assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) > 8
+    assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) >= 7
     assert "code: bytes_counted:" in logs["packed"] and " packed_file" in logs["packed"]
     assert re.search(r"^code: bytes_counted:\d+ bytes_source:\d+ packed:brotli", logs["readable"], re.M)

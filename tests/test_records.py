@@ -21,7 +21,7 @@ SCRIPT = str(REPO / "train_gpt.py")
 
 def tiny_env(sample, **overrides):
     data_dir, tokenizer = sample
-    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8",
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="6",
                WARMUP_STEPS="1", EVAL_STRIDE="0", VAL_BATCH_SIZE="65536", TRAIN_LOG_EVERY="4", GPTQ="0", SIZE_TARGET_BYTES="0")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
