@@ -130,6 +130,6 @@ def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample
         result = run_script(launcher + [str(script)], tiny_env(sample, RUN_ID=name), tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         logs[name] = (tmp_path / "logs" / f"{name}.txt").read_text()
-    assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) >= 7
+    assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) >= 6
     assert "code: bytes_counted:" in logs["packed"] and " packed_file" in logs["packed"]
     assert re.search(r"^code: bytes_counted:\d+ bytes_source:\d+ packed:brotli", logs["readable"], re.M)
