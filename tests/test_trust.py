@@ -50,6 +50,11 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"ADAM_EPS": "0"}, "ADAM_EPS"),
     ({"WARMDOWN_ITERS": "-5"}, "WARMDOWN_ITERS"),
     ({"EMA_DECAY": "1.2"}, "EMA_DECAY"),
+    ({"TTT_LR": "0.1"}, "TTT_ENABLED=1"),  # a setting that its switch leaves without effect
+    ({"NUM_LOOPS": "0", "LOOP_START": "1"}, "LOOP_START"),
+    ({"GPTQ": "0", "GPTQ_DAMP": "0.1"}, "GPTQ=1"),
+    ({"TTT_ENABLED": "1", "TTT_LORA_RANK": "4"}, "TTT_PARAMS=lora"),
+    ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
     ({"RUN_ID": "a/b"}, "RUN_ID"),
 ])
@@ -64,6 +69,14 @@ def test_aliases_apply_with_the_records_meaning_and_say_so():
     assert sources["muon_weight_decay"] == "env:MUON_WD(alias)"
     for alias, field in T.SETTING_ALIASES.items():  # every alias points at one of ours
         assert field in {f.name for f in T.dataclasses.fields(T.Hyperparameters)}, alias
+
+
+def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
+    fields = {f.name for f in T.dataclasses.fields(T.Hyperparameters)}
+    assert set(T.INERT_UNLESS) <= fields
+    hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})  # the preset's LOOP_START is not the user's
+    assert hp.num_loops == 0
+    T.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_PARAMS": "lora", "TTT_LORA_RANK": "4"})
 
 
 def test_unrelated_variables_are_left_alone():
@@ -211,30 +224,23 @@ def test_a_diverging_run_stops_with_no_artifact_and_no_record(sample, tmp_path):
     assert not list((tmp_path / "logs").glob("*.ptz")) and not (tmp_path / "record" / "submission.json").exists()
 
 
-def test_a_bad_token_in_a_later_shard_is_named_and_the_weights_are_kept(sample, tmp_path):
-    data_dir, tokenizer = sample
+def test_a_bad_token_in_a_later_shard_is_named_before_training(sample, tmp_path):
+    data_dir, _ = sample
     bad_data = tmp_path / "data"
     bad_data.mkdir()
     for path in data_dir.glob("fineweb_*.bin"):
         (bad_data / path.name).symlink_to(path)
-    # A second training shard full of an out-of-range id, sized so that the first step reading it comes after a
-    # few steps of training (found with the loader the run uses).
-    good = T.shard_files(str(data_dir), "train")
-    bad_path = bad_data / "fineweb_train_999999.bin"
-    for windows in (4, 8, 16, 32, 64):
-        T.write_shard(bad_path, np.full(windows * 256 + 1, 1500, dtype=np.uint16))
-        loader = T.TrainLoader(good + [str(bad_path)], 256, 4, seed=1337)
-        first_bad = next(s for s in range(10**4) if (loader.global_window_ids(s) >= loader.window_offsets[-2]).any())
-        if 3 <= first_bad <= 25:
-            break
-    else:
-        pytest.skip("no shard size puts the bad window after a few steps with this sample")
-    env = tiny_env(sample, DATA_PATH=bad_data, ITERATIONS=first_bad + 5, RUN_ID="shard")
-    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=120)
-    assert result.returncode != 0 and "data error:" in result.stderr, result.stderr[-3000:]
-    assert "fineweb_train_999999.bin holds token id 1500 >= VOCAB_SIZE=1024" in result.stderr
+    tokens = np.full(20 * 256 + 1, 7, dtype=np.uint16)
+    tokens[3000] = 1500
+    T.write_shard(bad_data / "fineweb_train_999999.bin", tokens)  # the last shard, one bad id
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    result = run_script(command, tiny_env(sample, DATA_PATH=bad_data, RUN_ID="shard", TRAIN_BATCH_TOKENS=2048), tmp_path,
+                        timeout=120)  # two ranks: the shard is in the second rank's share of the scan
+    assert result.returncode != 0, result.stderr[-3000:]
+    message = "fineweb_train_999999.bin holds token id 1500 >= VOCAB_SIZE=1024 (at token 3000)"
+    assert message in result.stderr + result.stdout
     log = (tmp_path / "logs" / "shard.txt").read_text()
-    assert f"saved_raw_weights:logs/shard_raw.pt step:{first_bad}" in log and "fineweb_train_999999.bin" in log
+    assert message in log and "step:1/" not in log
 
 
 def test_a_failed_artifact_write_keeps_the_raw_weights_and_leaves_no_partial_file(sample, tmp_path):
@@ -282,20 +288,24 @@ def test_a_full_disk_leaves_no_partial_file_and_names_the_path(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["m.ptz"]
 
 
-def test_a_bad_id_in_a_later_shard_is_found_when_read_and_names_the_file(tmp_path):
+def test_every_shard_is_scanned_for_bad_ids_and_ranks_share_the_scan(tmp_path):
     paths = [tmp_path / f"fineweb_train_{i:06d}.bin" for i in range(3)]
     for i, path in enumerate(paths):
         tokens = np.arange(33 * 8) % 100
         if i == 2:
-            tokens[40] = 100  # one id out of range, in the last shard: in its window 1 (tokens 32..64)
+            tokens[40] = 100  # one id out of range, in the last shard
         T.write_shard(path, tokens)
-    loader = T.TrainLoader([str(p) for p in paths], 32, 4, seed=0, vocab_size=100)
-    bad_window = loader.window_offsets[2] + 1
-    first_bad = next(s for s in range(100) if bad_window in loader.global_window_ids(s))
-    for step in range(first_bad):
-        loader.batch(step, 0)
+    files = [str(p) for p in paths]
+    shards = [T.load_shard(f) for f in files]
+    T.check_token_ids(files[:2], shards[:2], 100)
     with pytest.raises(T.DataError, match=r"fineweb_train_000002\.bin holds token id 100 >= VOCAB_SIZE=100 \(at token 40\)"):
-        loader.batch(first_bad, 0)
+        T.check_token_ids(files, shards, 100)
+    # Rank 0 of two scans shard 0 only; the combined maxima (here: rank 1's share added by hand) still find it.
+    T.check_token_ids(files, shards, 100, rank=0, world_size=2)
+    rank1 = np.zeros(3, dtype=np.int64)
+    rank1[1:] = [99, 100]
+    with pytest.raises(T.DataError, match="000002"):
+        T.check_token_ids(files, shards, 100, rank=0, world_size=2, all_reduce_max=lambda m: np.maximum(m, rank1))
 
 
 def test_a_shard_that_cannot_be_read_is_named(tmp_path):
