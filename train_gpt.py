@@ -2556,7 +2556,7 @@ def setup(run):
     autocast_dtype = torch.bfloat16 if device_type == "cuda" else None
     run.autocast = lambda: (torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
 
-    if hp.finish_from and not os.path.isfile(hp.finish_from):
+    if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
     run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
@@ -2900,9 +2900,10 @@ def load_raw_weights(path):
 
 def finish_from_raw_weights(run):
     """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
-    same configuration, so that calibration, export and evaluation are those the run would have done."""
+    same configuration, so that calibration, export and evaluation are those the run would have done. Rank 0 reads
+    the file (it wrote it) and sends it to the others, so nodes need no shared disk."""
     hp = run.hp
-    state, meta = load_raw_weights(hp.finish_from)
+    state, meta = run.cluster.broadcast(load_raw_weights(hp.finish_from) if run.rank == 0 else None)  # rank 0's disk
     if meta.get("config_hash") != run.config_hash:
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash {meta.get('config_hash')}, "
                           f"this run has {run.config_hash}: rerun with the settings of the run that saved it")

@@ -211,6 +211,10 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_the_weights_sa
     raw, meta = T.load_raw_weights(tmp_path / "logs" / "tr_raw.pt")
     assert meta["step"] == step and all(torch.isfinite(t).all() for t in raw.values())
     assert "world_size:2" in log
+    # Finishing under torchrun too: rank 0 reads the file and sends it, so the other ranks need no copy.
+    finished = run_script(command, dict(env, RUN_ID="tr_finished", FINISH_FROM="logs/tr_raw.pt"), tmp_path)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert roundtrip((tmp_path / "logs" / "tr_finished.txt").read_text())
 
 
 def test_a_diverging_run_stops_with_no_artifact_and_no_record(sample, tmp_path):
