@@ -48,3 +48,14 @@ def small_hp(preset="", **overrides):
         values.update(T.PRESETS[name])
     values.update(overrides)
     return T.Hyperparameters(**values)
+
+
+def tiny_env(sample, **overrides):
+    """The env of a CLI run of a two-layer model on the offline sample (seconds per run), plus `overrides`."""
+    data_dir, tokenizer = sample
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="2", NUM_LOOPS="0",
+               PARALLEL_RESIDUALS="0", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024",
+               GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2",
+               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", WARMDOWN_FRAC="0", ITERATIONS="6")
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, run_script, small_hp
+from conftest import REPO, run_script, small_hp, tiny_env
 
 SCRIPT = REPO / "train_gpt.py"
 
@@ -103,16 +103,6 @@ def test_packing_leaves_the_size_target_more_model_bytes():
     assert len(blobs["packed"]) > len(blobs["raw"])
 
 
-def tiny_env(sample, **overrides):
-    data_dir, tokenizer = sample
-    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="2", NUM_LOOPS="0",
-               PARALLEL_RESIDUALS="0", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048",
-               GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2",
-               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", ITERATIONS="3", VAL_BATCH_SIZE="16384")
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
-
-
 def results(log):
     """Every loss and score line, and the counted code bytes."""
     lines = re.findall(r"^(step:\d+/\d+ (?:train|val)_loss:\S+|final_\w+_exact .*|artifact: bytes_code:\d+)", log, re.M)
@@ -127,7 +117,8 @@ def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     logs = {}
     for name, script in (("readable", SCRIPT), ("packed", packed_dir / "train_gpt.py")):
-        result = run_script(launcher + [str(script)], tiny_env(sample, RUN_ID=name), tmp_path)
+        env = tiny_env(sample, RUN_ID=name, TRAIN_BATCH_TOKENS=2048, ITERATIONS=3, VAL_BATCH_SIZE=16384)
+        result = run_script(launcher + [str(script)], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         logs[name] = (tmp_path / "logs" / f"{name}.txt").read_text()
     assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) >= 6

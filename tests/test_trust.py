@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, run_script
+from conftest import REPO, run_script, tiny_env
 
 SCRIPT = str(REPO / "train_gpt.py")
 
@@ -122,16 +122,6 @@ def test_ttt_patterns_that_match_nothing_are_refused_when_the_model_is_built():
 # --------------------------------------------------------------------------------------------
 # Real runs through the command line (a two-layer model: seconds per run)
 # --------------------------------------------------------------------------------------------
-
-def tiny_env(sample, **overrides):
-    data_dir, tokenizer = sample
-    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="2", NUM_LOOPS="0",
-               PARALLEL_RESIDUALS="0", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024",
-               GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2",
-               SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", WARMDOWN_FRAC="0", ITERATIONS="6")
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
-
 
 def roundtrip(log):
     return re.search(r"^final_int6_brotli_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", log, re.M).groups()
