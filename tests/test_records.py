@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import train_gpt as T
-from conftest import REPO, run_script
+from conftest import REPO, run_script, tiny_env
 
 spec = importlib.util.spec_from_file_location("record_stats", REPO / "records" / "stats.py")
 stats = importlib.util.module_from_spec(spec)
@@ -19,18 +19,15 @@ spec.loader.exec_module(stats)
 SCRIPT = str(REPO / "train_gpt.py")
 
 
-def tiny_env(sample, **overrides):
-    data_dir, tokenizer = sample
-    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="6",
-               WARMUP_STEPS="1", EVAL_STRIDE="0", VAL_BATCH_SIZE="65536", TRAIN_LOG_EVERY="4", GPTQ="0", SIZE_TARGET_BYTES="0")
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
+def records_env(sample, **overrides):
+    """The two-layer model of the CLI tests, with a few logged steps and one warmup step."""
+    return tiny_env(sample, WARMUP_STEPS=1, TRAIN_LOG_EVERY=4, VAL_BATCH_SIZE=65536, **overrides)
 
 
 @pytest.fixture(scope="module")
 def two_seeds(sample, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("seeds")
-    env = tiny_env(sample, SEEDS="1337 42", RUN_ID="pair", RECORD_DIR=cwd / "record")
+    env = records_env(sample, SEEDS="1337 42", RUN_ID="pair", RECORD_DIR=cwd / "record")
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, env
@@ -117,7 +114,7 @@ def test_the_contract_check_reports_a_nan_as_a_nan_and_a_packed_file_that_is_not
 
 def test_a_different_configuration_is_refused_before_training(two_seeds, sample):
     cwd, _ = two_seeds
-    env = tiny_env(sample, SEED=5, RUN_ID="intruder", RECORD_DIR=cwd / "record", MATRIX_LR="0.05")
+    env = records_env(sample, SEED=5, RUN_ID="intruder", RECORD_DIR=cwd / "record", MATRIX_LR="0.05")
     result = run_script([sys.executable, SCRIPT], env, cwd, timeout=120)
     assert result.returncode != 0 and "config error:" in result.stderr and "RECORD_DIR" in result.stderr
     assert "step:1/" not in (cwd / "logs" / "intruder.txt").read_text()
