@@ -12,6 +12,8 @@ Every knob is an environment variable declared once in `Hyperparameters` (the RE
 Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
 """
 
+import ast
+import base64
 import contextlib
 import copy
 import dataclasses
@@ -20,8 +22,6 @@ import difflib
 import functools
 import glob
 import hashlib
-import ast
-import base64
 import io
 import json
 import lzma
@@ -244,12 +244,9 @@ class Hyperparameters:
                     values[name], sources[name] = preset_values[name], preset_sources[name]
                 else:
                     sources[name] = "default"
-        # The baseline's step-based warmdown and the records' fraction are two forms of one setting.
-        if values.get("warmdown_iters", 0) > 0:
-            if sources["warmdown_frac"] != "default" and values["warmdown_frac"] > 0:
-                raise ConfigError(f"WARMDOWN_ITERS={values['warmdown_iters']} ({sources['warmdown_iters']}) and "
-                                  f"WARMDOWN_FRAC={values['warmdown_frac']} ({sources['warmdown_frac']}) are two forms "
-                                  f"of the warmdown; set one (WARMDOWN_ITERS=0 to use the fraction, WARMDOWN_FRAC=0 to use the steps)")
+        # The baseline's step-based warmdown and the records' fraction are two forms of one setting: the steps
+        # replace the default fraction; both given is refused by `validate`.
+        if values.get("warmdown_iters", 0) > 0 and sources["warmdown_frac"] == "default":
             values["warmdown_frac"], sources["warmdown_frac"] = 0.0, "implied:WARMDOWN_ITERS"
         hp = cls(**values)
         refuse_inert_settings(hp, sources)
@@ -338,7 +335,8 @@ class Hyperparameters:
         require(self.adam_eps > 0, "ADAM_EPS", "must be positive")
         require(self.rope_base > 0, "ROPE_BASE", "must be positive")
         require(not (self.warmdown_iters > 0 and self.warmdown_frac > 0), "WARMDOWN_ITERS",
-                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one of them to 0")
+                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
+                f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
         require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
         require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
         for name in ("min_lr_scale", "ema_decay"):
@@ -621,13 +619,11 @@ def read_shard_header(path):
     """Validates magic, version and file size; returns the token count."""
     try:
         size = os.path.getsize(path)
-        with open(path, "rb"):
-            pass
+        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     except OSError as error:
         raise DataError(f"{path} (in DATA_PATH) cannot be read: {error.strerror}") from None
     if size < SHARD_HEADER_BYTES:
         raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
     if header[1] != SHARD_VERSION:
@@ -667,7 +663,7 @@ class TrainLoader:
     """
 
     def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1):
-        self.files, self.shards = files, [load_shard(f) for f in files]
+        self.shards = [load_shard(f) for f in files]
         self.seq_len, self.seqs_per_step, self.seed = seq_len, seqs_per_step, seed
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
@@ -699,20 +695,15 @@ class TrainLoader:
         the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
-        rows = torch.from_numpy(self.windows(ids))
-        if device is not None and device.type == "cuda":
-            rows = rows.pin_memory().to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
-
-
-    def windows(self, ids):
         rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
         shard_of = np.searchsorted(self.window_offsets, ids, side="right") - 1
         for row, (shard, window) in enumerate(zip(shard_of, ids)):
             start = (window - self.window_offsets[shard]) * self.seq_len
             rows[row] = self.shards[shard][start:start + self.seq_len + 1]
-        return rows
-
+        rows = torch.from_numpy(rows)
+        if device is not None and device.type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
 
 
 def check_token_ids(files, shards, vocab_size, rank=0, world_size=1, all_reduce_max=None):
@@ -1998,7 +1989,7 @@ def read_artifact(path, blob=None):
 READABLE_CODE_NAME = "train_gpt_human.py"  # the readable source beside a packed train_gpt.py (the records' name)
 PACKED_CODE_PREFIX = b"# train_gpt.py, packed from "
 CODE_PACKERS = {  # name: (compress, decompress); the packed file imports the module of the same name
-    "brotli": (lambda data: _brotli().compress(data, quality=11), lambda data: _brotli().decompress(data)),
+    "brotli": (COMPRESSORS["brotli"][1], lambda data: _brotli().decompress(data)),
     "lzma": (lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
 }
 
@@ -2044,7 +2035,7 @@ def pack_source(source, readable_name=READABLE_CODE_NAME):
 
 def unpack_source(packed):
     """The stripped source a packed file executes (bytes)."""
-    match = re.match(rb"# train_gpt.py, packed from \S+ \((\w+)\);.*?b85decode\('([^']*)'\)", packed, re.S)
+    match = re.match(re.escape(PACKED_CODE_PREFIX) + rb"\S+ \((\w+)\);.*?b85decode\('([^']*)'\)", packed, re.S)
     if match is None or match.group(1).decode() not in CODE_PACKERS:
         raise ValueError("not a packed train_gpt.py")
     return CODE_PACKERS[match.group(1).decode()][1](base64.b85decode(match.group(2)))
@@ -2301,18 +2292,22 @@ class CastedLoRA(nn.Module):
         return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
 
 
+def lora_name(module_name):
+    """How TTT_LORA_TARGETS names a projection: the last two parts of its module name (e.g. attn.c_q)."""
+    return ".".join(module_name.split(".")[-2:])
+
+
 def lora_target_modules(model, hp):
-    """The CastedLinear modules named by TTT_LORA_TARGETS (matched on the last two parts of the module name)."""
+    """The CastedLinear modules named by TTT_LORA_TARGETS."""
     targets = hp.ttt_lora_targets.split(",")
-    return [module for name, module in model.named_modules()
-            if isinstance(module, CastedLinear) and ".".join(name.split(".")[-2:]) in targets]
+    return [module for name, module in model.named_modules() if isinstance(module, CastedLinear) and lora_name(name) in targets]
 
 
 def check_ttt_settings(model, hp):
     """TTT_PARAMS / TTT_LORA_TARGETS against the model's names, at start-up: a pattern that matches nothing is an
     error before training, not after training, export and evaluation."""
     if hp.ttt_params == "lora":
-        names = {".".join(name.split(".")[-2:]) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+        names = {lora_name(name) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
         missing = [target for target in hp.ttt_lora_targets.split(",") if target not in names]
         if missing:
             raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: {missing} match no projection; choose among "
@@ -2773,7 +2768,7 @@ def train(run):
     run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
     hp, log, model = run.hp, run.log, run.model
     cap_ms = training_budget_ms(hp)
-    train_ms, elapsed_ms, step, stop_after, qat_on = 0.0, 0.0, 0, None, False
+    train_ms, elapsed_ms, step, stop_after, qat_on, lr_scale = 0.0, 0.0, 0, None, False, 1.0
     average = run.average = WeightAverage(model, hp)
     nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # any non-finite loss since the last check
     grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
@@ -2843,9 +2838,9 @@ def train(run):
             train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{step_avg:.2f}ms {throughput(run, step, step_avg, elapsed_ms)}")
-        if signalled:
+        if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
             run.results.update(train_time_ms=elapsed_ms)
-            stop_on_signal(run, average, step)
+            raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
         if cap_ms > 0 and stop_after is None and elapsed_ms + step_avg > cap_ms:
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
@@ -2869,14 +2864,6 @@ def check_finite(run, nonfinite, step, lr_scale):
         raise RunError(f"train_loss is not finite by step {step} (lr_scale:{lr_scale:.4f} {lr_scale and lrs} "
                        f"grad_clip_norm:{hp.grad_clip_norm}); the run stops with no artifact and no score: lower the "
                        f"learning rates or set GRAD_CLIP_NORM")
-
-
-def stop_on_signal(run, average, step):
-    """Every rank saw the signal at this step: apply the average, save the raw weights (rank 0), stop."""
-    signum = run.signals.received or signal.SIGTERM  # a rank that did not receive it itself stops with the others
-    run.log(average.apply())
-    save_raw_weights(run)
-    raise Interrupted(signum, step)
 
 
 def save_raw_weights(run):
@@ -3125,7 +3112,7 @@ def check_record_dir(run):
             probe.unlink()
         except OSError as error:
             problem[0] = f"RECORD_DIR={run.hp.record_dir!r} is not writable: {error.strerror}"
-    if run.rank == 0 and folder is not None and folder.is_dir() and not problem[0]:
+    if run.rank == 0 and folder is not None and not problem[0]:
         for path in sorted(folder.glob("train_seed*.log")):
             fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
             if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
@@ -3317,10 +3304,9 @@ def train_and_evaluate(run):
 def conclude_failure(run, error):
     """A seed that fails: the raw weights are saved first if training had begun, the error goes into the log (and
     the run index), and the log says what did not finish and how to finish it."""
-    log = run.log if callable(run.log) else print
     def best_effort(line):
         with contextlib.suppress(Exception):
-            log(line)
+            run.log(line)
     if run.training_began and not run.raw_saved:
         try:
             if run.average is not None:

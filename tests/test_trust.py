@@ -3,9 +3,7 @@ failed write or hostile artifact loses the trained weights or turns into a score
 
 import errno
 import hashlib
-import io
 import json
-import math
 import os
 import re
 import signal
