@@ -63,7 +63,7 @@ class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
     # --- run and data ---
-    preset: str = ""  # named bundles of defaults (baseline, neon213, smoke; "baseline,smoke" applies both in order); empty = none
+    preset: str = ""  # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in order); empty = none
     run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
     overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
     finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
@@ -96,19 +96,22 @@ class Hyperparameters:
     tie_embeddings: bool = True  # share the token embedding with the output head
     tied_embed_init_std: float = 0.005  # std of the tied embedding at init
     ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
-    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    zero_init_proj: bool = True  # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init (neon213)
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
 
     # --- model: attention ---
     rope_base: float = 10000.0  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
-    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, output or sparse
+    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
     attn_gate_scale: float = 0.5  # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
     gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
-    value_residual: bool = False  # add sigmoid(a) * (layer 0's V) to every later layer's V
+    value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
+    value_residual_form: str = "sigmoid"  # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
     ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
     ve_dim: int = 128  # width of the value-embedding table
+    ve_proj_init: str = "zero"  # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
 
     # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
     conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
@@ -121,6 +124,8 @@ class Hyperparameters:
     bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
     bigram_dim: int = 112  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
+    smear_gate_form: str = "scalar"  # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 - sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
+    embed_norm: bool = True  # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
 
     # --- model: normalization, residual topology and loss ---
     norm_weights: bool = False  # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
@@ -135,7 +140,10 @@ class Hyperparameters:
     loop_enable_at: float = 0.35  # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
     parallel_residuals: bool = True  # two residual lanes with learned routing from PARALLEL_START_LAYER on
     parallel_start_layer: int = 8  # first physical layer with parallel lanes
-    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers; 0 = off
+    parallel_form: str = "routing"  # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
+    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last -N); 0 = off
+    backout_init: float = 0.0  # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
+    backout_read: bool = False  # layers after the cache compute attention keys and values from the cached state (PR #703)
     mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
 
     # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
@@ -157,14 +165,17 @@ class Hyperparameters:
     muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
     muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
     muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
+    embed_proj_optimizer: str = "muon"  # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549 family)
     grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
     warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
     warmdown_iters: int = 0  # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces WARMDOWN_FRAC
     min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
+    kernel_stage_restarts: bool = False  # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly to 0 within the stage
 
     # --- weight averaging ---
     weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
-    ema_decay: float = 0.9965  # EMA decay per step (warmed up as min(decay, (1 + t) / (10 + t)))
+    ema_decay: float = 0.9965  # EMA decay per step
+    ema_warmup: bool = True  # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
     swa_every: int = 50  # SWA takes a snapshot every N steps...
     swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
 
@@ -193,15 +204,19 @@ class Hyperparameters:
     gen_top_k: int = 50  # sample among the k most likely tokens; 0 = all
 
     # --- quantization and export ---
-    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale
-    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE)
+    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not quantized
+    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
     quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search) or rowmax
     clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
     clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
     clip_k_embed: float = 14.0  # SDClip k of the token tables
     quant_packing: str = "byte"  # byte (an int8 per value) or dense (bit-packed)
     gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
+    gptq_calibration: str = "train"  # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR #1019/#1392)
     gptq_calibration_batches: int = 16  # global training batches (after the last step) whose activations give the Hessians
+    gptq_self_seqs: int = 64  # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
+    gptq_self_seq_len: int = 2048  # their length in tokens, each started from BOS
+    gptq_self_temperature: float = 0.8  # their sampling temperature
     gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS so that calibration fits in the training budget
     gptq_block_size: int = 128  # columns per GPTQ block
     gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
@@ -209,7 +224,8 @@ class Hyperparameters:
     lqer_top_k: int = 3  # matrices that get the LQER correction
     qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
     size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
-    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11) or zlib (level 9); a missing package is an error
+    quant_passthrough_numel: int = 0  # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 = quantize every matrix
+    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an error
     byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
     pack_code: bool = True  # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw file
 
@@ -277,7 +293,7 @@ class Hyperparameters:
         require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
                 f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
-        require(self.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+        require(self.logit_softcap >= 0, "LOGIT_SOFTCAP", "must be zero (no softcap) or positive")
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
@@ -303,10 +319,19 @@ class Hyperparameters:
         require(self.conv_init in ("random", "identity"), "CONV_INIT", "choose random or identity")
         stages = self.kernel_stages
         require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
+        if self.kernel_stage_restarts:
+            require(self.warmdown_frac == 0 and self.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
+                    "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
+            require(self.max_wallclock_seconds == 0 or all(when < 1 for when, _ in stages), "KERNEL_SCHEDULE",
+                    "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
+                    "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
         require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
                 f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
-        require(self.attn_gate in ("none", "head", "output", "sparse"), "ATTN_GATE",
-                "choose none, head, output or sparse (the three gates are exclusive)")
+        require(self.attn_gate in ATTENTION_GATES, "ATTN_GATE", f"choose one of {', '.join(ATTENTION_GATES)} (the gates are exclusive)")
+        for name, choices in (("value_residual_form", ("sigmoid", "lambda")), ("ve_proj_init", ("zero", "ortho")),
+                              ("smear_gate_form", ("scalar", "blend")), ("parallel_form", ("routing", "merge")),
+                              ("embed_proj_optimizer", ("muon", "adamw"))):
+            require(getattr(self, name) in choices, name.upper(), f"choose {' or '.join(choices)}")
         require(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
         for name in ("xsa_layers", "ve_layers"):
             self.layer_set(name)  # raises on a bad list
@@ -321,8 +346,13 @@ class Hyperparameters:
         if self.parallel_residuals:
             require(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
                     f"must be a layer below NUM_LAYERS={self.num_layers} (or PARALLEL_RESIDUALS=0)")
+            straddles = self.num_loops and self.loop_start < self.parallel_start_layer <= self.loop_end
+            require(self.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
+                    f"=merge keeps two lanes to the end, so the looped layers {self.loop_start}..{self.loop_end} must not "
+                    f"straddle PARALLEL_START_LAYER={self.parallel_start_layer}")
         virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
-        require(0 <= self.backout_layer < virtual, "BACKOUT_LAYER", f"must be below the {virtual} virtual layers")
+        require(-self.num_layers < self.backout_layer < virtual, "BACKOUT_LAYER",
+                f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-self.num_layers} (counted from the end)")
         require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
 
     def validate_optimizer(self, require):
@@ -349,7 +379,8 @@ class Hyperparameters:
 
     def validate_export(self, require):
         for name in ("quant_bits", "embed_quant_bits"):
-            require(5 <= getattr(self, name) <= 8, name.upper(), "must be 5..8")
+            require(5 <= getattr(self, name) <= 8 or getattr(self, name) == FP16_BITS, name.upper(),
+                    "must be 5..8, or 16 (fp16, not quantized)")
         require(self.quant_clip in ("sdclip", "percentile", "rowmax"), "QUANT_CLIP", "choose sdclip, percentile or rowmax")
         for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
@@ -358,6 +389,19 @@ class Hyperparameters:
                      "qat_start_lr_scale", "size_target_bytes"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
+        require(self.gptq_calibration in ("train", "self"), "GPTQ_CALIBRATION", "choose train or self")
+        for name in ("gptq_self_seqs", "gptq_self_seq_len"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        if self.gptq and self.gptq_calibration == "self":
+            require(self.gptq_self_seq_len <= max(self.train_seq_len, self.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
+                    f"must not exceed TRAIN_SEQ_LEN={self.train_seq_len} or EVAL_SEQ_LEN={self.eval_seq_len} (the "
+                    f"longest positions the model has)")
+        require(self.gptq_self_temperature >= 0, "GPTQ_SELF_TEMPERATURE", "must be zero (greedy) or positive")
+        require(self.quant_passthrough_numel >= 0, "QUANT_PASSTHROUGH_NUMEL", "must be zero or positive")
+        if self.quant_bits == self.embed_quant_bits == FP16_BITS:
+            for name, on in (("gptq", self.gptq), ("lqer_rank", self.lqer_rank), ("qat_start_lr_scale", self.qat_start_lr_scale)):
+                require(not on, name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 (nothing is quantized); "
+                        "set it to 0")
         require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
                 "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
         if self.pack_code:
@@ -367,7 +411,7 @@ class Hyperparameters:
                 raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
                                   "(pip install brotli, or PACK_CODE=0 to count the raw file)") from None
         try:
-            {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib}[self.compressor]()
+            {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib, "lzma": lambda: lzma}[self.compressor]()
         except ImportError:
             raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
                               f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
@@ -409,7 +453,9 @@ class Hyperparameters:
         return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
 
     def layer_set(self, name):
-        """The layer indices of a list setting (XSA_LAYERS, VE_LAYERS): "all", "" or comma-separated indices."""
+        """The layer indices of a list setting (XSA_LAYERS, VE_LAYERS): "all", "" or comma-separated indices, where
+        a negative index counts from the last layer (-1), so that "-4,-3,-2,-1" is the records' XSA_LAST_N=4 at
+        any depth (a seed's preset then also holds at the smoke size)."""
         spec = getattr(self, name).strip()
         if spec == "all":
             return set(range(self.num_layers))
@@ -417,14 +463,34 @@ class Hyperparameters:
             layers = {int(item) for item in spec.split(",") if item.strip()}
         except ValueError:
             raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer indices") from None
-        if any(not 0 <= layer < self.num_layers for layer in layers):
-            raise ConfigError(f"{name.upper()}={spec!r}: indices must be in 0..NUM_LAYERS-1={self.num_layers - 1}")
-        return layers
+        if any(not -self.num_layers <= layer < self.num_layers for layer in layers):
+            raise ConfigError(f"{name.upper()}={spec!r}: indices must be in -{self.num_layers}..{self.num_layers - 1} "
+                              f"(NUM_LAYERS={self.num_layers})")
+        return {layer % self.num_layers for layer in layers}
 
 
 # neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
 # as fractions of training, so that it scales to any run length.
 NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+
+# The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command),
+# the parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64,
+# LN scale, VE128 on the last 2, BigramHash 1536x128, the seed-era SmearGate, plain U-Net skips; Muon 0.025 (WD
+# 0.04, momentum 0.92 -> 0.99), AdamW 0.025/0.035 (WD 0.04, betas 0.9/0.95) that also trains the table
+# projections; EMA 0.997 with no warmup (its SWA was collected and never applied); a 3500-step warmdown;
+# GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and score-first SGD TTT.
+PR549_FAMILY = dict(
+    mlp_mult=3.0, rope_dims=16, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none", ve_layers="-2,-1",
+    ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True, smear_gate_form="blend",
+    skip_gates=False, num_loops=0, parallel_residuals=False, train_batch_tokens=786_432, train_seq_len=2048,
+    eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000,
+    matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, embed_weight_decay=0.04, scalar_weight_decay=0.04,
+    beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.04,
+    embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
+    quant_bits=6, embed_quant_bits=8, quant_clip="percentile", gptq=False, quant_passthrough_numel=65536,
+    compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768,
+    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd",
+)
 
 # A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
 PRESETS = {
@@ -440,16 +506,58 @@ PRESETS = {
         warmdown_iters=1200, warmdown_frac=0.0,
         weight_averaging="none",
     ),
-    # neon213 (NeonBench): 8 plain pre-norm blocks of width 384, 6 heads, learnable RMSNorm weights (QK-norm per head
-    # dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the Hydra conv, every kernel grown 1 -> 21
-    # on its schedule, vocabulary 16384; trained by our optimizers (Muon on the block matrices, AdamW on the rest).
-    # 26,675,584 parameters at k = 21. PRESET=neon213,smoke is the same family at the smoke size.
+    # PR #754 (11L Parallel Muon + LN scale + LeakyReLU^2 MLP3x + legal TTT, 1.1215): PR #549's script and command
+    # (the record LeakyReLU_LegalTTT_ParallelMuon) with zstd-22 and an fp16 token embedding. Where #754 is silent,
+    # #549's command: BigramHash 1536, WARMDOWN_ITERS 3500, ITERATIONS 9000. Its late QAT never ran under
+    # torch.compile (the records' constant-folded flag), so it is off here, as it was in effect.
+    "pr754": PR549_FAMILY | dict(compressor="zstd", embed_quant_bits=16),
+    # PR #703 (PR #549 + MiLe decay + 8-bit Muon + 1.04x LR + Cache+Backout, 1.1176 on 4xB200): MiLe gamma 1.1
+    # decayed with the LR, int8 Muon momentum, every LR of #549 times 1.04, the state after layer 7 cached (-3: all
+    # but the last three of 11), read by layers 8-10's keys and values, and backed out with a learned 0.1.
+    # Otherwise #549, its lzma export included.
+    "pr703": PR549_FAMILY | dict(
+        mile_gamma=1.1, muon_momentum_int8=True, matrix_lr=0.025 * 1.04, scalar_lr=0.025 * 1.04,
+        tied_embed_lr=0.035 * 1.04, backout_layer=-3, backout_init=0.1, backout_read=True, compressor="lzma",
+    ),
+    # PR #1392 (SP4096 + depth recurrence + parallel residuals + QK-gain + brotli, 1.1020): 11L 512d MLP4x, XSA on
+    # all layers, layers 4-5 once more from step 3000, two lanes from layer 7 with a learned merge (PR #1289),
+    # QK-gain 5, MuonEq-R, partial RoPE 16/64, LN scale, VE128 on 9-10, the seed-era SmearGate, full GPTQ int6 on
+    # 128 self-generated sequences, brotli. Where #1392 is silent, its parent the SP4096 record (2026-04-04): its
+    # LRs, WD 0.090, EMA 0.997, warmdown 0.667, gated skips, byte-shuffled brotli, int8 embeddings, no TTT.
+    "pr1392": dict(
+        data_path="./data/datasets/fineweb10B_sp4096", tokenizer_path="./data/tokenizers/fineweb_4096_bpe.model",
+        vocab_size=4096, mlp_mult=4.0, rope_dims=16, qk_gain_init=5.0, xsa_layers="all", attn_gate="none",
+        ve_layers="-2,-1", ve_dim=128, ve_proj_init="ortho", smear_gate=True, smear_gate_form="blend",
+        num_loops=1, loop_start=4, loop_end=5, loop_enable_at=3000, parallel_residuals=True, parallel_start_layer=7,
+        parallel_form="merge", train_batch_tokens=786_432, train_seq_len=2048, eval_seq_len=2048,
+        train_log_every=500, val_loss_every=4000,
+        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, embed_weight_decay=0.090, scalar_weight_decay=0.02,
+        beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=True,
+        muon_weight_decay=0.090, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
+        quant_bits=6, embed_quant_bits=8, quant_clip="percentile", quant_passthrough_numel=65536,
+        gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048, gptq_reserve_seconds=45.0,
+        compressor="brotli", byte_shuffle=True,
+    ),
+    # neon213 (NeonBench's Muon growth run, stages 1-11): 8 plain pre-norm blocks of width 384, 6 heads, learnable
+    # RMSNorm weights (QK-norm per head dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the
+    # Hydra conv, every kernel grown 1 -> 21 on its schedule, vocabulary 16384, PyTorch's default init (no zero
+    # projections, no embedding norm, no softcap); its regime: 35,000 steps of 64 x 256 tokens, Polar Express Muon
+    # at 0.01 (momentum 0.95, no WD) on the block matrices, AdamW 3e-4 (wd 0.1, betas 0.9/0.999) on the rest, clip
+    # 1, each stage restarting the optimizers and decaying its LR to 0; exported in fp16. 26,675,584 parameters at
+    # k = 21. PRESET=neon213,smoke is the same family at the smoke size.
     "neon213": dict(
         data_path="./data/datasets/fineweb10B_sp16384", tokenizer_path="./data/tokenizers/fineweb_16384_bpe.model",
         vocab_size=16384, num_layers=8, model_dim=384, num_heads=6, num_kv_heads=6, mlp_mult=4.0,
         mlp_activation="swiglu", rope_dims=0, qk_gain_init=1.0, xsa_layers="", attn_gate="none", smear_gate=False,
         norm_weights=True, ln_scale=False, sublayer_scales=False, resid_mix=False, unet_skips=False, num_loops=0,
         parallel_residuals=False, conv_k=21, mlp_conv_k=21, intent_gate=True, kernel_schedule=NEON_KERNEL_SCHEDULE,
+        ortho_init=False, zero_init_proj=False, embed_norm=False, logit_softcap=0.0,
+        tied_embed_init_std=384 ** -0.5 / 3 ** 0.5,  # the std of its U(+-1/sqrt(384)) Linear init of the tied table
+        iterations=35_000, max_wallclock_seconds=0.0, train_seq_len=256, train_batch_tokens=16_384,
+        matrix_lr=0.01, muon_momentum=0.95, muon_momentum_warmup_steps=0, muon_orthogonalizer="polar_express",
+        muon_row_normalize=False, muon_weight_decay=0.0, tied_embed_lr=3e-4, scalar_lr=3e-4, embed_weight_decay=0.1,
+        scalar_weight_decay=0.1, beta2=0.999, grad_clip_norm=1.0, warmdown_frac=0.0, kernel_stage_restarts=True,
+        weight_averaging="none", quant_bits=16, embed_quant_bits=16, gptq=False, eval_stride=0,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -458,7 +566,8 @@ PRESETS = {
         vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3,
         parallel_start_layer=4, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
         warmup_steps=2, max_wallclock_seconds=0.0, muon_momentum_warmup_steps=100,
-        train_log_every=25, val_loss_every=0, val_batch_size=16384,
+        train_log_every=25, val_loss_every=0, val_batch_size=16384, eval_seq_len=0,
+        gptq_self_seqs=8, gptq_self_seq_len=128,
     ),
 }
 
@@ -491,7 +600,7 @@ FOREIGN_SETTING_HINTS = {
     "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
     "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
-    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE", "QAT_ENABLED": "QAT_START_LR_SCALE",
+    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
     "LATE_QAT_THRESHOLD": "QAT_START_LR_SCALE", "SWA_ENABLED": "WEIGHT_AVERAGING", "EMA_ENABLED": "WEIGHT_AVERAGING",
     "VE_ENABLED": "VE_LAYERS", "BIGRAM_VOCAB_SIZE": "BIGRAM_BUCKETS", "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS",
     "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE", "COMPILE_MODEL": "COMPILE",
@@ -549,9 +658,20 @@ INERT_UNLESS = {
     "ema_decay": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
     **dict.fromkeys(("swa_every", "swa_start_lr_scale"), (lambda hp: hp.weight_averaging in ("swa", "ema_swa"),
                                                           "WEIGHT_AVERAGING=swa or ema_swa")),
-    **dict.fromkeys(("gptq_calibration_batches", "gptq_reserve_seconds", "gptq_block_size", "gptq_damp"),
-                    (lambda hp: hp.gptq, "GPTQ=1")),
+    **dict.fromkeys(("gptq_reserve_seconds", "gptq_block_size", "gptq_damp"), (lambda hp: hp.gptq, "GPTQ=1")),
+    "gptq_calibration_batches": (lambda hp: hp.gptq and hp.gptq_calibration == "train", "GPTQ=1 and GPTQ_CALIBRATION=train"),
     "lqer_top_k": (lambda hp: hp.lqer_rank > 0, "LQER_RANK > 0"),
+    "value_residual_form": (lambda hp: hp.value_residual, "VALUE_RESIDUAL=1"),
+    "ve_proj_init": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
+    "smear_gate_form": (lambda hp: hp.smear_gate, "SMEAR_GATE=1"),
+    "parallel_form": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
+    **dict.fromkeys(("backout_init", "backout_read"), (lambda hp: hp.backout_layer != 0, "BACKOUT_LAYER")),
+    "embed_proj_optimizer": (lambda hp: hp.bigram_buckets > 0 or bool(hp.ve_layers.strip()), "BIGRAM_BUCKETS > 0 or VE_LAYERS"),
+    "kernel_stage_restarts": (lambda hp: bool(hp.kernel_schedule), "KERNEL_SCHEDULE"),
+    "ema_warmup": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
+    "gptq_calibration": (lambda hp: hp.gptq, "GPTQ=1"),
+    **dict.fromkeys(("gptq_self_seqs", "gptq_self_seq_len", "gptq_self_temperature"),
+                    (lambda hp: hp.gptq and hp.gptq_calibration == "self", "GPTQ=1 and GPTQ_CALIBRATION=self")),
     **dict.fromkeys(("gen_tokens", "gen_temperature", "gen_top_k"), (lambda hp: bool(hp.gen_prompt), "GEN_PROMPT")),
     "tied_embed_lr": (lambda hp: hp.tie_embeddings, "TIE_EMBEDDINGS=1"),
     **dict.fromkeys(("embed_lr", "head_lr"), (lambda hp: not hp.tie_embeddings, "TIE_EMBEDDINGS=0")),
@@ -837,13 +957,14 @@ class CastedLinear(nn.Linear):
         self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
-        self.qat_bits_k = None  # (bits, SDClip k) when quantization-aware training is configured (see set_qat)
+        self.qat_grid = None  # (bits, clip method, clip k) of the export grid when QAT is configured (see set_qat)
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_k_scale", torch.ones(()), persistent=False)  # the size target's scale of k
 
     def forward(self, x):
         w = self.weight
-        if self.qat_bits_k is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
-            w = w + self.qat_on * (fake_quantize(w, *self.qat_bits_k) - w).detach()
+        if self.qat_grid is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
+            w = w + self.qat_on * (fake_quantize(w, *self.qat_grid, self.qat_k_scale) - w).detach()
         y = F.linear(x, w.to(x.dtype))
         return y if self.lora is None else y + self.lora(x)
 
@@ -914,22 +1035,30 @@ def exclusive_self_attention(y, v):
     return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).reshape(B, T, H, D)
 
 
+ATTENTION_GATES = ("none", "head", "biased", "output", "sparse")
+BIASED_GATE_INIT = 4.0  # PR #549's gated attention starts its bias here: sigmoid(4) = 0.982, nearly open
+
+
 class AttentionGate(nn.Module):
     """A per-head multiplicative gate on the attention output, before the output projection; one kind at a time.
       head:   sigmoid(W x), W (H, d) ~ N(0, 0.005): about 0.5 at init (credit: Qwen's gated attention, arXiv
               2505.06708, as in the GatedAttn record).
+      biased: sigmoid(W x + b), W (H, d) zero, b = BIASED_GATE_INIT: 0.982 at init (PR #549's GATED_ATTENTION).
       output: 2 sigmoid(W x[:window]), W zero: exactly 1 at init (credit: the attention-output-gate record, PR #1667).
       sparse: sigmoid(s W x[:window]), W zero: 0.5 at init, 96 parameters a layer (credit: the SparseGate record)."""
 
     def __init__(self, kind, model_dim, num_heads, window, scale):
         super().__init__()
         self.kind, self.window, self.scale = kind, window, scale
-        self.weight = nn.Parameter(torch.zeros(num_heads, model_dim if kind == "head" else window))
+        full_width = kind in ("head", "biased")
+        self.weight = nn.Parameter(torch.zeros(num_heads, model_dim if full_width else window))
+        self.bias = nn.Parameter(torch.full((num_heads,), BIASED_GATE_INIT)) if kind == "biased" else None
         if kind == "head":
             nn.init.normal_(self.weight, std=0.005)
 
     def forward(self, x):  # x: the block's normed input (B, T, d) -> (B, T, H, 1)
-        z = F.linear(x if self.kind == "head" else x[..., :self.window], self.weight.to(x.dtype))
+        source = x if self.weight.size(1) == x.size(-1) else x[..., :self.window]
+        z = F.linear(source, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         gate = 2 * torch.sigmoid(z) if self.kind == "output" else torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
         return gate.unsqueeze(-1)
 
@@ -980,7 +1109,7 @@ class CausalSelfAttention(nn.Module):
         self.c_q = CastedLinear(hp.model_dim, hp.model_dim)
         self.c_k = CastedLinear(hp.model_dim, kv_dim)
         self.c_v = CastedLinear(hp.model_dim, kv_dim)
-        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=True)
+        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=hp.zero_init_proj)
         # QK-norm keeps the logits' scale in check; the queries' scale is learned, per head (the baseline's gain)
         # or, with NORM_WEIGHTS, per head dim as neon213's q_norm weight (shared by the heads, like k_norm's).
         self.q_norm = RMSNorm(self.head_dim, hp.norm_weights, init=hp.qk_gain_init)
@@ -991,8 +1120,11 @@ class CausalSelfAttention(nn.Module):
         self.xsa = layer in hp.layer_set("xsa_layers")
         self.gate = AttentionGate(hp.attn_gate, hp.model_dim, hp.num_heads, hp.gate_window, hp.attn_gate_scale) \
             if hp.attn_gate != "none" else None
-        # Value residual (credit: ResFormer, as in the ValCalib record): v += sigmoid(a) v0, v0 = layer 0's V.
-        self.value_residual = nn.Parameter(torch.zeros(())) if hp.value_residual and layer > 0 else None
+        # Value residual (credit: ResFormer): v0 = layer 0's V enters every later layer's V, as v + sigmoid(a) v0
+        # with a = 0 (the ValCalib record's form) or as l0 v0 + l1 v with l = (0.5, 0.5) (PR #549's form).
+        self.value_residual_form = hp.value_residual_form
+        initial = torch.zeros(()) if hp.value_residual_form == "sigmoid" else torch.full((2,), 0.5)
+        self.value_residual = nn.Parameter(initial) if hp.value_residual and layer > 0 else None
         self.value_embed_scale = nn.Parameter(torch.ones(())) if layer in hp.layer_set("ve_layers") else None
         # The neon family (credit: neon213): causal depthwise convs on Q, K, V after their projections, and the
         # Intent, a fourth projection whose sigmoid gates every channel of the attention output.
@@ -1005,17 +1137,25 @@ class CausalSelfAttention(nn.Module):
         y = linear(x)
         return self.convs[name](y) if self.convs is not None else y
 
-    def forward(self, x, v0=None, value_embed=None):
-        """x: the normed block input. Returns (output, this layer's V before the value residual)."""
+    def mix_value_residual(self, v, v0):
+        if self.value_residual_form == "sigmoid":
+            return v + torch.sigmoid(self.value_residual).to(v.dtype) * v0
+        weights = self.value_residual.to(v.dtype)
+        return weights[0] * v0 + weights[1] * v
+
+    def forward(self, x, v0=None, value_embed=None, context=None):
+        """x: the normed block input; `context` (default x): the normed input the keys and values are computed
+        from (Cache+Backout's read path). Returns (output, this layer's V before the value residual)."""
         B, T, C = x.shape
+        context = x if context is None else context
         q = self.project(x, "q", self.c_q).view(B, T, self.num_heads, self.head_dim)
-        k = self.project(x, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.project(x, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
+        k = self.project(context, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(context, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
         if self.value_embed_scale is not None:
             v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
         own_v = v
         if self.value_residual is not None and v0 is not None:
-            v = v + torch.sigmoid(self.value_residual).to(x.dtype) * v0
+            v = self.mix_value_residual(v, v0)
         q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
@@ -1038,7 +1178,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = int(round(hp.mlp_mult * hp.model_dim))
         self.fc = CastedLinear(hp.model_dim, hidden)
-        self.proj = CastedLinear(hidden, hp.model_dim, zero_init=True)
+        self.proj = CastedLinear(hidden, hp.model_dim, zero_init=hp.zero_init_proj)
         self.swiglu = hp.mlp_activation == "swiglu"
         self.up = CastedLinear(hp.model_dim, hidden) if self.swiglu else None
         self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
@@ -1076,11 +1216,14 @@ class Block(nn.Module):
         # `layer` is the physical index, so a looped repeat keeps its block's factor.
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
         self.parallel = hp.parallel_residuals and layer >= hp.parallel_start_layer
-        if self.parallel:
+        self.lanes_exchange = hp.parallel_form == "routing"
+        if self.parallel and self.lanes_exchange:
             # Two lanes with learned routing (credit: modded-nanogpt PR #230, the ParallelResiduals record): attention
             # reads the attention lane, the MLP the MLP lane, both from the old lanes; each output is written to both.
             self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # [attention lane, MLP lane]
             self.lane_routing = nn.Parameter(torch.ones(2, 2))  # [from attention, from MLP] x [to lane 0, to lane 1]
+        # PARALLEL_FORM=merge (credit: PR #1289, as in PR #1392 and the SP4096 record): attention updates the attention
+        # lane, the MLP the MLP lane, and they never exchange; GPT merges them at the end with a learned m.
 
     def sublayer_input(self, x, norm):
         return norm(x) * self.norm_scale
@@ -1089,8 +1232,9 @@ class Block(nn.Module):
     def scaled(output, scale):
         return output if scale is None else scale.to(output.dtype) * output
 
-    def forward(self, lanes, x0, v0=None, value_embed=None):
-        """Returns (new lanes, this layer's V)."""
+    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None):
+        """Returns (new lanes, this layer's V). `cached`: Cache+Backout's cached state, which the attention's keys
+        and values then read instead of this block's input."""
         if not self.parallel:
             lanes = (merge_lanes(lanes), None)
         residual, mlp_lane = lanes
@@ -1098,13 +1242,16 @@ class Block(nn.Module):
         if self.resid_mix is not None:
             mix = self.resid_mix.to(residual.dtype)
             x = mix[0] * residual + mix[1] * x0
-        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed)
+        context = None if cached is None else self.sublayer_input(cached, self.attn_norm)
+        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context)
         attn_out = self.scaled(attn_out, self.attn_scale)
         if not self.parallel:
             x = x + attn_out
             return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm)), self.mlp_scale), None), v
         mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
         mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm)), self.mlp_scale)
+        if not self.lanes_exchange:
+            return (x + attn_out, mlp_lane + mlp_out), v
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
         return (decay[0] * x + route[0, 0] * attn_out + route[1, 0] * mlp_out,
                 decay[1] * mlp_lane + route[0, 1] * attn_out + route[1, 1] * mlp_out), v
@@ -1154,15 +1301,34 @@ class SmearGate(nn.Module):
         return x + self.lam.to(x.dtype) * gate * previous
 
 
+class SmearBlend(nn.Module):
+    """The seed-era SmearGate (credit: PR #65, as in the PR #549 family): out_t = (1 - s) * x_t + s * x_{t-1} per
+    channel, s = sigmoid(g), g = 0 (an even blend at init), on the normed embedding. The previous token is zero at
+    a row's first position and, unlike in those records, at every BOS, so that documents never see each other."""
+
+    def __init__(self, dim, bos_id):
+        super().__init__()
+        self.bos_id = bos_id
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, input_ids):
+        share = torch.sigmoid(self.gate).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return torch.lerp(x, previous, share)
+
+
 class ValueEmbedding(nn.Module):
     """One token table shared by the VE_LAYERS, projected to the KV width and added to their V (credit: the VE128
-    records). The projection starts at zero, so it is the identity at init."""
+    records). The projection starts at zero, so it is the identity at init, or orthogonal (VE_PROJ_INIT=ortho: the
+    PR #549 family, whose OrthoInit pass overwrote its zero init)."""
 
-    def __init__(self, vocab_size, dim, kv_dim):
+    def __init__(self, vocab_size, dim, kv_dim, proj_init="zero"):
         super().__init__()
         self.table = nn.Embedding(vocab_size, dim)
         nn.init.normal_(self.table.weight, std=0.01)
-        self.proj = CastedLinear(dim, kv_dim, zero_init=True)
+        self.proj = CastedLinear(dim, kv_dim, zero_init=proj_init == "zero")
+        if proj_init == "ortho":
+            nn.init.orthogonal_(self.proj.weight)
         self.scale = nn.Parameter(torch.tensor(0.1))
 
     def forward(self, input_ids):
@@ -1185,9 +1351,11 @@ class GPT(nn.Module):
         self.logit_softcap = hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
-        self.smear = SmearGate(hp.gate_window, bos_id) if hp.smear_gate else None
+        self.smear = None if not hp.smear_gate else \
+            SmearGate(hp.gate_window, bos_id) if hp.smear_gate_form == "scalar" else SmearBlend(hp.model_dim, bos_id)
         kv_dim = hp.num_kv_heads * (hp.model_dim // hp.num_heads)
-        self.value_embed = ValueEmbedding(hp.vocab_size, hp.ve_dim, kv_dim) if hp.layer_set("ve_layers") else None
+        self.value_embed = ValueEmbedding(hp.vocab_size, hp.ve_dim, kv_dim, hp.ve_proj_init) \
+            if hp.layer_set("ve_layers") else None
         self.blocks = nn.ModuleList(Block(hp, layer, attention_fn) for layer in range(hp.num_layers))
         # Depth recurrence (credit: the MiniDepthRecurrence and 3LayerRecur records): layers LOOP_START..LOOP_END run
         # 1 + NUM_LOOPS times once `looping` is switched on during training, reusing their weights.
@@ -1203,12 +1371,16 @@ class GPT(nn.Module):
         most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
         self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
-        self.embed_norm = RMSNorm(hp.model_dim, learnable=False)  # the baseline's; neon213 has none (no parameter either way)
+        self.embed_norm = RMSNorm(hp.model_dim, learnable=False) if hp.embed_norm else None  # neon213 has none
         self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
-        # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339): subtract a learned multiple of the
-        # residual after BACKOUT_LAYER virtual layers from the final state; 0 at init, so the identity.
-        self.backout_layer = hp.backout_layer
-        self.backout = nn.Parameter(torch.zeros(())) if hp.backout_layer else None
+        # PARALLEL_FORM=merge ends with m lane0 + (1 - m) lane1, m learned from 0.5 (PR #1289).
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) \
+            if hp.parallel_residuals and hp.parallel_form == "merge" else None
+        # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339 and PR #703): subtract a learned
+        # multiple of the residual after BACKOUT_LAYER virtual layers from the final state (BACKOUT_INIT = 0: the
+        # identity at init; PR #703: 0.1); with BACKOUT_READ the later layers' keys and values read that cached state.
+        self.backout_layer, self.backout_read = hp.backout_layer, hp.backout_read
+        self.backout = nn.Parameter(torch.tensor(float(hp.backout_init))) if hp.backout_layer else None
         self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
         if hp.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
@@ -1247,9 +1419,16 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
-        if self.smear is not None:
+        if isinstance(self.smear, SmearGate):  # on the raw embedding; the seed-era blend acts after the norm
             x = self.smear(x, input_ids)
-        return self.embed_norm(x)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.smear(x, input_ids) if isinstance(self.smear, SmearBlend) else x
+
+    def merge(self, lanes):
+        if self.lane_merge is None or lanes[1] is None:
+            return merge_lanes(lanes)
+        return torch.lerp(lanes[1], lanes[0], self.lane_merge.to(lanes[0].dtype))  # m lane0 + (1 - m) lane1
 
     def add_skip(self, x, skip, index):
         weighted = self.skip_weights[index].to(x.dtype) * skip
@@ -1261,18 +1440,20 @@ class GPT(nn.Module):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
+        cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
-            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed)
+            read = cached if self.backout_read else None
+            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read)
             v0 = v if v0 is None else v0
             if position < num_encoder:
-                skips.append(merge_lanes(lanes))
-            if position + 1 == self.backout_layer:
-                cached = merge_lanes(lanes)
-        x = merge_lanes(lanes)
+                skips.append(self.merge(lanes))
+            if self.backout_layer and position + 1 == cache_after:
+                cached = self.merge(lanes)
+        x = self.merge(lanes)
         if cached is not None:
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
@@ -1280,6 +1461,8 @@ class GPT(nn.Module):
     def logits(self, input_ids):
         h = self.hidden_states(input_ids)
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        if not self.logit_softcap:
+            return raw.float()
         return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
 
     def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None):
@@ -1315,10 +1498,12 @@ def describe_features(model, hp):
         ("ortho_init", hp.ortho_init),
         (f"xsa_layers:{hp.xsa_layers}", hp.layer_set("xsa_layers")),
         (f"attn_gate:{hp.attn_gate}", hp.attn_gate != "none"),
-        ("value_residual", hp.value_residual),
-        (f"value_embed:{hp.ve_layers}x{hp.ve_dim}", hp.layer_set("ve_layers")),
+        (f"value_residual:{hp.value_residual_form}", hp.value_residual),
+        (f"value_embed:{hp.ve_layers}x{hp.ve_dim}(proj_init:{hp.ve_proj_init})", hp.layer_set("ve_layers")),
         (f"bigram_hash:{hp.bigram_buckets}x{hp.bigram_dim}", hp.bigram_buckets),
-        ("smear_gate(bos_masked)", hp.smear_gate),
+        (f"smear_gate:{hp.smear_gate_form}(bos_masked)", hp.smear_gate),
+        ("no_embed_norm", not hp.embed_norm),
+        ("random_init_proj", not hp.zero_init_proj),
         ("norm_weights", hp.norm_weights),
         ("ln_scale", hp.ln_scale),
         ("sublayer_scales", hp.sublayer_scales),
@@ -1326,8 +1511,8 @@ def describe_features(model, hp):
         ("unet_skips" + ("(gated)" if hp.skip_gates else ""), hp.unet_skips),
         (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
          f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
-        (f"parallel_lanes:{parallel[0]}-{parallel[-1]}" if parallel else "", parallel),
-        (f"backout:after{hp.backout_layer}", hp.backout_layer),
+        (f"parallel_lanes:{parallel[0]}-{parallel[-1]}({hp.parallel_form})" if parallel else "", parallel),
+        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})", hp.backout_layer),
         (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
         (f"conv_qkv{'i' if hp.intent_gate else ''}:{hp.conv_k}", hp.conv_k),
         ("intent_gate", hp.intent_gate),
@@ -1336,7 +1521,7 @@ def describe_features(model, hp):
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
-                     f"softcap:{hp.logit_softcap:g}", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
+                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
                     + [description for description, on in optional if on])
 
 
@@ -1490,7 +1675,11 @@ class Optimizers:
 
     def __init__(self, model, hp, rank, world_size):
         head = [] if model.lm_head is None else [model.lm_head.weight]
-        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and m is not model.lm_head]
+        # EMBED_PROJ_OPTIMIZER=adamw: the token tables' projections go with the scalars (the PR #549 family).
+        table_projections = [m.proj for m in (model.bigram, model.value_embed) if m is not None] \
+            if hp.embed_proj_optimizer == "adamw" else []
+        excluded = {id(model.lm_head)} | {id(m) for m in table_projections}
+        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m) not in excluded]
         tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
         taken = {id(p) for p in matrices + tables + head}
         scalars = [p for p in model.parameters() if id(p) not in taken]
@@ -1569,13 +1758,13 @@ class WeightAverage:
 
     EMA (credit: the XSA4-EMA record): ema = d * ema + (1 - d) * w after every step, with d warmed up as
     min(EMA_DECAY, (1 + t) / (10 + t)) so that a short run is not dominated by its initial weights (TensorFlow's
-    num_updates rule); for a long run this is the records' EMA. SWA: the uniform mean of snapshots taken every
+    num_updates rule; EMA_WARMUP=0 is the records' fixed d). SWA: the uniform mean of snapshots taken every
     SWA_EVERY steps once the LR scale is below SWA_START_LR_SCALE. Several records collected SWA and never applied
     it; here `apply` loads the chosen average into the model, and the log says which one.
     """
 
     def __init__(self, model, hp):
-        self.mode, self.decay = hp.weight_averaging, hp.ema_decay
+        self.mode, self.decay, self.warmup = hp.weight_averaging, hp.ema_decay, hp.ema_warmup
         self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
         self.params = [p for p in model.parameters()]
         self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
@@ -1587,7 +1776,7 @@ class WeightAverage:
         """After optimizer step `step` (1-based) taken at LR scale `lr_scale`."""
         live = [p.detach().float() for p in self.params]  # the fp32 params themselves: no copy
         if self.ema is not None:
-            decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+            decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates)) if self.warmup else self.decay
             torch._foreach_lerp_(self.ema, live, 1 - decay)
             self.ema_updates += 1
         if self.swa_sum is not None and lr_scale < self.swa_start_lr_scale and step % self.swa_every == 0:
@@ -1629,10 +1818,24 @@ def training_progress(hp, step, elapsed_ms):
     return step / hp.iterations
 
 
+def stage_lr_multiplier(hp, step, elapsed_ms):
+    """KERNEL_STAGE_RESTARTS (neon213's regime): the LR decays linearly from 1 to 0 within each KERNEL_SCHEDULE
+    stage, a sawtooth whose every tooth ends where the kernels grow."""
+    progress = training_progress(hp, step, elapsed_ms)
+    starts = [when if when < 1 else when / hp.iterations for when, _ in hp.kernel_stages] + [1.0]
+    for start, end in zip(starts, starts[1:]):
+        if progress < end:
+            return max((end - progress) / (end - start), 0.0)
+    return 0.0
+
+
 def lr_multiplier(hp, step, elapsed_ms):
     """1, then a linear decay to 0, floored at MIN_LR_SCALE: over the last WARMDOWN_FRAC of training (the records'
     form), or over the last WARMDOWN_ITERS steps (the baseline's form: under a wall-clock cap those steps are
-    converted to time with the mean step time so far, exactly as the baseline does)."""
+    converted to time with the mean step time so far, exactly as the baseline does). KERNEL_STAGE_RESTARTS replaces
+    both with its per-stage decay."""
+    if hp.kernel_stage_restarts:
+        return stage_lr_multiplier(hp, step, elapsed_ms)
     if hp.warmdown_iters > 0:
         if hp.max_wallclock_seconds == 0:
             start = max(hp.iterations - hp.warmdown_iters, 0)
@@ -1688,6 +1891,7 @@ ARTIFACT_MAGIC = b"PGQ3"
 ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 8 + 32
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 28  # a cap on the decompressed size whatever the header says (16 times the limit)
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
+FP16_BITS = 16  # QUANT_BITS / EMBED_QUANT_BITS value that stores the tensors as fp16 instead of quantizing them
 PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
 K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
 SIZE_SEARCH_STEPS = 5  # bisection steps of that search (the factor ends within 8^(1/32), about 7%)
@@ -1725,25 +1929,44 @@ def _brotli_decompress(data, limit):
     return b"".join(out)[:limit]
 
 
+def compressor_available(name):
+    try:
+        {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib, "lzma": lambda: lzma}[name]()
+        return True
+    except ImportError:
+        return False
+
+
+def _lzma_decompress(data, limit):
+    return lzma.LZMADecompressor().decompress(data, max_length=limit)
+
+
 # name: (id byte, compress, decompress(data, limit) -> at most `limit` bytes).
 # A missing package is an error, never a silent fallback.
 COMPRESSORS = {
     "zlib": (1, lambda b: zlib.compress(b, 9), _zlib_decompress),
     "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), _zstd_decompress),
     "brotli": (3, lambda b: _brotli().compress(b, quality=11), _brotli_decompress),
+    "lzma": (4, lambda b: lzma.compress(b, preset=6), _lzma_decompress),  # PR #549's (the standard library's xz)
 }
 
 
-def quantized_tensor_groups(model):
+def quantized_tensor_groups(model, hp=None):
     """{state-dict name: group} of the tensors that are quantized: every CastedLinear weight but an untied head
-    ("mlp" or "attn") and every token table ("embed")."""
+    ("mlp" or "attn") and every token table ("embed"); with `hp`, none of at most
+    QUANT_PASSTHROUGH_NUMEL elements and none whose bits are 16 (those are stored as fp16)."""
     groups = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             groups[f"{name}.weight"] = "embed"
         elif isinstance(module, CastedLinear) and module is not model.lm_head:
             groups[f"{name}.weight"] = "mlp" if ".mlp." in f".{name}." else "attn"
+        if hp is not None and f"{name}.weight" in groups and (module.weight.numel() <= hp.quant_passthrough_numel
+                                                             or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS):
+            del groups[f"{name}.weight"]
     return groups
+
+
 
 
 def group_bits_and_k(hp, group):
@@ -1759,11 +1982,17 @@ def round_to_nearest(w, scale, qmax):
     return torch.round(w / scale[:, None]).clamp(-qmax, qmax)
 
 
+def clip_factor(k, k_scale):
+    """k times the size target's scale, computed the same way (an fp32 product) by export and by QAT."""
+    return torch.as_tensor(k_scale, dtype=torch.float32) * k
+
+
 def row_scales(w, bits, method, k):
-    """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]."""
+    """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]; `k` (a
+    number, or the fp32 tensor of clip_factor) is read by SDClip only."""
     qmax = largest_level(bits)
     if method == "sdclip":
-        clip = k * w.std(dim=1, unbiased=False)
+        clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
     elif method == "rowmax":
         clip = w.abs().amax(dim=1)
     else:  # GPTQ-lite: one quantile for the whole matrix, the one with the lowest weight MSE
@@ -1778,10 +2007,11 @@ def row_scales(w, bits, method, k):
     return (clip / qmax).clamp_min(2 ** -20).half().float()
 
 
-def fake_quantize(w, bits, k):
-    """The SDClip round trip of `w` on the grid export uses (without GPTQ), for quantization-aware training."""
+def fake_quantize(w, bits, method, k, k_scale=1.0):
+    """The round trip of `w` on the export's grid: the row scales quantize_state_dict computes for the same clip
+    method, k and size-target scale, rounded to nearest (GPTQ keeps the grid and changes only the rounding)."""
     qmax = largest_level(bits)
-    scale = row_scales(w.detach(), bits, "sdclip", k)
+    scale = row_scales(w.detach(), bits, method, clip_factor(k, k_scale))
     return round_to_nearest(w, scale, qmax) * scale[:, None]
 
 
@@ -1841,7 +2071,7 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
             continue
         bits, k = group_bits_and_k(hp, groups[name])
         qmax = largest_level(bits)
-        scale = row_scales(w, bits, hp.quant_clip, k * k_scale)
+        scale = row_scales(w, bits, hp.quant_clip, clip_factor(k, k_scale))
         q = None
         if hessians is not None and name in hessians:
             try:
@@ -1880,17 +2110,26 @@ def dequantize_state_dict(quantized):
     return state_dict
 
 
-def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print):
+def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print, qat_k_scale=None):
     """(quantized, artifact bytes, k scale). With SIZE_TARGET_BYTES and SDClip, every clip k is scaled by the
     smallest factor in K_SCALE_RANGE whose artifact fits with the code: a finer grid is more accurate, a coarser one
-    has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again."""
+    has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again.
+    `qat_k_scale`: the scale QAT trained against, kept whenever its artifact fits, so that QAT's grid is exported."""
     def attempt(k_scale):
         quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
         blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle)
         return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
 
+    searched = bool(hp.size_target_bytes) and hp.quant_clip == "sdclip" and bool(groups)
+    if qat_k_scale is not None:
+        result = attempt(qat_k_scale)
+        if result[3] or not searched:
+            return result[:3]
+        log(f"WARNING: qat: on the grid QAT trained against (clip k x{qat_k_scale:.3f}) the artifact is "
+            f"{code_bytes + len(result[1])} > SIZE_TARGET_BYTES={hp.size_target_bytes} bytes; the export searches a "
+            f"coarser grid, which QAT did not train against")
     first = attempt(1.0)
-    if not hp.size_target_bytes or hp.quant_clip != "sdclip":
+    if not searched:
         return first[:3]
     low, high = K_SCALE_RANGE
     if first[3]:
@@ -1932,6 +2171,12 @@ def serialize_artifact(quantized, compressor, shuffle):
     header = ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + len(payload).to_bytes(8, "little")
     compressed = compress(byte_shuffle(payload) if shuffle else payload)
     return header + hashlib.sha256(header + compressed).digest() + compressed
+
+
+def export_name(hp):
+    """The export in the challenge's naming: int6_brotli, int8_zlib (the baseline's), fp16_brotli."""
+    bits = "fp16" if hp.quant_bits == FP16_BITS else f"int{hp.quant_bits}"
+    return f"{bits}_{hp.compressor}"
 
 
 def write_atomically(path, data, what):
@@ -2091,15 +2336,33 @@ def collect_hessians(model, batches, autocast):
     return hessians
 
 
-def set_qat(model, hp, on):
-    """STE quantization-aware training: the quantized CastedLinears compute with fake-quantized weights while on.
-    The switch is a tensor the forward reads, so a compiled graph follows it (a Python flag would be folded in, the
-    records' late-QAT bug)."""
-    groups = quantized_tensor_groups(model)
+def set_qat(model, hp, on, k_scale=1.0):
+    """STE quantization-aware training: the quantized CastedLinears compute with their weights fake-quantized on the
+    export's grid (clip method, k, and the size target's scale `k_scale`) while on. The switch and the scale are
+    tensors the forward reads, so a compiled graph follows them (a Python flag would be folded in, the records'
+    late-QAT bug)."""
+    groups = quantized_tensor_groups(model, hp)
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and f"{name}.weight" in groups:
-            module.qat_bits_k = group_bits_and_k(hp, groups[f"{name}.weight"])
+            bits, k = group_bits_and_k(hp, groups[f"{name}.weight"])
+            module.qat_grid = (bits, hp.quant_clip, k)
             module.qat_on.fill_(float(on))
+            module.qat_k_scale.fill_(k_scale)
+
+
+def qat_k_scale(run):
+    """The size target's k scale QAT trains against: the one its search picks for the weights of the step QAT
+    starts at (rank 0 searches, every rank gets the answer). The export keeps it whenever the artifact fits."""
+    hp = run.hp
+    if not (hp.size_target_bytes and hp.quant_clip == "sdclip"):
+        return 1.0
+    k_scale = None
+    if run.rank == 0:
+        start = time.perf_counter()
+        _, _, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp, None,
+                                        len(run.code.counted), run.log)
+        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training clock)")
+    return run.cluster.broadcast(k_scale)
 
 
 # ============================================================================================
@@ -2527,6 +2790,7 @@ class Run:
         self.timings = {}
         self.results = {}
         self.scored_targets = {}  # final evaluation name: validation targets it scored
+        self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
 
 
 def setup(run):
@@ -2808,17 +3072,20 @@ def train(run):
         if taps is not None and taps > grown_taps:
             model.grow_kernels(taps)
             grown_taps = taps
+            if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
+                run.optimizers.reset_state()
             log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
-                f"model_params:{count_parameters(model)[0]}")
+                f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
         if not model.looping and looping_due(hp, step, elapsed_ms):
             model.looping = True
             log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
                 f"layers:{','.join(map(str, model.layer_order()))}")
         lr_scale = lr_multiplier(hp, step, elapsed_ms)
         if not qat_on and lr_scale < hp.qat_start_lr_scale:
-            set_qat(model, hp, on=True)
+            run.qat_k_scale = qat_k_scale(run)
+            set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
             qat_on = True
-            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f}")
+            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f} grid:{hp.quant_clip} k_scale:{run.qat_k_scale:.3f}")
         local_loss = train_step(run, step, lr_scale)
         nonfinite |= ~torch.isfinite(local_loss)
         step = run.steps_done = step + 1
@@ -2908,19 +3175,57 @@ def finish_from_raw_weights(run):
     run.raw_saved = True
 
 
+SELF_CALIBRATION_BATCH = 8  # sequences sampled together for GPTQ_CALIBRATION=self (the AR self-calibration record's)
+
+
+@torch.no_grad()
+def self_generated_batches(model, hp, bos_id, rank, world_size, device, autocast):
+    """GPTQ_CALIBRATION=self (credit: PR #1019's AR self-generated calibration, as in PR #1392): the model samples
+    GPTQ_SELF_SEQS sequences of GPTQ_SELF_SEQ_LEN tokens from BOS at GPTQ_SELF_TEMPERATURE, re-reading the whole
+    prefix at every step. Batches of SELF_CALIBRATION_BATCH are shared out to the ranks, and batch b is sampled with
+    generator seed (SEED, b), so the sequences do not depend on the world size. No training or validation token is
+    read. Yields this rank's batches (B, T)."""
+    sizes = [min(SELF_CALIBRATION_BATCH, hp.gptq_self_seqs - first)
+             for first in range(0, hp.gptq_self_seqs, SELF_CALIBRATION_BATCH)]
+    for index in rank_share(list(range(len(sizes))), rank, world_size):
+        generator = torch.Generator(device=device).manual_seed(hp.seed * 1_000_003 + index)
+        ids = torch.full((sizes[index], 1), bos_id, dtype=torch.long, device=device)
+        while ids.size(1) < hp.gptq_self_seq_len:
+            with autocast():
+                logits = model.logits(ids)[:, -1].float()
+            if hp.gptq_self_temperature == 0:
+                following = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / hp.gptq_self_temperature, dim=-1)
+                following = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, following], dim=1)
+        yield ids
+
+
+def calibration_batches(run):
+    """(this rank's calibration inputs, a description for the log): GPTQ_CALIBRATION_BATCHES fresh global training
+    batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
+    hp = run.hp
+    if hp.gptq_calibration == "self":
+        batches = self_generated_batches(run.model, hp, run.sp.bos_id(), run.rank, run.world_size, run.device, run.autocast)
+        return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
+                         f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
+    first_step = run.results["steps"]
+    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
+               for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
+    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens}"
+
+
 def calibrate(run):
-    """GPTQ's Hessians from GPTQ_CALIBRATION_BATCHES fresh global training batches (the steps after the last one
-    trained, split over ranks as in training), summed over ranks: the same tokens at every world size. It runs in
-    the reserve taken off the training budget, and is timed as training."""
+    """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
+    every world size. It runs in the reserve taken off the training budget, and is timed as training."""
     hp = run.hp
     run.hessians = None
     if not hp.gptq:
         return
     synchronize(run)
     start = time.perf_counter()
-    first_step = run.results["steps"]
-    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
-               for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
+    batches, described = calibration_batches(run)
     run.hessians = collect_hessians(run.model, batches, run.autocast)
     for hessian in run.hessians.values():
         all_reduce(hessian, dist.ReduceOp.SUM)
@@ -2928,8 +3233,7 @@ def calibrate(run):
     seconds = time.perf_counter() - start
     run.timings["calibration_s"] = seconds
     train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
-    run.log(f"gptq_calibration: batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens} "
-            f"matrices:{len(run.hessians)} "
+    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians)} "
             f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
             + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
     if hp.max_wallclock_seconds and train_and_calibration > hp.max_wallclock_seconds:
@@ -2938,24 +3242,24 @@ def calibrate(run):
 
 def export(run):
     """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
-    Over SIZE_TARGET_BYTES, every clip k is raised by 10% and the model re-quantized, until it fits."""
+    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit)."""
     hp, log = run.hp, run.log
     start = time.perf_counter()
-    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.int{hp.quant_bits}.ptz")
+    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz")
     bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
     if bad:  # every rank holds the same weights, so every rank stops here
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                        f"no artifact is written")
     if run.rank == 0:
         code_bytes = len(run.code.counted)
-        quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model), hp,
-                                                   run.hessians, code_bytes, log)
+        quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp,
+                                                   run.hessians, code_bytes, log, run.qat_k_scale)
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
         model_bytes = write_artifact(run.artifact_path, blob)
         run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
-                  if name != hp.compressor}
+                  if name != hp.compressor and compressor_available(name)}  # a comparison only, never required
         log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
             f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")
@@ -3003,7 +3307,7 @@ def evaluate_artifact(run):
     result = run_validation(run)
     synchronize(run)
     gap = result[1] - run.results["pre_quant_val_bpb"]
-    log_final(run, f"final_int{run.hp.quant_bits}_{run.hp.compressor}_roundtrip", result, time.perf_counter() - start,
+    log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
               f"quant_gap_bpb:{gap:+.4f} ")
     run.results["quant_gap_bpb"] = gap
 
@@ -3073,7 +3377,7 @@ def log_summary(run):
         f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
         f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
         f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
-        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_int{run.hp.quant_bits}_{run.hp.compressor}_roundtrip_val_bpb')} "
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
         f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
         "=" * len(header)]))
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,

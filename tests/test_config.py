@@ -26,7 +26,7 @@ def test_env_vars_are_typed_and_override_presets():
     ({"NUM_KV_HEADS": "3"}, "NUM_HEADS"),
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
-    ({"COMPRESSOR": "lzma"}, "COMPRESSOR"),
+    ({"COMPRESSOR": "lz4"}, "COMPRESSOR"),
     ({"ATTN_BACKEND": "flex"}, "ATTN_BACKEND"),
     ({"ITERATIONS": "0"}, "ITERATIONS"),
 ])

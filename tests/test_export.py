@@ -151,8 +151,8 @@ def test_qat_switch_takes_effect_inside_a_compiled_model():
     T.set_qat(reference, hp, on=False)
     with torch.no_grad():
         for name, module in reference.named_modules():
-            if isinstance(module, T.CastedLinear) and module.qat_bits_k is not None:
-                module.weight.copy_(T.fake_quantize(module.weight, *module.qat_bits_k))
+            if isinstance(module, T.CastedLinear) and module.qat_grid is not None:
+                module.weight.copy_(T.fake_quantize(module.weight, *module.qat_grid))
     assert torch.allclose(on, reference(tokens), atol=1e-5)
     compiled(tokens, torch.randint(0, 64, (2, 16))).backward()  # straight-through: gradients reach the fp32 weights
     assert model.blocks[0].mlp.fc.weight.grad.abs().sum() > 0
