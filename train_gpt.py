@@ -2173,6 +2173,13 @@ def serialize_artifact(quantized, compressor, shuffle):
     return header + hashlib.sha256(header + compressed).digest() + compressed
 
 
+def compressed_sizes_for_log(quantized, hp):
+    """{compressor: bytes} of zstd and brotli other than the configured one, for comparison in the log; a package
+    that is not installed is left out (only the configured compressor is required)."""
+    return {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
+            if name != hp.compressor and compressor_available(name)}
+
+
 def export_name(hp):
     """The export in the challenge's naming: int6_brotli, int8_zlib (the baseline's), fp16_brotli."""
     bits = "fp16" if hp.quant_bits == FP16_BITS else f"int{hp.quant_bits}"
@@ -3258,8 +3265,7 @@ def export(run):
         run.timings["quantize_s"] = time.perf_counter() - start
         model_bytes = write_artifact(run.artifact_path, blob)
         run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
-        others = {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
-                  if name != hp.compressor and compressor_available(name)}  # a comparison only, never required
+        others = compressed_sizes_for_log(quantized, hp)
         log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
             f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")
