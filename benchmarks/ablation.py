@@ -37,6 +37,11 @@ VARIANTS = {  # name: env overrides on top of the shared settings
         CONV_K="21", INTENT_GATE="1", KERNEL_SCHEDULE=NEON_KERNEL_SCHEDULE, CONV_INIT="identity"),
     "neon213 at smoke size": dict(PRESET="neon213,smoke"),
     "neon213 at smoke size / identity init": dict(PRESET="neon213,smoke", CONV_INIT="identity"),
+    # The seeds by name at the smoke size (their own evaluations switched off like every variant's: plain windows).
+    "pr754 at smoke size": dict(PRESET="pr754,smoke"),
+    "pr703 at smoke size": dict(PRESET="pr703,smoke"),
+    "pr1392 at smoke size": dict(PRESET="pr1392,smoke"),
+    "neon213 regime at smoke size": dict(PRESET="neon213,smoke"),
     "stack with baseline optimizer": dict(  # PRESET=baseline's optimizer and schedule on the default model
         MATRIX_LR="0.04", SCALAR_LR="0.04", TIED_EMBED_LR="0.05", EMBED_WEIGHT_DECAY="0", SCALAR_WEIGHT_DECAY="0",
         BETA2="0.95", MUON_MOMENTUM="0.95", MUON_MOMENTUM_WARMUP_START="0.85", MUON_ORTHOGONALIZER="quintic",
@@ -46,9 +51,9 @@ VARIANTS = {  # name: env overrides on top of the shared settings
 
 
 def run_variant(name, overrides, shared, log_dir):
-    run_id = "ablation_" + re.sub(r"\W+", "_", name).strip("_")
+    run_id = "ablation_" + re.sub(r"\W+", "_", name).strip("_") + (f"_seed{overrides['SEED']}" if "SEED" in overrides else "")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PRESET="smoke", RUN_ID=run_id, EVAL_STRIDE="0", TTT_ENABLED="0")
+    env.update(PRESET="smoke", RUN_ID=run_id, EVAL_STRIDE="0", TTT_ENABLED="0", OVERWRITE_RUN="1")
     env.update(shared)
     env.update(overrides)
     result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=log_dir, capture_output=True, text=True)
@@ -78,6 +83,7 @@ def main():
     parser.add_argument("--tokenizer-path", required=True)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     parser.add_argument("--log-dir", default=".", help="where logs/ablation_*.txt go")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds, each variant run once per seed (default: SEED)")
     parser.add_argument("settings", nargs="*", help="KEY=VALUE env vars applied to every variant")
     args = parser.parse_args()
     shared = dict(DATA_PATH=os.path.abspath(args.data_path), TOKENIZER_PATH=os.path.abspath(args.tokenizer_path))
@@ -86,12 +92,17 @@ def main():
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"--only: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    print("| variant | overrides | params | steps | step_avg ms | pre-quant val_bpb | round-trip val_bpb | PR q/k/v/i/res |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()] or [None]
+    print("| variant | overrides | seed | params | steps | step_avg ms | pre-quant val_bpb | round-trip val_bpb | "
+          "artifact bytes | PR q/k/v/i/res |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in names:
-        row = run_variant(name, VARIANTS[name], shared, args.log_dir)
-        print(f"| {row['name']} | `{row['overrides']}` | {row['params']:,} | {row['steps']} | {row['step_avg_ms']:.0f} | "
-              f"{row['pre_quant_val_bpb']:.4f} | {row['val_bpb']:.4f} | {row['prs']} |", flush=True)
+        for seed in seeds:
+            overrides = VARIANTS[name] | ({} if seed is None else {"SEED": str(seed)})
+            row = run_variant(name, overrides, shared, args.log_dir)
+            print(f"| {row['name']} | `{row['overrides']}` | {row['seed']} | {row['params']:,} | {row['steps']} | "
+                  f"{row['step_avg_ms']:.0f} | {row['pre_quant_val_bpb']:.4f} | {row['val_bpb']:.4f} | "
+                  f"{row['bytes_total']:,} | {row['prs']} |", flush=True)
 
 
 if __name__ == "__main__":

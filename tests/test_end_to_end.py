@@ -47,8 +47,8 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     assert log.startswith(open(SCRIPT).read())  # the log carries the exact source that ran
     # The default stack in miniature: recurrence switches on at 35% of the 40 steps, after the untimed warmup
     # compiled (here: ran) both layouts.
-    assert re.search(r"^features: .*xsa_layers:all attn_gate:sparse .*smear_gate\(bos_masked\) ln_scale "
-                     r"sublayer_scales resid_mix unet_skips\(gated\) depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5$", log, re.M)
+    assert re.search(r"^features: .*xsa_layers:all attn_gate:sparse .*smear_gate:scalar\(bos_masked\) ln_scale "
+                     r"sublayer_scales resid_mix unet_skips\(gated\) depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5\(routing\)$", log, re.M)
     assert "recurrence: activated at step:14 " in log and "warmup_step:2/2 looping:True" in log
     # The exported weights are the EMA, and the log says so; the matrices are banked for Parallel Muon.
     assert "weight_averaging: exported ema(decay:0.9965 updates:40)" in log
