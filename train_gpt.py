@@ -67,7 +67,8 @@ class Hyperparameters:
     run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
     overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
     finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
-    seed: int = 1337  # seeds initialization and the training data order
+    seed: int = 1337  # seeds initialization (and sampling), not the data order, as in the challenge
+    data_seed: int = -1  # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per epoch from (DATA_SEED, epoch, shard)
     seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
@@ -206,7 +207,7 @@ class Hyperparameters:
     # --- quantization and export ---
     quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not quantized
     embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
-    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search) or rowmax
+    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th percentile) or rowmax
     clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
     clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
     clip_k_embed: float = 14.0  # SDClip k of the token tables
@@ -246,9 +247,13 @@ class Hyperparameters:
             if name not in PRESETS:
                 raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from {sorted(PRESETS)[1:]}")
         preset_values, preset_sources = {}, {}
-        for name in preset_names:
-            preset_values.update(PRESETS[name])
-            preset_sources.update(dict.fromkeys(PRESETS[name], f"preset:{name}"))
+        for index, name in enumerate(preset_names):
+            values = dict(PRESETS[name])
+            if name == "smoke":  # a seed's step-counted schedule keeps its share of the run at the smoke size
+                for earlier in preset_names[:index]:
+                    values.update(SMOKE_SCHEDULES.get(earlier, {}))
+            preset_values.update(values)
+            preset_sources.update(dict.fromkeys(values, f"preset:{name}"))
         types = {field.name: field.type for field in dataclasses.fields(cls)}
         values, sources = {}, {}
         for name, (env_name, raw) in settings_in_environ(environ, types).items():
@@ -298,6 +303,7 @@ class Hyperparameters:
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
         self.seed_list()  # raises on a bad list
+        require(self.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
         self.validate_optimizer(require)
         self.validate_export(require)
         for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
@@ -381,7 +387,8 @@ class Hyperparameters:
         for name in ("quant_bits", "embed_quant_bits"):
             require(5 <= getattr(self, name) <= 8 or getattr(self, name) == FP16_BITS, name.upper(),
                     "must be 5..8, or 16 (fp16, not quantized)")
-        require(self.quant_clip in ("sdclip", "percentile", "rowmax"), "QUANT_CLIP", "choose sdclip, percentile or rowmax")
+        require(self.quant_clip in ("sdclip", "percentile", "quantile", "rowmax"), "QUANT_CLIP",
+                "choose sdclip, percentile, quantile or rowmax")
         for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
         require(self.quant_packing in ("byte", "dense"), "QUANT_PACKING", "choose byte or dense")
@@ -505,6 +512,11 @@ PRESETS = {
         muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
         warmdown_iters=1200, warmdown_frac=0.0,
         weight_averaging="none",
+        # Its export and score: int8 per row at the 99.99984th percentile, tensors of at most 65,536 elements kept,
+        # zlib level 9, and the plain round-trip evaluation (no sliding window), so its last line is
+        # final_int8_zlib_roundtrip_exact, comparable with the baseline's 1.2244.
+        quant_bits=8, embed_quant_bits=8, quant_clip="quantile", gptq=False, quant_passthrough_numel=65536,
+        size_target_bytes=0, compressor="zlib", eval_stride=0,
     ),
     # PR #754 (11L Parallel Muon + LN scale + LeakyReLU^2 MLP3x + legal TTT, 1.1215): PR #549's script and command
     # (the record LeakyReLU_LegalTTT_ParallelMuon) with zstd-22 and an fp16 token embedding. Where #754 is silent,
@@ -569,6 +581,16 @@ PRESETS = {
         train_log_every=25, val_loss_every=0, val_batch_size=16384, eval_seq_len=0,
         gptq_self_seqs=8, gptq_self_seq_len=128,
     ),
+}
+
+
+# PRESET=<seed>,smoke: the seed's schedule points given in steps become the same share of the smoke run, taken
+# from the seed's own logged step count, so that a few hundred CPU steps still warm down and loop where it did.
+SMOKE_SCHEDULES = {
+    "baseline": dict(warmdown_iters=0, warmdown_frac=round(1200 / 13_780, 3)),  # 1,200 of its 13,780 steps
+    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3)),  # 3,500 of #754's 6,756
+    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3)),  # of #549's 7,185 (#703 ran on B200s)
+    "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3)),  # step 3,000 of the SP4096 record's 5,450
 }
 
 
@@ -773,20 +795,29 @@ def shard_files(data_path, split):
     return files
 
 
-class TrainLoader:
-    """Deterministic training batches that do not depend on the world size.
+STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
 
-    The training shards are cut into non-overlapping windows of TRAIN_SEQ_LEN + 1 tokens. Every epoch visits all
-    windows in an order drawn from (SEED, epoch). Optimizer step s uses global windows [s*B, (s+1)*B) of that order,
-    split into WORLD_SIZE * GRAD_ACCUM_STEPS equal micro-batches, so the global batch, and thus the math, is the
-    same at any world size. The loader is stateless: `batch(step, micro_step)` can be asked for in any order.
+
+class TrainLoader:
+    """Deterministic training batches that do not depend on the world size. Global row g of optimizer step s goes
+    to micro-batch g // (rows per micro-batch) of WORLD_SIZE * GRAD_ACCUM_STEPS, so the global batch, and thus the
+    math, is the same at any world size; `batch(step, micro_step)` can be asked for in any order.
+
+    DATA_SEED < 0, the challenge's order: the sorted shards are one cyclic token stream, read from the start; step s
+    takes the next TRAIN_BATCH_TOKENS + 8 tokens as 8 contiguous spans, each cut into rows of TRAIN_SEQ_LEN (the
+    span's extra token is its last target), exactly the tokens the baseline's loader gives step s (with fewer rows
+    than 8 per step, gcd(rows, 8) spans). DATA_SEED >= 0: the shards are cut into windows of TRAIN_SEQ_LEN + 1 tokens,
+    and every epoch visits each shard's windows in an order drawn from (DATA_SEED, epoch, shard), shard after shard.
+    Either way more shards only add batches after those of the shards already present (in the first pass).
     """
 
-    def __init__(self, files, seq_len, seqs_per_step, seed, rank=0, world_size=1, grad_accum_steps=1):
+    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1):
         self.shards = [load_shard(f) for f in files]
-        self.seq_len, self.seqs_per_step, self.seed = seq_len, seqs_per_step, seed
+        self.seq_len, self.seqs_per_step, self.data_seed = seq_len, seqs_per_step, data_seed
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
+        self.shard_offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])])
+        self.stream_chunks = math.gcd(seqs_per_step, STREAM_CHUNKS)
         windows = [(len(s) - 1) // seq_len for s in self.shards]
         self.window_offsets = np.concatenate([[0], np.cumsum(windows)])
         self.num_windows = int(self.window_offsets[-1])
@@ -797,7 +828,9 @@ class TrainLoader:
 
     def _window_order(self, epoch):
         if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            orders = [self.window_offsets[shard] + np.random.default_rng([self.data_seed, epoch, shard]).permutation(
+                self.window_offsets[shard + 1] - self.window_offsets[shard]) for shard in range(len(self.shards))]
+            self._epoch, self._order = epoch, np.concatenate(orders)
         return self._order
 
     def global_window_ids(self, step):
@@ -809,17 +842,38 @@ class TrainLoader:
             ids[in_epoch] = self._window_order(int(epoch))[positions[in_epoch] % self.num_windows]
         return ids
 
+    def row_starts(self, step, rows):
+        """Stream positions of global rows `rows` (an array) of optimizer step `step`."""
+        if self.data_seed < 0:
+            per_span = self.seqs_per_step // self.stream_chunks
+            span, row = np.divmod(rows, per_span)
+            step_tokens = self.seqs_per_step * self.seq_len + self.stream_chunks
+            return step * step_tokens + span * (per_span * self.seq_len + 1) + row * self.seq_len
+        ids = self.global_window_ids(step)[rows]
+        shard = np.searchsorted(self.window_offsets, ids, side="right") - 1
+        return self.shard_offsets[shard] + (ids - self.window_offsets[shard]) * self.seq_len
+
+    def read_stream(self, start, count):
+        """`count` tokens from position `start` of the cyclic stream of all shards (across shard ends and wraps)."""
+        pieces, position = [], int(start) % int(self.shard_offsets[-1])
+        while count > 0:
+            shard = int(np.searchsorted(self.shard_offsets, position, side="right")) - 1
+            offset = position - int(self.shard_offsets[shard])
+            piece = self.shards[shard][offset:offset + count]
+            pieces.append(piece)
+            count -= len(piece)
+            position = (position + len(piece)) % int(self.shard_offsets[-1])
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
     def batch(self, step, micro_step, device=None):
         """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
         the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
         the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
-        ids = self.global_window_ids(step)[chunk * self.seqs_per_micro:(chunk + 1) * self.seqs_per_micro]
-        rows = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
-        shard_of = np.searchsorted(self.window_offsets, ids, side="right") - 1
-        for row, (shard, window) in enumerate(zip(shard_of, ids)):
-            start = (window - self.window_offsets[shard]) * self.seq_len
-            rows[row] = self.shards[shard][start:start + self.seq_len + 1]
+        starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
+        rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
+        for row, start in enumerate(starts):
+            rows[row] = self.read_stream(start, self.seq_len + 1)
         rows = torch.from_numpy(rows)
         if device is not None and device.type == "cuda":
             rows = rows.pin_memory().to(device, non_blocking=True)
@@ -1893,6 +1947,7 @@ ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 28  # a cap on the decompressed size whatever 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
 FP16_BITS = 16  # QUANT_BITS / EMBED_QUANT_BITS value that stores the tensors as fp16 instead of quantizing them
 PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
+BASELINE_CLIP_QUANTILE = 0.9999984  # the baseline's per-row int8 clip (QUANT_CLIP=quantile)
 K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
 SIZE_SEARCH_STEPS = 5  # bisection steps of that search (the factor ends within 8^(1/32), about 7%)
 
@@ -1993,6 +2048,8 @@ def row_scales(w, bits, method, k):
     qmax = largest_level(bits)
     if method == "sdclip":
         clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
+    elif method == "quantile":  # the baseline's int8 rule, its floor on the scale included
+        return (torch.quantile(w.abs(), BASELINE_CLIP_QUANTILE, dim=1) / qmax).clamp_min(1 / qmax).half().float()
     elif method == "rowmax":
         clip = w.abs().amax(dim=1)
     else:  # GPTQ-lite: one quantile for the whole matrix, the one with the lowest weight MSE
@@ -2827,7 +2884,7 @@ def setup(run):
     run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     run.val_tokens = load_validation_tokens(run.val_files)
-    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.seed,
+    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed,
                                    run.rank, run.world_size, accum)
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
@@ -3110,8 +3167,10 @@ def train(run):
         if logged:
             # The mean over the global batch: every rank's micro-batches have the same size.
             train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
+            # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
             log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms {throughput(run, step, step_avg, elapsed_ms)}")
+                f"step_avg:{step_avg:.2f}ms")
+            log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
         if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
             run.results.update(train_time_ms=elapsed_ms)
             raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
@@ -3273,6 +3332,7 @@ def export(run):
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
         log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "
             f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total}")
+        log_challenge_sizes(run, quantized, blob, code_bytes)
         if total > ARTIFACT_LIMIT_BYTES:
             log("!" * 100 + f"\nWARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: "
                 f"{total} > {ARTIFACT_LIMIT_BYTES}. This run cannot be a submission.\n" + "!" * 100)
@@ -3281,6 +3341,31 @@ def export(run):
         dist.barrier()
     run.timings["export_s"] = time.perf_counter() - start
     log(f"export_time:{run.timings['export_s']:.1f}s")
+
+
+def tensor_bytes(tree):
+    """Bytes of every tensor in a nested dict/tuple/list (the challenge's payload count)."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(value) for value in values)
+
+
+def log_challenge_sizes(run, quantized, blob, code_bytes):
+    """The baseline's size lines, spelled as its parsers read them, with the export named as in the newer records
+    (int8+zlib for the baseline's, int6+brotli for the default): the fp32 file, the code, and the artifact."""
+    state = run.model.state_dict()
+    raw = io.BytesIO()
+    torch.save(state, raw)
+    label = export_name(run.hp).replace("_", "+")
+    payload = tensor_bytes(quantized)
+    decompressed = int.from_bytes(blob[6:14], "little")  # the header's payload size: the quantized torch file
+    run.log(f"Serialized model: {raw.tell()} bytes")
+    run.log(f"Code size: {code_bytes} bytes")
+    run.log(f"Total submission size: {raw.tell() + code_bytes} bytes")
+    run.log(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{decompressed} "
+            f"payload_ratio:{tensor_bytes(state) / max(payload, 1):.2f}x)")
+    run.log(f"Total submission size {label}: {len(blob) + code_bytes} bytes")
 
 
 def log_final(run, name, result, seconds, extra=""):

@@ -68,9 +68,10 @@ def _global_rows(loader_factory, step, world_size, accum):
     return torch.cat(rows)
 
 
-def test_loader_is_world_size_invariant_and_ranks_are_disjoint(tmp_path):
+@pytest.mark.parametrize("data_seed", [-1, 7])  # the challenge's stream order, and shuffled windows
+def test_loader_is_world_size_invariant_and_ranks_are_disjoint(tmp_path, data_seed):
     files = _make_shards(tmp_path, [5000, 3333, 4100])
-    factory = lambda rank, world, accum: T.TrainLoader(files, 32, 16, seed=7, rank=rank, world_size=world, grad_accum_steps=accum)
+    factory = lambda rank, world, accum: T.TrainLoader(files, 32, 16, data_seed, rank=rank, world_size=world, grad_accum_steps=accum)
     for step in (0, 3, 17):  # step 17 crosses an epoch boundary (386 windows / 16 per step)
         reference = _global_rows(factory, step, 1, 8)
         for world, accum in ((2, 4), (4, 2), (8, 1), (2, 1)):
@@ -82,14 +83,14 @@ def test_loader_is_world_size_invariant_and_ranks_are_disjoint(tmp_path):
 
 def test_loader_is_deterministic_and_the_seed_changes_the_order(tmp_path):
     files = _make_shards(tmp_path, [5000, 3333])
-    make = lambda seed: T.TrainLoader(files, 32, 16, seed=seed)
+    make = lambda seed: T.TrainLoader(files, 32, 16, data_seed=seed)
     assert torch.equal(make(1).batch(5, 0)[0], make(1).batch(5, 0)[0])
     assert not torch.equal(make(1).batch(5, 0)[0], make(2).batch(5, 0)[0])
 
 
 def test_loader_visits_every_window_once_per_epoch_with_shifted_targets(tmp_path):
     files = _make_shards(tmp_path, [1000, 700])
-    loader = T.TrainLoader(files, 50, 4, seed=3)
+    loader = T.TrainLoader(files, 50, 4, data_seed=3)
     assert loader.num_windows == 19 + 13
     ids = np.concatenate([loader.global_window_ids(s) for s in range(8)])  # exactly one epoch
     assert sorted(ids.tolist()) == list(range(32))
@@ -105,7 +106,7 @@ def test_loader_visits_every_window_once_per_epoch_with_shifted_targets(tmp_path
 def test_loader_refuses_a_batch_larger_than_the_data(tmp_path):
     files = _make_shards(tmp_path, [300])
     with pytest.raises(T.ConfigError, match="TRAIN_BATCH_TOKENS"):
-        T.TrainLoader(files, 32, 16, seed=0)
+        T.TrainLoader(files, 32, 16, data_seed=0)
 
 
 def test_tokenizer_must_match_vocab_size(corpus):
@@ -115,3 +116,41 @@ def test_tokenizer_must_match_vocab_size(corpus):
         T.load_tokenizer(path, 4096)
     with pytest.raises(T.ConfigError, match="TOKENIZER_PATH"):
         T.load_tokenizer(str(corpus / "nope.model"), 1024)
+
+
+def baseline_loader_rows(files, batch_tokens, seq_len, steps, world_size=8, grad_accum=1):
+    """A re-statement of the challenge baseline's loader: the sorted shards as one cyclic stream; every call takes
+    the next (local + 1) * world_size tokens and rank r reads its (local + 1)-token span as rows (inputs, last target)."""
+    stream = np.concatenate([np.asarray(T.load_shard(f)) for f in files])
+    local = batch_tokens // (world_size * grad_accum)
+    position, per_step = 0, []
+    for _ in range(steps):
+        rows = []
+        for _ in range(grad_accum):
+            take = (local + 1) * world_size
+            chunk = np.take(stream, np.arange(position, position + take), mode="wrap")
+            position = (position + take) % len(stream)
+            for rank in range(world_size):
+                span = chunk[rank * (local + 1):(rank + 1) * (local + 1)]
+                x, y = span[:-1].reshape(-1, seq_len), span[1:].reshape(-1, seq_len)
+                rows.extend(np.concatenate([x, y[:, -1:]], axis=1).tolist())
+        per_step.append(sorted(rows))
+    return per_step
+
+
+def test_the_default_order_gives_each_step_the_baselines_tokens(tmp_path):
+    files = _make_shards(tmp_path, [5000, 3333, 4100])
+    expected = baseline_loader_rows(files, 16 * 32, 32, steps=30)  # 30 steps wrap around the 12,433 tokens
+    for world, accum in ((1, 8), (8, 1), (2, 4)):
+        factory = lambda rank, w, a: T.TrainLoader(files, 32, 16, -1, rank=rank, world_size=w, grad_accum_steps=a)  # noqa: E731
+        for step in range(30):
+            assert sorted(_global_rows(factory, step, world, accum).tolist()) == expected[step], (world, accum, step)
+
+
+@pytest.mark.parametrize("data_seed", [-1, 5])
+def test_more_shards_never_reorder_the_batches_of_the_shards_present(tmp_path, data_seed):
+    files = _make_shards(tmp_path, [5000, 3333, 4100])
+    fewer, more = T.TrainLoader(files[:2], 32, 16, data_seed), T.TrainLoader(files, 32, 16, data_seed)
+    steps = (5000 + 3333) // (16 * 33)  # steps wholly inside the first two shards
+    for step in range(steps):
+        assert torch.equal(fewer.batch(step, 0)[0], more.batch(step, 0)[0]), step

@@ -131,3 +131,50 @@ def test_bad_input_fails_before_training_with_a_named_fix(sample, tmp_path, over
     assert result.returncode != 0
     assert "config error:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# The lines public parsers of the challenge's logs key on, as regular expressions written from its log format.
+CHALLENGE_PARSERS = {
+    "train_step": r"^step:(\d+)/(\d+) train_loss:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms$",
+    "val_step": r"^step:(\d+)/(\d+) val_loss:([\d.]+) val_bpb:([\d.]+) train_time:(\d+)ms step_avg:([\d.]+)ms$",
+    "model_params": r"^model_params:(\d+)\b",
+    "serialized_raw": r"^Serialized model: (\d+) bytes$",
+    "code_size": r"^Code size: (\d+) bytes$",
+    "total_raw": r"^Total submission size: (\d+) bytes$",
+    "serialized": r"^Serialized model ([a-z0-9]+\+[a-z]+): (\d+) bytes \(payload:(\d+) raw_torch:(\d+) payload_ratio:([\d.]+)x\)$",
+    "total": r"^Total submission size ([a-z0-9]+\+[a-z]+): (\d+) bytes$",
+    "final_exact": r"^(final_[a-z0-9_]+)_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$",
+}
+
+
+def parse_like_the_challenge(log):
+    return {name: re.findall(pattern, log, re.M) for name, pattern in CHALLENGE_PARSERS.items()}
+
+
+def test_challenge_parsers_read_every_line_they_expect(single_run):
+    _, _, log = single_run
+    found = parse_like_the_challenge(log)
+    assert [int(step) for step, *_ in found["train_step"]] == list(range(1, 41))  # TRAIN_LOG_EVERY=1: every step
+    assert [int(step) for step, *_ in found["val_step"]] == [0, 20, 40]
+    sizes = summary(log)
+    assert int(found["code_size"][0]) == sizes["bytes_code"]
+    assert found["serialized"][0][:2] == ("int6+brotli", str(sizes["bytes_model"]))
+    assert found["total"] == [("int6+brotli", str(sizes["bytes_total"]))]
+    assert int(found["total_raw"][0]) == int(found["serialized_raw"][0]) + sizes["bytes_code"]
+    assert int(found["model_params"][0]) > 0
+    assert found["final_exact"][0][0] == "final_int6_brotli_roundtrip"
+    assert float(found["final_exact"][-1][2]) == pytest.approx(sizes["val_bpb"], abs=1e-8)  # the last _exact line is the score
+
+
+def test_the_baseline_preset_exports_int8_zlib_and_scores_the_plain_round_trip(sample, tmp_path):
+    from conftest import tiny_env
+    env = tiny_env(sample, PRESET="baseline,smoke", RUN_ID="base")
+    for inert in ("GPTQ_CALIBRATION_BATCHES", "SIZE_TARGET_BYTES", "WARMDOWN_FRAC"):  # the baseline has no GPTQ or SDClip
+        env.pop(inert)
+    result = run_script([sys.executable, SCRIPT], env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "base.txt").read_text()
+    found = parse_like_the_challenge(log)
+    assert [name for name, *_ in found["final_exact"]] == ["final_int8_zlib_roundtrip"]  # no sliding window, no TTT
+    assert found["total"][0][0] == "int8+zlib" and "quantization: bits:8 embed_bits:8 clip:quantile" in log
+    assert summary(log)["val_bpb"] == pytest.approx(float(found["final_exact"][0][2]), abs=1e-8)

@@ -376,3 +376,12 @@ def test_each_preset_trains_at_smoke_size_through_export_and_its_evaluation(pres
         assert "gptq_calibration: self_generated seqs:8 seq_len:128" in log
     if preset == "neon213":
         assert "optimizers:restarted" in log and "no_softcap" in log
+
+
+def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
+    full, smoke = (T.Hyperparameters.from_env({"PRESET": p})[0] for p in ("pr754", "pr754,smoke"))
+    assert (full.warmdown_iters, full.warmdown_frac) == (3500, 0.0)
+    assert (smoke.warmdown_iters, smoke.warmdown_frac) == (0, pytest.approx(3500 / 6756, abs=1e-3))
+    assert T.Hyperparameters.from_env({"PRESET": "pr1392,smoke"})[0].loop_enable_at == pytest.approx(3000 / 5450, abs=1e-3)
+    assert T.Hyperparameters.from_env({"PRESET": "baseline,smoke"})[0].warmdown_frac == pytest.approx(0.087, abs=1e-3)
+    assert T.Hyperparameters.from_env({"PRESET": "smoke"})[0].warmdown_frac == T.Hyperparameters.warmdown_frac
