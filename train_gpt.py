@@ -73,7 +73,11 @@ class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
     vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
-    record_dir: str = ""  # when set, a records folder (README, submission.json, log, code) is written here
+    record_dir: str = ""  # when set, a records folder (README, submission.json, logs, code, requirements.txt) is written here
+    record_name: str = ""  # submission.json "name"; with RECORD_DIR empty, the record goes to records/track_10min_16mb/<date>_<RECORD_NAME>/
+    record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
+    record_github_id: str = ""  # submission.json "github_id" (likewise)
+    record_blurb: str = ""  # submission.json "blurb" (likewise)
 
     # --- schedule and batch ---
     iterations: int = 20000  # maximum number of optimizer steps
@@ -455,7 +459,8 @@ class Hyperparameters:
         """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
         folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
         be pooled."""
-        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "record_dir", "data_path", "tokenizer_path"}
+        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "record_dir", "data_path", "tokenizer_path",
+                   "record_name", "record_author", "record_github_id", "record_blurb"}
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
         return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -585,12 +590,13 @@ PRESETS = {
 
 
 # PRESET=<seed>,smoke: the seed's schedule points given in steps become the same share of the smoke run, taken
-# from the seed's own logged step count, so that a few hundred CPU steps still warm down and loop where it did.
+# from the seed's own logged step count, so that a few hundred CPU steps still warm down and loop where it did;
+# and its fixed EMA decay is warmed up, since 0.997 over 300 steps would export 40% of the initial weights.
 SMOKE_SCHEDULES = {
     "baseline": dict(warmdown_iters=0, warmdown_frac=round(1200 / 13_780, 3)),  # 1,200 of its 13,780 steps
-    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3)),  # 3,500 of #754's 6,756
-    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3)),  # of #549's 7,185 (#703 ran on B200s)
-    "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3)),  # step 3,000 of the SP4096 record's 5,450
+    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3), ema_warmup=True),  # 3,500 of #754's 6,756
+    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True),  # of #549's 7,185 steps
+    "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3), ema_warmup=True),  # step 3,000 of the SP4096 record's 5,450
 }
 
 
@@ -3472,7 +3478,11 @@ def log_summary(run):
         f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
         "=" * len(header)]))
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
-                   code_sha256=run.code_sha256, eval_time_s=t["eval_s"], versions=package_versions(), **r)
+                   code_sha256=run.code_sha256, eval_time_s=t["eval_s"], calibration_time_s=t.get("calibration_s", 0),
+                   versions=package_versions(),
+                   ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
+                   eval_budget_seconds=run.hp.eval_budget_seconds,
+                   record={field: getattr(run.hp, f"record_{field}") for field in RECORD_USER_FIELDS}, **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
@@ -3545,14 +3555,39 @@ def summary_of(log_text):
     return json.loads(lines[-1][len("summary_json: "):])
 
 
+RECORD_USER_FIELDS = ("name", "author", "github_id", "blurb")  # submission.json fields from RECORD_* settings
+TRACK = "10min_16mb"
+GPU_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM"}  # the names recent records write for what torch reports
+
+
+def hardware_of(log_text, world_size):
+    """"8xH100 80GB SXM" from the log's devices line (one name, not one per device)."""
+    found = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
+    name = found.group(1).split("|")[0] if found else "unknown"
+    return f"{world_size}x{GPU_NAMES.get(name, name.removeprefix('NVIDIA '))}"
+
+
+def compliance_of(summaries):
+    """The submission's compliance block, from what every seed logged."""
+    return dict(
+        train_under_cap=all(s["train_time_ms"] / 1000 + s.get("calibration_time_s", 0) <= (s.get("max_wallclock_seconds")
+                                                                                          or math.inf) for s in summaries),
+        eval_under_budget=all(s["eval_time_s"] <= (s.get("eval_budget_seconds") or math.inf) for s in summaries),
+        artifact_under_16mb=all(s["bytes_total"] <= ARTIFACT_LIMIT_BYTES for s in summaries),
+        every_target_scored_once=True,  # log_compliance stops a run that scored any other number of targets
+        ttt="score_first" if any(s.get("ttt_score_first") for s in summaries) else "none",
+        validation_seen_before_scoring=False, calibration_data="training data or self-generated, never validation")
+
+
 def submission_from_logs(log_texts):
     """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
-    seeds, and every seed's result."""
+    seeds, every seed's result, the RECORD_* fields of the latest seed that gave them."""
     summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
     if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
         raise ValueError("these logs come from different configurations or code; they cannot make one submission")
-    hardware = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_texts[0], re.M)
     first = summaries[0]
+    user = {field: next((s["record"][field] for s in reversed(summaries) if s.get("record", {}).get(field)), "")
+            for field in RECORD_USER_FIELDS}
 
     def mean_std(key):
         values = [s[key] for s in summaries]
@@ -3563,18 +3598,35 @@ def submission_from_logs(log_texts):
             raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
     (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
     return dict(
-        name="", author="", github_id="", blurb="", date=time.strftime("%Y-%m-%d"),
+        **user, date=time.strftime("%Y-%m-%d"), track=TRACK,
         val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
         seeds=[s["seed"] for s in summaries],
-        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], bytes_total=s["bytes_total"],
+        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"],
                                            steps=s["steps"], step_avg_ms=s["step_avg_ms"],
                                            train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
                       for s in summaries},
         bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
+        artifact_bytes_mean=statistics.fmean(s["bytes_total"] for s in summaries),
+        artifact_bytes_max=max(s["bytes_total"] for s in summaries),
         bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
-        hardware=f"{first['world_size']}x {hardware.group(1) if hardware else 'unknown'}",
-        pytorch_version=first["versions"]["torch"], versions=first["versions"],
+        hardware=hardware_of(log_texts[0], first["world_size"]),
+        pytorch_version=first["versions"]["torch"], cuda_version=first["versions"].get("cuda", "none"),
+        flash_attn_version=first["versions"].get("flash_attn_interface", first["versions"].get("flash_attn", "none")),
+        versions=first["versions"], compliance=compliance_of(summaries),
         config_hash=first["config_hash"], code_sha256=first["code_sha256"])
+
+
+def pinned_requirements(versions):
+    """requirements.txt of a record: the versions that ran, pinned."""
+    packages = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "zstandard": "zstandard",
+                "brotli": "brotli"}
+    lines = ["# The versions this record ran with: pip install -r requirements.txt"]
+    lines += [f"{package}=={versions[key]}" for key, package in packages.items() if versions.get(key, "installed") != "installed"
+              and key in versions]
+    if "flash_attn_interface" in versions or "flash_attn" in versions:
+        lines.append(f"# FlashAttention ran: {versions.get('flash_attn_interface') or versions.get('flash_attn')} "
+                     f"(FA3 is not on PyPI; install its wheel for this torch and CUDA {versions.get('cuda')})")
+    return "\n".join(lines) + "\n"
 
 
 def reproduce_command(run, seeds):
@@ -3601,7 +3653,7 @@ RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-
 
 def record_readme(run, submission, old_text):
     """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
-    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['bytes_total']:,} | {r['steps']} "
+    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['artifact_bytes']:,} | {r['steps']} "
                      f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
                      for seed, r in submission["seed_results"].items())
     std = lambda value: f" ± {value:.8f}" if value is not None else ""
@@ -3610,7 +3662,7 @@ def record_readme(run, submission, old_text):
         f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
         f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
         f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
-        "", "| seed | val_loss | val_bpb | bytes_total | steps | step_avg ms | train s | eval s |",
+        "", "| seed | val_loss | val_bpb | artifact_bytes | steps | step_avg ms | train s | eval s |",
         "|---|---|---|---|---|---|---|---|", rows, "",
         f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "", code_note(run.code), "",
         f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
@@ -3663,8 +3715,12 @@ def record(run):
     write_atomically(folder / "train_gpt.py", run.code.counted, "the code of the record")
     if run.code.readable and run.code.counted != run.code.source:
         write_atomically(folder / READABLE_CODE_NAME, run.code.source, "the readable source of the record")
+    if (folder / "submission.json").is_file():  # what a person filled in by hand survives the next seed
+        previous = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+        submission.update({field: previous[field] for field in RECORD_USER_FIELDS if not submission[field] and previous.get(field)})
     write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
                      "submission.json")
+    write_atomically(folder / "requirements.txt", pinned_requirements(submission["versions"]).encode(), "requirements.txt")
     readme = folder / "README.md"
     old_readme = readme.read_text(encoding="utf-8") if readme.exists() else ""
     write_atomically(readme, record_readme(run, submission, old_readme).encode(), "the record's README")
@@ -3740,8 +3796,18 @@ def run_ids(hp, cluster):
     return ids
 
 
+def with_record_folder(hp, sources):
+    """RECORD_NAME without RECORD_DIR: the challenge's folder, records/track_10min_16mb/<date>_<name>/ (the date of
+    the launch, so that every seed of one command lands in one folder)."""
+    if not hp.record_name or hp.record_dir:
+        return hp, sources
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", hp.record_name).strip("_") or "record"
+    folder = os.path.join("records", f"track_{TRACK}", f"{time.strftime('%Y-%m-%d')}_{slug}")
+    return dataclasses.replace(hp, record_dir=folder), dict(sources, record_dir="implied:RECORD_NAME")
+
+
 def main():
-    hp, sources = Hyperparameters.from_env()
+    hp, sources = with_record_folder(*Hyperparameters.from_env())
     code = Code.read(__file__, hp.pack_code)  # once: every seed logs and ships the code that is running, even if the file changes
     cluster = Cluster(hp)
     signals = StopSignals()

@@ -2,19 +2,25 @@
 
     python3 records/stats.py records/<candidate> --baseline records/<baseline>   # two sets of seeds
     python3 records/stats.py records/<candidate> --baseline-value 1.8930         # against a record's val_loss
+    python3 records/stats.py records/<candidate> --baseline <challenge record folder> --rule frontier
     python3 records/stats.py --check records/<folder>                            # the contract
 
-Inputs are records folders (their train_seed*.log) or log files. The challenge accepts a record that beats the
-current one by at least 0.005 nats of val_loss at p < 0.01. The test here is one-sided:
-H0: mean(baseline) - mean(candidate) <= 0.005 against H1: the improvement is larger. With two sets of seeds it is
-Welch's t-test; against a single value, the one-sample t-test. Runs whose config hash or code hash differ are
-never pooled into one set.
+Inputs are records folders or log files: ours (train_seed*.log with a summary_json line), or an official record
+folder of openai/parameter-golf as it is in that repository (its submission.json's seed_results, else the score
+line of each train_seed*.log / train.log: the last `*_exact` line, else the last final score line).
+
+--rule challenge (the default) is the challenge's acceptance rule: beat the current record by at least 0.005 nats
+of val_loss at p < 0.01. --rule frontier is the leaderboard's chronological-progression rule (PR #1902): a better
+mean at p < 0.25. --margin and --alpha override either. The test is one-sided: H0: mean(baseline) -
+mean(candidate) <= margin against H1: the improvement is larger; with two sets of seeds Welch's t-test, against a
+single value the one-sample t-test. Runs whose config hash or code hash differ are never pooled into one set.
 """
 
 import argparse
 import hashlib
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -22,30 +28,82 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402  (the log format and the submission are defined there)
 
-MARGIN_NATS, ALPHA = 0.005, 0.01
+RULES = {"challenge": (0.005, 0.01), "frontier": (0.0, 0.25)}  # (margin in nats, alpha)
+MARGIN_NATS, ALPHA = RULES["challenge"]
 USER_FIELDS = ("name", "author", "github_id", "blurb", "date")  # submission.json fields a person fills in
 
 
-def log_paths(inputs):
-    paths = []
-    for item in map(Path, inputs):
-        found = sorted(item.glob("train_seed*.log")) if item.is_dir() else [item]
-        if not found:
-            raise SystemExit(f"{item}: no train_seed*.log in this folder")
-        paths += found
-    return paths
+SCORE_LINE = re.compile(r"^(?!step:|\d+/\d+ |diagnostic )(\S+) val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)", re.M)
+
+
+def log_paths(item):
+    found = sorted(item.glob("train_seed*.log")) or sorted(item.glob("train*.log")) if item.is_dir() else [item]
+    if not found and not (item / "submission.json").is_file():
+        raise SystemExit(f"{item}: no train_seed*.log in this folder")
+    return found
+
+
+def official_score(text, path):
+    """(val_loss, val_bpb) of a challenge log: its last `*_exact` line, else its last final score line."""
+    scores = SCORE_LINE.findall(text)
+    exact = [score for score in scores if score[0].endswith("_exact")]
+    if not (exact or scores):
+        raise SystemExit(f"{path}: neither a summary_json line nor a score line (... val_loss:X val_bpb:Y)")
+    _, val_loss, val_bpb = (exact or scores)[-1]
+    return float(val_loss), float(val_bpb)
+
+
+def official_seed(text, path):
+    named = re.search(r"seed(\d+)", path.name)
+    logged = re.search(r"^\s*seed[:=]\s*(\d+)\s*$", text, re.M)
+    return int(named.group(1)) if named else int(logged.group(1)) if logged else 0
+
+
+def logged_loss(texts, seed, val_bpb):
+    """The val_loss of the score line whose val_bpb is the one submission.json gives this seed (some records give
+    only val_bpb, and their logs also hold evaluations that were not the score)."""
+    for path, text in texts.items():
+        if official_seed(text, path) == seed:
+            for _, val_loss, logged_bpb in SCORE_LINE.findall(text):
+                if abs(float(logged_bpb) - float(val_bpb)) < 5e-9:
+                    return float(val_loss)
+    raise SystemExit(f"submission.json gives seed {seed} val_bpb {val_bpb} but no log line has that score")
+
+
+def folder_runs(item):
+    """The runs of one input: ours (summary_json), or an official folder's seed_results or score lines."""
+    texts = {path: path.read_text(encoding="utf-8", errors="replace") for path in log_paths(item)}
+    ours = {path: text for path, text in texts.items() if "\nsummary_json: " in text}
+    if ours:
+        runs = []
+        for path, text in ours.items():
+            summary = T.summary_of(text)
+            runs.append(dict(seed=summary["seed"], val_loss=summary["val_loss"], val_bpb=summary["val_bpb"],
+                             config_hash=summary["config_hash"], code_sha256=summary["code_sha256"], path=str(path)))
+        return runs
+    official = dict(config_hash="official", code_sha256=item.name if item.is_dir() else item.parent.name)
+    submission = item / "submission.json" if item.is_dir() else None
+    if submission is not None and submission.is_file():
+        results = json.loads(submission.read_text()).get("seed_results") or {}
+        if results and all(isinstance(r, dict) and "val_bpb" in r for r in results.values()):
+            return [dict(seed=int(seed), val_bpb=float(r["val_bpb"]), path=str(submission), **official,
+                         val_loss=float(r["val_loss"]) if "val_loss" in r else logged_loss(texts, int(seed), r["val_bpb"]))
+                    for seed, r in results.items()]
+    runs = []
+    for path, text in texts.items():
+        val_loss, val_bpb = official_score(text, path)
+        runs.append(dict(seed=official_seed(text, path), val_loss=val_loss, val_bpb=val_bpb, path=str(path), **official))
+    return runs
 
 
 def load_runs(inputs, label):
     """One set of seeds: [{seed, val_loss, val_bpb, config_hash, code_sha256, path}], refusing mixed configs."""
     runs = []
-    for path in log_paths(inputs):
+    for item in map(Path, inputs):
         try:
-            summary = T.summary_of(path.read_text(encoding="utf-8"))
+            runs += folder_runs(item)
         except ValueError as error:
-            raise SystemExit(f"{path}: {error}")
-        runs.append(dict(seed=summary["seed"], val_loss=summary["val_loss"], val_bpb=summary["val_bpb"],
-                         config_hash=summary["config_hash"], code_sha256=summary["code_sha256"], path=str(path)))
+            raise SystemExit(f"{item}: {error}")
     fingerprints = {(run["config_hash"], run["code_sha256"]) for run in runs}
     if len(fingerprints) > 1:
         listing = "\n".join(f"  {run['path']}: config_hash {run['config_hash']} code {run['code_sha256']}" for run in runs)
@@ -215,7 +273,10 @@ def main():
     parser.add_argument("candidate", nargs="*", help="records folders or logs of the candidate")
     parser.add_argument("--baseline", nargs="+", help="records folders or logs of the baseline")
     parser.add_argument("--baseline-value", type=float, help="the baseline's val_loss (nats), e.g. the current record's")
-    parser.add_argument("--margin", type=float, default=MARGIN_NATS, help="required improvement in nats (default 0.005)")
+    parser.add_argument("--rule", choices=sorted(RULES), default="challenge",
+                        help="challenge: > 0.005 nats at p < 0.01; frontier: any improvement at p < 0.25")
+    parser.add_argument("--margin", type=float, help="required improvement in nats (default: the rule's)")
+    parser.add_argument("--alpha", type=float, help="significance level (default: the rule's)")
     parser.add_argument("--check", metavar="FOLDER", help="check a records folder against the contract")
     args = parser.parse_args()
     if args.check:
@@ -234,11 +295,13 @@ def main():
     if args.baseline:
         baseline = load_runs(args.baseline, "baseline")
         print(describe(baseline, "baseline"))
-    result = improvement_test(candidate, baseline, args.baseline_value, args.margin)
+    margin = RULES[args.rule][0] if args.margin is None else args.margin
+    alpha = RULES[args.rule][1] if args.alpha is None else args.alpha
+    result = improvement_test(candidate, baseline, args.baseline_value, margin)
     against = f"the baseline value {args.baseline_value}" if baseline is None else "the baseline seeds (Welch)"
-    print(f"improvement over {against}: {result['improvement']:+.5f} nats (required > {args.margin})")
+    print(f"improvement over {against}: {result['improvement']:+.5f} nats (required > {margin}, rule {args.rule})")
     print(f"one-sided t:{result['t']:.3f} df:{result['df']:.1f} p:{result['p']:.3g} -> "
-          + ("significant" if result["p"] < ALPHA else "NOT significant") + f" at p < {ALPHA}")
+          + ("significant" if result["p"] < alpha else "NOT significant") + f" at p < {alpha}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
 import sys
 
 import pytest
@@ -27,7 +28,8 @@ def records_env(sample, **overrides):
 @pytest.fixture(scope="module")
 def two_seeds(sample, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("seeds")
-    env = records_env(sample, SEEDS="1337 42", RUN_ID="pair", RECORD_DIR=cwd / "record")
+    env = records_env(sample, SEEDS="1337 42", RUN_ID="pair", RECORD_DIR=cwd / "record", RECORD_NAME="Tiny pair",
+                      RECORD_GITHUB_ID="tester")
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, env
@@ -54,7 +56,7 @@ def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_th
     cwd, _ = two_seeds
     folder = cwd / "record"
     expected = {"README.md", "submission.json", "train_gpt.py", "train_gpt_human.py", "index.jsonl", "train_seed1337.log",
-                "train_seed42.log"}
+                "train_seed42.log", "requirements.txt"}
     if importlib.util.find_spec("matplotlib"):
         expected.add("loss_curves.png")
         assert (folder / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
@@ -66,6 +68,14 @@ def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_th
     assert submission["val_loss"] == pytest.approx(sum(losses) / 2)
     assert submission["val_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
     assert submission["versions"]["torch"] and submission["code_sha256"] == T.summary_of(logs[0])["code_sha256"]
+    # The fields recent records carry, as the challenge spells them.
+    assert (submission["name"], submission["github_id"], submission["author"]) == ("Tiny pair", "tester", "")
+    assert submission["track"] == "10min_16mb" and submission["hardware"] == "1x" + T.platform.machine()
+    for log in logs:
+        assert submission["seed_results"][str(T.summary_of(log)["seed"])]["artifact_bytes"] == T.summary_of(log)["bytes_total"]
+    assert submission["bytes_total"] == max(r["artifact_bytes"] for r in submission["seed_results"].values())
+    assert submission["compliance"]["artifact_under_16mb"] and submission["compliance"]["eval_under_budget"]
+    assert f"torch=={submission['versions']['torch']}\n" in (folder / "requirements.txt").read_text()
     readme = (folder / "README.md").read_text()
     assert f"{submission['val_bpb']:.8f}" in readme and 'SEEDS="42 1337"' in readme
     assert stats.check_record(folder) == ([], [])
@@ -175,3 +185,75 @@ def test_the_stats_command_prints_the_verdict(tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"p:0\.00109 -> significant at p < 0\.01", result.stdout)
     assert "mean      1.88076667" in result.stdout
+
+
+def official_folder(root, name, submission, logs):
+    """A records folder laid out as the challenge repository has them (no summary_json lines)."""
+    folder = root / name
+    folder.mkdir()
+    if submission is not None:
+        (folder / "submission.json").write_text(json.dumps(submission))
+    for file_name, lines in logs.items():
+        (folder / file_name).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_stats_reads_official_record_folders_as_they_are_in_the_challenge(tmp_path):
+    full = official_folder(tmp_path, "full", {"seed_results": {"42": {"val_loss": 1.81, "val_bpb": 1.071},
+                                                              "0": {"val_loss": 1.83, "val_bpb": 1.081}}}, {})
+    bpb_only = official_folder(tmp_path, "bpb_only", {"seed_results": {"42": {"val_bpb": 1.08938974}}}, {
+        "train_seed42.log": ["5453/20000 val_loss: 2.5257 val_bpb: 1.0976",
+                             "final_int6_sliding_window_exact val_loss:2.50671564 val_bpb:1.08938974",
+                             "final_int6_ttt_exact val_loss:3.07421378 val_bpb:1.33603200"]})  # a later, unscored eval
+    logs_only = official_folder(tmp_path, "logs_only", {"name": "no seed results"}, {
+        "train_seed7.log": ["step:10/20 val_loss:2.1 val_bpb:1.3 train_time:1ms step_avg:0.1ms",
+                            "final_int8_zlib_roundtrip_exact val_loss:1.93 val_bpb:1.14",
+                            "legal_ttt_exact val_loss:1.89 val_bpb:1.12",
+                            "diagnostic quantized val_loss:1.95 val_bpb:1.15"],
+        "train_seed8.log": ["quantized_ttt_phased val_loss:2.31944212 val_bpb:1.05989454 eval_time:508785ms"]})
+    baseline = official_folder(tmp_path, "baseline", None, {
+        "train.log": ["seed:1337", "final_int8_zlib_roundtrip_exact val_loss:2.07269931 val_bpb:1.22436570"]})
+    runs = lambda folder: [(r["seed"], r["val_loss"], r["val_bpb"]) for r in stats.load_runs([folder], "x")]  # noqa: E731
+    assert runs(full) == [(0, 1.83, 1.081), (42, 1.81, 1.071)]
+    assert runs(bpb_only) == [(42, 2.50671564, 1.08938974)]  # the line submission.json scores, not the last one
+    assert runs(logs_only) == [(7, 1.89, 1.12), (8, 2.31944212, 1.05989454)]
+    assert runs(baseline) == [(1337, 2.07269931, 1.2243657)]
+
+
+def test_the_acceptance_rule_is_a_setting(tmp_path):
+    candidate = [dict(seed=s, val_loss=v) for s, v in enumerate([1.8880, 1.8884, 1.8890])]
+    baseline = [dict(seed=s, val_loss=v) for s, v in enumerate([1.8893, 1.8899, 1.8902])]
+    challenge = stats.improvement_test(candidate, baseline, margin=stats.RULES["challenge"][0])
+    frontier = stats.improvement_test(candidate, baseline, margin=stats.RULES["frontier"][0])
+    assert challenge["p"] > stats.RULES["challenge"][1]  # 1.3 mnats is not the challenge's 5
+    assert frontier["p"] < stats.RULES["frontier"][1]  # but it is a frontier step at p < 0.25
+    folder = tmp_path / "c"
+    write_logs(folder, {1: 1.8880, 2: 1.8884, 3: 1.8890})
+    result = subprocess.run([sys.executable, str(REPO / "records" / "stats.py"), str(folder), "--baseline-value",
+                             "1.8895", "--rule", "frontier"], capture_output=True, text=True)
+    assert result.returncode == 0 and "rule frontier" in result.stdout and "-> significant at p < 0.25" in result.stdout
+
+
+def test_hand_filled_fields_survive_the_next_seed(two_seeds, sample, tmp_path):
+    cwd, _ = two_seeds
+    import shutil
+    folder = tmp_path / "record"
+    shutil.copytree(cwd / "record", folder)
+    submission = json.loads((folder / "submission.json").read_text())
+    submission.update(author="A. Person", blurb="written by hand")
+    (folder / "submission.json").write_text(json.dumps(submission))
+    env = records_env(sample, SEED=7, RUN_ID="third", RECORD_DIR=folder, RECORD_NAME="Tiny pair", RECORD_GITHUB_ID="tester")
+    result = run_script([sys.executable, SCRIPT], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = json.loads((folder / "submission.json").read_text())
+    assert after["seeds"] == [7, 42, 1337] and (after["author"], after["blurb"]) == ("A. Person", "written by hand")
+    assert after["name"] == "Tiny pair"
+
+
+def test_a_record_name_alone_writes_the_challenge_folder():
+    hp, sources = T.Hyperparameters.from_env({"RECORD_NAME": "My idea: v2"})
+    hp, sources = T.with_record_folder(hp, sources)
+    assert re.fullmatch(r"records/track_10min_16mb/\d{4}-\d{2}-\d{2}_My_idea_v2", hp.record_dir)
+    assert sources["record_dir"] == "implied:RECORD_NAME"
+    explicit, _ = T.with_record_folder(*T.Hyperparameters.from_env({"RECORD_NAME": "x", "RECORD_DIR": "mine"}))
+    assert explicit.record_dir == "mine"

@@ -385,3 +385,5 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
     assert T.Hyperparameters.from_env({"PRESET": "pr1392,smoke"})[0].loop_enable_at == pytest.approx(3000 / 5450, abs=1e-3)
     assert T.Hyperparameters.from_env({"PRESET": "baseline,smoke"})[0].warmdown_frac == pytest.approx(0.087, abs=1e-3)
     assert T.Hyperparameters.from_env({"PRESET": "smoke"})[0].warmdown_frac == T.Hyperparameters.warmdown_frac
+    assert T.Hyperparameters.from_env({"PRESET": "pr754,smoke"})[0].ema_warmup  # 0.997 fixed over 300 steps would not do
+    assert not T.Hyperparameters.from_env({"PRESET": "pr754"})[0].ema_warmup
