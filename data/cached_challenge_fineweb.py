@@ -1,144 +1,194 @@
 """
-Download the challenge's pre-tokenized FineWeb shards and tokenizer from the Hugging Face Hub.
+Download the challenge's pre-tokenized FineWeb shards and tokenizer from the Hugging Face Hub, exactly as the
+challenge's data/cached_challenge_fineweb.py does (same flags, environment variables and paths):
 
     python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 10
-    python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf
+    python3 data/cached_challenge_fineweb.py --variant sp1024 10                  # the positional shard count
+    MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192
+    python3 data/cached_challenge_fineweb.py --variant sp1024 --with-docs         # + docs_selected.jsonl
 
-Manifest-driven: `<remote-root>/manifest.json` in the dataset repo names each dataset, its tokenizer and its shard
-counts. The full validation split is always downloaded, plus the first N training shards. Files land in
-data/datasets/fineweb10B_<variant>/ and data/tokenizers/, the layout train_gpt.py expects by default. A shard that is
-already present and valid is skipped, so an interrupted download resumes; every shard's header and size are
-verified. Delete a stale data/manifest.json when switching repositories (the manifest is cached there).
+MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf) is the dataset repository and
+MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default datasets) the folder in it that holds manifest.json, datasets/ and
+tokenizers/. The manifest (data/manifest.json; --skip-manifest uses the local one and never downloads it) names each
+dataset, its tokenizer and its shard counts. The full validation split is always fetched, plus the first N training
+shards, into data/datasets/fineweb10B_<variant>/ and data/tokenizers/, through the Hugging Face cache (files are
+hard-linked from it, or copied), several at a time. A file already in place is kept (a shard only if it is valid),
+so an interrupted download resumes; every shard's header and size are checked. Offline, HF_HUB_OFFLINE=1 takes
+what the cache already has. Only huggingface_hub is needed (not torch).
 """
 
 import argparse
+import concurrent.futures
 import json
+import os
 import shutil
-import socket
+import struct
 import sys
-import urllib.parse
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import read_shard_header  # noqa: E402  (the shard format lives in one place)
 
 DATA_DIR = Path(__file__).resolve().parent
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
-REMOTE_ROOT = "datasets"
-OFFLINE_HINT = ("This script needs internet access. Offline, export shards from local documents instead "
-                "(python3 data/prepare_docs.py <docs.jsonl> --tokenizer <model>), or copy data/datasets/ and "
-                "data/tokenizers/ from a machine that has them.")
+DEFAULT_REMOTE_ROOT = "datasets"
+PARALLEL_DOWNLOADS = 8
+ETAG_TIMEOUT_S = 10  # how long the hub client waits for a file's metadata before it gives up
+# The shard format (train_gpt.py's read_shard_header; a test keeps the two in step): 256 little-endian int32s
+# (magic, version, token count, zeros), then the uint16 tokens.
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+WHAT_TO_DO = ("Check the network (or HF_ENDPOINT and a proxy's HTTPS_PROXY); offline, HF_HUB_OFFLINE=1 uses what "
+              "the Hugging Face cache already holds; without the Hub, export shards from local documents with "
+              "python3 data/prepare_docs.py <docs.jsonl> --tokenizer <model>.")
 
 
 class DownloadError(RuntimeError):
     pass
 
 
-def check_reachable(timeout=5.0):
-    """Fail at once when the Hub cannot be reached, instead of after the client's retries."""
-    from huggingface_hub import constants
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+def shard_problem(path):
+    """Why the file at `path` is not a whole shard, or None when it is one."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        with open(path, "rb") as f:
+            header = f.read(SHARD_HEADER_BYTES)
+        size = os.path.getsize(path)
     except OSError as error:
-        raise DownloadError(f"cannot reach {host} ({error}).\n{OFFLINE_HINT}") from None
+        return f"unreadable ({error.strerror})"
+    if len(header) < SHARD_HEADER_BYTES:
+        return f"{size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header"
+    magic, version, count = struct.unpack("<3i", header[:12])
+    if (magic, version) != (SHARD_MAGIC, SHARD_VERSION):
+        return f"header magic/version {magic}/{version}, expected {SHARD_MAGIC}/{SHARD_VERSION}"
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        return f"{size} bytes where its header's {count} tokens make {SHARD_HEADER_BYTES + 2 * count}"
+    return None
 
 
-def hub_fetcher(repo_id, staging_dir):
-    """A function that downloads `<remote path>` from the dataset repo and returns the local file path."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise DownloadError("huggingface_hub is not installed: pip install -r requirements.txt") from None
+def dataset_dir_for_variant(variant):
+    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+        return f"fineweb10B_{variant}"
+    raise DownloadError(f"unsupported --variant {variant!r}; expected byte260 or sp<VOCAB_SIZE>")
 
-    check_reachable()
 
-    def fetch(remote_path):
+class Hub:
+    """One dataset repository seen through the Hugging Face cache. `download` is huggingface_hub.hf_hub_download
+    (tests pass a stand-in with its signature)."""
+
+    def __init__(self, repo_id, remote_root, data_dir=DATA_DIR, download=None):
+        self.repo_id, self.remote_root, self.data_dir = repo_id, remote_root, Path(data_dir)
+        if download is None:
+            try:
+                from huggingface_hub import hf_hub_download as download
+            except ImportError:
+                raise DownloadError("huggingface_hub is not installed: pip install huggingface-hub") from None
+        self.download = download
+
+    def local_path(self, remote):
+        """Where a file of the repository goes: <prefix>/datasets/... -> data/datasets/..., <prefix>/tokenizers/...
+        -> data/tokenizers/..., anything else under <prefix>/ -> data/ (manifest.json, docs_selected.jsonl)."""
+        parts = Path(remote).parts
+        if self.remote_root and parts[:1] == (self.remote_root,):
+            parts = parts[1:]
+        return self.data_dir.joinpath(*parts)
+
+    def get(self, remote):
+        """Fetch one file into place unless a valid copy is there; returns its local path."""
+        destination = self.local_path(remote)
+        is_shard = destination.suffix == ".bin"
+        if destination.is_file() and not (is_shard and shard_problem(destination)):
+            return destination
+        folder, name = Path(remote).parent.as_posix(), Path(remote).name
         try:
-            return hf_hub_download(repo_id, remote_path, repo_type="dataset", local_dir=staging_dir)
-        except Exception as error:  # network errors come in many types (OSError, HTTPError, offline mode, ...)
-            raise DownloadError(
-                f"could not download {remote_path} from the Hugging Face Hub dataset {repo_id} "
-                f"({type(error).__name__}: {error}).\n{OFFLINE_HINT}") from error
-    return fetch
+            cached = Path(self.download(repo_id=self.repo_id, filename=name, subfolder=None if folder == "." else folder,
+                                        repo_type="dataset", etag_timeout=ETAG_TIMEOUT_S)).resolve(strict=True)
+        except Exception as error:  # the client raises many types (offline, HTTP, DNS, missing entry)
+            raise DownloadError(f"could not get {remote} from the Hugging Face dataset {self.repo_id} "
+                                f"({type(error).__name__}: {error}).\n{WHAT_TO_DO}") from None
+        if is_shard and shard_problem(cached):
+            raise DownloadError(f"{remote} from {self.repo_id} is not a whole shard ({shard_problem(cached)}): "
+                                f"delete {cached} from the Hugging Face cache and run again")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".partial")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(cached, partial)  # the cache's blob itself: no second copy on disk
+        except OSError:
+            shutil.copy2(cached, partial)
+        os.replace(partial, destination)
+        return destination
 
 
-def load_manifest(fetch, cache_path):
-    if not cache_path.exists():
-        shutil.copyfile(fetch(f"{REMOTE_ROOT}/manifest.json"), cache_path)
+def load_manifest(hub, skip_manifest):
+    path = hub.local_path(f"{hub.remote_root}/manifest.json")
+    if not path.is_file():
+        if skip_manifest:
+            raise DownloadError(f"--skip-manifest: manifest.json is required for the shard counts but is not present "
+                                f"locally at {path}")
+        hub.get(f"{hub.remote_root}/manifest.json")
     try:
-        return json.loads(cache_path.read_text())
+        return json.loads(path.read_text(encoding="utf-8")), path
     except json.JSONDecodeError as error:
-        raise DownloadError(f"{cache_path} is not valid JSON ({error}); delete it and run again") from None
+        raise DownloadError(f"{path} is not valid JSON ({error}); delete it and run again") from None
 
 
-def plan_downloads(manifest, variant, train_shards):
-    """[(remote path, local path relative to data/)] for the variant: tokenizer files, all val shards, N train shards."""
-    dataset_name = f"fineweb10B_{variant}"
-    datasets = {d.get("name"): d for d in manifest.get("datasets", [])}
-    if dataset_name not in datasets:
-        known = sorted(n[len("fineweb10B_"):] for n in datasets if n and n.startswith("fineweb10B_"))
-        raise DownloadError(f"--variant {variant}: the manifest has no dataset {dataset_name}; it has {known}")
-    entry = datasets[dataset_name]
+def plan_downloads(manifest, manifest_path, variant, train_shards, remote_root, with_docs):
+    """The repository paths to fetch: the tokenizer's artifacts, the docs (with --with-docs), every validation
+    shard and the first `train_shards` training shards."""
+    dataset_dir = dataset_dir_for_variant(variant)
+    entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset_dir), None)
+    if entry is None:
+        known = sorted(d.get("name", "?") for d in manifest.get("datasets", []))
+        raise DownloadError(f"dataset {dataset_dir} not found in {manifest_path} (it has {known}); another "
+                            f"MATCHED_FINEWEB_REPO_ID may hold it")
     stats = entry.get("stats") or {}
     if "files_train" not in stats or "files_val" not in stats:
-        raise DownloadError(f"manifest entry {dataset_name} lacks stats.files_train / stats.files_val")
-    available = int(stats["files_train"])
-    if train_shards > available:
-        raise DownloadError(f"--train-shards {train_shards}: {dataset_name} has only {available} training shards")
-    files = []
-    tokenizers = {t.get("name"): t for t in manifest.get("tokenizers", [])}
-    tokenizer = tokenizers.get(entry.get("tokenizer_name"))
-    if tokenizer is None and entry.get("tokenizer_name") != "byte260":  # the byte-level variant needs no model
-        raise DownloadError(f"the manifest names tokenizer {entry.get('tokenizer_name')!r} for {dataset_name} but does not list it")
-    for key in ("model_path", "vocab_path"):
-        if tokenizer and tokenizer.get(key):
-            files.append((f"{REMOTE_ROOT}/{tokenizer[key]}", f"tokenizers/{Path(tokenizer[key]).name}"))
-    for split, count in (("val", int(stats["files_val"])), ("train", train_shards)):
-        for index in range(count):
-            name = f"fineweb_{split}_{index:06d}.bin"
-            files.append((f"{REMOTE_ROOT}/datasets/{dataset_name}/{name}", f"datasets/{dataset_name}/{name}"))
+        raise DownloadError(f"{manifest_path}: {dataset_dir} lacks stats.files_train / stats.files_val")
+    if train_shards > int(stats["files_train"]):
+        raise DownloadError(f"{variant} only has {stats['files_train']} training shards, requested {train_shards}")
+    tokenizer = next((t for t in manifest.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), None)
+    if tokenizer is None:
+        raise DownloadError(f"tokenizer {entry.get('tokenizer_name')} not found in {manifest_path}")
+    artifacts = [str(tokenizer[key]) for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
+    if not artifacts:
+        raise DownloadError(f"{manifest_path}: tokenizer {tokenizer.get('name')} lists no file (model_path, vocab_path, path)")
+    files = [f"{remote_root}/{artifact}" for artifact in artifacts]
+    if with_docs:
+        files += [f"{remote_root}/docs_selected.jsonl", f"{remote_root}/docs_selected.source_manifest.json"]
+    prefix = f"{remote_root}/datasets/{dataset_dir}"
+    files += [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(int(stats["files_val"]))]
+    files += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     return files
 
 
-def is_valid_shard(path):
-    try:
-        read_shard_header(path)
-        return True
-    except (OSError, ValueError):
-        return False
+def download(hub, variant, train_shards, skip_manifest=False, with_docs=False, workers=PARALLEL_DOWNLOADS, log=print):
+    manifest, manifest_path = load_manifest(hub, skip_manifest)
+    files = plan_downloads(manifest, manifest_path, variant, train_shards, hub.remote_root, with_docs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for done, path in enumerate(pool.map(hub.get, files), 1):
+            if done % 10 == 0 or done == len(files):
+                log(f"[{done}/{len(files)}] {path.relative_to(hub.data_dir)}")
+    log(f"done: {len(files)} files from {hub.repo_id} under {hub.data_dir}")
 
 
-def download(variant, train_shards, fetch, data_dir=DATA_DIR):
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files = plan_downloads(load_manifest(fetch, data_dir / "manifest.json"), variant, train_shards)
-    for index, (remote, local) in enumerate(files, 1):
-        target = data_dir / local
-        is_shard = target.suffix == ".bin"
-        if target.exists() and (not is_shard or is_valid_shard(target)):
-            print(f"[{index}/{len(files)}] {local}: present", file=sys.stderr)
-            continue
-        print(f"[{index}/{len(files)}] {local}: downloading", file=sys.stderr)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(fetch(remote), target)
-        if is_shard and not is_valid_shard(target):
-            bad = target.with_suffix(".bin.bad")
-            target.replace(bad)
-            raise DownloadError(f"{remote} failed verification ({bad}): run again to download it anew")
-    print(f"done: {len(files)} files under {data_dir}", file=sys.stderr)
-
-
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--train-shards", type=int, default=80, help="training shards of 100M tokens (default 80)")
     parser.add_argument("--variant", default="sp1024", help="sp1024, sp4096, sp8192, byte260, ... (as in the manifest)")
-    parser.add_argument("--train-shards", type=int, default=80, help="training shards of 100M tokens to fetch")
-    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help="Hugging Face dataset repository")
-    args = parser.parse_args(argv)
-    if args.train_shards < 0:
-        parser.error("--train-shards must be zero or positive")
+    parser.add_argument("--skip-manifest", action="store_true", help="use the local data/manifest.json, never download it")
+    parser.add_argument("--with-docs", action="store_true",
+                        help="also fetch docs_selected.jsonl and its sidecar (for retokenizing or re-exporting)")
+    return parser
+
+
+def main(argv=None, environ=None, download_function=None, data_dir=DATA_DIR):
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    train_shards = args.train_shards_positional if args.train_shards_positional is not None else args.train_shards
     try:
-        download(args.variant, args.train_shards, hub_fetcher(args.repo_id, DATA_DIR / ".hf_download"))
+        if train_shards < 0:
+            raise DownloadError("train_shards must be non-negative")
+        hub = Hub(environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
+                  environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT), data_dir, download_function)
+        download(hub, args.variant, train_shards, args.skip_manifest, args.with_docs,
+                 log=lambda line: print(line, file=sys.stderr))
     except DownloadError as error:
         sys.exit(f"error: {error}")
 

@@ -92,7 +92,11 @@ def text_docs(path):
 
 
 def hf_docs(spec, text_field):
-    import datasets  # only this source needs it
+    try:
+        import datasets  # only this source needs it (an optional extra: pyarrow and pandas come with it)
+    except ImportError:
+        raise SystemExit(f"the source hf:{spec} streams with the datasets package, which is not installed: "
+                         f"pip install datasets") from None
     name, _, config = spec.partition(":")
     stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
     return (row[text_field] for row in stream)

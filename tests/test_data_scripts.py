@@ -1,7 +1,11 @@
 """data/: document export, tokenizer training, and the cached-shard downloader (with a local stand-in for the Hub)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,62 +79,190 @@ def test_the_stdlib_sample_is_real_text_with_a_small_validation_split(sample):
 # ---- the downloader, with a directory standing in for the Hub ----
 
 MANIFEST = {
-    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}}],
-    "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model"}],
+    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}},
+                 {"name": "fineweb10B_byte260", "tokenizer_name": "pure_byte_260", "stats": {"files_train": 1, "files_val": 1}}],
+    "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
+                    "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
+                   {"name": "pure_byte_260", "path": "tokenizers/fineweb_pure_byte_260.json"}],
 }
 
 
+def fake_repo(root, prefix="datasets", manifest=MANIFEST):
+    """A folder laid out like the challenge's dataset repository under `prefix`."""
+    base = root / prefix
+    for entry in manifest["datasets"]:
+        folder = base / "datasets" / entry["name"]
+        folder.mkdir(parents=True)
+        for split, count in (("val", entry["stats"]["files_val"]), ("train", entry["stats"]["files_train"])):
+            for index in range(count):
+                T.write_shard(folder / f"fineweb_{split}_{index:06d}.bin", np.arange(100) + index)
+    (base / "tokenizers").mkdir()
+    for tokenizer in manifest["tokenizers"]:
+        for key in ("model_path", "vocab_path", "path"):
+            if key in tokenizer:
+                (base / tokenizer[key]).write_bytes(f"{tokenizer['name']}:{key}".encode())
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    (base / "docs_selected.jsonl").write_text('{"text": "a document"}\n')
+    (base / "docs_selected.source_manifest.json").write_text("{}")
+    return base
+
+
+class FakeHubClient:
+    """hf_hub_download's signature over a local repository folder, with a cache of its own (blobs the caller links)."""
+
+    def __init__(self, repos, cache):
+        self.repos, self.cache, self.calls = repos, cache, []
+
+    def __call__(self, repo_id, filename, subfolder=None, repo_type=None, etag_timeout=None):
+        assert repo_type == "dataset" and etag_timeout
+        remote = f"{subfolder}/{filename}" if subfolder else filename
+        self.calls.append((repo_id, remote))
+        blob = self.cache / repo_id.replace("/", "--") / remote
+        if not blob.exists():
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.repos[repo_id] / remote, blob)
+        return str(blob)
+
+
 @pytest.fixture
-def fake_hub(tmp_path):
-    remote = tmp_path / "remote" / cached.REMOTE_ROOT
-    (remote / "datasets" / "fineweb10B_sp1024").mkdir(parents=True)
-    (remote / "tokenizers").mkdir()
-    (remote / "manifest.json").write_text(json.dumps(MANIFEST))
-    (remote / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model")
-    for name in ("val_000000", "train_000000", "train_000001", "train_000002"):
-        T.write_shard(remote / "datasets" / "fineweb10B_sp1024" / f"fineweb_{name}.bin", np.arange(100))
-    fetched = []
-
-    def fetch(remote_path):  # like hf_hub_download into a staging folder: returns a fresh local copy
-        fetched.append(remote_path)
-        staged = tmp_path / "staging" / remote_path
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tmp_path / "remote" / remote_path, staged)
-        return str(staged)
-    return remote, fetch, fetched
+def hub(tmp_path):
+    fake_repo(tmp_path / "willdepueo")
+    fake_repo(tmp_path / "kevclark", prefix="exports", manifest={
+        "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 2, "files_val": 2}}],
+        "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}]})
+    return FakeHubClient({"willdepueoai/parameter-golf": tmp_path / "willdepueo",
+                          "kevclark/parameter-golf": tmp_path / "kevclark"}, tmp_path / "cache")
 
 
-def test_download_fetches_val_and_n_train_shards_and_resumes(fake_hub, tmp_path):
-    remote, fetch, fetched = fake_hub
-    local = tmp_path / "data"
-    cached.download("sp1024", 2, fetch, local)
-    assert sorted(p.name for p in (local / "datasets" / "fineweb10B_sp1024").iterdir()) == [
+def fetch(hub, tmp_path, argv, **environ):
+    cached.main(argv, environ=environ, download_function=hub, data_dir=tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_download_writes_the_challenges_paths_from_the_cache(hub, tmp_path):
+    data = fetch(hub, tmp_path, ["--variant", "sp1024", "2"])  # the positional shard count
+    assert sorted(p.name for p in (data / "datasets" / "fineweb10B_sp1024").iterdir()) == [
         "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
-    assert (local / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"model"
-    fetched.clear()
-    (local / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").write_bytes(b"partial")
-    cached.download("sp1024", 3, fetch, local)  # only the damaged and the new shard are fetched again
-    assert sorted(fetched) == [f"datasets/datasets/fineweb10B_sp1024/fineweb_train_00000{i}.bin" for i in (1, 2)]
+    assert (data / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"sp_bpe_1024:model_path"
+    assert (data / "tokenizers" / "fineweb_1024_bpe.vocab").read_bytes() == b"sp_bpe_1024:vocab_path"
+    assert json.loads((data / "manifest.json").read_text()) == MANIFEST
+    shard = data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+    blob = tmp_path / "cache" / "willdepueoai--parameter-golf" / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    assert shard.stat().st_ino == blob.stat().st_ino  # linked from the cache, not a second copy
+    assert ("willdepueoai/parameter-golf", "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin") in hub.calls
 
 
-def test_download_verifies_every_shard(fake_hub, tmp_path):
-    remote, fetch, _ = fake_hub
-    shard = remote / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin"
+def test_download_resumes_and_fetches_only_missing_or_damaged_shards(hub, tmp_path):
+    data = fetch(hub, tmp_path, ["--train-shards", "2"])
+    (data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin").unlink()
+    damaged = data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin"
+    damaged.unlink()  # a copy cut short (a fresh file: writing through the hard link would damage the cache too)
+    damaged.write_bytes(b"partial")
+    hub.calls.clear()
+    fetch(hub, tmp_path, ["--train-shards", "3"])
+    assert sorted(remote for _, remote in hub.calls) == [
+        f"datasets/datasets/fineweb10B_sp1024/fineweb_train_00000{i}.bin" for i in (0, 1, 2)]
+    for index in range(3):
+        assert cached.shard_problem(data / "datasets" / "fineweb10B_sp1024" / f"fineweb_train_{index:06d}.bin") is None
+
+
+def test_another_repo_and_root_prefix_from_the_challenges_env_vars(hub, tmp_path):
+    data = fetch(hub, tmp_path, ["--variant", "sp8192", "--train-shards", "1"],
+                 MATCHED_FINEWEB_REPO_ID="kevclark/parameter-golf", MATCHED_FINEWEB_REMOTE_ROOT_PREFIX="exports")
+    assert sorted(p.name for p in (data / "datasets" / "fineweb10B_sp8192").iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin"]
+    assert (data / "tokenizers" / "fineweb_8192_bpe.model").is_file()
+    assert {repo for repo, _ in hub.calls} == {"kevclark/parameter-golf"}
+    assert all(remote.startswith("exports/") for _, remote in hub.calls)
+
+
+def test_byte260_json_tokenizer_docs_and_skip_manifest(hub, tmp_path):
+    with pytest.raises(SystemExit, match="--skip-manifest: manifest.json is required"):
+        fetch(hub, tmp_path, ["--variant", "byte260", "--skip-manifest"])
+    data = fetch(hub, tmp_path, ["--variant", "byte260", "--train-shards", "1", "--with-docs"])
+    assert (data / "tokenizers" / "fineweb_pure_byte_260.json").read_bytes() == b"pure_byte_260:path"
+    assert (data / "docs_selected.jsonl").is_file() and (data / "docs_selected.source_manifest.json").is_file()
+    hub.calls.clear()
+    fetch(hub, tmp_path, ["--variant", "byte260", "--train-shards", "1", "--skip-manifest"])
+    assert hub.calls == []  # everything is in place, and the local manifest is used
+
+
+def test_a_damaged_shard_in_the_cache_is_named_and_never_put_in_place(hub, tmp_path):
+    shard = tmp_path / "willdepueo" / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:-4])
-    with pytest.raises(cached.DownloadError, match="failed verification"):
-        cached.download("sp1024", 1, fetch, tmp_path / "data")
+    with pytest.raises(SystemExit, match="fineweb_train_000000.bin from willdepueoai/parameter-golf is not a whole shard"):
+        fetch(hub, tmp_path, ["--train-shards", "1"])
+    assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin").exists()
 
 
-@pytest.mark.parametrize("variant, shards, message", [("sp4096", 1, "no dataset fineweb10B_sp4096"), ("sp1024", 9, "only 3 training shards")])
-def test_download_refuses_what_the_manifest_does_not_have(fake_hub, tmp_path, variant, shards, message):
-    _, fetch, _ = fake_hub
-    with pytest.raises(cached.DownloadError, match=message):
-        cached.download(variant, shards, fetch, tmp_path / "data")
+@pytest.mark.parametrize("argv, message", [(["--variant", "sp4096"], "dataset fineweb10B_sp4096 not found"),
+                                           (["--train-shards", "9"], "only has 3 training shards"),
+                                           (["--variant", "gpt2"], "unsupported --variant")])
+def test_download_refuses_what_the_manifest_does_not_have(hub, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        fetch(hub, tmp_path, argv)
 
 
-def test_offline_fails_at_once_with_what_to_do(monkeypatch):
-    def no_network(*args, **kwargs):
-        raise OSError("Name or service not known")
-    monkeypatch.setattr(cached.socket, "create_connection", no_network)
-    with pytest.raises(cached.DownloadError, match="prepare_docs.py"):
-        cached.hub_fetcher("willdepueoai/parameter-golf", "/tmp/unused")
+def test_shard_check_agrees_with_the_trainer(tmp_path):
+    good = tmp_path / "good.bin"
+    T.write_shard(good, np.arange(50))
+    assert cached.shard_problem(good) is None and T.read_shard_header(good)
+    for name, data in (("short", good.read_bytes()[:-2]), ("magic", b"\x00" * 4 + good.read_bytes()[4:]),
+                       ("tiny", b"\x01\x02")):
+        bad = tmp_path / f"{name}.bin"
+        bad.write_bytes(data)
+        assert cached.shard_problem(bad) is not None
+        with pytest.raises((ValueError, OSError)):
+            T.read_shard_header(bad)
+
+
+def hf_cache(root, repo_id, repo_folder):
+    """A Hugging Face hub cache holding `repo_folder` as the dataset's main revision (the client's own layout)."""
+    entry = root / f"datasets--{repo_id.replace('/', '--')}"
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(repo_folder, entry / "snapshots" / ("0" * 40))
+    return root
+
+
+def run_downloader(tmp_path, args, **env):
+    script_dir = tmp_path / "checkout" / "data"
+    script_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(cached.__file__, script_dir)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MATCHED_"))}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(script_dir / "cached_challenge_fineweb.py"), *args], env=clean | env,
+                            capture_output=True, text=True, timeout=120)
+    return result, time.perf_counter() - started, script_dir
+
+
+def test_the_real_hub_client_serves_the_cache_offline(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    cache = hf_cache(tmp_path / "hf", "kevclark/parameter-golf", fake_repo(tmp_path / "repo").parent)
+    result, _, data = run_downloader(tmp_path, ["--variant", "sp1024", "1"], HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache),
+                                     MATCHED_FINEWEB_REPO_ID="kevclark/parameter-golf")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (data / "datasets" / "fineweb10B_sp1024").iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert "torch" not in result.stderr
+
+
+def test_offline_without_the_files_fails_in_seconds_naming_the_repo_and_the_file(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    result, seconds, _ = run_downloader(tmp_path, ["--variant", "sp1024"], HF_HUB_OFFLINE="1",
+                                        HF_HUB_CACHE=str(tmp_path / "empty"))
+    assert result.returncode != 0 and seconds < 30
+    assert "datasets/manifest.json" in result.stderr and "willdepueoai/parameter-golf" in result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr and "prepare_docs.py" in result.stderr
+
+
+def test_the_downloader_does_not_import_torch():
+    code = "import sys; sys.path.insert(0, 'data'); import cached_challenge_fineweb; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=T.Path(T.__file__).parent, capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_hf_source_says_what_to_install_when_datasets_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    with pytest.raises(SystemExit, match="pip install datasets"):
+        next(iter(prepare_docs.hf_docs("HuggingFaceFW/fineweb:sample-10BT", "text")))
