@@ -10,10 +10,18 @@ Sources: `stdlib` (docstrings of the installed Python standard library: real hum
 a .jsonl file (optionally .gz/.xz) with a text field, a plain-text file (documents separated by blank lines), or
 `hf:<dataset>[:<config>]` streamed with the `datasets` package.
 
-As in the challenge's export: every document becomes [BOS] + tokens (no EOS), documents are packed back to back,
-the first --num-val-docs documents are the validation split and the rest the training split. A training document
-identical to a validation document is dropped (and counted), so no document is in both. A new tokenizer is
-SentencePiece BPE with the challenge's settings and is trained on training documents only.
+By default the output is the challenge's exporter's (data/download_hf_docs_and_tokenize.py) byte for byte for the
+same documents and tokenizer: every document becomes [BOS] + tokens (no EOS), packed back to back into shards of
+--shard-tokens (10^8); the first --num-val-docs documents (50,000) are the validation split and the rest the
+training split; datasets/fineweb10B_sp<V>/ and tokenizers/fineweb_<V>_bpe.model + .vocab (with --name N:
+datasets/N_sp<V>/ and tokenizers/N_<V>_bpe.*); <output-root>/manifest.json in the exporter's schema (entries of
+other datasets already in it are kept). A new tokenizer is SentencePiece BPE with the exporter's settings, trained
+on the exporter's input: the leading documents of the stream (all of them, or --tokenizer-train-docs), whole.
+
+Our additions, each recorded in the manifest's "prepare_docs" entry: --drop-val-duplicates (a training document
+identical to a validation document is dropped, so no document is in both), --tokenizer-from train (the tokenizer
+learns from the training documents only, by lines), --val-source (the validation split from another corpus), and
+the sources beyond a .jsonl file.
 """
 
 import argparse
@@ -24,10 +32,11 @@ import json
 import lzma
 import os
 import random
+import shutil
 import sys
 import sysconfig
 import time
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +47,7 @@ from train_gpt import read_shard_header, write_shard  # noqa: E402  (the shard f
 
 DATA_DIR = Path(__file__).resolve().parent
 STDLIB_VAL_DOCS = 150  # the sample's validation split: a few percent of it, so a CPU evaluation takes seconds
+NUM_VAL_DOCS = 50_000  # the challenge exporter's validation split
 
 
 def stdlib_docs(seed=0):
@@ -114,16 +124,30 @@ def iter_docs(source, text_field="text"):
     return text_docs(source)
 
 
-def train_tokenizer(docs, vocab_size, model_path):
-    """SentencePiece BPE with the challenge's settings: byte fallback, NFKC, digits split, no dummy prefix,
-    pad/bos/eos/unk = 0/1/2/3. It learns from lines, since very long "sentences" are skipped by SentencePiece."""
-    lines = (line for doc in docs for line in doc.split("\n") if line.strip())
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_prefix=str(model_path)[:-len(".model")], model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
-        add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=0.999,
-        input_sentence_size=5_000_000, shuffle_input_sentence=True, max_sentence_length=16384,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+# The challenge exporter's SentencePiece settings: BPE, byte fallback, NFKC, digits split, no dummy prefix,
+# pad/bos/eos/unk = 0/1/2/3, coverage 0.999, no hard vocabulary limit.
+EXPORTER_TOKENIZER = dict(model_type="bpe", character_coverage=0.999, byte_fallback=True, split_digits=True,
+                          normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2,
+                          unk_id=3, hard_vocab_limit=False)
+
+
+def exporter_sentences(docs):
+    """The exporter's tokenizer input: each whole document, NULs as spaces, stripped, empty ones skipped."""
+    return (text for text in (doc.replace("\x00", " ").strip() for doc in docs) if text)
+
+
+def train_tokenizer(docs, vocab_size, model_path, by_lines=False):
+    """SentencePiece BPE with the exporter's settings, on whole documents as the exporter does, or on their lines
+    (--tokenizer-from train: SentencePiece skips "sentences" longer than 4192 bytes, so long documents only count
+    through their lines). Writes <prefix>.model and <prefix>.vocab."""
+    if by_lines:
+        sentences = (line for doc in docs for line in doc.split("\n") if line.strip())
+        extra = dict(input_sentence_size=5_000_000, shuffle_input_sentence=True, max_sentence_length=16384,
+                     num_threads=os.cpu_count() or 1)
+    else:
+        sentences, extra = exporter_sentences(docs), {}
+    spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_prefix=str(model_path)[:-len(".model")],
+                                   vocab_size=vocab_size, minloglevel=2, **EXPORTER_TOKENIZER, **extra)
 
 
 class ShardWriter:
@@ -185,65 +209,115 @@ def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=51
     return written, skipped
 
 
-def prepare(source, name, vocab_size=1024, tokenizer=None, num_val_docs=None, max_docs=0, shard_tokens=10**8,
-            tokenizer_train_docs=200_000, text_field="text", output_root=DATA_DIR, val_source=None):
+def exporter_names(name, vocab_size):
+    """(dataset folder, tokenizer prefix): the exporter's fineweb10B_sp<V> / fineweb_<V>_bpe, or <name>_sp<V> /
+    <name>_<V>_bpe."""
+    return (f"{name}_sp{vocab_size}", f"{name}_{vocab_size}_bpe") if name else (f"fineweb10B_sp{vocab_size}", f"fineweb_{vocab_size}_bpe")
+
+
+def bring_tokenizer(tokenizer, tokenizer_dir, prefix):
+    """An existing model (and its .vocab) under the export's name, as the exporter's --reuse-sp-model does."""
+    target = tokenizer_dir / f"{prefix}.model"
+    source = Path(tokenizer)
+    if source.resolve() != target.resolve():
+        shutil.copy2(source, target)
+        if source.with_suffix(".vocab").is_file():
+            shutil.copy2(source.with_suffix(".vocab"), target.with_suffix(".vocab"))
+    return target
+
+
+def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
+    """<output-root>/manifest.json in the exporter's schema; entries of other datasets and tokenizers are kept."""
+    path = output_root / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    manifest.update(top)
+    for key, entry in (("tokenizers", tokenizer_entry), ("datasets", dataset_entry)):
+        manifest[key] = [e for e in manifest.get(key, []) if e.get("name") != entry["name"]] + [entry]
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=None, max_docs=0, shard_tokens=10**8,
+            tokenizer_train_docs=None, text_field="text", output_root=DATA_DIR, val_source=None,
+            drop_val_duplicates=False, tokenizer_from="all"):
+    """Export `source` (see the module docstring); returns (dataset folder, tokenizer model path)."""
     output_root = Path(output_root)
-    docs = iter_docs(source, text_field)
-    if max_docs:
-        docs = islice(docs, max_docs)
+    passes = lambda: islice(iter_docs(source, text_field), max_docs or None)  # noqa: E731  (a fresh pass over the source)
     if val_source:  # validation from another corpus (all of it, or its first --num-val-docs documents)
         val_docs = list(islice(iter_docs(val_source, text_field), num_val_docs))
+        train_docs = passes
     else:
-        num_val_docs = num_val_docs if num_val_docs is not None else (STDLIB_VAL_DOCS if source == "stdlib" else 50_000)
-        val_docs = list(islice(docs, num_val_docs))
+        num_val_docs = num_val_docs if num_val_docs is not None else (STDLIB_VAL_DOCS if source == "stdlib" else NUM_VAL_DOCS)
+        val_docs = list(islice(passes(), num_val_docs))
         if len(val_docs) < num_val_docs:
             raise SystemExit(f"{source}: only {len(val_docs)} documents, fewer than --num-val-docs={num_val_docs} + training documents")
-    # The head of the training stream is kept in memory to train the tokenizer, then exported first.
-    train_head = list(islice(docs, tokenizer_train_docs))
-    if not train_head:
-        raise SystemExit(f"{source}: no documents are left for the training split after {num_val_docs} validation documents")
+        train_docs = lambda: islice(passes(), num_val_docs, None)  # noqa: E731
+    if next(iter(train_docs()), None) is None:
+        raise SystemExit(f"{source}: no documents are left for the training split after {len(val_docs)} validation documents")
 
     tokenizer_dir = output_root / "tokenizers"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer:
-        sp = spm.SentencePieceProcessor(model_file=tokenizer)
-        tokenizer_path = Path(tokenizer)
+        vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
+        dataset_name, prefix = exporter_names(name, vocab_size)
+        tokenizer_path = bring_tokenizer(tokenizer, tokenizer_dir, prefix)
     else:
-        tokenizer_path = tokenizer_dir / f"{name}_{vocab_size}_bpe.model"
-        print(f"training a {vocab_size}-piece BPE tokenizer on {len(train_head):,} training documents", file=sys.stderr)
-        train_tokenizer(train_head, vocab_size, tokenizer_path)
-        tokenizer_path.with_suffix(".vocab").unlink(missing_ok=True)  # a human-readable copy nobody reads
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+        dataset_name, prefix = exporter_names(name, vocab_size)
+        tokenizer_path = tokenizer_dir / f"{prefix}.model"
+        learn_from = chain(val_docs, train_docs()) if tokenizer_from == "all" else train_docs()
+        print(f"training a {vocab_size}-piece BPE tokenizer on {'the leading' if tokenizer_from == 'all' else 'training'} "
+              f"documents" + (f" (at most {tokenizer_train_docs:,})" if tokenizer_train_docs else ""), file=sys.stderr)
+        train_tokenizer(islice(learn_from, tokenizer_train_docs), vocab_size, tokenizer_path, by_lines=tokenizer_from == "train")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     if sp.bos_id() < 0:
         raise SystemExit(f"{tokenizer_path}: the tokenizer has no BOS piece, but every document must start with BOS")
 
-    out_dir = output_root / "datasets" / f"{name}_sp{sp.vocab_size()}"
+    out_dir = output_root / "datasets" / dataset_name
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("fineweb_*.bin"):
         stale.unlink()
     val_writer = ShardWriter(out_dir, "val", shard_tokens)
     val_count, _ = export_split(val_docs, sp, val_writer, "val")
-    val_hashes = frozenset(doc_hash(d) for d in val_docs)
+    skip = frozenset(doc_hash(d) for d in val_docs) if drop_val_duplicates else frozenset()
     train_writer = ShardWriter(out_dir, "train", shard_tokens)
-    train_count, dropped = export_split((d for part in (train_head, docs) for d in part), sp, train_writer, "train", val_hashes)
-    manifest = dict(source=source, val_source=val_source or source, tokenizer=str(tokenizer_path), vocab_size=sp.vocab_size(),
-                    tokenizer_sha256=hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest(),
-                    val_docs=val_count, val_tokens=val_writer.tokens, val_files=val_writer.files,
-                    train_docs=train_count, train_tokens=train_writer.tokens, train_files=train_writer.files,
-                    train_docs_dropped_as_val_duplicates=dropped)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    train_count, dropped = export_split(train_docs(), sp, train_writer, "train", skip)
     for file in val_writer.files + train_writer.files:  # read every shard back through the trainer's validator
         read_shard_header(out_dir / file)
+
+    relative = lambda path: os.path.relpath(path, output_root)  # noqa: E731
+    tokenizer_name, bigram = f"sp_bpe_{sp.vocab_size()}", ((sp.vocab_size() + 127) // 128) * 128 * 5
+    ids = dict(vocab_size=sp.vocab_size(), bos_id=sp.bos_id(), eos_id=sp.eos_id(), recommended_bigram_vocab_size=bigram)
+    spec = dict(name=tokenizer_name, kind="sentencepiece_bpe", vocab_size=sp.vocab_size(),
+                **({"reuse_model_path": str(tokenizer)} if tokenizer else {}),
+                **({"tokenizer_train_docs": tokenizer_train_docs} if tokenizer_train_docs and not tokenizer else {}))
+    tokenizer_entry = dict(name=tokenizer_name, kind="sentencepiece_bpe", **ids, source_spec=spec,
+                           model_path=relative(tokenizer_path), vocab_path=relative(tokenizer_path.with_suffix(".vocab")))
+    stats = dict(docs_total=val_count + train_count, docs_val=val_count, docs_train=train_count,
+                 files_total=len(val_writer.files) + len(train_writer.files), files_val=len(val_writer.files),
+                 files_train=len(train_writer.files), tokens_total=val_writer.tokens + train_writer.tokens,
+                 tokens_val=val_writer.tokens, tokens_train=train_writer.tokens)
+    ours = dict(source=source, val_source=val_source or source, drop_val_duplicates=drop_val_duplicates,
+                train_docs_dropped_as_val_duplicates=dropped, tokenizer_from=None if tokenizer else tokenizer_from,
+                tokenizer_sha256=hashlib.sha256(tokenizer_path.read_bytes()).hexdigest())
+    dataset_entry = dict(name=dataset_name, tokenizer_name=tokenizer_name, tokenizer_kind="sentencepiece_bpe",
+                         path=relative(out_dir), train_glob=relative(out_dir / "fineweb_train_*.bin"),
+                         val_glob=relative(out_dir / "fineweb_val_*.bin"), **ids, stats=stats, prepare_docs=ours)
+    top = dict(version="10B", num_docs=stats["docs_total"] + dropped, num_val_docs=val_count, shuffle_seed=None,
+               shard_size=shard_tokens, append_eos=False, docs_jsonl=source, docs_meta=dict(source=source),
+               tokenizer_specs=[spec])
+    manifest_path = update_root_manifest(output_root, top, tokenizer_entry, dataset_entry)
     print(f"wrote {out_dir} ({val_count:,} val docs / {val_writer.tokens:,} tokens, {train_count:,} train docs / "
-          f"{train_writer.tokens:,} tokens; {dropped} training docs dropped as copies of validation docs) "
-          f"and tokenizer {tokenizer_path}", file=sys.stderr)
+          f"{train_writer.tokens:,} tokens" + (f"; {dropped} training docs dropped as copies of validation docs" if
+                                                drop_val_duplicates else "") +
+          f"), tokenizer {tokenizer_path} and {manifest_path}", file=sys.stderr)
     return out_dir, tokenizer_path
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="stdlib, a .jsonl[.gz|.xz] file, a text file, or hf:<dataset>[:<config>]")
-    parser.add_argument("--name", help="dataset name: data/datasets/<name>_sp<vocab>/ (default: from the source)")
+    parser.add_argument("--name", help="datasets/<name>_sp<vocab>/ and tokenizers/<name>_<vocab>_bpe.model (default: the "
+                        "exporter's fineweb10B_sp<vocab>/ and fineweb_<vocab>_bpe.model; stdlib for the sample)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="size of a newly trained tokenizer")
     parser.add_argument("--tokenizer", help="use this existing SentencePiece .model instead of training one")
     parser.add_argument("--num-val-docs", type=int, help="leading documents that form the validation split "
@@ -251,14 +325,26 @@ def main(argv=None):
     parser.add_argument("--val-source", help="take the validation split from this source instead (all of it, "
                         "or its first --num-val-docs documents); the whole of SOURCE is then training data")
     parser.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0 = all)")
-    parser.add_argument("--shard-tokens", type=int, default=10**8, help="tokens per shard")
-    parser.add_argument("--tokenizer-train-docs", type=int, default=200_000, help="training documents the tokenizer learns from")
+    parser.add_argument("--chunk-tokens", "--shard-tokens", dest="chunk_tokens", type=int, default=10**8,
+                        help="tokens per shard (the exporter's --chunk-tokens)")
+    parser.add_argument("--tokenizer-train-docs", type=int, default=None,
+                        help="documents a new tokenizer learns from (default: all, as the exporter)")
+    parser.add_argument("--tokenizer-from", choices=("all", "train"), default="all",
+                        help="all: the leading documents, whole (the exporter's input); train: training documents "
+                        "only, by lines")
+    parser.add_argument("--drop-val-duplicates", action="store_true",
+                        help="drop every training document identical to a validation document")
+    parser.add_argument("--skip-byte", action="store_true",
+                        help="the exporter's flag, accepted: no byte260 export is made here either way")
     parser.add_argument("--text-field", default="text", help="JSON / dataset field holding the text")
     parser.add_argument("--output-root", default=str(DATA_DIR), help="root of datasets/ and tokenizers/")
     args = parser.parse_args(argv)
-    name = args.name or ("stdlib" if args.source == "stdlib" else Path(args.source.split(":")[-1]).name.split(".")[0].replace("/", "_"))
-    prepare(args.source, name, args.vocab_size, args.tokenizer, args.num_val_docs, args.max_docs, args.shard_tokens,
-            args.tokenizer_train_docs, args.text_field, args.output_root, args.val_source)
+    if args.chunk_tokens <= 0:
+        parser.error("--chunk-tokens must be positive")
+    name = args.name or ("stdlib" if args.source == "stdlib" else None)
+    prepare(args.source, name, args.vocab_size, args.tokenizer, args.num_val_docs, args.max_docs, args.chunk_tokens,
+            args.tokenizer_train_docs, args.text_field, args.output_root, args.val_source, args.drop_val_duplicates,
+            args.tokenizer_from)
 
 
 if __name__ == "__main__":

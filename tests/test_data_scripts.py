@@ -25,32 +25,115 @@ def _split_docs(out_dir, split, bos):
     return files, stream, [stream[a + 1:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
 
 
-def test_export_puts_bos_before_every_document_and_keeps_splits_disjoint(corpus, tmp_path):
-    texts = [json.loads(line)["text"] for line in open(corpus / "fineweb_docs_200.jsonl")][:40]
+def root_manifest_entry(root, name):
+    manifest = json.loads((root / "manifest.json").read_text())
+    return manifest, next(d for d in manifest["datasets"] if d["name"] == name)
+
+
+def fineweb_texts(corpus, count):
+    return [json.loads(line)["text"] for line in open(corpus / "fineweb_docs_200.jsonl")][:count]
+
+
+def test_drop_val_duplicates_drops_exactly_the_copies_of_validation_documents(corpus, tmp_path):
+    texts = fineweb_texts(corpus, 40)
     source = tmp_path / "docs.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + [texts[3]]))  # a val doc again
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20] + [texts[3]] + texts[20:] + [texts[7]]))
     tokenizer = str(corpus / "tokenizers" / "fineweb_1024_bpe.model")
     out_dir, _ = prepare_docs.prepare(str(source), "t", tokenizer=tokenizer, num_val_docs=10, shard_tokens=5000,
-                                      output_root=tmp_path / "out")
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert (manifest["val_docs"], manifest["train_docs"], manifest["train_docs_dropped_as_val_duplicates"]) == (10, 30, 1)
+                                      output_root=tmp_path / "out", drop_val_duplicates=True)
+    _, entry = root_manifest_entry(tmp_path / "out", "t_sp1024")
+    assert (entry["stats"]["docs_val"], entry["stats"]["docs_train"]) == (10, 30)
+    assert entry["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 2 and entry["prepare_docs"]["drop_val_duplicates"]
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     _, _, val_docs = _split_docs(out_dir, "val", sp.bos_id())
     assert val_docs == sp.encode(texts[:10])
     train_files, stream, train_docs = _split_docs(out_dir, "train", sp.bos_id())
     assert len(train_files) > 1 and all(T.read_shard_header(f) <= 5000 for f in train_files)
-    assert stream.size == manifest["train_tokens"]
-    assert train_docs == sp.encode(texts[10:])  # in order, packed across shard boundaries, the duplicate dropped
+    assert stream.size == entry["stats"]["tokens_train"]
+    assert train_docs == sp.encode(texts[10:])  # in order, packed across shard boundaries, both copies dropped
+
+
+def challenge_exporter_shards(texts, sp, num_val_docs, shard_size):
+    """A re-statement of the challenge exporter's shard writer: [BOS] + tokens per document, packed, validation
+    documents first, a new shard whenever one fills or the split changes. {file name: bytes}."""
+    shards, buffer, split, counts = {}, [], "val", {"val": 0, "train": 0}
+
+    def flush():
+        if buffer:
+            header = np.zeros(256, dtype="<i4")
+            header[:3] = (20240520, 1, len(buffer))
+            shards[f"fineweb_{split}_{counts[split]:06d}.bin"] = header.tobytes() + np.array(buffer, "<u2").tobytes()
+            counts[split] += 1
+            buffer.clear()
+    for index, ids in enumerate(sp.encode(texts)):
+        if (index >= num_val_docs) != (split == "train"):
+            flush()
+            split = "train"
+        for token in [sp.bos_id()] + ids:
+            buffer.append(token)
+            if len(buffer) == shard_size:
+                flush()
+    flush()
+    return shards
+
+
+def test_the_default_export_is_the_challenge_exporters_byte_for_byte(corpus, tmp_path):
+    texts = fineweb_texts(corpus, 40)
+    texts.append(texts[3])  # the exporter keeps a training copy of a validation document: so does the default
+    source = tmp_path / "docs_selected.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = corpus / "tokenizers" / "fineweb_1024_bpe.model"
+    prepare_docs.main([str(source), "--tokenizer", str(tokenizer), "--num-val-docs", "10", "--chunk-tokens", "5000",
+                       "--output-root", str(tmp_path / "out")])  # the exporter's names by default
+    out_dir = tmp_path / "out" / "datasets" / "fineweb10B_sp1024"
+    model = tmp_path / "out" / "tokenizers" / "fineweb_1024_bpe.model"
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    expected = challenge_exporter_shards(texts, sp, 10, 5000)
+    assert {p.name: p.read_bytes() for p in out_dir.glob("fineweb_*.bin")} == expected
+    assert model.read_bytes() == tokenizer.read_bytes()
+    manifest, entry = root_manifest_entry(tmp_path / "out", "fineweb10B_sp1024")
+    assert list(manifest) == ["version", "num_docs", "num_val_docs", "shuffle_seed", "shard_size", "append_eos",
+                              "docs_jsonl", "docs_meta", "tokenizer_specs", "tokenizers", "datasets"]
+    assert (manifest["num_docs"], manifest["num_val_docs"], manifest["shard_size"], manifest["append_eos"]) == (41, 10, 5000, False)
+    assert entry["stats"] == dict(docs_total=41, docs_val=10, docs_train=31, files_total=len(expected),
+                                  files_val=sum(n.startswith("fineweb_val") for n in expected),
+                                  files_train=sum(n.startswith("fineweb_train") for n in expected),
+                                  tokens_total=sum(len(b) - 1024 for b in expected.values()) // 2,
+                                  tokens_val=sum(len(b) - 1024 for n, b in expected.items() if "val" in n) // 2,
+                                  tokens_train=sum(len(b) - 1024 for n, b in expected.items() if "train" in n) // 2)
+    assert (entry["tokenizer_name"], entry["path"], entry["train_glob"]) == (
+        "sp_bpe_1024", "datasets/fineweb10B_sp1024", "datasets/fineweb10B_sp1024/fineweb_train_*.bin")
+    assert manifest["tokenizers"][0]["model_path"] == "tokenizers/fineweb_1024_bpe.model"
+
+
+def test_a_new_tokenizer_is_trained_as_the_exporter_trains_it(corpus, tmp_path):
+    texts = fineweb_texts(corpus, 60)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    _, model = prepare_docs.prepare(str(source), vocab_size=512, num_val_docs=10, output_root=tmp_path / "out")
+    assert model.name == "fineweb_512_bpe.model" and model.with_suffix(".vocab").is_file()
+    reference = tmp_path / "reference" / "fineweb_512_bpe"
+    reference.parent.mkdir()
+    spm.SentencePieceTrainer.train(  # the exporter's call: every document of the file, whole, NULs as spaces
+        sentence_iterator=(t.replace("\x00", " ").strip() for t in texts if t.replace("\x00", " ").strip()),
+        model_prefix=str(reference), model_type="bpe", vocab_size=512, character_coverage=0.999, byte_fallback=True,
+        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, pad_id=0, bos_id=1, eos_id=2,
+        unk_id=3, hard_vocab_limit=False, minloglevel=2)
+    ours, theirs = (spm.SentencePieceProcessor(model_file=str(m)) for m in (model, reference.with_suffix(".model")))
+    vocabulary = lambda sp: [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.vocab_size())]  # noqa: E731
+    assert vocabulary(ours) == vocabulary(theirs)  # (the files differ only in the output path they record)
+    assert ours.encode(texts) == theirs.encode(texts)
 
 
 def test_validation_from_another_source(corpus, tmp_path):
     train = tmp_path / "train.txt"
     train.write_text("First training document.\nStill the first.\n\n\nSecond training document.\n")
     tokenizer = str(corpus / "tokenizers" / "fineweb_1024_bpe.model")
-    out_dir, _ = prepare_docs.prepare(str(train), "mix", tokenizer=tokenizer, val_source=str(corpus / "fineweb_docs_200.jsonl"),
-                                      num_val_docs=5, output_root=tmp_path / "out")
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert (manifest["val_docs"], manifest["train_docs"]) == (5, 2)
+    prepare_docs.prepare(str(train), "mix", tokenizer=tokenizer, val_source=str(corpus / "fineweb_docs_200.jsonl"),
+                         num_val_docs=5, output_root=tmp_path / "out")
+    _, entry = root_manifest_entry(tmp_path / "out", "mix_sp1024")
+    assert (entry["stats"]["docs_val"], entry["stats"]["docs_train"]) == (5, 2)
+    assert entry["prepare_docs"]["val_source"] == str(corpus / "fineweb_docs_200.jsonl")
 
 
 def test_plain_text_documents_are_separated_by_blank_lines(tmp_path):
@@ -71,9 +154,9 @@ def test_a_new_tokenizer_has_the_challenge_settings(sample):
 
 def test_the_stdlib_sample_is_real_text_with_a_small_validation_split(sample):
     data_dir, _ = sample
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    assert manifest["val_docs"] == prepare_docs.STDLIB_VAL_DOCS
-    assert manifest["train_tokens"] > 200_000 and manifest["val_tokens"] < manifest["train_tokens"] / 5
+    _, entry = root_manifest_entry(data_dir.parent.parent, "stdlib_sp1024")
+    assert entry["stats"]["docs_val"] == prepare_docs.STDLIB_VAL_DOCS
+    assert entry["stats"]["tokens_train"] > 200_000 and entry["stats"]["tokens_val"] < entry["stats"]["tokens_train"] / 5
 
 
 # ---- the downloader, with a directory standing in for the Hub ----
