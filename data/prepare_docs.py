@@ -226,6 +226,19 @@ def bring_tokenizer(tokenizer, tokenizer_dir, prefix):
     return target
 
 
+def refuse_to_replace(output_root, out_dir, dataset_name, source, overwrite):
+    """Shards in the way that another source made (a download of the challenge's, another export) are never
+    deleted without --overwrite: the default names are the challenge's own."""
+    if overwrite or not any(out_dir.glob("fineweb_*.bin")):
+        return
+    path = output_root / "manifest.json"
+    entries = json.loads(path.read_text(encoding="utf-8")).get("datasets", []) if path.is_file() else []
+    mine = next((e for e in entries if e.get("name") == dataset_name), {}).get("prepare_docs", {})
+    if mine.get("source") != source:
+        raise SystemExit(f"{out_dir} already holds shards from {mine.get('source') or 'elsewhere (a download?)'}; "
+                         f"choose --name or another --output-root, or pass --overwrite to replace them")
+
+
 def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
     """<output-root>/manifest.json in the exporter's schema; entries of other datasets and tokenizers are kept."""
     path = output_root / "manifest.json"
@@ -239,7 +252,7 @@ def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
 
 def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=None, max_docs=0, shard_tokens=10**8,
             tokenizer_train_docs=None, text_field="text", output_root=DATA_DIR, val_source=None,
-            drop_val_duplicates=False, tokenizer_from="all"):
+            drop_val_duplicates=False, tokenizer_from="all", overwrite=False):
     """Export `source` (see the module docstring); returns (dataset folder, tokenizer model path)."""
     output_root = Path(output_root)
     passes = lambda: islice(iter_docs(source, text_field), max_docs or None)  # noqa: E731  (a fresh pass over the source)
@@ -273,6 +286,7 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
         raise SystemExit(f"{tokenizer_path}: the tokenizer has no BOS piece, but every document must start with BOS")
 
     out_dir = output_root / "datasets" / dataset_name
+    refuse_to_replace(output_root, out_dir, dataset_name, source, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("fineweb_*.bin"):
         stale.unlink()
@@ -334,6 +348,8 @@ def main(argv=None):
                         "only, by lines")
     parser.add_argument("--drop-val-duplicates", action="store_true",
                         help="drop every training document identical to a validation document")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset folder that another source filled (a download, another export)")
     parser.add_argument("--skip-byte", action="store_true",
                         help="the exporter's flag, accepted: no byte260 export is made here either way")
     parser.add_argument("--text-field", default="text", help="JSON / dataset field holding the text")
@@ -344,7 +360,7 @@ def main(argv=None):
     name = args.name or ("stdlib" if args.source == "stdlib" else None)
     prepare(args.source, name, args.vocab_size, args.tokenizer, args.num_val_docs, args.max_docs, args.chunk_tokens,
             args.tokenizer_train_docs, args.text_field, args.output_root, args.val_source, args.drop_val_duplicates,
-            args.tokenizer_from)
+            args.tokenizer_from, args.overwrite)
 
 
 if __name__ == "__main__":

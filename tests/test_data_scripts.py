@@ -349,3 +349,18 @@ def test_the_hf_source_says_what_to_install_when_datasets_is_missing(monkeypatch
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(SystemExit, match="pip install datasets"):
         next(iter(prepare_docs.hf_docs("HuggingFaceFW/fineweb:sample-10BT", "text")))
+
+
+def test_an_export_never_replaces_shards_another_source_made(corpus, tmp_path):
+    downloaded = tmp_path / "out" / "datasets" / "fineweb10B_sp1024"
+    downloaded.mkdir(parents=True)
+    T.write_shard(downloaded / "fineweb_train_000000.bin", np.arange(10))  # as the downloader leaves it
+    source = tmp_path / "mine.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
+    args = [str(source), "--tokenizer", str(corpus / "tokenizers" / "fineweb_1024_bpe.model"), "--num-val-docs", "2",
+            "--output-root", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="already holds shards from elsewhere"):
+        prepare_docs.main(args)
+    assert (downloaded / "fineweb_train_000000.bin").is_file()
+    prepare_docs.main(args + ["--overwrite"])
+    prepare_docs.main(args)  # the same export again is fine
