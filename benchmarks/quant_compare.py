@@ -35,7 +35,7 @@ def main():
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
     luts = T.build_byte_luts(sp, hp.vocab_size)
-    loader = T.TrainLoader(T.shard_files(hp.data_path, "train"), hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len, hp.seed)
+    loader = T.TrainLoader(T.shard_files(hp.data_path, "train"), hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len, hp.data_seed)
     model = T.GPT(hp, bos_id=sp.bos_id())
     weights = T.load_raw_weights(args.weights)[0]
     model.load_state_dict(weights)

@@ -81,7 +81,8 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
     cwd, _, log = single_run
     record = cwd / "record"
     names = {p.name for p in record.iterdir()} - {"loss_curves.png"}  # the plot needs matplotlib
-    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py", "train_seed1337.log"}
+    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py", "train_seed1337.log",
+                     "requirements.txt"}
     submission = json.loads((record / "submission.json").read_text())
     assert submission == T.submission_from_logs([log])
     assert submission["val_bpb"] == summary(log)["val_bpb"] and submission["seeds"] == [1337]

@@ -63,7 +63,7 @@ def trained(sample):
     torch.manual_seed(0)
     model = T.GPT(hp)
     optimizers = T.Optimizers(model, hp, 0, 1)
-    loader = T.TrainLoader(T.shard_files(str(data_dir), "train"), 64, 16, seed=0)
+    loader = T.TrainLoader(T.shard_files(str(data_dir), "train"), 64, 16, data_seed=0)
     for step in range(60):
         model(*loader.batch(step, 0)).backward()
         optimizers.step(lr_scale=1.0, momentum=T.muon_momentum(hp, step))

@@ -53,7 +53,7 @@ def test_the_packed_source_is_small_and_decodes_to_the_stripped_source():
     packed, compressor, sizes = T.pack_source(source)
     print(f"\ncode bytes: raw {len(source):,}, packed " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
           + f" (shipped: {compressor})")
-    assert len(packed) < 50_000 and len(packed) == min(sizes.values())
+    assert len(packed) < len(source) / 4 and len(packed) == min(sizes.values())  # comments, docstrings, then entropy
     assert T.unpack_source(packed) == T.strip_source(source.decode()).encode()
     assert T.Code.read(SCRIPT, pack=False).counted == source
 
