@@ -26,6 +26,7 @@ the sources beyond a .jsonl file.
 
 import argparse
 import ast
+import functools
 import gzip
 import hashlib
 import json
@@ -53,6 +54,11 @@ NUM_VAL_DOCS = 50_000  # the challenge exporter's validation split
 def stdlib_docs(seed=0):
     """Every substantial docstring (module, class or function) of the standard library is a document.
     Shuffled with a fixed seed so that the validation split is a sample of the whole library."""
+    return iter(_stdlib_doc_list(seed))
+
+
+@functools.cache  # an export reads its source several times (split, tokenizer, shards): parse the library once
+def _stdlib_doc_list(seed):
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     for path in sorted(root.rglob("*.py")):
@@ -66,7 +72,7 @@ def stdlib_docs(seed=0):
         nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
         docs.extend(d for d in map(ast.get_docstring, nodes) if d and len(d) >= 200)
     random.Random(seed).shuffle(docs)
-    return iter(docs)
+    return tuple(docs)
 
 
 def open_text(path):
