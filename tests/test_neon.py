@@ -246,18 +246,19 @@ def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     from conftest import REPO, run_script
     data_dir, tokenizer = sample
     env = dict(PRESET="neon213,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8",
-               WARMUP_STEPS="1", EVAL_STRIDE="0", GPTQ_CALIBRATION_BATCHES="2", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
-               KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4", GEN_PROMPT="def main", GEN_TOKENS="12",
-               GPTQ="1", QUANT_BITS="6", EMBED_QUANT_BITS="7")  # the 16 MB neon family (the preset ships fp16)
+               WARMUP_STEPS="1", EVAL_STRIDE="0", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
+               KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4", GEN_PROMPT="def main", GEN_TOKENS="12")
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "neon.txt").read_text()
     assert "kernel_growth: taps:3 at step:4 " in log and "kernel_growth: taps:5 at step:6 " in log
+    assert len(re.findall(r"^kernel_growth: .* optimizers:restarted$", log, re.M)) == 2  # each stage restarts them
+    assert "\nfinal_fp16_brotli_roundtrip_exact val_loss:" in log  # its fp16 export, scored on plain windows
     assert ("mlp:swiglux4 gqa:4/2 rope_dims:32/32 qk_gain_init:1 no_softcap tied_embeddings no_embed_norm "
             "random_init_proj norm_weights conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:random)") in log
     assert re.search(r"^pr: step:4 q:[\d./]+ k:[\d./]+ v:[\d./]+ i:[\d./]+ residual:[\d./]+$", log, re.M)
     assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\nsample_text: ['\"]def main", log, re.M)
     hp, _ = T.Hyperparameters.from_env(env)
     model = T.GPT(hp)
-    model.load_state_dict(T.dequantize_state_dict(T.read_artifact(tmp_path / "logs" / "neon_model.int6.ptz")))
+    model.load_state_dict(T.dequantize_state_dict(T.read_artifact(tmp_path / "logs" / "neon_model.fp16.ptz")))
     assert model.kernel_sizes() == [3, 5]  # the MLP conv stops at its 3 taps
