@@ -415,17 +415,12 @@ class Hyperparameters:
                         "set it to 0")
         require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
                 "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.pack_code:
-            try:
-                _brotli()
-            except ImportError:
-                raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
-                                  "(pip install brotli, or PACK_CODE=0 to count the raw file)") from None
-        try:
-            {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib, "lzma": lambda: lzma}[self.compressor]()
-        except ImportError:
+        if self.pack_code and not compressor_available("brotli"):
+            raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
+                              "(pip install brotli, or PACK_CODE=0 to count the raw file)")
+        if not compressor_available(self.compressor):
             raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
-                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})") from None
+                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})")
 
     @functools.cached_property  # parsed once: the training loop asks every step
     def kernel_stages(self):
