@@ -236,7 +236,8 @@ class Hyperparameters:
 
     # --- systems ---
     device: str = "auto"  # auto, cuda or cpu
-    compile: bool = True  # torch.compile the model (CUDA only; the CPU always runs eager)
+    compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
+    autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
     attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
     benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
 
@@ -305,6 +306,8 @@ class Hyperparameters:
         require(self.logit_softcap >= 0, "LOGIT_SOFTCAP", "must be zero (no softcap) or positive")
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
+        require(self.compile in ("auto", "1", "0"), "COMPILE", "choose auto (CUDA only), 1 or 0")
+        require(self.autocast in ("auto", "bf16", "off"), "AUTOCAST", "choose auto, bf16 or off")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
         self.seed_list()  # raises on a bad list
         require(self.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
@@ -1047,16 +1050,20 @@ def _load_flash_attention(backend):
     return flash
 
 
-def select_attention(requested, device_type):
-    """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error."""
+def select_attention(requested, device_type, half_precision=True):
+    """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error.
+    FlashAttention takes only fp16/bf16 activations, so without autocast (`half_precision` False) it is skipped."""
     candidates = ["fa3", "fa2", "sdpa"] if requested == "auto" else [requested]
     for name in candidates:
         if name == "sdpa":
             return name, _sdpa
-        if device_type == "cuda":
+        if device_type == "cuda" and half_precision:
             fn = _load_flash_attention(name)
             if fn is not None:
                 return name, fn
+    if device_type == "cuda" and not half_precision:
+        raise ConfigError(f"ATTN_BACKEND={requested!r} needs bf16 activations, but AUTOCAST=off runs fp32: "
+                          f"set AUTOCAST=auto or ATTN_BACKEND=sdpa")
     raise ConfigError(f"ATTN_BACKEND={requested!r} is not available here (FlashAttention needs CUDA and its package)")
 
 
@@ -1598,10 +1605,11 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def orthogonalize(grads, steps, method="quintic", eps=1e-7):
-    """Approximately orthogonalize a matrix or a batch of them (..., rows, cols): U S V^T -> U S' V^T, S' near 1."""
+def orthogonalize(grads, steps, method="quintic", eps=1e-7, dtype=None):
+    """Approximately orthogonalize a matrix or a batch of them (..., rows, cols): U S V^T -> U S' V^T, S' near 1.
+    Computed in `dtype`: by default bf16 on GPU for speed and fp32 on the CPU, which has no fast bf16 matmul."""
     coefficients = ORTHOGONALIZERS[method]
-    x = grads.bfloat16() if grads.is_cuda else grads.float()  # bf16 on GPU for speed; the CPU has no fast bf16 matmul
+    x = grads.to(dtype or (torch.bfloat16 if grads.is_cuda else torch.float32))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
@@ -1633,7 +1641,7 @@ class ParameterBank:
     reduce-scatter hands each rank whole matrices and one all-gather brings every update back.
     """
 
-    def __init__(self, params, world_size):
+    def __init__(self, params, world_size, update_dtype=None):
         self.params, self.size = params, len(params)
         self.weights = torch.stack([p.detach() for p in params])
         padded = -(-self.size // world_size) * world_size
@@ -1643,9 +1651,9 @@ class ParameterBank:
             p.grad = self.grads[index]
         if world_size == 1:
             self.grad_shard, self.updates = self.grads, None
-        else:  # the all-gather moves bf16 on GPU, as the update is computed in bf16 there
+        else:  # the all-gather moves the update's dtype: bf16 on GPU, as it is computed in bf16 there
             self.grad_shard = torch.empty_like(self.grads[:padded // world_size])
-            update_dtype = torch.bfloat16 if self.weights.is_cuda else self.weights.dtype
+            update_dtype = update_dtype or (torch.bfloat16 if self.weights.is_cuda else self.weights.dtype)
             self.updates = torch.empty_like(self.grads, dtype=update_dtype)
 
 
@@ -1659,8 +1667,9 @@ class ParallelMuon:
     full, replicated bank. At one process the same code runs without the collectives.
     """
 
-    def __init__(self, banks, hp, rank, world_size):
+    def __init__(self, banks, hp, rank, world_size, update_dtype=None):
         self.banks = sorted(banks, key=lambda bank: -bank.weights.numel())
+        self.update_dtype = update_dtype  # None: bf16 on GPU, fp32 on the CPU (see orthogonalize)
         self.param_groups = [dict(lr=hp.matrix_lr, base_lr=hp.matrix_lr, momentum=hp.muon_momentum,
                                   weight_decay=hp.muon_weight_decay)]
         self.backend_steps, self.orthogonalizer = hp.muon_backend_steps, hp.muon_orthogonalizer
@@ -1698,7 +1707,7 @@ class ParallelMuon:
         update = grad.add(self.momentum_step(index, grad, momentum), alpha=momentum)  # Nesterov
         if self.row_normalize:  # MuonEq-R (arXiv 2603.28254, PR #1217): equal row norms before orthogonalizing
             update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-        update = orthogonalize(update, self.backend_steps, self.orthogonalizer)
+        update = orthogonalize(update, self.backend_steps, self.orthogonalizer, dtype=self.update_dtype)
         return update * max(1.0, update.size(-2) / update.size(-1)) ** 0.5  # same RMS for tall and wide matrices
 
     @torch.no_grad()
@@ -1728,7 +1737,8 @@ class Optimizers:
     """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
     block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
 
-    def __init__(self, model, hp, rank, world_size):
+    def __init__(self, model, hp, rank, world_size, update_dtype=None):
+        """`update_dtype`: Muon's orthogonalization and all-gather precision; None = bf16 on GPU, fp32 on the CPU."""
         head = [] if model.lm_head is None else [model.lm_head.weight]
         # EMBED_PROJ_OPTIMIZER=adamw: the token tables' projections go with the scalars (the PR #549 family).
         table_projections = [m.proj for m in (model.bigram, model.value_embed) if m is not None] \
@@ -1741,7 +1751,8 @@ class Optimizers:
         by_shape = {}
         for p in matrices:
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.muon = ParallelMuon([ParameterBank(params, world_size) for params in by_shape.values()], hp, rank, world_size)
+        self.muon = ParallelMuon([ParameterBank(params, world_size, update_dtype) for params in by_shape.values()], hp,
+                                 rank, world_size, update_dtype)
         self.banks = self.muon.banks  # largest first: the order of the collectives
         adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                             weight_decay=hp.embed_weight_decay),
@@ -2384,7 +2395,8 @@ def collect_hessians(model, batches, autocast):
 
     def accumulate(name, x):
         x = x.detach().flatten(0, -2).float()
-        hessians[name] = hessians[name].addmm_(x.T, x) if name in hessians else x.T @ x
+        with torch.autocast(x.device.type, enabled=False):  # the hooks run inside the forward's autocast: stay fp32
+            hessians[name] = hessians[name].addmm_(x.T, x) if name in hessians else x.T @ x
 
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
@@ -2804,10 +2816,25 @@ class StopSignals:
             raise Interrupted(signum)
 
 
+def cpu_threads(omp_num_threads, local_world_size):
+    """CPU threads per process: OMP_NUM_THREADS when the user (or torchrun, which sets 1 for several processes) gave
+    it, else the cores shared out over this node's processes. Returns the log's note."""
+    given = omp_num_threads.strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={given!r} must be a positive integer")
+        torch.set_num_threads(int(given))
+        return f"threads:{given}(OMP_NUM_THREADS)"
+    threads = max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(threads)
+    return f"threads:{threads}(cpu_count/local_world_size)"
+
+
 class Cluster:
     """This process's place in the run: rank, world size and device. Started once, shared by every seed."""
 
     def __init__(self, hp):
+        self.threads_note = ""
         self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -2820,7 +2847,7 @@ class Cluster:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if self.distributed:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=10),
@@ -2875,10 +2902,10 @@ def setup(run):
     run.log(run.code.source.decode("utf-8"), console=False)
     run.log("=" * 100, console=False)
 
-    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type)
-    run.use_compile = hp.compile and device_type == "cuda"
-    autocast_dtype = torch.bfloat16 if device_type == "cuda" else None
-    run.autocast = lambda: (torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext())
+    bf16 = autocast_name(hp.autocast, device_type) == "bf16"
+    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
+    run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+    run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
@@ -2901,6 +2928,18 @@ def setup(run):
     if run.rank == 0:
         log_environment(run)
     append_index(run, "launched")
+
+
+def autocast_name(setting, device_type):
+    return "bf16" if setting == "bf16" or (setting == "auto" and device_type == "cuda") else "off(fp32)"
+
+
+def autocast_context(setting, device_type):
+    """A callable that opens the run's precision context: bf16 autocast (matmuls and attention in bf16, master weights,
+    norms, softcap and cross-entropy in fp32) or nothing (fp32)."""
+    if autocast_name(setting, device_type) == "bf16":
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def _command_output(args):
@@ -2942,7 +2981,8 @@ def log_environment(run):
         log(_command_output(["nvidia-smi"]), console=False)
     log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
     log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
-        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{'bf16' if run.device.type == 'cuda' else 'off (fp32)'}")
+        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{autocast_name(hp.autocast, run.device.type)} "
+        f"{run.cluster.threads_note}")
     train_tokens = sum(len(s) for s in run.train_loader.shards)
     log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
         f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
@@ -2961,7 +3001,9 @@ def build_model(run):
     hp = run.hp
     torch.manual_seed(hp.seed)
     run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
-    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size)  # banks the matrices: after .to(device)
+    # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
+    update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
+    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
     run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
