@@ -1761,8 +1761,9 @@ class Optimizers:
             adam_groups.append(dict(params=head, lr=hp.head_lr, weight_decay=0.0))
         for group in adam_groups:
             group["base_lr"] = group["lr"]
-        fused = dict(fused=True) if matrices[0].is_cuda else {}
-        self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, **fused)
+        # Fused on every device (the CPU has a fused AdamW since torch 2.4): its step count stays a tensor, so the
+        # step never reads it back to the host, as the unfused path's .item() does.
+        self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=True)
         self.replicated = tables + scalars + head
         self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
 
@@ -2830,6 +2831,46 @@ def cpu_threads(omp_num_threads, local_world_size):
     return f"threads:{threads}(cpu_count/local_world_size)"
 
 
+class ClockAgreement:
+    """The ranks' common training clock: the slowest rank's elapsed time, whether any rank was signalled, and the step
+    they belong to (MAX over ranks), so that the LR, the recurrence switch, growth, QAT and the stop are one decision
+    everywhere. It travels on a CPU (gloo) group and so never waits on a device; on a step that logs nothing it is
+    posted and read one step later, so the host does not wait on the slowest rank either (decisions then use the
+    previous step's agreed time, whose step number comes with it)."""
+
+    def __init__(self, group, world_size):
+        self.group, self.world_size, self.pending, self.last = group, world_size, None, (0.0, 0.0, 0)
+
+    def restart(self):
+        """A new training clock (each seed's run)."""
+        self.collect()
+        self.last = (0.0, 0.0, 0)
+
+    def agree(self, elapsed_ms, signalled, step, now):
+        if self.world_size == 1:
+            return elapsed_ms, signalled, step
+        values = torch.tensor([elapsed_ms, signalled, step], dtype=torch.float64)
+        previous = self.collect()
+        if now:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            return self.unpack(values)
+        self.pending = (values, dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return previous
+
+    def collect(self):
+        """The exchange in flight, waited for (ranks posted it a step ago), or the last one agreed."""
+        if self.pending is not None:
+            values, work = self.pending
+            work.wait()
+            self.pending, self.last = None, self.unpack(values)
+        return self.last
+
+    def unpack(self, values):
+        elapsed_ms, signalled, step = values.tolist()  # a CPU tensor: no device sync
+        self.last = (elapsed_ms, signalled, int(step))
+        return self.last
+
+
 class Cluster:
     """This process's place in the run: rank, world size and device. Started once, shared by every seed."""
 
@@ -2855,6 +2896,9 @@ class Cluster:
             probe = all_reduce(torch.ones(1, device=self.device), dist.ReduceOp.SUM)
             if int(probe.item()) != self.world_size:
                 raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {self.world_size}")
+        # The clock's group: the default one where it is gloo already (the CPU), a gloo side group beside NCCL.
+        clock_group = dist.new_group(backend="gloo") if self.distributed and device_type == "cuda" else None
+        self.clock = ClockAgreement(clock_group, self.world_size)
 
     def broadcast(self, value):
         """Rank 0's `value`, on every rank."""
@@ -3019,7 +3063,8 @@ def train_step(run, step, lr_scale):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.
-    mile_gamma = torch.tensor(run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
+    # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
+    mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
     for micro_step in range(run.grad_accum_steps):
         inputs, targets = run.train_loader.batch(step, micro_step, run.device)
         with run.autocast():
@@ -3146,6 +3191,7 @@ def train(run):
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
     pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
+    run.cluster.clock.restart()
     run.training_began, run.signals.deferred = True, True
     clock = time.perf_counter()
     while True:
@@ -3197,14 +3243,12 @@ def train(run):
         nonfinite |= ~torch.isfinite(local_loss)
         step = run.steps_done = step + 1
         average.update(step, lr_scale)
-        synchronize(run)
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - clock)
-        signalled = float(run.signals.received is not None)
-        if run.world_size > 1:  # one small all-reduce: the slowest rank's clock and any rank's signal
-            agreed = torch.tensor([elapsed_ms, signalled], dtype=torch.float64, device=run.device)
-            elapsed_ms, signalled = all_reduce(agreed, dist.ReduceOp.MAX).tolist()
-        step_avg = elapsed_ms / step
         logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
+        if logged:
+            synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
+        elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
+            train_ms + 1000.0 * (time.perf_counter() - clock), float(run.signals.received is not None), step, now=logged)
+        step_avg = elapsed_ms / max(clock_step, 1)
         if logged or step % NONFINITE_CHECK_EVERY == 0:
             check_finite(run, nonfinite, step, lr_scale)
         if logged:
@@ -3217,9 +3261,11 @@ def train(run):
         if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
             run.results.update(train_time_ms=elapsed_ms)
             raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
-        if cap_ms > 0 and stop_after is None and elapsed_ms + step_avg > cap_ms:
+        # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
+        if cap_ms > 0 and stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+    run.cluster.clock.collect()  # the last step's exchange, still in flight
     run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
     log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
         f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")

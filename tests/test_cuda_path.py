@@ -162,3 +162,55 @@ def test_a_whole_run_under_bf16_autocast_scores_within_bf16_noise_of_fp32(sample
         # bf16 rounds activations to 8 bits of mantissa; over six steps the scores moved by about 0.001 bpb
         assert summaries["bf16"][metric] == pytest.approx(summaries["off"][metric], abs=0.005), metric
         assert summaries["bf16"][metric] != summaries["off"][metric], metric  # the bf16 path did run
+
+
+def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tmp_path, monkeypatch):
+    """Counts the calls that would block the host on a GPU (device synchronize, .item(), .tolist(), collectives on
+    the device group) between the start of one training step and the next, in a real in-process run."""
+    events, training = [], [False]
+
+    def counted(kind, original):
+        def wrapper(*args, **kwargs):
+            if training[0]:
+                events.append(kind)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch.cuda, "synchronize", counted("cuda.synchronize", torch.cuda.synchronize))
+    monkeypatch.setattr(T, "synchronize", counted("synchronize", T.synchronize))
+    monkeypatch.setattr(T, "all_reduce", counted("all_reduce", T.all_reduce))
+    monkeypatch.setattr(T, "train_step", counted("step", T.train_step))
+    monkeypatch.setattr(T.Logger, "__call__", counted("log", T.Logger.__call__))
+    original_train = T.train
+
+    def train(run):
+        training[0] = True
+        try:
+            return original_train(run)
+        finally:
+            training[0] = False
+    monkeypatch.setattr(T, "train", train)
+    env = tiny_env(sample, ITERATIONS=24, TRAIN_LOG_EVERY=8, RUN_ID="syncs", MILE_GAMMA=1.1, WEIGHT_AVERAGING="ema",
+                   QAT_START_LR_SCALE=0.5, WARMDOWN_FRAC=0.5, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1)
+    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    T.main()
+    steps, current = [], None
+    for kind in events:
+        if kind == "step":
+            current = []
+            steps.append(current)
+        elif current is not None:
+            current.append(kind)
+    assert len(steps) == 24
+    quiet = {n: calls for n, calls in enumerate(steps, 1) if "log" not in calls}
+    assert len(quiet) >= 11 and not {1, 10, 16, 24} & set(quiet)  # steps 1-10, 16 and 24 log
+    assert {n: calls for n, calls in quiet.items() if calls} == {}
+    assert "synchronize" in steps[15] and "item" in steps[15]  # a logged step reads the loss, on an exact clock
+    log = (tmp_path / "logs" / "syncs.txt").read_text()
+    assert "qat: enabled at step:19" in log and "recurrence: activated at step:9" in log  # quiet steps 20-23: both on
