@@ -3056,10 +3056,92 @@ def build_model(run):
     run.log(f"features: {describe_features(run.model, hp)}")
     run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
     run.log(f"optimizer: {run.optimizers.describe()}")
+    run.memory_estimate = estimate_memory(run)
+    capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
+    run.log(run.memory_estimate.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
+    if capacity and run.memory_estimate.total > 0.95 * capacity:
+        run.log(f"warning: the estimate exceeds 95% of the device's memory; {out_of_memory_advice(run).split(': ', 1)[1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak device memory of a training step per GPU, in bytes, by what holds it."""
+    weights: int  # fp32 master weights
+    grads: int  # fp32 gradients (the banks' padded buffers included)
+    optimizer: int  # this rank's Muon momentum shard and the replicated AdamW moments
+    averages: int  # the EMA / SWA copies
+    activations: int  # what autograd saves for backward at one micro-batch
+    micro_batch_seqs: int
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.averages + self.activations
+
+    def describe(self):
+        mib = lambda n: f"{n / 2**20:.0f}MiB"
+        return (f"memory_estimate: per_gpu:{mib(self.total)} weights:{mib(self.weights)} grads:{mib(self.grads)} "
+                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} activations:{mib(self.activations)}"
+                f"(micro_batch:{self.micro_batch_seqs}seqs)")
+
+
+def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
+    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once), measured
+    on an eager forward with saved-tensor hooks."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    tokens = torch.randint(vocab_size, (seqs, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    del loss
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(nbytes for pointer, nbytes in storages.items() if pointer not in parameters)
+
+
+def estimate_memory(run):
+    """The peak device memory of a training step per GPU: the exact sizes of the weights, gradients, optimizer state
+    and averages this configuration allocates, plus the activations of one micro-batch, extrapolated from forwards of
+    one and two sequences (a fixed part, such as the bf16 copies of the weights, and a part per sequence). The
+    compiled graph usually saves less than the eager one measured here, so this errs high."""
+    hp, model, optimizers = run.hp, run.model, run.optimizers
+    float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
+    params = list(model.parameters())
+    bank_grads = sum(bank.grads.numel() * 4 for bank in optimizers.banks)
+    momentum_bytes = 1 + 4 / INT8_MOMENTUM_BLOCK if hp.muon_momentum_int8 else 4
+    muon = sum(bank.grads.numel() // run.world_size * momentum_bytes for bank in optimizers.banks)
+    adam = 2 * float_bytes(optimizers.replicated)
+    copies = (hp.weight_averaging in ("ema", "ema_swa")) + (hp.weight_averaging in ("swa", "ema_swa"))
+    micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
+    one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
+                for seqs in (1, 2))
+    return MemoryEstimate(weights=float_bytes(params), grads=bank_grads + float_bytes(optimizers.replicated),
+                          optimizer=int(muon) + adam, averages=copies * float_bytes(params),
+                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch)
+
+
+def out_of_memory_advice(run):
+    """What to change when a training step runs out of device memory: a smaller micro-batch."""
+    accum = run.grad_accum_steps
+    larger = [a for a in (2 * accum, 4 * accum) if run.seqs_per_step % (run.world_size * a) == 0]
+    fix = (f"set GRAD_ACCUM_STEPS={larger[0]} (the micro-batch halves, the global batch stays)" if larger else
+           f"lower TRAIN_BATCH_TOKENS={run.hp.train_batch_tokens} (no larger GRAD_ACCUM_STEPS divides it)")
+    return (f"out of device memory in a training step at a micro-batch of "
+            f"{run.seqs_per_step // (run.world_size * accum)} sequences of {run.hp.train_seq_len} tokens "
+            f"(GRAD_ACCUM_STEPS={accum}): {fix}")
 
 
 def train_step(run, step, lr_scale):
     """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
+    try:
+        return accumulate_and_step(run, step, lr_scale)
+    except torch.OutOfMemoryError as error:
+        raise RunError(out_of_memory_advice(run)) from error
+
+
+def accumulate_and_step(run, step, lr_scale):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.

@@ -214,3 +214,70 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     assert "synchronize" in steps[15] and "item" in steps[15]  # a logged step reads the loss, on an exact clock
     log = (tmp_path / "logs" / "syncs.txt").read_text()
     assert "qat: enabled at step:19" in log and "recurrence: activated at step:9" in log  # quiet steps 20-23: both on
+
+
+class FakeRun:
+    """What estimate_memory and out_of_memory_advice read of a Run."""
+
+    def __init__(self, hp, world_size=1, grad_accum_steps=1, autocast="off"):
+        torch.manual_seed(0)
+        self.hp, self.world_size, self.grad_accum_steps, self.device = hp, world_size, grad_accum_steps, torch.device("cpu")
+        self.model = T.GPT(hp, bos_id=BOS)
+        self.model.looping = hp.num_loops > 0
+        self.optimizers = T.Optimizers(self.model, hp, 0, world_size)
+        self.seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
+        self.autocast = T.autocast_context(autocast, "cpu")
+
+
+@pytest.mark.parametrize("autocast", ["off", "bf16"])
+def test_the_memory_estimate_matches_what_a_step_allocates(autocast):
+    hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32, weight_averaging="ema_swa", muon_momentum_int8=True)
+    run = FakeRun(hp, autocast=autocast)
+    estimate = T.estimate_memory(run)
+    params = list(run.model.parameters())
+    assert estimate.weights == sum(p.numel() * 4 for p in params) and estimate.averages == 2 * estimate.weights
+    assert estimate.micro_batch_seqs == 8
+    # Activations: the measured bytes autograd saves for a real 8-sequence micro-batch.
+    measured = T.saved_activation_bytes(run.model, 8, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
+    assert estimate.activations == pytest.approx(measured, rel=0.01)
+    tokens = torch.randint(0, hp.vocab_size, (8, hp.train_seq_len + 1))
+    with run.autocast():
+        run.model(tokens[:, :-1], tokens[:, 1:]).backward()
+    run.optimizers.step(lr_scale=1.0, momentum=0.9)
+    actual = run.optimizers.muon.momentum_bytes() + run.optimizers.adam_state_bytes()
+    assert actual == pytest.approx(estimate.optimizer, rel=0.02)
+
+
+def test_the_muon_share_of_the_estimate_falls_with_the_world_size():
+    hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32)
+    one, eight = T.estimate_memory(FakeRun(hp)), T.estimate_memory(FakeRun(hp, world_size=8))
+    adam = 2 * sum(p.numel() * 4 for p in FakeRun(hp).optimizers.replicated)
+    # Each rank keeps momentum for its share of whole matrices: a bank of n matrices is padded to a multiple of 8.
+    padded = sum(b.grads.numel() for b in FakeRun(hp, world_size=8).optimizers.banks)
+    assert eight.optimizer - adam == padded // 8 * 4
+    assert one.optimizer - adam == sum(b.weights.numel() for b in FakeRun(hp).optimizers.banks) * 4
+    assert eight.micro_batch_seqs == 1 and eight.activations < one.activations / 6
+
+
+def test_out_of_memory_names_the_setting_and_the_value_to_try():
+    hp = dataclasses.replace(EVERYTHING, train_batch_tokens=16 * 32)
+    assert "set GRAD_ACCUM_STEPS=4 " in T.out_of_memory_advice(FakeRun(hp, world_size=2, grad_accum_steps=2))
+    assert "micro-batch of 4 sequences of 32 tokens" in T.out_of_memory_advice(FakeRun(hp, world_size=2, grad_accum_steps=2))
+    assert "lower TRAIN_BATCH_TOKENS=512" in T.out_of_memory_advice(FakeRun(hp, world_size=8, grad_accum_steps=2))
+
+
+def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weights(sample, tmp_path):
+    # A device that runs out of memory at step 3: simulated by a micro-batch that raises torch.OutOfMemoryError.
+    env = tiny_env(sample, RUN_ID="oom", GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=2048)
+    code = (f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r}); import train_gpt as T\n"
+            "original = T.accumulate_and_step\n"
+            "def step(run, index, lr):\n"
+            "    if index == 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+            "    return original(run, index, lr)\n"
+            "T.accumulate_and_step = step\n"
+            "try:\n    T.main()\nexcept T.RunError as e:\n    sys.exit(f'error: {e}')\n")
+    result = run_script([sys.executable, "-c", code], env, tmp_path)
+    assert result.returncode == 1
+    assert "set GRAD_ACCUM_STEPS=2 (the micro-batch halves" in result.stderr
+    log = (tmp_path / "logs" / "oom.txt").read_text()
+    assert "memory_estimate: per_gpu:" in log and "saved_raw_weights:logs/oom_raw.pt step:2" in log and "FINISH_FROM=" in log
