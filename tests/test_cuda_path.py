@@ -5,6 +5,8 @@ carry the `cuda_path` marker and run as CI's second step (`python3 -m pytest -q 
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -281,3 +283,84 @@ def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weigh
     assert "set GRAD_ACCUM_STEPS=2 (the micro-batch halves" in result.stderr
     log = (tmp_path / "logs" / "oom.txt").read_text()
     assert "memory_estimate: per_gpu:" in log and "saved_raw_weights:logs/oom_raw.pt step:2" in log and "FINISH_FROM=" in log
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCORES = ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb")
+
+
+def distributed_env(sample, run_id, grad_accum_steps, **overrides):
+    # 8 sequences per step: one per rank and micro-step at every layout below; TTT batches 8 sequences too.
+    return tiny_env(sample, RUN_ID=run_id, TRAIN_BATCH_TOKENS=2048, GRAD_ACCUM_STEPS=grad_accum_steps, EVAL_STRIDE=128,
+                    TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=8, NUM_LOOPS=1, LOOP_START=1,
+                    LOOP_END=1, WARMDOWN_FRAC=0.5, **overrides)
+
+
+def run_log(command, env, cwd, run_id):
+    result = run_script(command, env, cwd, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return (cwd / "logs" / f"{run_id}.txt").read_text()
+
+
+def assert_same_run(one, many):
+    losses = lambda log: {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", log, re.M)}
+    assert sorted(losses(one)) == sorted(losses(many)) == list(range(1, 7))
+    for step, loss in losses(one).items():
+        assert abs(loss - losses(many)[step]) <= 2e-4, (step, loss, losses(many)[step])
+    summary = lambda log: json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
+    for metric in SCORES:
+        assert summary(many)[metric] == pytest.approx(summary(one)[metric], rel=1e-4), metric
+
+
+@pytest.fixture(scope="module")
+def one_process(sample, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("one")
+    return run_log([sys.executable, SCRIPT], distributed_env(sample, "ws1", 8), cwd, "ws1")
+
+
+@pytest.mark.cuda_path
+def test_eight_ranks_match_one_process_with_muon_sharded_over_eight(sample, tmp_path, one_process):
+    env = distributed_env(sample, "ws8", 1)
+    eight = run_log([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", SCRIPT],
+                    env, tmp_path, "ws8")
+    assert "world_size:8 grad_accum_steps:1" in eight and "threads:1(OMP_NUM_THREADS)" in eight
+    assert_same_run(one_process, eight)
+    hp, _ = T.Hyperparameters.from_env(env)
+    model = T.GPT(hp)
+    padded = sum(bank.grads.numel() for bank in T.Optimizers(model, hp, 0, 8).banks)  # whole matrices per rank
+    assert f"muon_momentum_bytes_per_rank:{padded // 8 * 4} " in eight
+    unsharded = sum(bank.weights.numel() for bank in T.Optimizers(T.GPT(hp), hp, 0, 1).banks) * 4
+    assert f"muon_momentum_bytes_per_rank:{unsharded} " in one_process
+
+
+@pytest.mark.cuda_path
+def test_two_nodes_without_a_shared_disk_match_one_process_and_only_the_first_writes(sample, tmp_path, one_process):
+    port, nodes = free_port(), []
+    data_dir, tokenizer = sample
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        shutil.copytree(data_dir, cwd / "data")  # each node reads its own copy: nothing on disk is shared
+        shutil.copy(tokenizer, cwd / "tokenizer.model")
+        env = distributed_env(sample, "nodes", 2, DATA_PATH=str(cwd / "data"), TOKENIZER_PATH=str(cwd / "tokenizer.model"),
+                              RECORD_DIR="record")
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                    f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=pg"]
+        clean = {k: v for k, v in T.os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
+        nodes.append((cwd, subprocess.Popen(launcher + [SCRIPT], cwd=cwd, env={**clean, **env}, text=True,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+    for cwd, process in nodes:
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-3000:]
+    first, second = nodes[0][0], nodes[1][0]
+    log = (first / "logs" / "nodes.txt").read_text()
+    assert "world_size:4 grad_accum_steps:2" in log
+    assert_same_run(one_process, log)
+    assert (first / "logs" / "nodes_model.int6.ptz").is_file() and (first / "record" / "submission.json").is_file()
+    written = sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file() and "data" not in p.parts)
+    assert written == ["tokenizer.model"], written  # the second node wrote nothing: no log, artifact or record
