@@ -3049,6 +3049,7 @@ def build_model(run):
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
     run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
     total, embedding, non_embedding = count_parameters(run.model)
@@ -3175,15 +3176,22 @@ def warmup(run):
     initial_looping = model.looping
     for step in range(hp.warmup_steps):
         model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
+        step_start = time.perf_counter()
         train_step(run, step, lr_scale=1.0)
-        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping}")
+        synchronize(run)  # the first step of a layout includes its compile time, shown here
+        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping} "
+                f"time:{time.perf_counter() - step_start:.2f}s")
     # The layout the final evaluations will see: looped if the recurrence switches on before the last step.
     model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
     for seq_len in sorted({hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
         rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
         tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
+        eval_start = time.perf_counter()
         with torch.no_grad(), run.autocast():
             run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+        synchronize(run)
+        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{model.looping} "
+                f"time:{time.perf_counter() - eval_start:.2f}s")
     model.looping = initial_looping
     model.load_state_dict(initial_model)
     run.optimizers.reset_state()
@@ -3191,6 +3199,25 @@ def warmup(run):
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
     run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
             f"restored:initial_weights_and_optimizer_state")
+    log_compiled_graphs(run, "warmup")
+
+
+def compiled_graphs():
+    """Graphs torch.compile has captured in this process (one per layout, shape or mode it met)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def log_compiled_graphs(run, phase):
+    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every training layout and the
+    evaluation graph; a count that grows during training means a recompile on the clock."""
+    if run.use_compile:
+        graphs = compiled_graphs() - run.graphs_before
+        run.log(f"compile: after:{phase} graphs:{graphs}")
+        if phase == "training" and graphs > run.graphs_after_warmup:
+            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled during training, on the clock; "
+                    f"TORCH_LOGS=recompiles shows why")
+        if phase == "warmup":
+            run.graphs_after_warmup = graphs
 
 
 def benchmark(run):
@@ -3348,6 +3375,7 @@ def train(run):
             stop_after = step
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
     run.cluster.clock.collect()  # the last step's exchange, still in flight
+    log_compiled_graphs(run, "training")
     run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
     log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
         f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
@@ -3609,7 +3637,8 @@ def log_compliance(run):
     for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
         if scored != expected:
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
-    logsumexp, charged = check_normalization(run.train_model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
+    logsumexp, charged = check_normalization(run.model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
@@ -3626,6 +3655,7 @@ def log_summary(run):
     """The closing block: the separate clocks, the artifact, every val_bpb; then the same as one JSON line."""
     synchronize(run)
     run.timings["eval_s"] = time.perf_counter() - run.eval_start
+    log_compiled_graphs(run, "evaluation")
     r, t = run.results, run.timings
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
             f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "

@@ -364,3 +364,51 @@ def test_two_nodes_without_a_shared_disk_match_one_process_and_only_the_first_wr
     assert (first / "logs" / "nodes_model.int6.ptz").is_file() and (first / "record" / "submission.json").is_file()
     written = sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file() and "data" not in p.parts)
     assert written == ["tokenizer.model"], written  # the second node wrote nothing: no log, artifact or record
+
+
+def compile_counts(log):
+    return {phase: int(n) for phase, n in re.findall(r"^compile: after:(\w+) graphs:(\d+)$", log, re.M)}
+
+
+def compared_runs(sample, tmp_path, **settings):
+    """The same tiny run compiled with inductor (fullgraph, static shapes) and eager: (compiled log, eager log)."""
+    logs = []
+    for compiled in ("1", "0"):
+        env = tiny_env(sample, RUN_ID=f"compile{compiled}", COMPILE=compiled, **settings)
+        logs.append(run_log([sys.executable, SCRIPT], env, tmp_path, f"compile{compiled}"))
+    return logs
+
+
+def assert_compiled_matches_eager(compiled, eager, metrics):
+    losses = lambda log: [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:([\d.]+)", log, re.M)]
+    assert len(losses(compiled)) == len(losses(eager)) > 0
+    for a, b in zip(losses(compiled), losses(eager)):  # inductor fuses and reorders float math: 1e-3 nats
+        assert abs(a - b) <= 1e-3, (losses(compiled), losses(eager))
+    summary = lambda log: json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
+    for metric in metrics:
+        assert summary(compiled)[metric] == pytest.approx(summary(eager)[metric], abs=1e-3), metric
+
+
+@pytest.mark.cuda_path
+def test_the_default_stack_compiles_once_per_layout_with_inductor(sample, tmp_path):
+    # Every layout a run goes through: before and after the recurrence, QAT switched on mid-run, MiLe's gamma and
+    # the LR changing every step, the evaluation graph (round-trip, sliding windows, TTT's scoring) and TTT's
+    # adapting graph.
+    compiled, eager = compared_runs(sample, tmp_path, ITERATIONS=8, WARMUP_STEPS=2, NUM_LOOPS=1, LOOP_START=1,
+                                    LOOP_END=1, PARALLEL_START_LAYER=1, WARMDOWN_FRAC=0.5, QAT_START_LR_SCALE=0.5,
+                                    MILE_GAMMA=1.1, EVAL_STRIDE=128, TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000,
+                                    TTT_EPOCHS=1, TTT_BATCH_SEQS=4)
+    assert "compile:True" in compiled and "recurrence: activated at step:3 " in compiled and "qat: enabled" in compiled
+    # warmup: train unlooped, train looped, evaluation; training adds none; TTT adds its adapting (train-mode) graph
+    assert compile_counts(compiled) == dict(warmup=3, training=3, evaluation=4)
+    assert "graph(s) compiled during training" not in compiled
+    assert_compiled_matches_eager(compiled, eager, SCORES)
+
+
+@pytest.mark.cuda_path
+def test_neon213_grows_its_kernels_under_inductor_without_a_recompile(sample, tmp_path):
+    compiled, eager = compared_runs(sample, tmp_path, PRESET="neon213,smoke", ITERATIONS=8, WARMUP_STEPS=1,
+                                    CONV_K=5, MLP_CONV_K=3, KERNEL_SCHEDULE="1@0,3@0.5,5@0.75")
+    assert "kernel_growth: taps:3 at step:4 " in compiled and "kernel_growth: taps:5 at step:6 " in compiled
+    assert compile_counts(compiled) == dict(warmup=2, training=2, evaluation=2)  # train and evaluation graphs only
+    assert_compiled_matches_eager(compiled, eager, ["final_fp16_brotli_roundtrip_val_bpb"])
