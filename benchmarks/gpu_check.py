@@ -18,6 +18,7 @@ the recurrence; sliding + TTT evaluation projected <= 400 s on 8xH100.
 """
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -34,10 +35,13 @@ import train_gpt as T  # noqa: E402
 FINEWEB_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split (its logs' val_loader line)
 GPUS = 8
 TARGETS = dict(tokens_per_s=1.1e6, mfu=40.0, eval_s=400.0)
-# The CPU miniature: the same phases at a size that runs in about two minutes on two cores.
-TINY_MODEL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", LOOP_START="1", LOOP_END="2",
-                  PARALLEL_START_LAYER="3", TRAIN_SEQ_LEN="128", VAL_BATCH_SIZE="4096", GPTQ_CALIBRATION_BATCHES="2",
-                  SIZE_TARGET_BYTES="0", TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="4", EVAL_STRIDE="64")
+# The CPU miniature: the same phases at a size that runs in about two minutes on two cores. The default stack's
+# loop and lanes move to fit four layers; the training run's export and TTT shrink with it.
+TINY_MODEL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="128",
+                  VAL_BATCH_SIZE="4096", TRAIN_BATCH_TOKENS="1024", WARMUP_STEPS="2")
+TINY_STACK = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3")
+TINY_TRAINING = dict(TINY_STACK, GPTQ_CALIBRATION_BATCHES="2", SIZE_TARGET_BYTES="0", TTT_CHUNK_TOKENS="8192",
+                     TTT_BATCH_SEQS="4", EVAL_STRIDE="64", ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0")
 
 
 def parse_args(argv):
@@ -78,7 +82,7 @@ def environment_rows(device, tiny):
     return [("torch / CUDA / FlashAttention", f"{versions['torch']} / {versions['cuda']} / {flash}", "", ""),
             ("device", name, "", ""),
             ("bf16 peak (table)", f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown", "", ""),
-            ("bf16 matmul (measured)", f"{measured_matmul_tflops(device, 256 if tiny else 8192):.1f} TFLOP/s", "", "")]
+            ("bf16 matmul (measured)", f"{measured_matmul_tflops(device, 256 if tiny else 8192):.3g} TFLOP/s", "", "")]
 
 
 # --- attention backends --------------------------------------------------------------------------------------------
@@ -133,11 +137,11 @@ def run_trainer(env, label, workdir, timeout):
     return (Path(workdir) / "logs" / f"{env['RUN_ID']}.txt").read_text()
 
 
-def common_env(args, run_id):
+def common_env(args, run_id, tiny_extra=None):
     env = dict(DATA_PATH=str(Path(args.data_path).resolve()), TOKENIZER_PATH=str(Path(args.tokenizer_path).resolve()),
                RUN_ID=run_id, OVERWRITE_RUN="1", TRAIN_LOG_EVERY="50", GRAD_ACCUM_STEPS="1")
     if args.tiny:
-        env.update(TINY_MODEL, TRAIN_BATCH_TOKENS="1024", WARMUP_STEPS="2")
+        env.update(TINY_MODEL, **(tiny_extra or {}))
     else:
         env.update(TRAIN_BATCH_TOKENS="98304", WARMUP_STEPS="4")
     return env
@@ -156,9 +160,10 @@ def compile_rows(label, log):
 
 def benchmark_rows(args, workdir, device_name):
     rows = []
-    on_h100 = "H100" in device_name or "H200" in device_name
+    on_h100 = "H100" in device_name or "H200" in device_name  # an H200 has the H100's bf16 peak (more bandwidth)
     for label, preset in (("baseline", "baseline"), ("default stack", "")):
-        env = dict(common_env(args, f"check_bench_{preset or 'default'}"), BENCHMARK_STEPS=str(args.benchmark_steps))
+        env = dict(common_env(args, f"check_bench_{preset or 'default'}", {} if preset else TINY_STACK),
+                   BENCHMARK_STEPS=str(args.benchmark_steps))
         if preset:
             env["PRESET"] = preset
         log = run_trainer(env, f"benchmark {label}", workdir, timeout=300)
@@ -181,17 +186,18 @@ def final_seconds(log, name):
     return (float(match.group(1)), int(match.group(2)) / 1000) if match else (None, None)
 
 
-def training_rows(args, workdir):
+def training_rows(args, workdir, device_name):
     env = dict(common_env(args, "check_train"), MAX_WALLCLOCK_SECONDS=str(args.train_seconds), TTT_ENABLED="1",
                ITERATIONS="100000")
     if args.tiny:
-        env.update(ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0")
+        env.update(TINY_TRAINING)
     log = run_trainer(env, "two-minute training", workdir, timeout=int(args.train_seconds) + 420)
     val_tokens = int(re.search(r"^val_tokens:(\d+)", log, re.M).group(1))
-    steps = re.search(r"^stopping_early: .* step:(\d+)", log, re.M) or re.search(r"^step:(\d+)/\d+ val_loss", log, re.M)
-    _, roundtrip = re.search(r"^final_(\w+)_roundtrip_exact val_loss:[\d.]+ val_bpb:([\d.]+)", log, re.M).groups()
-    rows = [("training: steps in the budget", f"{steps.group(1)} steps, {env['TRAIN_BATCH_TOKENS']} tokens each", "", ""),
-            ("training: round-trip val_bpb", roundtrip, "", "")]
+    summary = json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
+    roundtrip = next(value for key, value in summary.items() if key.endswith("_roundtrip_val_bpb"))
+    rows = [("training: steps in the budget", f"{summary['steps']} steps of {env['TRAIN_BATCH_TOKENS']} tokens, "
+             f"{summary['step_avg_ms']:.1f} ms/step", "", ""),
+            ("training: round-trip val_bpb", f"{roundtrip:.4f} (pre-quant {summary['pre_quant_val_bpb']:.4f})", "", "")]
     projected_total = 0.0
     for name, label in (("final_sliding_window", "sliding window"), ("final_ttt", "TTT")):
         bpb, seconds = final_seconds(log, name)
@@ -201,10 +207,11 @@ def training_rows(args, workdir):
         rate = val_tokens / seconds
         projected = FINEWEB_VAL_TOKENS / (rate * GPUS)
         projected_total += projected
-        rows.append((f"evaluation: {label}", f"val_bpb {bpb:.4f}, {rate:,.0f} tok/s on one device, projected "
-                     f"{projected:.0f} s for the full split on {GPUS}", "", ""))
+        rows.append((f"evaluation: {label}", f"val_bpb {bpb:.4f}, {rate:,.0f} tok/s on one device (its compile "
+                     f"included), projected {projected:.0f} s for the full split on {GPUS}", "", ""))
+    verdict = "met" if projected_total <= TARGETS["eval_s"] else "NOT MET"
     rows.append(("evaluation: sliding + TTT projected on 8 GPUs", f"{projected_total:.0f} s",
-                 f"<= {TARGETS['eval_s']:.0f} s", "met" if projected_total <= TARGETS["eval_s"] else "NOT MET"))
+                 f"<= {TARGETS['eval_s']:.0f} s (8xH100)", verdict if re.search("H100|H200", device_name) else "n/a (not an H100)"))
     calibration = re.search(r"^gptq_calibration: .* time:([\d.]+)s", log, re.M)
     quantize = re.search(r"^quantization: .* time:([\d.]+)s", log, re.M)
     rows.append(("GPTQ at full size", f"calibration {calibration.group(1) if calibration else '-'} s, quantization "
@@ -233,7 +240,7 @@ def main(argv=None):
     rows += attention_rows(device, args.tiny)
     for phase in (benchmark_rows, training_rows):
         try:
-            rows += phase(args, workdir, device_name) if phase is benchmark_rows else phase(args, workdir)
+            rows += phase(args, workdir, device_name)
         except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:  # report it; the rest still runs
             rows.append((phase.__name__, f"FAILED: {str(error).splitlines()[0][:200]}", "", "FAILED"))
             print(error, file=sys.stderr)

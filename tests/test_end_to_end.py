@@ -95,7 +95,10 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
 def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_path):
     runs = {}
     for nproc in (1, 2):
+        # The default stack at four layers (loop and lanes moved to fit) and width 64: what is tested is the
+        # distribution, not the size.
         env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
+                        NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
                         TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]

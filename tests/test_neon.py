@@ -246,7 +246,7 @@ def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     from conftest import REPO, run_script
     data_dir, tokenizer = sample
     env = dict(PRESET="neon213,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="8",
-               WARMUP_STEPS="1", EVAL_STRIDE="0", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3",
+               WARMUP_STEPS="1", EVAL_STRIDE="0", RUN_ID="neon", CONV_K="5", MLP_CONV_K="3", NUM_LAYERS="2",
                KERNEL_SCHEDULE="1@0,3@0.5,5@0.75", PR_EVERY="4", GEN_PROMPT="def main", GEN_TOKENS="12")
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
