@@ -317,6 +317,7 @@ def test_sdpa_grouped_query_attention_matches_repeated_heads():
     assert torch.allclose(T._sdpa(q, k, v), expected, atol=1e-6)
 
 
+@pytest.mark.cuda_path  # about 20 s each: CI's second step, beside the inductor compiles of test_cuda_path
 @pytest.mark.parametrize("looping, qat", [(False, False), (True, False), (True, True)])
 def test_the_training_step_compiles_as_one_graph_at_every_stage(looping, qat):
     # fullgraph=True turns any graph break into an error; aot_eager traces forward and backward like inductor does.
