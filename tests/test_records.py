@@ -257,3 +257,9 @@ def test_a_record_name_alone_writes_the_challenge_folder():
     assert sources["record_dir"] == "implied:RECORD_NAME"
     explicit, _ = T.with_record_folder(*T.Hyperparameters.from_env({"RECORD_NAME": "x", "RECORD_DIR": "mine"}))
     assert explicit.record_dir == "mine"
+
+
+def test_the_shipped_cpu_example_passes_the_records_contract():
+    # records/example_cpu_smoke is what users copy from: it must be what the current contract accepts.
+    problems, _ = stats.check_record(REPO / "records" / "example_cpu_smoke")
+    assert problems == []
