@@ -41,6 +41,7 @@ import traceback
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -129,6 +130,7 @@ class Hyperparameters:
     bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
     bigram_dim: int = 112  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
+    doc_isolation: bool = False  # attention and the neon convs never read across a BOS inside a packed row or window (VarLenAttn record)
     smear_gate_form: str = "scalar"  # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 - sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
     embed_norm: bool = True  # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
 
@@ -1027,27 +1029,73 @@ class CastedLinear(nn.Linear):
         return y if self.lora is None else y + self.lora(x)
 
 
-def _sdpa(q, k, v):
-    # (B, T, H, D) in and out; SDPA wants heads first.
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+class PackedDocuments(NamedTuple):
+    """Where the documents of packed rows are (DOC_ISOLATION): a row's first position and every BOS start one."""
+    ids: torch.Tensor  # (B, T) the document index of each position, counted along the row
+    offsets: torch.Tensor  # (B, T) each position's offset inside its document
+
+
+def packed_documents(input_ids, bos_id):
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
+    return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start)
+
+
+def _sdpa(q, k, v, docs=None):
+    # (B, T, H, D) in and out; SDPA wants heads first. With documents, a block-diagonal causal mask.
+    mask = None
+    if docs is not None:
+        same_doc = docs.ids[:, :, None] == docs.ids[:, None, :]
+        mask = (same_doc & torch.ones_like(same_doc).tril())[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
 def _load_flash_attention(backend):
-    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable."""
+    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable. With documents it
+    calls the variable-length entry point over the flattened rows, one sequence per document (cu_seqlens)."""
     try:
         if backend == "fa3":
-            from flash_attn_interface import flash_attn_func
+            import flash_attn_interface as package
         else:
-            from flash_attn import flash_attn_func
-    except ImportError:
+            import flash_attn as package
+        flash_attn_func = package.flash_attn_func
+    except (ImportError, AttributeError):
         return None
+    varlen = getattr(package, "flash_attn_varlen_func", None)
 
-    def flash(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
+    def first(out):
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+    def flash(q, k, v, docs=None):
+        if docs is None:
+            return first(flash_attn_func(q, k, v, causal=True))
+        if varlen is None:
+            raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {backend} build lacks; "
+                              f"set ATTN_BACKEND=sdpa")
+        B, T = q.shape[:2]
+        flat_starts = torch.nonzero(docs.offsets.flatten() == 0).flatten()
+        cu_seqlens = F.pad(flat_starts, (0, 1), value=B * T).to(torch.int32)
+        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T, causal=True))
+        return out.view(B, T, *out.shape[1:])
+    flash.has_varlen = varlen is not None
     return flash
+
+
+def check_doc_isolation(hp, attention_name, attention_fn, use_compile):
+    """DOC_ISOLATION on FlashAttention needs its varlen entry point, and (for now) eager mode: cu_seqlens has a
+    data-dependent length, which a fullgraph compile cannot trace. SDPA's block-diagonal mask compiles."""
+    if not hp.doc_isolation or attention_name == "sdpa":
+        return
+    if not getattr(attention_fn, "has_varlen", False):
+        raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {attention_name} build lacks; "
+                          f"set ATTN_BACKEND=sdpa")
+    if use_compile:
+        raise ConfigError(f"DOC_ISOLATION=1 on {attention_name} cannot compile yet (cu_seqlens has a data-dependent "
+                          f"length); set ATTN_BACKEND=sdpa (a block-diagonal mask, compiled) or COMPILE=0")
 
 
 def select_attention(requested, device_type, half_precision=True):
@@ -1156,10 +1204,20 @@ class CausalConv(nn.Module):
         taps = min(taps, self.max_k)
         self.tap_mask[self.max_k - taps:] = 1.0
 
-    def forward(self, x):
+    def forward(self, x, docs=None):
         kernel = (self.weight * self.tap_mask).to(x.dtype)
+        if docs is not None:
+            return self.within_documents(x, kernel, docs)
         padded = F.pad(x.transpose(1, 2), (self.max_k - 1, 0))
         return F.conv1d(padded, kernel.unsqueeze(1), groups=kernel.size(0)).transpose(1, 2)
+
+    def within_documents(self, x, kernel, docs):
+        """The same conv as a sum of shifted copies, each tap masked where it would reach before its document."""
+        out = x * kernel[:, -1]
+        for back in range(1, self.max_k):
+            reaches = (docs.offsets >= back).unsqueeze(-1).to(x.dtype)
+            out = out + F.pad(x[:, :-back], (0, 0, back, 0)) * reaches * kernel[:, -1 - back]
+        return out
 
 
 class CausalSelfAttention(nn.Module):
@@ -1195,9 +1253,9 @@ class CausalSelfAttention(nn.Module):
         self.convs = nn.ModuleDict({name: CausalConv(width, hp.conv_k, hp) for name, width in convs.items()}) \
             if hp.conv_k else None
 
-    def project(self, x, name, linear):
+    def project(self, x, name, linear, docs=None):
         y = linear(x)
-        return self.convs[name](y) if self.convs is not None else y
+        return self.convs[name](y, docs) if self.convs is not None else y
 
     def mix_value_residual(self, v, v0):
         if self.value_residual_form == "sigmoid":
@@ -1205,14 +1263,15 @@ class CausalSelfAttention(nn.Module):
         weights = self.value_residual.to(v.dtype)
         return weights[0] * v0 + weights[1] * v
 
-    def forward(self, x, v0=None, value_embed=None, context=None):
+    def forward(self, x, v0=None, value_embed=None, context=None, docs=None):
         """x: the normed block input; `context` (default x): the normed input the keys and values are computed
-        from (Cache+Backout's read path). Returns (output, this layer's V before the value residual)."""
+        from (Cache+Backout's read path); `docs`: packed documents that must not see each other (DOC_ISOLATION).
+        Returns (output, this layer's V before the value residual)."""
         B, T, C = x.shape
         context = x if context is None else context
-        q = self.project(x, "q", self.c_q).view(B, T, self.num_heads, self.head_dim)
-        k = self.project(context, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.project(context, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.project(x, "q", self.c_q, docs).view(B, T, self.num_heads, self.head_dim)
+        k = self.project(context, "k", self.c_k, docs).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(context, "v", self.c_v, docs).view(B, T, self.num_kv_heads, self.head_dim)
         if self.value_embed_scale is not None:
             v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
         own_v = v
@@ -1221,13 +1280,13 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
-        y = self.attention_fn(q, k, v)
+        y = self.attention_fn(q, k, v) if docs is None else self.attention_fn(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
             y = y * self.gate(x)
         if self.c_i is not None:
-            y = y * torch.sigmoid(self.project(x, "i", self.c_i)).view_as(y)
+            y = y * torch.sigmoid(self.project(x, "i", self.c_i, docs)).view_as(y)
         return self.proj(y.reshape(B, T, C)), own_v
 
 
@@ -1246,9 +1305,9 @@ class MLP(nn.Module):
         self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
         self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
 
-    def forward(self, x):
+    def forward(self, x, docs=None):
         if self.swiglu:
-            gate_input = self.gate_conv(x) if self.gate_conv is not None else x
+            gate_input = self.gate_conv(x, docs) if self.gate_conv is not None else x
             return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
@@ -1294,9 +1353,9 @@ class Block(nn.Module):
     def scaled(output, scale):
         return output if scale is None else scale.to(output.dtype) * output
 
-    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None):
+    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None, docs=None):
         """Returns (new lanes, this layer's V). `cached`: Cache+Backout's cached state, which the attention's keys
-        and values then read instead of this block's input."""
+        and values then read instead of this block's input; `docs`: see PackedDocuments."""
         if not self.parallel:
             lanes = (merge_lanes(lanes), None)
         residual, mlp_lane = lanes
@@ -1305,13 +1364,13 @@ class Block(nn.Module):
             mix = self.resid_mix.to(residual.dtype)
             x = mix[0] * residual + mix[1] * x0
         context = None if cached is None else self.sublayer_input(cached, self.attn_norm)
-        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context)
+        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context, docs)
         attn_out = self.scaled(attn_out, self.attn_scale)
         if not self.parallel:
             x = x + attn_out
-            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm)), self.mlp_scale), None), v
+            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm), docs), self.mlp_scale), None), v
         mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
-        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm)), self.mlp_scale)
+        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm), docs), self.mlp_scale)
         if not self.lanes_exchange:
             return (x + attn_out, mlp_lane + mlp_out), v
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
@@ -1411,6 +1470,7 @@ class GPT(nn.Module):
     def __init__(self, hp, attention_fn=_sdpa, bos_id=1):
         super().__init__()
         self.logit_softcap = hp.logit_softcap
+        self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
         self.smear = None if not hp.smear_gate else \
@@ -1505,11 +1565,12 @@ class GPT(nn.Module):
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
+        docs = packed_documents(input_ids, self.bos_id) if self.doc_isolation else None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
             read = cached if self.backout_read else None
-            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read)
+            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read, docs)
             v0 = v if v0 is None else v0
             if position < num_encoder:
                 skips.append(self.merge(lanes))
@@ -1580,6 +1641,7 @@ def describe_features(model, hp):
         ("intent_gate", hp.intent_gate),
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
         (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})", hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
+        ("doc_isolation", hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
@@ -2949,6 +3011,7 @@ def setup(run):
     bf16 = autocast_name(hp.autocast, device_type) == "bf16"
     run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
     run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+    check_doc_isolation(hp, run.attention_name, run.attention_fn, run.use_compile)
     run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):

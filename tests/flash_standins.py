@@ -33,7 +33,7 @@ def _attention(q, k, v, softmax_scale, causal):
 def fa3_module(returns_lse=False):
     """FA3's `flash_attn_interface`; some builds return (out, softmax_lse), others out alone."""
     module = types.ModuleType("flash_attn_interface")
-    module.calls = []
+    module.calls, module.returns_lse = [], returns_lse
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
                         v_descale=None, window_size=(-1, -1), softcap=0.0, deterministic=False):
@@ -60,4 +60,33 @@ def fa2_module():
         return (out, lse, None) if return_attn_probs else out
 
     module.flash_attn_func = flash_attn_func
+    return module
+
+
+def _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+    """(total, H, D) tensors of concatenated sequences, each attended on its own."""
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k) or cu_seqlens_q.dtype != torch.int32:
+        raise RuntimeError("the stand-in takes equal int32 cu_seqlens for queries and keys")
+    bounds = cu_seqlens_q.tolist()
+    outs = [_attention(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal)[0][0]
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if bounds[-1] != q.size(0):
+        raise RuntimeError(f"cu_seqlens ends at {bounds[-1]}, the tensors hold {q.size(0)} tokens")
+    return torch.cat(outs)
+
+
+def with_varlen(module, fa3):
+    """Adds `flash_attn_varlen_func` with FA3's (no dropout) or FA2's signature; returns the module."""
+    def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False,
+                   **_):
+        module.calls.append(dict(varlen=len(cu_seqlens_q) - 1, causal=causal))
+        out = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+        return (out, None) if module.returns_lse else out
+
+    def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+                   causal=False, **_):
+        module.calls.append(dict(varlen=len(cu_seqlens_q) - 1, causal=causal))
+        return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+    module.flash_attn_varlen_func = fa3_varlen if fa3 else fa2_varlen
     return module
