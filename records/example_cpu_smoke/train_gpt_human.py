@@ -1,0 +1,4032 @@
+"""
+train_gpt.py: one self-contained script for the parameter-golf speedrun.
+
+Train the best language model whose artifact (this file's bytes + the compressed weights) fits in
+16,000,000 bytes, in 10 minutes on 8xH100, scored by bits per byte on the FineWeb validation split.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # a record-style run
+    python3 train_gpt.py                                      # one process, CUDA or CPU
+    PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
+
+Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
+Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
+"""
+
+import ast
+import base64
+import contextlib
+import copy
+import dataclasses
+import datetime
+import difflib
+import functools
+import glob
+import hashlib
+import io
+import json
+import lzma
+import math
+import os
+import platform
+import re
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import tokenize
+import traceback
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+# ============================================================================================
+# HYPERPARAMETERS
+# ============================================================================================
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names the environment variable or file to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Every setting of a run. The environment variable is the field name in upper case."""
+
+    # --- run and data ---
+    preset: str = ""  # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in order); empty = none
+    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
+    overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
+    finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
+    seed: int = 1337  # seeds initialization (and sampling), not the data order, as in the challenge
+    data_seed: int = -1  # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per epoch from (DATA_SEED, epoch, shard)
+    seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
+    vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
+    record_dir: str = ""  # when set, a records folder (README, submission.json, logs, code, requirements.txt) is written here
+    record_name: str = ""  # submission.json "name"; with RECORD_DIR empty, the record goes to records/track_10min_16mb/<date>_<RECORD_NAME>/
+    record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
+    record_github_id: str = ""  # submission.json "github_id" (likewise)
+    record_blurb: str = ""  # submission.json "blurb" (likewise)
+
+    # --- schedule and batch ---
+    iterations: int = 20000  # maximum number of optimizer steps
+    max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
+    warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
+    train_batch_tokens: int = 524_288  # global batch in tokens per optimizer step, at every world size
+    train_seq_len: int = 1024  # training sequence length
+    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    train_log_every: int = 200  # log the train loss every N steps
+    val_loss_every: int = 1000  # evaluate on the full validation split every N steps; 0 = only at the end
+    val_batch_size: int = 524_288  # validation tokens per forward pass, summed over ranks
+
+    # --- model: size (defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline) ---
+    num_layers: int = 11  # physical transformer blocks
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: float = 4.0  # MLP hidden width = MLP_MULT * MODEL_DIM
+    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
+    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    tied_embed_init_std: float = 0.005  # std of the tied embedding at init
+    ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
+    zero_init_proj: bool = True  # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init (neon213)
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
+
+    # --- model: attention ---
+    rope_base: float = 10000.0  # rotary embedding base
+    rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
+    qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
+    xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
+    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
+    attn_gate_scale: float = 0.5  # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
+    value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
+    value_residual_form: str = "sigmoid"  # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
+    ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
+    ve_dim: int = 128  # width of the value-embedding table
+    ve_proj_init: str = "zero"  # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
+
+    # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
+    conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
+    mlp_conv_k: int = 0  # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
+    kernel_schedule: str = ""  # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size from the start
+    conv_init: str = "random"  # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
+    intent_gate: bool = False  # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
+
+    # --- model: embedding side ---
+    bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
+    bigram_dim: int = 112  # width of the BigramHash table
+    smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
+    smear_gate_form: str = "scalar"  # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 - sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
+    embed_norm: bool = True  # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
+
+    # --- model: normalization, residual topology and loss ---
+    norm_weights: bool = False  # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
+    ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
+    sublayer_scales: bool = True  # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
+    resid_mix: bool = True  # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    unet_skips: bool = True  # U-Net skips: the first half of the virtual stack feeds the second half in reverse order
+    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
+    num_loops: int = 2  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
+    loop_start: int = 3  # first layer of the looped segment
+    loop_end: int = 5  # last layer of the looped segment (inclusive)
+    loop_enable_at: float = 0.35  # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    parallel_residuals: bool = True  # two residual lanes with learned routing from PARALLEL_START_LAYER on
+    parallel_start_layer: int = 8  # first physical layer with parallel lanes
+    parallel_form: str = "routing"  # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
+    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last -N); 0 = off
+    backout_init: float = 0.0  # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
+    backout_read: bool = False  # layers after the cache compute attention keys and values from the cached state (PR #703)
+    mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+
+    # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
+    matrix_lr: float = 0.026  # Muon LR for the block matrices
+    scalar_lr: float = 0.02  # AdamW LR for gains, gates, scales and skip weights
+    tied_embed_lr: float = 0.03  # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
+    embed_lr: float = 0.6  # AdamW LR for the token tables when the embeddings are untied
+    head_lr: float = 0.008  # AdamW LR for the output head when untied
+    embed_weight_decay: float = 0.085  # AdamW decoupled weight decay of the token tables
+    scalar_weight_decay: float = 0.02  # AdamW decoupled weight decay of the gains, gates, scales and skip weights
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    muon_momentum: float = 0.97  # Muon momentum after its warmup
+    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
+    muon_momentum_warmup_steps: int = 1500  # steps of the linear Muon momentum warmup
+    muon_orthogonalizer: str = "polar_express"  # quintic (Newton-Schulz, the baseline's) or polar_express
+    muon_backend_steps: int = 5  # orthogonalization iterations per Muon update
+    muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
+    muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
+    muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
+    embed_proj_optimizer: str = "muon"  # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549 family)
+    grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
+    warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    warmdown_iters: int = 0  # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces WARMDOWN_FRAC
+    min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
+    kernel_stage_restarts: bool = False  # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly to 0 within the stage
+
+    # --- weight averaging ---
+    weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
+    ema_decay: float = 0.9965  # EMA decay per step
+    ema_warmup: bool = True  # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
+    swa_every: int = 50  # SWA takes a snapshot every N steps...
+    swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
+
+    # --- evaluation and score-first test-time training ---
+    eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
+    eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
+    eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
+    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
+    ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_epochs: int = 3  # passes over each scored chunk
+    ttt_lr: float = 0.002  # peak TTT learning rate, cosine-decayed over chunks
+    ttt_optimizer: str = "sgd"  # sgd or adamw
+    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = 32  # sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = 1.0  # TTT gradient-norm clip; 0 = off
+    ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
+    ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+
+    # --- diagnostics ---
+    pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    gen_prompt: str = ""  # at the end, sample text from the round-tripped model after this prompt; empty = no sample
+    gen_tokens: int = 64  # tokens to sample
+    gen_temperature: float = 0.8  # sampling temperature; 0 = greedy
+    gen_top_k: int = 50  # sample among the k most likely tokens; 0 = all
+
+    # --- quantization and export ---
+    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not quantized
+    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
+    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th percentile) or rowmax
+    clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
+    clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
+    clip_k_embed: float = 14.0  # SDClip k of the token tables
+    quant_packing: str = "byte"  # byte (an int8 per value) or dense (bit-packed)
+    gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
+    gptq_calibration: str = "train"  # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR #1019/#1392)
+    gptq_calibration_batches: int = 16  # global training batches (after the last step) whose activations give the Hessians
+    gptq_self_seqs: int = 64  # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
+    gptq_self_seq_len: int = 2048  # their length in tokens, each started from BOS
+    gptq_self_temperature: float = 0.8  # their sampling temperature
+    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS so that calibration fits in the training budget
+    gptq_block_size: int = 128  # columns per GPTQ block
+    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
+    lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
+    lqer_top_k: int = 3  # matrices that get the LQER correction
+    qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
+    size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
+    quant_passthrough_numel: int = 0  # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 = quantize every matrix
+    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an error
+    byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
+    pack_code: bool = True  # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw file
+
+    # --- systems ---
+    device: str = "auto"  # auto, cuda or cpu
+    compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
+    autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
+    attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """Defaults, then the preset, then explicit env vars. Returns (hparams, {field: source}). A variable that
+        looks like a setting but is not one of ours (a typo, a name of the baseline or the records) is accepted as
+        an alias of the same meaning or refused, never ignored."""
+        environ = os.environ if environ is None else environ
+        preset_names = [name for name in environ.get("PRESET", "").split(",") if name.strip()]
+        for name in preset_names:
+            if name not in PRESETS:
+                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from {sorted(PRESETS)[1:]}")
+        preset_values, preset_sources = {}, {}
+        for index, name in enumerate(preset_names):
+            values = dict(PRESETS[name])
+            if name == "smoke":  # a seed's step-counted schedule keeps its share of the run at the smoke size
+                for earlier in preset_names[:index]:
+                    values.update(SMOKE_SCHEDULES.get(earlier, {}))
+            preset_values.update(values)
+            preset_sources.update(dict.fromkeys(values, f"preset:{name}"))
+        types = {field.name: field.type for field in dataclasses.fields(cls)}
+        values, sources = {}, {}
+        for name, (env_name, raw) in settings_in_environ(environ, types).items():
+            values[name] = _parse_env(env_name, raw, types[name])
+            sources[name] = "env" if env_name == name.upper() else f"env:{env_name}(alias)"
+        for name in types:
+            if name not in values:
+                if name in preset_values:
+                    values[name], sources[name] = preset_values[name], preset_sources[name]
+                else:
+                    sources[name] = "default"
+        # The baseline's step-based warmdown and the records' fraction are two forms of one setting: the steps
+        # replace the default fraction; both given is refused by `validate`.
+        if values.get("warmdown_iters", 0) > 0 and sources["warmdown_frac"] == "default":
+            values["warmdown_frac"], sources["warmdown_frac"] = 0.0, "implied:WARMDOWN_ITERS"
+        hp = cls(**values)
+        refuse_inert_settings(hp, sources)
+        return hp, sources
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """World-size-independent checks; `setup_distributed` checks the batch against the world size."""
+        def require(ok, env_name, why):
+            if not ok:
+                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
+        for field in dataclasses.fields(self):  # nan and inf pass no range check below: refuse them here
+            require(field.type is not float or math.isfinite(getattr(self, field.name)), field.name.upper(), "must be finite")
+        require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", self.run_id) is not None, "RUN_ID",
+                "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
+        for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
+                     "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        for name in ("warmup_steps", "grad_accum_steps", "benchmark_steps", "train_log_every", "val_loss_every",
+                     "max_wallclock_seconds"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+        require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
+        require(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        require((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+        require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+                f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
+        require(self.logit_softcap >= 0, "LOGIT_SOFTCAP", "must be zero (no softcap) or positive")
+        require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
+        require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
+        require(self.compile in ("auto", "1", "0"), "COMPILE", "choose auto (CUDA only), 1 or 0")
+        require(self.autocast in ("auto", "bf16", "off"), "AUTOCAST", "choose auto, bf16 or off")
+        require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
+        self.seed_list()  # raises on a bad list
+        require(self.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
+        self.validate_optimizer(require)
+        self.validate_export(require)
+        for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
+        require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
+        for name in ("pr_every", "gen_tokens", "gen_temperature", "gen_top_k"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        self.validate_model(require)
+
+    def validate_model(self, require):
+        head_dim = self.model_dim // self.num_heads
+        require(self.mlp_activation in ("relu2", "leaky_relu2", "swiglu"), "MLP_ACTIVATION", "choose relu2, leaky_relu2 or swiglu")
+        for name in ("conv_k", "mlp_conv_k"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
+        require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
+        require(self.conv_init in ("random", "identity"), "CONV_INIT", "choose random or identity")
+        stages = self.kernel_stages
+        require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
+        if self.kernel_stage_restarts:
+            require(self.warmdown_frac == 0 and self.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
+                    "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
+            require(self.max_wallclock_seconds == 0 or all(when < 1 for when, _ in stages), "KERNEL_SCHEDULE",
+                    "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
+                    "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
+        require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+                f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
+        require(self.attn_gate in ATTENTION_GATES, "ATTN_GATE", f"choose one of {', '.join(ATTENTION_GATES)} (the gates are exclusive)")
+        for name, choices in (("value_residual_form", ("sigmoid", "lambda")), ("ve_proj_init", ("zero", "ortho")),
+                              ("smear_gate_form", ("scalar", "blend")), ("parallel_form", ("routing", "merge")),
+                              ("embed_proj_optimizer", ("muon", "adamw"))):
+            require(getattr(self, name) in choices, name.upper(), f"choose {' or '.join(choices)}")
+        require(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
+        for name in ("xsa_layers", "ve_layers"):
+            self.layer_set(name)  # raises on a bad list
+        require(self.ve_dim > 0, "VE_DIM", "must be positive")
+        require(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
+        require(self.bigram_dim > 0, "BIGRAM_DIM", "must be positive")
+        require(self.num_loops >= 0, "NUM_LOOPS", "must be zero or positive")
+        if self.num_loops:
+            require(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_END",
+                    f"need 0 <= LOOP_START={self.loop_start} <= LOOP_END < NUM_LAYERS={self.num_layers} (or NUM_LOOPS=0)")
+        require(self.loop_enable_at >= 0, "LOOP_ENABLE_AT", "must be zero or positive")
+        if self.parallel_residuals:
+            require(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
+                    f"must be a layer below NUM_LAYERS={self.num_layers} (or PARALLEL_RESIDUALS=0)")
+            straddles = self.num_loops and self.loop_start < self.parallel_start_layer <= self.loop_end
+            require(self.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
+                    f"=merge keeps two lanes to the end, so the looped layers {self.loop_start}..{self.loop_end} must not "
+                    f"straddle PARALLEL_START_LAYER={self.parallel_start_layer}")
+        virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
+        require(-self.num_layers < self.backout_layer < virtual, "BACKOUT_LAYER",
+                f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-self.num_layers} (counted from the end)")
+        require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
+
+    def validate_optimizer(self, require):
+        for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "grad_clip_norm",
+                     "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay",
+                     "warmdown_iters", "tied_embed_init_std"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ttt_momentum"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
+        require(self.adam_eps > 0, "ADAM_EPS", "must be positive")
+        require(self.rope_base > 0, "ROPE_BASE", "must be positive")
+        require(not (self.warmdown_iters > 0 and self.warmdown_frac > 0), "WARMDOWN_ITERS",
+                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
+                f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
+        require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
+        require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
+        for name in ("min_lr_scale", "ema_decay"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
+        require(self.weight_averaging in ("none", "ema", "swa", "ema_swa"), "WEIGHT_AVERAGING", "choose none, ema, swa or ema_swa")
+        require(self.swa_every > 0, "SWA_EVERY", "must be positive")
+        for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
+            require(getattr(self, name) == 0 or getattr(self, name) > self.min_lr_scale, name.upper(),
+                    f"must be above MIN_LR_SCALE={self.min_lr_scale}, or the LR scale never falls below it")
+
+    def validate_export(self, require):
+        for name in ("quant_bits", "embed_quant_bits"):
+            require(5 <= getattr(self, name) <= 8 or getattr(self, name) == FP16_BITS, name.upper(),
+                    "must be 5..8, or 16 (fp16, not quantized)")
+        require(self.quant_clip in ("sdclip", "percentile", "quantile", "rowmax"), "QUANT_CLIP",
+                "choose sdclip, percentile, quantile or rowmax")
+        for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        require(self.quant_packing in ("byte", "dense"), "QUANT_PACKING", "choose byte or dense")
+        for name in ("gptq_calibration_batches", "gptq_reserve_seconds", "gptq_damp", "lqer_rank", "lqer_top_k",
+                     "qat_start_lr_scale", "size_target_bytes"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
+        require(self.gptq_calibration in ("train", "self"), "GPTQ_CALIBRATION", "choose train or self")
+        for name in ("gptq_self_seqs", "gptq_self_seq_len"):
+            require(getattr(self, name) > 0, name.upper(), "must be positive")
+        if self.gptq and self.gptq_calibration == "self":
+            require(self.gptq_self_seq_len <= max(self.train_seq_len, self.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
+                    f"must not exceed TRAIN_SEQ_LEN={self.train_seq_len} or EVAL_SEQ_LEN={self.eval_seq_len} (the "
+                    f"longest positions the model has)")
+        require(self.gptq_self_temperature >= 0, "GPTQ_SELF_TEMPERATURE", "must be zero (greedy) or positive")
+        require(self.quant_passthrough_numel >= 0, "QUANT_PASSTHROUGH_NUMEL", "must be zero or positive")
+        if self.quant_bits == self.embed_quant_bits == FP16_BITS:
+            for name, on in (("gptq", self.gptq), ("lqer_rank", self.lqer_rank), ("qat_start_lr_scale", self.qat_start_lr_scale)):
+                require(not on, name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 (nothing is quantized); "
+                        "set it to 0")
+        require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
+                "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        if self.pack_code and not compressor_available("brotli"):
+            raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
+                              "(pip install brotli, or PACK_CODE=0 to count the raw file)")
+        if not compressor_available(self.compressor):
+            raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
+                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})")
+
+    @functools.cached_property  # parsed once: the training loop asks every step
+    def kernel_stages(self):
+        """KERNEL_SCHEDULE as [(when, taps)] in order: when < 1 is a fraction of training, >= 1 a step."""
+        try:
+            stages = [(float(when), int(taps)) for taps, when in
+                      (item.strip().split("@") for item in self.kernel_schedule.split(",") if item.strip())]
+        except ValueError:
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. 1@0,3@0.1,5@0.2") from None
+        taps = [k for _, k in stages]
+        if stages and (stages[0][0] != 0 or taps != sorted(taps) or taps[0] < 1
+                       or [w for w, _ in stages] != sorted(w for w, _ in stages)):
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: must start @0 with at least 1 tap, and grow "
+                              f"in order (kernels only grow, so that the function is preserved)")
+        if stages and taps[-1] > max(self.conv_k, self.mlp_conv_k):
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: grows to {taps[-1]} taps, beyond CONV_K="
+                              f"{self.conv_k} / MLP_CONV_K={self.mlp_conv_k}, the allocated sizes")
+        return stages
+
+    def seed_list(self):
+        """SEEDS as integers (space- or comma-separated), or [SEED]."""
+        try:
+            seeds = [int(item) for item in self.seeds.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"SEEDS={self.seeds!r}: expected integers separated by spaces or commas") from None
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"SEEDS={self.seeds!r}: a seed is repeated")
+        return seeds or [self.seed]
+
+    def config_hash(self, data_digest):
+        """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
+        folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
+        be pooled."""
+        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "record_dir", "data_path", "tokenizer_path",
+                   "record_name", "record_author", "record_github_id", "record_blurb"}
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
+        return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
+
+    def layer_set(self, name):
+        """The layer indices of a list setting (XSA_LAYERS, VE_LAYERS): "all", "" or comma-separated indices, where
+        a negative index counts from the last layer (-1), so that "-4,-3,-2,-1" is the records' XSA_LAST_N=4 at
+        any depth (a seed's preset then also holds at the smoke size)."""
+        spec = getattr(self, name).strip()
+        if spec == "all":
+            return set(range(self.num_layers))
+        try:
+            layers = {int(item) for item in spec.split(",") if item.strip()}
+        except ValueError:
+            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer indices") from None
+        if any(not -self.num_layers <= layer < self.num_layers for layer in layers):
+            raise ConfigError(f"{name.upper()}={spec!r}: indices must be in -{self.num_layers}..{self.num_layers - 1} "
+                              f"(NUM_LAYERS={self.num_layers})")
+        return {layer % self.num_layers for layer in layers}
+
+
+# neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
+# as fractions of training, so that it scales to any run length.
+NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+
+# The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command),
+# the parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64,
+# LN scale, VE128 on the last 2, BigramHash 1536x128, the seed-era SmearGate, plain U-Net skips; Muon 0.025 (WD
+# 0.04, momentum 0.92 -> 0.99), AdamW 0.025/0.035 (WD 0.04, betas 0.9/0.95) that also trains the table
+# projections; EMA 0.997 with no warmup (its SWA was collected and never applied); a 3500-step warmdown;
+# GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and score-first SGD TTT.
+PR549_FAMILY = dict(
+    mlp_mult=3.0, rope_dims=16, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none", ve_layers="-2,-1",
+    ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True, smear_gate_form="blend",
+    skip_gates=False, num_loops=0, parallel_residuals=False, train_batch_tokens=786_432, train_seq_len=2048,
+    eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000,
+    matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, embed_weight_decay=0.04, scalar_weight_decay=0.04,
+    beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.04,
+    embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
+    quant_bits=6, embed_quant_bits=8, quant_clip="percentile", gptq=False, quant_passthrough_numel=65536,
+    compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768,
+    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd",
+)
+
+# A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
+PRESETS = {
+    "": {},
+    # The challenge's naive baseline (9x512, MLP 2x relu^2, full RoPE, none of the record techniques).
+    "baseline": dict(
+        num_layers=9, mlp_mult=2.0, mlp_activation="relu2", ortho_init=False, rope_dims=0, qk_gain_init=1.5,
+        xsa_layers="", attn_gate="none", smear_gate=False, ln_scale=False, skip_gates=False, num_loops=0,
+        parallel_residuals=False,
+        matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
+        beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
+        muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
+        warmdown_iters=1200, warmdown_frac=0.0,
+        weight_averaging="none",
+        # Its export and score: int8 per row at the 99.99984th percentile, tensors of at most 65,536 elements kept,
+        # zlib level 9, and the plain round-trip evaluation (no sliding window), so its last line is
+        # final_int8_zlib_roundtrip_exact, comparable with the baseline's 1.2244.
+        quant_bits=8, embed_quant_bits=8, quant_clip="quantile", gptq=False, quant_passthrough_numel=65536,
+        size_target_bytes=0, compressor="zlib", eval_stride=0,
+    ),
+    # PR #754 (11L Parallel Muon + LN scale + LeakyReLU^2 MLP3x + legal TTT, 1.1215): PR #549's script and command
+    # (the record LeakyReLU_LegalTTT_ParallelMuon) with zstd-22 and an fp16 token embedding. Where #754 is silent,
+    # #549's command: BigramHash 1536, WARMDOWN_ITERS 3500, ITERATIONS 9000. Its late QAT never ran under
+    # torch.compile (the records' constant-folded flag), so it is off here, as it was in effect.
+    "pr754": PR549_FAMILY | dict(compressor="zstd", embed_quant_bits=16),
+    # PR #703 (PR #549 + MiLe decay + 8-bit Muon + 1.04x LR + Cache+Backout, 1.1176 on 4xB200): MiLe gamma 1.1
+    # decayed with the LR, int8 Muon momentum, every LR of #549 times 1.04, the state after layer 7 cached (-3: all
+    # but the last three of 11), read by layers 8-10's keys and values, and backed out with a learned 0.1.
+    # Otherwise #549, its lzma export included.
+    "pr703": PR549_FAMILY | dict(
+        mile_gamma=1.1, muon_momentum_int8=True, matrix_lr=0.025 * 1.04, scalar_lr=0.025 * 1.04,
+        tied_embed_lr=0.035 * 1.04, backout_layer=-3, backout_init=0.1, backout_read=True, compressor="lzma",
+    ),
+    # PR #1392 (SP4096 + depth recurrence + parallel residuals + QK-gain + brotli, 1.1020): 11L 512d MLP4x, XSA on
+    # all layers, layers 4-5 once more from step 3000, two lanes from layer 7 with a learned merge (PR #1289),
+    # QK-gain 5, MuonEq-R, partial RoPE 16/64, LN scale, VE128 on 9-10, the seed-era SmearGate, full GPTQ int6 on
+    # 128 self-generated sequences, brotli. Where #1392 is silent, its parent the SP4096 record (2026-04-04): its
+    # LRs, WD 0.090, EMA 0.997, warmdown 0.667, gated skips, byte-shuffled brotli, int8 embeddings, no TTT.
+    "pr1392": dict(
+        data_path="./data/datasets/fineweb10B_sp4096", tokenizer_path="./data/tokenizers/fineweb_4096_bpe.model",
+        vocab_size=4096, mlp_mult=4.0, rope_dims=16, qk_gain_init=5.0, xsa_layers="all", attn_gate="none",
+        ve_layers="-2,-1", ve_dim=128, ve_proj_init="ortho", smear_gate=True, smear_gate_form="blend",
+        num_loops=1, loop_start=4, loop_end=5, loop_enable_at=3000, parallel_residuals=True, parallel_start_layer=7,
+        parallel_form="merge", train_batch_tokens=786_432, train_seq_len=2048, eval_seq_len=2048,
+        train_log_every=500, val_loss_every=4000,
+        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, embed_weight_decay=0.090, scalar_weight_decay=0.02,
+        beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=True,
+        muon_weight_decay=0.090, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
+        quant_bits=6, embed_quant_bits=8, quant_clip="percentile", quant_passthrough_numel=65536,
+        gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048, gptq_reserve_seconds=45.0,
+        compressor="brotli", byte_shuffle=True,
+    ),
+    # neon213 (NeonBench's Muon growth run, stages 1-11): 8 plain pre-norm blocks of width 384, 6 heads, learnable
+    # RMSNorm weights (QK-norm per head dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the
+    # Hydra conv, every kernel grown 1 -> 21 on its schedule, vocabulary 16384, PyTorch's default init (no zero
+    # projections, no embedding norm, no softcap); its regime: 35,000 steps of 64 x 256 tokens, Polar Express Muon
+    # at 0.01 (momentum 0.95, no WD) on the block matrices, AdamW 3e-4 (wd 0.1, betas 0.9/0.999) on the rest, clip
+    # 1, each stage restarting the optimizers and decaying its LR to 0; exported in fp16. 26,675,584 parameters at
+    # k = 21. PRESET=neon213,smoke is the same family at the smoke size.
+    "neon213": dict(
+        data_path="./data/datasets/fineweb10B_sp16384", tokenizer_path="./data/tokenizers/fineweb_16384_bpe.model",
+        vocab_size=16384, num_layers=8, model_dim=384, num_heads=6, num_kv_heads=6, mlp_mult=4.0,
+        mlp_activation="swiglu", rope_dims=0, qk_gain_init=1.0, xsa_layers="", attn_gate="none", smear_gate=False,
+        norm_weights=True, ln_scale=False, sublayer_scales=False, resid_mix=False, unet_skips=False, num_loops=0,
+        parallel_residuals=False, conv_k=21, mlp_conv_k=21, intent_gate=True, kernel_schedule=NEON_KERNEL_SCHEDULE,
+        ortho_init=False, zero_init_proj=False, embed_norm=False, logit_softcap=0.0,
+        tied_embed_init_std=384 ** -0.5 / 3 ** 0.5,  # the std of its U(+-1/sqrt(384)) Linear init of the tied table
+        iterations=35_000, max_wallclock_seconds=0.0, train_seq_len=256, train_batch_tokens=16_384,
+        matrix_lr=0.01, muon_momentum=0.95, muon_momentum_warmup_steps=0, muon_orthogonalizer="polar_express",
+        muon_row_normalize=False, muon_weight_decay=0.0, tied_embed_lr=3e-4, scalar_lr=3e-4, embed_weight_decay=0.1,
+        scalar_weight_decay=0.1, beta2=0.999, grad_clip_norm=1.0, warmdown_frac=0.0, kernel_stage_restarts=True,
+        weight_averaging="none", quant_bits=16, embed_quant_bits=16, gptq=False, eval_stride=0,
+    ),
+    # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
+    # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
+    "smoke": dict(
+        data_path="./data/datasets/stdlib_sp1024", tokenizer_path="./data/tokenizers/stdlib_1024_bpe.model",
+        vocab_size=1024, num_layers=6, model_dim=128, num_heads=4, num_kv_heads=2, loop_start=2, loop_end=3,
+        parallel_start_layer=4, train_seq_len=256, train_batch_tokens=4096, grad_accum_steps=2, iterations=300,
+        warmup_steps=2, max_wallclock_seconds=0.0, muon_momentum_warmup_steps=100,
+        train_log_every=25, val_loss_every=0, val_batch_size=16384, eval_seq_len=0,
+        gptq_self_seqs=8, gptq_self_seq_len=128,
+    ),
+}
+
+
+# PRESET=<seed>,smoke: the seed's schedule points given in steps become the same share of the smoke run, taken
+# from the seed's own logged step count, so that a few hundred CPU steps still warm down and loop where it did;
+# and its fixed EMA decay is warmed up, since 0.997 over 300 steps would export 40% of the initial weights.
+SMOKE_SCHEDULES = {
+    "baseline": dict(warmdown_iters=0, warmdown_frac=round(1200 / 13_780, 3)),  # 1,200 of its 13,780 steps
+    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3), ema_warmup=True),  # 3,500 of #754's 6,756
+    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True),  # of #549's 7,185 steps
+    "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3), ema_warmup=True),  # step 3,000 of the SP4096 record's 5,450
+}
+
+
+def _parse_env(env_name, raw, typ):
+    try:
+        if typ is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
+
+
+# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
+# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
+SETTING_ALIASES = {
+    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
+    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
+    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
+    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
+}
+FOREIGN_SETTING_HINTS = {
+    "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
+    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
+    "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
+    "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
+    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
+    "LATE_QAT_THRESHOLD": "QAT_START_LR_SCALE", "SWA_ENABLED": "WEIGHT_AVERAGING", "EMA_ENABLED": "WEIGHT_AVERAGING",
+    "VE_ENABLED": "VE_LAYERS", "BIGRAM_VOCAB_SIZE": "BIGRAM_BUCKETS", "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS",
+    "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE", "COMPILE_MODEL": "COMPILE",
+    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
+    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
+    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
+    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
+    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
+}
+# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
+FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
+    TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
+    TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES
+    GLOBAL_TTT_MOMENTUM GLOBAL_TTT_LR GLOBAL_TTT_GRAD_CLIP GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS
+    GLOBAL_TTT_BATCH_SEQS PHASED_TTT_NUM_PHASES MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GATED_ATTN_INIT_STD FP_STORAGE CASEOPS_ENABLED ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
+    TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM PHASED_TTT_ENABLED MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
+    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
+    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
+    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
+    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
+    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
+    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
+    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
+    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATE_QAT LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
+    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
+    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
+    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
+    EVAL_ONLY_QUANTIZED_PATH EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
+    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
+    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
+""".split())
+# Variables of other programs that are never read as settings, even when a name is close to one of ours.
+FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
+
+
+# Settings that only act when another one switches them on: {setting: (is it in effect?, what switches it on)}.
+# One set explicitly while switched off would be ignored, so it is refused (a preset's values are not checked).
+INERT_UNLESS = {
+    **dict.fromkeys(("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_optimizer", "ttt_momentum", "ttt_batch_seqs",
+                     "ttt_grad_clip", "ttt_params"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
+    **dict.fromkeys(("ttt_lora_rank", "ttt_lora_targets"), (lambda hp: hp.ttt_enabled and hp.ttt_params == "lora",
+                                                             "TTT_ENABLED=1 and TTT_PARAMS=lora")),
+    "mlp_leaky_slope": (lambda hp: hp.mlp_activation == "leaky_relu2", "MLP_ACTIVATION=leaky_relu2"),
+    "attn_gate_scale": (lambda hp: hp.attn_gate == "sparse", "ATTN_GATE=sparse"),
+    "ve_dim": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
+    "bigram_dim": (lambda hp: hp.bigram_buckets > 0, "BIGRAM_BUCKETS > 0"),
+    "conv_init": (lambda hp: max(hp.conv_k, hp.mlp_conv_k) > 0, "CONV_K or MLP_CONV_K > 0"),
+    "skip_gates": (lambda hp: hp.unet_skips, "UNET_SKIPS=1"),
+    **dict.fromkeys(("loop_start", "loop_end", "loop_enable_at"), (lambda hp: hp.num_loops > 0, "NUM_LOOPS > 0")),
+    "parallel_start_layer": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
+    "ema_decay": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
+    **dict.fromkeys(("swa_every", "swa_start_lr_scale"), (lambda hp: hp.weight_averaging in ("swa", "ema_swa"),
+                                                          "WEIGHT_AVERAGING=swa or ema_swa")),
+    **dict.fromkeys(("gptq_reserve_seconds", "gptq_block_size", "gptq_damp"), (lambda hp: hp.gptq, "GPTQ=1")),
+    "gptq_calibration_batches": (lambda hp: hp.gptq and hp.gptq_calibration == "train", "GPTQ=1 and GPTQ_CALIBRATION=train"),
+    "lqer_top_k": (lambda hp: hp.lqer_rank > 0, "LQER_RANK > 0"),
+    "value_residual_form": (lambda hp: hp.value_residual, "VALUE_RESIDUAL=1"),
+    "ve_proj_init": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
+    "smear_gate_form": (lambda hp: hp.smear_gate, "SMEAR_GATE=1"),
+    "parallel_form": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
+    **dict.fromkeys(("backout_init", "backout_read"), (lambda hp: hp.backout_layer != 0, "BACKOUT_LAYER")),
+    "embed_proj_optimizer": (lambda hp: hp.bigram_buckets > 0 or bool(hp.ve_layers.strip()), "BIGRAM_BUCKETS > 0 or VE_LAYERS"),
+    "kernel_stage_restarts": (lambda hp: bool(hp.kernel_schedule), "KERNEL_SCHEDULE"),
+    "ema_warmup": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
+    "gptq_calibration": (lambda hp: hp.gptq, "GPTQ=1"),
+    **dict.fromkeys(("gptq_self_seqs", "gptq_self_seq_len", "gptq_self_temperature"),
+                    (lambda hp: hp.gptq and hp.gptq_calibration == "self", "GPTQ=1 and GPTQ_CALIBRATION=self")),
+    **dict.fromkeys(("gen_tokens", "gen_temperature", "gen_top_k"), (lambda hp: bool(hp.gen_prompt), "GEN_PROMPT")),
+    "tied_embed_lr": (lambda hp: hp.tie_embeddings, "TIE_EMBEDDINGS=1"),
+    **dict.fromkeys(("embed_lr", "head_lr"), (lambda hp: not hp.tie_embeddings, "TIE_EMBEDDINGS=0")),
+    "muon_momentum_warmup_start": (lambda hp: hp.muon_momentum_warmup_steps > 0, "MUON_MOMENTUM_WARMUP_STEPS > 0"),
+    **dict.fromkeys(("clip_k_mlp", "clip_k_attn", "clip_k_embed", "size_target_bytes"),
+                    (lambda hp: hp.quant_clip == "sdclip", "QUANT_CLIP=sdclip")),
+    "min_lr_scale": (lambda hp: hp.warmdown_frac > 0 or hp.warmdown_iters > 0, "WARMDOWN_FRAC or WARMDOWN_ITERS > 0"),
+}
+
+
+def refuse_inert_settings(hp, sources):
+    for name, (in_effect, switch) in INERT_UNLESS.items():
+        if sources[name].startswith("env") and not in_effect(hp):
+            raise ConfigError(f"{name.upper()}={getattr(hp, name)!r} has no effect unless {switch}; set that too, or "
+                              f"unset {name.upper()}")
+
+
+def settings_in_environ(environ, types):
+    """{field: (env name, raw value)} of the settings in `environ`; raises ConfigError on a refused name."""
+    found = {}
+    for env_name, raw in environ.items():
+        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
+        if field is not None:
+            if field in found:
+                raise ConfigError(f"{env_name}={raw!r} and {found[field][0]}={found[field][1]!r} set the same setting "
+                                  f"({field.upper()}); set one")
+            found[field] = (env_name, raw)
+            continue
+        if env_name in FOREIGN_SETTINGS:
+            hint = FOREIGN_SETTING_HINTS.get(env_name)
+            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
+                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
+            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
+    return found
+
+
+# ============================================================================================
+# DATA
+# ============================================================================================
+# Shard format of the challenge: 256 little-endian int32 (magic, version, token count, zeros), then uint16 tokens.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+
+
+class DataError(ConfigError):
+    """A shard or tokenizer file that cannot be used: the message names the file and the env var that points to it."""
+
+
+def read_shard_header(path):
+    """Validates magic, version and file size; returns the token count."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    except OSError as error:
+        raise DataError(f"{path} (in DATA_PATH) cannot be read: {error.strerror}") from None
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    if num_tokens < 0 or size != SHARD_HEADER_BYTES + 2 * num_tokens:
+        raise DataError(f"{path}: header says {num_tokens} tokens, so {SHARD_HEADER_BYTES + 2 * num_tokens} bytes, "
+                         f"but the file has {size} (truncated or corrupted; download or export it again)")
+    return num_tokens
+
+
+def load_shard(path):
+    """The shard's tokens as a read-only uint16 memmap (validated first)."""
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def shard_files(data_path, split):
+    if not os.path.isdir(data_path):
+        raise ConfigError(f"DATA_PATH={data_path!r} is {'a file' if os.path.exists(data_path) else 'missing'}, not a "
+                          f"folder of shards; download them with data/cached_challenge_fineweb.py or export them with "
+                          f"data/prepare_docs.py")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
+                          f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
+    return files
+
+
+STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
+
+
+class TrainLoader:
+    """Deterministic training batches that do not depend on the world size. Global row g of optimizer step s goes
+    to micro-batch g // (rows per micro-batch) of WORLD_SIZE * GRAD_ACCUM_STEPS, so the global batch, and thus the
+    math, is the same at any world size; `batch(step, micro_step)` can be asked for in any order.
+
+    DATA_SEED < 0, the challenge's order: the sorted shards are one cyclic token stream, read from the start; step s
+    takes the next TRAIN_BATCH_TOKENS + 8 tokens as 8 contiguous spans, each cut into rows of TRAIN_SEQ_LEN (the
+    span's extra token is its last target), exactly the tokens the baseline's loader gives step s (with fewer rows
+    than 8 per step, gcd(rows, 8) spans). DATA_SEED >= 0: the shards are cut into windows of TRAIN_SEQ_LEN + 1 tokens,
+    and every epoch visits each shard's windows in an order drawn from (DATA_SEED, epoch, shard), shard after shard.
+    Either way more shards only add batches after those of the shards already present (in the first pass).
+    """
+
+    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1):
+        self.shards = [load_shard(f) for f in files]
+        self.seq_len, self.seqs_per_step, self.data_seed = seq_len, seqs_per_step, data_seed
+        self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
+        self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
+        self.shard_offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])])
+        self.stream_chunks = math.gcd(seqs_per_step, STREAM_CHUNKS)
+        windows = [(len(s) - 1) // seq_len for s in self.shards]
+        self.window_offsets = np.concatenate([[0], np.cumsum(windows)])
+        self.num_windows = int(self.window_offsets[-1])
+        if self.num_windows < seqs_per_step:
+            raise ConfigError(f"the training shards hold {self.num_windows} windows of TRAIN_SEQ_LEN={seq_len}, fewer "
+                              f"than one batch of {seqs_per_step}; lower TRAIN_BATCH_TOKENS or add shards")
+        self._epoch, self._order = -1, None
+
+    def _window_order(self, epoch):
+        if epoch != self._epoch:
+            orders = [self.window_offsets[shard] + np.random.default_rng([self.data_seed, epoch, shard]).permutation(
+                self.window_offsets[shard + 1] - self.window_offsets[shard]) for shard in range(len(self.shards))]
+            self._epoch, self._order = epoch, np.concatenate(orders)
+        return self._order
+
+    def global_window_ids(self, step):
+        first = step * self.seqs_per_step
+        positions = np.arange(first, first + self.seqs_per_step)
+        ids = np.empty(self.seqs_per_step, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_windows):  # a batch may straddle two epochs
+            in_epoch = positions // self.num_windows == epoch
+            ids[in_epoch] = self._window_order(int(epoch))[positions[in_epoch] % self.num_windows]
+        return ids
+
+    def row_starts(self, step, rows):
+        """Stream positions of global rows `rows` (an array) of optimizer step `step`."""
+        if self.data_seed < 0:
+            per_span = self.seqs_per_step // self.stream_chunks
+            span, row = np.divmod(rows, per_span)
+            step_tokens = self.seqs_per_step * self.seq_len + self.stream_chunks
+            return step * step_tokens + span * (per_span * self.seq_len + 1) + row * self.seq_len
+        ids = self.global_window_ids(step)[rows]
+        shard = np.searchsorted(self.window_offsets, ids, side="right") - 1
+        return self.shard_offsets[shard] + (ids - self.window_offsets[shard]) * self.seq_len
+
+    def read_stream(self, start, count):
+        """`count` tokens from position `start` of the cyclic stream of all shards (across shard ends and wraps)."""
+        pieces, position = [], int(start) % int(self.shard_offsets[-1])
+        while count > 0:
+            shard = int(np.searchsorted(self.shard_offsets, position, side="right")) - 1
+            offset = position - int(self.shard_offsets[shard])
+            piece = self.shards[shard][offset:offset + count]
+            pieces.append(piece)
+            count -= len(piece)
+            position = (position + len(piece)) % int(self.shard_offsets[-1])
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def batch(self, step, micro_step, device=None):
+        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
+        the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
+        the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
+        chunk = self.rank * self.grad_accum_steps + micro_step
+        starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
+        rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
+        for row, start in enumerate(starts):
+            rows[row] = self.read_stream(start, self.seq_len + 1)
+        rows = torch.from_numpy(rows)
+        if device is not None and device.type == "cuda":
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+
+def check_token_ids(files, shards, vocab_size, rank=0, world_size=1, all_reduce_max=None):
+    """Every token id of every shard below VOCAB_SIZE, before anything trains: each rank scans its share of the
+    shards (a vectorized max over the memory map, about 0.1 s per 800M tokens from the page cache), the maxima are
+    combined, and the first bad shard is named with the id and its position."""
+    maxima = np.zeros(len(shards), dtype=np.int64)
+    share = range(len(shards) * rank // world_size, len(shards) * (rank + 1) // world_size)
+    for index in share:
+        maxima[index] = int(shards[index].max()) if len(shards[index]) else 0
+    if all_reduce_max is not None:
+        maxima = all_reduce_max(maxima)
+    for index in np.flatnonzero(maxima >= vocab_size):
+        position = int(np.argmax(np.asarray(shards[index]) >= vocab_size))
+        raise DataError(f"{files[index]} holds token id {int(shards[index][position])} >= VOCAB_SIZE={vocab_size} (at "
+                        f"token {position}); re-export or re-download this shard, or fix VOCAB_SIZE / DATA_PATH")
+
+
+def load_validation_tokens(files):
+    """The whole validation split, concatenated, as one int32 tensor."""
+    tokens = np.concatenate([np.asarray(load_shard(f)) for f in files]).astype(np.int32)
+    if tokens.size < 2:
+        raise ConfigError(f"the validation shards {files} hold fewer than 2 tokens")
+    return torch.from_numpy(tokens)
+
+
+def load_tokenizer(path, vocab_size):
+    if not os.path.isfile(path):
+        raise ConfigError(f"TOKENIZER_PATH={path!r} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as error:
+        reason = "cannot be read" if not os.access(path, os.R_OK) else "is not a SentencePiece model"
+        raise ConfigError(f"TOKENIZER_PATH={path!r} {reason} ({str(error).strip()[:120]})") from None
+    if sp.vocab_size() != vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={path!r} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}; "
+                          f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without a standalone "▁" piece the leading-space bytes are miscounted (parameter-golf issue #897).
+        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount bytes")
+    return sp
+
+
+def build_byte_luts(sp, vocab_size):
+    """Per-token UTF-8 byte counts as the challenge defines them (techniques.md 1.3).
+
+    A target y after token x covers base_bytes[y] + (has_leading_space[y] and not is_boundary[x]) bytes: the "▁"
+    of a piece is one space byte, except right after BOS (or another control token), where decoding drops it.
+    """
+    base_bytes = np.zeros(vocab_size, dtype=np.int64)
+    has_leading_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        is_boundary[token] = False
+        if sp.is_byte(token):
+            base_bytes[token] = 1
+            continue
+        piece = sp.id_to_piece(token)
+        if piece.startswith("\u2581"):
+            has_leading_space[token], piece = True, piece[1:]
+        base_bytes[token] = len(piece.encode("utf-8"))
+    return base_bytes, has_leading_space, is_boundary
+
+
+def count_target_bytes(tokens, luts):
+    """Bytes covered by tokens[1:] given their predecessors tokens[:-1] (numpy or torch, int)."""
+    base_bytes, has_leading_space, is_boundary = luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    prev, cur = tokens[:-1], tokens[1:]
+    return int(base_bytes[cur].sum() + (has_leading_space[cur] & ~is_boundary[prev]).sum())
+
+
+def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
+    """Start-up self-checks on the first documents (BOS-delimited) of the validation split.
+
+    1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
+       length of the SentencePiece decode.
+    2. The tokenizer is the one that made the shards: re-encoding a decoded document gives back its tokens (BPE
+       encoding is canonical, so the right tokenizer round-trips essentially every document; a wrong one none).
+    """
+    tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
+    bos_positions = np.flatnonzero(tokens == sp.bos_id())
+    if len(bos_positions) < 2 or bos_positions[0] != 0:
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+    docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
+    decoded = sp.decode(docs)
+    total = 0
+    for index, (doc, text) in enumerate(zip(docs, decoded)):
+        lut, utf8 = count_target_bytes([sp.bos_id()] + doc, luts), len(text.encode("utf-8"))
+        if lut != utf8:
+            raise ConfigError(f"byte accounting self-check failed on validation document {index}: the LUT counts {lut} "
+                              f"bytes, the decoded text has {utf8}; val_bpb cannot be trusted with this tokenizer")
+        total += utf8
+    sample = range(min(roundtrip_docs, len(docs)))
+    matches = sum(sp.encode(decoded[i]) == docs[i] for i in sample)
+    if matches < 0.9 * len(sample):
+        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(sample)} "
+                          f"validation documents re-encode to their own tokens")
+    return len(docs), total
+
+
+# ============================================================================================
+# MODEL
+# ============================================================================================
+# The challenge baseline's spine (pre-norm blocks, QK-RMSNorm, per-head query gain, RoPE, grouped-query attention,
+# resid_mix, U-Net skips, zero-initialized output projections, tied embeddings, tanh softcap) with the record
+# techniques, each behind its env var and credited where it is defined. `GPT.hidden_states` is the whole model:
+# embed (token + BigramHash, SmearGate), then the virtual layer order (depth recurrence) with U-Net skips and
+# parallel lanes, then Cache+Backout.
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; with NORM_WEIGHTS a learnable per-channel weight (neon213's norms), else none."""
+
+    def __init__(self, dim, learnable, init=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), float(init))) if learnable else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), None if self.weight is None else self.weight.to(x.dtype))
+
+
+class CastedLinear(nn.Linear):
+    """fp32 master weight, used in the activations' dtype (bf16 under autocast)."""
+
+    def __init__(self, in_features, out_features, zero_init=False):
+        super().__init__(in_features, out_features, bias=False)
+        self.lora = None  # a CastedLoRA that test-time training may attach
+        self.zero_init = zero_init
+        if zero_init:
+            nn.init.zeros_(self.weight)
+        self.qat_grid = None  # (bits, clip method, clip k) of the export grid when QAT is configured (see set_qat)
+        self.register_buffer("qat_on", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_k_scale", torch.ones(()), persistent=False)  # the size target's scale of k
+
+    def forward(self, x):
+        w = self.weight
+        if self.qat_grid is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
+            w = w + self.qat_on * (fake_quantize(w, *self.qat_grid, self.qat_k_scale) - w).detach()
+        y = F.linear(x, w.to(x.dtype))
+        return y if self.lora is None else y + self.lora(x)
+
+
+def _sdpa(q, k, v):
+    # (B, T, H, D) in and out; SDPA wants heads first.
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def _load_flash_attention(backend):
+    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable."""
+    try:
+        if backend == "fa3":
+            from flash_attn_interface import flash_attn_func
+        else:
+            from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def flash(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+    return flash
+
+
+def select_attention(requested, device_type, half_precision=True):
+    """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error.
+    FlashAttention takes only fp16/bf16 activations, so without autocast (`half_precision` False) it is skipped."""
+    candidates = ["fa3", "fa2", "sdpa"] if requested == "auto" else [requested]
+    for name in candidates:
+        if name == "sdpa":
+            return name, _sdpa
+        if device_type == "cuda" and half_precision:
+            fn = _load_flash_attention(name)
+            if fn is not None:
+                return name, fn
+    if device_type == "cuda" and not half_precision:
+        raise ConfigError(f"ATTN_BACKEND={requested!r} needs bf16 activations, but AUTOCAST=off runs fp32: "
+                          f"set AUTOCAST=auto or ATTN_BACKEND=sdpa")
+    raise ConfigError(f"ATTN_BACKEND={requested!r} is not available here (FlashAttention needs CUDA and its package)")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head; the rest carry no position (partial
+    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence."""
+
+    def __init__(self, dims, base, max_seq_len):
+        super().__init__()
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
+        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+
+    def forward(self, x):  # x: (B, T, H, D); rotates the two halves of the first `dims` channels as pairs
+        seq_len = x.size(1)
+        cos, sin = self.cos[:, :seq_len].to(x.dtype), self.sin[:, :seq_len].to(x.dtype)
+        x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        return rotated if self.dims == x.size(-1) else torch.cat((rotated, x[..., self.dims:]), dim=-1)
+
+
+def exclusive_self_attention(y, v):
+    """XSA (arXiv 2603.09078; credit: the XSA records): remove from each head's output its component along the
+    token's own value vector, so attention carries what the other tokens add. GQA-aware: the query heads of a KV
+    group share one unit vector, broadcast without repeating K/V. y: (B, T, H, D), v: (B, T, H_kv, D)."""
+    B, T, H, D = y.shape
+    grouped = y.reshape(B, T, v.size(2), H // v.size(2), D)
+    unit = F.normalize(v, dim=-1).unsqueeze(3)
+    return (grouped - (grouped * unit).sum(-1, keepdim=True) * unit).reshape(B, T, H, D)
+
+
+ATTENTION_GATES = ("none", "head", "biased", "output", "sparse")
+BIASED_GATE_INIT = 4.0  # PR #549's gated attention starts its bias here: sigmoid(4) = 0.982, nearly open
+
+
+class AttentionGate(nn.Module):
+    """A per-head multiplicative gate on the attention output, before the output projection; one kind at a time.
+      head:   sigmoid(W x), W (H, d) ~ N(0, 0.005): about 0.5 at init (credit: Qwen's gated attention, arXiv
+              2505.06708, as in the GatedAttn record).
+      biased: sigmoid(W x + b), W (H, d) zero, b = BIASED_GATE_INIT: 0.982 at init (PR #549's GATED_ATTENTION).
+      output: 2 sigmoid(W x[:window]), W zero: exactly 1 at init (credit: the attention-output-gate record, PR #1667).
+      sparse: sigmoid(s W x[:window]), W zero: 0.5 at init, 96 parameters a layer (credit: the SparseGate record)."""
+
+    def __init__(self, kind, model_dim, num_heads, window, scale):
+        super().__init__()
+        self.kind, self.window, self.scale = kind, window, scale
+        full_width = kind in ("head", "biased")
+        self.weight = nn.Parameter(torch.zeros(num_heads, model_dim if full_width else window))
+        self.bias = nn.Parameter(torch.full((num_heads,), BIASED_GATE_INIT)) if kind == "biased" else None
+        if kind == "head":
+            nn.init.normal_(self.weight, std=0.005)
+
+    def forward(self, x):  # x: the block's normed input (B, T, d) -> (B, T, H, 1)
+        source = x if self.weight.size(1) == x.size(-1) else x[..., :self.window]
+        z = F.linear(source, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        gate = 2 * torch.sigmoid(z) if self.kind == "output" else torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
+        return gate.unsqueeze(-1)
+
+
+class CausalConv(nn.Module):
+    """A causal depthwise Conv1d over time, on (B, T, C) (credit: neon213's SwiGLU-Conv). Output t reads inputs
+    t-k+1..t; the last tap multiplies the current token. The kernel is allocated at its full size MAX_K, and a mask
+    holds the taps that are not yet grown at zero: growing unmasks taps on the far-past side, whose weights are
+    still exactly zero (their gradient was masked), so the function is unchanged bit for bit, no tensor changes
+    shape, the optimizer state carries on (the new taps start with zero moments), and torch.compile does not
+    recompile. The mask is a buffer, so a reloaded artifact knows its kernel size."""
+
+    def __init__(self, channels, max_k, hp):
+        super().__init__()
+        self.max_k = max_k
+        self.weight = nn.Parameter(torch.zeros(channels, max_k))
+        self.register_buffer("tap_mask", torch.zeros(max_k))
+        stages = hp.kernel_stages
+        taps = min(stages[0][1] if stages else max_k, max_k)
+        self.grow(taps)
+        with torch.no_grad():
+            if hp.conv_init == "random":  # neon213: PyTorch's Conv1d init U(+-1/sqrt(fan_in)), fan_in = the active taps
+                self.weight[:, max_k - taps:].uniform_(-taps ** -0.5, taps ** -0.5)  # (k = 1: a random scale and sign)
+            else:  # identity: the model starts as if there were no conv
+                self.weight[:, -1] = 1.0
+
+    @property
+    def active_k(self):
+        return int(self.tap_mask.sum().item())
+
+    def grow(self, taps):
+        """Make the last `taps` taps (at most MAX_K) active; never shrinks."""
+        taps = min(taps, self.max_k)
+        self.tap_mask[self.max_k - taps:] = 1.0
+
+    def forward(self, x):
+        kernel = (self.weight * self.tap_mask).to(x.dtype)
+        padded = F.pad(x.transpose(1, 2), (self.max_k - 1, 0))
+        return F.conv1d(padded, kernel.unsqueeze(1), groups=kernel.size(0)).transpose(1, 2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp, layer, attention_fn):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = CastedLinear(hp.model_dim, hp.model_dim)
+        self.c_k = CastedLinear(hp.model_dim, kv_dim)
+        self.c_v = CastedLinear(hp.model_dim, kv_dim)
+        self.proj = CastedLinear(hp.model_dim, hp.model_dim, zero_init=hp.zero_init_proj)
+        # QK-norm keeps the logits' scale in check; the queries' scale is learned, per head (the baseline's gain)
+        # or, with NORM_WEIGHTS, per head dim as neon213's q_norm weight (shared by the heads, like k_norm's).
+        self.q_norm = RMSNorm(self.head_dim, hp.norm_weights, init=hp.qk_gain_init)
+        self.k_norm = RMSNorm(self.head_dim, hp.norm_weights)
+        self.q_gain = None if hp.norm_weights else nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
+        self.attention_fn = attention_fn
+        self.xsa = layer in hp.layer_set("xsa_layers")
+        self.gate = AttentionGate(hp.attn_gate, hp.model_dim, hp.num_heads, hp.gate_window, hp.attn_gate_scale) \
+            if hp.attn_gate != "none" else None
+        # Value residual (credit: ResFormer): v0 = layer 0's V enters every later layer's V, as v + sigmoid(a) v0
+        # with a = 0 (the ValCalib record's form) or as l0 v0 + l1 v with l = (0.5, 0.5) (PR #549's form).
+        self.value_residual_form = hp.value_residual_form
+        initial = torch.zeros(()) if hp.value_residual_form == "sigmoid" else torch.full((2,), 0.5)
+        self.value_residual = nn.Parameter(initial) if hp.value_residual and layer > 0 else None
+        self.value_embed_scale = nn.Parameter(torch.ones(())) if layer in hp.layer_set("ve_layers") else None
+        # The neon family (credit: neon213): causal depthwise convs on Q, K, V after their projections, and the
+        # Intent, a fourth projection whose sigmoid gates every channel of the attention output.
+        self.c_i = CastedLinear(hp.model_dim, hp.model_dim) if hp.intent_gate else None
+        convs = {"q": hp.model_dim, "k": kv_dim, "v": kv_dim, **({"i": hp.model_dim} if hp.intent_gate else {})}
+        self.convs = nn.ModuleDict({name: CausalConv(width, hp.conv_k, hp) for name, width in convs.items()}) \
+            if hp.conv_k else None
+
+    def project(self, x, name, linear):
+        y = linear(x)
+        return self.convs[name](y) if self.convs is not None else y
+
+    def mix_value_residual(self, v, v0):
+        if self.value_residual_form == "sigmoid":
+            return v + torch.sigmoid(self.value_residual).to(v.dtype) * v0
+        weights = self.value_residual.to(v.dtype)
+        return weights[0] * v0 + weights[1] * v
+
+    def forward(self, x, v0=None, value_embed=None, context=None):
+        """x: the normed block input; `context` (default x): the normed input the keys and values are computed
+        from (Cache+Backout's read path). Returns (output, this layer's V before the value residual)."""
+        B, T, C = x.shape
+        context = x if context is None else context
+        q = self.project(x, "q", self.c_q).view(B, T, self.num_heads, self.head_dim)
+        k = self.project(context, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(context, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.value_embed_scale is not None:
+            v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
+        own_v = v
+        if self.value_residual is not None and v0 is not None:
+            v = self.mix_value_residual(v, v0)
+        q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[:, None]
+        y = self.attention_fn(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * self.gate(x)
+        if self.c_i is not None:
+            y = y * torch.sigmoid(self.project(x, "i", self.c_i)).view_as(y)
+        return self.proj(y.reshape(B, T, C)), own_v
+
+
+class MLP(nn.Module):
+    """proj(act(fc x)^2) with act = ReLU (the baseline) or LeakyReLU(slope) (credit: PR #493, the LeakyReLU record);
+    or SwiGLU, proj(silu(fc conv(x)) * up(x)), whose gate branch may read a causal conv of its input (MLP_CONV_K,
+    neon213's "Hydra" conv; the value branch sees x itself)."""
+
+    def __init__(self, hp):
+        super().__init__()
+        hidden = int(round(hp.mlp_mult * hp.model_dim))
+        self.fc = CastedLinear(hp.model_dim, hidden)
+        self.proj = CastedLinear(hidden, hp.model_dim, zero_init=hp.zero_init_proj)
+        self.swiglu = hp.mlp_activation == "swiglu"
+        self.up = CastedLinear(hp.model_dim, hidden) if self.swiglu else None
+        self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
+        self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
+
+    def forward(self, x):
+        if self.swiglu:
+            gate_input = self.gate_conv(x) if self.gate_conv is not None else x
+            return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
+        h = self.fc(x)
+        return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
+
+
+def merge_lanes(lanes):
+    attention_lane, mlp_lane = lanes
+    return attention_lane if mlp_lane is None else 0.5 * (attention_lane + mlp_lane)
+
+
+class Block(nn.Module):
+    """One transformer layer. The residual stream travels as `lanes`: (x, None) in sequential blocks, (attention
+    lane, MLP lane) from PARALLEL_START_LAYER on."""
+
+    def __init__(self, hp, layer, attention_fn):
+        super().__init__()
+        self.attn = CausalSelfAttention(hp, layer, attention_fn)
+        self.mlp = MLP(hp)
+        self.attn_norm, self.mlp_norm = RMSNorm(hp.model_dim, hp.norm_weights), RMSNorm(hp.model_dim, hp.norm_weights)
+        scales = hp.sublayer_scales
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim)) if scales else None
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim)) if scales else None
+        # resid_mix blends the running residual with the block-0 input x0 per channel; [1, 0] = plain residual.
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)])) \
+            if hp.resid_mix else None
+        # LN scale (credit: the PartialRoPE/LN-scale record): damp deeper sublayer inputs by 1/sqrt(layer + 1).
+        # `layer` is the physical index, so a looped repeat keeps its block's factor.
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        self.parallel = hp.parallel_residuals and layer >= hp.parallel_start_layer
+        self.lanes_exchange = hp.parallel_form == "routing"
+        if self.parallel and self.lanes_exchange:
+            # Two lanes with learned routing (credit: modded-nanogpt PR #230, the ParallelResiduals record): attention
+            # reads the attention lane, the MLP the MLP lane, both from the old lanes; each output is written to both.
+            self.lane_decay = nn.Parameter(torch.full((2,), 1.1))  # [attention lane, MLP lane]
+            self.lane_routing = nn.Parameter(torch.ones(2, 2))  # [from attention, from MLP] x [to lane 0, to lane 1]
+        # PARALLEL_FORM=merge (credit: PR #1289, as in PR #1392 and the SP4096 record): attention updates the attention
+        # lane, the MLP the MLP lane, and they never exchange; GPT merges them at the end with a learned m.
+
+    def sublayer_input(self, x, norm):
+        return norm(x) * self.norm_scale
+
+    @staticmethod
+    def scaled(output, scale):
+        return output if scale is None else scale.to(output.dtype) * output
+
+    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None):
+        """Returns (new lanes, this layer's V). `cached`: Cache+Backout's cached state, which the attention's keys
+        and values then read instead of this block's input."""
+        if not self.parallel:
+            lanes = (merge_lanes(lanes), None)
+        residual, mlp_lane = lanes
+        x = residual
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(residual.dtype)
+            x = mix[0] * residual + mix[1] * x0
+        context = None if cached is None else self.sublayer_input(cached, self.attn_norm)
+        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context)
+        attn_out = self.scaled(attn_out, self.attn_scale)
+        if not self.parallel:
+            x = x + attn_out
+            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm)), self.mlp_scale), None), v
+        mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
+        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm)), self.mlp_scale)
+        if not self.lanes_exchange:
+            return (x + attn_out, mlp_lane + mlp_out), v
+        decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
+        return (decay[0] * x + route[0, 0] * attn_out + route[1, 0] * mlp_out,
+                decay[1] * mlp_lane + route[0, 1] * attn_out + route[1, 1] * mlp_out), v
+
+
+class BigramHash(nn.Module):
+    """A learned embedding of the hashed (previous, current) token pair, added to the token embedding (credit: the
+    SmearGate/BigramHash records; the XOR hash of INT6-20). Bucket BIGRAM_BUCKETS - 1 is reserved for "no previous
+    token": the first position of a row and every BOS, so packed documents never see each other. The table starts
+    at zero (the identity at init); the projection starts random, since a zero table behind a zero projection would
+    never receive a gradient."""
+
+    def __init__(self, buckets, dim, model_dim, bos_id):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.table.weight)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, input_ids):
+        current = input_ids.long()
+        previous = F.pad(current[:, :-1], (1, 0))
+        hashed = torch.bitwise_xor(36313 * current, 27191 * previous) % (self.buckets - 1)
+        no_previous = current == self.bos_id
+        no_previous[:, 0] = True
+        return torch.where(no_previous, self.buckets - 1, hashed)
+
+    def forward(self, input_ids):
+        return self.scale * self.proj(self.table(self.bucket_ids(input_ids)))
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:window]) * x_{t-1} on the raw embedding, never across a BOS (credit:
+    modded-nanogpt's smear, the SmearGate records; the BOS mask fixes the cross-document leak found in PR #1797).
+    lam = 0 and w = 0 at init: exactly the identity."""
+
+    def __init__(self, window, bos_id):
+        super().__init__()
+        self.window, self.bos_id = window, bos_id
+        self.weight = nn.Parameter(torch.zeros(1, window))
+        self.lam = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, input_ids):
+        gate = torch.sigmoid(F.linear(x[..., :self.window], self.weight.to(x.dtype)))
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * gate * previous
+
+
+class SmearBlend(nn.Module):
+    """The seed-era SmearGate (credit: PR #65, as in the PR #549 family): out_t = (1 - s) * x_t + s * x_{t-1} per
+    channel, s = sigmoid(g), g = 0 (an even blend at init), on the normed embedding. The previous token is zero at
+    a row's first position and, unlike in those records, at every BOS, so that documents never see each other."""
+
+    def __init__(self, dim, bos_id):
+        super().__init__()
+        self.bos_id = bos_id
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, input_ids):
+        share = torch.sigmoid(self.gate).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0)) * (input_ids != self.bos_id).unsqueeze(-1).to(x.dtype)
+        return torch.lerp(x, previous, share)
+
+
+class ValueEmbedding(nn.Module):
+    """One token table shared by the VE_LAYERS, projected to the KV width and added to their V (credit: the VE128
+    records). The projection starts at zero, so it is the identity at init, or orthogonal (VE_PROJ_INIT=ortho: the
+    PR #549 family, whose OrthoInit pass overwrote its zero init)."""
+
+    def __init__(self, vocab_size, dim, kv_dim, proj_init="zero"):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = CastedLinear(dim, kv_dim, zero_init=proj_init == "zero")
+        if proj_init == "ortho":
+            nn.init.orthogonal_(self.proj.weight)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, input_ids):
+        return self.scale * self.proj(self.table(input_ids))
+
+
+def mile_weights(logits, gamma):
+    """MiLe token weights (arXiv 2310.19531, in PR #703's form): (1 - exp(-H))^gamma of the detached predictive
+    entropy H, normalized to mean 1, so confidently predicted tokens count less. gamma = 0 is plain cross-entropy."""
+    with torch.no_grad():
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        weights = (1 - torch.exp(-entropy)).clamp_min(1e-6) ** gamma
+        return weights / weights.mean()
+
+
+class GPT(nn.Module):
+    def __init__(self, hp, attention_fn=_sdpa, bos_id=1):
+        super().__init__()
+        self.logit_softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
+        self.smear = None if not hp.smear_gate else \
+            SmearGate(hp.gate_window, bos_id) if hp.smear_gate_form == "scalar" else SmearBlend(hp.model_dim, bos_id)
+        kv_dim = hp.num_kv_heads * (hp.model_dim // hp.num_heads)
+        self.value_embed = ValueEmbedding(hp.vocab_size, hp.ve_dim, kv_dim, hp.ve_proj_init) \
+            if hp.layer_set("ve_layers") else None
+        self.blocks = nn.ModuleList(Block(hp, layer, attention_fn) for layer in range(hp.num_layers))
+        # Depth recurrence (credit: the MiniDepthRecurrence and 3LayerRecur records): layers LOOP_START..LOOP_END run
+        # 1 + NUM_LOOPS times once `looping` is switched on during training, reusing their weights.
+        self.num_loops, self.loop_start, self.loop_end = hp.num_loops, hp.loop_start, hp.loop_end
+        # The switch is a Python bool (compile specializes on it) mirrored in a buffer, so that the weights file says
+        # which layout they were trained with and loading it restores the switch.
+        self.register_buffer("loop_active", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "looping", bool(module.loop_active)))
+        self.looping = hp.num_loops > 0 and hp.loop_enable_at == 0
+        # U-Net skips (credit: the baseline; gates: PR #1089): the first half of the virtual stack feeds the second
+        # half in reverse order. Sized for the longer (looped) stack from the start, so that switching the recurrence
+        # on mid-run adds no parameter.
+        most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
+        self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
+        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
+        self.embed_norm = RMSNorm(hp.model_dim, learnable=False) if hp.embed_norm else None  # neon213 has none
+        self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
+        # PARALLEL_FORM=merge ends with m lane0 + (1 - m) lane1, m learned from 0.5 (PR #1289).
+        self.lane_merge = nn.Parameter(torch.tensor(0.5)) \
+            if hp.parallel_residuals and hp.parallel_form == "merge" else None
+        # Cache+Backout (credit: modded-nanogpt PR #140, parameter-golf PR #339 and PR #703): subtract a learned
+        # multiple of the residual after BACKOUT_LAYER virtual layers from the final state (BACKOUT_INIT = 0: the
+        # identity at init; PR #703: 0.1); with BACKOUT_READ the later layers' keys and values read that cached state.
+        self.backout_layer, self.backout_read = hp.backout_layer, hp.backout_read
+        self.backout = nn.Parameter(torch.tensor(float(hp.backout_init))) if hp.backout_layer else None
+        self.lm_head = None if hp.tie_embeddings else CastedLinear(hp.model_dim, hp.vocab_size, zero_init=True)
+        if hp.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        if hp.ortho_init:  # OrthoInit (credit: the SmearGate/OrthoInit record) on every random matrix >= 64 x 64
+            for module in self.modules():
+                if isinstance(module, CastedLinear) and not module.zero_init and min(module.weight.shape) >= 64:
+                    nn.init.orthogonal_(module.weight)
+
+    @property
+    def looping(self):
+        return self._looping
+
+    @looping.setter
+    def looping(self, on):
+        self._looping = bool(on)
+        self.loop_active.fill_(self._looping)
+
+    def layer_order(self, looping=None):
+        """The virtual stack: physical layer indices in execution order."""
+        order = list(range(len(self.blocks)))
+        if not (self.looping if looping is None else looping) or self.num_loops == 0:
+            return order
+        loop = order[self.loop_start:self.loop_end + 1]
+        return order[:self.loop_start] + loop * (1 + self.num_loops) + order[self.loop_end + 1:]
+
+    def grow_kernels(self, taps):
+        """Every causal conv grows to `taps` taps (each capped at its allocated size); the function is unchanged."""
+        for module in self.modules():
+            if isinstance(module, CausalConv):
+                module.grow(taps)
+
+    def kernel_sizes(self):
+        return sorted({m.active_k for m in self.modules() if isinstance(m, CausalConv)})
+
+    def embed(self, input_ids):
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        if isinstance(self.smear, SmearGate):  # on the raw embedding; the seed-era blend acts after the norm
+            x = self.smear(x, input_ids)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return self.smear(x, input_ids) if isinstance(self.smear, SmearBlend) else x
+
+    def merge(self, lanes):
+        if self.lane_merge is None or lanes[1] is None:
+            return merge_lanes(lanes)
+        return torch.lerp(lanes[1], lanes[0], self.lane_merge.to(lanes[0].dtype))  # m lane0 + (1 - m) lane1
+
+    def add_skip(self, x, skip, index):
+        weighted = self.skip_weights[index].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + weighted
+        return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
+
+    def hidden_states(self, input_ids):
+        x0 = self.embed(input_ids)
+        value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
+        order = self.layer_order()
+        cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
+        num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
+        lanes, skips, v0, cached = (x0, None), [], None, None
+        for position, layer in enumerate(order):
+            if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
+                lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
+            read = cached if self.backout_read else None
+            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read)
+            v0 = v if v0 is None else v0
+            if position < num_encoder:
+                skips.append(self.merge(lanes))
+            if self.backout_layer and position + 1 == cache_after:
+                cached = self.merge(lanes)
+        x = self.merge(lanes)
+        if cached is not None:
+            x = x - self.backout.to(x.dtype) * cached
+        return self.final_norm(x)
+
+    def logits(self, input_ids):
+        h = self.hidden_states(input_ids)
+        raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        if not self.logit_softcap:
+            return raw.float()
+        return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None):
+        """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
+        logits = self.logits(input_ids)
+        if target_ids is None:
+            return logits
+        losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
+        if reduction == "none":
+            return losses.view_as(target_ids)
+        if mile_gamma is not None:
+            losses = losses * mile_weights(logits.flatten(0, 1), mile_gamma)
+        return losses.mean()
+
+
+def count_parameters(model):
+    """(total, embedding, non-embedding): embedding = every token table (tokens, BigramHash, VE) + an untied head.
+    Conv taps not yet grown are held at zero, so they are not counted: a kernel of k active taps counts k."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    embedding = sum(p.numel() for p in tables) + (model.lm_head.weight.numel() if model.lm_head is not None else 0)
+    ungrown = sum(m.weight.size(0) * (m.max_k - m.active_k) for m in model.modules() if isinstance(m, CausalConv))
+    total = sum(p.numel() for p in model.parameters()) - ungrown
+    return total, embedding, total - embedding
+
+
+def describe_features(model, hp):
+    """The `features:` log line: every technique that is on, with its setting."""
+    head_dim = hp.model_dim // hp.num_heads
+    slope = f"({hp.mlp_leaky_slope:g})" if hp.mlp_activation == "leaky_relu2" else ""
+    parallel = [layer for layer, block in enumerate(model.blocks) if block.parallel]
+    optional = [  # (description, on)
+        ("ortho_init", hp.ortho_init),
+        (f"xsa_layers:{hp.xsa_layers}", hp.layer_set("xsa_layers")),
+        (f"attn_gate:{hp.attn_gate}", hp.attn_gate != "none"),
+        (f"value_residual:{hp.value_residual_form}", hp.value_residual),
+        (f"value_embed:{hp.ve_layers}x{hp.ve_dim}(proj_init:{hp.ve_proj_init})", hp.layer_set("ve_layers")),
+        (f"bigram_hash:{hp.bigram_buckets}x{hp.bigram_dim}", hp.bigram_buckets),
+        (f"smear_gate:{hp.smear_gate_form}(bos_masked)", hp.smear_gate),
+        ("no_embed_norm", not hp.embed_norm),
+        ("random_init_proj", not hp.zero_init_proj),
+        ("norm_weights", hp.norm_weights),
+        ("ln_scale", hp.ln_scale),
+        ("sublayer_scales", hp.sublayer_scales),
+        ("resid_mix", hp.resid_mix),
+        ("unet_skips" + ("(gated)" if hp.skip_gates else ""), hp.unet_skips),
+        (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
+         f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
+        (f"parallel_lanes:{parallel[0]}-{parallel[-1]}({hp.parallel_form})" if parallel else "", parallel),
+        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})", hp.backout_layer),
+        (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
+        (f"conv_qkv{'i' if hp.intent_gate else ''}:{hp.conv_k}", hp.conv_k),
+        ("intent_gate", hp.intent_gate),
+        (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
+        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})", hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
+    ]
+    return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
+                     f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
+                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
+                    + [description for description, on in optional if on])
+
+
+# ============================================================================================
+# OPTIMIZER
+# ============================================================================================
+
+# Keller Jordan's quintic: fast to converge, not to exactly 1 (five steps land singular values in about [0.7, 1.2]).
+QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al. 2025; PR #1344): one polynomial per step, same cost as the quintic, tighter result.
+# Steps past the list repeat its last polynomial, the one made for singular values already near 1.
+POLAR_EXPRESS_COEFFICIENTS = ((8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002),
+                              (3.89167, -2.77248, 0.50606), (3.28575, -2.36813, 0.46449),
+                              (2.34654, -1.70978, 0.42324))
+ORTHOGONALIZERS = {"quintic": QUINTIC_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}
+INT8_MOMENTUM_BLOCK = 256  # values per fp32 scale of the int8 Muon momentum (PR #703)
+# torch 2.13 renamed the single-tensor collectives (the old names warn); requirements.txt allows torch >= 2.5.
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def orthogonalize(grads, steps, method="quintic", eps=1e-7, dtype=None):
+    """Approximately orthogonalize a matrix or a batch of them (..., rows, cols): U S V^T -> U S' V^T, S' near 1.
+    Computed in `dtype`: by default bf16 on GPU for speed and fp32 on the CPU, which has no fast bf16 matmul."""
+    coefficients = ORTHOGONALIZERS[method]
+    x = grads.to(dtype or (torch.bfloat16 if grads.is_cuda else torch.float32))
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for step in range(steps):
+        a, b, c = coefficients[min(step, len(coefficients) - 1)]
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+def quantize_int8_blockwise(x):
+    """Symmetric int8 with one fp32 scale per block of INT8_MOMENTUM_BLOCK values: (codes, scales)."""
+    flat = F.pad(x.flatten().float(), (0, -x.numel() % INT8_MOMENTUM_BLOCK)).view(-1, INT8_MOMENTUM_BLOCK)
+    scales = flat.abs().amax(dim=1, keepdim=True) / 127
+    return torch.round(flat / scales.clamp_min(1e-30)).to(torch.int8), scales
+
+
+def dequantize_int8_blockwise(codes, scales, like):
+    return (codes.float() * scales).flatten()[:like.numel()].view_as(like)
+
+
+class ParameterBank:
+    """Same-shaped matrices stored as one contiguous (n, rows, cols) tensor (credit: PR #399's parameter banks).
+
+    Each matrix stays a Parameter of its module, now a view of the bank, so modules, names, hooks and state_dict
+    keys are unchanged and the banked model computes exactly what the unbanked one did. The gradients are views of
+    one buffer padded to a multiple of the world size (autograd accumulates into them in place), so one
+    reduce-scatter hands each rank whole matrices and one all-gather brings every update back.
+    """
+
+    def __init__(self, params, world_size, update_dtype=None):
+        self.params, self.size = params, len(params)
+        self.weights = torch.stack([p.detach() for p in params])
+        padded = -(-self.size // world_size) * world_size
+        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype, device=self.weights.device)
+        for index, p in enumerate(params):
+            p.data = self.weights[index]
+            p.grad = self.grads[index]
+        if world_size == 1:
+            self.grad_shard, self.updates = self.grads, None
+        else:  # the all-gather moves the update's dtype: bf16 on GPU, as it is computed in bf16 there
+            self.grad_shard = torch.empty_like(self.grads[:padded // world_size])
+            update_dtype = update_dtype or (torch.bfloat16 if self.weights.is_cuda else self.weights.dtype)
+            self.updates = torch.empty_like(self.grads, dtype=update_dtype)
+
+
+class ParallelMuon:
+    """Muon (credit: Keller Jordan) over parameter banks, without DDP (credit: PR #399's Parallel Muon).
+
+    Per bank, largest first: an asynchronous reduce-scatter leaves rank r the averaged gradient of its shard of whole
+    matrices. Momentum lives for the shard only (1/world of the memory, optionally int8), then Nesterov, MuonEq-R row
+    normalization and a batched orthogonalization run on the shard, and an asynchronous all-gather returns the
+    updates; bank i's all-gather overlaps bank i+1's work. Decoupled weight decay and the update then apply to the
+    full, replicated bank. At one process the same code runs without the collectives.
+    """
+
+    def __init__(self, banks, hp, rank, world_size, update_dtype=None):
+        self.banks = sorted(banks, key=lambda bank: -bank.weights.numel())
+        self.update_dtype = update_dtype  # None: bf16 on GPU, fp32 on the CPU (see orthogonalize)
+        self.param_groups = [dict(lr=hp.matrix_lr, base_lr=hp.matrix_lr, momentum=hp.muon_momentum,
+                                  weight_decay=hp.muon_weight_decay)]
+        self.backend_steps, self.orthogonalizer = hp.muon_backend_steps, hp.muon_orthogonalizer
+        self.row_normalize, self.int8_momentum = hp.muon_row_normalize, hp.muon_momentum_int8
+        self.rank, self.world_size = rank, world_size
+        self.state, self.pending = {}, {}
+
+    def launch_reduce_scatters(self):
+        for index, bank in enumerate(self.banks):
+            if self.world_size > 1:
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM, async_op=True)
+
+    def averaged_grad_shard(self, index):
+        """This rank's matrices of bank `index`, gradient averaged over ranks (waits for the reduce-scatter)."""
+        bank = self.banks[index]
+        work = self.pending.pop(index, None)
+        if work is not None:
+            work.wait()
+            bank.grad_shard.div_(self.world_size)  # gloo has no AVG
+        return bank.grad_shard
+
+    def momentum_step(self, index, grad, momentum):
+        """buf = momentum * buf + grad, in the shard's stored precision; returns buf in fp32."""
+        state = self.state.setdefault(index, {})
+        if self.int8_momentum:
+            buf = dequantize_int8_blockwise(*state["codes_scales"], grad) if state else torch.zeros_like(grad)
+            buf.mul_(momentum).add_(grad)
+            state["codes_scales"] = quantize_int8_blockwise(buf)
+            return buf
+        buf = state.setdefault("buffer", torch.zeros_like(grad))
+        return buf.mul_(momentum).add_(grad)
+
+    def shard_update(self, index, momentum):
+        grad = self.averaged_grad_shard(index)
+        update = grad.add(self.momentum_step(index, grad, momentum), alpha=momentum)  # Nesterov
+        if self.row_normalize:  # MuonEq-R (arXiv 2603.28254, PR #1217): equal row norms before orthogonalizing
+            update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        update = orthogonalize(update, self.backend_steps, self.orthogonalizer, dtype=self.update_dtype)
+        return update * max(1.0, update.size(-2) / update.size(-1)) ** 0.5  # same RMS for tall and wide matrices
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        gathers = []
+        for index, bank in enumerate(self.banks):
+            update = self.shard_update(index, momentum)
+            if self.world_size == 1:
+                gathers.append((bank, None, update))
+            else:
+                work = all_gather_single(bank.updates, update.to(bank.updates.dtype), async_op=True)
+                gathers.append((bank, work, bank.updates))
+        for bank, work, updates in gathers:
+            if work is not None:
+                work.wait()
+            bank.weights.mul_(1 - lr * weight_decay).add_(updates[:bank.size].to(bank.weights.dtype), alpha=-lr)
+
+    def momentum_bytes(self):
+        """The momentum memory of this rank (its shards only)."""
+        return sum(t.numel() * t.element_size() for state in self.state.values()
+                   for value in state.values() for t in (value if isinstance(value, tuple) else (value,)))
+
+
+class Optimizers:
+    """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
+    block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
+
+    def __init__(self, model, hp, rank, world_size, update_dtype=None):
+        """`update_dtype`: Muon's orthogonalization and all-gather precision; None = bf16 on GPU, fp32 on the CPU."""
+        head = [] if model.lm_head is None else [model.lm_head.weight]
+        # EMBED_PROJ_OPTIMIZER=adamw: the token tables' projections go with the scalars (the PR #549 family).
+        table_projections = [m.proj for m in (model.bigram, model.value_embed) if m is not None] \
+            if hp.embed_proj_optimizer == "adamw" else []
+        excluded = {id(model.lm_head)} | {id(m) for m in table_projections}
+        matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear) and id(m) not in excluded]
+        tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+        taken = {id(p) for p in matrices + tables + head}
+        scalars = [p for p in model.parameters() if id(p) not in taken]
+        by_shape = {}
+        for p in matrices:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.muon = ParallelMuon([ParameterBank(params, world_size, update_dtype) for params in by_shape.values()], hp,
+                                 rank, world_size, update_dtype)
+        self.banks = self.muon.banks  # largest first: the order of the collectives
+        adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
+                            weight_decay=hp.embed_weight_decay),
+                       dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.scalar_weight_decay)]
+        if head:
+            adam_groups.append(dict(params=head, lr=hp.head_lr, weight_decay=0.0))
+        for group in adam_groups:
+            group["base_lr"] = group["lr"]
+        # Fused on every device (the CPU has a fused AdamW since torch 2.4): its step count stays a tensor, so the
+        # step never reads it back to the host, as the unfused path's .item() does.
+        self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=True)
+        self.replicated = tables + scalars + head
+        self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
+
+    def describe(self):
+        return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
+                f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.banks)} "
+                f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
+                f"adamw_params:{sum(p.numel() for p in self.replicated)}")
+
+    def adam_state_bytes(self):
+        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values()
+                   if torch.is_tensor(t))
+
+    @torch.no_grad()
+    def all_reduce_replicated(self):
+        """Average the replicated parameters' gradients in one packed all-reduce."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
+        flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM).div_(self.world_size)
+        for p, g in zip(self.replicated, torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+    @torch.no_grad()
+    def clip_global_norm(self):
+        """Clip by the norm of the averaged gradient (the records clipped each rank's local gradient instead)."""
+        shards = [self.muon.averaged_grad_shard(index) for index in range(len(self.banks))]
+        banked = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if self.world_size > 1:
+            all_reduce(banked, dist.ReduceOp.SUM)  # the shards are disjoint; the padding is zero
+        replicated = [p.grad for p in self.replicated if p.grad is not None]
+        norm = (banked + sum(g.float().square().sum() for g in replicated)).sqrt()
+        factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(shards + replicated, factor)
+
+    def step(self, lr_scale, momentum):
+        for group in self.adam.param_groups + self.muon.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+        self.muon.param_groups[0]["momentum"] = momentum
+        self.muon.launch_reduce_scatters()
+        if self.world_size > 1:
+            self.all_reduce_replicated()  # while the banks' reduce-scatters are in flight
+        if self.grad_clip_norm > 0:
+            self.clip_global_norm()
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self):
+        self.adam.zero_grad(set_to_none=True)
+        for bank in self.banks:
+            bank.grads.zero_()  # in place: the parameters' gradients are views of it
+
+    def reset_state(self):
+        """Back to the state before the first step (used after the untimed warmup)."""
+        self.adam.state.clear()
+        self.muon.state.clear()
+
+
+class WeightAverage:
+    """The weights that are exported (WEIGHT_AVERAGING): the live ones, an EMA, an SWA, or an SWA of the EMA.
+
+    EMA (credit: the XSA4-EMA record): ema = d * ema + (1 - d) * w after every step, with d warmed up as
+    min(EMA_DECAY, (1 + t) / (10 + t)) so that a short run is not dominated by its initial weights (TensorFlow's
+    num_updates rule; EMA_WARMUP=0 is the records' fixed d). SWA: the uniform mean of snapshots taken every
+    SWA_EVERY steps once the LR scale is below SWA_START_LR_SCALE. Several records collected SWA and never applied
+    it; here `apply` loads the chosen average into the model, and the log says which one.
+    """
+
+    def __init__(self, model, hp):
+        self.mode, self.decay, self.warmup = hp.weight_averaging, hp.ema_decay, hp.ema_warmup
+        self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
+        self.params = [p for p in model.parameters()]
+        self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode in ("swa", "ema_swa") else None
+        self.ema_updates = self.swa_count = 0
+
+    @torch.no_grad()
+    def update(self, step, lr_scale):
+        """After optimizer step `step` (1-based) taken at LR scale `lr_scale`."""
+        live = [p.detach().float() for p in self.params]  # the fp32 params themselves: no copy
+        if self.ema is not None:
+            decay = min(self.decay, (1 + self.ema_updates) / (10 + self.ema_updates)) if self.warmup else self.decay
+            torch._foreach_lerp_(self.ema, live, 1 - decay)
+            self.ema_updates += 1
+        if self.swa_sum is not None and lr_scale < self.swa_start_lr_scale and step % self.swa_every == 0:
+            torch._foreach_add_(self.swa_sum, self.ema if self.ema is not None else live)
+            self.swa_count += 1
+
+    def averaged(self):
+        """The chosen average as a list aligned with model.parameters(), or None for the live weights."""
+        if self.swa_sum is not None and self.swa_count:
+            return [total / self.swa_count for total in self.swa_sum]
+        return self.ema  # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+
+    @torch.no_grad()
+    def apply(self):
+        """Load the average into the model's parameters; returns a line for the log."""
+        average = self.averaged()
+        if average is not None:
+            for p, value in zip(self.params, average):
+                p.copy_(value)
+        swa = f"swa(every:{self.swa_every} below_lr_scale:{self.swa_start_lr_scale} snapshots:{self.swa_count})"
+        ema = f"ema(decay:{self.decay} updates:{self.ema_updates})"
+        applied = {"none": "live_weights", "ema": ema, "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
+                   "ema_swa": f"{swa} of {ema}" if self.swa_count else f"{ema} (no swa snapshot)"}[self.mode]
+        return f"weight_averaging: exported {applied}"
+
+
+def training_budget_ms(hp):
+    """The wall-clock budget of the training steps: MAX_WALLCLOCK_SECONDS less the GPTQ calibration reserve, so that
+    calibration on training data also happens inside the cap; 0 = no cap."""
+    if hp.max_wallclock_seconds == 0:
+        return 0.0
+    return 1000.0 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq else 0.0))
+
+
+def training_progress(hp, step, elapsed_ms):
+    """The share of training done: of the training budget under a wall-clock cap, else of ITERATIONS."""
+    if hp.max_wallclock_seconds > 0:
+        return elapsed_ms / training_budget_ms(hp)
+    return step / hp.iterations
+
+
+def stage_lr_multiplier(hp, step, elapsed_ms):
+    """KERNEL_STAGE_RESTARTS (neon213's regime): the LR decays linearly from 1 to 0 within each KERNEL_SCHEDULE
+    stage, a sawtooth whose every tooth ends where the kernels grow."""
+    progress = training_progress(hp, step, elapsed_ms)
+    starts = [when if when < 1 else when / hp.iterations for when, _ in hp.kernel_stages] + [1.0]
+    for start, end in zip(starts, starts[1:]):
+        if progress < end:
+            return max((end - progress) / (end - start), 0.0)
+    return 0.0
+
+
+def lr_multiplier(hp, step, elapsed_ms):
+    """1, then a linear decay to 0, floored at MIN_LR_SCALE: over the last WARMDOWN_FRAC of training (the records'
+    form), or over the last WARMDOWN_ITERS steps (the baseline's form: under a wall-clock cap those steps are
+    converted to time with the mean step time so far, exactly as the baseline does). KERNEL_STAGE_RESTARTS replaces
+    both with its per-stage decay."""
+    if hp.kernel_stage_restarts:
+        return stage_lr_multiplier(hp, step, elapsed_ms)
+    if hp.warmdown_iters > 0:
+        if hp.max_wallclock_seconds == 0:
+            start = max(hp.iterations - hp.warmdown_iters, 0)
+            scale = max((hp.iterations - step) / hp.warmdown_iters, 0.0) if start <= step < hp.iterations else 1.0
+        else:
+            warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
+            remaining_ms = max(training_budget_ms(hp) - elapsed_ms, 0.0)
+            scale = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        return max(scale, hp.min_lr_scale)
+    if hp.warmdown_frac == 0:
+        return 1.0
+    remaining = 1.0 - training_progress(hp, step, elapsed_ms)
+    return max(min(remaining / hp.warmdown_frac, 1.0), hp.min_lr_scale)
+
+
+def muon_momentum(hp, step):
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+def kernel_taps_due(hp, step, elapsed_ms):
+    """The conv kernel size KERNEL_SCHEDULE asks for at this point of training (None without a schedule)."""
+    due = None
+    for when, taps in hp.kernel_stages:
+        reached = step >= when if when >= 1 else training_progress(hp, step, elapsed_ms) >= when
+        due = taps if reached else due
+    return due
+
+
+def looping_due(hp, step, elapsed_ms):
+    """Whether depth recurrence runs at this step. LOOP_ENABLE_AT >= 1 is a step; below 1 it is a fraction of the
+    wall-clock cap when one is set, else of ITERATIONS (a delayed start beat always-on in the records)."""
+    if hp.num_loops == 0:
+        return False
+    if hp.loop_enable_at >= 1:
+        return step >= hp.loop_enable_at
+    return training_progress(hp, step, elapsed_ms) >= hp.loop_enable_at
+
+
+# ============================================================================================
+# QUANTIZATION / EXPORT
+# ============================================================================================
+# Every projection matrix and token table is quantized per row, symmetric, at QUANT_BITS (EMBED_QUANT_BITS for the
+# tables), with an fp16 scale per row; gains, gates and other small tensors pass through (fp32 vectors, fp16 2-D).
+# The row scale comes from the clip: SDClip (k times the row's std; credit: the SP8192 SDClip record, per-group k
+# from the current record), a GPTQ-lite percentile search, or the row max. The rounding is full-Hessian GPTQ
+# (Frantar et al., arXiv 2210.17323; credit: the Full-GPTQ records) when Hessians are given, else round to nearest.
+# The file is magic + compressor id + flags + the payload's decompressed size (uint64, little-endian) + SHA-256 +
+# the compressed payload. The digest covers everything else in the file, header included, and the size bounds the
+# decompression, so a corrupt or hostile file is refused before it reaches torch.load or allocates memory.
+
+ARTIFACT_MAGIC = b"PGQ3"
+ARTIFACT_HEADER_BYTES = 4 + 1 + 1 + 8 + 32
+ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 28  # a cap on the decompressed size whatever the header says (16 times the limit)
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: code + compressed model
+FP16_BITS = 16  # QUANT_BITS / EMBED_QUANT_BITS value that stores the tensors as fp16 instead of quantizing them
+PERCENTILE_CLIPS = (0.999, 0.9995, 0.9999, 0.99999, 1.0)  # GPTQ-lite candidates (1.0 = the row max)
+BASELINE_CLIP_QUANTILE = 0.9999984  # the baseline's per-row int8 clip (QUANT_CLIP=quantile)
+K_SCALE_RANGE = (0.25, 8.0)  # the size target's search range for the multiplier of every SDClip k
+SIZE_SEARCH_STEPS = 5  # bisection steps of that search (the factor ends within 8^(1/32), about 7%)
+
+
+def _zstd():
+    import zstandard
+    return zstandard
+
+
+def _brotli():
+    import brotli
+    return brotli
+
+
+def _zlib_decompress(data, limit):
+    return zlib.decompressobj().decompress(data, limit)
+
+
+def _zstd_decompress(data, limit):
+    return _zstd().ZstdDecompressor().stream_reader(io.BytesIO(data)).read(limit)
+
+
+def _brotli_decompress(data, limit):
+    """Small input pieces and a capped output buffer, so that no call expands far past `limit`."""
+    decompressor, out, size = _brotli().Decompressor(), [], 0
+    for start in range(0, len(data), 256):
+        out.append(decompressor.process(data[start:start + 256], output_buffer_limit=limit - size))
+        size += len(out[-1])
+        while size < limit and not decompressor.can_accept_more_data():
+            out.append(decompressor.process(b"", output_buffer_limit=limit - size))
+            size += len(out[-1])
+        if size >= limit:
+            break
+    return b"".join(out)[:limit]
+
+
+def compressor_available(name):
+    try:
+        {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib, "lzma": lambda: lzma}[name]()
+        return True
+    except ImportError:
+        return False
+
+
+def _lzma_decompress(data, limit):
+    return lzma.LZMADecompressor().decompress(data, max_length=limit)
+
+
+# name: (id byte, compress, decompress(data, limit) -> at most `limit` bytes).
+# A missing package is an error, never a silent fallback.
+COMPRESSORS = {
+    "zlib": (1, lambda b: zlib.compress(b, 9), _zlib_decompress),
+    "zstd": (2, lambda b: _zstd().ZstdCompressor(level=22).compress(b), _zstd_decompress),
+    "brotli": (3, lambda b: _brotli().compress(b, quality=11), _brotli_decompress),
+    "lzma": (4, lambda b: lzma.compress(b, preset=6), _lzma_decompress),  # PR #549's (the standard library's xz)
+}
+
+
+def quantized_tensor_groups(model, hp=None):
+    """{state-dict name: group} of the tensors that are quantized: every CastedLinear weight but an untied head
+    ("mlp" or "attn") and every token table ("embed"); with `hp`, none of at most
+    QUANT_PASSTHROUGH_NUMEL elements and none whose bits are 16 (those are stored as fp16)."""
+    groups = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            groups[f"{name}.weight"] = "embed"
+        elif isinstance(module, CastedLinear) and module is not model.lm_head:
+            groups[f"{name}.weight"] = "mlp" if ".mlp." in f".{name}." else "attn"
+        if hp is not None and f"{name}.weight" in groups and (module.weight.numel() <= hp.quant_passthrough_numel
+                                                             or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS):
+            del groups[f"{name}.weight"]
+    return groups
+
+
+
+
+def group_bits_and_k(hp, group):
+    bits = hp.embed_quant_bits if group == "embed" else hp.quant_bits
+    return bits, dict(embed=hp.clip_k_embed, mlp=hp.clip_k_mlp, attn=hp.clip_k_attn)[group]
+
+
+def largest_level(bits):
+    return 2 ** (bits - 1) - 1  # symmetric: [-qmax, qmax], so that 0 is exact
+
+
+def round_to_nearest(w, scale, qmax):
+    return torch.round(w / scale[:, None]).clamp(-qmax, qmax)
+
+
+def clip_factor(k, k_scale):
+    """k times the size target's scale, computed the same way (an fp32 product) by export and by QAT."""
+    return torch.as_tensor(k_scale, dtype=torch.float32) * k
+
+
+def row_scales(w, bits, method, k):
+    """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]; `k` (a
+    number, or the fp32 tensor of clip_factor) is read by SDClip only."""
+    qmax = largest_level(bits)
+    if method == "sdclip":
+        clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
+    elif method == "quantile":  # the baseline's int8 rule, its floor on the scale included
+        return (torch.quantile(w.abs(), BASELINE_CLIP_QUANTILE, dim=1) / qmax).clamp_min(1 / qmax).half().float()
+    elif method == "rowmax":
+        clip = w.abs().amax(dim=1)
+    else:  # GPTQ-lite: one quantile for the whole matrix, the one with the lowest weight MSE
+        best = None
+        for quantile in PERCENTILE_CLIPS:
+            candidate = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1)
+            scale = (candidate / qmax).clamp_min(1e-8)
+            error = (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item()
+            if best is None or error < best[0]:
+                best = (error, candidate)
+        clip = best[1]
+    return (clip / qmax).clamp_min(2 ** -20).half().float()
+
+
+def fake_quantize(w, bits, method, k, k_scale=1.0):
+    """The round trip of `w` on the export's grid: the row scales quantize_state_dict computes for the same clip
+    method, k and size-target scale, rounded to nearest (GPTQ keeps the grid and changes only the rounding)."""
+    qmax = largest_level(bits)
+    scale = row_scales(w.detach(), bits, method, clip_factor(k, k_scale))
+    return round_to_nearest(w, scale, qmax) * scale[:, None]
+
+
+def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
+    """Integer values for `w` (rows x cols) that minimize the output error on inputs with second moment `hessian`
+    (cols x cols): columns in order of decreasing Hessian diagonal (act-order), each rounded with its row scale and
+    its error spread over the columns not yet rounded through the inverse Hessian's Cholesky factor, a block of
+    columns at a time. Dead columns (never active) are zeroed. Raises torch.linalg.LinAlgError when H is not
+    positive definite even after damping."""
+    w, hessian = w.clone(), hessian.clone()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hessian.diagonal().add_(damp * hessian.diagonal().mean())
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    w, hessian = w[:, order], hessian[order][:, order]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for first in range(0, w.size(1), block_size):
+        last = min(first + block_size, w.size(1))
+        errors = torch.zeros(w.size(0), last - first, device=w.device)
+        for j in range(first, last):
+            q[:, j] = round_to_nearest(w[:, j:j + 1], scale, qmax)[:, 0]
+            error = (w[:, j] - q[:, j] * scale) / inverse[j, j]
+            w[:, j:last] -= error[:, None] * inverse[j, j:last][None]
+            errors[:, j - first] = error
+        w[:, last:] -= errors @ inverse[first:last, last:]
+    return q[:, torch.argsort(order)]
+
+
+def pack_values(q, bits, packing):
+    """Integers in [-qmax, qmax] as int8 bytes, or densely bit-packed (offset to unsigned) into uint8."""
+    if packing == "byte":
+        return q.to(torch.int8).cpu()
+    unsigned = (q.flatten().to(torch.int16) + largest_level(bits) + 1).to(torch.uint8).cpu().numpy()
+    bit_planes = np.unpackbits(unsigned[:, None], axis=1)[:, 8 - bits:]
+    return torch.from_numpy(np.packbits(bit_planes.reshape(-1)))
+
+
+def unpack_values(data, bits, packing, shape):
+    if packing == "byte":
+        return data.float().view(shape)
+    count = math.prod(shape)
+    bit_planes = np.unpackbits(data.numpy())[:count * bits].reshape(count, bits)
+    unsigned = np.packbits(np.pad(bit_planes, ((0, 0), (8 - bits, 0))), axis=1)[:, 0]
+    return torch.from_numpy(unsigned.astype(np.float32) - largest_level(bits) - 1).view(shape)
+
+
+def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=None):
+    """The quantized form of a state dict. `groups` ({name: embed|mlp|attn}) says which tensors are quantized;
+    `hessians` ({name: H}) switches GPTQ on for those names; `k_scale` multiplies every SDClip k (the size target)."""
+    quantized, residuals = {}, {}
+    for name, tensor in state_dict.items():
+        w = tensor.detach().float()
+        if name not in groups:
+            quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
+            continue
+        bits, k = group_bits_and_k(hp, groups[name])
+        qmax = largest_level(bits)
+        scale = row_scales(w, bits, hp.quant_clip, clip_factor(k, k_scale))
+        q = None
+        if hessians is not None and name in hessians:
+            try:
+                q = gptq(w, hessians[name].to(w.device), scale, qmax, hp.gptq_block_size, hp.gptq_damp)
+            except torch.linalg.LinAlgError:
+                (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
+        q = round_to_nearest(w, scale, qmax) if q is None else q
+        if hp.lqer_rank > 0:  # the error LQER corrects; kept only when asked for (a copy of every matrix)
+            residuals[name] = w - q * scale[:, None]
+        quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
+                               data=pack_values(q, bits, hp.quant_packing), scale=scale.half().cpu())
+    if hp.lqer_rank > 0:
+        add_low_rank_corrections(quantized, residuals, hp.lqer_rank, hp.lqer_top_k)
+    return quantized
+
+
+def add_low_rank_corrections(quantized, residuals, rank, top_k):
+    """LQER (credit: PR #1530 and the current record): the matrices with the largest quantization error get a rank-r
+    fp16 correction A B of that error, from its truncated SVD."""
+    worst = sorted(residuals, key=lambda name: residuals[name].norm().item(), reverse=True)[:top_k]
+    for name in worst:
+        u, s, vh = torch.linalg.svd(residuals[name], full_matrices=False)
+        quantized[name]["lqer"] = ((u[:, :rank] * s[:rank]).half().cpu(), vh[:rank].half().cpu())
+
+
+def dequantize_state_dict(quantized):
+    state_dict = {}
+    for name, entry in quantized.items():
+        if entry["kind"] == "int":
+            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]) * entry["scale"].float()[:, None]
+            if "lqer" in entry:
+                w = w + entry["lqer"][0].float() @ entry["lqer"][1].float()
+            state_dict[name] = w
+        else:
+            state_dict[name] = entry["data"].float()
+    return state_dict
+
+
+def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print, qat_k_scale=None):
+    """(quantized, artifact bytes, k scale). With SIZE_TARGET_BYTES and SDClip, every clip k is scaled by the
+    smallest factor in K_SCALE_RANGE whose artifact fits with the code: a finer grid is more accurate, a coarser one
+    has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again.
+    `qat_k_scale`: the scale QAT trained against, kept whenever its artifact fits, so that QAT's grid is exported."""
+    def attempt(k_scale):
+        quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
+        blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle)
+        return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
+
+    searched = bool(hp.size_target_bytes) and hp.quant_clip == "sdclip" and bool(groups)
+    if qat_k_scale is not None:
+        result = attempt(qat_k_scale)
+        if result[3] or not searched:
+            return result[:3]
+        log(f"WARNING: qat: on the grid QAT trained against (clip k x{qat_k_scale:.3f}) the artifact is "
+            f"{code_bytes + len(result[1])} > SIZE_TARGET_BYTES={hp.size_target_bytes} bytes; the export searches a "
+            f"coarser grid, which QAT did not train against")
+    first = attempt(1.0)
+    if not searched:
+        return first[:3]
+    low, high = K_SCALE_RANGE
+    if first[3]:
+        best, high = first, 1.0
+        finest = attempt(low)
+        if finest[3]:
+            return finest[:3]
+    else:
+        best, low = attempt(high), 1.0
+        if not best[3]:
+            log(f"size_target: even clip k x{high:g} gives {code_bytes + len(best[1])} > {hp.size_target_bytes} bytes; "
+                f"lower QUANT_BITS or the model size")
+            return best[:3]
+    for _ in range(SIZE_SEARCH_STEPS):
+        middle = math.sqrt(low * high)
+        result = attempt(middle)
+        best, low, high = (result, low, middle) if result[3] else (best, middle, high)
+    log(f"size_target: clip k x{best[2]:.3f} is the finest grid that fits: "
+        f"{code_bytes + len(best[1])} <= {hp.size_target_bytes} bytes")
+    return best[:3]
+
+
+def byte_shuffle(blob, inverse=False):
+    """Bytes at even offsets, then bytes at odd offsets (separates the two bytes of fp16 values; credit: PR #1089)."""
+    data = np.frombuffer(blob, dtype=np.uint8)
+    if not inverse:
+        return np.concatenate([data[0::2], data[1::2]]).tobytes()
+    out = np.empty_like(data)
+    half = (len(data) + 1) // 2
+    out[0::2], out[1::2] = data[:half], data[half:]
+    return out.tobytes()
+
+
+def serialize_artifact(quantized, compressor, shuffle):
+    buffer = io.BytesIO()
+    torch.save(quantized, buffer)
+    payload = buffer.getvalue()
+    compressor_id, compress, _ = COMPRESSORS[compressor]
+    header = ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + len(payload).to_bytes(8, "little")
+    compressed = compress(byte_shuffle(payload) if shuffle else payload)
+    return header + hashlib.sha256(header + compressed).digest() + compressed
+
+
+def compressed_sizes_for_log(quantized, hp):
+    """{compressor: bytes} of zstd and brotli other than the configured one, for comparison in the log; a package
+    that is not installed is left out (only the configured compressor is required)."""
+    return {name: len(serialize_artifact(quantized, name, hp.byte_shuffle)) for name in ("zstd", "brotli")
+            if name != hp.compressor and compressor_available(name)}
+
+
+def export_name(hp):
+    """The export in the challenge's naming: int6_brotli, int8_zlib (the baseline's), fp16_brotli."""
+    bits = "fp16" if hp.quant_bits == FP16_BITS else f"int{hp.quant_bits}"
+    return f"{bits}_{hp.compressor}"
+
+
+def write_atomically(path, data, what):
+    """Writes `data` (bytes, or a function that writes to the open file) under a temporary name beside `path`, then
+    renames it: a failed write (full disk, no permission) never leaves a partial file under the final name, and the
+    error names the path and what was being written. Returns the size written."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise RunError(f"could not write {what} to {path}: {getattr(error, 'strerror', None) or error}") from error
+    return path.stat().st_size
+
+
+def write_artifact(path, blob):
+    return write_atomically(path, blob, "the model artifact")
+
+
+def read_artifact(path, blob=None):
+    """The quantized state of the artifact at `path` (or of its bytes `blob`), verified against its checksum and
+    decompressed to no more than the size its header records."""
+    blob = Path(path).read_bytes() if blob is None else blob
+    if len(blob) < ARTIFACT_HEADER_BYTES or blob[:4] != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not a model artifact of this format (bad magic or truncated header)")
+    header, digest, compressed = blob[:14], blob[14:ARTIFACT_HEADER_BYTES], blob[ARTIFACT_HEADER_BYTES:]
+    if hashlib.sha256(header + compressed).digest() != digest:
+        raise ValueError(f"{path}: checksum mismatch; the artifact is truncated or corrupted")
+    by_id = {cid: decompress for _, (cid, _, decompress) in COMPRESSORS.items()}
+    size = int.from_bytes(header[6:14], "little")
+    if header[4] not in by_id or header[5] > 1 or size > ARTIFACT_MAX_PAYLOAD_BYTES:
+        raise ValueError(f"{path}: bad header (compressor id {header[4]}, flags {header[5]}, payload size {size})")
+    payload = by_id[header[4]](compressed, size + 1)  # one byte more than recorded tells a larger payload
+    if len(payload) != size:
+        raise ValueError(f"{path}: the payload decompresses to {'more' if len(payload) > size else len(payload)} bytes, "
+                         f"not the {size} its header records")
+    try:
+        return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if header[5] else payload), weights_only=True)
+    except Exception as error:  # never retried without weights_only: the file could run code
+        raise ValueError(f"{path}: the payload is not a plain tensor state ({type(error).__name__}); refused") from None
+
+
+# --- code bytes: what the artifact counts as code (credit: the 04-05 record's self-extracting train_gpt.py) ---
+# The readable source is for people. What is counted and shipped is the same program: the source without comments
+# and docstrings, on the same lines (so that a traceback's line numbers point into the readable file), compressed with
+# the smaller of brotli and LZMA, base85-encoded and wrapped in three lines that decompress and exec it.
+
+READABLE_CODE_NAME = "train_gpt_human.py"  # the readable source beside a packed train_gpt.py (the records' name)
+PACKED_CODE_PREFIX = b"# train_gpt.py, packed from "
+CODE_PACKERS = {  # name: (compress, decompress); the packed file imports the module of the same name
+    "brotli": (COMPRESSORS["brotli"][1], lambda data: _brotli().decompress(data)),
+    "lzma": (lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME), lzma.decompress),
+}
+
+
+def strip_source(source):
+    """`source` (str) without comments and docstrings, every line where it was: a docstring becomes blank lines (or
+    `pass` where it is the whole body), a comment is cut off its line. Raises SyntaxError if it does not parse."""
+    lines = source.splitlines()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            first, last = body[0].lineno - 1, body[0].end_lineno
+            indent = lines[first][:len(lines[first]) - len(lines[first].lstrip())]
+            lines[first:last] = [indent + "pass" if len(body) == 1 else ""] + [""] * (last - first - 1)
+    text = "\n".join(lines) + "\n"
+    lines = text.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            row, column = token.start
+            lines[row - 1] = lines[row - 1][:column]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def pack_source(source, readable_name=READABLE_CODE_NAME):
+    """(packed file, compressor, {compressor: packed size}) of `source` (bytes): a runnable file that executes the
+    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed file."""
+    try:
+        stripped = strip_source(source.decode("utf-8")).encode("utf-8")
+    except SyntaxError as error:
+        raise ValueError(f"cannot pack {readable_name}: it does not parse (line {error.lineno}: {error.msg})") from None
+    files = {}
+    for name, (compress, _) in CODE_PACKERS.items():
+        payload = base64.b85encode(compress(stripped)).decode("ascii")
+        files[name] = (f"{PACKED_CODE_PREFIX.decode()}{readable_name} ({name}); run it as the readable file.\n"
+                       f"import base64, {name}\n"
+                       f"exec(compile({name}.decompress(base64.b85decode('{payload}')), "
+                       f"{readable_name + ' (packed)'!r}, 'exec'))\n").encode("ascii")
+    best = min(files, key=lambda name: len(files[name]))
+    return files[best], best, {name: len(blob) for name, blob in files.items()}
+
+
+def unpack_source(packed):
+    """The stripped source a packed file executes (bytes)."""
+    match = re.match(re.escape(PACKED_CODE_PREFIX) + rb"\S+ \((\w+)\);.*?b85decode\('([^']*)'\)", packed, re.S)
+    if match is None or match.group(1).decode() not in CODE_PACKERS:
+        raise ValueError("not a packed train_gpt.py")
+    return CODE_PACKERS[match.group(1).decode()][1](base64.b85decode(match.group(2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Code:
+    """This program's bytes, read once per process: `source` is what the log and the records folder keep as the
+    readable source, `counted` what the artifact counts and ships as train_gpt.py, `how` how it was counted."""
+    source: bytes
+    counted: bytes
+    how: str
+
+    @classmethod
+    def read(cls, path, pack):
+        own = Path(path).read_bytes()
+        if own.startswith(PACKED_CODE_PREFIX):  # the packed file itself is running: it is what is counted
+            return cls(unpack_source(own), own, "packed_file")
+        if not pack:
+            return cls(own, own, "raw (PACK_CODE=0)")
+        packed, compressor, sizes = pack_source(own)
+        return cls(own, packed, f"packed:{compressor} " + " ".join(f"{name}:{size}" for name, size in sizes.items()))
+
+    @property
+    def readable(self):
+        """Whether `source` is the readable file (not the stripped source of a packed one)."""
+        return self.how != "packed_file"
+
+
+@torch.no_grad()
+def collect_hessians(model, batches, autocast):
+    """{name: X^T X} of the input X of every CastedLinear (a looped layer adds every pass) and, for a tied
+    embedding, of the final hidden state, which is the input of the logit matmul (credit: the SP8192 GPTQ-embedding
+    record). Runs the eager model, whose hooks see every call."""
+    hessians, hooks = {}, []
+
+    def accumulate(name, x):
+        x = x.detach().flatten(0, -2).float()
+        with torch.autocast(x.device.type, enabled=False):  # the hooks run inside the forward's autocast: stay fp32
+            hessians[name] = hessians[name].addmm_(x.T, x) if name in hessians else x.T @ x
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear):
+            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])))
+    try:
+        for inputs in batches:
+            with autocast():
+                hidden = model.hidden_states(inputs)
+            if model.lm_head is None:
+                accumulate("tok_emb.weight", hidden)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return hessians
+
+
+def set_qat(model, hp, on, k_scale=1.0):
+    """STE quantization-aware training: the quantized CastedLinears compute with their weights fake-quantized on the
+    export's grid (clip method, k, and the size target's scale `k_scale`) while on. The switch and the scale are
+    tensors the forward reads, so a compiled graph follows them (a Python flag would be folded in, the records'
+    late-QAT bug)."""
+    groups = quantized_tensor_groups(model, hp)
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and f"{name}.weight" in groups:
+            bits, k = group_bits_and_k(hp, groups[f"{name}.weight"])
+            module.qat_grid = (bits, hp.quant_clip, k)
+            module.qat_on.fill_(float(on))
+            module.qat_k_scale.fill_(k_scale)
+
+
+def qat_k_scale(run):
+    """The size target's k scale QAT trains against: the one its search picks for the weights of the step QAT
+    starts at (rank 0 searches, every rank gets the answer). The export keeps it whenever the artifact fits."""
+    hp = run.hp
+    if not (hp.size_target_bytes and hp.quant_clip == "sdclip"):
+        return 1.0
+    k_scale = None
+    if run.rank == 0:
+        start = time.perf_counter()
+        _, _, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp, None,
+                                        len(run.code.counted), run.log)
+        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training clock)")
+    return run.cluster.broadcast(k_scale)
+
+
+# ============================================================================================
+# EVALUATION
+# ============================================================================================
+
+
+def participation_ratio(x):
+    """PR = (sum of eigenvalues)^2 / (sum of squared eigenvalues) of the covariance of x (N, D), columns centred:
+    D for isotropic activations, at most r for activations in an r-dimensional subspace (credit: neon213's probes)."""
+    x = x.double() - x.double().mean(dim=0)
+    eigenvalues = torch.linalg.svdvals(x).square()
+    return (eigenvalues.sum().square() / eigenvalues.square().sum()).item()
+
+
+@torch.no_grad()
+def activation_prs(model, tokens, autocast):
+    """{kind: [PR per layer]} on one batch: Q, K, V (and Intent) after their projections and convs, averaged over
+    heads (D = head dim), and every block's output (D = width). Forward hooks on the eager model, one forward."""
+    captured, hooks = {}, []
+
+    def capture(kind, layer, heads):
+        def hook(module, inputs, output):
+            if isinstance(output, tuple):  # a Block: (lanes, v); the residual stream is the lanes' merge
+                output = merge_lanes(output[0])
+            flat = output.float().reshape(-1, output.size(-1))
+            prs = [participation_ratio(part) for part in flat.chunk(heads, dim=1)]
+            captured.setdefault(kind, {})[layer] = sum(prs) / len(prs)
+        return hook
+
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        sources = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v, "i": attn.c_i}
+        for kind, linear in sources.items():
+            if linear is not None:
+                module = attn.convs[kind] if attn.convs is not None else linear
+                heads = attn.num_heads if kind in ("q", "i") else attn.num_kv_heads
+                hooks.append(module.register_forward_hook(capture(kind, layer, heads)))
+        hooks.append(block.register_forward_hook(capture("residual", layer, 1)))
+    try:
+        with autocast():
+            model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {kind: [by_layer[layer] for layer in sorted(by_layer)] for kind, by_layer in captured.items()}
+
+
+@torch.no_grad()
+def sample_tokens(model, prompt_ids, new_tokens, temperature, top_k, context_len, generator):
+    """Autoregressive sampling, re-reading the last `context_len` tokens at every step; temperature 0 is greedy."""
+    ids = list(prompt_ids)
+    device = next(model.parameters()).device
+    for _ in range(new_tokens):
+        logits = model.logits(torch.tensor([ids[-context_len:]], device=device))[0, -1].float()
+        if temperature == 0:
+            ids.append(int(logits.argmax()))
+            continue
+        logits = logits / temperature
+        if 0 < top_k < logits.numel():
+            logits[logits < torch.topk(logits, top_k).values[-1]] = -math.inf
+        ids.append(int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator)))
+    return ids[len(prompt_ids):]
+
+
+# Every validation target is scored exactly once, by one window. Position p of the stream predicts token p + 1. A
+# window is (start, score_from, end): the model reads positions [start, end) and its losses at [score_from, end) are
+# counted. The scored ranges partition [0, N - 1), never straddle a TTT chunk boundary, and (with EVAL_DOC_ISOLATED)
+# never read across a BOS. Sliding windows (credit: the SlidingWindowEval record) give every scored token at least
+# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context where the document has them; the last window of a stream is shifted
+# back to full length instead of being short, which also avoids the records' double-counted tail.
+
+
+def plan_windows(num_targets, seq_len, stride, doc_starts=(), cuts=()):
+    """Windows whose scored ranges partition [0, num_targets): the first window of a document scores up to seq_len
+    positions, later ones at most `stride`; `cuts` (sorted) are positions where a scored range must end."""
+    doc_starts = sorted(set(doc_starts) | {0})
+    segments = zip(doc_starts, doc_starts[1:] + [num_targets])
+    cuts = np.asarray(sorted(cuts), dtype=np.int64)
+    windows = []
+    for doc_start, doc_end in segments:
+        inner_cuts = cuts[(cuts > doc_start) & (cuts < doc_end)].tolist()
+        for piece_start, piece_end in zip([doc_start] + inner_cuts, inner_cuts + [doc_end]):
+            score_from = piece_start
+            while score_from < piece_end:
+                end = min(score_from + (seq_len if score_from == doc_start else stride), piece_end)
+                windows.append((max(end - seq_len, doc_start), score_from, end))
+                score_from = end
+    return windows
+
+
+def rank_share(items, rank, world_size):
+    """A contiguous, balanced share of `items` for this rank."""
+    return items[len(items) * rank // world_size: len(items) * (rank + 1) // world_size]
+
+
+def eval_rows_per_batch(batch_tokens, seq_len, world_size):
+    return max(1, batch_tokens // (seq_len * world_size))
+
+
+def window_batches(tokens, windows, seq_len, rows_per_batch, device):
+    """(inputs, targets, scored mask) batches of a fixed shape: short windows and spare rows are masked, so a
+    compiled model never recompiles, and a causal model is unaffected by the right padding."""
+    for first in range(0, len(windows), rows_per_batch):
+        rows = torch.zeros(rows_per_batch, seq_len + 1, dtype=torch.int64)
+        scored = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
+        for row, (start, score_from, end) in enumerate(windows[first:first + rows_per_batch]):
+            rows[row, :end - start + 1] = tokens[start:end + 1]
+            scored[row, score_from - start:end - start] = True
+        rows, scored = rows.to(device), scored.to(device)
+        yield rows[:, :-1], rows[:, 1:], scored
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, luts, seq_len, rows_per_batch, device, autocast):
+    """float64 sums (loss in nats, targets, UTF-8 bytes) over the scored positions of `windows`."""
+    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
+        with autocast():
+            losses = model(inputs, targets, reduction="none")
+        token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
+        sums += torch.stack([losses.double()[scored].sum(), scored.sum().double(), token_bytes[scored].sum().double()])
+    return sums
+
+
+def loss_and_bpb(sums):
+    """(val_loss, val_bpb, targets scored) from float64 sums (loss, targets, bytes)."""
+    loss, tokens, nbytes = sums.tolist()
+    return loss / tokens, loss / math.log(2) / nbytes, int(tokens)
+
+
+def doc_starts_of(tokens, bos_id):
+    return np.flatnonzero(np.asarray(tokens) == bos_id).tolist()
+
+
+def evaluate(model, val_tokens, luts, seq_len, stride, batch_tokens, rank, world_size, device, autocast, doc_starts=()):
+    """(val_loss in nats per token, val_bpb, targets scored) over every validation target; stride = seq_len is the
+    plain, non-overlapping evaluation. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets)."""
+    windows = plan_windows(val_tokens.numel() - 1, seq_len, stride, doc_starts)
+    rows = eval_rows_per_batch(batch_tokens, seq_len, world_size)
+    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), luts, seq_len, rows, device, autocast)
+    return loss_and_bpb(all_reduce(sums, dist.ReduceOp.SUM))
+
+
+@torch.no_grad()
+def check_normalization(model, tokens, seq_len, autocast, device):
+    """(max |logsumexp| of the log-probabilities, max |scored loss + log p(target)|) on the first window: the scored
+    distribution is a normalized one, and the scoring path charges exactly -log p(target)."""
+    window = tokens[:seq_len + 1].long().to(device)[None]
+    with autocast():
+        log_probs = F.log_softmax(model(window[:, :-1]).float(), dim=-1)
+        losses = model(window[:, :-1], window[:, 1:], reduction="none").float()
+    charged = (losses + log_probs.gather(-1, window[:, 1:, None]).squeeze(-1)).abs().max().item()
+    return torch.logsumexp(log_probs, dim=-1).abs().max().item(), charged
+
+
+# --- score-first test-time training (credit: PR #461 and the LegalTTT records; rules: parameter-golf issue #1017) ---
+
+
+class ScoredTargets:
+    """The guard of score-first TTT. Scoring commits a growing prefix of target positions, and training tokens can
+    only be read through `training_tokens`, which refuses any target that has not been scored yet."""
+
+    def __init__(self, tokens):
+        self._tokens, self.scored_upto = tokens, 0
+
+    def commit(self, upto):
+        if upto < self.scored_upto:
+            raise RuntimeError("scoring must move forward through the validation stream")
+        self.scored_upto = upto
+
+    def training_tokens(self, first, end):
+        """Tokens first..end, i.e. the inputs and targets of positions [first, end)."""
+        if end > self.scored_upto:
+            raise RuntimeError(f"TTT asked to train on targets up to position {end}, but only {self.scored_upto} are "
+                               f"scored: adapting on unscored validation tokens is illegal")
+        return self._tokens[first:end + 1]
+
+
+class CastedLoRA(nn.Module):
+    """A rank-r update B A added to a CastedLinear's output; B starts at zero, so the model is unchanged at first."""
+
+    def __init__(self, in_features, out_features, rank):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+
+def lora_name(module_name):
+    """How TTT_LORA_TARGETS names a projection: the last two parts of its module name (e.g. attn.c_q)."""
+    return ".".join(module_name.split(".")[-2:])
+
+
+def lora_target_modules(model, hp):
+    """The CastedLinear modules named by TTT_LORA_TARGETS."""
+    targets = hp.ttt_lora_targets.split(",")
+    return [module for name, module in model.named_modules() if isinstance(module, CastedLinear) and lora_name(name) in targets]
+
+
+def check_ttt_settings(model, hp):
+    """TTT_PARAMS / TTT_LORA_TARGETS against the model's names, at start-up: a pattern that matches nothing is an
+    error before training, not after training, export and evaluation."""
+    if hp.ttt_params == "lora":
+        names = {lora_name(name) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+        missing = [target for target in hp.ttt_lora_targets.split(",") if target not in names]
+        if missing:
+            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: {missing} match no projection; choose among "
+                              f"{sorted(names)}")
+    elif hp.ttt_params != "all":
+        names = [name for name, _ in model.named_parameters()]
+        missing = [pattern for pattern in hp.ttt_params.split(",") if not any(pattern in name for name in names)]
+        if missing:
+            raise ConfigError(f"TTT_PARAMS={hp.ttt_params!r}: {missing} match no parameter name "
+                              f"(names look like {names[0]}, {names[-1]})")
+
+
+def ttt_parameters(model, hp):
+    """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
+    on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    check_ttt_settings(model, hp)
+    if hp.ttt_params == "lora":
+        for module in model.modules():
+            module.requires_grad_(False)
+        adapters = []
+        for module in lora_target_modules(model, hp):
+            module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
+            adapters += list(module.lora.parameters())
+        return adapters
+    patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(patterns is None or any(pattern in name for pattern in patterns))
+        params += [p] if p.requires_grad else []
+    return params
+
+
+def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, rank, world_size, device, autocast):
+    """TTT_EPOCHS passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
+    is the mean over the global batch of TTT_BATCH_SEQS sequences whatever the world size; gradients are summed."""
+    tokens = ledger.training_tokens(first, end)
+    sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
+    local_rows = -(-hp.ttt_batch_seqs // world_size)
+    for _ in range(hp.ttt_epochs):
+        for batch_start in range(0, len(sequences), hp.ttt_batch_seqs):
+            batch = sequences[batch_start:batch_start + hp.ttt_batch_seqs]
+            count = sum(end_ - start for start, _, end_ in batch)
+            mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
+            inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
+            with autocast():
+                losses = model(inputs, targets, reduction="none")
+            (losses.float() * mask).sum().div(count).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if world_size > 1:
+                flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM)
+                grads = list(torch.split(flat, [g.numel() for g in grads]))
+            for p, g in zip(params, grads):
+                p.grad = g.view_as(p)
+            if hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
+                    budget_left=None):
+    """Legal test-time training. The stream is cut into chunks of TTT_CHUNK_TOKENS targets; each chunk is first
+    scored (no gradient) and committed on every rank, and only then adapted on. The last chunk is never trained on.
+    Returns ((val_loss, val_bpb, targets scored), per-chunk float64 sums, chunks adapted on). `budget_left()` gives the seconds of eval
+    budget left: adapting stops, scoring never does, when adapting on every remaining chunk would not fit."""
+    num_targets, seq_len = val_tokens.numel() - 1, hp.eval_seq_len or hp.train_seq_len
+    chunk = hp.ttt_chunk_tokens
+    num_chunks = -(-num_targets // chunk)
+    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, range(chunk, num_targets, chunk))
+    windows_of = [[] for _ in range(num_chunks)]
+    for window in windows:
+        windows_of[window[1] // chunk].append(window)
+    params = ttt_parameters(model, hp)
+    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
+                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+    rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
+    ledger, per_chunk, adapting, chunk_seconds = ScoredTargets(val_tokens), [], True, []
+    for index in range(num_chunks):
+        start = time.perf_counter()
+        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
+                             device, autocast)
+        per_chunk.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this chunk
+        ledger.commit(min((index + 1) * chunk, num_targets))
+        if index == num_chunks - 1:
+            break
+        if adapting and budget_left is not None and chunk_seconds:
+            needed = max(chunk_seconds) * (num_chunks - index)  # a full chunk (score + adapt) for each one left
+            over = torch.tensor(float(needed > budget_left()), device=device)
+            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
+                adapting = False
+                log(f"ttt: eval budget reached at chunk {index + 1}/{num_chunks}; scoring continues without adapting")
+        if adapting:
+            for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
+                group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(num_chunks - 1, 1)))
+            adapt_on_chunk(model, ledger, index * chunk, min((index + 1) * chunk, num_targets), params, optimizer,
+                           hp, seq_len, rank, world_size, device, autocast)
+            chunk_seconds.append(time.perf_counter() - start)
+    return loss_and_bpb(torch.stack(per_chunk).sum(0)), per_chunk, len(chunk_seconds)
+
+
+# ============================================================================================
+# MAIN
+# ============================================================================================
+
+
+def all_reduce(tensor, op):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt, flushing every line so that a crash keeps the log. The file is
+    created exclusively: a second run of the same RUN_ID never writes into the first one's log (OVERWRITE_RUN=1 to
+    replace it on purpose)."""
+
+    def __init__(self, path, enabled, overwrite=False):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.file = open(path, "w" if overwrite else "x", encoding="utf-8")
+            except FileExistsError:
+                raise ConfigError(f"RUN_ID: {path} already exists (another run of this name); choose another RUN_ID, "
+                                  f"or set OVERWRITE_RUN=1 to replace it") from None
+            except OSError as error:
+                raise ConfigError(f"cannot create the log {path}: {error.strerror}; make its folder writable or run "
+                                  f"from another folder") from None
+
+    def __call__(self, message="", console=True):
+        if self.enabled:
+            if console:
+                print(message, flush=True)
+            try:
+                self.file.write(message + "\n")
+                self.file.flush()
+            except OSError as error:
+                raise RunError(f"could not append to the log {self.path}: {error.strerror}") from error
+
+
+class RunError(RuntimeError):
+    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and where."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run (at `step` of training, or in the phase that was running)."""
+
+    def __init__(self, signum, step=None):
+        super().__init__(f"signal:{signal.Signals(signum).name}")
+        self.signum, self.step = signum, step
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what schedulers send and torchrun forwards). While `deferred` (the training loop) the
+    handler only records the signal, and the loop stops every rank at the same step with the weights saved; at any
+    other time it raises Interrupted at once."""
+
+    def __init__(self):
+        self.received, self.deferred = None, False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+
+
+def cpu_threads(omp_num_threads, local_world_size):
+    """CPU threads per process: OMP_NUM_THREADS when the user (or torchrun, which sets 1 for several processes) gave
+    it, else the cores shared out over this node's processes. Returns the log's note."""
+    given = omp_num_threads.strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={given!r} must be a positive integer")
+        torch.set_num_threads(int(given))
+        return f"threads:{given}(OMP_NUM_THREADS)"
+    threads = max(1, (os.cpu_count() or 1) // local_world_size)
+    torch.set_num_threads(threads)
+    return f"threads:{threads}(cpu_count/local_world_size)"
+
+
+class ClockAgreement:
+    """The ranks' common training clock: the slowest rank's elapsed time, whether any rank was signalled, and the step
+    they belong to (MAX over ranks), so that the LR, the recurrence switch, growth, QAT and the stop are one decision
+    everywhere. It travels on a CPU (gloo) group and so never waits on a device; on a step that logs nothing it is
+    posted and read one step later, so the host does not wait on the slowest rank either (decisions then use the
+    previous step's agreed time, whose step number comes with it)."""
+
+    def __init__(self, group, world_size):
+        self.group, self.world_size, self.pending, self.last = group, world_size, None, (0.0, 0.0, 0)
+
+    def restart(self):
+        """A new training clock (each seed's run)."""
+        self.collect()
+        self.last = (0.0, 0.0, 0)
+
+    def agree(self, elapsed_ms, signalled, step, now):
+        if self.world_size == 1:
+            return elapsed_ms, signalled, step
+        values = torch.tensor([elapsed_ms, signalled, step], dtype=torch.float64)
+        previous = self.collect()
+        if now:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+            return self.unpack(values)
+        self.pending = (values, dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return previous
+
+    def collect(self):
+        """The exchange in flight, waited for (ranks posted it a step ago), or the last one agreed."""
+        if self.pending is not None:
+            values, work = self.pending
+            work.wait()
+            self.pending, self.last = None, self.unpack(values)
+        return self.last
+
+    def unpack(self, values):
+        elapsed_ms, signalled, step = values.tolist()  # a CPU tensor: no device sync
+        self.last = (elapsed_ms, signalled, int(step))
+        return self.last
+
+
+class Cluster:
+    """This process's place in the run: rank, world size and device. Started once, shared by every seed."""
+
+    def __init__(self, hp):
+        self.threads_note = ""
+        self.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device_type = hp.device if hp.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("DEVICE='cuda' but no CUDA device is visible")
+        self.device = torch.device("cuda", self.local_rank) if device_type == "cuda" else torch.device("cpu")
+        if device_type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        else:
+            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if self.distributed:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=10),
+                                    **(dict(device_id=self.device) if device_type == "cuda" else {}))
+            probe = all_reduce(torch.ones(1, device=self.device), dist.ReduceOp.SUM)
+            if int(probe.item()) != self.world_size:
+                raise RuntimeError(f"distributed sanity all-reduce gave {probe.item()}, expected {self.world_size}")
+        # The clock's group: the default one where it is gloo already (the CPU), a gloo side group beside NCCL.
+        clock_group = dist.new_group(backend="gloo") if self.distributed and device_type == "cuda" else None
+        self.clock = ClockAgreement(clock_group, self.world_size)
+
+    def broadcast(self, value):
+        """Rank 0's `value`, on every rank."""
+        box = [value]
+        if self.distributed:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def stop(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+class Run:
+    """What the phases of one seed's run share: settings, devices, data, model, clocks."""
+
+    def __init__(self, hp, sources, cluster, code, signals):
+        self.hp, self.sources, self.code, self.signals, self.cluster = hp, sources, code, signals, cluster
+        self.run_id, self.log = hp.run_id, print  # the log file is opened by `setup`
+        self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
+        self.phase, self.training_began, self.raw_saved, self.steps_done, self.average = "setup", False, False, 0, None
+        self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
+        self.local_rank, self.device = cluster.local_rank, cluster.device
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.timings = {}
+        self.results = {}
+        self.scored_targets = {}  # final evaluation name: validation targets it scored
+        self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
+
+
+def setup(run):
+    """Batch split, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    hp = run.hp
+    device_type = run.device.type
+    seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
+    accum = hp.grad_accum_steps or (8 // run.world_size if 8 % run.world_size == 0 else 1)
+    if seqs_per_step % (run.world_size * accum):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is {seqs_per_step} sequences of "
+                          f"TRAIN_SEQ_LEN={hp.train_seq_len}, which does not split over WORLD_SIZE={run.world_size} x "
+                          f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
+    run.seqs_per_step, run.grad_accum_steps = seqs_per_step, accum
+
+    run.log_path = os.path.join("logs", f"{run.run_id}.txt")
+    run.log = Logger(run.log_path, run.rank == 0, hp.overwrite_run)
+    run.log(run.code.source.decode("utf-8"), console=False)
+    run.log("=" * 100, console=False)
+
+    bf16 = autocast_name(hp.autocast, device_type) == "bf16"
+    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
+    run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+    run.autocast = autocast_context(hp.autocast, device_type)
+
+    if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
+    run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    run.val_tokens = load_validation_tokens(run.val_files)
+    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed,
+                                   run.rank, run.world_size, accum)
+    reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
+    check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
+    check_token_ids(run.train_files, run.train_loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
+    run.luts = build_byte_luts(run.sp, hp.vocab_size)
+    run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
+    run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+    run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
+    run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
+    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
+    check_record_dir(run)
+    if run.rank == 0:
+        log_environment(run)
+    append_index(run, "launched")
+
+
+def autocast_name(setting, device_type):
+    return "bf16" if setting == "bf16" or (setting == "auto" and device_type == "cuda") else "off(fp32)"
+
+
+def autocast_context(setting, device_type):
+    """A callable that opens the run's precision context: bf16 autocast (matmuls and attention in bf16, master weights,
+    norms, softcap and cross-entropy in fp32) or nothing (fp32)."""
+    if autocast_name(setting, device_type) == "bf16":
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _command_output(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _sha256_files(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def package_versions():
+    """What ran: Python, torch, CUDA and the packages whose version changes results or speed."""
+    versions = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                    sentencepiece=spm.__version__, cuda=torch.version.cuda or "none")
+    for module in ("zstandard", "brotli", "flash_attn", "flash_attn_interface"):
+        try:
+            versions[module] = getattr(__import__(module), "__version__", "installed")
+        except ImportError:
+            pass
+    return versions
+
+
+def log_environment(run):
+    hp, log = run.hp, run.log
+    log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
+    log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
+        f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
+    if run.device.type == "cuda":
+        log(_command_output(["nvidia-smi"]), console=False)
+    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
+        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{autocast_name(hp.autocast, run.device.type)} "
+        f"{run.cluster.threads_note}")
+    train_tokens = sum(len(s) for s in run.train_loader.shards)
+    log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
+        f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
+    log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
+    log(f"code: bytes_counted:{len(run.code.counted)} bytes_source:{len(run.code.source)} {run.code.how}")
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
+    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
+    planned = hp.iterations * hp.train_batch_tokens
+    if planned > train_tokens:
+        log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
+            f"training tokens on disk, so data repeats (download more shards)")
+
+
+def build_model(run):
+    hp = run.hp
+    torch.manual_seed(hp.seed)
+    run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
+    # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
+    update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
+    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
+    run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
+    if hp.qat_start_lr_scale > 0:
+        set_qat(run.model, hp, on=False)
+    total, embedding, non_embedding = count_parameters(run.model)
+    check_ttt_settings(run.model, hp)  # name patterns are checked now, not after training
+    run.log(f"features: {describe_features(run.model, hp)}")
+    run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
+    run.log(f"optimizer: {run.optimizers.describe()}")
+    run.memory_estimate = estimate_memory(run)
+    capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
+    run.log(run.memory_estimate.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
+    if capacity and run.memory_estimate.total > 0.95 * capacity:
+        run.log(f"warning: the estimate exceeds 95% of the device's memory; {out_of_memory_advice(run).split(': ', 1)[1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak device memory of a training step per GPU, in bytes, by what holds it."""
+    weights: int  # fp32 master weights
+    grads: int  # fp32 gradients (the banks' padded buffers included)
+    optimizer: int  # this rank's Muon momentum shard and the replicated AdamW moments
+    averages: int  # the EMA / SWA copies
+    activations: int  # what autograd saves for backward at one micro-batch
+    micro_batch_seqs: int
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.averages + self.activations
+
+    def describe(self):
+        mib = lambda n: f"{n / 2**20:.0f}MiB"
+        return (f"memory_estimate: per_gpu:{mib(self.total)} weights:{mib(self.weights)} grads:{mib(self.grads)} "
+                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} activations:{mib(self.activations)}"
+                f"(micro_batch:{self.micro_batch_seqs}seqs)")
+
+
+def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
+    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once), measured
+    on an eager forward with saved-tensor hooks."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    tokens = torch.randint(vocab_size, (seqs, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast():
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    del loss
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(nbytes for pointer, nbytes in storages.items() if pointer not in parameters)
+
+
+def estimate_memory(run):
+    """The peak device memory of a training step per GPU: the exact sizes of the weights, gradients, optimizer state
+    and averages this configuration allocates, plus the activations of one micro-batch, extrapolated from forwards of
+    one and two sequences (a fixed part, such as the bf16 copies of the weights, and a part per sequence). The
+    compiled graph usually saves less than the eager one measured here, so this errs high."""
+    hp, model, optimizers = run.hp, run.model, run.optimizers
+    float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
+    params = list(model.parameters())
+    bank_grads = sum(bank.grads.numel() * 4 for bank in optimizers.banks)
+    momentum_bytes = 1 + 4 / INT8_MOMENTUM_BLOCK if hp.muon_momentum_int8 else 4
+    muon = sum(bank.grads.numel() // run.world_size * momentum_bytes for bank in optimizers.banks)
+    adam = 2 * float_bytes(optimizers.replicated)
+    copies = (hp.weight_averaging in ("ema", "ema_swa")) + (hp.weight_averaging in ("swa", "ema_swa"))
+    micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
+    one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
+                for seqs in (1, 2))
+    return MemoryEstimate(weights=float_bytes(params), grads=bank_grads + float_bytes(optimizers.replicated),
+                          optimizer=int(muon) + adam, averages=copies * float_bytes(params),
+                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch)
+
+
+def out_of_memory_advice(run):
+    """What to change when a training step runs out of device memory: a smaller micro-batch."""
+    accum = run.grad_accum_steps
+    larger = [a for a in (2 * accum, 4 * accum) if run.seqs_per_step % (run.world_size * a) == 0]
+    fix = (f"set GRAD_ACCUM_STEPS={larger[0]} (the micro-batch halves, the global batch stays)" if larger else
+           f"lower TRAIN_BATCH_TOKENS={run.hp.train_batch_tokens} (no larger GRAD_ACCUM_STEPS divides it)")
+    return (f"out of device memory in a training step at a micro-batch of "
+            f"{run.seqs_per_step // (run.world_size * accum)} sequences of {run.hp.train_seq_len} tokens "
+            f"(GRAD_ACCUM_STEPS={accum}): {fix}")
+
+
+def train_step(run, step, lr_scale):
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
+    try:
+        return accumulate_and_step(run, step, lr_scale)
+    except torch.OutOfMemoryError as error:
+        raise RunError(out_of_memory_advice(run)) from error
+
+
+def accumulate_and_step(run, step, lr_scale):
+    total_loss = torch.zeros((), device=run.device)
+    # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
+    # specializes on its value.
+    # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
+    mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
+    for micro_step in range(run.grad_accum_steps):
+        inputs, targets = run.train_loader.batch(step, micro_step, run.device)
+        with run.autocast():
+            loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
+        (loss / run.grad_accum_steps).backward()
+        total_loss += loss.detach()
+    run.optimizers.step(lr_scale, muon_momentum(run.hp, step))
+    run.optimizers.zero_grad()
+    return total_loss / run.grad_accum_steps
+
+
+def synchronize(run):
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def warmup(run):
+    """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state. With
+    depth recurrence the second half runs looped, so both training graphs exist before the clock starts. The
+    evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here."""
+    hp, model = run.hp, run.model
+    if hp.warmup_steps == 0:
+        return
+    start = time.perf_counter()
+    initial_model = copy.deepcopy(model.state_dict())
+    initial_looping = model.looping
+    for step in range(hp.warmup_steps):
+        model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
+        step_start = time.perf_counter()
+        train_step(run, step, lr_scale=1.0)
+        synchronize(run)  # the first step of a layout includes its compile time, shown here
+        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping} "
+                f"time:{time.perf_counter() - step_start:.2f}s")
+    # The layout the final evaluations will see: looped if the recurrence switches on before the last step.
+    model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    for seq_len in sorted({hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
+        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
+        tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
+        eval_start = time.perf_counter()
+        with torch.no_grad(), run.autocast():
+            run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+        synchronize(run)
+        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{model.looping} "
+                f"time:{time.perf_counter() - eval_start:.2f}s")
+    model.looping = initial_looping
+    model.load_state_dict(initial_model)
+    run.optimizers.reset_state()
+    synchronize(run)
+    run.timings["untimed_warmup_s"] = time.perf_counter() - start
+    run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
+            f"restored:initial_weights_and_optimizer_state")
+    log_compiled_graphs(run, "warmup")
+
+
+def compiled_graphs():
+    """Graphs torch.compile has captured in this process (one per layout, shape or mode it met)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def log_compiled_graphs(run, phase):
+    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every training layout and the
+    evaluation graph; a count that grows during training means a recompile on the clock."""
+    if run.use_compile:
+        graphs = compiled_graphs() - run.graphs_before
+        run.log(f"compile: after:{phase} graphs:{graphs}")
+        if phase == "training" and graphs > run.graphs_after_warmup:
+            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled during training, on the clock; "
+                    f"TORCH_LOGS=recompiles shows why")
+        if phase == "warmup":
+            run.graphs_after_warmup = graphs
+
+
+def benchmark(run):
+    """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
+    and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
+    hp, model = run.hp, run.model
+    for looping in ([False, True] if hp.num_loops else [False]):
+        model.looping = looping
+        train_step(run, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        synchronize(run)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        start = time.perf_counter()
+        for step in range(1, hp.benchmark_steps + 1):
+            train_step(run, step, lr_scale=1.0)
+        synchronize(run)
+        step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
+        tokens_per_s = hp.train_batch_tokens / step_ms * 1000
+        memory = (f"peak_memory_allocated:{torch.cuda.max_memory_allocated(run.device) // 2**20}MiB"
+                  if run.device.type == "cuda" else "")
+        run.log(f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f} "
+                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
+
+
+def run_validation(run):
+    """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
+    hp = run.hp
+    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+                    run.rank, run.world_size, run.device, run.autocast)
+
+
+# Dense bf16 peak per device (no sparsity), for the MFU estimate; matched against the CUDA device name.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def training_flops_per_token(model, seq_len):
+    """Forward + backward FLOPs per token: 6 x the matrix weights a token passes through (a looped layer once per
+    pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
+    because causal attention skips the upper triangle)."""
+    passes = Counter(model.layer_order())
+    block_weights = sum(count * sum(m.weight.numel() for m in model.blocks[layer].modules() if isinstance(m, CastedLinear))
+                        for layer, count in passes.items())
+    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    width = model.tok_emb.weight.size(1)
+    return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
+
+
+def mfu_field(run, tokens_per_s):
+    """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU)."""
+    peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
+    if not peak:
+        return ""
+    return f"mfu:{100 * tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len) / (peak * run.world_size):.1f}% "
+
+
+def throughput(run, step, step_avg_ms, elapsed_ms):
+    """tokens/s, MFU, and the training time left with its ETA."""
+    hp = run.hp
+    tokens_per_s = hp.train_batch_tokens / step_avg_ms * 1000
+    mfu = mfu_field(run, tokens_per_s)
+    remaining_ms = (hp.iterations - step) * step_avg_ms
+    if hp.max_wallclock_seconds > 0:
+        remaining_ms = min(remaining_ms, max(training_budget_ms(hp) - elapsed_ms, 0.0))
+    eta = time.strftime("%H:%M:%S", time.localtime(time.time() + remaining_ms / 1000))
+    return f"tok_s:{tokens_per_s:.0f} {mfu}remaining:{remaining_ms / 1000:.0f}s eta:{eta}"
+
+
+def train(run):
+    """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
+    time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
+    predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS. A SIGINT/SIGTERM stops every rank at
+    the same step (the flag travels with the elapsed time) with the raw weights saved; a non-finite loss stops the
+    run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
+    hp, log, model = run.hp, run.log, run.model
+    cap_ms = training_budget_ms(hp)
+    train_ms, elapsed_ms, step, stop_after, qat_on, lr_scale = 0.0, 0.0, 0, None, False, 1.0
+    average = run.average = WeightAverage(model, hp)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # any non-finite loss since the last check
+    grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
+    # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
+    pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
+    synchronize(run)
+    run.cluster.clock.restart()
+    run.training_began, run.signals.deferred = True, True
+    clock = time.perf_counter()
+    while True:
+        last_step = step == hp.iterations or step == stop_after
+        validate = last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0)
+        diagnose = hp.pr_every > 0 and step % hp.pr_every == 0
+        if validate or diagnose:  # off the clock
+            synchronize(run)
+            train_ms += 1000.0 * (time.perf_counter() - clock)
+            if diagnose and run.rank == 0:
+                prs = activation_prs(model, pr_tokens, run.autocast)
+                log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
+                                                   for kind, values in prs.items()))
+            if last_step:
+                check_finite(run, nonfinite, step, lr_scale)
+                log(average.apply())  # what is evaluated and exported from here on
+                save_raw_weights(run)  # before anything else can fail
+                run.signals.deferred = False
+                if qat_on:
+                    set_qat(model, hp, on=False)  # evaluation and export see the plain weights
+            if validate:
+                val_loss, val_bpb, _ = run_validation(run)
+                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+                run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+            synchronize(run)
+            clock = time.perf_counter()
+        if last_step:
+            break
+        taps = kernel_taps_due(hp, step, elapsed_ms)
+        if taps is not None and taps > grown_taps:
+            model.grow_kernels(taps)
+            grown_taps = taps
+            if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
+                run.optimizers.reset_state()
+            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
+                f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
+        if not model.looping and looping_due(hp, step, elapsed_ms):
+            model.looping = True
+            log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
+                f"layers:{','.join(map(str, model.layer_order()))}")
+        lr_scale = lr_multiplier(hp, step, elapsed_ms)
+        if not qat_on and lr_scale < hp.qat_start_lr_scale:
+            run.qat_k_scale = qat_k_scale(run)
+            set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
+            qat_on = True
+            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f} grid:{hp.quant_clip} k_scale:{run.qat_k_scale:.3f}")
+        local_loss = train_step(run, step, lr_scale)
+        nonfinite |= ~torch.isfinite(local_loss)
+        step = run.steps_done = step + 1
+        average.update(step, lr_scale)
+        logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
+        if logged:
+            synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
+        elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
+            train_ms + 1000.0 * (time.perf_counter() - clock), float(run.signals.received is not None), step, now=logged)
+        step_avg = elapsed_ms / max(clock_step, 1)
+        if logged or step % NONFINITE_CHECK_EVERY == 0:
+            check_finite(run, nonfinite, step, lr_scale)
+        if logged:
+            # The mean over the global batch: every rank's micro-batches have the same size.
+            train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
+            # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
+            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{step_avg:.2f}ms")
+            log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
+        if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
+            run.results.update(train_time_ms=elapsed_ms)
+            raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
+        # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
+        if cap_ms > 0 and stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
+            stop_after = step
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+    run.cluster.clock.collect()  # the last step's exchange, still in flight
+    log_compiled_graphs(run, "training")
+    run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
+    log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
+        f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
+    if run.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+
+NONFINITE_CHECK_EVERY = 100  # steps between the checks for a non-finite loss when no step line is logged
+
+
+def check_finite(run, nonfinite, step, lr_scale):
+    """A NaN or inf loss on any rank since the last check ends the run: it must never become an artifact or a score."""
+    if all_reduce(nonfinite.float(), dist.ReduceOp.MAX).item() > 0:
+        hp = run.hp
+        lrs = " ".join(f"{name}:{getattr(hp, name) * lr_scale:.3g}" for name in
+                       ("matrix_lr", "scalar_lr", "tied_embed_lr" if hp.tie_embeddings else "embed_lr"))
+        raise RunError(f"train_loss is not finite by step {step} (lr_scale:{lr_scale:.4f} {lr_scale and lrs} "
+                       f"grad_clip_norm:{hp.grad_clip_norm}); the run stops with no artifact and no score: lower the "
+                       f"learning rates or set GRAD_CLIP_NORM")
+
+
+def save_raw_weights(run):
+    """The fp32 weights that would be exported (the average, once applied), saved as soon as training ends or fails:
+    a crash or signal later loses nothing, and FINISH_FROM=<this file> finishes the run from them."""
+    if run.rank == 0:
+        state = dict(model=run.model.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
+                     run_id=run.run_id, config_hash=run.config_hash)
+        write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        run.log(f"saved_raw_weights:{run.raw_weights_path} step:{run.steps_done}")
+    run.raw_saved = True
+
+
+def load_raw_weights(path):
+    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(saved, dict) and "model" in saved and isinstance(saved["model"], dict):
+        return saved["model"], {k: v for k, v in saved.items() if k != "model"}
+    return saved, {}
+
+
+def finish_from_raw_weights(run):
+    """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
+    same configuration, so that calibration, export and evaluation are those the run would have done. Rank 0 reads
+    the file (it wrote it) and sends it to the others, so nodes need no shared disk."""
+    hp = run.hp
+    state, meta = run.cluster.broadcast(load_raw_weights(hp.finish_from) if run.rank == 0 else None)  # rank 0's disk
+    if meta.get("config_hash") != run.config_hash:
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash {meta.get('config_hash')}, "
+                          f"this run has {run.config_hash}: rerun with the settings of the run that saved it")
+    try:
+        run.model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} does not fit this model: {error}") from None
+    run.steps_done = meta["step"]
+    run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
+    val_loss, val_bpb, _ = run_validation(run)
+    run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
+    train_ms = meta.get("train_time_ms") or 0.0
+    run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
+                       train_time_ms=train_ms, step_avg_ms=train_ms / max(meta["step"], 1))
+    run.raw_saved = True
+
+
+SELF_CALIBRATION_BATCH = 8  # sequences sampled together for GPTQ_CALIBRATION=self (the AR self-calibration record's)
+
+
+@torch.no_grad()
+def self_generated_batches(model, hp, bos_id, rank, world_size, device, autocast):
+    """GPTQ_CALIBRATION=self (credit: PR #1019's AR self-generated calibration, as in PR #1392): the model samples
+    GPTQ_SELF_SEQS sequences of GPTQ_SELF_SEQ_LEN tokens from BOS at GPTQ_SELF_TEMPERATURE, re-reading the whole
+    prefix at every step. Batches of SELF_CALIBRATION_BATCH are shared out to the ranks, and batch b is sampled with
+    generator seed (SEED, b), so the sequences do not depend on the world size. No training or validation token is
+    read. Yields this rank's batches (B, T)."""
+    sizes = [min(SELF_CALIBRATION_BATCH, hp.gptq_self_seqs - first)
+             for first in range(0, hp.gptq_self_seqs, SELF_CALIBRATION_BATCH)]
+    for index in rank_share(list(range(len(sizes))), rank, world_size):
+        generator = torch.Generator(device=device).manual_seed(hp.seed * 1_000_003 + index)
+        ids = torch.full((sizes[index], 1), bos_id, dtype=torch.long, device=device)
+        while ids.size(1) < hp.gptq_self_seq_len:
+            with autocast():
+                logits = model.logits(ids)[:, -1].float()
+            if hp.gptq_self_temperature == 0:
+                following = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits / hp.gptq_self_temperature, dim=-1)
+                following = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, following], dim=1)
+        yield ids
+
+
+def calibration_batches(run):
+    """(this rank's calibration inputs, a description for the log): GPTQ_CALIBRATION_BATCHES fresh global training
+    batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
+    hp = run.hp
+    if hp.gptq_calibration == "self":
+        batches = self_generated_batches(run.model, hp, run.sp.bos_id(), run.rank, run.world_size, run.device, run.autocast)
+        return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
+                         f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
+    first_step = run.results["steps"]
+    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
+               for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
+    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens}"
+
+
+def calibrate(run):
+    """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
+    every world size. It runs in the reserve taken off the training budget, and is timed as training."""
+    hp = run.hp
+    run.hessians = None
+    if not hp.gptq:
+        return
+    synchronize(run)
+    start = time.perf_counter()
+    batches, described = calibration_batches(run)
+    run.hessians = collect_hessians(run.model, batches, run.autocast)
+    for hessian in run.hessians.values():
+        all_reduce(hessian, dist.ReduceOp.SUM)
+    synchronize(run)
+    seconds = time.perf_counter() - start
+    run.timings["calibration_s"] = seconds
+    train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
+    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians)} "
+            f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
+            + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
+    if hp.max_wallclock_seconds and train_and_calibration > hp.max_wallclock_seconds:
+        run.log(f"WARNING: calibration ran over the training budget; raise GPTQ_RESERVE_SECONDS above {seconds:.1f}")
+
+
+def export(run):
+    """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
+    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit)."""
+    hp, log = run.hp, run.log
+    start = time.perf_counter()
+    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz")
+    bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:  # every rank holds the same weights, so every rank stops here
+        raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                       f"no artifact is written")
+    if run.rank == 0:
+        code_bytes = len(run.code.counted)
+        quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp,
+                                                   run.hessians, code_bytes, log, run.qat_k_scale)
+        total = code_bytes + len(blob)
+        run.timings["quantize_s"] = time.perf_counter() - start
+        model_bytes = write_artifact(run.artifact_path, blob)
+        run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
+        others = compressed_sizes_for_log(quantized, hp)
+        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
+            f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
+            f"time:{run.timings['quantize_s']:.1f}s")
+        log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
+            + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
+        log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "
+            f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total}")
+        log_challenge_sizes(run, quantized, blob, code_bytes)
+        if total > ARTIFACT_LIMIT_BYTES:
+            log("!" * 100 + f"\nWARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: "
+                f"{total} > {ARTIFACT_LIMIT_BYTES}. This run cannot be a submission.\n" + "!" * 100)
+        run.results.update(bytes_code=code_bytes, bytes_model=model_bytes, bytes_total=total)
+    if run.distributed:
+        dist.barrier()
+    run.timings["export_s"] = time.perf_counter() - start
+    log(f"export_time:{run.timings['export_s']:.1f}s")
+
+
+def tensor_bytes(tree):
+    """Bytes of every tensor in a nested dict/tuple/list (the challenge's payload count)."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(value) for value in values)
+
+
+def log_challenge_sizes(run, quantized, blob, code_bytes):
+    """The baseline's size lines, spelled as its parsers read them, with the export named as in the newer records
+    (int8+zlib for the baseline's, int6+brotli for the default): the fp32 file, the code, and the artifact."""
+    state = run.model.state_dict()
+    raw = io.BytesIO()
+    torch.save(state, raw)
+    label = export_name(run.hp).replace("_", "+")
+    payload = tensor_bytes(quantized)
+    decompressed = int.from_bytes(blob[6:14], "little")  # the header's payload size: the quantized torch file
+    run.log(f"Serialized model: {raw.tell()} bytes")
+    run.log(f"Code size: {code_bytes} bytes")
+    run.log(f"Total submission size: {raw.tell() + code_bytes} bytes")
+    run.log(f"Serialized model {label}: {len(blob)} bytes (payload:{payload} raw_torch:{decompressed} "
+            f"payload_ratio:{tensor_bytes(state) / max(payload, 1):.2f}x)")
+    run.log(f"Total submission size {label}: {len(blob) + code_bytes} bytes")
+
+
+def log_final(run, name, result, seconds, extra=""):
+    """One evaluation's lines: rounded, then `_exact` to 8 decimals. The last `_exact` line of a log is its score."""
+    val_loss, val_bpb, scored = result
+    run.scored_targets[name] = scored
+    run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
+    run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
+
+
+def evaluate_artifact(run):
+    """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
+    clock starts here and covers everything that follows, compilation included."""
+    synchronize(run)
+    run.eval_start = start = time.perf_counter()
+    # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk. They must
+    # be the bytes this run wrote: another process writing to the same path is caught here.
+    blob, problem = None, None
+    if run.rank == 0:
+        blob = Path(run.artifact_path).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != run.artifact_sha256:
+            blob, problem = None, (f"{run.artifact_path} is not the artifact this run wrote (its SHA-256 changed "
+                                   f"after the write: another process wrote to it); nothing was scored")
+    blob, problem = run.cluster.broadcast((blob, problem))
+    if problem:
+        raise RunError(problem)
+    run.artifact_blob = blob
+    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob)), strict=True)
+    result = run_validation(run)
+    synchronize(run)
+    gap = result[1] - run.results["pre_quant_val_bpb"]
+    log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
+              f"quant_gap_bpb:{gap:+.4f} ")
+    run.results["quant_gap_bpb"] = gap
+
+
+def evaluate_sliding(run):
+    hp = run.hp
+    if hp.eval_stride == 0:
+        return
+    start = time.perf_counter()
+    result = evaluate(run.train_model, run.val_tokens, run.luts, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
+                      run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
+    synchronize(run)
+    log_final(run, "final_sliding_window", result, time.perf_counter() - start,
+              f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
+
+
+def evaluate_ttt(run):
+    hp = run.hp
+    if not hp.ttt_enabled:
+        return
+    start = time.perf_counter()
+    budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
+    result, per_chunk, adapted = score_first_ttt(
+        run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
+        run.doc_starts, run.log, budget_left)
+    synchronize(run)
+    run.ttt_report = dict(chunks=len(per_chunk), adapted=adapted)
+    log_final(run, "final_ttt", result, time.perf_counter() - start,
+              f"chunks:{len(per_chunk)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+
+
+def log_compliance(run):
+    """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
+    score before update, single pass)."""
+    hp, log = run.hp, run.log
+    expected = run.val_tokens.numel() - 1
+    for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
+        if scored != expected:
+            raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
+    # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
+    logsumexp, charged = check_normalization(run.model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
+        f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
+        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
+    if hp.ttt_enabled:
+        report = run.ttt_report
+        log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
+            f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
+    log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
+
+
+def log_summary(run):
+    """The closing block: the separate clocks, the artifact, every val_bpb; then the same as one JSON line."""
+    synchronize(run)
+    run.timings["eval_s"] = time.perf_counter() - run.eval_start
+    log_compiled_graphs(run, "evaluation")
+    r, t = run.results, run.timings
+    run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
+            f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "
+            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
+    bpb = lambda key: f"{r[key]:.4f}" if key in r else "-"
+    header = "=" * 40 + f" summary: {run.run_id} " + "=" * 40
+    run.log("\n".join([
+        header,
+        f"train     {r['train_time_ms'] / 1000:8.1f} s  {r['steps']} steps at {r['step_avg_ms']:.2f} ms "
+        f"(+{t.get('calibration_s', 0):.1f} s GPTQ calibration; {t.get('untimed_warmup_s', 0):.1f} s untimed warmup)",
+        f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
+        f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
+        f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
+        f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
+        "=" * len(header)]))
+    summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
+                   code_sha256=run.code_sha256, eval_time_s=t["eval_s"], calibration_time_s=t.get("calibration_s", 0),
+                   versions=package_versions(),
+                   ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
+                   eval_budget_seconds=run.hp.eval_budget_seconds,
+                   record={field: getattr(run.hp, f"record_{field}") for field in RECORD_USER_FIELDS}, **r)
+    run.log("summary_json: " + json.dumps(summary, sort_keys=True))
+
+
+def generate_sample(run):
+    """GEN_PROMPT: text sampled from the model read back from the artifact (not the TTT-adapted one), in the log.
+    After the summary, so it is on no clock."""
+    hp = run.hp
+    if not hp.gen_prompt or run.rank != 0:
+        return
+    model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device).eval()
+    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
+    prompt_ids = [run.sp.bos_id()] + run.sp.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
+    generator = torch.Generator().manual_seed(hp.seed)
+    with run.autocast():
+        new_ids = sample_tokens(model, prompt_ids, hp.gen_tokens, hp.gen_temperature, hp.gen_top_k,
+                                run.eval_seq_len, generator)
+    run.log(f"sample: prompt:{hp.gen_prompt!r} tokens:{hp.gen_tokens} temperature:{hp.gen_temperature} "
+            f"top_k:{hp.gen_top_k} seed:{hp.seed}")
+    run.log(f"sample_text: {(hp.gen_prompt + run.sp.decode(new_ids))!r}")
+
+
+def check_record_dir(run):
+    """A records folder holds one configuration and one code: refuse, before training, to add a seed whose config
+    hash or code differs from the logs already there (rank 0 looks; every rank gets its verdict)."""
+    problem = [None]
+    folder = Path(run.hp.record_dir) if run.hp.record_dir else None
+    if run.rank == 0 and folder is not None:
+        try:  # a folder that cannot take the records must fail now, not after training
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            problem[0] = f"RECORD_DIR={run.hp.record_dir!r} is not writable: {error.strerror}"
+    if run.rank == 0 and folder is not None and not problem[0]:
+        for path in sorted(folder.glob("train_seed*.log")):
+            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
+            if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
+                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another configuration or "
+                              f"code (theirs: {fingerprint.groups() if fingerprint else 'no fingerprint'}; this run: "
+                              f"{(run.config_hash, run.code_sha256)}); seeds of different runs must not be pooled: "
+                              f"use a new RECORD_DIR")
+                break
+    if run.distributed:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise ConfigError(problem[0])
+
+
+def append_index(run, event, **fields):
+    """The append-only run index (RECORD_DIR/index.jsonl, else logs/index.jsonl): every seed is written when it is
+    launched and again when it finishes, so a crashed or dropped seed stays visible (no cherry-picking)."""
+    if run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir or "logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = dict(event=event, time=time.strftime("%Y-%m-%dT%H:%M:%S"), run_id=run.run_id, seed=run.hp.seed,
+                 config_hash=run.config_hash, code_sha256=run.code_sha256, **fields)
+    try:
+        with open(folder / "index.jsonl", "a", encoding="utf-8") as index:
+            index.write(json.dumps(entry, sort_keys=True) + "\n")
+    except OSError as error:
+        raise RunError(f"could not append the '{event}' entry to {folder / 'index.jsonl'}: {error.strerror}") from error
+
+
+def summary_of(log_text):
+    lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
+    if not lines:
+        raise ValueError("the log has no summary_json line: the run did not finish")
+    return json.loads(lines[-1][len("summary_json: "):])
+
+
+RECORD_USER_FIELDS = ("name", "author", "github_id", "blurb")  # submission.json fields from RECORD_* settings
+TRACK = "10min_16mb"
+GPU_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM"}  # the names recent records write for what torch reports
+
+
+def hardware_of(log_text, world_size):
+    """"8xH100 80GB SXM" from the log's devices line (one name, not one per device)."""
+    found = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
+    name = found.group(1).split("|")[0] if found else "unknown"
+    return f"{world_size}x{GPU_NAMES.get(name, name.removeprefix('NVIDIA '))}"
+
+
+def compliance_of(summaries):
+    """The submission's compliance block, from what every seed logged."""
+    return dict(
+        train_under_cap=all(s["train_time_ms"] / 1000 + s.get("calibration_time_s", 0) <= (s.get("max_wallclock_seconds")
+                                                                                          or math.inf) for s in summaries),
+        eval_under_budget=all(s["eval_time_s"] <= (s.get("eval_budget_seconds") or math.inf) for s in summaries),
+        artifact_under_16mb=all(s["bytes_total"] <= ARTIFACT_LIMIT_BYTES for s in summaries),
+        every_target_scored_once=True,  # log_compliance stops a run that scored any other number of targets
+        ttt="score_first" if any(s.get("ttt_score_first") for s in summaries) else "none",
+        validation_seen_before_scoring=False, calibration_data="training data or self-generated, never validation")
+
+
+def submission_from_logs(log_texts):
+    """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
+    seeds, every seed's result, the RECORD_* fields of the latest seed that gave them."""
+    summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
+    if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
+        raise ValueError("these logs come from different configurations or code; they cannot make one submission")
+    first = summaries[0]
+    user = {field: next((s["record"][field] for s in reversed(summaries) if s.get("record", {}).get(field)), "")
+            for field in RECORD_USER_FIELDS}
+
+    def mean_std(key):
+        values = [s[key] for s in summaries]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+    for s in summaries:  # a NaN or inf is never a score
+        if not all(math.isfinite(s[key]) for key in ("val_loss", "val_bpb")):
+            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
+    (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
+    return dict(
+        **user, date=time.strftime("%Y-%m-%d"), track=TRACK,
+        val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
+        seeds=[s["seed"] for s in summaries],
+        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"],
+                                           steps=s["steps"], step_avg_ms=s["step_avg_ms"],
+                                           train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
+                      for s in summaries},
+        bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
+        artifact_bytes_mean=statistics.fmean(s["bytes_total"] for s in summaries),
+        artifact_bytes_max=max(s["bytes_total"] for s in summaries),
+        bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
+        hardware=hardware_of(log_texts[0], first["world_size"]),
+        pytorch_version=first["versions"]["torch"], cuda_version=first["versions"].get("cuda", "none"),
+        flash_attn_version=first["versions"].get("flash_attn_interface", first["versions"].get("flash_attn", "none")),
+        versions=first["versions"], compliance=compliance_of(summaries),
+        config_hash=first["config_hash"], code_sha256=first["code_sha256"])
+
+
+def pinned_requirements(versions):
+    """requirements.txt of a record: the versions that ran, pinned."""
+    packages = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "zstandard": "zstandard",
+                "brotli": "brotli"}
+    lines = ["# The versions this record ran with: pip install -r requirements.txt"]
+    lines += [f"{package}=={versions[key]}" for key, package in packages.items() if versions.get(key, "installed") != "installed"
+              and key in versions]
+    if "flash_attn_interface" in versions or "flash_attn" in versions:
+        lines.append(f"# FlashAttention ran: {versions.get('flash_attn_interface') or versions.get('flash_attn')} "
+                     f"(FA3 is not on PyPI; install its wheel for this torch and CUDA {versions.get('cuda')})")
+    return "\n".join(lines) + "\n"
+
+
+def reproduce_command(run, seeds):
+    """The command line that reruns this record: the explicit settings, SEEDS, and the launcher."""
+    explicit = [f"{f.name.upper()}={getattr(run.hp, f.name)}" for f in dataclasses.fields(run.hp)
+                if run.sources[f.name] == "env" and f.name not in ("seed", "seeds", "run_id", "record_dir")]
+    launcher = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.world_size > 1 else "python3"
+    return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
+
+
+def code_note(code):
+    """The records README's sentence on which code file is which."""
+    if code.counted == code.source:
+        return f"`train_gpt.py` ({len(code.counted):,} bytes) is the code that ran and is counted."
+    readable = (f"`{READABLE_CODE_NAME}` is its readable source; `python3 records/pack.py {READABLE_CODE_NAME} "
+                f"train_gpt.py` regenerates it, and `records/stats.py --check` verifies that it decodes to it"
+                if code.readable else "the run started from a packed file, so no readable source is here")
+    return (f"`train_gpt.py` ({len(code.counted):,} bytes) is what ran and is counted: the packed, self-extracting "
+            f"form of the source (comments and docstrings removed, compressed); {readable}.")
+
+
+RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
+
+
+def record_readme(run, submission, old_text):
+    """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
+    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['artifact_bytes']:,} | {r['steps']} "
+                     f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
+                     for seed, r in submission["seed_results"].items())
+    std = lambda value: f" ± {value:.8f}" if value is not None else ""
+    results = "\n".join([
+        RESULTS_BEGIN,
+        f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
+        f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
+        f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
+        "", "| seed | val_loss | val_bpb | artifact_bytes | steps | step_avg ms | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|", rows, "",
+        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "", code_note(run.code), "",
+        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
+        + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
+        "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
+        RESULTS_END])
+    if RESULTS_BEGIN in old_text and RESULTS_END in old_text:
+        before, rest = old_text.split(RESULTS_BEGIN, 1)
+        return before + results + rest.split(RESULTS_END, 1)[1]
+    return f"# {run.hp.record_dir.rstrip('/').split('/')[-1]}\n\nDescribe the idea here.\n\n{results}\n"
+
+
+def plot_losses(log_texts, path):
+    """Train and validation loss curves of every seed, when matplotlib is installed; returns what it did."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped (matplotlib is not installed)"
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    for text in log_texts:
+        seed = summary_of(text)["seed"]
+        train = re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", text, re.M)
+        val = re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+)", text, re.M)
+        line, = axes.plot([int(s) for s, _ in train], [float(v) for _, v in train], lw=1, label=f"train, seed {seed}")
+        axes.plot([int(s) for s, _ in val], [float(v) for _, v in val], "o--", color=line.get_color(), label=f"val, seed {seed}")
+    axes.set(xlabel="step", ylabel="loss (nats)", title="loss curves")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return str(path)
+
+
+def record(run):
+    """The end of a seed: the run index; with RECORD_DIR, the records folder regenerated from all its seeds' logs
+    (README results, submission.json, the logs, the exact code, the loss curves)."""
+    append_index(run, "finished", val_loss=run.results["val_loss"], val_bpb=run.results["val_bpb"], log=run.log_path)
+    if not run.hp.record_dir or run.rank != 0:
+        return
+    folder = Path(run.hp.record_dir)
+    mine = folder / f"train_seed{run.hp.seed}.log"
+    logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
+    logs.append(Path(run.log_path).read_text(encoding="utf-8"))
+    try:
+        submission = submission_from_logs(logs)
+    except ValueError as error:
+        raise RunError(f"RECORD_DIR={run.hp.record_dir!r}: no submission.json written: {error}") from None
+    write_atomically(folder / "train_gpt.py", run.code.counted, "the code of the record")
+    if run.code.readable and run.code.counted != run.code.source:
+        write_atomically(folder / READABLE_CODE_NAME, run.code.source, "the readable source of the record")
+    if (folder / "submission.json").is_file():  # what a person filled in by hand survives the next seed
+        previous = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+        submission.update({field: previous[field] for field in RECORD_USER_FIELDS if not submission[field] and previous.get(field)})
+    write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
+                     "submission.json")
+    write_atomically(folder / "requirements.txt", pinned_requirements(submission["versions"]).encode(), "requirements.txt")
+    readme = folder / "README.md"
+    old_readme = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    write_atomically(readme, record_readme(run, submission, old_readme).encode(), "the record's README")
+    plotted = plot_losses(logs, folder / "loss_curves.png")
+    run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
+    write_atomically(mine, Path(run.log_path).read_bytes(), "the seed's log")  # last, so that it holds the whole log
+
+
+AFTER_TRAINING = (calibrate, export, evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary,
+                  generate_sample, record)
+
+
+def train_and_evaluate(run):
+    """One seed, phase by phase."""
+    setup(run)
+    build_model(run)
+    if run.hp.finish_from:
+        run.phase = "finish_from"
+        finish_from_raw_weights(run)
+    else:
+        run.phase = "warmup"
+        warmup(run)
+        if run.hp.benchmark_steps:
+            return benchmark(run)
+        run.phase = "train"
+        train(run)
+    for phase in AFTER_TRAINING:
+        run.phase = phase.__name__
+        phase(run)
+
+
+def conclude_failure(run, error):
+    """A seed that fails: the raw weights are saved first if training had begun, the error goes into the log (and
+    the run index), and the log says what did not finish and how to finish it."""
+    def best_effort(line):
+        with contextlib.suppress(Exception):
+            run.log(line)
+    if run.training_began and not run.raw_saved:
+        try:
+            if run.average is not None:
+                best_effort(run.average.apply())
+            save_raw_weights(run)
+        except Exception as save_error:
+            best_effort(f"raw_weights: NOT saved: {save_error}")
+    where = f"step:{error.step}" if isinstance(error, Interrupted) and error.step is not None else f"phase:{run.phase}"
+    if isinstance(error, Interrupted):
+        best_effort(f"interrupted: {error} {where}")
+    elif isinstance(error, (ConfigError, RunError)):
+        best_effort(f"error: {type(error).__name__}: {error} {where}")
+    else:
+        best_effort(f"error: {where}\n" + traceback.format_exc())
+    if run.raw_saved:
+        names = [phase.__name__ for phase in AFTER_TRAINING]
+        pending = names[names.index(run.phase):] if run.phase in names else names
+        best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
+                    f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
+    with contextlib.suppress(Exception):
+        append_index(run, "failed", phase=run.phase, error=str(error)[:500])
+
+
+def run_ids(hp, cluster):
+    """The RUN_ID of every seed. The default is a timestamp plus a random suffix (two runs started in the same second
+    differ), made on rank 0 so that every rank of one run uses it. A name whose log exists is refused before anything
+    is written, unless OVERWRITE_RUN=1."""
+    base = hp.run_id or cluster.broadcast(f"{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}")
+    seeds = hp.seed_list()
+    ids = {seed: base if len(seeds) == 1 else f"{base}_seed{seed}" for seed in seeds}
+    taken = [f"logs/{name}.txt" for name in ids.values() if os.path.exists(os.path.join("logs", f"{name}.txt"))]
+    taken = cluster.broadcast(taken if cluster.rank == 0 else None)
+    if taken and not hp.overwrite_run:
+        raise ConfigError(f"RUN_ID={base!r}: {', '.join(taken)} already exists (a run of that name was made); choose "
+                          f"another RUN_ID, or set OVERWRITE_RUN=1 to replace it")
+    return ids
+
+
+def with_record_folder(hp, sources):
+    """RECORD_NAME without RECORD_DIR: the challenge's folder, records/track_10min_16mb/<date>_<name>/ (the date of
+    the launch, so that every seed of one command lands in one folder)."""
+    if not hp.record_name or hp.record_dir:
+        return hp, sources
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", hp.record_name).strip("_") or "record"
+    folder = os.path.join("records", f"track_{TRACK}", f"{time.strftime('%Y-%m-%d')}_{slug}")
+    return dataclasses.replace(hp, record_dir=folder), dict(sources, record_dir="implied:RECORD_NAME")
+
+
+def main():
+    hp, sources = with_record_folder(*Hyperparameters.from_env())
+    code = Code.read(__file__, hp.pack_code)  # once: every seed logs and ships the code that is running, even if the file changes
+    cluster = Cluster(hp)
+    signals = StopSignals()
+    for seed, run_id in run_ids(hp, cluster).items():
+        seed_sources = sources if len(hp.seed_list()) == 1 else dict(sources, seed="SEEDS")
+        run = Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code, signals)
+        try:
+            train_and_evaluate(run)
+        except BaseException as error:
+            conclude_failure(run, error)
+            raise
+        torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
+    cluster.stop()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as error:
+        sys.exit(f"data error: {error}")
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    except RunError as error:
+        sys.exit(f"error: {error}")
+    except Interrupted as error:
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(128 + error.signum)
