@@ -113,6 +113,7 @@ def test_the_block_diagonal_mask_compiles_as_one_graph():
     assert torch.allclose(loss, model(tokens[:, :-1], tokens[:, 1:]), atol=1e-5)
 
 
+@pytest.mark.cuda_path  # a whole run: CI's second step
 def test_a_run_with_isolated_documents_trains_and_scores(sample, tmp_path):
     env = tiny_env(sample, DOC_ISOLATION=1, RUN_ID="docs", ITERATIONS=4)
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)

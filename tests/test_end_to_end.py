@@ -115,6 +115,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:2 last_chunk_trained:no" in runs[2]
 
 
+@pytest.mark.cuda_path  # the CUDA path's benchmark mode: CI's second step
 def test_benchmark_mode_times_both_layouts_and_stops(sample, tmp_path):
     env = smoke_env(sample, BENCHMARK_STEPS=2, WARMUP_STEPS=1, RUN_ID="bench")
     result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=300)

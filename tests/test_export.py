@@ -131,6 +131,7 @@ def test_lqer_corrects_the_worst_matrices(trained):
         assert (after[name] - weights[name]).norm() < (before[name] - weights[name]).norm()
 
 
+@pytest.mark.cuda_path  # a compile test: CI's second step
 def test_qat_switch_takes_effect_inside_a_compiled_model():
     hp = small_hp(num_layers=2, model_dim=64, qat_start_lr_scale=0.2)
     torch.manual_seed(4)

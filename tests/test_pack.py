@@ -109,7 +109,7 @@ def results(log):
     return [re.sub(r" train_time.*", "", line) for line in lines]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.cuda_path)])  # 2: in CI's second step
 def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample, tmp_path, nproc):
     packed_dir = tmp_path / "elsewhere"  # away from the readable file: the packed one must not need it
     packed_dir.mkdir()
