@@ -14,6 +14,7 @@ Sections, in order: hyperparameters, data, model, optimizer, quantization/export
 
 import ast
 import base64
+import bisect
 import contextlib
 import copy
 import dataclasses
@@ -202,6 +203,15 @@ class Hyperparameters:
     ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
     ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
     ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+    phased_ttt_enabled: bool = False  # phased TTT (PR #1610/#1626): after each phase of scored documents, global SGD on all of them
+    phased_ttt_prefix_docs: int = 2000  # the first N validation documents (stream order) form the phased prefix
+    phased_ttt_num_phases: int = 1  # the prefix is cut into this many phases of equal document counts
+    global_ttt_lr: float = 0.001  # peak SGD learning rate of a phase's global SGD, cosine-decayed over its chunks
+    global_ttt_momentum: float = 0.9  # SGD momentum of the global SGD (a fresh optimizer each phase)
+    global_ttt_epochs: int = 1  # passes over each chunk of the global SGD
+    global_ttt_chunk_tokens: int = 32768  # the global SGD walks the scored tokens in chunks of this many
+    global_ttt_batch_seqs: int = 32  # sequences per global SGD step, summed over ranks
+    global_ttt_grad_clip: float = 1.0  # global SGD gradient-norm clip; 0 = off
 
     # --- diagnostics ---
     pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
@@ -317,7 +327,10 @@ class Hyperparameters:
         self.validate_export(require)
         for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank"):
+        for name in ("global_ttt_lr", "global_ttt_momentum", "global_ttt_epochs", "global_ttt_grad_clip"):
+            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank", "phased_ttt_prefix_docs",
+                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
         require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
         require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
@@ -625,7 +638,7 @@ SETTING_ALIASES = {
 }
 FOREIGN_SETTING_HINTS = {
     "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
-    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
+    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "DOC_ISOLATION", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
     "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
     "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
@@ -642,12 +655,10 @@ FOREIGN_SETTING_HINTS = {
 FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
     TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
-    PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES
-    GLOBAL_TTT_MOMENTUM GLOBAL_TTT_LR GLOBAL_TTT_GRAD_CLIP GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS
-    GLOBAL_TTT_BATCH_SEQS PHASED_TTT_NUM_PHASES MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
     GATED_ATTN_INIT_STD FP_STORAGE CASEOPS_ENABLED ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
     TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
-    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM PHASED_TTT_ENABLED MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
     LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
     SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
     HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
@@ -673,6 +684,10 @@ FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "
 INERT_UNLESS = {
     **dict.fromkeys(("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_optimizer", "ttt_momentum", "ttt_batch_seqs",
                      "ttt_grad_clip", "ttt_params"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
+    "phased_ttt_enabled": (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1"),
+    **dict.fromkeys(("phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
+                     "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip"),
+                    (lambda hp: hp.ttt_enabled and hp.phased_ttt_enabled, "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1")),
     **dict.fromkeys(("ttt_lora_rank", "ttt_lora_targets"), (lambda hp: hp.ttt_enabled and hp.ttt_params == "lora",
                                                              "TTT_ENABLED=1 and TTT_PARAMS=lora")),
     "mlp_leaky_slope": (lambda hp: hp.mlp_activation == "leaky_relu2", "MLP_ACTIVATION=leaky_relu2"),
@@ -2743,15 +2758,22 @@ def ttt_parameters(model, hp):
     return params
 
 
-def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, rank, world_size, device, autocast):
-    """TTT_EPOCHS passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
-    is the mean over the global batch of TTT_BATCH_SEQS sequences whatever the world size; gradients are summed."""
+class AdaptSteps(NamedTuple):
+    """How one adaptation walks its scored tokens: passes, sequences per step (summed over ranks), gradient clip."""
+    epochs: int
+    batch_seqs: int
+    grad_clip: float
+
+
+def adapt_on_chunk(model, ledger, first, end, params, optimizer, steps, seq_len, rank, world_size, device, autocast):
+    """steps.epochs passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
+    is the mean over the global batch of steps.batch_seqs sequences whatever the world size; gradients are summed."""
     tokens = ledger.training_tokens(first, end)
     sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
-    local_rows = -(-hp.ttt_batch_seqs // world_size)
-    for _ in range(hp.ttt_epochs):
-        for batch_start in range(0, len(sequences), hp.ttt_batch_seqs):
-            batch = sequences[batch_start:batch_start + hp.ttt_batch_seqs]
+    local_rows = -(-steps.batch_seqs // world_size)
+    for _ in range(steps.epochs):
+        for batch_start in range(0, len(sequences), steps.batch_seqs):
+            batch = sequences[batch_start:batch_start + steps.batch_seqs]
             count = sum(end_ - start for start, _, end_ in batch)
             mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
             inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
@@ -2764,51 +2786,117 @@ def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, ra
                 grads = list(torch.split(flat, [g.numel() for g in grads]))
             for p, g in zip(params, grads):
                 p.grad = g.view_as(p)
-            if hp.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+            if steps.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, steps.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
 
+def cosine_lr(peak, index, count):
+    """peak * (1 + cos(pi * index / (count - 1))) / 2: the LegalTTT records' decay over chunks."""
+    return peak * 0.5 * (1 + math.cos(math.pi * index / max(count - 1, 1)))
+
+
+def phase_ends(doc_starts, num_targets, prefix_docs, num_phases):
+    """Target positions where the phases of phased TTT end: phase i ends after the first prefix_docs * (i + 1) //
+    num_phases documents of the stream (a document's targets run from its BOS to the next BOS, which it predicts).
+    A phase that would end at the end of the stream has nothing left to help and is dropped."""
+    starts = sorted(set(doc_starts) | {0})
+    counts = sorted({prefix_docs * (i + 1) // num_phases for i in range(num_phases)} - {0})
+    return [starts[count] for count in counts if count < len(starts) and starts[count] < num_targets]
+
+
+def global_sgd(model, ledger, end, params, hp, seq_len, rank, world_size, device, autocast):
+    """The global SGD of a phase (PR #1626): every scored target [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
+    chunks under a fresh SGD optimizer with the learning rate cosine-decayed over the chunks."""
+    optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
+    steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    firsts = range(0, end, hp.global_ttt_chunk_tokens)
+    for index, first in enumerate(firsts):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(hp.global_ttt_lr, index, len(firsts))
+        adapt_on_chunk(model, ledger, first, min(first + hp.global_ttt_chunk_tokens, end), params, optimizer, steps,
+                       seq_len, rank, world_size, device, autocast)
+
+
+class TTTClock:
+    """Whether the next adaptation still fits the eval budget with the scoring of everything after it. Costs are the
+    slowest rates seen so far: seconds per forwarded window position when scoring, seconds per trained token-epoch
+    when adapting (three forwards' worth of a scored position until an adaptation has been measured)."""
+
+    def __init__(self, budget_left, device):
+        self.budget_left, self.device = budget_left, device
+        self.score_rate, self.train_rate = 0.0, None
+
+    def scored(self, seconds, positions):
+        self.score_rate = max(self.score_rate, seconds / max(positions, 1))
+
+    def adapted(self, seconds, token_epochs):
+        self.train_rate = max(self.train_rate or 0.0, seconds / max(token_epochs, 1))
+
+    def fits(self, token_epochs, positions_left):
+        if self.budget_left is None:
+            return True
+        train_rate = self.train_rate if self.train_rate is not None else 3 * self.score_rate
+        needed = train_rate * token_epochs + self.score_rate * positions_left
+        over = torch.tensor(float(needed > self.budget_left()), device=self.device)
+        return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
+
+
 def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
-                    budget_left=None):
-    """Legal test-time training. The stream is cut into chunks of TTT_CHUNK_TOKENS targets; each chunk is first
-    scored (no gradient) and committed on every rank, and only then adapted on. The last chunk is never trained on.
-    Returns ((val_loss, val_bpb, targets scored), per-chunk float64 sums, chunks adapted on). `budget_left()` gives the seconds of eval
-    budget left: adapting stops, scoring never does, when adapting on every remaining chunk would not fit."""
+                    budget_left=None, phases=()):
+    """Legal test-time training. The stream is cut into segments at every TTT_CHUNK_TOKENS targets and at the
+    `phases` ends (phase_ends); each segment is first scored (no gradient) and committed on every rank, and only
+    then adapted on: a segment ending a phase by global SGD over every target scored so far, any other by
+    TTT_EPOCHS passes over itself. The last segment is never trained on. Returns ((val_loss, val_bpb, targets
+    scored), per-segment float64 sums, segments adapted on). `budget_left()` gives the seconds of eval budget left:
+    adapting stops, scoring never does, when the next adaptation and the scoring after it would not fit."""
     num_targets, seq_len = val_tokens.numel() - 1, hp.eval_seq_len or hp.train_seq_len
-    chunk = hp.ttt_chunk_tokens
-    num_chunks = -(-num_targets // chunk)
-    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, range(chunk, num_targets, chunk))
-    windows_of = [[] for _ in range(num_chunks)]
+    chunk, phases = hp.ttt_chunk_tokens, list(phases)
+    cuts = sorted(set(range(chunk, num_targets, chunk)) | set(phases))
+    segments = list(zip([0] + cuts, cuts + [num_targets]))
+    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, cuts)
+    windows_of = [[] for _ in segments]
     for window in windows:
-        windows_of[window[1] // chunk].append(window)
+        windows_of[bisect.bisect_right(cuts, window[1])].append(window)
+    positions_after = np.cumsum([len(w) * seq_len for w in windows_of][::-1])[::-1].tolist()[1:] + [0]
     params = ttt_parameters(model, hp)
     optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
                  torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+    chunk_steps = AdaptSteps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip)
     rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
-    ledger, per_chunk, adapting, chunk_seconds = ScoredTargets(val_tokens), [], True, []
-    for index in range(num_chunks):
+    ledger, per_segment, adapting, adapted, clock = ScoredTargets(val_tokens), [], True, 0, TTTClock(budget_left, device)
+    num_chunks = -(-num_targets // chunk)
+    for index, (first, end) in enumerate(segments):
         start = time.perf_counter()
         sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
                              device, autocast)
-        per_chunk.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this chunk
-        ledger.commit(min((index + 1) * chunk, num_targets))
-        if index == num_chunks - 1:
+        per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
+        ledger.commit(end)
+        clock.scored(time.perf_counter() - start, len(windows_of[index]) * seq_len)
+        if index == len(segments) - 1:
             break
-        if adapting and budget_left is not None and chunk_seconds:
-            needed = max(chunk_seconds) * (num_chunks - index)  # a full chunk (score + adapt) for each one left
-            over = torch.tensor(float(needed > budget_left()), device=device)
-            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
-                adapting = False
-                log(f"ttt: eval budget reached at chunk {index + 1}/{num_chunks}; scoring continues without adapting")
-        if adapting:
+        phase = end in phases
+        token_epochs = end * hp.global_ttt_epochs if phase else (end - first) * hp.ttt_epochs
+        if not adapting or token_epochs == 0:
+            continue
+        if not clock.fits(token_epochs, positions_after[index]):
+            adapting = False
+            log(f"ttt: eval budget reached at segment {index + 1}/{len(segments)}; scoring continues without adapting")
+            continue
+        start = time.perf_counter()
+        if phase:
+            global_sgd(model, ledger, end, params, hp, seq_len, rank, world_size, device, autocast)
+            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
+                f"time:{time.perf_counter() - start:.1f}s")
+        else:
             for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
-                group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(num_chunks - 1, 1)))
-            adapt_on_chunk(model, ledger, index * chunk, min((index + 1) * chunk, num_targets), params, optimizer,
-                           hp, seq_len, rank, world_size, device, autocast)
-            chunk_seconds.append(time.perf_counter() - start)
-    return loss_and_bpb(torch.stack(per_chunk).sum(0)), per_chunk, len(chunk_seconds)
+                group["lr"] = cosine_lr(hp.ttt_lr, first // chunk, num_chunks)
+            adapt_on_chunk(model, ledger, first, end, params, optimizer, chunk_steps, seq_len, rank, world_size,
+                           device, autocast)
+        clock.adapted(time.perf_counter() - start, token_epochs)
+        adapted += 1
+    return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
 
 
 # ============================================================================================
@@ -3683,13 +3771,17 @@ def evaluate_ttt(run):
         return
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    result, per_chunk, adapted = score_first_ttt(
+    phases = (phase_ends(doc_starts_of(run.val_tokens, run.sp.bos_id()), run.val_tokens.numel() - 1,
+                         hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases) if hp.phased_ttt_enabled else [])
+    if hp.phased_ttt_enabled:
+        run.log(f"ttt_phased: prefix_docs:{hp.phased_ttt_prefix_docs} phases:{len(phases)} ends:{phases}")
+    result, per_segment, adapted = score_first_ttt(
         run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
-        run.doc_starts, run.log, budget_left)
+        run.doc_starts, run.log, budget_left, phases)
     synchronize(run)
-    run.ttt_report = dict(chunks=len(per_chunk), adapted=adapted)
+    run.ttt_report = dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
     log_final(run, "final_ttt", result, time.perf_counter() - start,
-              f"chunks:{len(per_chunk)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+              f"chunks:{len(per_segment)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
 
 
 def log_compliance(run):
@@ -3709,7 +3801,8 @@ def log_compliance(run):
         report = run.ttt_report
         log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
-            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}"
+            + (f" phases:{report['phases']} global_sgd:scored_targets_only" if hp.phased_ttt_enabled else ""))
     log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 

@@ -100,6 +100,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
         env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
                         NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
                         TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
+                        PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
+                        GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
         result = run_script(launcher + [SCRIPT], env, tmp_path)
@@ -112,7 +114,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
-    assert "compliance: ttt:score_first" in runs[2] and "adapted_chunks:2 last_chunk_trained:no" in runs[2]
+    for log in runs.values():  # chunk cuts at 10000 and 20000, phase ends at documents 30 and 60
+        assert re.search(r"^ttt_phased: prefix_docs:60 phases:2 ends:\[\d+, \d+\]$", log, re.M)
+        assert "ttt_phase: 2/2" in log and "adapted_chunks:4 last_chunk_trained:no" in log and "phases:2" in log
 
 
 @pytest.mark.cuda_path  # the CUDA path's benchmark mode: CI's second step

@@ -150,5 +150,76 @@ def test_eval_budget_stops_adapting_but_not_scoring():
     tokens = stream(6)
     (_, _, scored), per_chunk, adapted = T.score_first_ttt(small_model(), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
                                                     log=lambda message: None, budget_left=lambda: 0.0)
-    assert adapted == 1  # the first adaptation measures a chunk's cost; then the budget says stop
+    assert adapted == 0  # before any adaptation is measured, its cost is estimated from the scoring's
     assert int(torch.stack(per_chunk).sum(0)[1]) == scored == tokens.numel() - 1
+
+
+# --- phased TTT (global SGD on every scored document at phase ends) ---
+
+PHASED = dataclasses.replace(HP, ttt_enabled=True, phased_ttt_enabled=True, global_ttt_lr=0.05,
+                             global_ttt_chunk_tokens=64, global_ttt_batch_seqs=4, global_ttt_epochs=2)
+
+
+def test_phase_ends_follow_document_counts():
+    starts = [0, 10, 25, 40, 70, 90]  # six documents
+    assert T.phase_ends(starts, 120, 4, 2) == [25, 70]  # after documents 2 and 4
+    assert T.phase_ends(starts, 120, 4, 3) == [10, 25, 70]  # 4 // 3, 8 // 3, 12 // 3 documents
+    assert T.phase_ends(starts, 120, 6, 2) == [40]  # the last phase would end at the end of the stream
+    assert T.phase_ends(starts, 120, 100, 1) == []
+    assert T.phase_ends([0], 120, 2, 1) == []
+
+
+def test_a_phase_end_changes_no_score_before_it_and_the_phase_adapts_on_all_scored_targets(monkeypatch):
+    """A phase end on a chunk cut: up to it the run is the chunk TTT run, bit for bit; after it, the global SGD has
+    read every scored target [0, end) and nothing unscored, and later scores change."""
+    tokens = stream(7)
+    end = 2 * HP.ttt_chunk_tokens
+    reads = []
+    original = T.ScoredTargets.training_tokens
+
+    def spy(self, first, stop):
+        reads.append((first, stop, self.scored_upto))
+        return original(self, first, stop)
+
+    monkeypatch.setattr(T.ScoredTargets, "training_tokens", spy)
+    _, plain, _ = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF)
+    plain_reads, reads[:] = list(reads), []
+    _, phased, adapted = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF,
+                                           log=lambda message: None, phases=[end])
+    assert len(phased) == len(plain) and adapted == len(plain) - 1
+    for index in range(2):
+        assert torch.equal(phased[index], plain[index])
+    assert not torch.equal(phased[2], plain[2])
+    assert all(stop <= scored for _, stop, scored in reads)  # the ledger's guard, seen from outside
+    global_reads = [(first, stop) for first, stop, scored in reads if scored == end]
+    chunks = [(first, min(first + PHASED.global_ttt_chunk_tokens, end)) for first in range(0, end, PHASED.global_ttt_chunk_tokens)]
+    assert global_reads == chunks  # the phase's global SGD walks [0, end), once per chunk
+    assert [(first, stop) for first, stop, scored in plain_reads if scored == end] == [(HP.ttt_chunk_tokens, end)]
+
+
+def test_with_document_isolated_windows_a_later_phase_changes_nothing_scored_before_it():
+    """Phase ends fall on document starts. With document-isolated windows a phase end plans no window
+    differently, wherever it falls; and adding a later phase leaves every score before it as it was."""
+    tokens = stream(8)
+    docs = [0, 50, 130, 170, 288, 300, 420, 500]
+    num_targets, chunk_cuts = tokens.numel() - 1, list(range(HP.ttt_chunk_tokens, 599, HP.ttt_chunk_tokens))
+    for end in docs[1:]:
+        assert (T.plan_windows(num_targets, 32, 8, docs, sorted(set(chunk_cuts) | {end})) ==
+                T.plan_windows(num_targets, 32, 8, docs, chunk_cuts + [end] * (end in chunk_cuts)))
+    hp = dataclasses.replace(PHASED, ttt_epochs=0)  # no chunk adaptation: only the phases adapt
+    one, two = T.phase_ends(docs, num_targets, 2, 1), T.phase_ends(docs, num_targets, 4, 2)
+    assert one == [130] and two == [130, 288]
+    _, first, _ = T.score_first_ttt(small_model(), tokens, LUTS, hp, 0, 1, CPU, AUTOCAST_OFF, docs, phases=one)
+    _, second, adapted = T.score_first_ttt(small_model(), tokens, LUTS, hp, 0, 1, CPU, AUTOCAST_OFF, docs, phases=two)
+    assert adapted == 2 and len(first) == len(second)  # segments end at 96, 130, 192, 288, 384, ...
+    assert all(torch.equal(a, b) for a, b in zip(first[:4], second[:4]))
+    assert not torch.equal(first[4], second[4])
+
+
+def test_phased_ttt_settings_need_ttt_and_are_refused_when_inert():
+    with pytest.raises(T.ConfigError, match="PHASED_TTT_ENABLED"):
+        T.Hyperparameters.from_env({"PHASED_TTT_ENABLED": "1"})
+    with pytest.raises(T.ConfigError, match="GLOBAL_TTT_LR"):
+        T.Hyperparameters.from_env({"TTT_ENABLED": "1", "GLOBAL_TTT_LR": "0.01"})
+    hp, _ = T.Hyperparameters.from_env({"TTT_ENABLED": "1", "PHASED_TTT_ENABLED": "1", "PHASED_TTT_NUM_PHASES": "3"})
+    assert hp.phased_ttt_num_phases == 3
