@@ -192,6 +192,7 @@ class Hyperparameters:
     eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
     eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
     eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
+    caseops_enabled: bool = False  # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
     ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
     ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
     ttt_epochs: int = 3  # passes over each scored chunk
@@ -656,7 +657,7 @@ FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
     TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
     GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
-    GATED_ATTN_INIT_STD FP_STORAGE CASEOPS_ENABLED ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
+    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
     TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
     EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
     LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
@@ -809,11 +810,23 @@ def shard_files(data_path, split):
         raise ConfigError(f"DATA_PATH={data_path!r} is {'a file' if os.path.exists(data_path) else 'missing'}, not a "
                           f"folder of shards; download them with data/cached_challenge_fineweb.py or export them with "
                           f"data/prepare_docs.py")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))  # not the CaseOps byte sidecars
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
                           f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
     return files
+
+
+def load_byte_sidecar(val_files):
+    """The CaseOps byte sidecar beside each validation shard (fineweb_val_bytes_NNNNNN.bin, the shard format), whole."""
+    counts = []
+    for path in val_files:
+        sidecar = os.path.join(os.path.dirname(path), os.path.basename(path).replace("fineweb_val_", "fineweb_val_bytes_"))
+        if not os.path.isfile(sidecar):
+            raise ConfigError(f"CASEOPS_ENABLED=1 but {sidecar} is missing: export DATA_PATH with data/prepare_docs.py "
+                              f"--caseops (or download a CaseOps dataset), or unset CASEOPS_ENABLED")
+        counts.append(np.asarray(load_shard(sidecar), dtype=np.int64))
+    return np.concatenate(counts)
 
 
 STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
@@ -965,12 +978,17 @@ def build_byte_luts(sp, vocab_size):
     return base_bytes, has_leading_space, is_boundary
 
 
-def count_target_bytes(tokens, luts):
-    """Bytes covered by tokens[1:] given their predecessors tokens[:-1] (numpy or torch, int)."""
+def target_byte_counts(tokens, luts):
+    """The bytes of every target: entry p is the UTF-8 size of token p + 1 after token p (numpy or torch, int)."""
     base_bytes, has_leading_space, is_boundary = luts
     tokens = np.asarray(tokens, dtype=np.int64)
     prev, cur = tokens[:-1], tokens[1:]
-    return int(base_bytes[cur].sum() + (has_leading_space[cur] & ~is_boundary[prev]).sum())
+    return base_bytes[cur] + (has_leading_space[cur] & ~is_boundary[prev])
+
+
+def count_target_bytes(tokens, luts):
+    """Bytes covered by tokens[1:] given their predecessors tokens[:-1]."""
+    return int(target_byte_counts(tokens, luts).sum())
 
 
 def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
@@ -978,8 +996,7 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
 
     1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
        length of the SentencePiece decode.
-    2. The tokenizer is the one that made the shards: re-encoding a decoded document gives back its tokens (BPE
-       encoding is canonical, so the right tokenizer round-trips essentially every document; a wrong one none).
+    2. The tokenizer is the one that made the shards (check_reencoding).
     """
     tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
     bos_positions = np.flatnonzero(tokens == sp.bos_id())
@@ -994,12 +1011,138 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
             raise ConfigError(f"byte accounting self-check failed on validation document {index}: the LUT counts {lut} "
                               f"bytes, the decoded text has {utf8}; val_bpb cannot be trusted with this tokenizer")
         total += utf8
-    sample = range(min(roundtrip_docs, len(docs)))
-    matches = sum(sp.encode(decoded[i]) == docs[i] for i in sample)
-    if matches < 0.9 * len(sample):
-        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(sample)} "
-                          f"validation documents re-encode to their own tokens")
+    check_reencoding(sp, docs[:roundtrip_docs], decoded[:roundtrip_docs])
     return len(docs), total
+
+
+def check_reencoding(sp, docs, decoded):
+    """The tokenizer is the one that made the shards: BPE encoding is canonical, so re-encoding a decoded document
+    gives back its tokens for essentially every document with the right tokenizer, and for none with a wrong one."""
+    matches = sum(sp.encode(text) == list(doc) for doc, text in zip(docs, decoded))
+    if matches < 0.9 * len(docs):
+        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(docs)} "
+                          f"validation documents re-encode to their own tokens")
+
+
+class TargetBytes:
+    """The UTF-8 bytes of each validation target (from the LUTs, or from the CaseOps sidecar), with prefix sums so
+    that the bytes of any set of scored ranges are an exact integer sum."""
+
+    def __init__(self, counts):
+        self.prefix = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+        self.total = int(self.prefix[-1])
+
+    def of(self, windows):
+        """Bytes of the scored ranges [score_from, end) of (start, score_from, end) windows."""
+        if not len(windows):
+            return 0
+        windows = np.asarray(windows, dtype=np.int64)
+        return int((self.prefix[windows[:, 2]] - self.prefix[windows[:, 1]]).sum())
+
+
+# --- CaseOps: a lossless case transform before tokenization (credit: PR #1729's lossless caps, the 04-18 record) ---
+# Every maximal run of ASCII letters is written in lowercase behind an operator that says how to restore it: TITLE
+# (first letter upper, the rest lower; also a lone capital), ALLCAPS (two or more letters, all upper), or one
+# CAPNEXT before each capital of a mixed-case run. An operator character in the text is written behind ESCAPE.
+# Nothing else changes, so the tokenizer shares one piece between "the", "The" and "THE". The operators are
+# private-use characters that the CaseOps tokenizer holds as pieces of their own, and val_bpb counts the bytes of
+# the original text through the per-token byte sidecar (fineweb_val_bytes_*.bin), never the operators' bytes.
+CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESCAPE = "\ue001", "\ue002", "\ue003", "\ue004"
+CASE_OPERATORS = (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESCAPE)
+_LETTER_RUN = re.compile(r"[A-Za-z]+")
+_OPERATOR = re.compile("[\ue001-\ue004]")
+_CASE_CODE = re.compile("\ue004([\\s\\S])|\ue001([a-z])|\ue002([a-z]+)|\ue003([a-z])|([\ue001-\ue004])")
+
+
+def _case_word(match):
+    word = match.group(0)
+    if word.islower():
+        return word
+    if word[0].isupper() and (len(word) == 1 or word[1:].islower()):
+        return CASE_TITLE + word.lower()
+    if word.isupper():
+        return CASE_ALLCAPS + word.lower()
+    return "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in word)
+
+
+def case_encode(text):
+    """The CaseOps form of `text` (exactly invertible by case_decode)."""
+    return _LETTER_RUN.sub(_case_word, _OPERATOR.sub(lambda m: CASE_ESCAPE + m.group(0), text))
+
+
+def _case_restore(match):
+    escaped, title, allcaps, capnext, stray = match.groups()
+    if stray is not None:
+        raise ValueError(f"CaseOps operator U+{ord(stray):04X} is not followed by what it applies to")
+    return escaped if escaped is not None else (title or allcaps or capnext).upper()
+
+
+def case_decode(text):
+    """The original text of a CaseOps string; ValueError on a malformed one."""
+    return _CASE_CODE.sub(_case_restore, text)
+
+
+def caseops_byte_luts(sp, vocab_size):
+    """(bytes of each token's surface text, operator ids, escape id) for the CaseOps sidecar: operators and control
+    tokens count 0, byte-fallback pieces 1, other pieces their text with "▁" as one space."""
+    surface = np.zeros(vocab_size, dtype=np.int64)
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        surface[token] = 1 if sp.is_byte(token) else len(sp.id_to_piece(token).replace("\u2581", " ").encode("utf-8"))
+    operators = [sp.piece_to_id(op) for op in CASE_OPERATORS]
+    if any(token == sp.unk_id() or sp.encode(op) != [token] for op, token in zip(CASE_OPERATORS, operators)):
+        raise ConfigError("CASEOPS_ENABLED=1 needs a CaseOps tokenizer (its operators U+E001..U+E004 as pieces of "
+                          "their own): export the data with data/prepare_docs.py --caseops, or set TOKENIZER_PATH")
+    surface[operators] = 0
+    return surface, operators, operators[-1]
+
+
+def caseops_token_bytes(tokens, byte_luts):
+    """The byte sidecar of a token stream: for each token, the UTF-8 bytes of the original text it stands for (an
+    escaped operator is text of its own; operators, their escape and BOS stand for none)."""
+    surface, operators, escape = byte_luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    counts, literal = surface[tokens].copy(), -1
+    for position in np.flatnonzero(np.isin(tokens, operators)).tolist():  # in order: ESCAPE ESCAPE is one ESCAPE
+        if position == literal:
+            counts[position] = len(CASE_OPERATORS[0].encode("utf-8"))
+        elif tokens[position] == escape:
+            literal = position + 1
+    return counts
+
+
+def check_caseops(sp, tokens, sidecar, roundtrip_docs=256):
+    """The CaseOps start-up check, on every validation document: the byte sidecar covers the tokens, each
+    document's decoded text is a well-formed CaseOps string that case_decode inverts and case_encode rebuilds, and
+    the sidecar's sum over the document is the UTF-8 length of that original text. Returns (documents, bytes)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(sidecar) != len(tokens):
+        raise DataError(f"the byte sidecar holds {len(sidecar)} entries for {len(tokens)} validation tokens; "
+                        f"re-export DATA_PATH with data/prepare_docs.py --caseops")
+    bos_positions = np.flatnonzero(tokens == sp.bos_id()).tolist()
+    if not bos_positions or bos_positions[0] != 0:
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+    bounds = list(zip(bos_positions, bos_positions[1:] + [len(tokens)]))
+    docs = [tokens[a + 1:b].tolist() for a, b in bounds]
+    decoded = sp.decode(docs)
+    check_reencoding(sp, docs[:roundtrip_docs], decoded[:roundtrip_docs])
+    sums = np.add.reduceat(np.asarray(sidecar, dtype=np.int64), bos_positions)
+    total = 0
+    for index, (text, counted) in enumerate(zip(decoded, sums.tolist())):
+        try:
+            original = case_decode(text)
+        except ValueError as error:
+            raise DataError(f"validation document {index} is not a CaseOps string ({error}); DATA_PATH was not "
+                            f"exported with --caseops, or TOKENIZER_PATH is not its tokenizer") from None
+        if case_encode(original) != text:
+            raise DataError(f"validation document {index} does not round-trip through CaseOps: the transform is not "
+                            f"the one that made DATA_PATH")
+        if counted != len(original.encode("utf-8")):
+            raise DataError(f"byte sidecar of validation document {index} counts {counted} bytes, its original text "
+                            f"has {len(original.encode('utf-8'))}; val_bpb cannot be trusted with this sidecar")
+        total += counted
+    return len(bounds), total
 
 
 # ============================================================================================
@@ -2632,15 +2775,14 @@ def window_batches(tokens, windows, seq_len, rows_per_batch, device):
 
 
 @torch.no_grad()
-def score_windows(model, tokens, windows, luts, seq_len, rows_per_batch, device, autocast):
+def score_windows(model, tokens, windows, target_bytes, seq_len, rows_per_batch, device, autocast):
     """float64 sums (loss in nats, targets, UTF-8 bytes) over the scored positions of `windows`."""
-    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
         with autocast():
             losses = model(inputs, targets, reduction="none")
-        token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
-        sums += torch.stack([losses.double()[scored].sum(), scored.sum().double(), token_bytes[scored].sum().double()])
+        sums[:2] += torch.stack([losses.double()[scored].sum(), scored.sum().double()])
+    sums[2] += target_bytes.of(windows)
     return sums
 
 
@@ -2654,12 +2796,14 @@ def doc_starts_of(tokens, bos_id):
     return np.flatnonzero(np.asarray(tokens) == bos_id).tolist()
 
 
-def evaluate(model, val_tokens, luts, seq_len, stride, batch_tokens, rank, world_size, device, autocast, doc_starts=()):
+def evaluate(model, val_tokens, target_bytes, seq_len, stride, batch_tokens, rank, world_size, device, autocast,
+             doc_starts=()):
     """(val_loss in nats per token, val_bpb, targets scored) over every validation target; stride = seq_len is the
     plain, non-overlapping evaluation. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets)."""
     windows = plan_windows(val_tokens.numel() - 1, seq_len, stride, doc_starts)
     rows = eval_rows_per_batch(batch_tokens, seq_len, world_size)
-    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), luts, seq_len, rows, device, autocast)
+    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), target_bytes, seq_len, rows, device,
+                         autocast)
     return loss_and_bpb(all_reduce(sums, dist.ReduceOp.SUM))
 
 
@@ -2843,7 +2987,7 @@ class TTTClock:
         return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
 
 
-def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
+def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
                     budget_left=None, phases=()):
     """Legal test-time training. The stream is cut into segments at every TTT_CHUNK_TOKENS targets and at the
     `phases` ends (phase_ends); each segment is first scored (no gradient) and committed on every rank, and only
@@ -2869,7 +3013,7 @@ def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autoc
     num_chunks = -(-num_targets // chunk)
     for index, (first, end) in enumerate(segments):
         start = time.perf_counter()
-        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
+        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), target_bytes, seq_len, rows,
                              device, autocast)
         per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
         ledger.commit(end)
@@ -3112,9 +3256,16 @@ def setup(run):
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
     check_token_ids(run.train_files, run.train_loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
-    run.luts = build_byte_luts(run.sp, hp.vocab_size)
-    run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
-    run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    if hp.caseops_enabled:  # the bytes of the original text, from the sidecar, checked document by document
+        caseops_byte_luts(run.sp, hp.vocab_size)  # the tokenizer holds the operators
+        sidecar = load_byte_sidecar(run.val_files)
+        run.val_docs_checked, run.val_bytes_checked = check_caseops(run.sp, run.val_tokens.numpy(), sidecar)
+        run.target_bytes = TargetBytes(sidecar[1:])
+    else:
+        luts = build_byte_luts(run.sp, hp.vocab_size)
+        run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), luts)
+        run.target_bytes = TargetBytes(target_byte_counts(run.val_tokens.numpy(), luts))
+    run.val_bytes = run.target_bytes.total
     run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
     run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
     run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
@@ -3185,7 +3336,8 @@ def log_environment(run):
     log(f"code: bytes_counted:{len(run.code.counted)} bytes_source:{len(run.code.source)} {run.code.how}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
     log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
-    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
+    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok"
+        + (" bytes_from:caseops_sidecar caseops_roundtrip:ok" if run.hp.caseops_enabled else " bytes_from:luts"))
     planned = hp.iterations * hp.train_batch_tokens
     if planned > train_tokens:
         log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
@@ -3396,7 +3548,7 @@ def benchmark(run):
 def run_validation(run):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+    return evaluate(run.train_model, run.val_tokens, run.target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                     run.rank, run.world_size, run.device, run.autocast)
 
 
@@ -3758,7 +3910,7 @@ def evaluate_sliding(run):
     if hp.eval_stride == 0:
         return
     start = time.perf_counter()
-    result = evaluate(run.train_model, run.val_tokens, run.luts, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
+    result = evaluate(run.train_model, run.val_tokens, run.target_bytes, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
                       run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
     synchronize(run)
     log_final(run, "final_sliding_window", result, time.perf_counter() - start,
@@ -3776,7 +3928,7 @@ def evaluate_ttt(run):
     if hp.phased_ttt_enabled:
         run.log(f"ttt_phased: prefix_docs:{hp.phased_ttt_prefix_docs} phases:{len(phases)} ends:{phases}")
     result, per_segment, adapted = score_first_ttt(
-        run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
+        run.train_model, run.val_tokens, run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         run.doc_starts, run.log, budget_left, phases)
     synchronize(run)
     run.ttt_report = dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))

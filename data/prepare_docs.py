@@ -44,7 +44,8 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import read_shard_header, write_shard  # noqa: E402  (the shard format lives in one place)
+from train_gpt import (CASE_OPERATORS, case_decode, case_encode, caseops_byte_luts, caseops_token_bytes,  # noqa: E402
+                       read_shard_header, write_shard)  # (the shard format and the CaseOps transform live in one place)
 
 DATA_DIR = Path(__file__).resolve().parent
 STDLIB_VAL_DOCS = 150  # the sample's validation split: a few percent of it, so a CPU evaluation takes seconds
@@ -137,12 +138,18 @@ EXPORTER_TOKENIZER = dict(model_type="bpe", character_coverage=0.999, byte_fallb
                           unk_id=3, hard_vocab_limit=False)
 
 
+# The CaseOps tokenizer (--caseops): the exporter's, with the four operators as pieces of their own, and no
+# normalization or whitespace folding, so that its tokens decode to exactly the text they encode.
+CASEOPS_TOKENIZER = dict(EXPORTER_TOKENIZER, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                         user_defined_symbols=list(CASE_OPERATORS))
+
+
 def exporter_sentences(docs):
     """The exporter's tokenizer input: each whole document, NULs as spaces, stripped, empty ones skipped."""
     return (text for text in (doc.replace("\x00", " ").strip() for doc in docs) if text)
 
 
-def train_tokenizer(docs, vocab_size, model_path, by_lines=False):
+def train_tokenizer(docs, vocab_size, model_path, by_lines=False, caseops=False):
     """SentencePiece BPE with the exporter's settings, on whole documents as the exporter does, or on their lines
     (--tokenizer-from train: SentencePiece skips "sentences" longer than 4192 bytes, so long documents only count
     through their lines). Writes <prefix>.model and <prefix>.vocab."""
@@ -153,7 +160,8 @@ def train_tokenizer(docs, vocab_size, model_path, by_lines=False):
     else:
         sentences, extra = exporter_sentences(docs), {}
     spm.SentencePieceTrainer.train(sentence_iterator=sentences, model_prefix=str(model_path)[:-len(".model")],
-                                   vocab_size=vocab_size, minloglevel=2, **EXPORTER_TOKENIZER, **extra)
+                                   vocab_size=vocab_size, minloglevel=2,
+                                   **(CASEOPS_TOKENIZER if caseops else EXPORTER_TOKENIZER), **extra)
 
 
 class ShardWriter:
@@ -199,15 +207,38 @@ def doc_hash(text):
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
-def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=512):
-    """Encode documents in batches and write [BOS] + tokens for each. Returns (docs written, docs skipped)."""
+class CaseOpsSidecar:
+    """The per-token byte sidecar of the CaseOps validation split (fineweb_val_bytes_NNNNNN.bin, shard for shard):
+    each token's bytes of original text. Checks, document by document, that the tokens decode to a CaseOps string
+    whose original has exactly the sidecar's bytes; counts the documents the tokenizer cannot reproduce exactly."""
+
+    def __init__(self, out_dir, sp, shard_tokens):
+        self.writer, self.sp, self.luts = ShardWriter(out_dir, "val_bytes", shard_tokens), sp, caseops_byte_luts(sp, sp.vocab_size())
+        self.inexact = 0
+
+    def add(self, tokens, original):
+        counts = caseops_token_bytes(tokens, self.luts)
+        represented = case_decode(self.sp.decode(tokens[1:]))
+        if int(counts.sum()) != len(represented.encode("utf-8")):
+            raise SystemExit(f"CaseOps byte sidecar: a document's tokens count {int(counts.sum())} bytes, the text "
+                             f"they decode to has {len(represented.encode('utf-8'))}")
+        self.inexact += represented != original  # e.g. a literal U+2581, which SentencePiece decodes as a space
+        self.writer.add(counts)
+
+
+def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=512, caseops=False, sidecar=None):
+    """Encode documents (in their CaseOps form with `caseops`) in batches and write [BOS] + tokens for each, and
+    their byte counts to `sidecar`. Returns (docs written, docs skipped)."""
     progress, written, skipped = Progress(label), 0, 0
     docs = iter(docs)
     while batch := list(islice(docs, batch_docs)):
         kept = [d for d in batch if doc_hash(d) not in skip_hashes]
         skipped += len(batch) - len(kept)
-        for ids in sp.encode(kept, num_threads=os.cpu_count() or 1):
+        encoded = [case_encode(d) for d in kept] if caseops else kept
+        for original, ids in zip(kept, sp.encode(encoded, num_threads=os.cpu_count() or 1)):
             writer.add([sp.bos_id()] + ids)
+            if sidecar is not None:
+                sidecar.add([sp.bos_id()] + ids, original)
         written += len(kept)
         progress.update(written, writer.tokens)
     writer.flush()
@@ -215,10 +246,11 @@ def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=51
     return written, skipped
 
 
-def exporter_names(name, vocab_size):
+def exporter_names(name, vocab_size, caseops=False):
     """(dataset folder, tokenizer prefix): the exporter's fineweb10B_sp<V> / fineweb_<V>_bpe, or <name>_sp<V> /
-    <name>_<V>_bpe."""
-    return (f"{name}_sp{vocab_size}", f"{name}_{vocab_size}_bpe") if name else (f"fineweb10B_sp{vocab_size}", f"fineweb_{vocab_size}_bpe")
+    <name>_<V>_bpe; with --caseops both end in _caseops."""
+    dataset, prefix = (f"{name}_sp{vocab_size}", f"{name}_{vocab_size}_bpe") if name else (f"fineweb10B_sp{vocab_size}", f"fineweb_{vocab_size}_bpe")
+    return (dataset + "_caseops", prefix + "_caseops") if caseops else (dataset, prefix)
 
 
 def bring_tokenizer(tokenizer, tokenizer_dir, prefix):
@@ -258,7 +290,7 @@ def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
 
 def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=None, max_docs=0, shard_tokens=10**8,
             tokenizer_train_docs=None, text_field="text", output_root=DATA_DIR, val_source=None,
-            drop_val_duplicates=False, tokenizer_from="all", overwrite=False):
+            drop_val_duplicates=False, tokenizer_from="all", overwrite=False, caseops=False):
     """Export `source` (see the module docstring); returns (dataset folder, tokenizer model path)."""
     output_root = Path(output_root)
     passes = lambda: islice(iter_docs(source, text_field), max_docs or None)  # noqa: E731  (a fresh pass over the source)
@@ -278,18 +310,23 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer:
         vocab_size = spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
-        dataset_name, prefix = exporter_names(name, vocab_size)
+        dataset_name, prefix = exporter_names(name, vocab_size, caseops)
         tokenizer_path = bring_tokenizer(tokenizer, tokenizer_dir, prefix)
     else:
-        dataset_name, prefix = exporter_names(name, vocab_size)
+        dataset_name, prefix = exporter_names(name, vocab_size, caseops)
         tokenizer_path = tokenizer_dir / f"{prefix}.model"
         learn_from = chain(val_docs, train_docs()) if tokenizer_from == "all" else train_docs()
         print(f"training a {vocab_size}-piece BPE tokenizer on {'the leading' if tokenizer_from == 'all' else 'training'} "
               f"documents" + (f" (at most {tokenizer_train_docs:,})" if tokenizer_train_docs else ""), file=sys.stderr)
-        train_tokenizer(islice(learn_from, tokenizer_train_docs), vocab_size, tokenizer_path, by_lines=tokenizer_from == "train")
+        learn_from = map(case_encode, learn_from) if caseops else learn_from
+        train_tokenizer(islice(learn_from, tokenizer_train_docs), vocab_size, tokenizer_path,
+                        by_lines=tokenizer_from == "train", caseops=caseops)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     if sp.bos_id() < 0:
         raise SystemExit(f"{tokenizer_path}: the tokenizer has no BOS piece, but every document must start with BOS")
+    if caseops and any(sp.encode(op) != [sp.piece_to_id(op)] or sp.piece_to_id(op) == sp.unk_id() for op in CASE_OPERATORS):
+        raise SystemExit(f"{tokenizer_path}: --caseops needs a tokenizer with the CaseOps operators U+E001..U+E004 as "
+                         f"pieces of their own; leave out --tokenizer to train one")
 
     out_dir = output_root / "datasets" / dataset_name
     refuse_to_replace(output_root, out_dir, dataset_name, source, overwrite)
@@ -297,11 +334,19 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
     for stale in out_dir.glob("fineweb_*.bin"):
         stale.unlink()
     val_writer = ShardWriter(out_dir, "val", shard_tokens)
-    val_count, _ = export_split(val_docs, sp, val_writer, "val")
+    sidecar = CaseOpsSidecar(out_dir, sp, shard_tokens) if caseops else None
+    val_count, _ = export_split(val_docs, sp, val_writer, "val", caseops=caseops, sidecar=sidecar)
+    sidecar_files = []
+    if sidecar:
+        sidecar.writer.flush()
+        sidecar_files = sidecar.writer.files
+        if sidecar.inexact:
+            print(f"caseops: {sidecar.inexact} validation documents hold text the tokenizer cannot reproduce exactly "
+                  f"(a literal U+2581); the sidecar counts the bytes of the text their tokens stand for", file=sys.stderr)
     skip = frozenset(doc_hash(d) for d in val_docs) if drop_val_duplicates else frozenset()
     train_writer = ShardWriter(out_dir, "train", shard_tokens)
-    train_count, dropped = export_split(train_docs(), sp, train_writer, "train", skip)
-    for file in val_writer.files + train_writer.files:  # read every shard back through the trainer's validator
+    train_count, dropped = export_split(train_docs(), sp, train_writer, "train", skip, caseops=caseops)
+    for file in val_writer.files + sidecar_files + train_writer.files:  # read every shard back through the trainer's validator
         read_shard_header(out_dir / file)
 
     relative = lambda path: os.path.relpath(path, output_root)  # noqa: E731
@@ -318,7 +363,10 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
                  tokens_val=val_writer.tokens, tokens_train=train_writer.tokens)
     ours = dict(source=source, val_source=val_source or source, drop_val_duplicates=drop_val_duplicates,
                 train_docs_dropped_as_val_duplicates=dropped, tokenizer_from=None if tokenizer else tokenizer_from,
-                tokenizer_sha256=hashlib.sha256(tokenizer_path.read_bytes()).hexdigest())
+                tokenizer_sha256=hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+                **(dict(caseops="case_encode of train_gpt.py (TITLE/ALLCAPS/CAPNEXT/ESCAPE = U+E001..U+E004)",
+                        val_bytes_glob=relative(out_dir / "fineweb_val_bytes_*.bin"),
+                        val_docs_not_reproduced_exactly=sidecar.inexact) if caseops else {}))
     dataset_entry = dict(name=dataset_name, tokenizer_name=tokenizer_name, tokenizer_kind="sentencepiece_bpe",
                          path=relative(out_dir), train_glob=relative(out_dir / "fineweb_train_*.bin"),
                          val_glob=relative(out_dir / "fineweb_val_*.bin"), **ids, stats=stats, prepare_docs=ours)
@@ -358,6 +406,9 @@ def main(argv=None):
                         help="replace a dataset folder that another source filled (a download, another export)")
     parser.add_argument("--skip-byte", action="store_true",
                         help="the exporter's flag, accepted: no byte260 export is made here either way")
+    parser.add_argument("--caseops", action="store_true",
+                        help="write the CaseOps form of every document (a lossless case transform), train the tokenizer "
+                        "on it with the operators as pieces, and write the validation byte sidecar for CASEOPS_ENABLED=1")
     parser.add_argument("--text-field", default="text", help="JSON / dataset field holding the text")
     parser.add_argument("--output-root", default=str(DATA_DIR), help="root of datasets/ and tokenizers/")
     args = parser.parse_args(argv)
@@ -366,7 +417,7 @@ def main(argv=None):
     name = args.name or ("stdlib" if args.source == "stdlib" else None)
     prepare(args.source, name, args.vocab_size, args.tokenizer, args.num_val_docs, args.max_docs, args.chunk_tokens,
             args.tokenizer_train_docs, args.text_field, args.output_root, args.val_source, args.drop_val_duplicates,
-            args.tokenizer_from, args.overwrite)
+            args.tokenizer_from, args.overwrite, args.caseops)
 
 
 if __name__ == "__main__":

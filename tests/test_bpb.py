@@ -104,9 +104,10 @@ def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
     vocab = 50
     tokens = torch.from_numpy(rng.integers(0, vocab, num_tokens).astype(np.int32))
     luts = (rng.integers(1, 4, vocab), rng.random(vocab) < 0.5, rng.random(vocab) < 0.1)
-    loss, bpb, scored = T.evaluate(ConstantModel(vocab), tokens, luts, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
+    target_bytes = T.TargetBytes(T.target_byte_counts(tokens.numpy(), luts))
+    loss, bpb, scored = T.evaluate(ConstantModel(vocab), tokens, target_bytes, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
     n_bytes = T.count_target_bytes(tokens.numpy(), luts)
-    assert scored == num_tokens - 1
+    assert scored == num_tokens - 1 and target_bytes.total == n_bytes
     assert loss == pytest.approx(math.log(vocab), rel=1e-6)  # fp32 cross-entropy of uniform logits
     assert bpb == pytest.approx(loss / math.log(2) * (num_tokens - 1) / n_bytes, rel=1e-12)
 
@@ -114,10 +115,11 @@ def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
 @pytest.mark.parametrize("num_tokens, seq_len, batch_tokens, world_size", [(2, 4, 4, 1), (1001, 64, 256, 3), (1025, 64, 128, 2), (97, 10, 35, 4)])
 def test_every_target_is_scored_exactly_once_over_ranks(num_tokens, seq_len, batch_tokens, world_size):
     tokens = torch.arange(num_tokens, dtype=torch.int32)  # unique ids: the sums below identify the scored set
-    luts = (np.ones(num_tokens, dtype=np.int64), np.zeros(num_tokens, dtype=bool), np.zeros(num_tokens, dtype=bool))
+    target_bytes = T.TargetBytes(np.arange(1, num_tokens))  # target p covers p + 1 "bytes"
     windows = T.plan_windows(num_targets=num_tokens - 1, seq_len=seq_len, stride=seq_len)
     rows = T.eval_rows_per_batch(batch_tokens, seq_len, world_size)
     for power in (0, 1, 2):  # count, sum and sum of squares of the scored target ids
-        total = sum(T.score_windows(TargetValueModel(power), tokens, T.rank_share(windows, rank, world_size), luts,
-                                    seq_len, rows, torch.device("cpu"), AUTOCAST_OFF)[0].item() for rank in range(world_size))
-        assert total == sum(j ** power for j in range(1, num_tokens))
+        sums = sum(T.score_windows(TargetValueModel(power), tokens, T.rank_share(windows, rank, world_size), target_bytes,
+                                   seq_len, rows, torch.device("cpu"), AUTOCAST_OFF) for rank in range(world_size))
+        assert sums[0].item() == sum(j ** power for j in range(1, num_tokens))
+        assert sums[2].item() == sum(range(1, num_tokens))  # the bytes of each scored target, once

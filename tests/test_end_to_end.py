@@ -64,7 +64,8 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
     model.load_state_dict(T.dequantize_state_dict(T.read_artifact(cwd / "logs" / "e2e_model.int6.ptz")), strict=True)
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
-    _, val_bpb, _ = T.evaluate(model, val, T.build_byte_luts(sp, hp.vocab_size), hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+    target_bytes = T.TargetBytes(T.target_byte_counts(val.numpy(), T.build_byte_luts(sp, hp.vocab_size)))
+    _, val_bpb, _ = T.evaluate(model, val, target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                             0, 1, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert val_bpb == pytest.approx(summary(log)["final_int6_brotli_roundtrip_val_bpb"], rel=1e-5)
     raw, meta = T.load_raw_weights(cwd / "logs" / "e2e_raw.pt")  # the unquantized weights are kept too

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
 HP = small_hp(num_layers=2, val_batch_size=256, eval_stride=8, ttt_chunk_tokens=96, ttt_epochs=2, ttt_lr=0.05,
                        ttt_batch_seqs=4)
-LUTS = (np.ones(64, dtype=np.int64), np.zeros(64, dtype=bool), np.zeros(64, dtype=bool))  # 1 byte per token
+LUTS = T.TargetBytes(np.ones(10_000))  # 1 byte per target, for any stream of up to 10,000 tokens
 
 
 def small_model(seed=0):

@@ -1,0 +1,125 @@
+"""CaseOps: the lossless case transform, its tokenizer and byte sidecar, and the start-up check that val_bpb counts
+the bytes of the original text."""
+
+import random
+import sys
+
+import numpy as np
+import pytest
+
+import train_gpt as T
+from conftest import REPO, run_script
+
+ALPHABET = "aAbBzZ Ünï\n.'-1" + "".join(T.CASE_OPERATORS) + "\u2581"
+
+
+def random_text(rng, length):
+    return "".join(rng.choice(ALPHABET) for _ in range(length))
+
+
+def test_the_transform_is_lossless_and_canonical_on_any_text():
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = random_text(rng, rng.randint(0, 30))
+        encoded = T.case_encode(text)
+        assert T.case_decode(encoded) == text
+        assert T.case_encode(T.case_decode(encoded)) == encoded
+        assert not any("A" <= c <= "Z" for c in encoded)  # every capital is now an operator and a small letter
+
+
+def test_the_operators_say_how_each_word_was_written():
+    title, allcaps, capnext, escape = T.CASE_OPERATORS
+    assert T.case_encode("The NASA Launch") == f"{title}the {allcaps}nasa {title}launch"
+    assert T.case_encode("McDonald I x") == f"{capnext}mc{capnext}donald {title}i x"
+    assert T.case_encode(f"a{title}b") == f"a{escape}{title}b"
+    assert T.case_encode("Ünïcode") == "Ünïcode"  # only ASCII letters change
+
+
+@pytest.mark.parametrize("bad", ["\ue002", "\ue001 word", "x\ue003", "\ue002A"])
+def test_malformed_strings_are_refused(bad):
+    with pytest.raises(ValueError, match="operator"):
+        T.case_decode(bad)
+
+
+def test_a_decodable_but_non_canonical_string_fails_the_round_trip():
+    allcaps, title = T.CASE_OPERATORS[1], T.CASE_OPERATORS[0]
+    assert T.case_decode(f"{allcaps}a") == "A" and T.case_encode("A") == f"{title}a"  # so a check can catch it
+
+
+@pytest.fixture(scope="module")
+def caseops_export(tmp_path_factory):
+    import prepare_docs
+    root = tmp_path_factory.mktemp("caseops")
+    data_dir, tokenizer = prepare_docs.prepare("stdlib", "stdlib", vocab_size=1024, output_root=root, caseops=True)
+    originals = prepare_docs._stdlib_doc_list(0)[:prepare_docs.STDLIB_VAL_DOCS]
+    return data_dir, tokenizer, originals
+
+
+def load(export):
+    data_dir, tokenizer, _ = export
+    sp = T.load_tokenizer(str(tokenizer), 1024)
+    files = T.shard_files(str(data_dir), "val")
+    return sp, files, T.load_validation_tokens(files).numpy(), T.load_byte_sidecar(files)
+
+
+def test_the_sidecar_counts_the_bytes_of_the_original_documents(caseops_export):
+    sp, files, tokens, sidecar = load(caseops_export)
+    originals = caseops_export[2]
+    assert [f.rsplit("/", 1)[1] for f in files] == ["fineweb_val_000000.bin"]  # the sidecar is not a token shard
+    docs, total = T.check_caseops(sp, tokens, sidecar)
+    assert docs == len(originals) and total == sum(len(d.encode("utf-8")) for d in originals)
+    assert T.TargetBytes(sidecar[1:]).total == total  # what evaluation divides by
+    assert sidecar[tokens == sp.bos_id()].sum() == 0
+    operators = np.isin(tokens, [sp.piece_to_id(op) for op in T.CASE_OPERATORS])
+    assert operators.sum() > 100 and sidecar[operators].sum() == 0  # the text has operators; they count no byte
+
+
+def test_the_start_up_check_refuses_a_wrong_sidecar_or_tokenizer(caseops_export, sample):
+    sp, _, tokens, sidecar = load(caseops_export)
+    tampered = sidecar.copy()
+    tampered[5] += 1
+    with pytest.raises(T.DataError, match="byte sidecar of validation document 0"):
+        T.check_caseops(sp, tokens, tampered)
+    with pytest.raises(T.DataError, match="entries"):
+        T.check_caseops(sp, tokens, sidecar[:-1])
+    plain_sp = T.load_tokenizer(str(sample[1]), 1024)  # the plain export's tokenizer: no operators
+    with pytest.raises(T.ConfigError, match="CaseOps tokenizer"):
+        T.caseops_byte_luts(plain_sp, 1024)
+    plain_tokens = T.load_validation_tokens(T.shard_files(str(sample[0]), "val")).numpy()
+    with pytest.raises((T.DataError, T.ConfigError)):  # plain shards read as CaseOps: the round trip fails
+        T.check_caseops(sp, plain_tokens, np.zeros(len(plain_tokens), dtype=np.int64))
+
+
+def test_an_escaped_operator_is_text_and_counts_its_bytes(caseops_export):
+    sp = T.load_tokenizer(str(caseops_export[1]), 1024)
+    original = f"Say {T.CASE_ESCAPE}{T.CASE_TITLE} OK"
+    tokens = [sp.bos_id()] + sp.encode(T.case_encode(original))
+    counts = T.caseops_token_bytes(tokens, T.caseops_byte_luts(sp, 1024))
+    assert counts.sum() == len(original.encode("utf-8"))
+    assert T.check_caseops(sp, np.asarray(tokens), counts) == (1, len(original.encode("utf-8")))
+
+
+def test_a_stream_that_is_not_the_transform_s_output_is_refused(caseops_export):
+    """ALLCAPS before one letter decodes (to "A", with the right byte count) but case_encode writes TITLE there."""
+    sp = T.load_tokenizer(str(caseops_export[1]), 1024)
+    tokens = [sp.bos_id()] + sp.encode(f"{T.CASE_ALLCAPS}a day")
+    counts = T.caseops_token_bytes(tokens, T.caseops_byte_luts(sp, 1024))
+    assert counts.sum() == len("A day")
+    with pytest.raises(T.DataError, match="round-trip"):
+        T.check_caseops(sp, np.asarray(tokens), counts)
+
+
+@pytest.mark.parametrize("case", ["no sidecar", "plain tokenizer"])
+def test_caseops_without_its_sidecar_or_tokenizer_is_refused_before_training(caseops_export, sample, tmp_path, case):
+    data_dir, tokenizer, _ = caseops_export
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for shard in data_dir.glob("fineweb_*.bin"):
+        if not (case == "no sidecar" and "bytes" in shard.name):
+            (copy / shard.name).write_bytes(shard.read_bytes())
+    tokenizer = sample[1] if case == "plain tokenizer" else tokenizer
+    env = dict(PRESET="smoke", DATA_PATH=str(copy), TOKENIZER_PATH=str(tokenizer), CASEOPS_ENABLED="1")
+    result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
+    assert result.returncode != 0 and "step:1/" not in result.stdout
+    expected = "fineweb_val_bytes_000000.bin is missing" if case == "no sidecar" else "needs a CaseOps tokenizer"
+    assert expected in result.stderr and "--caseops" in result.stderr
