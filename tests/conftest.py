@@ -30,6 +30,15 @@ def sample(tmp_path_factory):
     return data_dir, tokenizer
 
 
+@pytest.fixture(scope="session")
+def caseops_sample(tmp_path_factory):
+    """The offline sample exported with --caseops: (dataset folder, its tokenizer, the original validation texts)."""
+    import prepare_docs
+    root = tmp_path_factory.mktemp("caseops")
+    data_dir, tokenizer = prepare_docs.prepare("stdlib", "stdlib", vocab_size=1024, output_root=root, caseops=True)
+    return data_dir, tokenizer, prepare_docs._stdlib_doc_list(0)[:prepare_docs.STDLIB_VAL_DOCS]
+
+
 def run_script(args, env_overrides, cwd, timeout=600):
     """Runs a command with the environment cleaned of run settings, plus `env_overrides`; returns the result."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}

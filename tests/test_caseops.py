@@ -46,13 +46,9 @@ def test_a_decodable_but_non_canonical_string_fails_the_round_trip():
     assert T.case_decode(f"{allcaps}a") == "A" and T.case_encode("A") == f"{title}a"  # so a check can catch it
 
 
-@pytest.fixture(scope="module")
-def caseops_export(tmp_path_factory):
-    import prepare_docs
-    root = tmp_path_factory.mktemp("caseops")
-    data_dir, tokenizer = prepare_docs.prepare("stdlib", "stdlib", vocab_size=1024, output_root=root, caseops=True)
-    originals = prepare_docs._stdlib_doc_list(0)[:prepare_docs.STDLIB_VAL_DOCS]
-    return data_dir, tokenizer, originals
+@pytest.fixture
+def caseops_export(caseops_sample):
+    return caseops_sample
 
 
 def load(export):

@@ -4,6 +4,7 @@ the export's grid; and every preset trained a few steps at the smoke size throug
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -386,3 +387,37 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
     assert T.Hyperparameters.from_env({"PRESET": "smoke"})[0].warmdown_frac == T.Hyperparameters.warmdown_frac
     assert T.Hyperparameters.from_env({"PRESET": "pr754,smoke"})[0].ema_warmup  # 0.997 fixed over 300 steps would not do
     assert not T.Hyperparameters.from_env({"PRESET": "pr754"})[0].ema_warmup
+
+
+# What PRESET=record changes in the default stack: the README's "PRESET=record" section lists each of these.
+RECORD_CHANGES = {
+    "data_path": "./data/datasets/fineweb10B_sp8192_caseops", "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_caseops.model",
+    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_doc_isolated": True, "attn_backend": "sdpa",
+    "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
+    "val_loss_every": 0, "ttt_enabled": True, "ttt_lr": 0.005, "phased_ttt_enabled": True,
+    "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3,
+}
+
+
+def test_the_record_preset_is_the_default_stack_with_the_record_s_data_evaluation_and_export():
+    default, record = T.Hyperparameters(), T.Hyperparameters.from_env({"PRESET": "record"})[0]
+    changed = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
+               if getattr(record, f.name) != getattr(default, f.name) and f.name != "preset"}
+    assert changed == RECORD_CHANGES
+    # The default stack at SP8192: 48 parameters fewer than the record's logged model_params:35945671 (see README).
+    assert T.count_parameters(T.GPT(record))[0] == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
+
+
+def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(caseops_sample, tmp_path):
+    data_dir, tokenizer, _ = caseops_sample
+    env = dict(PRESET="record,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
+               NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
+               NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0",
+               RUN_ID="record", EVAL_STRIDE="256", GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
+               TTT_CHUNK_TOKENS="8192", TTT_EPOCHS="1", TTT_BATCH_SEQS="4", SIZE_TARGET_BYTES="0")
+    result = run_script(["python3", str(T.__file__)], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "record.txt").read_text()
+    assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log and "doc_isolated:True" in log
+    assert re.search(r"^ttt_phased: prefix_docs:12 phases:3 ends:\[\d+, \d+, \d+\]$", log, re.M)
+    assert "ttt_phase: 3/3" in log and "\nfinal_ttt_exact val_loss:" in log
