@@ -656,7 +656,8 @@ SETTING_ALIASES = {
 }
 FOREIGN_SETTING_HINTS = {
     "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
-    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "DOC_ISOLATION", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
+    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "DOC_ISOLATION",
     "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
     "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
@@ -838,7 +839,8 @@ def load_byte_sidecar(val_files):
     """The CaseOps byte sidecar beside each validation shard (fineweb_val_bytes_NNNNNN.bin, the shard format), whole."""
     counts = []
     for path in val_files:
-        sidecar = os.path.join(os.path.dirname(path), os.path.basename(path).replace("fineweb_val_", "fineweb_val_bytes_"))
+        folder, name = os.path.split(path)
+        sidecar = os.path.join(folder, name.replace("fineweb_val_", "fineweb_val_bytes_"))
         if not os.path.isfile(sidecar):
             raise ConfigError(f"CASEOPS_ENABLED=1 but {sidecar} is missing: export DATA_PATH with data/prepare_docs.py "
                               f"--caseops (or download a CaseOps dataset), or unset CASEOPS_ENABLED")
@@ -2967,23 +2969,37 @@ def phase_ends(doc_starts, num_targets, prefix_docs, num_phases):
     return [starts[count] for count in counts if count < len(starts) and starts[count] < num_targets]
 
 
-def global_sgd(model, ledger, end, params, hp, seq_len, rank, world_size, device, autocast):
+def global_chunks(end, chunk_tokens):
+    """The chunks [first, stop) in which a phase's global SGD walks the scored targets [0, end)."""
+    return [(first, min(first + chunk_tokens, end)) for first in range(0, end, chunk_tokens)]
+
+
+def global_sgd(model, ledger, end, params, hp, steps, seq_len, rank, world_size, device, autocast):
     """The global SGD of a phase (PR #1626): every scored target [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
     chunks under a fresh SGD optimizer with the learning rate cosine-decayed over the chunks."""
     optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
-    steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
-    firsts = range(0, end, hp.global_ttt_chunk_tokens)
-    for index, first in enumerate(firsts):
+    chunks = global_chunks(end, hp.global_ttt_chunk_tokens)
+    for index, (first, stop) in enumerate(chunks):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(hp.global_ttt_lr, index, len(firsts))
-        adapt_on_chunk(model, ledger, first, min(first + hp.global_ttt_chunk_tokens, end), params, optimizer, steps,
-                       seq_len, rank, world_size, device, autocast)
+            group["lr"] = cosine_lr(hp.global_ttt_lr, index, len(chunks))
+        adapt_on_chunk(model, ledger, first, stop, params, optimizer, steps, seq_len, rank, world_size, device, autocast)
+
+
+def scoring_work(num_windows, rows_per_batch, world_size, seq_len):
+    """Positions one rank forwards to score `num_windows` windows: whole batches of rows_per_batch padded rows."""
+    return -(-num_windows // (rows_per_batch * world_size)) * rows_per_batch * seq_len
+
+
+def adapt_work(first, end, steps, seq_len, world_size):
+    """Positions one rank forwards and backwards to adapt on targets [first, end): whole batches of padded rows."""
+    batches = -(-(-(-(end - first) // seq_len)) // steps.batch_seqs)
+    return steps.epochs * batches * -(-steps.batch_seqs // world_size) * seq_len
 
 
 class TTTClock:
     """Whether the next adaptation still fits the eval budget with the scoring of everything after it. Costs are the
-    slowest rates seen so far: seconds per forwarded window position when scoring, seconds per trained token-epoch
-    when adapting (three forwards' worth of a scored position until an adaptation has been measured)."""
+    slowest rates seen so far, per position computed (padding included, so a short segment does not look slow):
+    scored positions, and adapted positions (three scored positions' worth until an adaptation has been measured)."""
 
     def __init__(self, budget_left, device):
         self.budget_left, self.device = budget_left, device
@@ -2992,14 +3008,14 @@ class TTTClock:
     def scored(self, seconds, positions):
         self.score_rate = max(self.score_rate, seconds / max(positions, 1))
 
-    def adapted(self, seconds, token_epochs):
-        self.train_rate = max(self.train_rate or 0.0, seconds / max(token_epochs, 1))
+    def adapted(self, seconds, positions):
+        self.train_rate = max(self.train_rate or 0.0, seconds / max(positions, 1))
 
-    def fits(self, token_epochs, positions_left):
+    def fits(self, positions, positions_left):
         if self.budget_left is None:
             return True
         train_rate = self.train_rate if self.train_rate is not None else 3 * self.score_rate
-        needed = train_rate * token_epochs + self.score_rate * positions_left
+        needed = train_rate * positions + self.score_rate * positions_left
         over = torch.tensor(float(needed > self.budget_left()), device=self.device)
         return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
 
@@ -3020,34 +3036,39 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     windows_of = [[] for _ in segments]
     for window in windows:
         windows_of[bisect.bisect_right(cuts, window[1])].append(window)
-    positions_after = np.cumsum([len(w) * seq_len for w in windows_of][::-1])[::-1].tolist()[1:] + [0]
+    rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
+    scoring = [scoring_work(len(w), rows, world_size, seq_len) for w in windows_of]
+    positions_after = np.cumsum(scoring[::-1])[::-1].tolist()[1:] + [0]
     params = ttt_parameters(model, hp)
     optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
                  torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
     chunk_steps = AdaptSteps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip)
-    rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
-    ledger, per_segment, adapting, adapted, clock = ScoredTargets(val_tokens), [], True, 0, TTTClock(budget_left, device)
+    global_steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
+    per_segment, adapting, adapted = [], True, 0
     num_chunks = -(-num_targets // chunk)
     for index, (first, end) in enumerate(segments):
         start = time.perf_counter()
-        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), target_bytes, seq_len, rows,
-                             device, autocast)
+        mine = rank_share(windows_of[index], rank, world_size)
+        sums = score_windows(model, val_tokens, mine, target_bytes, seq_len, rows, device, autocast)
         per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
         ledger.commit(end)
-        clock.scored(time.perf_counter() - start, len(windows_of[index]) * seq_len)
+        clock.scored(time.perf_counter() - start, scoring[index])
         if index == len(segments) - 1:
             break
         phase = end in phases
-        token_epochs = end * hp.global_ttt_epochs if phase else (end - first) * hp.ttt_epochs
-        if not adapting or token_epochs == 0:
+        work = (sum(adapt_work(f, stop, global_steps, seq_len, world_size)
+                    for f, stop in global_chunks(end, hp.global_ttt_chunk_tokens)) if phase else
+                adapt_work(first, end, chunk_steps, seq_len, world_size))
+        if not adapting or work == 0:
             continue
-        if not clock.fits(token_epochs, positions_after[index]):
+        if not clock.fits(work, positions_after[index]):
             adapting = False
             log(f"ttt: eval budget reached at segment {index + 1}/{len(segments)}; scoring continues without adapting")
             continue
         start = time.perf_counter()
         if phase:
-            global_sgd(model, ledger, end, params, hp, seq_len, rank, world_size, device, autocast)
+            global_sgd(model, ledger, end, params, hp, global_steps, seq_len, rank, world_size, device, autocast)
             log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
                 f"time:{time.perf_counter() - start:.1f}s")
         else:
@@ -3055,7 +3076,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
                 group["lr"] = cosine_lr(hp.ttt_lr, first // chunk, num_chunks)
             adapt_on_chunk(model, ledger, first, end, params, optimizer, chunk_steps, seq_len, rank, world_size,
                            device, autocast)
-        clock.adapted(time.perf_counter() - start, token_epochs)
+        clock.adapted(time.perf_counter() - start, work)
         adapted += 1
     return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
 

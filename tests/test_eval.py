@@ -223,3 +223,17 @@ def test_phased_ttt_settings_need_ttt_and_are_refused_when_inert():
         T.Hyperparameters.from_env({"TTT_ENABLED": "1", "GLOBAL_TTT_LR": "0.01"})
     hp, _ = T.Hyperparameters.from_env({"TTT_ENABLED": "1", "PHASED_TTT_ENABLED": "1", "PHASED_TTT_NUM_PHASES": "3"})
     assert hp.phased_ttt_num_phases == 3
+
+
+def test_the_budget_clock_counts_the_padded_work_so_a_short_segment_is_not_slow():
+    steps = T.AdaptSteps(epochs=3, batch_seqs=32, grad_clip=1.0)
+    assert T.adapt_work(0, 10, steps, 256, 1) == 3 * 32 * 256  # one padded batch of 32 rows, 3 times
+    assert T.adapt_work(0, 32 * 256, steps, 256, 1) == 3 * 32 * 256  # the same work, all of it real
+    assert T.adapt_work(0, 32 * 256 + 1, steps, 256, 4) == 3 * 2 * 8 * 256  # two batches of 8 rows per rank
+    assert T.scoring_work(1, 64, 1, 256) == T.scoring_work(64, 64, 1, 256) == 64 * 256
+    assert T.scoring_work(65, 64, 2, 256) == 64 * 256  # each of 2 ranks runs one batch
+    clock = T.TTTClock(lambda: 100.0, CPU)
+    clock.scored(1.0, T.scoring_work(1, 64, 1, 256))  # a one-window segment costs a whole batch
+    clock.scored(10.0, T.scoring_work(640, 64, 1, 256))
+    assert clock.score_rate == pytest.approx(1.0 / (64 * 256))
+    assert clock.fits(0, 99 * 64 * 256) and not clock.fits(0, 101 * 64 * 256)
