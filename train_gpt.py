@@ -42,7 +42,7 @@ import traceback
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import sentencepiece as spm
@@ -594,12 +594,12 @@ PRESETS = {
     # (its architecture) on SP8192 with CaseOps, document-isolated attention in training and evaluation, MIN_LR 0.1,
     # LQER rank 4 on the 3 worst matrices, GPTQ reserve 0.5 s, and phased TTT over a 2,500-document prefix in 3
     # phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks). Its per-document LoRA TTT is not built: the
-    # chunk TTT of the 04-09 record (SGD 0.005 for SP8192, 3 epochs) adapts in its place. Attention is SDPA with a
-    # block-diagonal mask, since FlashAttention's varlen path does not compile here yet. README: "PRESET=record".
+    # chunk TTT of the 04-09 record (SGD 0.005 for SP8192, 3 epochs) adapts in its place. Attention is FA3's varlen
+    # path where FA3 is installed, as in the record, else SDPA with a block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_caseops",
         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_caseops.model", vocab_size=8192, caseops_enabled=True,
-        doc_isolation=True, eval_doc_isolated=True, attn_backend="sdpa", min_lr_scale=0.1, lqer_rank=4,
+        doc_isolation=True, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
         gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_lr=0.005,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
     ),
@@ -851,6 +851,12 @@ def load_byte_sidecar(val_files):
 STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
 
 
+class TrainBatch(NamedTuple):
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    cu_seqlens: Optional[torch.Tensor]  # see cu_seqlens_of; None unless the loader has varlen_bos_id
+
+
 class TrainLoader:
     """Deterministic training batches that do not depend on the world size. Global row g of optimizer step s goes
     to micro-batch g // (rows per micro-batch) of WORLD_SIZE * GRAD_ACCUM_STEPS, so the global batch, and thus the
@@ -864,9 +870,11 @@ class TrainLoader:
     Either way more shards only add batches after those of the shards already present (in the first pass).
     """
 
-    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1):
+    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1,
+                 varlen_bos_id=None):
         self.shards = [load_shard(f) for f in files]
         self.seq_len, self.seqs_per_step, self.data_seed = seq_len, seqs_per_step, data_seed
+        self.varlen_bos_id = varlen_bos_id  # set: each batch carries its cu_seqlens (DOC_ISOLATION on FlashAttention)
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
         self.shard_offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])])
@@ -919,18 +927,24 @@ class TrainLoader:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def batch(self, step, micro_step, device=None):
-        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
-        the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
-        the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
+        """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step, and
+        with varlen_bos_id their cu_seqlens, found here on the host. On a GPU the tensors travel in asynchronous copies
+        from pinned memory: the host does not wait for the GPU to reach the copy, so it keeps queueing work ahead (a
+        pageable copy, or cu_seqlens found on the device, would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
         rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
         for row, start in enumerate(starts):
             rows[row] = self.read_stream(start, self.seq_len + 1)
         rows = torch.from_numpy(rows)
+        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id))
+                      if self.varlen_bos_id is not None else None)
         if device is not None and device.type == "cuda":
             rows = rows.pin_memory().to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+            if cu_seqlens is not None:
+                cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        return TrainBatch(rows[:, :-1], rows[:, 1:], cu_seqlens)
 
 
 def check_token_ids(files, shards, vocab_size, rank=0, world_size=1, all_reduce_max=None):
@@ -1210,14 +1224,37 @@ class PackedDocuments(NamedTuple):
     """Where the documents of packed rows are (DOC_ISOLATION): a row's first position and every BOS start one."""
     ids: torch.Tensor  # (B, T) the document index of each position, counted along the row
     offsets: torch.Tensor  # (B, T) each position's offset inside its document
+    cu_seqlens: Optional[torch.Tensor] = None  # FlashAttention's varlen bounds (cu_seqlens_of), found before the model
 
 
-def packed_documents(input_ids, bos_id):
+def document_starts(input_ids, bos_id):
+    """(B, T) bool: the positions that start a document, each row's first and every BOS."""
     starts = input_ids == bos_id
     starts[:, 0] = True
+    return starts
+
+
+def packed_documents(input_ids, bos_id, cu_seqlens=None):
+    starts = document_starts(input_ids, bos_id)
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
-    return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start)
+    return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start, cu_seqlens=cu_seqlens)
+
+
+CU_SEQLENS_BUCKET = 64  # the records pad cu_seqlens to a multiple of 64 entries, so compile sees few lengths
+
+
+def cu_seqlens_of(starts):
+    """FlashAttention's cumulative sequence lengths over the flattened (B, T) rows: every document start, then
+    B * T, repeated up to a multiple of CU_SEQLENS_BUCKET entries (the repeats are empty sequences, which the kernel
+    skips). The length depends on the data, so this runs outside the compiled graph: on the host for training batches
+    (TrainLoader), with one host sync elsewhere (VarlenDocuments). The length is also marked dynamic, so a compiled
+    graph serves every bucket; should a build specialize it anyway, the buckets bound the recompiles."""
+    flat = torch.nonzero(starts.flatten()).flatten()
+    entries = -(-(flat.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
+    cu_seqlens = F.pad(flat, (0, entries - flat.numel()), value=starts.numel()).to(torch.int32)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    return cu_seqlens
 
 
 def _sdpa(q, k, v, docs=None):
@@ -1254,25 +1291,23 @@ def _load_flash_attention(backend):
             raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {backend} build lacks; "
                               f"set ATTN_BACKEND=sdpa")
         B, T = q.shape[:2]
-        flat_starts = torch.nonzero(docs.offsets.flatten() == 0).flatten()
-        cu_seqlens = F.pad(flat_starts, (0, 1), value=B * T).to(torch.int32)
+        cu_seqlens = docs.cu_seqlens if docs.cu_seqlens is not None else cu_seqlens_of(docs.offsets == 0)  # eager
         out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T, causal=True))
         return out.view(B, T, *out.shape[1:])
     flash.has_varlen = varlen is not None
     return flash
 
 
-def check_doc_isolation(hp, attention_name, attention_fn, use_compile):
-    """DOC_ISOLATION on FlashAttention needs its varlen entry point, and (for now) eager mode: cu_seqlens has a
-    data-dependent length, which a fullgraph compile cannot trace. SDPA's block-diagonal mask compiles."""
-    if not hp.doc_isolation or attention_name == "sdpa":
-        return
-    if not getattr(attention_fn, "has_varlen", False):
+def uses_varlen(hp, attention_name):
+    """DOC_ISOLATION on FlashAttention: the documents go to its varlen entry point as cu_seqlens."""
+    return hp.doc_isolation and attention_name != "sdpa"
+
+
+def check_doc_isolation(hp, attention_name, attention_fn):
+    """DOC_ISOLATION on FlashAttention needs its varlen entry point; SDPA takes a block-diagonal mask."""
+    if uses_varlen(hp, attention_name) and not getattr(attention_fn, "has_varlen", False):
         raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {attention_name} build lacks; "
                           f"set ATTN_BACKEND=sdpa")
-    if use_compile:
-        raise ConfigError(f"DOC_ISOLATION=1 on {attention_name} cannot compile yet (cu_seqlens has a data-dependent "
-                          f"length); set ATTN_BACKEND=sdpa (a block-diagonal mask, compiled) or COMPILE=0")
 
 
 def select_attention(requested, device_type, half_precision=True):
@@ -1735,14 +1770,14 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, cu_seqlens=None):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
-        docs = packed_documents(input_ids, self.bos_id) if self.doc_isolation else None
+        docs = packed_documents(input_ids, self.bos_id, cu_seqlens) if self.doc_isolation else None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
@@ -1758,17 +1793,17 @@ class GPT(nn.Module):
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
 
-    def logits(self, input_ids):
-        h = self.hidden_states(input_ids)
+    def logits(self, input_ids, cu_seqlens=None):
+        h = self.hidden_states(input_ids, cu_seqlens)
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
         if not self.logit_softcap:
             return raw.float()
         return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None):
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
         """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
-        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
-        logits = self.logits(input_ids)
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe; `cu_seqlens`: see cu_seqlens_of."""
+        logits = self.logits(input_ids, cu_seqlens)
         if target_ids is None:
             return logits
         losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
@@ -3281,7 +3316,7 @@ def setup(run):
     bf16 = autocast_name(hp.autocast, device_type) == "bf16"
     run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
     run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
-    check_doc_isolation(hp, run.attention_name, run.attention_fn, run.use_compile)
+    check_doc_isolation(hp, run.attention_name, run.attention_fn)
     run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
@@ -3289,8 +3324,8 @@ def setup(run):
     run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     run.val_tokens = load_validation_tokens(run.val_files)
-    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed,
-                                   run.rank, run.world_size, accum)
+    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed, run.rank,
+                                   run.world_size, accum, run.sp.bos_id() if uses_varlen(hp, run.attention_name) else None)
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
     check_token_ids(run.train_files, run.train_loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
@@ -3382,6 +3417,29 @@ def log_environment(run):
             f"training tokens on disk, so data repeats (download more shards)")
 
 
+class VarlenDocuments(nn.Module):
+    """The compiled model on FlashAttention's varlen path: a call without cu_seqlens (the evaluations, TTT, the
+    warmup's synthetic batch) has them found here, eagerly, since a fullgraph graph cannot compute a tensor whose
+    length depends on the data. Training batches bring theirs from the loader. A module, so that TTT finds the
+    parameters (their names gain a prefix; TTT_PARAMS matches substrings)."""
+
+    def __init__(self, compiled, bos_id):
+        super().__init__()
+        self.compiled, self.bos_id = compiled, bos_id
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id))
+        return self.compiled(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
+
+
+def compile_model(model, varlen, backend="inductor"):
+    """torch.compile, one graph per layout (fullgraph, static shapes but cu_seqlens' length); `varlen`: see
+    VarlenDocuments. The tests compile with backend="aot_eager"."""
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+    return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
+
+
 def build_model(run):
     hp = run.hp
     torch.manual_seed(hp.seed)
@@ -3389,7 +3447,8 @@ def build_model(run):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
-    run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    run.train_model = (compile_model(run.model, uses_varlen(hp, run.attention_name)) if run.use_compile
+                       else run.model)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
@@ -3490,9 +3549,9 @@ def accumulate_and_step(run, step, lr_scale):
     # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
     mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
     for micro_step in range(run.grad_accum_steps):
-        inputs, targets = run.train_loader.batch(step, micro_step, run.device)
+        batch = run.train_loader.batch(step, micro_step, run.device)
         with run.autocast():
-            loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
+            loss = run.train_model(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
     run.optimizers.step(lr_scale, muon_momentum(run.hp, step))

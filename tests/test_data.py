@@ -63,7 +63,7 @@ def _global_rows(loader_factory, step, world_size, accum):
     for rank in range(world_size):
         loader = loader_factory(rank, world_size, accum)
         for micro in range(accum):
-            x, y = loader.batch(step, micro)
+            x, y, _ = loader.batch(step, micro)
             rows.append(torch.cat([x, y[:, -1:]], dim=1))
     return torch.cat(rows)
 
@@ -94,7 +94,7 @@ def test_loader_visits_every_window_once_per_epoch_with_shifted_targets(tmp_path
     assert loader.num_windows == 19 + 13
     ids = np.concatenate([loader.global_window_ids(s) for s in range(8)])  # exactly one epoch
     assert sorted(ids.tolist()) == list(range(32))
-    x, y = loader.batch(0, 0)
+    x, y, _ = loader.batch(0, 0)
     assert torch.equal(x[:, 1:], y[:, :-1])
     shard_tokens = np.concatenate([np.asarray(T.load_shard(f)) for f in files])
     first = int(loader.global_window_ids(0)[0])

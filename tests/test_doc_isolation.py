@@ -4,6 +4,7 @@ variable-length entry point) and in the neon convolutions; SmearGate and BigramH
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,19 +89,77 @@ def test_packed_documents_mark_a_row_start_and_every_bos():
     assert docs.ids.tolist() == [[1, 1, 2, 2, 3, 4, 4], [1, 1, 1, 1, 2, 2, 2]]
 
 
-def test_flash_attention_without_varlen_or_under_compile_is_refused(monkeypatch):
-    hp = dataclasses.replace(STACK)
+def test_flash_attention_without_varlen_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn_interface", flash_standins.fa3_module())
     name, fn = T.select_attention("fa3", "cuda")
-    with pytest.raises(T.ConfigError, match="flash_attn_varlen_func"):
-        T.check_doc_isolation(hp, name, fn, use_compile=False)
+    with pytest.raises(T.ConfigError, match="flash_attn_varlen_func.*ATTN_BACKEND=sdpa"):
+        T.check_doc_isolation(STACK, name, fn)
+    T.check_doc_isolation(dataclasses.replace(STACK, doc_isolation=False), name, fn)  # plain causal attention
     monkeypatch.setitem(sys.modules, "flash_attn_interface",
                         flash_standins.with_varlen(flash_standins.fa3_module(), fa3=True))
     name, fn = T.select_attention("fa3", "cuda")
-    T.check_doc_isolation(hp, name, fn, use_compile=False)
-    with pytest.raises(T.ConfigError, match="ATTN_BACKEND=sdpa"):
-        T.check_doc_isolation(hp, name, fn, use_compile=True)
-    T.check_doc_isolation(hp, "sdpa", T._sdpa, use_compile=True)  # the mask compiles
+    T.check_doc_isolation(STACK, name, fn)
+    T.check_doc_isolation(STACK, "sdpa", T._sdpa)  # the mask
+
+
+def test_cu_seqlens_list_every_document_start_then_pad_to_a_bucket_of_64():
+    ids = torch.tensor([[5, 6, BOS, 7, BOS, BOS, 8], [BOS, 9, 9, 9, BOS, 3, 3]])
+    cu = T.cu_seqlens_of(T.document_starts(ids, BOS))
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 4, 5, 7, 11] + [14] * 58
+    for starts, entries in ((63, 64), (64, 128), (127, 128)):  # the starts, then B * T, fill whole buckets
+        many = torch.full((1, 400), 9)
+        many[0, torch.arange(starts) * 3] = BOS
+        cu = T.cu_seqlens_of(T.document_starts(many, BOS))
+        assert cu.numel() == entries and cu[:starts].tolist() == list(range(0, 3 * starts, 3))
+        assert (cu[starts:] == 400).all()
+
+
+def test_training_batches_bring_the_cu_seqlens_the_model_would_find(tmp_path):
+    path = tmp_path / "fineweb_train_000000.bin"
+    tokens = np.random.default_rng(0).integers(2, 97, 20000)
+    tokens[np.random.default_rng(1).choice(20000, 300, replace=False)] = BOS
+    T.write_shard(path, tokens)
+    for data_seed in (-1, 3):
+        loader = T.TrainLoader([str(path)], 32, 16, data_seed, grad_accum_steps=2, varlen_bos_id=BOS)
+        for step, micro in ((0, 0), (2, 1)):
+            batch = loader.batch(step, micro)
+            assert torch.equal(batch.cu_seqlens, T.cu_seqlens_of(T.document_starts(batch.inputs, BOS)))
+            assert batch.cu_seqlens.numel() % 64 == 0 and batch.cu_seqlens.numel() > 8  # BOS inside the rows
+        assert T.TrainLoader([str(path)], 32, 16, data_seed).batch(0, 0).cu_seqlens is None
+
+
+@pytest.mark.cuda_path  # FA3 only: FA2 goes through the same wrapper, and the eager tests cover its signature
+def test_flash_varlen_compiles_as_one_graph_for_any_number_of_documents(monkeypatch, backend="fa3"):
+    """The compiled model on FlashAttention's varlen path (a custom op, as the real builds register it): batches of
+    9, 93 and 48 documents (two buckets of cu_seqlens) run in one fullgraph graph, with the cu_seqlens found outside
+    it or brought along as the loader does, and the loss and gradients are the eager model's."""
+    attention_fn, _ = attention(backend, monkeypatch)
+    model = model_of(STACK, attention_fn).train()
+    compiled = T.compile_model(model, varlen=True, backend="aot_eager")
+    rows = lambda seed: torch.stack([torch.cat(documents(seed + row)) for row in range(3)])
+    every_token, every_other = rows(3), rows(6)
+    every_token[:] = BOS  # 31 one-token documents a row
+    every_other[:, ::2] = BOS
+    batches = [rows(0), every_token, every_other]
+    graphs_before = T.compiled_graphs()
+    for index, tokens in enumerate(batches):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        cu_seqlens = T.cu_seqlens_of(T.document_starts(inputs, BOS)) if index == 2 else None  # the loader's way
+        flash_standins.VARLEN_CALLS.clear()
+        results = []
+        for run in (compiled, model):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = run(inputs, targets, cu_seqlens=cu_seqlens)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (compiled_loss, compiled_grads), (eager_loss, eager_grads) = results
+        assert torch.allclose(compiled_loss, eager_loss, atol=1e-3), index
+        assert len(compiled_grads) == len(eager_grads) and all(
+            torch.allclose(a, b, atol=2e-3, rtol=2e-2) for a, b in zip(compiled_grads, eager_grads)), index
+        entries = T.cu_seqlens_of(T.document_starts(inputs, BOS)).numel()
+        assert set(flash_standins.VARLEN_CALLS) == {(entries - 1, True)}, index  # every layer, the padded bounds
+    assert T.compiled_graphs() - graphs_before == 1
 
 
 @pytest.mark.cuda_path

@@ -65,7 +65,7 @@ def trained(sample):
     optimizers = T.Optimizers(model, hp, 0, 1)
     loader = T.TrainLoader(T.shard_files(str(data_dir), "train"), 64, 16, data_seed=0)
     for step in range(60):
-        model(*loader.batch(step, 0)).backward()
+        model(*loader.batch(step, 0)[:2]).backward()
         optimizers.step(lr_scale=1.0, momentum=T.muon_momentum(hp, step))
         optimizers.zero_grad()
     batches = lambda first: [loader.batch(step, 0)[0] for step in range(first, first + 4)]

@@ -392,7 +392,7 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
 # What PRESET=record changes in the default stack: the README's "PRESET=record" section lists each of these.
 RECORD_CHANGES = {
     "data_path": "./data/datasets/fineweb10B_sp8192_caseops", "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_caseops.model",
-    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_doc_isolated": True, "attn_backend": "sdpa",
+    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_doc_isolated": True,
     "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
     "val_loss_every": 0, "ttt_enabled": True, "ttt_lr": 0.005, "phased_ttt_enabled": True,
     "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3,
