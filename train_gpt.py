@@ -851,6 +851,29 @@ def load_byte_sidecar(val_files):
 STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
 
 
+def document_starts(input_ids, bos_id):
+    """(B, T) bool: the positions that start a document, each row's first and every BOS."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    return starts
+
+
+CU_SEQLENS_BUCKET = 64  # the records pad cu_seqlens to a multiple of 64 entries, so compile sees few lengths
+
+
+def cu_seqlens_of(starts):
+    """FlashAttention's cumulative sequence lengths over the flattened (B, T) rows: every document start, then
+    B * T, repeated up to a multiple of CU_SEQLENS_BUCKET entries (the repeats are empty sequences, which the kernel
+    skips). The length depends on the data, so this runs outside the compiled graph: on the host for training batches
+    (TrainLoader), with one host sync elsewhere (VarlenDocuments). The length is also marked dynamic, so a compiled
+    graph serves every bucket; should a build specialize it anyway, the buckets bound the recompiles."""
+    flat = torch.nonzero(starts.flatten()).flatten()
+    entries = -(-(flat.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
+    cu_seqlens = F.pad(flat, (0, entries - flat.numel()), value=starts.numel()).to(torch.int32)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    return cu_seqlens
+
+
 class TrainBatch(NamedTuple):
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -1227,34 +1250,11 @@ class PackedDocuments(NamedTuple):
     cu_seqlens: Optional[torch.Tensor] = None  # FlashAttention's varlen bounds (cu_seqlens_of), found before the model
 
 
-def document_starts(input_ids, bos_id):
-    """(B, T) bool: the positions that start a document, each row's first and every BOS."""
-    starts = input_ids == bos_id
-    starts[:, 0] = True
-    return starts
-
-
 def packed_documents(input_ids, bos_id, cu_seqlens=None):
     starts = document_starts(input_ids, bos_id)
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
     return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start, cu_seqlens=cu_seqlens)
-
-
-CU_SEQLENS_BUCKET = 64  # the records pad cu_seqlens to a multiple of 64 entries, so compile sees few lengths
-
-
-def cu_seqlens_of(starts):
-    """FlashAttention's cumulative sequence lengths over the flattened (B, T) rows: every document start, then
-    B * T, repeated up to a multiple of CU_SEQLENS_BUCKET entries (the repeats are empty sequences, which the kernel
-    skips). The length depends on the data, so this runs outside the compiled graph: on the host for training batches
-    (TrainLoader), with one host sync elsewhere (VarlenDocuments). The length is also marked dynamic, so a compiled
-    graph serves every bucket; should a build specialize it anyway, the buckets bound the recompiles."""
-    flat = torch.nonzero(starts.flatten()).flatten()
-    entries = -(-(flat.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
-    cu_seqlens = F.pad(flat, (0, entries - flat.numel()), value=starts.numel()).to(torch.int32)
-    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
-    return cu_seqlens
 
 
 def _sdpa(q, k, v, docs=None):
@@ -4020,10 +4020,15 @@ def evaluate_ttt(run):
         return
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    phases = (phase_ends(doc_starts_of(run.val_tokens, run.sp.bos_id()), run.val_tokens.numel() - 1,
-                         hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases) if hp.phased_ttt_enabled else [])
-    if hp.phased_ttt_enabled:
-        run.log(f"ttt_phased: prefix_docs:{hp.phased_ttt_prefix_docs} phases:{len(phases)} ends:{phases}")
+    phases = []
+    if hp.phased_ttt_enabled:  # the record's fields (boundaries in documents), then the phase ends in targets
+        doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id())
+        phases = phase_ends(doc_starts, run.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases)
+        starts = sorted(set(doc_starts) | {0})
+        total_docs, boundaries = len(starts), [bisect.bisect_left(starts, end) for end in phases]
+        run.log(f"ttt_phased: total_docs:{total_docs} prefix_docs:{hp.phased_ttt_prefix_docs} "
+                f"suffix_docs:{max(total_docs - hp.phased_ttt_prefix_docs, 0)} num_phases:{len(phases)} "
+                f"boundaries:{boundaries} ends:{phases}")
     result, per_segment, adapted = score_first_ttt(
         run.train_model, run.val_tokens, run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         run.doc_starts, run.log, budget_left, phases)

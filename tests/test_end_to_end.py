@@ -116,7 +116,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
     for log in runs.values():  # chunk cuts at 10000 and 20000, phase ends at documents 30 and 60
-        assert re.search(r"^ttt_phased: prefix_docs:60 phases:2 ends:\[\d+, \d+\]$", log, re.M)
+        assert re.search(r"^ttt_phased: total_docs:\d+ prefix_docs:60 suffix_docs:\d+ num_phases:2 boundaries:\[30, 60\] "
+                         r"ends:\[\d+, \d+\]$", log, re.M)
         assert "ttt_phase: 2/2" in log and "adapted_chunks:4 last_chunk_trained:no" in log and "phases:2" in log
 
 

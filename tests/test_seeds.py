@@ -419,5 +419,6 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "record.txt").read_text()
     assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log and "doc_isolated:True" in log
-    assert re.search(r"^ttt_phased: prefix_docs:12 phases:3 ends:\[\d+, \d+, \d+\]$", log, re.M)
+    assert re.search(r"^ttt_phased: total_docs:\d+ prefix_docs:12 suffix_docs:\d+ num_phases:3 boundaries:\[4, 8, 12\] "
+                     r"ends:\[\d+, \d+, \d+\]$", log, re.M)
     assert "ttt_phase: 3/3" in log and "\nfinal_ttt_exact val_loss:" in log
