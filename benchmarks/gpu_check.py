@@ -7,10 +7,12 @@ D is a dataset folder of shards (the README's "GPU check" section builds one fro
 train text with the challenge's sp1024 tokenizer, FineWeb documents as validation). It prints a markdown table and
 writes it to --out:
   - versions (torch, CUDA, FlashAttention), the device, its table bf16 peak and a measured bf16 matmul rate;
-  - each attention backend that is importable against SDPA, forward and backward in bf16, and its time;
+  - each attention backend that is importable against SDPA, forward and backward in bf16, and its time, both plain
+    causal and over packed documents (FlashAttention's varlen entry point against SDPA's block-diagonal mask);
   - compile time per layout, from the warmup's timed steps;
-  - BENCHMARK_STEPS figures for PRESET=baseline and the default stack at 98,304 tokens per step (one GPU's share of
-    the record batch, GRAD_ACCUM_STEPS=1): ms/step, tokens/s, MFU and peak memory before and after the recurrence;
+  - BENCHMARK_STEPS figures for PRESET=baseline, the default stack, and the default stack with DOC_ISOLATION=1 (FA
+    varlen under compile where FlashAttention is installed) at 98,304 tokens per step (one GPU's share of the record
+    batch, GRAD_ACCUM_STEPS=1): ms/step, tokens/s, MFU and peak memory before and after the recurrence;
   - a real two-minute training of the default stack to its round-trip val_bpb, with sliding-window and TTT
     tokens/s projected to the full FineWeb validation split on 8 GPUs, and GPTQ's time at full size.
 Targets it reads against (issue: the CUDA path): the default stack >= 1.1 M tokens/s and >= 40% MFU per H100 before
@@ -100,26 +102,34 @@ def attention_rows(device, tiny):
         grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
         return out, grads
 
-    reference, reference_grads = forward_backward(T._sdpa)
+    ids = torch.randint(2, 1024, (batch, seq_len), device=device, generator=generator)
+    ids[:, torch.randint(seq_len, (seq_len // 256 + 2,), device=device, generator=generator)] = 1  # BOS = 1
+    docs = T.packed_documents(ids, 1)
     rows = []
-    for backend in ("fa3", "fa2", "sdpa"):
-        try:
-            _, fn = T.select_attention(backend, device.type)
-        except T.ConfigError:
-            rows.append((f"attention {backend}", "not available here", "", ""))
-            continue
-        out, grads = forward_backward(fn)
-        error = max([(out.float() - reference.float()).abs().max().item()] +
-                    [(g.float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)
-                     for g, r in zip(grads, reference_grads)])
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            forward_backward(fn)
-        sync(device)
-        ms = 1000 * (time.perf_counter() - start) / 5
-        rows.append((f"attention {backend} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms", "< 2e-2",
-                     "ok" if error < 2e-2 else "MISMATCH"))
+    for name, extra in (("", ()), (" over packed documents", (docs,))):
+        reference, reference_grads = forward_backward(lambda q, k, v: T._sdpa(q, k, v, *extra))
+        for backend in ("fa3", "fa2", "sdpa"):
+            try:
+                _, fn = T.select_attention(backend, device.type)
+            except T.ConfigError:
+                rows.append((f"attention {backend}{name}", "not available here", "", ""))
+                continue
+            if extra and fn is not T._sdpa and not fn.has_varlen:
+                rows.append((f"attention {backend}{name}", "no flash_attn_varlen_func in this build", "", ""))
+                continue
+            call = lambda q, k, v: fn(q, k, v, *extra)
+            out, grads = forward_backward(call)
+            error = max([(out.float() - reference.float()).abs().max().item()] +
+                        [(g.float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)
+                         for g, r in zip(grads, reference_grads)])
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(5):
+                forward_backward(call)
+            sync(device)
+            ms = 1000 * (time.perf_counter() - start) / 5
+            rows.append((f"attention {backend}{name} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms",
+                         "< 2e-2", "ok" if error < 2e-2 else "MISMATCH"))
     return rows
 
 
@@ -161,19 +171,22 @@ def compile_rows(label, log):
 def benchmark_rows(args, workdir, device_name):
     rows = []
     on_h100 = "H100" in device_name or "H200" in device_name  # an H200 has the H100's bf16 peak (more bandwidth)
-    for label, preset in (("baseline", "baseline"), ("default stack", "")):
-        env = dict(common_env(args, f"check_bench_{preset or 'default'}", {} if preset else TINY_STACK),
-                   BENCHMARK_STEPS=str(args.benchmark_steps))
+    runs = (("baseline", "baseline", {}), ("default stack", "", {}), ("doc isolation", "", dict(DOC_ISOLATION="1")))
+    for label, preset, extra in runs:
+        env = dict(common_env(args, f"check_bench_{label.replace(' ', '_')}", {} if preset else TINY_STACK),
+                   BENCHMARK_STEPS=str(args.benchmark_steps), **extra)
         if preset:
             env["PRESET"] = preset
         log = run_trainer(env, f"benchmark {label}", workdir, timeout=300)
         rows += compile_rows(label, log)
+        attention = re.search(r" attention:(\w+) ", log).group(1)
         for looping, ms, tokens, mfu, memory in re.findall(
                 r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+) "
                 r"(?:mfu:([\d.]+)% )?(?:peak_memory_allocated:(\d+)MiB)?", log, re.M):
-            figure = f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, peak {memory or '-'} MiB"
+            figure = (f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, peak {memory or '-'} MiB, "
+                      f"attention {attention}")
             target, verdict = "", ""
-            if preset == "" and looping == "False":
+            if label == "default stack" and looping == "False":
                 target = f">= {TARGETS['tokens_per_s'] / 1e6:.1f} M tok/s, >= {TARGETS['mfu']:.0f}% MFU (H100)"
                 met = int(tokens) >= TARGETS["tokens_per_s"] and float(mfu or 0) >= TARGETS["mfu"]
                 verdict = ("met" if met else "NOT MET") if on_h100 else "n/a (not an H100)"

@@ -427,7 +427,8 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     table = out.read_text()
     assert table in result.stdout and "FAILED" not in table
     for row in ("| device | cpu |", "| attention fa3 | not available here |", "| attention sdpa vs sdpa (fwd+bwd) |",
-                "| baseline: looping:False |", "| default stack: looping:True |",
+                "| attention sdpa over packed documents vs sdpa (fwd+bwd) |", "| attention fa2 over packed documents |",
+                "| baseline: looping:False |", "| default stack: looping:True |", "| doc isolation: looping:False |",
                 "| default stack: first step, looping:True (compile) |", "| training: round-trip val_bpb | ",
                 "| evaluation: TTT | val_bpb ", "| evaluation: sliding + TTT projected on 8 GPUs |", "| GPTQ at full size |"):
         assert row in table, row
