@@ -1168,10 +1168,12 @@ def caseops_token_bytes(tokens, byte_luts):
     return counts
 
 
-def check_caseops(sp, tokens, sidecar, roundtrip_docs=256):
+def check_caseops(sp, tokens, sidecar, rank=0, world_size=1, all_reduce_min=lambda index: index, roundtrip_docs=256):
     """The CaseOps start-up check, on every validation document: the byte sidecar covers the tokens, each
     document's decoded text is a well-formed CaseOps string that case_decode inverts and case_encode rebuilds, and
-    the sidecar's sum over the document is the UTF-8 length of that original text. Returns (documents, bytes)."""
+    the sidecar's sum over the document is the UTF-8 length of that original text. At about 1 s per MB of text, the
+    documents are shared out over the ranks (every world_size-th); `all_reduce_min` gives every rank the first
+    failing document, so all of them refuse it with the same message. Returns (documents, bytes)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     if len(sidecar) != len(tokens):
         raise DataError(f"the byte sidecar holds {len(sidecar)} entries for {len(tokens)} validation tokens; "
@@ -1180,25 +1182,33 @@ def check_caseops(sp, tokens, sidecar, roundtrip_docs=256):
     if not bos_positions or bos_positions[0] != 0:
         raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
     bounds = list(zip(bos_positions, bos_positions[1:] + [len(tokens)]))
-    docs = [tokens[a + 1:b].tolist() for a, b in bounds]
-    decoded = sp.decode(docs)
-    check_reencoding(sp, docs[:roundtrip_docs], decoded[:roundtrip_docs])
-    sums = np.add.reduceat(np.asarray(sidecar, dtype=np.int64), bos_positions)
-    total = 0
-    for index, (text, counted) in enumerate(zip(decoded, sums.tolist())):
-        try:
-            original = case_decode(text)
-        except ValueError as error:
-            raise DataError(f"validation document {index} is not a CaseOps string ({error}); DATA_PATH was not "
-                            f"exported with --caseops, or TOKENIZER_PATH is not its tokenizer") from None
-        if case_encode(original) != text:
-            raise DataError(f"validation document {index} does not round-trip through CaseOps: the transform is not "
-                            f"the one that made DATA_PATH")
-        if counted != len(original.encode("utf-8")):
-            raise DataError(f"byte sidecar of validation document {index} counts {counted} bytes, its original text "
-                            f"has {len(original.encode('utf-8'))}; val_bpb cannot be trusted with this sidecar")
-        total += counted
-    return len(bounds), total
+    document = lambda index: tokens[bounds[index][0] + 1:bounds[index][1]].tolist()
+    sample = [document(index) for index in range(min(roundtrip_docs, len(bounds)))]
+    check_reencoding(sp, sample, sp.decode(sample))
+    sums = np.add.reduceat(np.asarray(sidecar, dtype=np.int64), bos_positions).tolist()
+    mine = range(rank, len(bounds), world_size)
+    texts = sp.decode([document(index) for index in mine])
+    failing = (index for index, text in zip(mine, texts) if caseops_failure(index, text, sums[index]))
+    first = all_reduce_min(next(failing, len(bounds)))
+    if first < len(bounds):
+        raise caseops_failure(first, sp.decode(document(first)), sums[first])
+    return len(bounds), sum(sums)
+
+
+def caseops_failure(index, text, counted):
+    """The DataError of validation document `index` (decoded `text`, `counted` sidecar bytes), or None if it passes."""
+    try:
+        original = case_decode(text)
+    except ValueError as error:
+        return DataError(f"validation document {index} is not a CaseOps string ({error}); DATA_PATH was not "
+                         f"exported with --caseops, or TOKENIZER_PATH is not its tokenizer")
+    if case_encode(original) != text:
+        return DataError(f"validation document {index} does not round-trip through CaseOps: the transform is not "
+                         f"the one that made DATA_PATH")
+    if counted != len(original.encode("utf-8")):
+        return DataError(f"byte sidecar of validation document {index} counts {counted} bytes, its original text "
+                         f"has {len(original.encode('utf-8'))}; val_bpb cannot be trusted with this sidecar")
+    return None
 
 
 # ============================================================================================
@@ -3332,7 +3342,9 @@ def setup(run):
     if hp.caseops_enabled:  # the bytes of the original text, from the sidecar, checked document by document
         caseops_byte_luts(run.sp, hp.vocab_size)  # the tokenizer holds the operators
         sidecar = load_byte_sidecar(run.val_files)
-        run.val_docs_checked, run.val_bytes_checked = check_caseops(run.sp, run.val_tokens.numpy(), sidecar)
+        reduce_min = lambda index: int(all_reduce(torch.tensor(index, device=run.device), dist.ReduceOp.MIN).item())
+        run.val_docs_checked, run.val_bytes_checked = check_caseops(run.sp, run.val_tokens.numpy(), sidecar, run.rank,
+                                                                    run.world_size, reduce_min)
         run.target_bytes = TargetBytes(sidecar[1:])
     else:
         luts = build_byte_luts(run.sp, hp.vocab_size)

@@ -86,6 +86,19 @@ def test_the_start_up_check_refuses_a_wrong_sidecar_or_tokenizer(caseops_export,
         T.check_caseops(sp, plain_tokens, np.zeros(len(plain_tokens), dtype=np.int64))
 
 
+def test_the_ranks_share_the_documents_and_all_refuse_the_first_bad_one(caseops_export):
+    sp, _, tokens, sidecar = load(caseops_export)
+    bos = np.flatnonzero(tokens == sp.bos_id())
+    tampered = sidecar.copy()
+    tampered[bos[3] + 1] += 1  # document 3 of the three ranks' 0, 1, 2, 0, 1, 2, ...: rank 0's
+    with pytest.raises(T.DataError, match="validation document 3 counts"):
+        T.check_caseops(sp, tokens, tampered, rank=0, world_size=3)
+    for rank in (1, 2):  # alone, the others never read document 3
+        assert T.check_caseops(sp, tokens, tampered, rank=rank, world_size=3)[0] == len(bos)
+        with pytest.raises(T.DataError, match="validation document 3 counts"):  # told by rank 0, they refuse it too
+            T.check_caseops(sp, tokens, tampered, rank=rank, world_size=3, all_reduce_min=lambda index: min(index, 3))
+
+
 def test_an_escaped_operator_is_text_and_counts_its_bytes(caseops_export):
     sp = T.load_tokenizer(str(caseops_export[1]), 1024)
     original = f"Say {T.CASE_ESCAPE}{T.CASE_TITLE} OK"
