@@ -3614,6 +3614,22 @@ def warmup(run):
     log_compiled_graphs(run, "warmup")
 
 
+@contextlib.contextmanager
+def compile_failures_named(run):
+    """A graph torch.compile cannot build in the warmup (a graph break under fullgraph, a FlashAttention build that
+    does not register its kernels for torch.compile, an inductor failure) stops the run before training, naming the
+    settings that avoid it, instead of a compiler traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as error:
+        avoid = "COMPILE=0 (eager)"
+        if run.attention_name != "sdpa":
+            avoid += f", or ATTN_BACKEND=sdpa if the trace stops in {run.attention_name}"
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"torch.compile failed in the warmup, before training ({type(error).__name__}: {first_line}); "
+                          f"set {avoid}; TORCH_LOGS=graph_breaks shows where") from error
+
+
 def compiled_graphs():
     """Graphs torch.compile has captured in this process (one per layout, shape or mode it met)."""
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -4359,7 +4375,8 @@ def train_and_evaluate(run):
         finish_from_raw_weights(run)
     else:
         run.phase = "warmup"
-        warmup(run)
+        with compile_failures_named(run):
+            warmup(run)
         if run.hp.benchmark_steps:
             return benchmark(run)
         run.phase = "train"

@@ -218,6 +218,35 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     assert "qat: enabled at step:19" in log and "recurrence: activated at step:9" in log  # quiet steps 20-23: both on
 
 
+@pytest.mark.cuda_path  # with the other compile proofs, in CI's second step
+def test_a_graph_that_cannot_compile_stops_the_warmup_with_the_settings_that_avoid_it(sample, tmp_path, monkeypatch):
+    """An attention that dynamo cannot trace under fullgraph (here it reads a value back to the host, as a
+    FlashAttention build without registered kernels would call into an opaque extension) fails the warmup, before
+    training, with COMPILE=0 named instead of a compiler traceback."""
+    def untraceable(q, k, v, docs=None):
+        if q.float().abs().sum().item() < 0:  # a host read: a graph break, an error under fullgraph
+            raise AssertionError
+        return T._sdpa.__wrapped__(q, k, v, docs)
+
+    untraceable.__wrapped__ = T._sdpa
+    monkeypatch.setattr(T, "_sdpa", untraceable)
+    env = tiny_env(sample, COMPILE=1, WARMUP_STEPS=1, RUN_ID="nocompile")
+    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(T.ConfigError, match=r"torch.compile failed in the warmup, before training .*set COMPILE=0"):
+            T.main()
+    finally:
+        torch._dynamo.reset()
+    log = (tmp_path / "logs" / "nocompile.txt").read_text()
+    assert re.search(r"^error: ConfigError: torch.compile failed .* phase:warmup$", log, re.M)
+    assert not re.search(r"^(saved_)?raw_weights:", log, re.M)  # nothing had trained, so nothing to save
+    assert not (tmp_path / "logs" / "nocompile_raw.pt").exists()
+
+
 class FakeRun:
     """What estimate_memory and out_of_memory_advice read of a Run."""
 
