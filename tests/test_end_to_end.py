@@ -93,14 +93,14 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
     assert f"{submission['val_bpb']:.8f}" in (record / "README.md").read_text()
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_path):
+def test_two_processes_match_one_process_with_the_same_global_batch(caseops_sample, tmp_path):
     runs = {}
     for nproc in (1, 2):
         # The default stack at four layers (loop and lanes moved to fit) and width 64: what is tested is the
-        # distribution, not the size.
-        env = smoke_env(sample, ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}", TTT_ENABLED=1,
-                        NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2, PARALLEL_START_LAYER=3,
-                        TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 6 sequences: 3 per rank
+        # distribution, not the size. CaseOps data: the ranks share its start-up check and agree on the verdict.
+        env = smoke_env(caseops_sample[:2], ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}",
+                        CASEOPS_ENABLED=1, TTT_ENABLED=1, NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2,
+                        PARALLEL_START_LAYER=3, TTT_CHUNK_TOKENS=11000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 3 per rank
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
@@ -115,7 +115,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(sample, tmp_
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
-    for log in runs.values():  # chunk cuts at 10000 and 20000, phase ends at documents 30 and 60
+    for log in runs.values():  # chunk cuts at 11000 and 22000, phase ends at documents 30 and 60
+        assert "bpb_bytecheck:ok docs:150 bytes:" in log and "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
         assert re.search(r"^ttt_phased: total_docs:\d+ prefix_docs:60 suffix_docs:\d+ num_phases:2 boundaries:\[30, 60\] "
                          r"ends:\[\d+, \d+\]$", log, re.M)
         assert "ttt_phase: 2/2" in log and "adapted_chunks:4 last_chunk_trained:no" in log and "phases:2" in log
