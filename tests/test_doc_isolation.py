@@ -102,6 +102,27 @@ def test_flash_attention_without_varlen_is_refused(monkeypatch):
     T.check_doc_isolation(STACK, "sdpa", T._sdpa)  # the mask
 
 
+@pytest.mark.parametrize("backend", ["fa3", "fa2"])
+def test_the_varlen_kernels_match_the_sdpa_mask_forward_and_backward(monkeypatch, backend):
+    """The stand-in varlen kernel's own backward (a custom op cannot use autograd) against autograd through SDPA's
+    block-diagonal mask, with grouped-query K/V: 4 query heads over 2."""
+    attention_fn, _ = attention(backend, monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 97, (2, 40), generator=generator)
+    ids[0, [7, 20, 21]] = ids[1, [13]] = BOS
+    docs = T.packed_documents(ids, BOS)
+    inputs = [torch.randn(2, 40, heads, 16, generator=generator) for heads in (4, 2, 2)]
+    results = []
+    for fn, dtype in ((attention_fn, torch.bfloat16), (T._sdpa, torch.float32)):
+        q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+        out = fn(q, k, v, docs)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        (out.float() * weights).sum().backward()
+        results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
+    for name, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert (got - want).abs().max() <= 0.02 * want.abs().max() + 1e-3, name
+
+
 def test_cu_seqlens_list_every_document_start_then_pad_to_a_bucket_of_64():
     ids = torch.tensor([[5, 6, BOS, 7, BOS, BOS, 8], [BOS, 9, 9, 9, BOS, 3, 3]])
     cu = T.cu_seqlens_of(T.document_starts(ids, BOS))
