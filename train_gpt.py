@@ -3005,13 +3005,17 @@ def cosine_lr(peak, index, count):
     return peak * 0.5 * (1 + math.cos(math.pi * index / max(count - 1, 1)))
 
 
-def phase_ends(doc_starts, num_targets, prefix_docs, num_phases):
-    """Target positions where the phases of phased TTT end: phase i ends after the first prefix_docs * (i + 1) //
-    num_phases documents of the stream (a document's targets run from its BOS to the next BOS, which it predicts).
-    A phase that would end at the end of the stream has nothing left to help and is dropped."""
+def phase_boundaries(doc_starts, num_targets, prefix_docs, num_phases):
+    """(documents, target position) where the phases of phased TTT end: phase i ends after the first
+    prefix_docs * (i + 1) // num_phases documents of the stream (a document's targets run from its BOS to the next
+    BOS, which it predicts). A phase that would end at the end of the stream has nothing left to help and is dropped."""
     starts = sorted(set(doc_starts) | {0})
     counts = sorted({prefix_docs * (i + 1) // num_phases for i in range(num_phases)} - {0})
-    return [starts[count] for count in counts if count < len(starts) and starts[count] < num_targets]
+    return [(count, starts[count]) for count in counts if count < len(starts) and starts[count] < num_targets]
+
+
+def phase_ends(doc_starts, num_targets, prefix_docs, num_phases):
+    return [end for _, end in phase_boundaries(doc_starts, num_targets, prefix_docs, num_phases)]
 
 
 def global_chunks(end, chunk_tokens):
@@ -3430,25 +3434,27 @@ def log_environment(run):
 
 
 class VarlenDocuments(nn.Module):
-    """The compiled model on FlashAttention's varlen path: a call without cu_seqlens (the evaluations, TTT, the
-    warmup's synthetic batch) has them found here, eagerly, since a fullgraph graph cannot compute a tensor whose
-    length depends on the data. Training batches bring theirs from the loader. A module, so that TTT finds the
-    parameters (their names gain a prefix; TTT_PARAMS matches substrings)."""
+    """The model (compiled or eager) on FlashAttention's varlen path: a call without cu_seqlens (the evaluations,
+    TTT, the warmup's synthetic batch) has them found here, once per batch, eagerly: a fullgraph graph cannot
+    compute a tensor whose length depends on the data, and eager attention would find them once per layer. Training
+    batches bring theirs from the loader. A module, so that TTT finds the parameters (their names gain a prefix;
+    TTT_PARAMS matches substrings)."""
 
-    def __init__(self, compiled, bos_id):
+    def __init__(self, model, bos_id):
         super().__init__()
-        self.compiled, self.bos_id = compiled, bos_id
+        self.model, self.bos_id = model, bos_id
 
     def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
         if cu_seqlens is None:
             cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id))
-        return self.compiled(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
 
 
-def compile_model(model, varlen, backend="inductor"):
-    """torch.compile, one graph per layout (fullgraph, static shapes but cu_seqlens' length); `varlen`: see
-    VarlenDocuments. The tests compile with backend="aot_eager"."""
-    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+def train_model_of(model, use_compile, varlen, backend="inductor"):
+    """What training, evaluation and TTT call: the model, compiled with one graph per layout (fullgraph, static
+    shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests compile with
+    backend="aot_eager"."""
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if use_compile else model
     return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
 
 
@@ -3459,8 +3465,7 @@ def build_model(run):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
-    run.train_model = (compile_model(run.model, uses_varlen(hp, run.attention_name)) if run.use_compile
-                       else run.model)
+    run.train_model = train_model_of(run.model, run.use_compile, uses_varlen(hp, run.attention_name))
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
@@ -4051,12 +4056,12 @@ def evaluate_ttt(run):
     phases = []
     if hp.phased_ttt_enabled:  # the record's fields (boundaries in documents), then the phase ends in targets
         doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id())
-        phases = phase_ends(doc_starts, run.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases)
-        starts = sorted(set(doc_starts) | {0})
-        total_docs, boundaries = len(starts), [bisect.bisect_left(starts, end) for end in phases]
+        kept = phase_boundaries(doc_starts, run.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs,
+                                hp.phased_ttt_num_phases)
+        phases, total_docs = [end for _, end in kept], len(set(doc_starts) | {0})
         run.log(f"ttt_phased: total_docs:{total_docs} prefix_docs:{hp.phased_ttt_prefix_docs} "
                 f"suffix_docs:{max(total_docs - hp.phased_ttt_prefix_docs, 0)} num_phases:{len(phases)} "
-                f"boundaries:{boundaries} ends:{phases}")
+                f"boundaries:{[documents for documents, _ in kept]} ends:{phases}")
     result, per_segment, adapted = score_first_ttt(
         run.train_model, run.val_tokens, run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         run.doc_starts, run.log, budget_left, phases)

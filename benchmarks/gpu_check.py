@@ -179,7 +179,7 @@ def benchmark_rows(args, workdir, device_name):
             env["PRESET"] = preset
         log = run_trainer(env, f"benchmark {label}", workdir, timeout=300)
         rows += compile_rows(label, log)
-        attention = re.search(r" attention:(\w+) ", log).group(1)
+        attention = re.search(r"^world_size:.* attention:(\w+) ", log, re.M).group(1)
         for looping, ms, tokens, mfu, memory in re.findall(
                 r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+) "
                 r"(?:mfu:([\d.]+)% )?(?:peak_memory_allocated:(\d+)MiB)?", log, re.M):

@@ -149,6 +149,20 @@ def test_training_batches_bring_the_cu_seqlens_the_model_would_find(tmp_path):
         assert T.TrainLoader([str(path)], 32, 16, data_seed).batch(0, 0).cu_seqlens is None
 
 
+def test_the_eager_varlen_model_finds_the_documents_once_per_batch(monkeypatch):
+    attention_fn, _ = attention("fa3", monkeypatch)
+    model = model_of(STACK, attention_fn)
+    wrapped = T.train_model_of(model, use_compile=False, varlen=True)
+    calls = []
+    found = T.cu_seqlens_of
+    monkeypatch.setattr(T, "cu_seqlens_of", lambda starts: calls.append(1) or found(starts))
+    tokens = torch.stack([torch.cat(documents(seed)) for seed in range(2)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone, through = model(tokens[:, :-1], tokens[:, 1:]), wrapped(tokens[:, :-1], tokens[:, 1:])
+    assert len(calls) == len(model.layer_order()) + 1  # alone once per attention call (looped layers too); wrapped once
+    assert torch.equal(alone, through)
+
+
 @pytest.mark.cuda_path  # FA3 only: FA2 goes through the same wrapper, and the eager tests cover its signature
 def test_flash_varlen_compiles_as_one_graph_for_any_number_of_documents(monkeypatch, backend="fa3"):
     """The compiled model on FlashAttention's varlen path (a custom op, as the real builds register it): batches of
@@ -156,7 +170,7 @@ def test_flash_varlen_compiles_as_one_graph_for_any_number_of_documents(monkeypa
     it or brought along as the loader does, and the loss and gradients are the eager model's."""
     attention_fn, _ = attention(backend, monkeypatch)
     model = model_of(STACK, attention_fn).train()
-    compiled = T.compile_model(model, varlen=True, backend="aot_eager")
+    compiled = T.train_model_of(model, use_compile=True, varlen=True, backend="aot_eager")
     rows = lambda seed: torch.stack([torch.cat(documents(seed + row)) for row in range(3)])
     every_token, every_other = rows(3), rows(6)
     every_token[:] = BOS  # 31 one-token documents a row
