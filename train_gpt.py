@@ -42,7 +42,7 @@ import traceback
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import sentencepiece as spm
@@ -193,26 +193,42 @@ class Hyperparameters:
     eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
     eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
     caseops_enabled: bool = False  # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
-    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
-    ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
-    ttt_epochs: int = 3  # passes over each scored chunk
-    ttt_lr: float = 0.002  # peak TTT learning rate, cosine-decayed over chunks
-    ttt_optimizer: str = "sgd"  # sgd or adamw
-    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
-    ttt_batch_seqs: int = 32  # sequences per TTT step, summed over ranks
-    ttt_grad_clip: float = 1.0  # TTT gradient-norm clip; 0 = off
-    ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
-    ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
-    ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation (the method: TTT_METHOD)
+    ttt_method: str = ""  # chunk (the LegalTTT records' chunk SGD) or lora (the 04-27 record's per-document LoRA); empty = the one the other TTT settings name
+    ttt_optimizer: str = ""  # sgd, or adamw (adam: the 04-27 record's spelling of it); empty = sgd for chunk, adamw for lora
+    ttt_chunk_tokens: int = 32768  # chunk: TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_epochs: int = 3  # chunk: passes over each scored chunk
+    ttt_lr: float = 0.002  # chunk: peak TTT learning rate, cosine-decayed over chunks
+    ttt_momentum: float = 0.9  # chunk: SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = 32  # chunk: sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = 1.0  # chunk: TTT gradient-norm clip; 0 = off
+    ttt_params: str = "all"  # chunk: what adapts: all, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_lora_rank: int = 96  # lora: rank of each document's adapters
+    ttt_lora_alpha: float = 144.0  # lora: adapter outputs are scaled by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767)
+    ttt_warm_start_a: bool = True  # lora: a new document resets B only, A stays warm within a phase (PR #1767); off = A re-drawn too
+    ttt_lora_lr: float = 0.0001  # lora: adapter learning rate (constant)
+    ttt_chunk_size: int = 48  # lora: each document is scored, then trained on, in chunks of this many targets
+    ttt_eval_seq_len: int = 0  # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
+    ttt_batch_size: int = 64  # lora: documents adapted side by side (longest batches first)
+    ttt_grad_steps: int = 1  # lora: optimizer steps on each scored chunk
+    ttt_weight_decay: float = 1.0  # lora: decoupled weight decay of the adapters
+    ttt_beta1: float = 0.0  # lora: AdamW beta1, or SGD momentum
+    ttt_beta2: float = 0.999  # lora: AdamW beta2
+    ttt_k_lora: bool = True  # lora: adapters on K (Q, V and the output head always have them)
+    ttt_o_lora: bool = True  # lora: adapters on the attention output, reading the block's normed input
+    ttt_mlp_lora: bool = True  # lora: a dim -> dim adapter beside each MLP
     phased_ttt_enabled: bool = False  # phased TTT (PR #1610/#1626): after each phase of scored documents, global SGD on all of them
-    phased_ttt_prefix_docs: int = 2000  # the first N validation documents (stream order) form the phased prefix
+    phased_ttt_prefix_docs: int = 2000  # the first N documents form the phased prefix: in stream order (chunk), in the longest-first queue's (lora)
     phased_ttt_num_phases: int = 1  # the prefix is cut into this many phases of equal document counts
     global_ttt_lr: float = 0.001  # peak SGD learning rate of a phase's global SGD, cosine-decayed over its chunks
     global_ttt_momentum: float = 0.9  # SGD momentum of the global SGD (a fresh optimizer each phase)
     global_ttt_epochs: int = 1  # passes over each chunk of the global SGD
-    global_ttt_chunk_tokens: int = 32768  # the global SGD walks the scored tokens in chunks of this many
+    global_ttt_chunk_tokens: int = 32768  # the global SGD walks the scored tokens in chunks of this many; the last chunk is not trained on
     global_ttt_batch_seqs: int = 32  # sequences per global SGD step, summed over ranks
     global_ttt_grad_clip: float = 1.0  # global SGD gradient-norm clip; 0 = off
+    global_ttt_warmup_chunks: int = 0  # the global SGD's LR rises linearly over this many chunks, then decays
+    global_ttt_warmup_start_lr: float = 0.0  # the LR of the first warmup chunk
+    global_ttt_respect_doc_boundaries: bool = True  # the global SGD's sequences never attend across a BOS; follows DOC_ISOLATION, and a value that differs from it is refused
 
     # --- diagnostics ---
     pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
@@ -287,6 +303,18 @@ class Hyperparameters:
         # replace the default fraction; both given is refused by `validate`.
         if values.get("warmdown_iters", 0) > 0 and sources["warmdown_frac"] == "default":
             values["warmdown_frac"], sources["warmdown_frac"] = 0.0, "implied:WARMDOWN_ITERS"
+        # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
+        # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
+        isolated = values.get("doc_isolation", cls.doc_isolation)
+        if sources["global_ttt_respect_doc_boundaries"] == "default":
+            values["global_ttt_respect_doc_boundaries"] = isolated
+            sources["global_ttt_respect_doc_boundaries"] = "implied:DOC_ISOLATION"
+        elif values["global_ttt_respect_doc_boundaries"] != isolated:
+            raise ConfigError(f"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES={int(values['global_ttt_respect_doc_boundaries'])}: "
+                              f"the global SGD's attention stays within documents exactly when DOC_ISOLATION=1 (here "
+                              f"{int(isolated)}); set the two alike")
+        if values.get("ttt_enabled") and not values.get("ttt_method"):
+            values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
         hp = cls(**values)
         refuse_inert_settings(hp, sources)
         return hp, sources
@@ -328,13 +356,23 @@ class Hyperparameters:
         self.validate_export(require)
         for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("global_ttt_lr", "global_ttt_momentum", "global_ttt_epochs", "global_ttt_grad_clip"):
+        for name in ("global_ttt_lr", "global_ttt_momentum", "global_ttt_epochs", "global_ttt_grad_clip",
+                     "global_ttt_warmup_chunks", "global_ttt_warmup_start_lr", "ttt_lora_lr", "ttt_weight_decay",
+                     "ttt_lora_alpha", "ttt_eval_seq_len"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank", "phased_ttt_prefix_docs",
-                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs"):
+                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "ttt_chunk_size",
+                     "ttt_batch_size", "ttt_grad_steps"):
             require(getattr(self, name) > 0, name.upper(), "must be positive")
+        for name in ("ttt_beta1", "ttt_beta2"):
+            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
         require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
-        require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
+        require(self.ttt_eval_seq_len <= max(self.train_seq_len, self.eval_seq_len), "TTT_EVAL_SEQ_LEN",
+                f"must not exceed the longest positions the model has (TRAIN_SEQ_LEN={self.train_seq_len}, "
+                f"EVAL_SEQ_LEN={self.eval_seq_len})")
+        require(self.ttt_method in ("", "chunk", "lora"), "TTT_METHOD", "choose chunk or lora")
+        require(not self.ttt_enabled or self.ttt_method != "", "TTT_METHOD", "choose chunk or lora with TTT_ENABLED=1")
+        require(self.ttt_optimizer in ("", "sgd", "adamw", "adam"), "TTT_OPTIMIZER", "choose sgd or adamw (or adam)")
         for name in ("pr_every", "gen_tokens", "gen_temperature", "gen_top_k"):
             require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
         self.validate_model(require)
@@ -515,7 +553,7 @@ PR549_FAMILY = dict(
     embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
     quant_bits=6, embed_quant_bits=8, quant_clip="percentile", gptq=False, quant_passthrough_numel=65536,
     compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768,
-    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd",
+    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd", ttt_method="chunk",
 )
 
 # A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
@@ -593,14 +631,16 @@ PRESETS = {
     # The best public record (2026-04-27 SP8192_LQER_SparseGate_BOSSmearFix_9HpStack, 1.06107587): the default stack
     # (its architecture) on SP8192 with CaseOps, document-isolated attention in training and evaluation, MIN_LR 0.1,
     # LQER rank 4 on the 3 worst matrices, GPTQ reserve 0.5 s, and phased TTT over a 2,500-document prefix in 3
-    # phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks). Its per-document LoRA TTT is not built: the
-    # chunk TTT of the 04-09 record (SGD 0.005 for SP8192, 3 epochs) adapts in its place. Attention is FA3's varlen
-    # path where FA3 is installed, as in the record, else SDPA with a block-diagonal mask. README: "PRESET=record".
+    # phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its per-document LoRA TTT (rank
+    # 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5, 48-token chunks, 64 documents at
+    # a time, contexts of 2,048). Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA
+    # with a block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_caseops",
         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_caseops.model", vocab_size=8192, caseops_enabled=True,
         doc_isolation=True, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
-        gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_lr=0.005,
+        gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
+        ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
@@ -656,8 +696,6 @@ SETTING_ALIASES = {
 }
 FOREIGN_SETTING_HINTS = {
     "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
-    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
-    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "DOC_ISOLATION",
     "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
     "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
@@ -672,10 +710,9 @@ FOREIGN_SETTING_HINTS = {
 }
 # The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
 FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
-    TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
-    TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
-    GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
-    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
+    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
     TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
     EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
     LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
@@ -698,17 +735,42 @@ FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "
                     "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
 
 
+# TTT_ENABLED=1 means chunk SGD TTT in the 03-23 LegalTTT record and per-document LoRA TTT in the 04-27 record.
+# Here TTT_METHOD says which; left empty, the method is the one the other TTT settings given belong to.
+CHUNK_TTT_SETTINGS = ("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_batch_seqs", "ttt_grad_clip",
+                      "ttt_params")
+LORA_TTT_SETTINGS = ("ttt_lora_rank", "ttt_lora_alpha", "ttt_warm_start_a", "ttt_lora_lr", "ttt_chunk_size",
+                     "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps", "ttt_weight_decay", "ttt_beta1", "ttt_beta2",
+                     "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora")
+PHASED_TTT_SETTINGS = ("phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
+                       "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip",
+                       "global_ttt_warmup_chunks", "global_ttt_warmup_start_lr", "global_ttt_respect_doc_boundaries")
+
+
+def ttt_method_named(sources):
+    """(method, source) from the TTT settings given in the environment; refused when they name none or both."""
+    given = lambda names: [name.upper() for name in names if sources.get(name, "default").startswith("env")]
+    chunk, lora = given(CHUNK_TTT_SETTINGS), given(LORA_TTT_SETTINGS)
+    if chunk and lora:
+        raise ConfigError(f"TTT settings of two methods are set: {', '.join(chunk)} (chunk SGD TTT) and "
+                          f"{', '.join(lora)} (per-document LoRA TTT); set TTT_METHOD=chunk or TTT_METHOD=lora and "
+                          f"unset the other method's settings")
+    if not chunk and not lora:
+        raise ConfigError("TTT_ENABLED=1 names two methods: chunk SGD TTT in the 03-23 LegalTTT record, per-document "
+                          "LoRA TTT in the 04-27 record; set TTT_METHOD=chunk or TTT_METHOD=lora")
+    return ("chunk", f"implied:{chunk[0]}") if chunk else ("lora", f"implied:{lora[0]}")
+
+
 # Settings that only act when another one switches them on: {setting: (is it in effect?, what switches it on)}.
 # One set explicitly while switched off would be ignored, so it is refused (a preset's values are not checked).
 INERT_UNLESS = {
-    **dict.fromkeys(("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_optimizer", "ttt_momentum", "ttt_batch_seqs",
-                     "ttt_grad_clip", "ttt_params"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
-    "phased_ttt_enabled": (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1"),
-    **dict.fromkeys(("phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
-                     "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip"),
-                    (lambda hp: hp.ttt_enabled and hp.phased_ttt_enabled, "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1")),
-    **dict.fromkeys(("ttt_lora_rank", "ttt_lora_targets"), (lambda hp: hp.ttt_enabled and hp.ttt_params == "lora",
-                                                             "TTT_ENABLED=1 and TTT_PARAMS=lora")),
+    **dict.fromkeys(("ttt_method", "ttt_optimizer", "phased_ttt_enabled"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
+    **dict.fromkeys(CHUNK_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "chunk",
+                                         "TTT_ENABLED=1 and TTT_METHOD=chunk")),
+    **dict.fromkeys(LORA_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "lora",
+                                        "TTT_ENABLED=1 and TTT_METHOD=lora")),
+    **dict.fromkeys(PHASED_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.phased_ttt_enabled,
+                                          "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1")),
     "mlp_leaky_slope": (lambda hp: hp.mlp_activation == "leaky_relu2", "MLP_ACTIVATION=leaky_relu2"),
     "attn_gate_scale": (lambda hp: hp.attn_gate == "sparse", "ATTN_GATE=sparse"),
     "ve_dim": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
@@ -1237,7 +1299,6 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.lora = None  # a CastedLoRA that test-time training may attach
         self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -1249,8 +1310,7 @@ class CastedLinear(nn.Linear):
         w = self.weight
         if self.qat_grid is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
             w = w + self.qat_on * (fake_quantize(w, *self.qat_grid, self.qat_k_scale) - w).detach()
-        y = F.linear(x, w.to(x.dtype))
-        return y if self.lora is None else y + self.lora(x)
+        return F.linear(x, w.to(x.dtype))
 
 
 class PackedDocuments(NamedTuple):
@@ -1475,8 +1535,8 @@ class CausalSelfAttention(nn.Module):
         self.convs = nn.ModuleDict({name: CausalConv(width, hp.conv_k, hp) for name, width in convs.items()}) \
             if hp.conv_k else None
 
-    def project(self, x, name, linear, docs=None):
-        y = linear(x)
+    def project(self, x, name, linear, docs=None, lora=None):
+        y = linear(x) if lora is None else linear(x) + lora(x)  # a per-document LoRA adds B A x to W x
         return self.convs[name](y, docs) if self.convs is not None else y
 
     def mix_value_residual(self, v, v0):
@@ -1485,15 +1545,17 @@ class CausalSelfAttention(nn.Module):
         weights = self.value_residual.to(v.dtype)
         return weights[0] * v0 + weights[1] * v
 
-    def forward(self, x, v0=None, value_embed=None, context=None, docs=None):
+    def forward(self, x, v0=None, value_embed=None, context=None, docs=None, lora=None):
         """x: the normed block input; `context` (default x): the normed input the keys and values are computed
-        from (Cache+Backout's read path); `docs`: packed documents that must not see each other (DOC_ISOLATION).
+        from (Cache+Backout's read path); `docs`: packed documents that must not see each other (DOC_ISOLATION);
+        `lora`: this virtual layer's per-document adapters (LayerLoRA) during TTT_METHOD=lora.
         Returns (output, this layer's V before the value residual)."""
         B, T, C = x.shape
         context = x if context is None else context
-        q = self.project(x, "q", self.c_q, docs).view(B, T, self.num_heads, self.head_dim)
-        k = self.project(context, "k", self.c_k, docs).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.project(context, "v", self.c_v, docs).view(B, T, self.num_kv_heads, self.head_dim)
+        q_lora, k_lora, v_lora = (None, None, None) if lora is None else (lora.q, lora.k, lora.v)
+        q = self.project(x, "q", self.c_q, docs, q_lora).view(B, T, self.num_heads, self.head_dim)
+        k = self.project(context, "k", self.c_k, docs, k_lora).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(context, "v", self.c_v, docs, v_lora).view(B, T, self.num_kv_heads, self.head_dim)
         if self.value_embed_scale is not None:
             v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
         own_v = v
@@ -1575,9 +1637,20 @@ class Block(nn.Module):
     def scaled(output, scale):
         return output if scale is None else scale.to(output.dtype) * output
 
-    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None, docs=None):
+    def attention(self, normed, v0, value_embed, context, docs, lora):
+        """The attention sublayer's output before its scale; a per-document O LoRA reads the block's normed input,
+        as in the 04-27 record."""
+        out, v = self.attn(normed, v0, value_embed, context, docs, lora)
+        return (out if lora is None or lora.o is None else out + lora.o(normed)), v
+
+    def feed_forward(self, normed, docs, lora):
+        """The MLP sublayer's output before its scale, plus a per-document dim -> dim LoRA beside it."""
+        out = self.mlp(normed, docs)
+        return out if lora is None or lora.mlp is None else out + lora.mlp(normed)
+
+    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None, docs=None, lora=None):
         """Returns (new lanes, this layer's V). `cached`: Cache+Backout's cached state, which the attention's keys
-        and values then read instead of this block's input; `docs`: see PackedDocuments."""
+        and values then read instead of this block's input; `docs`: see PackedDocuments; `lora`: see LayerLoRA."""
         if not self.parallel:
             lanes = (merge_lanes(lanes), None)
         residual, mlp_lane = lanes
@@ -1586,13 +1659,15 @@ class Block(nn.Module):
             mix = self.resid_mix.to(residual.dtype)
             x = mix[0] * residual + mix[1] * x0
         context = None if cached is None else self.sublayer_input(cached, self.attn_norm)
-        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context, docs)
+        attn_out, v = self.attention(self.sublayer_input(x, self.attn_norm), v0, value_embed, context, docs, lora)
         attn_out = self.scaled(attn_out, self.attn_scale)
         if not self.parallel:
             x = x + attn_out
-            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm), docs), self.mlp_scale), None), v
+            return (x + self.scaled(self.feed_forward(self.sublayer_input(x, self.mlp_norm), docs, lora),
+                                    self.mlp_scale), None), v
         mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
-        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm), docs), self.mlp_scale)
+        mlp_out = self.scaled(self.feed_forward(self.sublayer_input(mlp_lane, self.mlp_norm), docs, lora),
+                              self.mlp_scale)
         if not self.lanes_exchange:
             return (x + attn_out, mlp_lane + mlp_out), v
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
@@ -1780,7 +1855,7 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
-    def hidden_states(self, input_ids, cu_seqlens=None):
+    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
@@ -1792,7 +1867,8 @@ class GPT(nn.Module):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
             read = cached if self.backout_read else None
-            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read, docs)
+            lora = None if adapters is None else adapters.layer(position)
+            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read, docs, lora)
             v0 = v if v0 is None else v0
             if position < num_encoder:
                 skips.append(self.merge(lanes))
@@ -1803,17 +1879,21 @@ class GPT(nn.Module):
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
 
-    def logits(self, input_ids, cu_seqlens=None):
-        h = self.hidden_states(input_ids, cu_seqlens)
+    def logits(self, input_ids, cu_seqlens=None, adapters=None):
+        """`adapters`: the per-document LoRA of TTT_METHOD=lora (DocumentAdapters), one batch row per document."""
+        h = self.hidden_states(input_ids, cu_seqlens, adapters)
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        if adapters is not None:
+            raw = raw + adapters.head(h)
         if not self.logit_softcap:
             return raw.float()
         return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, adapters=None):
         """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
-        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe; `cu_seqlens`: see cu_seqlens_of."""
-        logits = self.logits(input_ids, cu_seqlens)
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe; `cu_seqlens`: see cu_seqlens_of;
+        `adapters`: see logits."""
+        logits = self.logits(input_ids, cu_seqlens, adapters)
         if target_ids is None:
             return logits
         losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
@@ -2906,39 +2986,15 @@ class ScoredTargets:
         return self._tokens[first:end + 1]
 
 
-class CastedLoRA(nn.Module):
-    """A rank-r update B A added to a CastedLinear's output; B starts at zero, so the model is unchanged at first."""
-
-    def __init__(self, in_features, out_features, rank):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
-        self.b = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, x):
-        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
-
-
-def lora_name(module_name):
-    """How TTT_LORA_TARGETS names a projection: the last two parts of its module name (e.g. attn.c_q)."""
-    return ".".join(module_name.split(".")[-2:])
-
-
-def lora_target_modules(model, hp):
-    """The CastedLinear modules named by TTT_LORA_TARGETS."""
-    targets = hp.ttt_lora_targets.split(",")
-    return [module for name, module in model.named_modules() if isinstance(module, CastedLinear) and lora_name(name) in targets]
+def ttt_optimizer_of(hp):
+    """sgd or adamw: TTT_OPTIMIZER, else the method's own (the LegalTTT records' SGD, the 04-27 record's AdamW)."""
+    return {"": "adamw" if hp.ttt_method == "lora" else "sgd", "adam": "adamw"}.get(hp.ttt_optimizer, hp.ttt_optimizer)
 
 
 def check_ttt_settings(model, hp):
-    """TTT_PARAMS / TTT_LORA_TARGETS against the model's names, at start-up: a pattern that matches nothing is an
-    error before training, not after training, export and evaluation."""
-    if hp.ttt_params == "lora":
-        names = {lora_name(name) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
-        missing = [target for target in hp.ttt_lora_targets.split(",") if target not in names]
-        if missing:
-            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: {missing} match no projection; choose among "
-                              f"{sorted(names)}")
-    elif hp.ttt_params != "all":
+    """TTT_PARAMS against the model's names, at start-up: a pattern that matches nothing is an error before
+    training, not after training, export and evaluation."""
+    if hp.ttt_params != "all":
         names = [name for name, _ in model.named_parameters()]
         missing = [pattern for pattern in hp.ttt_params.split(",") if not any(pattern in name for name in names)]
         if missing:
@@ -2947,17 +3003,9 @@ def check_ttt_settings(model, hp):
 
 
 def ttt_parameters(model, hp):
-    """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
-    on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    """The parameters chunk TTT adapts: all, or those whose name contains one of the TTT_PARAMS patterns. Everything
+    else is frozen."""
     check_ttt_settings(model, hp)
-    if hp.ttt_params == "lora":
-        for module in model.modules():
-            module.requires_grad_(False)
-        adapters = []
-        for module in lora_target_modules(model, hp):
-            module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
-            adapters += list(module.lora.parameters())
-        return adapters
     patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
     params = []
     for name, p in model.named_parameters():
@@ -3005,6 +3053,15 @@ def cosine_lr(peak, index, count):
     return peak * 0.5 * (1 + math.cos(math.pi * index / max(count - 1, 1)))
 
 
+def global_ttt_lr_at(hp, index, count):
+    """The global SGD's LR at chunk `index` of `count`: a linear rise from GLOBAL_TTT_WARMUP_START_LR over
+    GLOBAL_TTT_WARMUP_CHUNKS chunks, then the cosine decay over the chunks after them (the 04-27 record's)."""
+    warmup = max(0, min(hp.global_ttt_warmup_chunks, count - 1))
+    if index < warmup:
+        return hp.global_ttt_warmup_start_lr + (hp.global_ttt_lr - hp.global_ttt_warmup_start_lr) * index / max(warmup - 1, 1)
+    return cosine_lr(hp.global_ttt_lr, index - warmup, count - warmup)
+
+
 def phase_boundaries(doc_starts, num_targets, prefix_docs, num_phases):
     """(documents, target position) where the phases of phased TTT end: phase i ends after the first
     prefix_docs * (i + 1) // num_phases documents of the stream (a document's targets run from its BOS to the next
@@ -3024,13 +3081,14 @@ def global_chunks(end, chunk_tokens):
 
 
 def global_sgd(model, ledger, end, params, hp, steps, seq_len, rank, world_size, device, autocast):
-    """The global SGD of a phase (PR #1626): every scored target [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
-    chunks under a fresh SGD optimizer with the learning rate cosine-decayed over the chunks."""
+    """The global SGD of a phase (PR #1626): the scored targets [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
+    chunks under a fresh SGD optimizer with the LR of global_ttt_lr_at; as in the records, the last chunk is not
+    trained on."""
     optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
     chunks = global_chunks(end, hp.global_ttt_chunk_tokens)
-    for index, (first, stop) in enumerate(chunks):
+    for index, (first, stop) in enumerate(chunks[:-1]):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(hp.global_ttt_lr, index, len(chunks))
+            group["lr"] = global_ttt_lr_at(hp, index, len(chunks))
         adapt_on_chunk(model, ledger, first, stop, params, optimizer, steps, seq_len, rank, world_size, device, autocast)
 
 
@@ -3063,8 +3121,9 @@ class TTTClock:
     def fits(self, positions, positions_left):
         if self.budget_left is None:
             return True
-        train_rate = self.train_rate if self.train_rate is not None else 3 * self.score_rate
-        needed = train_rate * positions + self.score_rate * positions_left
+        score_rate = self.score_rate or (self.train_rate or 0.0) / 3  # a forward is about a third of a training step
+        train_rate = self.train_rate if self.train_rate is not None else 3 * score_rate
+        needed = train_rate * positions + score_rate * positions_left
         over = torch.tensor(float(needed > self.budget_left()), device=self.device)
         return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
 
@@ -3089,7 +3148,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     scoring = [scoring_work(len(w), rows, world_size, seq_len) for w in windows_of]
     positions_after = np.cumsum(scoring[::-1])[::-1].tolist()[1:] + [0]
     params = ttt_parameters(model, hp)
-    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
+    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if ttt_optimizer_of(hp) == "sgd" else
                  torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
     chunk_steps = AdaptSteps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip)
     global_steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
@@ -3107,7 +3166,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
             break
         phase = end in phases
         work = (sum(adapt_work(f, stop, global_steps, seq_len, world_size)
-                    for f, stop in global_chunks(end, hp.global_ttt_chunk_tokens)) if phase else
+                    for f, stop in global_chunks(end, hp.global_ttt_chunk_tokens)[:-1]) if phase else
                 adapt_work(first, end, chunk_steps, seq_len, world_size))
         if not adapting or work == 0:
             continue
@@ -3128,6 +3187,345 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
         clock.adapted(time.perf_counter() - start, work)
         adapted += 1
     return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
+
+
+# --- per-document LoRA TTT (credit: the LoRA TTT record of 2026-03-17 and PR #1530's batched document adapters;
+# PR #1767 the alpha scale and the warm A; PR #1610/#1626 the phases; composed as in the 04-27 record) ---
+# Every validation document gets adapters of its own, reset before it starts, so what one document teaches reaches
+# another only through a phase's global SGD. A document is cut into TTT_CHUNK_SIZE-target chunks. Each chunk is
+# scored by one forward over at most TTT_EVAL_SEQ_LEN tokens of its own document, and only then, unless it is the
+# document's last, trained on with TTT_GRAD_STEPS optimizer steps. Documents go TTT_BATCH_SIZE at a time, one per
+# batch row, longest batches first.
+
+
+class BatchedLoRA(nn.Module):
+    """One rank-r update per batch row (one document each): row b adds (alpha / r) B_b A_b x. B starts at zero, so
+    every document starts from the base model; A is drawn from U(+-1/sqrt(in))."""
+
+    def __init__(self, rows, in_features, out_features, rank, alpha, generator):
+        super().__init__()
+        self.bound, self.scale = in_features ** -0.5, alpha / rank
+        self.a = nn.Parameter(torch.empty(rows, rank, in_features).uniform_(-self.bound, self.bound, generator=generator))
+        self.b = nn.Parameter(torch.zeros(rows, out_features, rank))
+
+    @torch.no_grad()
+    def reset(self, warm_a, generators):
+        """B to zero; unless `warm_a`, row i's A is drawn again from generators[i] (one per document)."""
+        self.b.zero_()
+        if not warm_a:
+            for row, generator in enumerate(generators):
+                draw = torch.empty(self.a.shape[1:]).uniform_(-self.bound, self.bound, generator=generator)
+                self.a[row].copy_(draw)
+
+    def forward(self, x):  # x: (documents, T, in); a batch of fewer documents uses the first rows
+        a, b = self.a[:x.size(0)].to(x.dtype), self.b[:x.size(0)].to(x.dtype)
+        return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
+
+
+class LayerLoRA(NamedTuple):
+    """One virtual layer's per-document adapters; None where TTT_K_LORA, TTT_O_LORA or TTT_MLP_LORA is off."""
+    q: nn.Module
+    k: Optional[nn.Module]
+    v: nn.Module
+    o: Optional[nn.Module]
+    mlp: Optional[nn.Module]
+
+
+class DocumentAdapters(nn.Module):
+    """The adapters of `rows` documents: Q and V (K, O and the MLP where switched on) in every virtual layer, so that
+    a looped block gets a set per pass, and the output head. Made on the CPU from `generator`, then moved."""
+
+    def __init__(self, model, rows, hp, generator):
+        super().__init__()
+        dim, slots = model.tok_emb.embedding_dim, len(model.layer_order())
+        kv_dim = model.blocks[0].attn.c_k.out_features
+        lora = lambda width: BatchedLoRA(rows, dim, width, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
+        per_layer = lambda on, width: nn.ModuleList(lora(width) for _ in range(slots)) if on else None
+        self.q, self.k, self.v = per_layer(True, dim), per_layer(hp.ttt_k_lora, kv_dim), per_layer(True, kv_dim)
+        self.o, self.mlp = per_layer(hp.ttt_o_lora, dim), per_layer(hp.ttt_mlp_lora, dim)
+        self.head = lora(model.tok_emb.num_embeddings)
+
+    def layer(self, position):
+        pick = lambda loras: None if loras is None else loras[position]
+        return LayerLoRA(self.q[position], pick(self.k), self.v[position], pick(self.o), pick(self.mlp))
+
+    def reset(self, warm_a, generators):
+        for module in self.modules():
+            if isinstance(module, BatchedLoRA):
+                module.reset(warm_a, generators)
+
+
+class Document(NamedTuple):
+    """A validation document: its targets are the positions start .. start + targets - 1 of the stream (its last
+    target is the next document's BOS). Tokens before the first BOS form a document too."""
+    index: int
+    start: int
+    targets: int
+
+
+def documents_of(doc_starts, num_targets):
+    starts = sorted({start for start in doc_starts if start < num_targets} | {0})
+    return [Document(index, start, end - start) for index, (start, end) in enumerate(zip(starts, starts[1:] + [num_targets]))]
+
+
+def document_queue(documents, batch_size):
+    """The 04-27 record's order: documents sorted by length (ties in stream order), cut into batches of
+    TTT_BATCH_SIZE, the batches taken longest first. [(batch index in the ascending cut, documents)]."""
+    by_length = sorted(documents, key=lambda document: document.targets)
+    batches = [by_length[first:first + batch_size] for first in range(0, len(by_length), batch_size)]
+    return sorted(enumerate(batches), key=lambda item: -item[1][-1].targets)
+
+
+def document_phases(queue, prefix_docs, num_phases):
+    """{queue position: the documents of the phase that runs once that batch is scored}. Phase i ends when the
+    scored queue reaches min(PHASED_TTT_PREFIX_DOCS, documents) * (i + 1) / PHASED_TTT_NUM_PHASES documents, at most
+    one phase per batch; it trains on that many scored documents, taken as the 04-27 record takes them (by batch
+    index in the ascending cut, then position), so each phase's set grows on the last. A phase after the last batch
+    is dropped: it would help nothing."""
+    counts = np.cumsum([len(batch) for _, batch in queue]).tolist()
+    prefix = min(prefix_docs, counts[-1] if counts else 0)
+    plan, position = {}, -1
+    for phase in range(num_phases):
+        boundary = prefix * (phase + 1) // num_phases
+        if boundary == 0:
+            continue
+        position = max(position + 1, bisect.bisect_left(counts, boundary))
+        if position >= len(queue) - 1:
+            break
+        scored = sorted((index, row, document) for index, batch in queue[:position + 1]
+                        for row, document in enumerate(batch))
+        plan[position] = [document for _, _, document in scored[:boundary]]
+    return plan
+
+
+def queue_rounds(queue_length, phase_positions, world_size):
+    """Rounds of at most WORLD_SIZE queue positions, one per rank, that never run past a phase: a batch is scored by
+    the same base model at any world size."""
+    rounds, first = [], 0
+    for stop in sorted(set(phase_positions) | {queue_length - 1}):
+        for start in range(first, stop + 1, world_size):
+            rounds.append(list(range(start, min(start + world_size, stop + 1))))
+        first = stop + 1
+    return rounds
+
+
+class ScoredDocuments:
+    """The guard of per-document TTT: how many of each document's targets are scored. An adapter trains only on
+    scored targets of its own document, and a phase's global SGD only on fully scored documents."""
+
+    def __init__(self, tokens, documents):
+        self._tokens, self.scored = tokens, [0] * len(documents)
+
+    def commit(self, document, upto):
+        if upto < self.scored[document.index]:
+            raise RuntimeError("scoring must move forward through each document")
+        self.scored[document.index] = upto
+
+    def training_tokens(self, document, first, end):
+        """The tokens of the document's targets [first, end): inputs and targets."""
+        if end > self.scored[document.index]:
+            raise RuntimeError(f"TTT asked to train on targets up to {end} of document {document.index}, but only "
+                               f"{self.scored[document.index]} are scored: adapting on unscored tokens is illegal")
+        return self._tokens[document.start + first:document.start + end + 1]
+
+    def document_tokens(self, document):
+        return self.training_tokens(document, 0, document.targets)
+
+
+def chunk_window(document, chunk, chunk_size, context):
+    """(window start, first scored, end) in the document's targets: the chunk's targets, after as much of the
+    same document as fits in `context` positions."""
+    first, end = chunk * chunk_size, min((chunk + 1) * chunk_size, document.targets)
+    return max(0, end - context), first, end
+
+
+def batch_positions(batch, chunk_size, context, rows):
+    """Positions forwarded to score a batch: every chunk runs all rows, as long as its longest window."""
+    chunks = -(-max(document.targets for document in batch) // chunk_size)
+    return sum(rows * min((chunk + 1) * chunk_size, context) for chunk in range(chunks))
+
+
+def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, autocast, adapt):
+    """Scores `batch`'s documents chunk by chunk; after each chunk is scored (and committed) and `adapt`, the
+    documents with more chunks to come take TTT_GRAD_STEPS steps on it. Returns (documents, 2) float64 sums (loss
+    in nats, targets)."""
+    chunk_size, context = hp.ttt_chunk_size, ttt_context(hp)
+    optimizer = ttt_lora_optimizer(adapters.parameters(), hp)
+    counts = [-(-document.targets // chunk_size) for document in batch]
+    sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device)
+    for chunk in range(max(counts)):
+        width = min((chunk + 1) * chunk_size, context)
+        rows = torch.zeros(len(batch), width + 1, dtype=torch.int64)
+        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        windows = [chunk_window(document, chunk, chunk_size, context) if chunk < count else None
+                   for document, count in zip(batch, counts)]
+        for row, (document, window) in enumerate(zip(batch, windows)):
+            if window is not None:
+                start, first, end = window
+                rows[row, :end - start + 1] = val_tokens[document.start + start:document.start + end + 1]
+                scored[row, first - start:end - start] = True
+        inputs, targets, scored = rows[:, :-1].to(device), rows[:, 1:].to(device), scored.to(device)
+        training = [row for row, count in enumerate(counts) if adapt and chunk < count - 1]
+        with torch.set_grad_enabled(bool(training)), autocast():
+            losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
+        sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
+        for document, window in zip(batch, windows):
+            if window is not None:
+                ledger.commit(document, window[2])
+        if training:
+            train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, losses, hp, device, autocast)
+    return sums
+
+
+def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, losses, hp, device, autocast):
+    """TTT_GRAD_STEPS steps on the scored chunk: the sum over documents of each one's mean loss over the chunk
+    (documents never share a gradient). The first step reuses the scoring forward; the ledger is asked first."""
+    mask = torch.zeros_like(losses)
+    for row in training:
+        start, first, end = windows[row]
+        ledger.training_tokens(batch[row], first, end)  # raises unless every target of the chunk is scored
+        mask[row, first - start:end - start] = 1.0 / (end - first)
+    for step in range(hp.ttt_grad_steps):
+        if step > 0:
+            with autocast():
+                losses = forward(*ledger_rows(ledger, batch, windows, device), reduction="none", adapters=adapters)
+        optimizer.zero_grad(set_to_none=True)
+        (losses.float() * mask).sum().backward()
+        optimizer.step()
+
+
+def ledger_rows(ledger, batch, windows, device):
+    """(inputs, targets) of the chunk's windows, read through the ledger (the steps after the first)."""
+    width = max(end - start for start, _, end in filter(None, windows))
+    rows = torch.zeros(len(batch), width + 1, dtype=torch.int64)
+    for row, (document, window) in enumerate(zip(batch, windows)):
+        if window is not None:
+            start, _, end = window
+            rows[row, :end - start + 1] = ledger.training_tokens(document, start, end)
+    rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def ttt_context(hp):
+    return hp.ttt_eval_seq_len or hp.eval_seq_len or hp.train_seq_len
+
+
+def ttt_lora_optimizer(params, hp):
+    """A fresh optimizer per batch of documents: no state crosses from one document to the next."""
+    if ttt_optimizer_of(hp) == "sgd":
+        return torch.optim.SGD(params, lr=hp.ttt_lora_lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
+    return torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
+                             weight_decay=hp.ttt_weight_decay)
+
+
+def lora_generator(hp, *keys):
+    """A CPU generator for adapters' A, seeded by SEED and what they are for (a phase, or a document), so that a
+    document's adapters start alike at any world size and in any batch."""
+    digest = hashlib.sha256(repr((hp.seed, "ttt_lora") + keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class LoraTTTModels(NamedTuple):
+    """One model's weights, three ways: `base` owns the parameters; `lora_forward` (eager, or compiled with dynamic
+    shapes) takes the adapters; `train_forward` (as training runs it) takes the phases' global SGD."""
+    base: nn.Module
+    lora_forward: Callable
+    train_forward: Callable
+
+
+class LoraTTTReport(NamedTuple):
+    result: tuple  # (val_loss, val_bpb, targets scored)
+    per_document: torch.Tensor  # (documents, 3) float64 sums: loss in nats, targets, bytes
+    adapted_rounds: int
+    rounds: int
+    phases: int
+
+
+def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(),
+                          log=print, budget_left=None):
+    """TTT_METHOD=lora over the whole validation stream. Rank r takes the r-th batch of each round. Adaptation
+    stops, scoring never does, when the next round's adaptation and the scoring of every round after it would not
+    fit `budget_left()`."""
+    num_targets, context = val_tokens.numel() - 1, ttt_context(hp)
+    documents = documents_of(doc_starts, num_targets)
+    queue = document_queue(documents, hp.ttt_batch_size)
+    phases = document_phases(queue, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases) if hp.phased_ttt_enabled else {}
+    rounds = queue_rounds(len(queue), phases, world_size)
+    if hp.phased_ttt_enabled:  # the record's line, with the boundaries kept (in documents)
+        prefix = min(hp.phased_ttt_prefix_docs, len(documents))
+        log(f"ttt_phased: total_docs:{len(documents)} prefix_docs:{prefix} suffix_docs:{len(documents) - prefix} "
+            f"num_phases:{len(phases)} boundaries:{[len(phase) for phase in phases.values()]}")
+    work = [batch_positions(batch, hp.ttt_chunk_size, context, hp.ttt_batch_size) for _, batch in queue]
+    round_work = [max(work[position] for position in positions) for positions in rounds]
+    work_after = np.cumsum(round_work[::-1])[::-1].tolist()[1:] + [0]
+    ledger, clock = ScoredDocuments(val_tokens, documents), TTTClock(budget_left, device)
+    per_document = torch.zeros(len(documents), 3, dtype=torch.float64, device=device)
+    base_params = list(models.base.parameters())
+    phase, adapting, adapted = 0, True, 0
+    adapters = DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
+    for index, positions in enumerate(rounds):
+        adapting = adapting and clock.fits(round_work[index], work_after[index])
+        if not adapting and adapted == index:
+            log(f"ttt_lora: eval budget reached at round {index + 1}/{len(rounds)}; scoring continues without adapting")
+        start = time.perf_counter()
+        for param in base_params:
+            param.requires_grad_(False)
+        if rank < len(positions):
+            batch_index, batch = queue[positions[rank]]
+            adapters.reset(hp.ttt_warm_start_a, [lora_generator(hp, document.index) for document in batch])
+            sums = adapt_documents(models.lora_forward, adapters, ledger, batch, val_tokens, hp, device, autocast,
+                                   adapting)
+            per_document[[document.index for document in batch], :2] = sums
+        synchronize_device(device)
+        (clock.adapted if adapting else clock.scored)(time.perf_counter() - start, round_work[index])
+        adapted += adapting
+        for position in positions:  # every rank's share of the round is scored: the next phase may read it
+            for document in queue[position][1]:
+                ledger.commit(document, document.targets)
+        if adapting and positions[-1] in phases:
+            adapting = run_document_phase(models, ledger, phases[positions[-1]], base_params, hp, rank, world_size,
+                                          device, autocast, clock, work_after[index], log, (phase + 1, len(phases)))
+            phase += adapting
+            adapters = DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
+    for param in base_params:
+        param.requires_grad_(True)
+    per_document = all_reduce(per_document, dist.ReduceOp.SUM)
+    for document in documents:  # the chunks of a document partition its targets: its bytes are its range's
+        per_document[document.index, 2] = target_bytes.of([(document.start, document.start, document.start + document.targets)])
+    return LoraTTTReport(loss_and_bpb(per_document.sum(0)), per_document, adapted, len(rounds), phase)
+
+
+def run_document_phase(models, ledger, documents, params, hp, rank, world_size, device, autocast, clock, work_after,
+                       log, phase_count):
+    """A phase's global SGD (PR #1626, as the 04-27 record runs it): the phase's documents, each fully scored,
+    joined in its order and walked by global_sgd. Returns False, having done nothing, if it would not fit the
+    budget: the adaptation stops there."""
+    stream = torch.cat([ledger.document_tokens(document) for document in documents])
+    phase_ledger = ScoredTargets(stream)
+    phase_ledger.commit(stream.numel() - 1)
+    seq_len = hp.eval_seq_len or hp.train_seq_len
+    steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    work = sum(adapt_work(first, stop, steps, seq_len, world_size)
+               for first, stop in global_chunks(stream.numel() - 1, hp.global_ttt_chunk_tokens)[:-1])
+    if not clock.fits(work, work_after):
+        log(f"ttt_lora: eval budget reached before phase {phase_count[0]}/{phase_count[1]}; scoring continues "
+            f"without adapting")
+        return False
+    start = time.perf_counter()
+    for param in params:
+        param.requires_grad_(True)
+    global_sgd(models.train_forward, phase_ledger, stream.numel() - 1, params, hp, steps, seq_len, rank, world_size,
+               device, autocast)
+    synchronize_device(device)
+    clock.adapted(time.perf_counter() - start, work)
+    log(f"ttt_phase: {phase_count[0]}/{phase_count[1]} documents:{len(documents)} trained_targets:{stream.numel() - 1} "
+        f"time:{time.perf_counter() - start:.1f}s")
+    return True
+
+
+def synchronize_device(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ============================================================================================
@@ -4051,6 +4449,29 @@ def evaluate_ttt(run):
     hp = run.hp
     if not hp.ttt_enabled:
         return
+    run.log(f"ttt: method:{hp.ttt_method} ({'per-document LoRA' if hp.ttt_method == 'lora' else 'chunk SGD'}) "
+            f"optimizer:{ttt_optimizer_of(hp)}")
+    (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run)
+
+
+def evaluate_lora_ttt(run):
+    hp = run.hp
+    start = time.perf_counter()
+    budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
+    # The adapters change the batch and the context length from chunk to chunk: one graph with dynamic shapes.
+    lora_forward = torch.compile(run.model, dynamic=True) if run.use_compile else run.model
+    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), run.val_tokens,
+                                   run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+                                   doc_starts_of(run.val_tokens, run.sp.bos_id()), run.log, budget_left)
+    synchronize(run)
+    run.ttt_report = dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
+    log_final(run, "final_ttt", report.result, time.perf_counter() - start,
+              f"documents:{report.per_document.size(0)} rounds:{report.rounds} adapted_rounds:{report.adapted_rounds} "
+              f"phases:{report.phases} ")
+
+
+def evaluate_chunk_ttt(run):
+    hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
     phases = []
@@ -4084,11 +4505,17 @@ def log_compliance(run):
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
-    if hp.ttt_enabled:
+    if hp.ttt_enabled and hp.ttt_method == "lora":
         report = run.ttt_report
-        log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
+        log(f"compliance: ttt:score_first method:lora per_document_adapters:reset_each_document "
+            f"chunk_size:{hp.ttt_chunk_size} rounds:{report['chunks']} adapted_rounds:{report['adapted']} "
+            f"last_chunk_trained:no rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr}"
+            + (f" phases:{report['phases']} global_sgd:scored_documents_only" if hp.phased_ttt_enabled else ""))
+    elif hp.ttt_enabled:
+        report = run.ttt_report
+        log(f"compliance: ttt:score_first method:chunk chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
-            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}"
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lr}"
             + (f" phases:{report['phases']} global_sgd:scored_targets_only" if hp.phased_ttt_enabled else ""))
     log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")

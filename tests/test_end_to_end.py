@@ -100,7 +100,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         # distribution, not the size. CaseOps data: the ranks share its start-up check and agree on the verdict.
         env = smoke_env(caseops_sample[:2], ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}",
                         CASEOPS_ENABLED=1, TTT_ENABLED=1, NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2,
-                        PARALLEL_START_LAYER=3, TTT_CHUNK_TOKENS=11000, TTT_EPOCHS=1, TTT_BATCH_SEQS=6,  # 3 per rank
+                        PARALLEL_START_LAYER=3, TTT_METHOD="lora", TTT_LORA_RANK=8, TTT_BATCH_SIZE=8,
+                        TTT_CHUNK_SIZE=64, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
@@ -115,11 +116,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         assert abs(one[step] - two[step]) <= 2e-4, (step, one[step], two[step])
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
-    for log in runs.values():  # chunk cuts at 11000 and 22000, phase ends at documents 30 and 60
+    for log in runs.values():  # 19 batches of 8 documents, longest first; phases after documents 30 and 60
         assert "bpb_bytecheck:ok docs:150 bytes:" in log and "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
-        assert re.search(r"^ttt_phased: total_docs:\d+ prefix_docs:60 suffix_docs:\d+ num_phases:2 boundaries:\[30, 60\] "
-                         r"ends:\[\d+, \d+\]$", log, re.M)
-        assert "ttt_phase: 2/2" in log and "adapted_chunks:4 last_chunk_trained:no" in log and "phases:2" in log
+        assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 boundaries:\[30, 60\]$",
+                         log, re.M)
+        assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 2/2 documents:60" in log
+        assert re.search(r"compliance: ttt:score_first method:lora .* last_chunk_trained:no .* phases:2", log)
 
 
 @pytest.mark.cuda_path  # the CUDA path's benchmark mode: CI's second step

@@ -32,7 +32,7 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"MATRIX_LRR": "0.1"}, "MATRIX_LR"),
     ({"WARMDOWN_FRACT": "0.5"}, "WARMDOWN_FRAC"),
     ({"XSA_LAST_N": "4"}, "XSA_LAYERS"),  # names of the records with no same-meaning setting here
-    ({"TTT_CHUNK_SIZE": "48"}, "TTT_CHUNK_TOKENS"),
+    ({"TTT_CHUNK_SIZE": "48"}, "TTT_METHOD=lora"),
     ({"PHASED_TTT_NUM_PHASES": "3"}, "PHASED_TTT_NUM_PHASES"),
     ({"MUON_WD": "0.1", "MUON_WEIGHT_DECAY": "0.1"}, "MUON_WEIGHT_DECAY"),  # an alias and its setting together
     ({"WARMDOWN_ITERS": "3500", "WARMDOWN_FRAC": "0.5"}, "WARMDOWN_ITERS"),  # two forms of one setting
@@ -51,7 +51,10 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"TTT_LR": "0.1"}, "TTT_ENABLED=1"),  # a setting that its switch leaves without effect
     ({"NUM_LOOPS": "0", "LOOP_START": "1"}, "LOOP_START"),
     ({"GPTQ": "0", "GPTQ_DAMP": "0.1"}, "GPTQ=1"),
-    ({"TTT_ENABLED": "1", "TTT_LORA_RANK": "4"}, "TTT_PARAMS=lora"),
+    ({"TTT_ENABLED": "1", "TTT_METHOD": "chunk", "TTT_LORA_RANK": "4"}, "TTT_METHOD=lora"),
+    ({"TTT_ENABLED": "1"}, "TTT_METHOD=chunk or TTT_METHOD=lora"),  # the records' TTT_ENABLED=1 names two methods
+    ({"TTT_ENABLED": "1", "TTT_EPOCHS": "2", "TTT_LORA_RANK": "4"}, "TTT_METHOD"),  # settings of both methods
+    ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "DOC_ISOLATION"),
     ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
     ({"RUN_ID": "a/b"}, "RUN_ID"),
@@ -74,7 +77,7 @@ def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
     assert set(T.INERT_UNLESS) <= fields
     hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})  # the preset's LOOP_START is not the user's
     assert hp.num_loops == 0
-    T.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_PARAMS": "lora", "TTT_LORA_RANK": "4"})
+    T.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_WEIGHT_DECAY": "0.5"})
 
 
 def test_unrelated_variables_are_left_alone():
@@ -111,8 +114,7 @@ def test_ttt_patterns_that_match_nothing_are_refused_when_the_model_is_built():
     from conftest import small_hp
     model = T.GPT(small_hp())
     T.check_ttt_settings(model, small_hp(ttt_params="blocks.1,attn"))
-    for hp, name in ((small_hp(ttt_params="blocks.1,blocks.99"), "TTT_PARAMS"),
-                     (small_hp(ttt_params="lora", ttt_lora_targets="attn.c_q,attn.nope"), "TTT_LORA_TARGETS")):
+    for hp, name in ((small_hp(ttt_params="blocks.1,blocks.99"), "TTT_PARAMS"),):
         with pytest.raises(T.ConfigError, match=name):
             T.check_ttt_settings(model, hp)
 

@@ -1,0 +1,227 @@
+"""Per-document LoRA TTT (TTT_METHOD=lora): the ledger, the record's queue and phases, and legality."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import small_hp
+
+CPU = torch.device("cpu")
+AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
+# A looped middle layer and a parallel last layer: the virtual stack has 5 slots for 4 blocks.
+HP = small_hp(val_batch_size=256, ttt_enabled=True, ttt_method="lora", ttt_lora_rank=4, ttt_lora_alpha=8.0,
+              ttt_lora_lr=0.02, ttt_chunk_size=8, ttt_eval_seq_len=24, ttt_batch_size=3, ttt_weight_decay=0.0,
+              ttt_warm_start_a=False)
+LUTS = T.TargetBytes(np.arange(10_000) % 3 + 1)  # 1 to 3 bytes per target
+BOS = 1
+
+
+def model_of(seed=0, hp=HP):
+    torch.manual_seed(seed)
+    model = T.GPT(hp, bos_id=BOS)
+    model.looping = True
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def documents_stream(lengths, seed=0):
+    """BOS, then a document's tokens (never BOS), for each length in turn."""
+    rng = np.random.default_rng(seed)
+    pieces = [np.concatenate([[BOS], rng.integers(2, 64, length - 1)]) for length in lengths]
+    return torch.from_numpy(np.concatenate(pieces).astype(np.int32))
+
+
+LENGTHS = [30, 7, 45, 12, 3, 60, 20, 9]
+
+
+def run(tokens, hp=HP, seed=0, rank=0, world_size=1, budget_left=None):
+    model = model_of(seed, hp)
+    starts = T.doc_starts_of(tokens, BOS)
+    return T.per_document_lora_ttt(T.LoraTTTModels(model, model, model), tokens, LUTS, hp, rank, world_size, CPU,
+                                   AUTOCAST_OFF, starts, log=lambda message: None, budget_left=budget_left)
+
+
+def per_document(report):
+    return report.per_document
+
+
+def test_the_queue_is_the_records_longest_batches_first_and_phases_take_its_prefix():
+    documents = T.documents_of([0, 30, 37, 82, 94, 97, 157, 177], 186)
+    assert [d.targets for d in documents] == LENGTHS
+    queue = T.document_queue(documents, 3)
+    # ascending: 3 7 9 | 12 20 30 | 45 60; longest batch first, each batch ascending
+    assert [(index, [d.targets for d in batch]) for index, batch in queue] == [
+        (2, [45, 60]), (1, [12, 20, 30]), (0, [3, 7, 9])]
+    plan = T.document_phases(queue, prefix_docs=4, num_phases=2)
+    # 2 documents scored after the first batch: phase 1; 4 after the second: phase 2, whose set is taken by batch
+    # index, then position (the record's sort), and cut at 4
+    assert {position: [d.targets for d in docs] for position, docs in plan.items()} == {0: [45, 60], 1: [12, 20, 30, 45]}
+    assert T.document_phases(queue, prefix_docs=8, num_phases=1) == {}  # would end after the last batch
+    assert T.queue_rounds(3, [0], 2) == [[0], [1, 2]] and T.queue_rounds(5, [], 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_every_target_is_scored_exactly_once_with_exact_bytes():
+    tokens = documents_stream(LENGTHS)
+    report = run(tokens)
+    sums = per_document(report)
+    assert sums[:, 1].tolist() == LENGTHS[:-1] + [LENGTHS[-1] - 1]  # the last document has no next BOS to predict
+    assert report.result[2] == tokens.numel() - 1
+    assert sums[:, 2].sum().item() == LUTS.prefix[tokens.numel() - 1]
+    assert report.adapted_rounds == report.rounds == 3
+
+
+def test_a_documents_first_chunk_scores_as_without_adaptation_and_later_chunks_change():
+    tokens = documents_stream(LENGTHS)
+    adapted = run(tokens)
+    frozen = run(tokens, budget_left=lambda: -1.0)  # no budget: nothing adapts
+    assert frozen.adapted_rounds == 0
+    targets = frozen.per_document[:, 1].tolist()
+    one_chunk = [i for i, count in enumerate(targets) if count <= HP.ttt_chunk_size]
+    longer = [i for i, count in enumerate(targets) if count > HP.ttt_chunk_size]
+    assert one_chunk and longer
+    assert torch.equal(adapted.per_document[one_chunk], frozen.per_document[one_chunk])
+    assert all(adapted.per_document[i, 0] != frozen.per_document[i, 0] for i in longer)
+    # A long document's first chunk too: it is scored before its adapters have trained on anything.
+    assert torch.equal(chunk_sums(tokens, 5, 1), chunk_sums(tokens, 5, 1, budget_left=lambda: -1.0))
+    assert not torch.equal(chunk_sums(tokens, 5, 2), chunk_sums(tokens, 5, 2, budget_left=lambda: -1.0))
+    # Without adaptation the scores are the model's own, each window read alone.
+    model = model_of()
+    for document in T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)[:3]:
+        total = 0.0
+        for chunk in range(-(-document.targets // HP.ttt_chunk_size)):
+            start, first, end = T.chunk_window(document, chunk, HP.ttt_chunk_size, HP.ttt_eval_seq_len)
+            row = tokens[document.start + start:document.start + end + 1].long()[None]
+            with torch.no_grad():
+                total += model(row[:, :-1], row[:, 1:], reduction="none")[0, first - start:].double().sum().item()
+        assert frozen.per_document[document.index, 0].item() == pytest.approx(total, rel=1e-6)
+
+
+def test_altering_a_later_chunk_or_a_later_document_changes_no_earlier_score():
+    tokens = documents_stream(LENGTHS)
+    reference = run(tokens).per_document
+    document = T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)[5]  # 60 targets: 8 chunks
+    altered = tokens.clone()
+    cut = document.start + 3 * HP.ttt_chunk_size + 1  # tokens from here are targets of chunk 3 onwards
+    altered[cut:document.start + document.targets] = (altered[cut:document.start + document.targets] + 7) % 62 + 2
+    changed = run(altered).per_document
+    # the other documents are in other rows of the batch, or other batches: each has its own adapters
+    others = [i for i in range(len(LENGTHS)) if i != 5]
+    assert torch.equal(changed[others], reference[others])
+    # within the document, the first three chunks are scored before anything from the altered tokens is trained on
+    first_three = chunk_sums(altered, 5, 3)
+    assert torch.equal(first_three, chunk_sums(tokens, 5, 3))
+    assert not torch.equal(changed[5], reference[5])
+
+
+def chunk_sums(tokens, document_index, chunks, budget_left=None):
+    """The loss of the first `chunks` chunks of one document, from a run that records every chunk's sums."""
+    recorded = []
+    original = T.adapt_documents
+
+    def recording(forward, adapters, ledger, batch, *args):
+        def spy(inputs, targets, reduction, adapters):
+            losses = forward(inputs, targets, reduction=reduction, adapters=adapters)
+            for row, document in enumerate(batch):
+                if document.index == document_index:
+                    recorded.append(losses[row].detach().clone())
+            return losses
+        return original(spy, adapters, ledger, batch, *args)
+
+    T.adapt_documents = recording
+    try:
+        run(tokens, budget_left=budget_left)
+    finally:
+        T.adapt_documents = original
+    return torch.stack([recorded[chunk][chunk * HP.ttt_chunk_size:(chunk + 1) * HP.ttt_chunk_size]
+                        for chunk in range(chunks)])
+
+
+def test_batched_adapters_equal_one_document_at_a_time():
+    tokens = documents_stream(LENGTHS)
+    batched = run(tokens)
+    alone = run(tokens, dataclasses.replace(HP, ttt_batch_size=1))
+    assert torch.allclose(batched.per_document, alone.per_document, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_score_what_one_does():
+    tokens = documents_stream(LENGTHS)
+    one = run(tokens).per_document
+    shares = [run(tokens, rank=rank, world_size=2).per_document for rank in range(2)]
+    # without a process group each rank keeps only its own documents' sums (bytes are filled on every rank)
+    both = shares[0][:, :2] + shares[1][:, :2]
+    assert torch.allclose(both, one[:, :2], rtol=1e-6, atol=1e-8)
+    assert all(((s[:, 1] > 0).sum() > 0) for s in shares)  # each rank scored a share
+
+
+def test_the_ledger_refuses_unscored_targets_and_documents():
+    tokens = documents_stream([10, 10])
+    documents = T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)
+    ledger = T.ScoredDocuments(tokens, documents)
+    ledger.commit(documents[0], 8)
+    assert ledger.training_tokens(documents[0], 0, 8).tolist() == tokens[:9].tolist()
+    with pytest.raises(RuntimeError, match="illegal"):
+        ledger.training_tokens(documents[0], 0, 9)
+    with pytest.raises(RuntimeError, match="illegal"):
+        ledger.document_tokens(documents[0])
+    with pytest.raises(RuntimeError):
+        ledger.commit(documents[0], 7)
+
+
+PHASED = dataclasses.replace(HP, phased_ttt_enabled=True, phased_ttt_prefix_docs=5, phased_ttt_num_phases=2,
+                             global_ttt_lr=0.05, global_ttt_chunk_tokens=32, global_ttt_batch_seqs=2)
+
+
+def test_a_phase_trains_only_on_scored_documents_and_changes_no_score_before_it(monkeypatch):
+    tokens = documents_stream(LENGTHS)
+    plain = run(tokens)
+    read = []
+    original = T.ScoredDocuments.document_tokens
+
+    def spy(self, document):
+        read.append((document.index, self.scored[document.index] == document.targets))
+        return original(self, document)
+
+    monkeypatch.setattr(T.ScoredDocuments, "document_tokens", spy)
+    phased = run(tokens, PHASED)
+    assert phased.phases == 2 and read and all(fully_scored for _, fully_scored in read)
+    queue = T.document_queue(T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1), HP.ttt_batch_size)
+    first_batch = [d.index for d in queue[0][1]]
+    assert torch.equal(phased.per_document[first_batch], plain.per_document[first_batch])  # scored before phase 1
+    later = [d.index for _, batch in queue[1:] for d in batch if d.targets > 1]
+    assert not torch.equal(phased.per_document[later], plain.per_document[later])
+
+
+def test_the_budget_stops_adapting_never_scoring():
+    tokens = documents_stream(LENGTHS)
+    seconds = iter([100.0] + [-1.0] * 100)  # the first round fits; nothing after it does
+    report = run(tokens, PHASED, budget_left=lambda: next(seconds))
+    assert report.adapted_rounds == 1 and report.phases == 0
+    assert report.result[2] == tokens.numel() - 1
+
+
+def test_adapters_start_as_the_identity_and_cover_every_virtual_layer():
+    model = model_of()
+    adapters = T.DocumentAdapters(model, 2, HP, torch.Generator().manual_seed(0))
+    assert len(adapters.q) == len(model.layer_order()) == 5
+    inputs = torch.randint(2, 64, (2, 16))
+    assert torch.equal(model(inputs, adapters=adapters), model(inputs))
+    off = T.DocumentAdapters(model, 2, dataclasses.replace(HP, ttt_k_lora=False, ttt_o_lora=False, ttt_mlp_lora=False),
+                             torch.Generator().manual_seed(0))
+    assert off.k is None and off.o is None and off.mlp is None
+    with torch.no_grad():
+        for module in adapters.modules():
+            if isinstance(module, T.BatchedLoRA):
+                module.b.normal_()
+    out = model(inputs, adapters=adapters)
+    assert not torch.equal(out, model(inputs))
+    # row 1's adapters never touch row 0
+    with torch.no_grad():
+        for module in adapters.modules():
+            if isinstance(module, T.BatchedLoRA):
+                module.b[1].normal_()
+    assert torch.equal(model(inputs, adapters=adapters)[0], out[0])
