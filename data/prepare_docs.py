@@ -44,7 +44,7 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import (CASE_OPERATORS, case_decode, case_encode, caseops_byte_luts, caseops_token_bytes,  # noqa: E402
+from train_gpt import (CASE_ESCAPE, CASE_OPERATORS, case_decode, case_encode, tokenizer_normalizes,  # noqa: E402
                        read_shard_header, write_shard)  # (the shard format and the CaseOps transform live in one place)
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -207,22 +207,80 @@ def doc_hash(text):
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
+def _varint(data, at):
+    value = shift = 0
+    while True:
+        byte, at = data[at], at + 1
+        value, shift = value | (byte & 0x7F) << shift, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def proto_fields(data):
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes for the rest."""
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        wire = key & 7
+        if wire == 0:
+            value, at = _varint(data, at)
+        elif wire == 2:
+            length, at = _varint(data, at)
+            value, at = data[at:at + length], at + length
+        elif wire in (1, 5):
+            value, at = data[at:at + (8 if wire == 1 else 4)], at + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not one SentencePiece writes")
+        yield key >> 3, value
+
+
+def piece_surfaces(sp, text):
+    """(ids, surfaces) of `text`'s pieces, as SentencePiece reports them (SentencePieceText: pieces = field 2; in
+    each, id = 2 and surface = 3, the span of the text before normalization that the piece covers), read from its
+    serialized proto so that no protobuf package is needed."""
+    pieces = [dict(proto_fields(piece)) for number, piece in proto_fields(sp.encode(text, out_type="serialized_proto"))
+              if number == 2]
+    return [piece.get(2, 0) for piece in pieces], [piece.get(3, b"").decode("utf-8") for piece in pieces]
+
+
+def surface_original_bytes(surfaces):
+    """The bytes of original text each surface stands for: operators count none, an escaped operator its own."""
+    counts, literal = [], False
+    for surface in surfaces:
+        count = 0
+        for char in surface:
+            if not literal and char == CASE_ESCAPE:
+                literal = True
+                continue
+            count += 0 if char in CASE_OPERATORS and not literal else len(char.encode("utf-8"))
+            literal = False
+        counts.append(count)
+    return counts
+
+
 class CaseOpsSidecar:
-    """The per-token byte sidecar of the CaseOps validation split (fineweb_val_bytes_NNNNNN.bin, shard for shard):
-    each token's bytes of original text. Checks, document by document, that the tokens decode to a CaseOps string
-    whose original has exactly the sidecar's bytes; counts the documents the tokenizer cannot reproduce exactly."""
+    """The per-token byte sidecar of the CaseOps validation split (fineweb_val_bytes_NNNNNN.bin, shard for shard),
+    counted as the records' exporter counts it (PR #1729's, the 04-27 record's prepare_caseops_data.py): for each
+    piece, the original bytes of the surface SentencePiece gives it, so a normalizing tokenizer's sidecar counts the
+    text before normalization. With a tokenizer that does not normalize (ours), checks, document by document, that
+    the tokens decode to a CaseOps string whose original has exactly the sidecar's bytes, and counts the documents it
+    cannot reproduce exactly."""
 
     def __init__(self, out_dir, sp, shard_tokens):
-        self.writer, self.sp, self.luts = ShardWriter(out_dir, "val_bytes", shard_tokens), sp, caseops_byte_luts(sp, sp.vocab_size())
+        self.writer, self.sp, self.normalizes = ShardWriter(out_dir, "val_bytes", shard_tokens), sp, tokenizer_normalizes(sp)
         self.inexact = 0
 
-    def add(self, tokens, original):
-        counts = caseops_token_bytes(tokens, self.luts)
-        represented = case_decode(self.sp.decode(tokens[1:]))
-        if int(counts.sum()) != len(represented.encode("utf-8")):
-            raise SystemExit(f"CaseOps byte sidecar: a document's tokens count {int(counts.sum())} bytes, the text "
-                             f"they decode to has {len(represented.encode('utf-8'))}")
-        self.inexact += represented != original  # e.g. a literal U+2581, which SentencePiece decodes as a space
+    def add(self, tokens, original, encoded):
+        ids, surfaces = piece_surfaces(self.sp, encoded)
+        if ids != tokens[1:]:
+            raise SystemExit("CaseOps byte sidecar: SentencePiece's pieces are not the document's tokens")
+        counts = [0] + surface_original_bytes(surfaces)  # BOS stands for no text
+        if not self.normalizes:
+            represented = case_decode(self.sp.decode(tokens[1:]))
+            if sum(counts) != len(represented.encode("utf-8")):
+                raise SystemExit(f"CaseOps byte sidecar: a document's tokens count {sum(counts)} bytes, the text "
+                                 f"they decode to has {len(represented.encode('utf-8'))}")
+            self.inexact += represented != original  # e.g. a literal U+2581, which SentencePiece decodes as a space
         self.writer.add(counts)
 
 
@@ -235,10 +293,10 @@ def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=51
         kept = [d for d in batch if doc_hash(d) not in skip_hashes]
         skipped += len(batch) - len(kept)
         encoded = [case_encode(d) for d in kept] if caseops else kept
-        for original, ids in zip(kept, sp.encode(encoded, num_threads=os.cpu_count() or 1)):
+        for original, text, ids in zip(kept, encoded, sp.encode(encoded, num_threads=os.cpu_count() or 1)):
             writer.add([sp.bos_id()] + ids)
             if sidecar is not None:
-                sidecar.add([sp.bos_id()] + ids, original)
+                sidecar.add([sp.bos_id()] + ids, original, text)
         written += len(kept)
         progress.update(written, writer.tokens)
     writer.flush()

@@ -30,7 +30,8 @@ def test_the_transform_is_lossless_and_canonical_on_any_text():
 def test_the_operators_say_how_each_word_was_written():
     title, allcaps, capnext, escape = T.CASE_OPERATORS
     assert T.case_encode("The NASA Launch") == f"{title}the {allcaps}nasa {title}launch"
-    assert T.case_encode("McDonald I x") == f"{capnext}mc{capnext}donald {title}i x"
+    # a mixed-case run: TITLE for a capital first letter, CAPNEXT for each later one (the record's caseops_v1)
+    assert T.case_encode("McDonald I x iPhone") == f"{title}mc{capnext}donald {title}i x i{capnext}phone"
     assert T.case_encode(f"a{title}b") == f"a{escape}{title}b"
     assert T.case_encode("Ünïcode") == "Ünïcode"  # only ASCII letters change
 
@@ -62,7 +63,8 @@ def test_the_sidecar_counts_the_bytes_of_the_original_documents(caseops_export):
     sp, files, tokens, sidecar = load(caseops_export)
     originals = caseops_export[2]
     assert [f.rsplit("/", 1)[1] for f in files] == ["fineweb_val_000000.bin"]  # the sidecar is not a token shard
-    docs, total = T.check_caseops(sp, tokens, sidecar)
+    docs, total, differing, _ = T.check_caseops(sp, tokens, sidecar)
+    assert differing == 0  # our exporter's sidecar is exact
     assert docs == len(originals) and total == sum(len(d.encode("utf-8")) for d in originals)
     assert T.TargetBytes(sidecar[1:]).total == total  # what evaluation divides by
     assert sidecar[tokens == sp.bos_id()].sum() == 0
@@ -105,7 +107,7 @@ def test_an_escaped_operator_is_text_and_counts_its_bytes(caseops_export):
     tokens = [sp.bos_id()] + sp.encode(T.case_encode(original))
     counts = T.caseops_token_bytes(tokens, T.caseops_byte_luts(sp, 1024))
     assert counts.sum() == len(original.encode("utf-8"))
-    assert T.check_caseops(sp, np.asarray(tokens), counts) == (1, len(original.encode("utf-8")))
+    assert T.check_caseops(sp, np.asarray(tokens), counts)[:2] == (1, len(original.encode("utf-8")))
 
 
 def test_a_stream_that_is_not_the_transform_s_output_is_refused(caseops_export):
@@ -129,3 +131,30 @@ def test_caseops_without_its_sidecar_is_refused_before_training(caseops_export, 
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode != 0 and "step:1/" not in result.stdout
     assert "fineweb_val_bytes_000000.bin is missing" in result.stderr and "--caseops" in result.stderr
+
+
+RECORD_TOKENIZER = "caseops_record/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
+def test_the_records_exporter_output_is_written_byte_for_byte(corpus, tmp_path):
+    """prepare_docs.py --caseops with the 04-27 record's tokenizer writes the record exporter's validation shard and
+    byte sidecar for the same documents, file for file."""
+    import prepare_docs
+    docs = corpus / "fineweb_docs_200.jsonl"
+    out, _ = prepare_docs.prepare(str(docs), name="rec", tokenizer=corpus / RECORD_TOKENIZER, caseops=True, val_source=str(docs),
+                                  output_root=tmp_path)
+    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"):
+        assert (out / name).read_bytes() == (corpus / "caseops_record" / name).read_bytes(), name
+
+
+def test_the_records_own_data_is_accepted_and_scored_by_its_sidecar(corpus):
+    sp = T.load_tokenizer(str(corpus / RECORD_TOKENIZER), 8192)
+    files = T.shard_files(str(corpus / "caseops_record"), "val")
+    tokens, sidecar = T.load_validation_tokens(files).numpy(), T.load_byte_sidecar(files)
+    assert T.tokenizer_normalizes(sp)  # NFKC: the tokens cannot give back the original text
+    check = T.check_caseops(sp, tokens, sidecar)
+    assert check.documents == 200 and check.sidecar_bytes == int(np.asarray(sidecar, dtype=np.int64).sum())
+    assert 0 < check.tokens_differing < len(tokens) // 1000  # NFKC and byte-fallback runs, counted, not refused
+    assert T.TargetBytes(sidecar[1:]).total == check.sidecar_bytes  # what val_bpb divides by
+    with pytest.raises(T.DataError, match="not this data's"):  # a sidecar one token off is another file's
+        T.check_caseops(sp, tokens, np.roll(np.asarray(sidecar), 1))

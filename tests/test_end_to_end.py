@@ -192,3 +192,30 @@ def test_the_baseline_preset_exports_int8_zlib_and_scores_the_plain_round_trip(s
     assert [name for name, *_ in found["final_exact"]] == ["final_int8_zlib_roundtrip"]  # no sliding window, no TTT
     assert found["total"][0][0] == "int8+zlib" and "quantization: bits:8 embed_bits:8 clip:quantile" in log
     assert summary(log)["val_bpb"] == pytest.approx(float(found["final_exact"][0][2]), abs=1e-8)
+
+
+def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_path):
+    """EVAL_ONLY_QUANTIZED_PATH: the artifact scores what its run logged, with the SHA-256 named; TTT_EVAL_ONLY runs
+    TTT alone, with settings the training run never had; a model of another shape is refused, naming the setting."""
+    cwd, env, log = single_run
+    artifact = cwd / "logs" / "e2e_model.int6.ptz"
+    env = {k: v for k, v in env.items() if k != "RECORD_DIR"}
+    again = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="again", EVAL_STRIDE="0",
+                                                      EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    text = (cwd / "logs" / "again.txt").read_text()
+    sha = __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
+    assert f"eval_only: artifact:{artifact} sha256:{sha} " in text and not re.search(r"^(step|warmup_step):", text, re.M)
+    exact = r"^final_int6_brotli_roundtrip_exact (.*)$"
+    assert re.search(exact, text, re.M).group(1) == re.search(exact, log, re.M).group(1)
+    ttt = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="ttt", EVAL_ONLY_QUANTIZED_PATH=str(artifact),
+                                                    TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_LORA_RANK="4",
+                                                    TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="64"), cwd)
+    assert ttt.returncode == 0, ttt.stdout[-3000:] + ttt.stderr[-3000:]
+    text = (cwd / "logs" / "ttt.txt").read_text()
+    assert "ttt: method:lora (per-document LoRA)" in text and re.search(r"^final_ttt_exact ", text, re.M)
+    assert not re.search(r"^final_(int6_brotli_roundtrip|sliding_window) ", text, re.M)
+    wider = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="wider", MLP_MULT="3",
+                                                      EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
+    assert wider.returncode != 0 and "MLP_MULT" in wider.stdout + wider.stderr
+    assert "blocks.0.mlp.fc.weight" in wider.stdout + wider.stderr

@@ -391,10 +391,12 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
 
 # What PRESET=record changes in the default stack: the README's "PRESET=record" section lists each of these.
 RECORD_CHANGES = {
-    "data_path": "./data/datasets/fineweb10B_sp8192_caseops", "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_caseops.model",
+    "data_path": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+    "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
     "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_doc_isolated": True,
     "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
-    "val_loss_every": 0, "ttt_enabled": True, "ttt_lr": 0.005, "phased_ttt_enabled": True,
+    "val_loss_every": 0, "ttt_enabled": True, "ttt_method": "lora", "ttt_lora_rank": 80, "ttt_beta2": 0.99,
+    "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
     "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3,
 }
 
@@ -414,11 +416,12 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
                NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
                NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0",
                RUN_ID="record", EVAL_STRIDE="256", GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
-               TTT_EPOCHS="0", SIZE_TARGET_BYTES="0")  # only the phases adapt (the chunk TTT runs in test_end_to_end)
+               TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0")
     result = run_script(["python3", str(T.__file__)], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "record.txt").read_text()
     assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log and "doc_isolated:True" in log
-    assert re.search(r"^ttt_phased: total_docs:\d+ prefix_docs:12 suffix_docs:\d+ num_phases:3 boundaries:\[4, 8, 12\] "
-                     r"ends:\[\d+, \d+, \d+\]$", log, re.M)
-    assert "ttt_phase: 3/3" in log and "\nfinal_ttt_exact val_loss:" in log
+    assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:3 boundaries:\[4, 8, 12\]$",
+                     log, re.M)
+    assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 3/3 documents:12" in log
+    assert "\nfinal_ttt_exact val_loss:" in log
