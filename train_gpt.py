@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import difflib
 import functools
+import errno
 import glob
 import hashlib
 import io
@@ -28,14 +29,17 @@ import json
 import lzma
 import math
 import os
+import pickle
 import platform
 import re
 import secrets
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 import traceback
@@ -1015,6 +1019,16 @@ def load_byte_sidecar(val_files):
                               f"--caseops (or download a CaseOps dataset), or unset CASEOPS_ENABLED")
         counts.append(np.asarray(load_shard(sidecar), dtype=np.int64))
     return np.concatenate(counts)
+
+
+def caseops_signs(val_files, sp):
+    """What marks data as CaseOps (a byte sidecar beside the validation shards, a tokenizer holding the operators as
+    pieces): scored without CASEOPS_ENABLED=1, its bytes would be counted from the transformed text."""
+    signs = ["a byte sidecar beside the validation shards"] if any(
+        os.path.isfile(path.replace("fineweb_val_", "fineweb_val_bytes_")) for path in val_files) else []
+    if all(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS):
+        signs.append("a tokenizer with the CaseOps operators as pieces")
+    return signs
 
 
 STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
@@ -2786,8 +2800,18 @@ def write_atomically(path, data, what):
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             temporary.unlink()
-        raise RunError(f"could not write {what} to {path}: {getattr(error, 'strerror', None) or error}") from error
+        raise RunError(f"could not write {what} to {path}: {write_failure(error, path)}") from error
     return path.stat().st_size
+
+
+def write_failure(error, path):
+    """Why a write failed, in words: a full disk is named as such (torch.save only reports a stream position)."""
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 1 << 20):
+        return f"the disk is full ({free if free is not None else 0:,} bytes free)"
+    return getattr(error, "strerror", None) or str(error)
 
 
 def write_artifact(path, blob):
@@ -2857,7 +2881,7 @@ def pack_source(source, readable_name=READABLE_CODE_NAME):
     try:
         stripped = strip_source(source.decode("utf-8")).encode("utf-8")
     except SyntaxError as error:
-        raise ValueError(f"cannot pack {readable_name}: it does not parse (line {error.lineno}: {error.msg})") from None
+        raise ValueError(f"the source does not parse (line {error.lineno}: {error.msg}), so it cannot be packed") from None
     files = {}
     for name, (compress, _) in CODE_PACKERS.items():
         payload = base64.b85encode(compress(stripped)).decode("ascii")
@@ -3697,8 +3721,12 @@ class Logger:
     def __init__(self, path, enabled, overwrite=False):
         self.path, self.enabled = path, enabled
         if enabled:
+            folder = os.path.dirname(path) or "."
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ConfigError(f"{folder} is a file, not a folder: a run writes its log and files under {folder}/; "
+                                  f"move the file away, or run from another folder")
             try:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
                 self.file = open(path, "w" if overwrite else "x", encoding="utf-8")
             except FileExistsError:
                 raise ConfigError(f"RUN_ID: {path} already exists (another run of this name); choose another RUN_ID, "
@@ -3903,6 +3931,11 @@ def setup(run):
         run.sidecar_departure = f"sidecar_vs_tokens:pieces:{check.tokens_differing} bytes:{check.bytes_differing:+d}"
         run.target_bytes = TargetBytes(sidecar[1:])
     else:
+        signs = caseops_signs(run.val_files, run.sp)
+        if signs:
+            raise ConfigError(f"DATA_PATH and TOKENIZER_PATH are CaseOps data ({' and '.join(signs)}), but "
+                              f"CASEOPS_ENABLED is off: val_bpb would count the bytes of the transformed text; set "
+                              f"CASEOPS_ENABLED=1")
         luts = build_byte_luts(run.sp, hp.vocab_size)
         run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), luts)
         run.target_bytes = TargetBytes(target_byte_counts(run.val_tokens.numpy(), luts))
@@ -4390,14 +4423,31 @@ def save_raw_weights(run):
     if run.rank == 0:
         state = dict(model=run.model.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
                      run_id=run.run_id, config_hash=run.config_hash)
-        write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        try:
+            write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        except RunError as error:  # logs/ cannot take them (a full disk): the temporary folder may
+            fallback = os.path.join(tempfile.gettempdir(), os.path.basename(run.raw_weights_path))
+            try:
+                write_atomically(fallback, lambda f: torch.save(state, f), "the raw weights")
+            except RunError as second:
+                raise RunError(f"{error}; and {second}: the weights are lost") from None
+            run.log(f"warning: {error}; saved them to {fallback} instead")
+            run.raw_weights_path = fallback
         run.log(f"saved_raw_weights:{run.raw_weights_path} step:{run.steps_done}")
     run.raw_saved = True
 
 
 def load_raw_weights(path):
-    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata). Only
+    plain tensors are read: a file holding anything else is refused unread, never retried without weights_only."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"FINISH_FROM={str(path)!r} holds objects other than tensors; it was refused unread, since "
+                          f"loading it could run code. Give the logs/<RUN_ID>_raw.pt file a run wrote") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConfigError(f"FINISH_FROM={str(path)!r} is damaged or truncated, not a whole torch file "
+                          f"({type(error).__name__}); give the logs/<RUN_ID>_raw.pt file a run wrote") from None
     if isinstance(saved, dict) and "model" in saved and isinstance(saved["model"], dict):
         return saved["model"], {k: v for k, v in saved.items() if k != "model"}
     return saved, {}
@@ -4417,6 +4467,7 @@ def finish_from_raw_weights(run):
     except RuntimeError as error:
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} does not fit this model: {error}") from None
     run.steps_done = meta["step"]
+    run.raw_weights_path = hp.finish_from  # where the weights are, should this run be cut short too
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
     val_loss, val_bpb, _ = run_validation(run)
     run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")

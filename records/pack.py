@@ -24,7 +24,7 @@ def main():
     try:
         packed, compressor, sizes = T.pack_source(source, T.READABLE_CODE_NAME)
     except ValueError as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {args.source}: {error}")
     Path(args.output).write_bytes(packed)
     print(f"raw:{len(source)} " + " ".join(f"{name}:{size}" for name, size in sizes.items())
           + f" -> wrote {args.output} ({compressor}, {len(packed)} bytes)")

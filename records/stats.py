@@ -71,13 +71,26 @@ def logged_loss(texts, seed, val_bpb):
 
 
 def folder_runs(item):
-    """The runs of one input: ours (summary_json), or an official folder's seed_results or score lines."""
+    """The runs of one input: ours (summary_json), or an official folder's seed_results or score lines. A log of
+    ours that cannot be counted (no summary_json line: the run did not finish; a score that is not finite) is named,
+    with the reason, on stderr."""
     texts = {path: path.read_text(encoding="utf-8", errors="replace") for path in log_paths(item)}
     ours = {path: text for path, text in texts.items() if "\nsummary_json: " in text}
     if ours:
         runs = []
+        for path in sorted(set(texts) - set(ours)):
+            print(f"{path}: left out: no summary_json line (the run did not finish; FINISH_FROM finishes it)",
+                  file=sys.stderr)
         for path, text in ours.items():
-            summary = T.summary_of(text)
+            try:
+                summary = T.summary_of(text)
+            except ValueError:
+                print(f"{path}: left out: its summary_json line is cut short or damaged", file=sys.stderr)
+                continue
+            if not all(math.isfinite(summary[key]) for key in ("val_loss", "val_bpb")):
+                print(f"{path}: left out: its score is not finite (val_loss {summary['val_loss']}: the run diverged)",
+                      file=sys.stderr)
+                continue
             runs.append(dict(seed=summary["seed"], val_loss=summary["val_loss"], val_bpb=summary["val_bpb"],
                              config_hash=summary["config_hash"], code_sha256=summary["code_sha256"], path=str(path)))
         return runs
@@ -104,6 +117,8 @@ def load_runs(inputs, label):
             runs += folder_runs(item)
         except ValueError as error:
             raise SystemExit(f"{item}: {error}")
+    if not runs:
+        raise SystemExit(f"no {label} run could be counted (see the lines above)")
     fingerprints = {(run["config_hash"], run["code_sha256"]) for run in runs}
     if len(fingerprints) > 1:
         listing = "\n".join(f"  {run['path']}: config_hash {run['config_hash']} code {run['code_sha256']}" for run in runs)

@@ -133,6 +133,20 @@ def test_caseops_without_its_sidecar_is_refused_before_training(caseops_export, 
     assert "fineweb_val_bytes_000000.bin is missing" in result.stderr and "--caseops" in result.stderr
 
 
+def test_caseops_data_without_caseops_enabled_is_refused_before_training(caseops_export, sample, tmp_path):
+    """Scored by the LUTs, CaseOps data would count the transformed text's bytes (8.6% too many on FineWeb)."""
+    data_dir, tokenizer, _ = caseops_export
+    plain_data, plain_tokenizer = sample
+    for data, tok, sign in ((data_dir, tokenizer, "a byte sidecar"), (plain_data, tokenizer, "a tokenizer with the")):
+        sp = T.load_tokenizer(str(tok), 1024)
+        assert sign in " and ".join(T.caseops_signs(T.shard_files(str(data), "val"), sp))
+    assert T.caseops_signs(T.shard_files(str(plain_data), "val"), T.load_tokenizer(str(plain_tokenizer), 1024)) == []
+    env = dict(PRESET="smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer))
+    result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
+    assert result.returncode != 0 and "step:1/" not in result.stdout
+    assert "are CaseOps data" in result.stderr and "set CASEOPS_ENABLED=1" in result.stderr
+
+
 RECORD_TOKENIZER = "caseops_record/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 
 

@@ -73,7 +73,7 @@ def test_a_packed_file_runs_as_main_and_its_tracebacks_name_the_readable_line(tm
 
 
 def test_a_source_that_does_not_parse_or_a_missing_compressor_is_a_clear_error(monkeypatch):
-    with pytest.raises(ValueError, match=r"cannot pack toy.py: it does not parse \(line 3"):
+    with pytest.raises(ValueError, match=r"does not parse \(line 3"):
         T.pack_source(b"x = 1\n\ndef broken(:\n", "toy.py")
     import builtins
     real_import = builtins.__import__
@@ -124,3 +124,12 @@ def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample
     assert results(logs["readable"]) == results(logs["packed"]) and len(results(logs["packed"])) >= 6
     assert "code: bytes_counted:" in logs["packed"] and " packed_file" in logs["packed"]
     assert re.search(r"^code: bytes_counted:\d+ bytes_source:\d+ packed:brotli", logs["readable"], re.M)
+
+
+def test_the_packer_names_the_file_that_does_not_parse(tmp_path):
+    broken = tmp_path / "mine.py"
+    broken.write_text("def f(:\n")
+    result = subprocess.run([sys.executable, str(REPO / "records" / "pack.py"), str(broken), str(tmp_path / "out.py")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and f"{broken}: the source does not parse (line 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.py").exists()

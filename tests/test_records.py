@@ -263,3 +263,21 @@ def test_the_shipped_cpu_example_passes_the_records_contract():
     # records/example_cpu_smoke is what users copy from: it must be what the current contract accepts.
     problems, _ = stats.check_record(REPO / "records" / "example_cpu_smoke")
     assert problems == []
+
+
+def test_stats_names_every_log_it_cannot_count(tmp_path, capsys):
+    """A seed cut short (no summary_json) or diverged (a nan score) is named with the reason, never dropped in silence."""
+    folder = write_logs(tmp_path / "three", {1: 2.0, 2: 2.01})
+    (folder / "train_seed3.log").write_text(fake_log(3, 1.99).split("summary_json")[0])  # the run was cut short
+    (folder / "train_seed4.log").write_text(fake_log(4, float("nan")))
+    (folder / "train_seed5.log").write_text(fake_log(5, 1.98)[:-20])  # cut in the middle of its last line
+    runs = stats.load_runs([folder], "candidate")
+    assert [run["seed"] for run in runs] == [1, 2]
+    err = capsys.readouterr().err
+    assert "train_seed3.log: left out: no summary_json line" in err and "train_seed4.log: left out: its score is not finite" in err
+    assert "train_seed5.log: left out: its summary_json line is cut short" in err
+    print(stats.describe(runs, "candidate"))  # a nan no longer reaches statistics.stdev
+    for name in ("train_seed1.log", "train_seed2.log", "train_seed5.log"):
+        (folder / name).unlink()
+    with pytest.raises(SystemExit, match="no candidate run could be counted"):
+        stats.load_runs([folder], "candidate")

@@ -1,6 +1,7 @@
 """Trust: every setting is honoured or refused before training, runs never mix, and no signal, NaN, bad shard,
 failed write or hostile artifact loses the trained weights or turns into a score."""
 
+import collections
 import errno
 import hashlib
 import json
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +281,7 @@ def test_a_full_disk_leaves_no_partial_file_and_names_the_path(tmp_path, monkeyp
     def full_disk(f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(T.RunError, match=r"could not write the model artifact to .*m\.ptz: No space left"):
+    with pytest.raises(T.RunError, match=r"could not write the model artifact to .*m\.ptz: the disk is full"):
         T.write_atomically(target, full_disk, "the model artifact")
     assert target.read_bytes() == b"the earlier file" and [p.name for p in tmp_path.iterdir()] == ["m.ptz"]
     # torch.save reports a full disk as a RuntimeError: the same message, no file left.
@@ -437,3 +439,70 @@ def test_data_dir_moves_the_default_paths_only():
     hp, sources = T.Hyperparameters.from_env({"DATA_DIR": "/data/pg", "TOKENIZER_PATH": "tok.model"})
     assert hp.data_path == "/data/pg/datasets/fineweb10B_sp1024" and sources["data_path"] == "implied:DATA_DIR"
     assert hp.tokenizer_path == "tok.model"
+
+
+# --------------------------------------------------------------------------------------------
+# Failures that must say what happened and what to do
+# --------------------------------------------------------------------------------------------
+
+def test_a_file_named_logs_is_named_as_the_problem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs").write_text("not a folder")
+    for overwrite in (False, True):  # OVERWRITE_RUN=1 would not help, and the message does not suggest it
+        with pytest.raises(T.ConfigError, match=r"logs is a file, not a folder") as caught:
+            T.Logger("logs/run.txt", True, overwrite)
+        assert "OVERWRITE_RUN" not in str(caught.value)
+
+
+def raw_run(tmp_path, path):
+    from types import SimpleNamespace
+    lines = []
+    return SimpleNamespace(rank=0, model=torch.nn.Linear(4, 4), steps_done=3, results={}, run_id="r", config_hash="h",
+                           raw_weights_path=str(path), raw_saved=False, log=lines.append), lines
+
+
+def test_raw_weights_that_logs_cannot_take_go_to_the_temporary_folder(tmp_path, monkeypatch):
+    (tmp_path / "blocked").write_text("a file where the folder should be")
+    monkeypatch.setattr(T.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    run, lines = raw_run(tmp_path, tmp_path / "blocked" / "r_raw.pt")
+    T.save_raw_weights(run)
+    assert run.raw_weights_path == str(tmp_path / "tmp" / "r_raw.pt") and run.raw_saved
+    assert T.load_raw_weights(run.raw_weights_path)[1]["step"] == 3
+    assert any("saved them to" in line for line in lines) and lines[-1].startswith(f"saved_raw_weights:{run.raw_weights_path}")
+
+
+def test_a_full_disk_is_called_a_full_disk(tmp_path, monkeypatch):
+    """torch.save on a full disk says only "unexpected pos 4992 vs 4881"."""
+    monkeypatch.setattr(T.torch, "save", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4992 vs 4881")))
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: T.shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(T.tempfile, "tempdir", str(tmp_path))
+    run, _ = raw_run(tmp_path, tmp_path / "logs" / "r_raw.pt")
+    with pytest.raises(T.RunError, match=r"the disk is full \(4,096 bytes free\).*the weights are lost"):
+        T.save_raw_weights(run)
+
+
+def test_a_finish_from_run_cut_short_points_back_at_its_raw_file(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from conftest import small_hp
+    raw = tmp_path / "a_raw.pt"
+    hp = small_hp(finish_from=str(raw))
+    model = T.GPT(hp)
+    torch.save(dict(model=model.state_dict(), step=5, run_id="a", config_hash="h"), raw)
+    run = SimpleNamespace(hp=hp, rank=0, cluster=SimpleNamespace(broadcast=lambda value: value), config_hash="h",
+                          model=model, results={}, raw_weights_path="logs/b_raw.pt", log=lambda line: None)
+    monkeypatch.setattr(T, "run_validation", lambda run: (1.0, 2.0, 3))
+    T.finish_from_raw_weights(run)
+    assert run.raw_weights_path == str(raw) and run.raw_saved  # not_finished: names this file, which exists
+
+
+def test_a_hostile_or_truncated_raw_file_is_refused_in_one_sentence(tmp_path):
+    hostile, truncated = tmp_path / "hostile.pt", tmp_path / "truncated.pt"
+    torch.save({"model": {}, "step": 1, "payload": collections.OrderedDict(a=Fraction(1, 3))}, hostile)
+    torch.save({"model": {"w": torch.ones(1000)}, "step": 1}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    for path, message in ((hostile, "refused unread, since loading it could run code"), (truncated, "damaged or truncated")):
+        with pytest.raises(T.ConfigError, match=message) as caught:
+            T.load_raw_weights(path)
+        assert "weights_only" not in str(caught.value)
