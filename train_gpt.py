@@ -25,6 +25,7 @@ import errno
 import glob
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import math
@@ -258,7 +259,7 @@ class Hyperparameters:
     gptq_self_seqs: int = 64  # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
     gptq_self_seq_len: int = 2048  # their length in tokens, each started from BOS
     gptq_self_temperature: float = 0.8  # their sampling temperature
-    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS so that calibration fits in the training budget
+    gptq_reserve_seconds: float = 0.0  # the least time taken off MAX_WALLCLOCK_SECONDS for calibration; the reserve is the larger of this and the calibration time measured in the warmup
     gptq_block_size: int = 128  # columns per GPTQ block
     gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
     lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
@@ -722,10 +723,12 @@ SETTING_ALIASES = {
     "BIGRAM_VOCAB_SIZE": "bigram_buckets",  # the PR #549 family's: the same hash, the last bucket kept for "none"
 }
 FOREIGN_SETTING_HINTS = {
-    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
+    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)",
+    "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "GATED_ATTN_ENABLED": "ATTN_GATE=head", "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output",
     "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
-    "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS", "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE", "COMPILE_MODEL": "COMPILE",
+    "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS", "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE",
+    "COMPILE_MODEL": "COMPILE",
     "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
     "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
     "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
@@ -792,20 +795,15 @@ def _ema_and_swa_as_in_the_03_23_record(environ):
     return flag("EMA_ENABLED", "0") and flag("SWA_ENABLED", "1")
 
 
-def _translate_ema_enabled(raw, environ):
-    if not _ema_and_swa_as_in_the_03_23_record(environ):
-        raise ConfigError(f"EMA_ENABLED={raw!r}: the records disagree on what EMA_ENABLED and SWA_ENABLED do apart "
-                          f"from EMA_ENABLED=1 (the exported weights are the EMA's); set WEIGHT_AVERAGING=none, ema, swa "
-                          f"or ema_swa")
-    return {"weight_averaging": "ema"}
-
-
-def _translate_swa_enabled(raw, environ):
-    if not _ema_and_swa_as_in_the_03_23_record(environ):
-        raise ConfigError(f"SWA_ENABLED={raw!r}: SWA means different things across the records; with EMA_ENABLED=1 it "
-                          f"is collected and never applied (the PR #549 family); else set WEIGHT_AVERAGING=swa or "
-                          f"ema_swa, and SWA_EVERY")
-    return {"weight_averaging": "ema"}
+def _translate_averaging_switch(name):
+    """EMA_ENABLED and SWA_ENABLED: the records give them different meanings but for the PR #549 family's pair."""
+    def translate(raw, environ):
+        if not _ema_and_swa_as_in_the_03_23_record(environ):
+            raise ConfigError(f"{name}={raw!r}: the records give EMA_ENABLED and SWA_ENABLED different meanings, but "
+                              f"for EMA_ENABLED=1 with SWA_ENABLED=1 or unset (the EMA is exported, the SWA never "
+                              f"applied); set WEIGHT_AVERAGING=none, ema, swa or ema_swa")
+        return {"weight_averaging": "ema"}
+    return translate
 
 
 def _translate_swa_every(raw, environ):
@@ -821,13 +819,13 @@ def _translate_late_qat(name):
 
 
 # Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
-# that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class flag
-# that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are QAT off; QAT_START_LR_SCALE is
-# the late QAT that runs.
+# that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
+# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are
+# QAT off; QAT_START_LR_SCALE is the late QAT that runs.
 RECORD_TRANSLATIONS = {
     "XSA_LAST_N": _translate_xsa_last_n, "VE_ENABLED": _translate_ve_enabled,
-    "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_ema_enabled,
-    "SWA_ENABLED": _translate_swa_enabled, "SWA_EVERY": _translate_swa_every,
+    "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),
+    "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
     "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
     "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate,
 }
@@ -842,8 +840,8 @@ FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "
 CHUNK_TTT_SETTINGS = ("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_batch_seqs", "ttt_grad_clip",
                       "ttt_params")
 LORA_TTT_SETTINGS = ("ttt_lora_rank", "ttt_lora_alpha", "ttt_warm_start_a", "ttt_lora_lr", "ttt_chunk_size",
-                     "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps", "ttt_weight_decay", "ttt_beta1", "ttt_beta2",
-                     "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora")
+                     "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps", "ttt_weight_decay", "ttt_beta1",
+                     "ttt_beta2", "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora")
 PHASED_TTT_SETTINGS = ("phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
                        "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip",
                        "global_ttt_warmup_chunks", "global_ttt_warmup_start_lr", "global_ttt_respect_doc_boundaries")
@@ -866,7 +864,8 @@ def ttt_method_named(sources):
 # Settings that only act when another one switches them on: {setting: (is it in effect?, what switches it on)}.
 # One set explicitly while switched off would be ignored, so it is refused (a preset's values are not checked).
 INERT_UNLESS = {
-    **dict.fromkeys(("ttt_method", "ttt_optimizer", "phased_ttt_enabled"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
+    **dict.fromkeys(("ttt_method", "ttt_optimizer", "phased_ttt_enabled"),
+                    (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
     **dict.fromkeys(CHUNK_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "chunk",
                                          "TTT_ENABLED=1 and TTT_METHOD=chunk")),
     **dict.fromkeys(LORA_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "lora",
@@ -1371,11 +1370,11 @@ def tokenizer_normalizes(sp):
 def check_caseops(sp, tokens, sidecar, rank=0, world_size=1, all_reduce_min=lambda index: index, roundtrip_docs=256):
     """The CaseOps start-up check, on every validation document: the byte sidecar covers the tokens, each
     document's decoded text is a well-formed CaseOps string that case_decode inverts and case_encode rebuilds, and
-    the sidecar counts, token by token, the UTF-8 bytes of the original text the tokens stand for. Two departures
-    are allowed and counted, both of the records' exporter (PR #1729's, which counts the surfaces SentencePiece
-    gives each piece): on byte-fallback pieces it can count fewer bytes (a run of two 3-byte characters counted
-    0,0,0,0,0,3); and with a normalizing tokenizer (tokenizer_normalizes) it counts the text before normalization,
-    which the tokens cannot give back, so up to 1 token in 10 of a document may differ, byte pieces included. At about 1 s per MB of text,
+    the sidecar counts, token by token, the UTF-8 bytes of the original text the tokens stand for. The records'
+    exporter (PR #1729's) counts the surfaces SentencePiece gives each piece, so a run of byte-fallback pieces is
+    compared whole (it gives a character's bytes to its last piece), and may count fewer. With a normalizing tokenizer
+    (tokenizer_normalizes) it counts the text before normalization, which the tokens cannot give back ("\u2122" for
+    "TM"), so up to 1 piece in 10 of a document may differ; the departures are counted. At about 1 s per MB of text,
     the documents are shared out over the ranks (every world_size-th); `all_reduce_min` gives every rank the first
     failing document, so all of them refuse it with the same message."""
     tokens, sidecar = np.asarray(tokens, dtype=np.int64), np.asarray(sidecar, dtype=np.int64)
@@ -2881,7 +2880,8 @@ def pack_source(source, readable_name=READABLE_CODE_NAME):
     try:
         stripped = strip_source(source.decode("utf-8")).encode("utf-8")
     except SyntaxError as error:
-        raise ValueError(f"the source does not parse (line {error.lineno}: {error.msg}), so it cannot be packed") from None
+        raise ValueError(f"the source does not parse (line {error.lineno}: {error.msg}), so it cannot be "
+                         f"packed") from None
     files = {}
     for name, (compress, _) in CODE_PACKERS.items():
         payload = base64.b85encode(compress(stripped)).decode("ascii")
@@ -3232,7 +3232,8 @@ def global_ttt_lr_at(hp, index, count):
     GLOBAL_TTT_WARMUP_CHUNKS chunks, then the cosine decay over the chunks after them (the 04-27 record's)."""
     warmup = max(0, min(hp.global_ttt_warmup_chunks, count - 1))
     if index < warmup:
-        return hp.global_ttt_warmup_start_lr + (hp.global_ttt_lr - hp.global_ttt_warmup_start_lr) * index / max(warmup - 1, 1)
+        rise = (hp.global_ttt_lr - hp.global_ttt_warmup_start_lr) * index / max(warmup - 1, 1)
+        return hp.global_ttt_warmup_start_lr + rise
     return cosine_lr(hp.global_ttt_lr, index - warmup, count - warmup)
 
 
@@ -3379,7 +3380,8 @@ class BatchedLoRA(nn.Module):
     def __init__(self, rows, in_features, out_features, rank, alpha, generator):
         super().__init__()
         self.bound, self.scale = in_features ** -0.5, alpha / rank
-        self.a = nn.Parameter(torch.empty(rows, rank, in_features).uniform_(-self.bound, self.bound, generator=generator))
+        draw = torch.empty(rows, rank, in_features).uniform_(-self.bound, self.bound, generator=generator)
+        self.a = nn.Parameter(draw)
         self.b = nn.Parameter(torch.zeros(rows, out_features, rank))
 
     @torch.no_grad()
@@ -3428,6 +3430,12 @@ class DocumentAdapters(nn.Module):
             if isinstance(module, BatchedLoRA):
                 module.reset(warm_a, generators)
 
+    def redraw(self, generator):
+        """Every row's A drawn again from `generator` (a new phase), in place: a compiled forward keeps its graph."""
+        for module in self.modules():
+            if isinstance(module, BatchedLoRA):
+                module.reset(False, [generator] * module.a.size(0))
+
 
 class Document(NamedTuple):
     """A validation document: its targets are the positions start .. start + targets - 1 of the stream (its last
@@ -3439,7 +3447,8 @@ class Document(NamedTuple):
 
 def documents_of(doc_starts, num_targets):
     starts = sorted({start for start in doc_starts if start < num_targets} | {0})
-    return [Document(index, start, end - start) for index, (start, end) in enumerate(zip(starts, starts[1:] + [num_targets]))]
+    ends = starts[1:] + [num_targets]
+    return [Document(index, start, end - start) for index, (start, end) in enumerate(zip(starts, ends))]
 
 
 def document_queue(documents, batch_size):
@@ -3623,7 +3632,8 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
     num_targets, context = val_tokens.numel() - 1, ttt_context(hp)
     documents = documents_of(doc_starts, num_targets)
     queue = document_queue(documents, hp.ttt_batch_size)
-    phases = document_phases(queue, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases) if hp.phased_ttt_enabled else {}
+    phases = (document_phases(queue, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases)
+              if hp.phased_ttt_enabled else {})
     rounds = queue_rounds(len(queue), phases, world_size)
     if hp.phased_ttt_enabled:  # the record's line, with the boundaries kept (in documents)
         prefix = min(hp.phased_ttt_prefix_docs, len(documents))
@@ -3660,12 +3670,13 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
             adapting = run_document_phase(models, ledger, phases[positions[-1]], base_params, hp, rank, world_size,
                                           device, autocast, clock, work_after[index], log, (phase + 1, len(phases)))
             phase += adapting
-            adapters = DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
+            adapters.redraw(lora_generator(hp, phase))
     for param in base_params:
         param.requires_grad_(True)
     per_document = all_reduce(per_document, dist.ReduceOp.SUM)
     for document in documents:  # the chunks of a document partition its targets: its bytes are its range's
-        per_document[document.index, 2] = target_bytes.of([(document.start, document.start, document.start + document.targets)])
+        span = (document.start, document.start, document.start + document.targets)
+        per_document[document.index, 2] = target_bytes.of([span])
     return LoraTTTReport(loss_and_bpb(per_document.sum(0)), per_document, adapted, len(rounds), phase)
 
 
@@ -3913,7 +3924,8 @@ def setup(run):
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
     only = hp.eval_only_quantized_path
     if only and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(only)):
-        raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={only!r} is not a file (a run writes logs/<RUN_ID>_model.<format>.ptz)")
+        raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={only!r} is not a file (a run writes "
+                          f"logs/<RUN_ID>_model.<format>.ptz)")
     run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     run.val_tokens = load_validation_tokens(run.val_files)
@@ -4184,9 +4196,13 @@ def warmup(run):
         synchronize(run)  # the first step of a layout includes its compile time, shown here
         run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping} "
                 f"time:{time.perf_counter() - step_start:.2f}s")
-    # The layout the final evaluations will see: looped if the recurrence switches on before the last step.
-    model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
-    for seq_len in sorted({hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
+    # The layouts evaluations will see: the final evaluations', looped if the recurrence switches on before the last
+    # step; and with VAL_LOSS_EVERY, the initial one too (the step-0 validation, and any before the switch).
+    layouts = {initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))}
+    layouts |= {initial_looping} if hp.val_loss_every > 0 else set()
+    graphs = itertools.product(sorted(layouts), sorted({hp.train_seq_len, run.eval_seq_len})) if run.use_compile else ()
+    for looping, seq_len in graphs:
+        model.looping = looping
         rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
         tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
         eval_start = time.perf_counter()
@@ -4203,6 +4219,51 @@ def warmup(run):
     run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
             f"restored:initial_weights_and_optimizer_state")
     log_compiled_graphs(run, "warmup")
+
+
+CALIBRATION_MARGIN = (1.25, 1.0)  # the reserve: the measured calibration time x 1.25, plus 1 s for the all-reduce
+
+
+def calibration_reserve(hp, seconds_per_batch):
+    """(reserve, measured need) in seconds: GPTQ_CALIBRATION_BATCHES at the measured seconds per global batch, with
+    the margin; never less than GPTQ_RESERVE_SECONDS."""
+    scale, slack = CALIBRATION_MARGIN
+    needed = hp.gptq_calibration_batches * seconds_per_batch * scale + slack
+    return max(hp.gptq_reserve_seconds, needed), needed
+
+
+def hessians_of_batch(run, step):
+    """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
+    batches = (run.train_loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
+    return collect_hessians(run.model, batches, run.autocast)
+
+
+def reserve_calibration_time(run):
+    """Before the clock, with GPTQ on training batches under a cap: times GPTQ's calibration on one training batch as
+    `calibrate` reads it (the second pass, after any first-call cost; the weights are only read) and returns the
+    settings with the reserve that ends training early enough for calibration to read its training batches inside
+    MAX_WALLCLOCK_SECONDS. The ranks agree on the slowest."""
+    hp = run.hp
+    if not (hp.gptq and hp.gptq_calibration == "train" and hp.max_wallclock_seconds):
+        return hp
+    initial_looping = run.model.looping  # timed in the layout calibration will see
+    run.model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    hessians_of_batch(run, 0)
+    synchronize(run)
+    start = time.perf_counter()
+    hessians_of_batch(run, 1)
+    synchronize(run)
+    seconds = all_reduce(torch.tensor(time.perf_counter() - start, device=run.device), dist.ReduceOp.MAX).item()
+    run.model.looping = initial_looping
+    run.timings["calibration_batch_s"] = seconds
+    reserve, needed = calibration_reserve(hp, seconds)
+    run.log(f"gptq_reserve: {seconds:.3f}s per batch x {hp.gptq_calibration_batches} x {CALIBRATION_MARGIN[0]} + "
+            f"{CALIBRATION_MARGIN[1]:.0f}s = {needed:.1f}s; GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}; "
+            f"reserved:{reserve:.1f}s")
+    if reserve >= hp.max_wallclock_seconds:
+        raise ConfigError(f"GPTQ calibration needs {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}"
+                          f", leaving no time to train: lower GPTQ_CALIBRATION_BATCHES or raise the cap")
+    return dataclasses.replace(hp, gptq_reserve_seconds=reserve)
 
 
 @contextlib.contextmanager
@@ -4480,13 +4541,14 @@ def finish_from_raw_weights(run):
 # Which settings shape a tensor, by a part of its name (the first that matches): what to check when an artifact does
 # not fit the model that EVAL_ONLY_QUANTIZED_PATH loads it into.
 SHAPING_SETTINGS = (
-    ("tok_emb", "VOCAB_SIZE, MODEL_DIM"), ("lm_head", "TIE_EMBEDDINGS, VOCAB_SIZE"), ("bigram", "BIGRAM_BUCKETS, BIGRAM_DIM"),
-    ("value_embed.", "VE_LAYERS, VE_DIM, VE_PROJ_INIT"), ("value_embed_scale", "VE_LAYERS"),
-    ("smear", "SMEAR_GATE, SMEAR_GATE_FORM, GATE_WINDOW"), ("attn.c_k", "NUM_KV_HEADS, MODEL_DIM"),
-    ("attn.c_v", "NUM_KV_HEADS, MODEL_DIM"), ("attn.gate", "ATTN_GATE, GATE_WINDOW, NUM_HEADS"),
-    ("attn.c_i", "INTENT_GATE"), ("convs", "CONV_K, INTENT_GATE"), ("value_residual", "VALUE_RESIDUAL, VALUE_RESIDUAL_FORM"),
-    ("q_gain", "NORM_WEIGHTS, NUM_HEADS"), ("norm", "NORM_WEIGHTS"), ("attn_scale", "SUBLAYER_SCALES"),
-    ("mlp_scale", "SUBLAYER_SCALES"), ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER"),
+    ("tok_emb", "VOCAB_SIZE, MODEL_DIM"), ("lm_head", "TIE_EMBEDDINGS, VOCAB_SIZE"),
+    ("bigram", "BIGRAM_BUCKETS, BIGRAM_DIM"), ("value_embed.", "VE_LAYERS, VE_DIM, VE_PROJ_INIT"),
+    ("value_embed_scale", "VE_LAYERS"), ("smear", "SMEAR_GATE, SMEAR_GATE_FORM, GATE_WINDOW"),
+    ("attn.c_k", "NUM_KV_HEADS, MODEL_DIM"), ("attn.c_v", "NUM_KV_HEADS, MODEL_DIM"),
+    ("attn.gate", "ATTN_GATE, GATE_WINDOW, NUM_HEADS"), ("attn.c_i", "INTENT_GATE"), ("convs", "CONV_K, INTENT_GATE"),
+    ("value_residual", "VALUE_RESIDUAL, VALUE_RESIDUAL_FORM"), ("q_gain", "NORM_WEIGHTS, NUM_HEADS"),
+    ("norm", "NORM_WEIGHTS"), ("attn_scale", "SUBLAYER_SCALES"), ("mlp_scale", "SUBLAYER_SCALES"),
+    ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER"),
     ("mlp", "MLP_MULT, MLP_ACTIVATION, MLP_CONV_K"), ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LOOPS, LOOP_START, LOOP_END"),
     ("backout", "BACKOUT_LAYER"), ("blocks.", "NUM_LAYERS, MODEL_DIM, NUM_HEADS"), ("", "MODEL_DIM"),
 )
@@ -4582,19 +4644,44 @@ def calibrate(run):
         return
     synchronize(run)
     start = time.perf_counter()
-    batches, described = calibration_batches(run)
-    run.hessians = collect_hessians(run.model, batches, run.autocast)
-    for hessian in run.hessians.values():
+    if hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
+        run.hessians, described = hessians_within_the_cap(run, start)
+    else:
+        batches, described = calibration_batches(run)
+        run.hessians = collect_hessians(run.model, batches, run.autocast)
+        run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
+    for hessian in (run.hessians or {}).values():
         all_reduce(hessian, dist.ReduceOp.SUM)
     synchronize(run)
     seconds = time.perf_counter() - start
     run.timings["calibration_s"] = seconds
     train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
-    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians)} "
+    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians or {})} "
             f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
             + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
-    if hp.max_wallclock_seconds and train_and_calibration > hp.max_wallclock_seconds:
-        run.log(f"WARNING: calibration ran over the training budget; raise GPTQ_RESERVE_SECONDS above {seconds:.1f}")
+    if run.hessians is None:
+        run.log("WARNING: no calibration batch fit in MAX_WALLCLOCK_SECONDS: the weights are quantized without GPTQ; "
+                "raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+
+
+def hessians_within_the_cap(run, start):
+    """GPTQ_CALIBRATION=train under MAX_WALLCLOCK_SECONDS: the calibration batches one at a time, each begun only if
+    it would end inside the cap at the slowest batch time seen (the warmup's measurement before the first), so no
+    training token is read after the cap, whatever the reserve. The ranks take each decision together. Returns
+    (this rank's Hessians or None, a description for the log)."""
+    hp, trained = run.hp, run.results["train_time_ms"] / 1000
+    per_batch, hessians, used = run.timings.get("calibration_batch_s", 0.0), {}, 0
+    for step in range(hp.gptq_calibration_batches):
+        over = trained + time.perf_counter() - start + per_batch > hp.max_wallclock_seconds
+        if all_reduce(torch.tensor(float(over), device=run.device), dist.ReduceOp.MAX).item():
+            break
+        batch_start = time.perf_counter()
+        for name, hessian in hessians_of_batch(run, run.results["steps"] + step).items():
+            hessians[name] = hessians[name].add_(hessian) if name in hessians else hessian
+        synchronize(run)
+        per_batch, used = max(per_batch, time.perf_counter() - batch_start), used + 1
+    run.timings["training_data_read_until_s"] = trained + time.perf_counter() - start
+    return hessians or None, f"batches:{used}/{hp.gptq_calibration_batches} tokens:{used * hp.train_batch_tokens}"
 
 
 def export(run):
@@ -4782,6 +4869,10 @@ def log_compliance(run):
             f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lr}"
             + (f" phases:{report['phases']} global_sgd:scored_targets_only" if hp.phased_ttt_enabled else ""))
     log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    if "training_data_read_until_s" in run.timings and hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
+        read_until = run.timings["training_data_read_until_s"]  # the last calibration batch read
+        log(f"compliance: training_data_read_until:{read_until:.1f}s max_wallclock:{hp.max_wallclock_seconds:g}s "
+            f"within_cap:{'yes' if read_until <= hp.max_wallclock_seconds else 'NO'}")
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 
 
@@ -5083,6 +5174,7 @@ def train_and_evaluate(run):
         run.phase = "warmup"
         with compile_failures_named(run):
             warmup(run)
+        run.hp = reserve_calibration_time(run)
         if run.hp.benchmark_steps:
             return benchmark(run)
         run.phase = "train"

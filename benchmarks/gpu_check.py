@@ -201,7 +201,7 @@ def final_seconds(log, name):
 
 def training_rows(args, workdir, device_name):
     env = dict(common_env(args, "check_train"), MAX_WALLCLOCK_SECONDS=str(args.train_seconds), TTT_ENABLED="1",
-               ITERATIONS="100000")
+               TTT_METHOD="chunk", ITERATIONS="100000")
     if args.tiny:
         env.update(TINY_TRAINING)
     log = run_trainer(env, "two-minute training", workdir, timeout=int(args.train_seconds) + 420)

@@ -422,15 +422,17 @@ def assert_compiled_matches_eager(compiled, eager, metrics):
 @pytest.mark.cuda_path
 def test_the_default_stack_compiles_once_per_layout_with_inductor(sample, tmp_path):
     # Every layout a run goes through: before and after the recurrence, QAT switched on mid-run, MiLe's gamma and
-    # the LR changing every step, the evaluation graph (round-trip, sliding windows, TTT's scoring) and TTT's
-    # adapting graph.
+    # the LR changing every step, the validations at step 0 (unlooped) and step 4 (looped), the evaluation graph
+    # (round-trip, sliding windows, TTT's scoring) and TTT's adapting graph.
     compiled, eager = compared_runs(sample, tmp_path, ITERATIONS=8, WARMUP_STEPS=2, NUM_LOOPS=1, LOOP_START=1,
                                     LOOP_END=1, PARALLEL_RESIDUALS=1, PARALLEL_START_LAYER=1, WARMDOWN_FRAC=0.5, QAT_START_LR_SCALE=0.5,
                                     MILE_GAMMA=1.1, EVAL_STRIDE=128, TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000,
-                                    TTT_EPOCHS=1, TTT_BATCH_SEQS=4)
+                                    TTT_EPOCHS=1, TTT_BATCH_SEQS=4, VAL_LOSS_EVERY=4)
     assert "compile:True" in compiled and "recurrence: activated at step:3 " in compiled and "qat: enabled" in compiled
-    # warmup: train unlooped, train looped, evaluation; training adds none; TTT adds its adapting (train-mode) graph
-    assert compile_counts(compiled) == dict(warmup=3, training=3, evaluation=4)
+    assert re.search(r"^step:0/8 val_loss:", compiled, re.M) and re.search(r"^step:4/8 val_loss:", compiled, re.M)
+    # warmup: train unlooped and looped, evaluation looped and (for the step-0 validation) unlooped; training adds
+    # none; TTT adds its adapting (train-mode) graph
+    assert compile_counts(compiled) == dict(warmup=4, training=4, evaluation=5)
     assert not re.search(r"^warning: .* compiled during training", compiled, re.M)
     assert_compiled_matches_eager(compiled, eager, SCORES)
 

@@ -506,3 +506,55 @@ def test_a_hostile_or_truncated_raw_file_is_refused_in_one_sentence(tmp_path):
         with pytest.raises(T.ConfigError, match=message) as caught:
             T.load_raw_weights(path)
         assert "weights_only" not in str(caught.value)
+
+
+def test_the_settings_named_for_a_mismatched_artifact_are_settings():
+    fields = {f.name for f in T.dataclasses.fields(T.Hyperparameters)}
+    for _, names in T.SHAPING_SETTINGS:
+        assert {name.lower() for name in names.split(", ")} <= fields, names
+    assert T.shaping_settings("blocks.3.mlp.fc.weight").startswith("MLP_MULT")
+    assert T.shaping_settings("blocks.3.mlp_scale") == "SUBLAYER_SCALES" and T.shaping_settings("x") == "MODEL_DIM"
+
+
+def test_the_calibration_reserve_follows_the_measured_time_and_the_setting_is_its_floor():
+    hp = T.Hyperparameters(max_wallclock_seconds=600, gptq_calibration_batches=16, gptq_reserve_seconds=0.5)
+    reserve, needed = T.calibration_reserve(hp, 0.25)  # 16 batches of 0.25 s: 4 s, x 1.25, + 1 s
+    assert needed == pytest.approx(6.0) and reserve == pytest.approx(6.0)
+    floor = T.dataclasses.replace(hp, gptq_reserve_seconds=45.0)
+    assert T.calibration_reserve(floor, 0.25) == (45.0, pytest.approx(6.0))
+
+
+def test_training_and_calibration_end_within_the_cap(sample, tmp_path):
+    env = tiny_env(sample, RUN_ID="cap", MAX_WALLCLOCK_SECONDS="8", ITERATIONS="100000", WARMUP_STEPS="1")
+    result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "cap.txt").read_text()
+    reserved = float(re.search(r"^gptq_reserve: .* reserved:([\d.]+)s$", log, re.M).group(1))
+    assert reserved >= 1.0 and "stopping_early: wallclock_cap" in log
+    read_until = float(re.search(r"^compliance: training_data_read_until:([\d.]+)s max_wallclock:8s within_cap:yes$",
+                                 log, re.M).group(1))
+    assert read_until <= 8
+
+
+def test_calibration_never_reads_training_data_after_the_cap(monkeypatch):
+    """9 s trained of a 10 s cap, batches of 0.4 s: two fit (ending at 9.4 s and 9.8 s), the third would end past
+    the cap and is never read, whatever the reserve was."""
+    from types import SimpleNamespace
+    now = [100.0]
+    monkeypatch.setattr(T.time, "perf_counter", lambda: now[0])
+
+    def batch_of(run, step):
+        now[0] += 0.4
+        read.append(step)
+        return {"w": torch.ones(2, 2)}
+    read = []
+    monkeypatch.setattr(T, "hessians_of_batch", batch_of)
+    hp = T.Hyperparameters(max_wallclock_seconds=10, gptq_calibration_batches=5)
+    run = SimpleNamespace(hp=hp, results=dict(train_time_ms=9000.0, steps=7), timings=dict(calibration_batch_s=0.4),
+                          device=torch.device("cpu"), rank=0, world_size=1, distributed=False)
+    monkeypatch.setattr(T, "synchronize", lambda run: None)
+    hessians, described = T.hessians_within_the_cap(run, 100.0)
+    assert read == [7, 8] and described == f"batches:2/5 tokens:{2 * hp.train_batch_tokens}"
+    assert torch.equal(hessians["w"], 2 * torch.ones(2, 2)) and run.timings["training_data_read_until_s"] <= 10
+    run.results["train_time_ms"] = 9900.0  # no batch fits: GPTQ is skipped, never the cap
+    assert T.hessians_within_the_cap(run, now[0])[0] is None
