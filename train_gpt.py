@@ -4809,9 +4809,7 @@ def evaluate_lora_ttt(run):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    # The adapters change the batch and the context length from chunk to chunk: one graph with dynamic shapes.
-    lora_forward = torch.compile(run.model, dynamic=True) if run.use_compile else run.model
-    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), run.val_tokens,
+    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward_of(run), run.train_model), run.val_tokens,
                                    run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
                                    doc_starts_of(run.val_tokens, run.sp.bos_id()), run.log, budget_left)
     synchronize(run)
@@ -4819,6 +4817,36 @@ def evaluate_lora_ttt(run):
     log_final(run, "final_ttt", report.result, time.perf_counter() - start,
               f"documents:{report.per_document.size(0)} rounds:{report.rounds} adapted_rounds:{report.adapted_rounds} "
               f"phases:{report.phases} ")
+
+
+def lora_forward_of(run, backend="inductor"):
+    """The forward per-document TTT calls: the model compiled with dynamic shapes (the batch and the context length
+    change from chunk to chunk), its graphs built here on synthetic tokens at the shortest and longest context,
+    scoring and training, as the record warms its TTT graph; or the eager model, with COMPILE=0 or when
+    torch.compile cannot build it (the same math, logged). The tests compile with backend="aot_eager"."""
+    if not run.use_compile:
+        return run.model
+    hp, start = run.hp, time.perf_counter()
+    compiled = torch.compile(run.model, dynamic=True, backend=backend)
+    adapters = DocumentAdapters(run.model, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
+    for param in run.model.parameters():
+        param.requires_grad_(False)  # as while the adapters train
+    try:
+        for width in sorted({min(hp.ttt_chunk_size, ttt_context(hp)), ttt_context(hp)}):
+            tokens = torch.randint(hp.vocab_size, (hp.ttt_batch_size, width + 1), device=run.device)  # synthetic
+            with run.autocast():
+                compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters).float().mean().backward()
+                with torch.no_grad():
+                    compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        run.log(f"warning: torch.compile cannot build the per-document TTT forward ({type(error).__name__}); it runs "
+                f"eager, the same math")
+        return run.model
+    finally:
+        for param in run.model.parameters():
+            param.requires_grad_(True)
+    run.log(f"ttt_lora: compiled (dynamic shapes) time:{time.perf_counter() - start:.1f}s")
+    return compiled
 
 
 def evaluate_chunk_ttt(run):
