@@ -4827,6 +4827,9 @@ def lora_forward_of(run, backend="inductor"):
     if not run.use_compile:
         return run.model
     hp, start = run.hp, time.perf_counter()
+    # Every torch.compile of the model shares the graph cache of its forward: these two graphs come on top of the
+    # training and evaluation ones (up to 7 then), which dynamo's default limit of 8 would cut short.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     compiled = torch.compile(run.model, dynamic=True, backend=backend)
     adapters = DocumentAdapters(run.model, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
     for param in run.model.parameters():
