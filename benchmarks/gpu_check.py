@@ -15,7 +15,7 @@ writes it to --out:
     batch, GRAD_ACCUM_STEPS=1): ms/step, tokens/s, MFU and peak memory before and after the recurrence;
   - a real two-minute training of the default stack to its round-trip val_bpb, with sliding-window and TTT
     tokens/s projected to the full FineWeb validation split on 8 GPUs, and GPTQ's time at full size.
-Targets it reads against (issue: the CUDA path): the default stack >= 1.1 M tokens/s and >= 40% MFU per H100 before
+Targets it reads against: the default stack >= 1.1 M tokens/s and >= 40% MFU per H100 before
 the recurrence; sliding + TTT evaluation projected <= 400 s on 8xH100.
 """
 
