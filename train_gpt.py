@@ -3556,13 +3556,16 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
             if window is not None:
                 ledger.commit(document, window[2])
         if training:
-            train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, losses, hp, device, autocast)
+            train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, (inputs, targets, losses),
+                           hp, autocast)
     return sums
 
 
-def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, losses, hp, device, autocast):
+def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, scored, hp, autocast):
     """TTT_GRAD_STEPS steps on the scored chunk: the sum over documents of each one's mean loss over the chunk
-    (documents never share a gradient). The first step reuses the scoring forward; the ledger is asked first."""
+    (documents never share a gradient). `scored`: the scoring forward's (inputs, targets, losses), which the first
+    step reuses; the ledger is asked first."""
+    inputs, targets, losses = scored
     mask = torch.zeros_like(losses)
     for row in training:
         start, first, end = windows[row]
@@ -3571,22 +3574,10 @@ def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, trainin
     for step in range(hp.ttt_grad_steps):
         if step > 0:
             with autocast():
-                losses = forward(*ledger_rows(ledger, batch, windows, device), reduction="none", adapters=adapters)
+                losses = forward(inputs, targets, reduction="none", adapters=adapters)
         optimizer.zero_grad(set_to_none=True)
         (losses.float() * mask).sum().backward()
         optimizer.step()
-
-
-def ledger_rows(ledger, batch, windows, device):
-    """(inputs, targets) of the chunk's windows, read through the ledger (the steps after the first)."""
-    width = max(end - start for start, _, end in filter(None, windows))
-    rows = torch.zeros(len(batch), width + 1, dtype=torch.int64)
-    for row, (document, window) in enumerate(zip(batch, windows)):
-        if window is not None:
-            start, _, end = window
-            rows[row, :end - start + 1] = ledger.training_tokens(document, start, end)
-    rows = rows.to(device)
-    return rows[:, :-1], rows[:, 1:]
 
 
 def ttt_context(hp):
