@@ -274,6 +274,7 @@ class Hyperparameters:
     # --- systems ---
     device: str = "auto"  # auto, cuda or cpu
     compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
+    compile_scope: str = "block"  # block: one graph per distinct layer, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the compile time); model: the whole forward as one graph, as the records compile it
     autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
     attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
     benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
@@ -361,6 +362,7 @@ class Hyperparameters:
         require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
         require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
         require(self.compile in ("auto", "1", "0"), "COMPILE", "choose auto (CUDA only), 1 or 0")
+        require(self.compile_scope in ("block", "model"), "COMPILE_SCOPE", "choose block or model")
         require(self.autocast in ("auto", "bf16", "off"), "AUTOCAST", "choose auto, bf16 or off")
         require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
         self.seed_list()  # raises on a bad list
@@ -903,6 +905,7 @@ INERT_UNLESS = {
     "muon_momentum_warmup_start": (lambda hp: hp.muon_momentum_warmup_steps > 0, "MUON_MOMENTUM_WARMUP_STEPS > 0"),
     **dict.fromkeys(("clip_k_mlp", "clip_k_attn", "clip_k_embed", "size_target_bytes"),
                     (lambda hp: hp.quant_clip == "sdclip", "QUANT_CLIP=sdclip")),
+    "compile_scope": (lambda hp: hp.compile != "0", "COMPILE=auto or 1"),
     "min_lr_scale": (lambda hp: hp.warmdown_frac > 0 or hp.warmdown_iters > 0, "WARMDOWN_FRAC or WARMDOWN_ITERS > 0"),
 }
 
@@ -1781,8 +1784,11 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)])) \
             if hp.resid_mix else None
         # LN scale (credit: the PartialRoPE/LN-scale record): damp deeper sublayer inputs by 1/sqrt(layer + 1).
-        # `layer` is the physical index, so a looped repeat keeps its block's factor.
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        # `layer` is the physical index, so a looped repeat keeps its block's factor. A tensor, not a Python float:
+        # COMPILE_SCOPE=block then builds one graph for every layer of the same structure (a float would be folded in,
+        # one graph per layer); the product is the same fp32 one. Not saved: it follows from the settings.
+        self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)) if hp.ln_scale else None,
+                             persistent=False)
         self.parallel = hp.parallel_residuals and layer >= hp.parallel_start_layer
         self.lanes_exchange = hp.parallel_form == "routing"
         if self.parallel and self.lanes_exchange:
@@ -1794,7 +1800,7 @@ class Block(nn.Module):
         # lane, the MLP the MLP lane, and they never exchange; GPT merges them at the end with a learned m.
 
     def sublayer_input(self, x, norm):
-        return norm(x) * self.norm_scale
+        return norm(x) if self.norm_scale is None else norm(x) * self.norm_scale
 
     @staticmethod
     def scaled(output, scale):
@@ -2018,7 +2024,7 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
-    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None):
+    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None, block=Block.__call__):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
@@ -2031,7 +2037,7 @@ class GPT(nn.Module):
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
             read = cached if self.backout_read else None
             lora = None if adapters is None else adapters.layer(position)
-            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read, docs, lora)
+            lanes, v = block(self.blocks[layer], lanes, x0, v0, value_embed, read, docs, lora)
             v0 = v if v0 is None else v0
             if position < num_encoder:
                 skips.append(self.merge(lanes))
@@ -2042,9 +2048,8 @@ class GPT(nn.Module):
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
 
-    def logits(self, input_ids, cu_seqlens=None, adapters=None):
-        """`adapters`: the per-document LoRA of TTT_METHOD=lora (DocumentAdapters), one batch row per document."""
-        h = self.hidden_states(input_ids, cu_seqlens, adapters)
+    def output_logits(self, h, adapters=None):
+        """The head over the final hidden states, with the logit softcap; fp32."""
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
         if adapters is not None:
             raw = raw + adapters.head(h)
@@ -2052,11 +2057,10 @@ class GPT(nn.Module):
             return raw.float()
         return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, adapters=None):
+    def output(self, h, target_ids=None, reduction="mean", mile_gamma=None, adapters=None):
         """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
-        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe; `cu_seqlens`: see cu_seqlens_of;
-        `adapters`: see logits."""
-        logits = self.logits(input_ids, cu_seqlens, adapters)
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
+        logits = self.output_logits(h, adapters)
         if target_ids is None:
             return logits
         losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
@@ -2065,6 +2069,27 @@ class GPT(nn.Module):
         if mile_gamma is not None:
             losses = losses * mile_weights(logits.flatten(0, 1), mile_gamma)
         return losses.mean()
+
+    def logits(self, input_ids, cu_seqlens=None, adapters=None):
+        """`adapters`: the per-document LoRA of TTT_METHOD=lora (DocumentAdapters), one batch row per document."""
+        return self.output_logits(self.hidden_states(input_ids, cu_seqlens, adapters), adapters)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, adapters=None,
+                regions=None):
+        """The hidden states, then the output (see `output`). `cu_seqlens`: see cu_seqlens_of; `adapters`: see
+        logits; `regions`: the compiled block and output of COMPILE_SCOPE=block (ForwardRegions), else eager."""
+        block, output = regions or EAGER_REGIONS
+        return output(self, self.hidden_states(input_ids, cu_seqlens, adapters, block), target_ids, reduction,
+                      mile_gamma, adapters)
+
+
+class ForwardRegions(NamedTuple):
+    """What GPT.forward calls for a block (with the block as first argument) and for the output."""
+    block: Callable
+    output: Callable
+
+
+EAGER_REGIONS = ForwardRegions(Block.__call__, GPT.output)
 
 
 def count_parameters(model):
@@ -3883,6 +3908,7 @@ class Run:
         self.local_rank, self.device = cluster.local_rank, cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.timings = {}
+        self.lora_forward = None  # the per-document TTT forward, once the warmup has compiled it
         self.results = {}
         self.scored_targets = {}  # final evaluation name: validation targets it scored
         self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
@@ -4003,8 +4029,10 @@ def log_environment(run):
     if run.device.type == "cuda":
         log(_command_output(["nvidia-smi"]), console=False)
     log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    scope = f"(scope:{hp.compile_scope})" if run.use_compile else ""
     log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
-        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{autocast_name(hp.autocast, run.device.type)} "
+        f"attention:{run.attention_name} compile:{run.use_compile}{scope} "
+        f"autocast:{autocast_name(hp.autocast, run.device.type)} "
         f"{run.cluster.threads_note}")
     train_tokens = sum(len(s) for s in run.train_loader.shards)
     log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
@@ -4039,11 +4067,38 @@ class VarlenDocuments(nn.Module):
         return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
 
 
-def train_model_of(model, use_compile, varlen, backend="inductor"):
-    """What training, evaluation and TTT call: the model, compiled with one graph per layout (fullgraph, static
-    shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests compile with
-    backend="aot_eager"."""
-    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend) if use_compile else model
+class RegionallyCompiled(nn.Module):
+    """COMPILE_SCOPE=block: the model's forward with its two heavy regions compiled, each as a fullgraph function
+    compiled once: the block, whose graph every layer of the same structure reuses (so a looped pass costs no compile,
+    and eleven layers cost a few graphs), and the output head with its loss (the fp32 logits never leave the graph).
+    The embedding and the glue between blocks run eager. As PyTorch's regional compilation recipe does; the math is
+    the model's. A module, so that TTT finds the parameters."""
+
+    def __init__(self, model, backend="inductor"):
+        super().__init__()
+        self.model = model
+        compiled = functools.partial(torch.compile, dynamic=False, fullgraph=True, backend=backend)
+        self.regions = ForwardRegions(compiled(Block.forward), compiled(GPT.output))
+        # One graph per distinct block structure, grad mode and batch shape: training's, evaluation's and TTT's
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, regions=self.regions)
+
+
+COMPILE_GRAPH_LIMIT = 64  # dynamo's recompile limit per function (its default, 8, would send later graphs to eager)
+
+
+def train_model_of(model, use_compile, varlen, scope="block", backend="inductor"):
+    """What training, evaluation and TTT call: the model compiled (COMPILE_SCOPE: by regions, or as one fullgraph
+    graph per layout; static shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests
+    compile with backend="aot_eager"."""
+    if not use_compile:
+        compiled = model
+    elif scope == "block":
+        compiled = RegionallyCompiled(model, backend)
+    else:
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
     return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
 
 
@@ -4054,7 +4109,7 @@ def build_model(run):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
-    run.train_model = train_model_of(run.model, run.use_compile, uses_varlen(hp, run.attention_name))
+    run.train_model = train_model_of(run.model, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
@@ -4079,16 +4134,17 @@ class MemoryEstimate:
     averages: int  # the EMA / SWA copies
     activations: int  # what autograd saves for backward at one micro-batch
     micro_batch_seqs: int
+    collectives: int = 0  # Parallel Muon's reduce-scatter shard and all-gather buffers (more than one rank)
 
     @property
     def total(self):
-        return self.weights + self.grads + self.optimizer + self.averages + self.activations
+        return self.weights + self.grads + self.optimizer + self.averages + self.activations + self.collectives
 
     def describe(self):
         mib = lambda n: f"{n / 2**20:.0f}MiB"
         return (f"memory_estimate: per_gpu:{mib(self.total)} weights:{mib(self.weights)} grads:{mib(self.grads)} "
-                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} activations:{mib(self.activations)}"
-                f"(micro_batch:{self.micro_batch_seqs}seqs)")
+                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} collectives:{mib(self.collectives)} "
+                f"activations:{mib(self.activations)}(micro_batch:{self.micro_batch_seqs}seqs)")
 
 
 def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
@@ -4109,10 +4165,11 @@ def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
 
 
 def estimate_memory(run):
-    """The peak device memory of a training step per GPU: the exact sizes of the weights, gradients, optimizer state
-    and averages this configuration allocates, plus the activations of one micro-batch, extrapolated from forwards of
-    one and two sequences (a fixed part, such as the bf16 copies of the weights, and a part per sequence). The
-    compiled graph usually saves less than the eager one measured here, so this errs high."""
+    """The device memory of a training step per GPU, made before anything is compiled: the exact sizes of the
+    weights, gradients, optimizer state, averages and collective buffers this configuration allocates, plus the
+    activations of one micro-batch, extrapolated from forwards of one and two sequences (a fixed part, such as the
+    bf16 copies of the weights, and a part per sequence). Transient buffers (the backward's, Newton-Schulz's) are not
+    in it: on CUDA the warmup measures the real peak beside it (log_measured_memory)."""
     hp, model, optimizers = run.hp, run.model, run.optimizers
     float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
     params = list(model.parameters())
@@ -4124,9 +4181,29 @@ def estimate_memory(run):
     micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
     one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
                 for seqs in (1, 2))
+    nbytes = lambda tensor: 0 if tensor is None else tensor.numel() * tensor.element_size()
+    collectives = sum(nbytes(bank.updates) + (nbytes(bank.grad_shard) if run.world_size > 1 else 0)
+                      for bank in optimizers.banks)
     return MemoryEstimate(weights=float_bytes(params), grads=bank_grads + float_bytes(optimizers.replicated),
                           optimizer=int(muon) + adam, averages=copies * float_bytes(params),
-                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch)
+                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch,
+                          collectives=collectives)
+
+
+def log_measured_memory(device, estimate, log, advice):
+    """On CUDA, after the warmup's training steps (real compiled micro-steps and optimizer steps, the bound that
+    counts): `memory_measured:` the peak allocated and reserved beside the estimate, which is made before anything
+    is compiled and misses transient buffers; a warning with `advice` when the reserved peak passes 95% of the
+    device."""
+    if device.type != "cuda":
+        return
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    mib = lambda n: f"{n / 2**20:.0f}MiB"
+    log(f"memory_measured: peak_allocated:{mib(allocated)} peak_reserved:{mib(reserved)} estimate:{mib(estimate.total)} "
+        f"allocated/estimate:{allocated / max(estimate.total, 1):.2f} of device:{mib(capacity)} (warmup training steps)")
+    if reserved > 0.95 * capacity:
+        log(f"warning: the warmup's steps reserved over 95% of the device's memory; {advice.split(': ', 1)[1]}")
 
 
 def out_of_memory_advice(run):
@@ -4180,36 +4257,98 @@ def warmup(run):
     start = time.perf_counter()
     initial_model = copy.deepcopy(model.state_dict())
     initial_looping = model.looping
-    for step in range(hp.warmup_steps):
-        model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # The first half of the steps unlooped, the second looped; every layout gets a step, even from WARMUP_STEPS=1.
+    layouts = [initial_looping] + ([True] if hp.num_loops > 0 and not initial_looping else [])
+    steps = max(hp.warmup_steps, len(layouts))
+    for step in range(steps):
+        model.looping = layouts[step * len(layouts) // steps]
         step_start = time.perf_counter()
         train_step(run, step, lr_scale=1.0)
         synchronize(run)  # the first step of a layout includes its compile time, shown here
-        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping} "
+        run.log(f"warmup_step:{step + 1}/{steps} looping:{model.looping} "
                 f"time:{time.perf_counter() - step_start:.2f}s")
+    model.looping = initial_looping
+    log_measured_memory(run.device, run.memory_estimate, run.log, out_of_memory_advice(run))
     # The layouts evaluations will see: the final evaluations', looped if the recurrence switches on before the last
     # step; and with VAL_LOSS_EVERY, the initial one too (the step-0 validation, and any before the switch).
-    layouts = {initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))}
-    layouts |= {initial_looping} if hp.val_loss_every > 0 else set()
-    graphs = itertools.product(sorted(layouts), sorted({hp.train_seq_len, run.eval_seq_len})) if run.use_compile else ()
-    for looping, seq_len in graphs:
-        model.looping = looping
-        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
-        tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
-        eval_start = time.perf_counter()
-        with torch.no_grad(), run.autocast():
-            run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
-        synchronize(run)
-        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{model.looping} "
-                f"time:{time.perf_counter() - eval_start:.2f}s")
-    model.looping = initial_looping
+    final_looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    warm_evaluation_graphs(run, {final_looping} | ({initial_looping} if hp.val_loss_every > 0 else set()),
+                           final_looping)
     model.load_state_dict(initial_model)
     run.optimizers.reset_state()
     synchronize(run)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
-    run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
+    run.log(f"warmup:done steps:{steps} time:{run.timings['untimed_warmup_s']:.1f}s "
             f"restored:initial_weights_and_optimizer_state")
     log_compiled_graphs(run, "warmup")
+
+
+def warm_evaluation_graphs(run, layouts, final_looping):
+    """Every graph the evaluations will call, built here on synthetic tokens (validation tokens are never touched),
+    so that no graph is compiled after the warmup: scoring in each of `layouts` at each window length; in the final
+    layout, TTT's training passes (chunk TTT's and the phases' global SGD, with the parameters they train); and the
+    per-document TTT forward. The weights are only read; their gradients are cleared."""
+    hp, model = run.hp, run.model
+    if not run.use_compile:
+        return
+    initial_looping = model.looping
+    for looping, seq_len in itertools.product(sorted(layouts), sorted({hp.train_seq_len, run.eval_seq_len})):
+        model.looping = looping
+        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
+        with torch.no_grad():
+            seconds = timed_synthetic_pass(run, rows, seq_len)
+        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{looping} time:{seconds:.2f}s")
+    model.looping = final_looping
+    for rows, params in ttt_training_passes(run):
+        trainable = {id(param) for param in params}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trainable)
+        seconds = timed_synthetic_pass(run, rows, run.eval_seq_len, backward=True)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        run.optimizers.zero_grad()
+        run.log(f"warmup_ttt_training: seq_len:{run.eval_seq_len} rows:{rows} params:{len(params)} "
+                f"time:{seconds:.2f}s")
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        run.lora_forward = lora_forward_of(run)
+    model.looping = initial_looping
+
+
+def warm_up_evaluation(run):
+    """EVAL_ONLY_QUANTIZED_PATH and FINISH_FROM, which train nothing: the evaluation graphs of the loaded weights'
+    layout, built before the evaluation clock starts."""
+    start = time.perf_counter()
+    with compile_failures_named(run):
+        warm_evaluation_graphs(run, {run.model.looping}, run.model.looping)
+    run.timings["untimed_warmup_s"] = time.perf_counter() - start
+    log_compiled_graphs(run, "warmup")
+
+
+def ttt_training_passes(run):
+    """(rows per rank, trained parameters) of each training pass TTT makes through the compiled model."""
+    hp, passes = run.hp, []
+    rows_of = lambda batch_seqs: -(-batch_seqs // run.world_size)
+    if hp.ttt_enabled and hp.ttt_method == "chunk":
+        passes.append((rows_of(hp.ttt_batch_seqs), ttt_parameters(run.train_model, hp)))
+    if hp.ttt_enabled and hp.phased_ttt_enabled:  # the global SGD: chunk TTT's parameters, or all with LoRA TTT
+        params = ttt_parameters(run.train_model, hp) if hp.ttt_method == "chunk" else list(run.model.parameters())
+        passes.append((rows_of(hp.global_ttt_batch_seqs), params))
+    return list({rows: (rows, params) for rows, params in passes}.values())
+
+
+def timed_synthetic_pass(run, rows, seq_len, backward=False):
+    """Seconds of one pass of the compiled model over `rows` random sequences (the per-token losses, summed for the
+    backward as TTT sums them), waited for."""
+    start = time.perf_counter()
+    tokens = torch.randint(run.hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
+    with run.autocast():
+        losses = run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+    if backward:
+        losses.float().sum().backward()
+    synchronize(run)
+    return time.perf_counter() - start
 
 
 CALIBRATION_MARGIN = (1.25, 1.0)  # the reserve: the measured calibration time x 1.25, plus 1 s for the all-reduce
@@ -4279,16 +4418,16 @@ def compiled_graphs():
 
 
 def log_compiled_graphs(run, phase):
-    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every training layout and the
-    evaluation graph; a count that grows during training means a recompile on the clock."""
+    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every graph of the run
+    (warmup and warm_evaluation_graphs); a count that grows after it means a compile on the clock."""
     if run.use_compile:
         graphs = compiled_graphs() - run.graphs_before
         run.log(f"compile: after:{phase} graphs:{graphs}")
-        if phase == "training" and graphs > run.graphs_after_warmup:
-            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled during training, on the clock; "
-                    f"TORCH_LOGS=recompiles shows why")
         if phase == "warmup":
             run.graphs_after_warmup = graphs
+        elif graphs > run.graphs_after_warmup:
+            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled after the warmup, by the end of "
+                    f"{phase}, on the clock; TORCH_LOGS=recompiles shows why")
 
 
 def benchmark(run):
@@ -4800,7 +4939,8 @@ def evaluate_lora_ttt(run):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward_of(run), run.train_model), run.val_tokens,
+    lora_forward = lora_forward_of(run) if run.lora_forward is None else run.lora_forward  # None: no warmup ran
+    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), run.val_tokens,
                                    run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
                                    doc_starts_of(run.val_tokens, run.sp.bos_id()), run.log, budget_left)
     synchronize(run)
@@ -5185,6 +5325,7 @@ def train_and_evaluate(run):
     if run.hp.eval_only_quantized_path:
         run.phase = "eval_only"
         load_artifact_to_evaluate(run)
+        warm_up_evaluation(run)
         for phase in EVALUATION:
             run.phase = phase.__name__
             phase(run)
@@ -5192,6 +5333,7 @@ def train_and_evaluate(run):
     if run.hp.finish_from:
         run.phase = "finish_from"
         finish_from_raw_weights(run)
+        warm_up_evaluation(run)
     else:
         run.phase = "warmup"
         with compile_failures_named(run):

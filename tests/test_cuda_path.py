@@ -288,6 +288,31 @@ def test_the_muon_share_of_the_estimate_falls_with_the_world_size():
     assert eight.optimizer - adam == padded // 8 * 4
     assert one.optimizer - adam == sum(b.weights.numel() for b in FakeRun(hp).optimizers.banks) * 4
     assert eight.micro_batch_seqs == 1 and eight.activations < one.activations / 6
+    # Parallel Muon's buffers: the reduce-scatter's shard (1/8 of the padded gradients) and the all-gather's
+    # updates (all of them, in the update dtype: fp32 on the CPU), none on one rank.
+    assert one.collectives == 0 and eight.collectives == padded // 8 * 4 + padded * 4
+    assert eight.total == (eight.weights + eight.grads + eight.optimizer + eight.averages + eight.activations
+                           + eight.collectives)
+
+
+def test_the_measured_peak_is_logged_beside_the_estimate_and_warns_near_capacity(monkeypatch):
+    # The CUDA allocator's statistics, stood in for on the CPU: 46 GiB allocated and 133 GiB reserved of 139 GiB.
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 46 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 133 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 139 * 2**30}))
+    estimate = T.MemoryEstimate(weights=2**30, grads=2**30, optimizer=2**30, averages=0, activations=37 * 2**30,
+                                micro_batch_seqs=48, collectives=0)
+    lines = []
+    T.log_measured_memory(torch.device("cuda"), estimate, lines.append, "out of device memory ...: set GRAD_ACCUM_STEPS=16")
+    assert lines[0] == ("memory_measured: peak_allocated:47104MiB peak_reserved:136192MiB estimate:40960MiB "
+                        "allocated/estimate:1.15 of device:142336MiB (warmup training steps)")
+    assert lines[1].startswith("warning: the warmup's steps reserved over 95%") and lines[1].endswith("GRAD_ACCUM_STEPS=16")
+    lines.clear()
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 120 * 2**30)
+    T.log_measured_memory(torch.device("cuda"), estimate, lines.append, "x: y")
+    assert len(lines) == 1  # under 95%: no warning
+    T.log_measured_memory(torch.device("cpu"), estimate, lines.append, "x: y")
+    assert len(lines) == 1  # the CPU has no allocator statistics: nothing is claimed
 
 
 def test_out_of_memory_names_the_setting_and_the_value_to_try():
@@ -432,9 +457,55 @@ def test_the_default_stack_compiles_once_per_layout_with_inductor(sample, tmp_pa
     assert re.search(r"^step:0/8 val_loss:", compiled, re.M) and re.search(r"^step:4/8 val_loss:", compiled, re.M)
     # warmup: train unlooped and looped, evaluation looped and (for the step-0 validation) unlooped; training adds
     # none; TTT adds its adapting (train-mode) graph
-    assert compile_counts(compiled) == dict(warmup=4, training=4, evaluation=5)
-    assert not re.search(r"^warning: .* compiled during training", compiled, re.M)
+    assert_every_graph_built_in_the_warmup(compiled)
     assert_compiled_matches_eager(compiled, eager, SCORES)
+
+
+def assert_every_graph_built_in_the_warmup(log):
+    counts = compile_counts(log)
+    assert set(counts) == {"warmup", "training", "evaluation"}, counts
+    assert counts["warmup"] == counts["training"] == counts["evaluation"] > 0, counts
+    assert not re.search(r"^warning: .* compiled after the warmup", log, re.M)
+
+
+@pytest.mark.cuda_path
+def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sample, tmp_path):
+    logs = {}
+    for scope in ("block", "model"):
+        env = tiny_env(sample, RUN_ID=scope, COMPILE="1", COMPILE_SCOPE=scope, WARMUP_STEPS="1", NUM_LOOPS="1",
+                       LOOP_START="1", LOOP_END="1", EVAL_STRIDE="128", TTT_ENABLED="1", TTT_CHUNK_TOKENS="10000",
+                       TTT_EPOCHS="1", TTT_BATCH_SEQS="4")
+        logs[scope] = run_log([sys.executable, SCRIPT], env, tmp_path, scope)
+        assert f"compile:True(scope:{scope})" in logs[scope]
+        assert_every_graph_built_in_the_warmup(logs[scope])
+    assert_compiled_matches_eager(logs["block"], logs["model"], SCORES)
+
+
+# Each seed's stack at smoke size, small tables, with its own evaluation: sliding windows, chunk TTT (pr754, pr703),
+# per-document LoRA TTT with phases (record). Compiled with inductor, nothing is compiled after the warmup.
+PRESET_COMPILE_SETTINGS = {
+    "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", GLOBAL_TTT_CHUNK_TOKENS="2048",
+                   GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0"),
+    "pr754": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
+                  TTT_BATCH_SEQS="4"),
+    "pr703": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
+                  TTT_BATCH_SEQS="4"),
+    "pr1392": dict(VE_DIM="16"),
+}
+
+
+@pytest.mark.cuda_path
+@pytest.mark.parametrize("preset", sorted(PRESET_COMPILE_SETTINGS))
+def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_sample, tmp_path):
+    data_dir, tokenizer = caseops_sample[:2] if preset == "record" else sample
+    env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
+               MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
+               WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", EVAL_STRIDE="256", **PRESET_COMPILE_SETTINGS[preset])
+    log = run_log([sys.executable, SCRIPT], env, tmp_path, "compiled")
+    assert "compile:True(scope:block)" in log and "\nfinal_" in log
+    assert_every_graph_built_in_the_warmup(log)
+    if preset == "record":
+        assert re.search(r"^ttt_lora: compiled \(dynamic shapes\)", log, re.M) and "ttt_phase: 3/3" in log
 
 
 @pytest.mark.cuda_path

@@ -337,3 +337,31 @@ def test_the_training_step_compiles_as_one_graph_at_every_stage(looping, qat):
     optimizers.step(lr_scale=1.0, momentum=0.9)  # the compiled model sees the banks' in-place update
     with torch.no_grad():
         assert torch.allclose(compiled(tokens, targets), model(tokens, targets), atol=1e-5)
+
+
+def block_region_graphs(num_layers):
+    """(graphs compiled, loss, eager loss) of a forward and backward of the default stack at `num_layers` under
+    COMPILE_SCOPE=block, looped, with dynamo's aot_eager backend (the graphs dynamo builds, without inductor)."""
+    torch._dynamo.reset()
+    hp = small_hp(num_layers=num_layers, num_loops=2, loop_start=1, loop_end=num_layers - 2)
+    assert hp.ln_scale and hp.parallel_residuals  # a factor per layer; sequential and parallel blocks
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    model.looping = True
+    compiled = T.train_model_of(model, use_compile=True, varlen=False, scope="block", backend="aot_eager")
+    tokens = torch.randint(0, hp.vocab_size, (2, hp.train_seq_len + 1), generator=torch.Generator().manual_seed(1))
+    before = T.compiled_graphs()
+    loss = compiled(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    graphs = T.compiled_graphs() - before
+    torch._dynamo.reset()
+    return graphs, loss.detach(), model(tokens[:, :-1], tokens[:, 1:]).detach()
+
+
+def test_compile_scope_block_builds_one_graph_per_block_structure_whatever_the_depth():
+    # Layers differ only in their LN-scale factor (a tensor, not a folded constant) and their index: 5 layers
+    # (9 virtual) and 9 layers (21 virtual) need the same graphs: the first block (no V yet), the sequential
+    # blocks, the first parallel block (it splits the stream), the output.
+    (shallow, loss, eager), (deep, _, _) = block_region_graphs(5), block_region_graphs(9)
+    assert shallow == deep <= 4, (shallow, deep)
+    assert torch.allclose(loss, eager, atol=1e-5)  # the regions compute the eager forward
