@@ -274,7 +274,7 @@ class Hyperparameters:
     # --- systems ---
     device: str = "auto"  # auto, cuda or cpu
     compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
-    compile_scope: str = "block"  # block: one graph per distinct layer, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the compile time); model: the whole forward as one graph, as the records compile it
+    compile_scope: str = "model"  # model: the whole forward as one graph per layout, as the records compile it; block: one graph per distinct block structure, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the compile time; its step time on a GPU is the GPU check's to measure)
     autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
     attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
     benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
@@ -4089,7 +4089,7 @@ class RegionallyCompiled(nn.Module):
 COMPILE_GRAPH_LIMIT = 64  # dynamo's recompile limit per function (its default, 8, would send later graphs to eager)
 
 
-def train_model_of(model, use_compile, varlen, scope="block", backend="inductor"):
+def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"):
     """What training, evaluation and TTT call: the model compiled (COMPILE_SCOPE: by regions, or as one fullgraph
     graph per layout; static shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests
     compile with backend="aot_eager"."""

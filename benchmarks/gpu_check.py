@@ -1,22 +1,24 @@
-"""The prepared GPU check: one command that answers, on one H100 or H200 in at most 8 minutes, what the CPU cannot.
+"""The prepared GPU check: one command that answers, on one H100 or H200 in at most 7 minutes (the machine's start
+not counted), what the CPU cannot.
 
     python3 benchmarks/gpu_check.py --data-path D --tokenizer-path T.model --out gpu_check.md
     python3 benchmarks/gpu_check.py --tiny --data-path D --tokenizer-path T.model   # the CPU miniature CI runs
 
-D is a dataset folder of shards (the README's "GPU check" section builds one from ../shared/corpus: the Gutenberg
-train text with the challenge's sp1024 tokenizer, FineWeb documents as validation). It prints a markdown table and
-writes it to --out:
-  - versions (torch, CUDA, FlashAttention), the device, its table bf16 peak and a measured bf16 matmul rate;
-  - each attention backend that is importable against SDPA, forward and backward in bf16, and its time, both plain
-    causal and over packed documents (FlashAttention's varlen entry point against SDPA's block-diagonal mask);
-  - compile time per layout, from the warmup's timed steps;
-  - BENCHMARK_STEPS figures for PRESET=baseline, the default stack, and the default stack with DOC_ISOLATION=1 (FA
-    varlen under compile where FlashAttention is installed) at 98,304 tokens per step (one GPU's share of the record
-    batch, GRAD_ACCUM_STEPS=1): ms/step, tokens/s, MFU and peak memory before and after the recurrence;
-  - a real two-minute training of the default stack to its round-trip val_bpb, with sliding-window and TTT
-    tokens/s projected to the full FineWeb validation split on 8 GPUs, and GPTQ's time at full size.
-Targets it reads against: the default stack >= 1.1 M tokens/s and >= 40% MFU per H100 before
-the recurrence; sliding + TTT evaluation projected <= 400 s on 8xH100.
+D is a dataset folder of shards (the README's "GPU check" section builds one of about 20 MB). Every row is printed
+and the markdown table rewritten to --out the moment it is measured, so a run cut short still returns what it
+measured. Every run shares one inductor cache (its graphs compile once), and a phase that no longer fits
+--budget-seconds is listed as not measured. In order:
+  1. versions and the device, its table bf16 peak and a measured bf16 matmul rate;
+  2. the default stack end to end at a short cap (--train-seconds), under COMPILE_SCOPE=block: the warmup and each graph's compile, the memory
+     estimate beside the measured peak, the graph counts, training, GPTQ calibration against its reserve, the
+     training data read inside the cap, quantization, the artifact's bytes, the round trip and the sliding window
+     (its time projected to the full FineWeb validation split on 8 GPUs);
+  3. on that artifact (EVAL_ONLY_QUANTIZED_PATH), chunk TTT and per-document LoRA TTT, each projected likewise;
+  4. BENCHMARK_STEPS figures before and after the recurrence (ms/step, tokens/s, MFU, peak memory) at one GPU's
+     share of the record batch (98,304 tokens, GRAD_ACCUM_STEPS=1), for both COMPILE_SCOPEs (which decides the
+     default: model, the records', until block steps as fast);
+  5. PRESET=record's step time, its DOC_ISOLATION on the attention it selects (FA3 where installed, else SDPA's mask);
+  6. each importable attention backend against SDPA, plain causal and over packed documents; PRESET=baseline.
 """
 
 import argparse
@@ -36,25 +38,48 @@ import train_gpt as T  # noqa: E402
 
 FINEWEB_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split (its logs' val_loader line)
 GPUS = 8
-TARGETS = dict(tokens_per_s=1.1e6, mfu=40.0, eval_s=400.0)
-# The CPU miniature: the same phases at a size that runs in about two minutes on two cores. The default stack's
-# loop and lanes move to fit four layers; the training run's export and TTT shrink with it.
+TARGETS = dict(tokens_per_s=1.1e6, mfu=40.0, eval_s=600.0, warmup_s=60.0)
+# The CPU miniature: the same phases at a size that runs in a few minutes on two cores. The default stack's loop and
+# lanes move to fit four layers; the export and TTT shrink with it.
 TINY_MODEL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_SEQ_LEN="128",
                   VAL_BATCH_SIZE="4096", TRAIN_BATCH_TOKENS="1024", WARMUP_STEPS="2")
-TINY_STACK = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3")
-TINY_TRAINING = dict(TINY_STACK, GPTQ_CALIBRATION_BATCHES="2", SIZE_TARGET_BYTES="0", TTT_CHUNK_TOKENS="8192",
-                     TTT_BATCH_SEQS="4", EVAL_STRIDE="64", ITERATIONS="30", MAX_WALLCLOCK_SECONDS="0")
+TINY_STACK = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3")  # not for PRESET=baseline (no loop)
+TINY_TRAINING = dict(GPTQ_CALIBRATION_BATCHES="2", SIZE_TARGET_BYTES="0", EVAL_STRIDE="64", ITERATIONS="30",
+                     MAX_WALLCLOCK_SECONDS="0")
+TINY_TTT = dict(chunk=dict(TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="4"), lora=dict(TTT_BATCH_SIZE="8"))
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", required=True, help="the shards folder (fineweb_train_*.bin, fineweb_val_*.bin)")
     parser.add_argument("--tokenizer-path", required=True, help="the SentencePiece model of those shards")
-    parser.add_argument("--out", default="gpu_check.md", help="where the markdown table is written")
+    parser.add_argument("--out", default="gpu_check.md", help="where the markdown table is written, row by row")
     parser.add_argument("--tiny", action="store_true", help="the CPU miniature (CI): tiny model, seconds per phase")
-    parser.add_argument("--train-seconds", type=float, default=120.0, help="the real training's MAX_WALLCLOCK_SECONDS")
-    parser.add_argument("--benchmark-steps", type=int, default=20, help="timed steps per layout")
+    parser.add_argument("--train-seconds", type=float, default=45.0, help="the end-to-end run's MAX_WALLCLOCK_SECONDS")
+    parser.add_argument("--benchmark-steps", type=int, default=10, help="timed steps per layout")
+    parser.add_argument("--budget-seconds", type=float, default=420.0, help="a phase that no longer fits is skipped")
     return parser.parse_args(argv)
+
+
+class Table:
+    """The check's markdown table: each row printed and the file rewritten as soon as it is added."""
+
+    def __init__(self, path, started):
+        self.path, self.started, self.rows = Path(path), started, []
+
+    def add(self, check, figure, target="", verdict=""):
+        self.rows.append((check, figure, target, verdict))
+        print(f"| {check} | {figure} | {target} | {verdict} |", flush=True)
+        self.path.write_text(self.markdown())
+
+    def seconds(self):
+        return time.perf_counter() - self.started
+
+    def markdown(self):
+        header = (f"GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {self.seconds():.0f} s: "
+                  f"`python3 benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`\n\n")
+        lines = ["| check | figure | target | verdict |", "| --- | --- | --- | --- |"]
+        return header + "\n".join(lines + [f"| {' | '.join(map(str, row))} |" for row in self.rows]) + "\n"
 
 
 # --- what the device is -------------------------------------------------------------------------------------------
@@ -76,22 +101,195 @@ def measured_matmul_tflops(device, size):
     return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def environment_rows(device, tiny):
+def environment(table, check):
     versions = T.package_versions()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((flops for key, flops in T.PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = next((flops for key, flops in T.PEAK_BF16_FLOPS.items() if key in check.device_name), None)
     flash = " ".join(f"{k}:{versions[k]}" for k in ("flash_attn", "flash_attn_interface") if k in versions) or "none"
-    return [("torch / CUDA / FlashAttention", f"{versions['torch']} / {versions['cuda']} / {flash}", "", ""),
-            ("device", name, "", ""),
-            ("bf16 peak (table)", f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown", "", ""),
-            ("bf16 matmul (measured)", f"{measured_matmul_tflops(device, 256 if tiny else 8192):.3g} TFLOP/s", "", "")]
+    table.add("torch / CUDA / FlashAttention", f"{versions['torch']} / {versions['cuda']} / {flash}")
+    table.add("device", check.device_name)
+    table.add("bf16 peak (table)", f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown")
+    table.add("bf16 matmul (measured)", f"{measured_matmul_tflops(check.device, 256 if check.tiny else 8192):.3g} TFLOP/s")
 
 
-# --- attention backends --------------------------------------------------------------------------------------------
+# --- runs of train_gpt.py ------------------------------------------------------------------------------------------
 
-def attention_rows(device, tiny):
+class Check:
+    """What every phase shares: the arguments, the device, the folder the runs write in and the compile cache."""
+
+    def __init__(self, args, table):
+        self.args, self.table, self.tiny = args, table, args.tiny
+        self.device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.on_h100 = "H100" in self.device_name or "H200" in self.device_name  # an H200 has the H100's bf16 peak
+        self.workdir = Path(args.out).resolve().parent / "gpu_check_runs"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.artifact, self.sliding_projected = None, 0.0  # what the end-to-end phase leaves to the TTT phase
+
+    def env(self, run_id, **settings):
+        env = dict(DATA_PATH=str(Path(self.args.data_path).resolve()),
+                   TOKENIZER_PATH=str(Path(self.args.tokenizer_path).resolve()), RUN_ID=run_id, OVERWRITE_RUN="1",
+                   TRAIN_LOG_EVERY="50", GRAD_ACCUM_STEPS="1",
+                   TORCHINDUCTOR_CACHE_DIR=os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(self.workdir / "inductor")))
+        env.update(TINY_MODEL if self.tiny else dict(TRAIN_BATCH_TOKENS="98304", WARMUP_STEPS="4"))
+        if self.tiny and settings.get("PRESET") != "baseline":
+            env.update(TINY_STACK)
+        return {**env, **settings}
+
+    def run(self, env, label):
+        """One run of train_gpt.py; returns its log, or raises with the output's tail."""
+        clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
+        timeout = max(self.args.budget_seconds - self.table.seconds(), 30)
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=self.workdir, env={**clean, **env},
+                                capture_output=True, text=True, timeout=timeout)
+        print(f"[gpu_check] {label}: {time.perf_counter() - started:.0f}s rc={result.returncode}", flush=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{label} failed:\n{(result.stdout + result.stderr)[-4000:]}")
+        return (self.workdir / "logs" / f"{env['RUN_ID']}.txt").read_text()
+
+
+def found(pattern, log, default="-"):
+    match = re.search(pattern, log, re.M)
+    return match.group(1) if match else default
+
+
+def projected_seconds(log, name, val_tokens):
+    """(val_bpb, seconds here, seconds projected to the full FineWeb validation split on 8 GPUs) of a final line."""
+    match = re.search(rf"^{name} val_loss:[\d.]+ val_bpb:([\d.]+).* eval_time:(\d+)ms", log, re.M)
+    if not match:
+        return None
+    seconds = int(match.group(2)) / 1000
+    return float(match.group(1)), seconds, FINEWEB_VAL_TOKENS / (val_tokens / seconds * GPUS)
+
+
+def compile_rows(table, label, log):
+    """The warmup: its total against the target, each layout's first step and each evaluation graph, the counts."""
+    layouts = set()
+    for looping, seconds in re.findall(r"^warmup_step:\d+/\d+ looping:(\w+) time:([\d.]+)s", log, re.M):
+        if looping not in layouts:  # a layout's first step carries its compile time
+            layouts.add(looping)
+            table.add(f"{label}: first step, looping:{looping} (compile)", f"{float(seconds):.1f} s")
+    for seq_len, looping, seconds in re.findall(r"^warmup_eval: seq_len:(\d+) .*looping:(\w+) time:([\d.]+)s", log, re.M):
+        table.add(f"{label}: evaluation graph, seq_len {seq_len}, looping:{looping} (compile)", f"{float(seconds):.1f} s")
+    warmup = float(found(r"^warmup:done steps:\d+ time:([\d.]+)s", log, "nan"))
+    table.add(f"{label}: untimed warmup", f"{warmup:.1f} s", f"<= {TARGETS['warmup_s']:.0f} s",
+              "n/a (CPU)" if table_is_cpu(log) else ("met" if warmup <= TARGETS["warmup_s"] else "NOT MET"))
+    counts = dict(re.findall(r"^compile: after:(\w+) graphs:(\d+)$", log, re.M))
+    verdict = "n/a (not compiled)" if not counts else "ok" if len(set(counts.values())) == 1 else "COMPILED ON THE CLOCK"
+    table.add(f"{label}: graphs after warmup / training / evaluation",
+              " / ".join(counts.get(phase, "-") for phase in ("warmup", "training", "evaluation")), "all equal", verdict)
+
+
+def table_is_cpu(log):
+    return "device:cpu" in log
+
+
+def memory_row(table, label, log):
+    estimate = found(r"^memory_estimate: per_gpu:(\d+)MiB", log)
+    measured = re.search(r"^memory_measured: peak_allocated:(\d+)MiB peak_reserved:(\d+)MiB", log, re.M)
+    figure = f"estimate {estimate} MiB" + (f", peak allocated {measured.group(1)} MiB, reserved {measured.group(2)} MiB"
+                                           if measured else ", peak not measured (not CUDA)")
+    verdict = "" if not measured else ("bounded" if int(measured.group(1)) <= int(estimate) else "ESTIMATE LOW")
+    table.add(f"{label}: memory per GPU", figure, "estimate >= peak allocated", verdict)
+
+
+# --- the phases ----------------------------------------------------------------------------------------------------
+
+def end_to_end(table, check):
+    """The default stack at a short cap, through export and sliding windows; its artifact serves the TTT phase."""
+    env = check.env("check_train", **{"MAX_WALLCLOCK_SECONDS": str(check.args.train_seconds), "ITERATIONS": "100000",
+                                      "COMPILE_SCOPE": "block", **(TINY_TRAINING if check.tiny else {})})
+    log = check.run(env, "end to end")
+    compile_rows(table, "default stack, COMPILE_SCOPE=block", log)
+    memory_row(table, "default stack, COMPILE_SCOPE=block", log)
+    summary = json.loads(found(r"^summary_json: (.*)$", log, "{}"))
+    table.add("training", f"{summary.get('steps')} steps of {env['TRAIN_BATCH_TOKENS']} tokens, "
+              f"{summary.get('step_avg_ms', 0):.1f} ms/step, {summary.get('train_time_ms', 0) / 1000:.1f} s")
+    calibration, reserve = found(r"^gptq_calibration: .* time:([\d.]+)s", log), found(r"reserved:([\d.]+)s$", log)
+    within = found(r"^compliance: training_data_read_until:(\S+ max_wallclock:\S+ within_cap:\w+)", log)
+    table.add("GPTQ calibration against its reserve", f"{calibration} s of a {reserve} s reserve; read until {within}",
+              "within the cap", "ok" if within.endswith("yes") else ("-" if within == "-" else "OVER THE CAP"))
+    quantization, export = found(r"^quantization: .* time:([\d.]+)s", log), found(r" export:([\d.]+)s", log)
+    table.add("quantization", f"{quantization} s; export {export} s")
+    table.add("artifact", found(r"^artifact: (bytes_code:\d+ bytes_model:\d+ bytes_total:\d+)", log))
+    val_tokens = int(found(r"^val_tokens:(\d+)", log, "0"))
+    roundtrip = next((k[:-len("_val_bpb")] for k in summary if k.endswith("_roundtrip_val_bpb")), "")
+    for name, label in ((roundtrip, "round trip"), ("final_sliding_window", "sliding window")):
+        scored = projected_seconds(log, name, val_tokens) if name else None
+        table.add(f"evaluation: {label}", "not run" if scored is None else
+                  f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here, projected {scored[2]:.0f} s on {GPUS} GPUs")
+    export_name = found(r"^final_(\w+?)_roundtrip ", log)
+    check.artifact = str(check.workdir / "logs" / f"check_train_model.{export_name.split('_')[0]}.ptz")
+    check.sliding_projected = (projected_seconds(log, "final_sliding_window", val_tokens) or (0, 0, 0))[2]
+
+
+def ttt_on_the_artifact(table, check):
+    """Chunk TTT and per-document LoRA TTT on the end-to-end run's artifact, nothing trained."""
+    if not check.artifact or not Path(check.artifact).is_file():
+        raise RuntimeError("no artifact: the end-to-end phase did not finish")
+    for method in ("chunk", "lora"):
+        settings = dict(EVAL_ONLY_QUANTIZED_PATH=check.artifact, TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_METHOD=method,
+                        **(TINY_TTT[method] if check.tiny else {}))
+        log = check.run(check.env(f"check_ttt_{method}", **settings), f"TTT {method}")
+        scored = projected_seconds(log, "final_ttt", int(found(r"^val_tokens:(\d+)", log, "0")))
+        warmup = found(r"untimed_warmup:([\d.]+)s", log)
+        if scored is None:
+            table.add(f"evaluation: TTT {method}", "not run")
+            continue
+        total = scored[2] + check.sliding_projected
+        table.add(f"evaluation: TTT {method} on the artifact", f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here "
+                  f"(graphs built in {warmup} s before), projected {scored[2]:.0f} s on {GPUS} GPUs; with sliding "
+                  f"{total:.0f} s", f"<= {TARGETS['eval_s']:.0f} s (8xH100)",
+                  ("met" if total <= TARGETS["eval_s"] else "NOT MET") if check.on_h100 else "n/a (not an H100)")
+
+
+def benchmark_rows(table, check, label, log):
+    attention = found(r"^world_size:.* attention:(\w+) ", log)
+    for looping, ms, tokens, mfu, memory in re.findall(
+            r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+) "
+            r"(?:mfu:([\d.]+)% )?(?:peak_memory_allocated:(\d+)MiB)?", log, re.M):
+        target, verdict = "", ""
+        if label.startswith("default stack") and looping == "False":
+            target = f">= {TARGETS['tokens_per_s'] / 1e6:.1f} M tok/s, >= {TARGETS['mfu']:.0f}% MFU (H100)"
+            met = int(tokens) >= TARGETS["tokens_per_s"] and float(mfu or 0) >= TARGETS["mfu"]
+            verdict = ("met" if met else "NOT MET") if check.on_h100 else "n/a (not an H100)"
+        table.add(f"{label}: looping:{looping}", f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, "
+                  f"peak {memory or '-'} MiB, attention {attention}", target, verdict)
+
+
+def step_times(table, check, scope="block"):
+    """BENCHMARK_STEPS of the default stack; COMPILE_SCOPE=model compiles every graph anew."""
+    label = f"default stack, COMPILE_SCOPE={scope}"
+    log = check.run(check.env(f"check_bench_{scope}", BENCHMARK_STEPS=str(check.args.benchmark_steps),
+                              COMPILE_SCOPE=scope), label)
+    table.add(f"{label}: untimed warmup", found(r"^warmup:done steps:\d+ time:([\d.]+)s", log) + " s")
+    memory_row(table, label, log)
+    benchmark_rows(table, check, label, log)
+
+
+def whole_model_step_times(table, check):
+    step_times(table, check, scope="model")
+
+
+def record_step_time(table, check):
+    """PRESET=record's stack and DOC_ISOLATION on this data (its sp1024 head is smaller than the record's SP8192)."""
+    settings = dict(PRESET="record", BENCHMARK_STEPS=str(check.args.benchmark_steps), VOCAB_SIZE="1024",
+                    CASEOPS_ENABLED="0", DATA_PATH=str(Path(check.args.data_path).resolve()),
+                    TOKENIZER_PATH=str(Path(check.args.tokenizer_path).resolve()))
+    log = check.run(check.env("check_bench_record", **settings), "PRESET=record")
+    benchmark_rows(table, check, "PRESET=record (sp1024 data), DOC_ISOLATION", log)
+
+
+def baseline_step_time(table, check):
+    log = check.run(check.env("check_bench_baseline", PRESET="baseline",
+                              BENCHMARK_STEPS=str(check.args.benchmark_steps)), "PRESET=baseline")
+    benchmark_rows(table, check, "PRESET=baseline", log)
+
+
+def attention(table, check):
     """Each backend against SDPA on the same bf16 inputs (grouped-query: 8 query heads over 4 K/V heads)."""
-    batch, seq_len = (2, 64) if tiny else (8, 2048)
+    device = check.device
+    batch, seq_len = (2, 64) if check.tiny else (8, 2048)
     generator = torch.Generator(device=device).manual_seed(0)
     inputs = [torch.randn(batch, seq_len, heads, 64, device=device, dtype=torch.bfloat16, generator=generator)
               for heads in (8, 4, 4)]
@@ -99,23 +297,20 @@ def attention_rows(device, tiny):
     def forward_backward(fn):
         q, k, v = (t.clone().requires_grad_() for t in inputs)
         out = fn(q, k, v)
-        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-        return out, grads
+        return out, torch.autograd.grad(out.float().square().sum(), (q, k, v))
 
     ids = torch.randint(2, 1024, (batch, seq_len), device=device, generator=generator)
     ids[:, torch.randint(seq_len, (seq_len // 256 + 2,), device=device, generator=generator)] = 1  # BOS = 1
-    docs = T.packed_documents(ids, 1)
-    rows = []
-    for name, extra in (("", ()), (" over packed documents", (docs,))):
+    for name, extra in (("", ()), (" over packed documents", (T.packed_documents(ids, 1),))):
         reference, reference_grads = forward_backward(lambda q, k, v: T._sdpa(q, k, v, *extra))
         for backend in ("fa3", "fa2", "sdpa"):
             try:
                 _, fn = T.select_attention(backend, device.type)
             except T.ConfigError:
-                rows.append((f"attention {backend}{name}", "not available here", "", ""))
+                table.add(f"attention {backend}{name}", "not available here")
                 continue
             if extra and fn is not T._sdpa and not fn.has_varlen:
-                rows.append((f"attention {backend}{name}", "no flash_attn_varlen_func in this build", "", ""))
+                table.add(f"attention {backend}{name}", "no flash_attn_varlen_func in this build")
                 continue
             call = lambda q, k, v: fn(q, k, v, *extra)
             out, grads = forward_backward(call)
@@ -128,139 +323,34 @@ def attention_rows(device, tiny):
                 forward_backward(call)
             sync(device)
             ms = 1000 * (time.perf_counter() - start) / 5
-            rows.append((f"attention {backend}{name} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms",
-                         "< 2e-2", "ok" if error < 2e-2 else "MISMATCH"))
-    return rows
+            table.add(f"attention {backend}{name} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms", "< 2e-2",
+                      "ok" if error < 2e-2 else "MISMATCH")
 
 
-# --- runs of train_gpt.py ------------------------------------------------------------------------------------------
-
-def run_trainer(env, label, workdir, timeout):
-    """One run of train_gpt.py in `workdir`; returns its log (or raises with the output's tail)."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=workdir, env={**clean, **env},
-                            capture_output=True, text=True, timeout=timeout)
-    print(f"[gpu_check] {label}: {time.perf_counter() - started:.0f}s rc={result.returncode}", flush=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{label} failed:\n{(result.stdout + result.stderr)[-4000:]}")
-    return (Path(workdir) / "logs" / f"{env['RUN_ID']}.txt").read_text()
-
-
-def common_env(args, run_id, tiny_extra=None):
-    env = dict(DATA_PATH=str(Path(args.data_path).resolve()), TOKENIZER_PATH=str(Path(args.tokenizer_path).resolve()),
-               RUN_ID=run_id, OVERWRITE_RUN="1", TRAIN_LOG_EVERY="50", GRAD_ACCUM_STEPS="1")
-    if args.tiny:
-        env.update(TINY_MODEL, **(tiny_extra or {}))
-    else:
-        env.update(TRAIN_BATCH_TOKENS="98304", WARMUP_STEPS="4")
-    return env
-
-
-def compile_rows(label, log):
-    rows, layouts = [], set()
-    for looping, seconds in re.findall(r"^warmup_step:\d+/\d+ looping:(\w+) time:([\d.]+)s", log, re.M):
-        if looping not in layouts:  # a layout's first step carries its compile time
-            layouts.add(looping)
-            rows.append((f"{label}: first step, looping:{looping} (compile)", f"{float(seconds):.1f} s", "", ""))
-    for seq_len, seconds in re.findall(r"^warmup_eval: seq_len:(\d+) .* time:([\d.]+)s", log, re.M):
-        rows.append((f"{label}: evaluation graph, seq_len {seq_len} (compile)", f"{float(seconds):.1f} s", "", ""))
-    return rows
-
-
-def benchmark_rows(args, workdir, device_name):
-    rows = []
-    on_h100 = "H100" in device_name or "H200" in device_name  # an H200 has the H100's bf16 peak (more bandwidth)
-    runs = (("baseline", "baseline", {}), ("default stack", "", {}), ("doc isolation", "", dict(DOC_ISOLATION="1")))
-    for label, preset, extra in runs:
-        env = dict(common_env(args, f"check_bench_{label.replace(' ', '_')}", {} if preset else TINY_STACK),
-                   BENCHMARK_STEPS=str(args.benchmark_steps), **extra)
-        if preset:
-            env["PRESET"] = preset
-        log = run_trainer(env, f"benchmark {label}", workdir, timeout=300)
-        rows += compile_rows(label, log)
-        attention = re.search(r"^world_size:.* attention:(\w+) ", log, re.M).group(1)
-        for looping, ms, tokens, mfu, memory in re.findall(
-                r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+) "
-                r"(?:mfu:([\d.]+)% )?(?:peak_memory_allocated:(\d+)MiB)?", log, re.M):
-            figure = (f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, peak {memory or '-'} MiB, "
-                      f"attention {attention}")
-            target, verdict = "", ""
-            if label == "default stack" and looping == "False":
-                target = f">= {TARGETS['tokens_per_s'] / 1e6:.1f} M tok/s, >= {TARGETS['mfu']:.0f}% MFU (H100)"
-                met = int(tokens) >= TARGETS["tokens_per_s"] and float(mfu or 0) >= TARGETS["mfu"]
-                verdict = ("met" if met else "NOT MET") if on_h100 else "n/a (not an H100)"
-            rows.append((f"{label}: looping:{looping}", figure, target, verdict))
-    return rows
-
-
-def final_seconds(log, name):
-    match = re.search(rf"^{name} val_loss:[\d.]+ val_bpb:([\d.]+).* eval_time:(\d+)ms", log, re.M)
-    return (float(match.group(1)), int(match.group(2)) / 1000) if match else (None, None)
-
-
-def training_rows(args, workdir, device_name):
-    env = dict(common_env(args, "check_train"), MAX_WALLCLOCK_SECONDS=str(args.train_seconds), TTT_ENABLED="1",
-               TTT_METHOD="chunk", ITERATIONS="100000")
-    if args.tiny:
-        env.update(TINY_TRAINING)
-    log = run_trainer(env, "two-minute training", workdir, timeout=int(args.train_seconds) + 420)
-    val_tokens = int(re.search(r"^val_tokens:(\d+)", log, re.M).group(1))
-    summary = json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
-    roundtrip = next(value for key, value in summary.items() if key.endswith("_roundtrip_val_bpb"))
-    rows = [("training: steps in the budget", f"{summary['steps']} steps of {env['TRAIN_BATCH_TOKENS']} tokens, "
-             f"{summary['step_avg_ms']:.1f} ms/step", "", ""),
-            ("training: round-trip val_bpb", f"{roundtrip:.4f} (pre-quant {summary['pre_quant_val_bpb']:.4f})", "", "")]
-    projected_total = 0.0
-    for name, label in (("final_sliding_window", "sliding window"), ("final_ttt", "TTT")):
-        bpb, seconds = final_seconds(log, name)
-        if seconds is None:
-            rows.append((f"evaluation: {label}", "not run", "", ""))
-            continue
-        rate = val_tokens / seconds
-        projected = FINEWEB_VAL_TOKENS / (rate * GPUS)
-        projected_total += projected
-        rows.append((f"evaluation: {label}", f"val_bpb {bpb:.4f}, {rate:,.0f} tok/s on one device (its compile "
-                     f"included), projected {projected:.0f} s for the full split on {GPUS}", "", ""))
-    verdict = "met" if projected_total <= TARGETS["eval_s"] else "NOT MET"
-    rows.append(("evaluation: sliding + TTT projected on 8 GPUs", f"{projected_total:.0f} s",
-                 f"<= {TARGETS['eval_s']:.0f} s (8xH100)", verdict if re.search("H100|H200", device_name) else "n/a (not an H100)"))
-    calibration = re.search(r"^gptq_calibration: .* time:([\d.]+)s", log, re.M)
-    quantize = re.search(r"^quantization: .* time:([\d.]+)s", log, re.M)
-    rows.append(("GPTQ at full size", f"calibration {calibration.group(1) if calibration else '-'} s, quantization "
-                 f"{quantize.group(1) if quantize else '-'} s", "", ""))
-    return rows
-
-
-def markdown(rows, args, started):
-    header = (f"GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-              f"{time.perf_counter() - started:.0f} s: `python3 benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`\n\n")
-    lines = ["| check | figure | target | verdict |", "| --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(str(cell) for cell in row)} |" for row in rows]
-    return header + "\n".join(lines) + "\n"
+# (phase, the seconds it needs on one H200 to be started: a phase that no longer fits the budget is skipped)
+PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (whole_model_step_times, 120),
+          (record_step_time, 50), (attention, 10), (baseline_step_time, 40))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    started = time.perf_counter()
-    device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
-    if not args.tiny and device.type != "cuda":
+    table = Table(args.out, time.perf_counter())
+    check = Check(args, table)
+    if not args.tiny and check.device.type != "cuda":
         sys.exit("gpu_check: no CUDA device here; --tiny runs the CPU miniature")
-    workdir = Path(args.out).resolve().parent / "gpu_check_runs"
-    workdir.mkdir(parents=True, exist_ok=True)
-    rows = environment_rows(device, args.tiny)
-    device_name = rows[1][1]
-    rows += attention_rows(device, args.tiny)
-    for phase in (benchmark_rows, training_rows):
+    environment(table, check)
+    for phase, needs in PHASES:
+        if table.seconds() + (0 if args.tiny else needs) > args.budget_seconds:
+            table.add(phase.__name__, f"not measured: {table.seconds():.0f} s of the {args.budget_seconds:.0f} s "
+                      f"budget spent, it needs about {needs} s", "", "SKIPPED")
+            continue
         try:
-            rows += phase(args, workdir, device_name)
-        except (RuntimeError, subprocess.TimeoutExpired, AttributeError) as error:  # report it; the rest still runs
-            rows.append((phase.__name__, f"FAILED: {str(error).splitlines()[0][:200]}", "", "FAILED"))
+            phase(table, check)
+        except (RuntimeError, subprocess.TimeoutExpired, ValueError, AttributeError) as error:  # the rest still runs
+            table.add(phase.__name__, f"FAILED: {str(error).splitlines()[0][:200]}", "", "FAILED")
             print(error, file=sys.stderr)
-    table = markdown(rows, args, started)
-    Path(args.out).write_text(table)
-    print(table)
-    return rows
+    print(table.markdown())
+    return table.rows
 
 
 if __name__ == "__main__":

@@ -481,6 +481,23 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
     assert_compiled_matches_eager(logs["block"], logs["model"], SCORES)
 
 
+@pytest.mark.cuda_path
+def test_an_evaluation_only_run_builds_its_graphs_before_the_evaluation_clock(sample, tmp_path):
+    run_log([sys.executable, SCRIPT], tiny_env(sample, RUN_ID="trained"), tmp_path, "trained")
+    env = tiny_env(sample, RUN_ID="evaluated", COMPILE="1", COMPILE_SCOPE="block", EVAL_ONLY_QUANTIZED_PATH=
+                   str(tmp_path / "logs" / "trained_model.int6.ptz"), TTT_ENABLED="1", TTT_METHOD="chunk",
+                   TTT_CHUNK_TOKENS="10000", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", PHASED_TTT_ENABLED="1",
+                   PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1", GLOBAL_TTT_CHUNK_TOKENS="2048",
+                   GLOBAL_TTT_BATCH_SEQS="4", EVAL_STRIDE="128")
+    log = run_log([sys.executable, SCRIPT], env, tmp_path, "evaluated")
+    assert "eval_only: artifact:" in log and "\nfinal_ttt_exact val_loss:" in log
+    # chunk TTT's training pass (8 rows) and the phase's global SGD (4 rows), built beforehand
+    assert re.search(r"^warmup_ttt_training: .* rows:8 ", log, re.M) and re.search(r"^warmup_ttt_training: .* rows:4 ", log, re.M)
+    counts = compile_counts(log)
+    assert counts["warmup"] == counts["evaluation"] > 0 and "training" not in counts, counts
+    assert not re.search(r"^warning: .* compiled after the warmup", log, re.M)
+
+
 # Each seed's stack at smoke size, small tables, with its own evaluation: sliding windows, chunk TTT (pr754, pr703),
 # per-document LoRA TTT with phases (record). Compiled with inductor, nothing is compiled after the warmup.
 PRESET_COMPILE_SETTINGS = {
@@ -500,7 +517,8 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
     data_dir, tokenizer = caseops_sample[:2] if preset == "record" else sample
     env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
-               WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", EVAL_STRIDE="256", **PRESET_COMPILE_SETTINGS[preset])
+               WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", COMPILE_SCOPE="block", EVAL_STRIDE="256",
+               **PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
     log = run_log([sys.executable, SCRIPT], env, tmp_path, "compiled")
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
     assert_every_graph_built_in_the_warmup(log)
@@ -530,7 +548,16 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     assert table in result.stdout and "FAILED" not in table
     for row in ("| device | cpu |", "| attention fa3 | not available here |", "| attention sdpa vs sdpa (fwd+bwd) |",
                 "| attention sdpa over packed documents vs sdpa (fwd+bwd) |", "| attention fa2 over packed documents |",
-                "| baseline: looping:False |", "| default stack: looping:True |", "| doc isolation: looping:False |",
-                "| default stack: first step, looping:True (compile) |", "| training: round-trip val_bpb | ",
-                "| evaluation: TTT | val_bpb ", "| evaluation: sliding + TTT projected on 8 GPUs |", "| GPTQ at full size |"):
+                "| default stack, COMPILE_SCOPE=block: first step, looping:True (compile) |", "| default stack, COMPILE_SCOPE=block: untimed warmup |",
+                "| default stack, COMPILE_SCOPE=block: graphs after warmup / training / evaluation |", "| default stack, COMPILE_SCOPE=block: memory per GPU |",
+                "| GPTQ calibration against its reserve |", "| quantization |", "| artifact | bytes_code:",
+                "| evaluation: round trip | val_bpb ", "| evaluation: sliding window | val_bpb ",
+                "| evaluation: TTT chunk on the artifact | val_bpb ", "| evaluation: TTT lora on the artifact | val_bpb ",
+                "| default stack, COMPILE_SCOPE=block: looping:False |", "| default stack, COMPILE_SCOPE=model: looping:True |",
+                "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
         assert row in table, row
+    # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.
+    skipped = tmp_path / "skipped.md"
+    result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 7
