@@ -479,19 +479,14 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
         assert f"compile:True(scope:{scope})" in logs[scope]
         assert_every_graph_built_in_the_warmup(logs[scope])
     assert_compiled_matches_eager(logs["block"], logs["model"], SCORES)
-
-
-@pytest.mark.cuda_path
-def test_an_evaluation_only_run_builds_its_graphs_before_the_evaluation_clock(sample, tmp_path):
-    run_log([sys.executable, SCRIPT], tiny_env(sample, RUN_ID="trained"), tmp_path, "trained")
-    env = tiny_env(sample, RUN_ID="evaluated", COMPILE="1", COMPILE_SCOPE="block", EVAL_ONLY_QUANTIZED_PATH=
-                   str(tmp_path / "logs" / "trained_model.int6.ptz"), TTT_ENABLED="1", TTT_METHOD="chunk",
-                   TTT_CHUNK_TOKENS="10000", TTT_EPOCHS="1", TTT_BATCH_SEQS="8", PHASED_TTT_ENABLED="1",
-                   PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1", GLOBAL_TTT_CHUNK_TOKENS="2048",
-                   GLOBAL_TTT_BATCH_SEQS="4", EVAL_STRIDE="128")
+    # An evaluation-only run builds its graphs before the evaluation clock: chunk TTT's training pass (8 rows) and a
+    # phase's global SGD (4 rows) included.
+    env = dict(env, RUN_ID="evaluated", COMPILE_SCOPE="block", EVAL_ONLY_QUANTIZED_PATH=str(
+        tmp_path / "logs" / "block_model.int6.ptz"), TTT_BATCH_SEQS="8", PHASED_TTT_ENABLED="1",
+        PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1", GLOBAL_TTT_CHUNK_TOKENS="2048",
+        GLOBAL_TTT_BATCH_SEQS="4")
     log = run_log([sys.executable, SCRIPT], env, tmp_path, "evaluated")
     assert "eval_only: artifact:" in log and "\nfinal_ttt_exact val_loss:" in log
-    # chunk TTT's training pass (8 rows) and the phase's global SGD (4 rows), built beforehand
     assert re.search(r"^warmup_ttt_training: .* rows:8 ", log, re.M) and re.search(r"^warmup_ttt_training: .* rows:4 ", log, re.M)
     counts = compile_counts(log)
     assert counts["warmup"] == counts["evaluation"] > 0 and "training" not in counts, counts
@@ -499,10 +494,13 @@ def test_an_evaluation_only_run_builds_its_graphs_before_the_evaluation_clock(sa
 
 
 # Each seed's stack at smoke size, small tables, with its own evaluation: sliding windows, chunk TTT (pr754, pr703),
-# per-document LoRA TTT with phases (record). Compiled with inductor, nothing is compiled after the warmup.
+# per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile with inductor;
+# PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds its
+# dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
+# suite, which has the time; record in the CUDA-path step.
 PRESET_COMPILE_SETTINGS = {
     "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", GLOBAL_TTT_CHUNK_TOKENS="2048",
-                   GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0"),
+                   GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0"),
     "pr754": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
                   TTT_BATCH_SEQS="4"),
     "pr703": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
@@ -511,19 +509,25 @@ PRESET_COMPILE_SETTINGS = {
 }
 
 
-@pytest.mark.cuda_path
-@pytest.mark.parametrize("preset", sorted(PRESET_COMPILE_SETTINGS))
+@pytest.mark.parametrize("preset", [pytest.param("record", marks=pytest.mark.cuda_path), "pr1392", "pr703", "pr754"])
 def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_sample, tmp_path):
     data_dir, tokenizer = caseops_sample[:2] if preset == "record" else sample
     env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
                WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", COMPILE_SCOPE="block", EVAL_STRIDE="256",
                **PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
-    log = run_log([sys.executable, SCRIPT], env, tmp_path, "compiled")
+    command = [sys.executable, SCRIPT]
+    if preset == "record":
+        command = [sys.executable, "-c", f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
+                   "compile = torch.compile\n"
+                   "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
+                   "import train_gpt as T\nT.main()\n"]
+    log = run_log(command, env, tmp_path, "compiled")
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
     assert_every_graph_built_in_the_warmup(log)
-    if preset == "record":
-        assert re.search(r"^ttt_lora: compiled \(dynamic shapes\)", log, re.M) and "ttt_phase: 3/3" in log
+    if preset == "record":  # the per-document TTT forward is built in the warmup, before the phases run
+        where = lambda line: re.search(rf"^{line}", log, re.M).start()
+        assert where(r"ttt_lora: compiled \(dynamic shapes\)") < where("warmup:done") and "ttt_phase: 3/3" in log
 
 
 @pytest.mark.cuda_path
