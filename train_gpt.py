@@ -4200,8 +4200,9 @@ def log_measured_memory(device, estimate, log, advice):
     allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     capacity = torch.cuda.get_device_properties(device).total_memory
     mib = lambda n: f"{n / 2**20:.0f}MiB"
-    log(f"memory_measured: peak_allocated:{mib(allocated)} peak_reserved:{mib(reserved)} estimate:{mib(estimate.total)} "
-        f"allocated/estimate:{allocated / max(estimate.total, 1):.2f} of device:{mib(capacity)} (warmup training steps)")
+    log(f"memory_measured: peak_allocated:{mib(allocated)} peak_reserved:{mib(reserved)} "
+        f"estimate:{mib(estimate.total)} allocated/estimate:{allocated / max(estimate.total, 1):.2f} "
+        f"of device:{mib(capacity)} (warmup training steps)")
     if reserved > 0.95 * capacity:
         log(f"warning: the warmup's steps reserved over 95% of the device's memory; {advice.split(': ', 1)[1]}")
 

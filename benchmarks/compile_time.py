@@ -74,7 +74,8 @@ def main(argv=None):
             result = subprocess.run(command, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
                                     capture_output=True, text=True, check=True)
         figures = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"COMPILE_SCOPE={scope}: {figures['graphs']} graphs, first step (compile) {figures['first_step_s']:.1f} s, "
+        print(f"COMPILE_SCOPE={scope}: {figures['graphs']} graphs, "
+              f"first step (compile) {figures['first_step_s']:.1f} s, "
               f"then {figures['step_ms']:.1f} ms/step on {figures['device']}", flush=True)
 
 

@@ -9,10 +9,10 @@ and the markdown table rewritten to --out the moment it is measured, so a run cu
 measured. Every run shares one inductor cache (its graphs compile once), and a phase that no longer fits
 --budget-seconds is listed as not measured. In order:
   1. versions and the device, its table bf16 peak and a measured bf16 matmul rate;
-  2. the default stack end to end at a short cap (--train-seconds), under COMPILE_SCOPE=block: the warmup and each graph's compile, the memory
-     estimate beside the measured peak, the graph counts, training, GPTQ calibration against its reserve, the
-     training data read inside the cap, quantization, the artifact's bytes, the round trip and the sliding window
-     (its time projected to the full FineWeb validation split on 8 GPUs);
+  2. the default stack end to end at a short cap (--train-seconds), under COMPILE_SCOPE=block: the warmup and
+     each graph's compile, the memory estimate beside the measured peak, the graph counts, training, GPTQ
+     calibration against its reserve, the training data read inside the cap, quantization, the artifact's bytes,
+     the round trip and the sliding window (its time projected to the full FineWeb validation split on 8 GPUs);
   3. on that artifact (EVAL_ONLY_QUANTIZED_PATH), chunk TTT and per-document LoRA TTT, each projected likewise;
   4. BENCHMARK_STEPS figures before and after the recurrence (ms/step, tokens/s, MFU, peak memory) at one GPU's
      share of the record batch (98,304 tokens, GRAD_ACCUM_STEPS=1), for both COMPILE_SCOPEs (which decides the
@@ -108,7 +108,8 @@ def environment(table, check):
     table.add("torch / CUDA / FlashAttention", f"{versions['torch']} / {versions['cuda']} / {flash}")
     table.add("device", check.device_name)
     table.add("bf16 peak (table)", f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown")
-    table.add("bf16 matmul (measured)", f"{measured_matmul_tflops(check.device, 256 if check.tiny else 8192):.3g} TFLOP/s")
+    rate = measured_matmul_tflops(check.device, 256 if check.tiny else 8192)
+    table.add("bf16 matmul (measured)", f"{rate:.3g} TFLOP/s")
 
 
 # --- runs of train_gpt.py ------------------------------------------------------------------------------------------
@@ -169,15 +170,17 @@ def compile_rows(table, label, log):
         if looping not in layouts:  # a layout's first step carries its compile time
             layouts.add(looping)
             table.add(f"{label}: first step, looping:{looping} (compile)", f"{float(seconds):.1f} s")
-    for seq_len, looping, seconds in re.findall(r"^warmup_eval: seq_len:(\d+) .*looping:(\w+) time:([\d.]+)s", log, re.M):
-        table.add(f"{label}: evaluation graph, seq_len {seq_len}, looping:{looping} (compile)", f"{float(seconds):.1f} s")
+    evaluation_graphs = re.findall(r"^warmup_eval: seq_len:(\d+) .*looping:(\w+) time:([\d.]+)s", log, re.M)
+    for seq_len, looping, seconds in evaluation_graphs:
+        table.add(f"{label}: evaluation graph, seq_len {seq_len}, looping:{looping} (compile)",
+                  f"{float(seconds):.1f} s")
     warmup = float(found(r"^warmup:done steps:\d+ time:([\d.]+)s", log, "nan"))
     table.add(f"{label}: untimed warmup", f"{warmup:.1f} s", f"<= {TARGETS['warmup_s']:.0f} s",
               "n/a (CPU)" if table_is_cpu(log) else ("met" if warmup <= TARGETS["warmup_s"] else "NOT MET"))
     counts = dict(re.findall(r"^compile: after:(\w+) graphs:(\d+)$", log, re.M))
-    verdict = "n/a (not compiled)" if not counts else "ok" if len(set(counts.values())) == 1 else "COMPILED ON THE CLOCK"
-    table.add(f"{label}: graphs after warmup / training / evaluation",
-              " / ".join(counts.get(phase, "-") for phase in ("warmup", "training", "evaluation")), "all equal", verdict)
+    verdict = "n/a (not compiled)" if not counts else "ok" if len(set(counts.values())) == 1 else "COMPILED LATE"
+    figure = " / ".join(counts.get(phase, "-") for phase in ("warmup", "training", "evaluation"))
+    table.add(f"{label}: graphs after warmup / training / evaluation", figure, "all equal", verdict)
 
 
 def table_is_cpu(log):

@@ -299,14 +299,17 @@ def test_the_measured_peak_is_logged_beside_the_estimate_and_warns_near_capacity
     # The CUDA allocator's statistics, stood in for on the CPU: 46 GiB allocated and 133 GiB reserved of 139 GiB.
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 46 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 133 * 2**30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 139 * 2**30}))
+    properties = type("Properties", (), {"total_memory": 139 * 2**30})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     estimate = T.MemoryEstimate(weights=2**30, grads=2**30, optimizer=2**30, averages=0, activations=37 * 2**30,
                                 micro_batch_seqs=48, collectives=0)
     lines = []
-    T.log_measured_memory(torch.device("cuda"), estimate, lines.append, "out of device memory ...: set GRAD_ACCUM_STEPS=16")
+    advice = "out of device memory ...: set GRAD_ACCUM_STEPS=16"
+    T.log_measured_memory(torch.device("cuda"), estimate, lines.append, advice)
     assert lines[0] == ("memory_measured: peak_allocated:47104MiB peak_reserved:136192MiB estimate:40960MiB "
                         "allocated/estimate:1.15 of device:142336MiB (warmup training steps)")
-    assert lines[1].startswith("warning: the warmup's steps reserved over 95%") and lines[1].endswith("GRAD_ACCUM_STEPS=16")
+    assert lines[1].startswith("warning: the warmup's steps reserved over 95%")
+    assert lines[1].endswith("GRAD_ACCUM_STEPS=16")
     lines.clear()
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 120 * 2**30)
     T.log_measured_memory(torch.device("cuda"), estimate, lines.append, "x: y")
@@ -487,7 +490,8 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
         GLOBAL_TTT_BATCH_SEQS="4")
     log = run_log([sys.executable, SCRIPT], env, tmp_path, "evaluated")
     assert "eval_only: artifact:" in log and "\nfinal_ttt_exact val_loss:" in log
-    assert re.search(r"^warmup_ttt_training: .* rows:8 ", log, re.M) and re.search(r"^warmup_ttt_training: .* rows:4 ", log, re.M)
+    for rows in (8, 4):
+        assert re.search(rf"^warmup_ttt_training: .* rows:{rows} ", log, re.M), rows
     counts = compile_counts(log)
     assert counts["warmup"] == counts["evaluation"] > 0 and "training" not in counts, counts
     assert not re.search(r"^warning: .* compiled after the warmup", log, re.M)
@@ -499,8 +503,9 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
 # dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
 # suite, which has the time; record in the CUDA-path step.
 PRESET_COMPILE_SETTINGS = {
-    "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", GLOBAL_TTT_CHUNK_TOKENS="2048",
-                   GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0"),
+    "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
+                   GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128",
+                   TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0"),
     "pr754": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
                   TTT_BATCH_SEQS="4"),
     "pr703": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
@@ -518,7 +523,8 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
                **PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
     command = [sys.executable, SCRIPT]
     if preset == "record":
-        command = [sys.executable, "-c", f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
+        command = [sys.executable, "-c",
+                   f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
                    "compile = torch.compile\n"
                    "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
                    "import train_gpt as T\nT.main()\n"]
@@ -552,12 +558,16 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     assert table in result.stdout and "FAILED" not in table
     for row in ("| device | cpu |", "| attention fa3 | not available here |", "| attention sdpa vs sdpa (fwd+bwd) |",
                 "| attention sdpa over packed documents vs sdpa (fwd+bwd) |", "| attention fa2 over packed documents |",
-                "| default stack, COMPILE_SCOPE=block: first step, looping:True (compile) |", "| default stack, COMPILE_SCOPE=block: untimed warmup |",
-                "| default stack, COMPILE_SCOPE=block: graphs after warmup / training / evaluation |", "| default stack, COMPILE_SCOPE=block: memory per GPU |",
+                "| default stack, COMPILE_SCOPE=block: first step, looping:True (compile) |",
+                "| default stack, COMPILE_SCOPE=block: untimed warmup |",
+                "| default stack, COMPILE_SCOPE=block: graphs after warmup / training / evaluation |",
+                "| default stack, COMPILE_SCOPE=block: memory per GPU |",
                 "| GPTQ calibration against its reserve |", "| quantization |", "| artifact | bytes_code:",
                 "| evaluation: round trip | val_bpb ", "| evaluation: sliding window | val_bpb ",
-                "| evaluation: TTT chunk on the artifact | val_bpb ", "| evaluation: TTT lora on the artifact | val_bpb ",
-                "| default stack, COMPILE_SCOPE=block: looping:False |", "| default stack, COMPILE_SCOPE=model: looping:True |",
+                "| evaluation: TTT chunk on the artifact | val_bpb ",
+                "| evaluation: TTT lora on the artifact | val_bpb ",
+                "| default stack, COMPILE_SCOPE=block: looping:False |",
+                "| default stack, COMPILE_SCOPE=model: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
         assert row in table, row
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.

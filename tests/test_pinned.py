@@ -32,8 +32,8 @@ SCORE_TOLERANCE = 5e-5
 def pinned_log(sample, tmp_path_factory):
     data_dir, tokenizer = sample
     cwd = tmp_path_factory.mktemp("pinned")
-    result = run_script([sys.executable, SCRIPT], dict(SETTINGS, DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer)),
-                        cwd)
+    env = dict(SETTINGS, DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer))
+    result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return (cwd / "logs" / "pinned.txt").read_text()
 
