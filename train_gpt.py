@@ -4079,20 +4079,23 @@ class RegionallyCompiled(nn.Module):
         self.model = model
         compiled = functools.partial(torch.compile, dynamic=False, fullgraph=True, backend=backend)
         self.regions = ForwardRegions(compiled(Block.forward), compiled(GPT.output))
-        # One graph per distinct block structure, grad mode and batch shape: training's, evaluation's and TTT's
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
 
     def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
         return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, regions=self.regions)
 
 
-COMPILE_GRAPH_LIMIT = 64  # dynamo's recompile limit per function (its default, 8, would send later graphs to eager)
+# Dynamo's limit of graphs per compiled function. Its default, 8, would send later graphs to eager: a run's graphs
+# share one cache per function (the whole model's forward, or the block's), one per layout, grad mode and shape:
+# training's, evaluation's, TTT's training passes and the per-document TTT forward's, and per block structure.
+COMPILE_GRAPH_LIMIT = 64
 
 
 def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"):
     """What training, evaluation and TTT call: the model compiled (COMPILE_SCOPE: by regions, or as one fullgraph
     graph per layout; static shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests
     compile with backend="aot_eager"."""
+    if use_compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
     if not use_compile:
         compiled = model
     elif scope == "block":
@@ -4959,9 +4962,8 @@ def lora_forward_of(run, backend="inductor"):
     if not run.use_compile:
         return run.model
     hp, start = run.hp, time.perf_counter()
-    # Every torch.compile of the model shares the graph cache of its forward: these two graphs come on top of the
-    # training and evaluation ones (up to 7 then), which dynamo's default limit of 8 would cut short.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    # Its graphs share the model forward's cache with training's and evaluation's (COMPILE_GRAPH_LIMIT).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
     compiled = torch.compile(run.model, dynamic=True, backend=backend)
     adapters = DocumentAdapters(run.model, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
     for param in run.model.parameters():
