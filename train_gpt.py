@@ -37,7 +37,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +82,7 @@ class Hyperparameters:
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
     vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
-    record_dir: str = ""  # when set, a records folder (README, submission.json, logs, code, requirements.txt) is written here
+    record_dir: str = ""  # when set, each seed leaves its log, the counted code and its index lines here; records/make.py builds the rest
     record_name: str = ""  # submission.json "name"; with RECORD_DIR empty, the record goes to records/track_10min_16mb/<date>_<RECORD_NAME>/
     record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
     record_github_id: str = ""  # submission.json "github_id" (likewise)
@@ -955,17 +954,6 @@ def settings_in_environ(environ, types):
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-
-
-def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
 
 
 class DataError(ConfigError):
@@ -5069,7 +5057,7 @@ def log_summary(run):
                    versions=package_versions(),
                    ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
                    eval_budget_seconds=run.hp.eval_budget_seconds,
-                   record={field: getattr(run.hp, f"record_{field}") for field in RECORD_USER_FIELDS}, **r)
+                   record={field: getattr(run.hp, f"record_{field}") for field in ("name", "author", "github_id", "blurb")}, **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
@@ -5135,185 +5123,18 @@ def append_index(run, event, **fields):
         raise RunError(f"could not append the '{event}' entry to {folder / 'index.jsonl'}: {error.strerror}") from error
 
 
-def summary_of(log_text):
-    lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
-    if not lines:
-        raise ValueError("the log has no summary_json line: the run did not finish")
-    return json.loads(lines[-1][len("summary_json: "):])
-
-
-RECORD_USER_FIELDS = ("name", "author", "github_id", "blurb")  # submission.json fields from RECORD_* settings
-TRACK = "10min_16mb"
-GPU_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM"}  # the names recent records write for what torch reports
-
-
-def hardware_of(log_text, world_size):
-    """"8xH100 80GB SXM" from the log's devices line (one name, not one per device)."""
-    found = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
-    name = found.group(1).split("|")[0] if found else "unknown"
-    return f"{world_size}x{GPU_NAMES.get(name, name.removeprefix('NVIDIA '))}"
-
-
-def compliance_of(summaries):
-    """The submission's compliance block, from what every seed logged."""
-    return dict(
-        train_under_cap=all(s["train_time_ms"] / 1000 + s.get("calibration_time_s", 0) <= (s.get("max_wallclock_seconds")
-                                                                                          or math.inf) for s in summaries),
-        eval_under_budget=all(s["eval_time_s"] <= (s.get("eval_budget_seconds") or math.inf) for s in summaries),
-        artifact_under_16mb=all(s["bytes_total"] <= ARTIFACT_LIMIT_BYTES for s in summaries),
-        every_target_scored_once=True,  # log_compliance stops a run that scored any other number of targets
-        ttt="score_first" if any(s.get("ttt_score_first") for s in summaries) else "none",
-        validation_seen_before_scoring=False, calibration_data="training data or self-generated, never validation")
-
-
-def submission_from_logs(log_texts):
-    """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
-    seeds, every seed's result, the RECORD_* fields of the latest seed that gave them."""
-    summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
-    if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
-        raise ValueError("these logs come from different configurations or code; they cannot make one submission")
-    first = summaries[0]
-    user = {field: next((s["record"][field] for s in reversed(summaries) if s.get("record", {}).get(field)), "")
-            for field in RECORD_USER_FIELDS}
-
-    def mean_std(key):
-        values = [s[key] for s in summaries]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-    for s in summaries:  # a NaN or inf is never a score
-        if not all(math.isfinite(s[key]) for key in ("val_loss", "val_bpb")):
-            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
-    (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
-    return dict(
-        **user, date=time.strftime("%Y-%m-%d"), track=TRACK,
-        val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
-        seeds=[s["seed"] for s in summaries],
-        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"],
-                                           steps=s["steps"], step_avg_ms=s["step_avg_ms"],
-                                           train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
-                      for s in summaries},
-        bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
-        artifact_bytes_mean=statistics.fmean(s["bytes_total"] for s in summaries),
-        artifact_bytes_max=max(s["bytes_total"] for s in summaries),
-        bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
-        hardware=hardware_of(log_texts[0], first["world_size"]),
-        pytorch_version=first["versions"]["torch"], cuda_version=first["versions"].get("cuda", "none"),
-        flash_attn_version=first["versions"].get("flash_attn_interface", first["versions"].get("flash_attn", "none")),
-        versions=first["versions"], compliance=compliance_of(summaries),
-        config_hash=first["config_hash"], code_sha256=first["code_sha256"])
-
-
-def pinned_requirements(versions):
-    """requirements.txt of a record: the versions that ran, pinned."""
-    packages = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "zstandard": "zstandard",
-                "brotli": "brotli"}
-    lines = ["# The versions this record ran with: pip install -r requirements.txt"]
-    lines += [f"{package}=={versions[key]}" for key, package in packages.items() if versions.get(key, "installed") != "installed"
-              and key in versions]
-    if "flash_attn_interface" in versions or "flash_attn" in versions:
-        lines.append(f"# FlashAttention ran: {versions.get('flash_attn_interface') or versions.get('flash_attn')} "
-                     f"(FA3 is not on PyPI; install its wheel for this torch and CUDA {versions.get('cuda')})")
-    return "\n".join(lines) + "\n"
-
-
-def reproduce_command(run, seeds):
-    """The command line that reruns this record: the explicit settings, SEEDS, and the launcher."""
-    explicit = [f"{f.name.upper()}={getattr(run.hp, f.name)}" for f in dataclasses.fields(run.hp)
-                if run.sources[f.name] == "env" and f.name not in ("seed", "seeds", "run_id", "record_dir")]
-    launcher = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.world_size > 1 else "python3"
-    return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
-
-
-def code_note(code):
-    """The records README's sentence on which code file is which."""
-    if code.counted == code.source:
-        return f"`train_gpt.py` ({len(code.counted):,} bytes) is the code that ran and is counted."
-    readable = (f"`{READABLE_CODE_NAME}` is its readable source; `python3 records/pack.py {READABLE_CODE_NAME} "
-                f"train_gpt.py` regenerates it, and `records/stats.py --check` verifies that it decodes to it"
-                if code.readable else "the run started from a packed file, so no readable source is here")
-    return (f"`train_gpt.py` ({len(code.counted):,} bytes) is what ran and is counted: the packed, self-extracting "
-            f"form of the source (comments and docstrings removed, compressed); {readable}.")
-
-
-RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
-
-
-def record_readme(run, submission, old_text):
-    """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
-    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['artifact_bytes']:,} | {r['steps']} "
-                     f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
-                     for seed, r in submission["seed_results"].items())
-    std = lambda value: f" ± {value:.8f}" if value is not None else ""
-    results = "\n".join([
-        RESULTS_BEGIN,
-        f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
-        f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
-        f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
-        "", "| seed | val_loss | val_bpb | artifact_bytes | steps | step_avg ms | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|", rows, "",
-        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "", code_note(run.code), "",
-        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
-        + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
-        "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
-        RESULTS_END])
-    if RESULTS_BEGIN in old_text and RESULTS_END in old_text:
-        before, rest = old_text.split(RESULTS_BEGIN, 1)
-        return before + results + rest.split(RESULTS_END, 1)[1]
-    return f"# {run.hp.record_dir.rstrip('/').split('/')[-1]}\n\nDescribe the idea here.\n\n{results}\n"
-
-
-def plot_losses(log_texts, path):
-    """Train and validation loss curves of every seed, when matplotlib is installed; returns what it did."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "skipped (matplotlib is not installed)"
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    for text in log_texts:
-        seed = summary_of(text)["seed"]
-        train = re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", text, re.M)
-        val = re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+)", text, re.M)
-        line, = axes.plot([int(s) for s, _ in train], [float(v) for _, v in train], lw=1, label=f"train, seed {seed}")
-        axes.plot([int(s) for s, _ in val], [float(v) for _, v in val], "o--", color=line.get_color(), label=f"val, seed {seed}")
-    axes.set(xlabel="step", ylabel="loss (nats)", title="loss curves")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
-
-
 def record(run):
-    """The end of a seed: the run index; with RECORD_DIR, the records folder regenerated from all its seeds' logs
-    (README results, submission.json, the logs, the exact code, the loss curves)."""
+    """The end of a seed: the run index; with RECORD_DIR, what only the run knows goes into the records folder: the
+    code it counted and its log. `python3 records/make.py RECORD_DIR` derives the rest (submission.json, README)."""
     append_index(run, "finished", val_loss=run.results["val_loss"], val_bpb=run.results["val_bpb"], log=run.log_path)
     if not run.hp.record_dir or run.rank != 0:
         return
     folder = Path(run.hp.record_dir)
-    mine = folder / f"train_seed{run.hp.seed}.log"
-    logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
-    logs.append(Path(run.log_path).read_text(encoding="utf-8"))
-    try:
-        submission = submission_from_logs(logs)
-    except ValueError as error:
-        raise RunError(f"RECORD_DIR={run.hp.record_dir!r}: no submission.json written: {error}") from None
     write_atomically(folder / "train_gpt.py", run.code.counted, "the code of the record")
     if run.code.readable and run.code.counted != run.code.source:
         write_atomically(folder / READABLE_CODE_NAME, run.code.source, "the readable source of the record")
-    if (folder / "submission.json").is_file():  # what a person filled in by hand survives the next seed
-        previous = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
-        submission.update({field: previous[field] for field in RECORD_USER_FIELDS if not submission[field] and previous.get(field)})
-    write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
-                     "submission.json")
-    write_atomically(folder / "requirements.txt", pinned_requirements(submission["versions"]).encode(), "requirements.txt")
-    readme = folder / "README.md"
-    old_readme = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    write_atomically(readme, record_readme(run, submission, old_readme).encode(), "the record's README")
-    plotted = plot_losses(logs, folder / "loss_curves.png")
-    run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
-    write_atomically(mine, Path(run.log_path).read_bytes(), "the seed's log")  # last, so that it holds the whole log
+    run.log(f"record_dir:{folder} seed:{run.hp.seed} next: python3 records/make.py {folder}")
+    write_atomically(folder / f"train_seed{run.hp.seed}.log", Path(run.log_path).read_bytes(), "the seed's log")  # last
 
 
 AFTER_TRAINING = (calibrate, export, evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary,
@@ -5401,7 +5222,7 @@ def with_record_folder(hp, sources):
     if not hp.record_name or hp.record_dir:
         return hp, sources
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", hp.record_name).strip("_") or "record"
-    folder = os.path.join("records", f"track_{TRACK}", f"{time.strftime('%Y-%m-%d')}_{slug}")
+    folder = os.path.join("records", "track_10min_16mb", f"{time.strftime('%Y-%m-%d')}_{slug}")
     return dataclasses.replace(hp, record_dir=folder), dict(sources, record_dir="implied:RECORD_NAME")
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
+import prepare_docs  # noqa: E402
 import train_gpt as T  # noqa: E402
 
 
@@ -34,7 +36,7 @@ def main():
             folder, rng = scratch, np.random.default_rng(0)
             start = time.perf_counter()
             for index in range(args.shards):
-                T.write_shard(Path(folder) / f"fineweb_train_{index:06d}.bin",
+                prepare_docs.write_shard(Path(folder) / f"fineweb_train_{index:06d}.bin",
                               rng.integers(0, args.vocab_size, args.tokens, dtype=np.uint16))
             print(f"wrote {args.shards} shards of {args.tokens:,} tokens in {time.perf_counter() - start:.1f}s")
         files = T.shard_files(folder, "train")

@@ -44,12 +44,25 @@ import numpy as np
 import sentencepiece as spm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_gpt import (CASE_ESCAPE, CASE_OPERATORS, case_decode, case_encode, tokenizer_normalizes,  # noqa: E402
-                       read_shard_header, write_shard)  # (the shard format and the CaseOps transform live in one place)
+from train_gpt import (CASE_ESCAPE, CASE_OPERATORS, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,  # noqa: E402
+                       case_decode, case_encode, read_shard_header,  # (the shard format and the CaseOps transform
+                       tokenizer_normalizes)  # are defined where they are read)
 
 DATA_DIR = Path(__file__).resolve().parent
 STDLIB_VAL_DOCS = 150  # the sample's validation split: a few percent of it, so a CPU evaluation takes seconds
 NUM_VAL_DOCS = 50_000  # the challenge exporter's validation split
+
+
+def write_shard(path, tokens):
+    """A shard in the challenge's format: the 256-int32 header (magic, version, token count), then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit in uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
 
 
 def stdlib_docs(seed=0):

@@ -26,11 +26,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_gpt as T  # noqa: E402  (the log format and the submission are defined there)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make  # noqa: E402  (the submission, as records/make.py derives it from the logs)
+import train_gpt as T  # noqa: E402  (the log format and the packed code are defined there)
 
 RULES = {"challenge": (0.005, 0.01), "frontier": (0.0, 0.25)}  # (margin in nats, alpha)
 MARGIN_NATS, ALPHA = RULES["challenge"]
-USER_FIELDS = ("name", "author", "github_id", "blurb", "date")  # submission.json fields a person fills in
 
 
 SCORE_LINE = re.compile(r"^(?!step:|\d+/\d+ |diagnostic )(\S+) val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)", re.M)
@@ -83,7 +84,7 @@ def folder_runs(item):
                   file=sys.stderr)
         for path, text in ours.items():
             try:
-                summary = T.summary_of(text)
+                summary = make.summary_of(text)
             except ValueError:
                 print(f"{path}: left out: its summary_json line is cut short or damaged", file=sys.stderr)
                 continue
@@ -233,7 +234,7 @@ def check_record(folder):
     summaries = []
     for path, text in zip(logs, texts):
         try:
-            summary = T.summary_of(text)
+            summary = make.summary_of(text)
         except ValueError as error:
             problems.append(f"{path.name}: {error}")
             continue
@@ -261,12 +262,12 @@ def check_record(folder):
             problems.append(f"submission.json: {key} is {submission.get(key)!r}, not a finite score")
     if problems:
         return problems, notes
-    expected = T.submission_from_logs(texts)
+    expected = make.submission_from_logs(texts)
     for key, value in expected.items():
-        if key not in USER_FIELDS and submission.get(key) != value:
+        if key not in make.USER_FIELDS + ("date",) and submission.get(key) != value:
             problems.append(f"submission.json {key} is {submission.get(key)!r}, its logs say {value!r} "
                             f"(it is generated: never edit it by hand)")
-    if T.RESULTS_BEGIN not in (folder / "README.md").read_text(encoding="utf-8"):
+    if make.RESULTS_BEGIN not in (folder / "README.md").read_text(encoding="utf-8"):
         problems.append("README.md lacks the generated results block")
     events = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines() if line.strip()]
     finished = {e["seed"] for e in events if e["event"] == "finished"}

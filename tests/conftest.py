@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "corpus"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "data"))
+sys.path.insert(0, str(REPO / "records"))  # make.py and stats.py, the records tools
 
 
 @pytest.fixture(scope="session")

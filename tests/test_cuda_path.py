@@ -418,7 +418,7 @@ def test_two_nodes_without_a_shared_disk_match_one_process_and_only_the_first_wr
     log = (first / "logs" / "nodes.txt").read_text()
     assert "world_size:4 grad_accum_steps:2" in log
     assert_same_run(one_process, log)
-    assert (first / "logs" / "nodes_model.int6.ptz").is_file() and (first / "record" / "submission.json").is_file()
+    assert (first / "logs" / "nodes_model.int6.ptz").is_file() and (first / "record" / "train_seed1337.log").is_file()
     written = sorted(str(p.relative_to(second)) for p in second.rglob("*") if p.is_file() and "data" not in p.parts)
     assert written == ["tokenizer.model"], written  # the second node wrote nothing: no log, artifact or record
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import train_gpt as T
+from prepare_docs import write_shard
 
 
 def test_shard_round_trip(tmp_path):
     tokens = np.array([1, 0, 65535, 42, 7], dtype=np.uint16)
-    T.write_shard(tmp_path / "s.bin", tokens)
+    write_shard(tmp_path / "s.bin", tokens)
     assert T.read_shard_header(tmp_path / "s.bin") == 5
     loaded = T.load_shard(tmp_path / "s.bin")
     assert loaded.dtype == np.uint16 and np.array_equal(loaded, tokens)
@@ -18,7 +19,7 @@ def test_shard_round_trip(tmp_path):
 
 def _corrupt(tmp_path, mutate):
     path = tmp_path / "bad.bin"
-    T.write_shard(path, np.arange(100))
+    write_shard(path, np.arange(100))
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(mutate(data)))
     return path
@@ -40,7 +41,7 @@ def test_malformed_shards_fail_clearly(tmp_path, mutate, message):
 
 def test_write_shard_rejects_ids_beyond_uint16(tmp_path):
     with pytest.raises(ValueError, match="uint16"):
-        T.write_shard(tmp_path / "s.bin", np.array([70000]))
+        write_shard(tmp_path / "s.bin", np.array([70000]))
 
 
 def test_missing_shards_name_data_path(tmp_path):
@@ -53,7 +54,7 @@ def _make_shards(tmp_path, sizes, seed=0):
     files = []
     for index, size in enumerate(sizes):
         files.append(str(tmp_path / f"fineweb_train_{index:06d}.bin"))
-        T.write_shard(files[-1], rng.integers(0, 1000, size))
+        write_shard(files[-1], rng.integers(0, 1000, size))
     return files
 
 

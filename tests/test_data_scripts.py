@@ -14,6 +14,7 @@ import sentencepiece as spm
 import cached_challenge_fineweb as cached
 import prepare_docs
 import train_gpt as T
+from prepare_docs import write_shard
 
 
 def _split_docs(out_dir, split, bos):
@@ -178,7 +179,7 @@ def fake_repo(root, prefix="datasets", manifest=MANIFEST):
         folder.mkdir(parents=True)
         for split, count in (("val", entry["stats"]["files_val"]), ("train", entry["stats"]["files_train"])):
             for index in range(count):
-                T.write_shard(folder / f"fineweb_{split}_{index:06d}.bin", np.arange(100) + index)
+                write_shard(folder / f"fineweb_{split}_{index:06d}.bin", np.arange(100) + index)
     (base / "tokenizers").mkdir()
     for tokenizer in manifest["tokenizers"]:
         for key in ("model_path", "vocab_path", "path"):
@@ -288,7 +289,7 @@ def test_download_refuses_what_the_manifest_does_not_have(hub, tmp_path, argv, m
 
 def test_shard_check_agrees_with_the_trainer(tmp_path):
     good = tmp_path / "good.bin"
-    T.write_shard(good, np.arange(50))
+    write_shard(good, np.arange(50))
     assert cached.shard_problem(good) is None and T.read_shard_header(good)
     for name, data in (("short", good.read_bytes()[:-2]), ("magic", b"\x00" * 4 + good.read_bytes()[4:]),
                        ("tiny", b"\x01\x02")):
@@ -354,7 +355,7 @@ def test_the_hf_source_says_what_to_install_when_datasets_is_missing(monkeypatch
 def test_an_export_never_replaces_shards_another_source_made(corpus, tmp_path):
     downloaded = tmp_path / "out" / "datasets" / "fineweb10B_sp1024"
     downloaded.mkdir(parents=True)
-    T.write_shard(downloaded / "fineweb_train_000000.bin", np.arange(10))  # as the downloader leaves it
+    write_shard(downloaded / "fineweb_train_000000.bin", np.arange(10))  # as the downloader leaves it
     source = tmp_path / "mine.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
     args = [str(source), "--tokenizer", str(corpus / "tokenizers" / "fineweb_1024_bpe.model"), "--num-val-docs", "2",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from prepare_docs import write_shard
 from conftest import REPO, run_script, small_hp, tiny_env
 import flash_standins
 
@@ -139,7 +140,7 @@ def test_training_batches_bring_the_cu_seqlens_the_model_would_find(tmp_path):
     path = tmp_path / "fineweb_train_000000.bin"
     tokens = np.random.default_rng(0).integers(2, 97, 20000)
     tokens[np.random.default_rng(1).choice(20000, 300, replace=False)] = BOS
-    T.write_shard(path, tokens)
+    write_shard(path, tokens)
     for data_seed in (-1, 3):
         loader = T.TrainLoader([str(path)], 32, 16, data_seed, grad_accum_steps=2, varlen_bos_id=BOS)
         for step, micro in ((0, 0), (2, 1)):

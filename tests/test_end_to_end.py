@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import make
 import train_gpt as T
 from conftest import REPO, run_script
 
@@ -81,11 +82,14 @@ def test_the_written_artifact_scores_what_the_log_says(single_run):
 def test_the_records_folder_is_generated_from_the_log(single_run):
     cwd, _, log = single_run
     record = cwd / "record"
+    assert {p.name for p in record.iterdir()} == {"index.jsonl", "train_gpt.py", "train_gpt_human.py",
+                                                   "train_seed1337.log"}  # what only the run knows
+    make.make(record)  # the rest is derived from the log
     names = {p.name for p in record.iterdir()} - {"loss_curves.png"}  # the plot needs matplotlib
     assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py", "train_seed1337.log",
                      "requirements.txt"}
     submission = json.loads((record / "submission.json").read_text())
-    assert submission == T.submission_from_logs([log])
+    assert submission == make.submission_from_logs([log])
     assert submission["val_bpb"] == summary(log)["val_bpb"] and submission["seeds"] == [1337]
     assert (record / "train_gpt_human.py").read_bytes() == open(SCRIPT, "rb").read()
     assert (record / "train_gpt.py").read_bytes() == T.pack_source(open(SCRIPT, "rb").read())[0]

@@ -13,9 +13,8 @@ import pytest
 import train_gpt as T
 from conftest import REPO, run_script, tiny_env
 
-spec = importlib.util.spec_from_file_location("record_stats", REPO / "records" / "stats.py")
-stats = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stats)
+import make
+import stats
 
 SCRIPT = str(REPO / "train_gpt.py")
 
@@ -32,16 +31,20 @@ def two_seeds(sample, tmp_path_factory):
                       RECORD_GITHUB_ID="tester")
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "next: python3 records/make.py" in result.stdout
+    built = subprocess.run([sys.executable, str(REPO / "records" / "make.py"), str(cwd / "record")], capture_output=True,
+                           text=True)
+    assert built.returncode == 0 and "passes the records contract" in built.stdout, built.stdout + built.stderr
     return cwd, env
 
 
 def test_seeds_run_one_after_another_each_with_its_own_log(two_seeds):
     cwd, _ = two_seeds
     logs = {seed: (cwd / "logs" / f"pair_seed{seed}.txt").read_text() for seed in (1337, 42)}
-    assert {seed: T.summary_of(log)["seed"] for seed, log in logs.items()} == {1337: 1337, 42: 42}
-    assert len({T.summary_of(log)["config_hash"] for log in logs.values()}) == 1
+    assert {seed: make.summary_of(log)["seed"] for seed, log in logs.items()} == {1337: 1337, 42: 42}
+    assert len({make.summary_of(log)["config_hash"] for log in logs.values()}) == 1
     # Different seeds, different initializations and data orders: different results.
-    assert T.summary_of(logs[1337])["val_loss"] != T.summary_of(logs[42])["val_loss"]
+    assert make.summary_of(logs[1337])["val_loss"] != make.summary_of(logs[42])["val_loss"]
     assert "SEED=1337('SEEDS')" in logs[1337] or "SEED=1337(SEEDS)" in logs[1337]
 
 
@@ -63,21 +66,22 @@ def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_th
     assert {p.name for p in folder.iterdir()} == expected
     submission = json.loads((folder / "submission.json").read_text())
     logs = [(folder / f"train_seed{seed}.log").read_text() for seed in (42, 1337)]
-    losses = [T.summary_of(log)["val_loss"] for log in logs]
+    losses = [make.summary_of(log)["val_loss"] for log in logs]
     assert submission["seeds"] == [42, 1337]
     assert submission["val_loss"] == pytest.approx(sum(losses) / 2)
     assert submission["val_loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
-    assert submission["versions"]["torch"] and submission["code_sha256"] == T.summary_of(logs[0])["code_sha256"]
+    assert submission["versions"]["torch"] and submission["code_sha256"] == make.summary_of(logs[0])["code_sha256"]
     # The fields recent records carry, as the challenge spells them.
     assert (submission["name"], submission["github_id"], submission["author"]) == ("Tiny pair", "tester", "")
     assert submission["track"] == "10min_16mb" and submission["hardware"] == "1x" + T.platform.machine()
     for log in logs:
-        assert submission["seed_results"][str(T.summary_of(log)["seed"])]["artifact_bytes"] == T.summary_of(log)["bytes_total"]
+        assert submission["seed_results"][str(make.summary_of(log)["seed"])]["artifact_bytes"] == make.summary_of(log)["bytes_total"]
     assert submission["bytes_total"] == max(r["artifact_bytes"] for r in submission["seed_results"].values())
     assert submission["compliance"]["artifact_under_16mb"] and submission["compliance"]["eval_under_budget"]
     assert f"torch=={submission['versions']['torch']}\n" in (folder / "requirements.txt").read_text()
     readme = (folder / "README.md").read_text()
     assert f"{submission['val_bpb']:.8f}" in readme and 'SEEDS="42 1337"' in readme
+    assert "RECORD_NAME='Tiny pair' " in readme and "PRESET=smoke " in readme  # the command pastes into a shell
     assert stats.check_record(folder) == ([], [])
 
 
@@ -108,7 +112,7 @@ def test_the_contract_check_reports_a_nan_as_a_nan_and_a_packed_file_that_is_not
     problems, _ = stats.check_record(folder)
     assert problems == ["submission.json: val_bpb is nan, not a finite score"]
     log = (folder / "train_seed42.log").read_text()
-    summary = T.summary_of(log)
+    summary = make.summary_of(log)
     (folder / "train_seed42.log").write_text(log.replace(json.dumps(summary, sort_keys=True),
                                                          json.dumps(dict(summary, val_loss=float("nan")), sort_keys=True)))
     problems, _ = stats.check_record(folder)
@@ -245,6 +249,7 @@ def test_hand_filled_fields_survive_the_next_seed(two_seeds, sample, tmp_path):
     env = records_env(sample, SEED=7, RUN_ID="third", RECORD_DIR=folder, RECORD_NAME="Tiny pair", RECORD_GITHUB_ID="tester")
     result = run_script([sys.executable, SCRIPT], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    make.make(folder)
     after = json.loads((folder / "submission.json").read_text())
     assert after["seeds"] == [7, 42, 1337] and (after["author"], after["blurb"]) == ("A. Person", "written by hand")
     assert after["name"] == "Tiny pair"

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+import make
 import train_gpt as T
+from prepare_docs import write_shard
 from conftest import REPO, run_script, tiny_env
 
 SCRIPT = str(REPO / "train_gpt.py")
@@ -235,7 +237,7 @@ def test_a_bad_token_in_a_later_shard_is_named_before_training(sample, tmp_path)
         (bad_data / path.name).symlink_to(path)
     tokens = np.full(20 * 256 + 1, 7, dtype=np.uint16)
     tokens[3000] = 1500
-    T.write_shard(bad_data / "fineweb_train_999999.bin", tokens)  # the last shard, one bad id
+    write_shard(bad_data / "fineweb_train_999999.bin", tokens)  # the last shard, one bad id
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
     result = run_script(command, tiny_env(sample, DATA_PATH=bad_data, RUN_ID="shard", TRAIN_BATCH_TOKENS=2048), tmp_path,
                         timeout=120)  # two ranks: the shard is in the second rank's share of the scan
@@ -297,7 +299,7 @@ def test_every_shard_is_scanned_for_bad_ids_and_ranks_share_the_scan(tmp_path):
         tokens = np.arange(33 * 8) % 100
         if i == 2:
             tokens[40] = 100  # one id out of range, in the last shard
-        T.write_shard(path, tokens)
+        write_shard(path, tokens)
     files = [str(p) for p in paths]
     shards = [T.load_shard(f) for f in files]
     T.check_token_ids(files[:2], shards[:2], 100)
@@ -359,7 +361,7 @@ def test_a_nan_score_never_reaches_submission_json():
     log = "x\nsummary_json: " + json.dumps(dict(seed=1, val_loss=float("nan"), val_bpb=float("nan"),
                                                  config_hash="a", code_sha256="c")) + "\n"
     with pytest.raises(ValueError, match="non-finite score"):
-        T.submission_from_logs([log])
+        make.submission_from_logs([log])
 
 
 # The records' "Reproducing" commands, exactly as their READMEs publish them (the torchrun line aside).
