@@ -9,7 +9,8 @@ Train the best language model whose artifact (this file's bytes + the compressed
     PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
 
 Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
-Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
+Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main, and the
+settings of other scripts (the baseline's and the records' names, applied, translated or refused).
 """
 
 import ast
@@ -64,219 +65,364 @@ class ConfigError(ValueError):
     """A bad setting: the message names the environment variable or file to fix."""
 
 
+def setting(default, check="", needs=""):
+    """A field of `Hyperparameters` with its rules, in one place: `check` is its range (a key of RANGE_CHECKS) or its
+    choices ("a|b|c"); `needs` is the switch without which it has no effect (see `switched_on`), so that one set
+    explicitly while switched off is refused rather than ignored."""
+    return dataclasses.field(default=default, metadata=dict(check=check, needs=needs))
+
+
+RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v >= 0, "must be zero or positive"),
+                "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
+CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and TTT_METHOD=lora"
+PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
+
+
+def switched_on(hp, condition):
+    """Whether a `needs` condition holds: clauses joined by " and ", each "NAME=a or b" (the value is one of them;
+    booleans are 1 and 0), or "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty string)."""
+    def clause_holds(clause):
+        if "=" in clause:
+            name, values = clause.split("=", 1)
+            value = getattr(hp, name.lower())
+            return str(int(value) if isinstance(value, bool) else value) in values.split(" or ")
+        set_ = lambda value: bool(value.strip()) if isinstance(value, str) else bool(value)
+        return any(set_(getattr(hp, name.lower())) for name in clause.replace(" > 0", "").split(" or "))
+    return all(clause_holds(clause) for clause in condition.split(" and "))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
     # --- run and data ---
-    preset: str = ""  # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in order); empty = none
-    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
-    overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
-    finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
-    eval_only_quantized_path: str = ""  # an artifact (.ptz) to evaluate with this run's evaluation settings; nothing is trained, calibrated or exported
-    ttt_eval_only: bool = False  # with EVAL_ONLY_QUANTIZED_PATH: TTT only, the round-trip and sliding evaluations skipped (the records' TTT_EVAL_ONLY)
+    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in
+    # order); empty = none
+    preset: str = ""
+    # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random
+    # suffix
+    run_id: str = ""
+    # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
+    overwrite_run: bool = False
+    # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and
+    # evaluate them
+    finish_from: str = ""
+    # an artifact (.ptz) to evaluate with this run's evaluation settings; nothing is trained, calibrated or exported
+    eval_only_quantized_path: str = ""
+    # with EVAL_ONLY_QUANTIZED_PATH: TTT only, the round-trip and sliding evaluations skipped (the records'
+    # TTT_EVAL_ONLY)
+    ttt_eval_only: bool = False
     seed: int = 1337  # seeds initialization (and sampling), not the data order, as in the challenge
-    data_seed: int = -1  # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per epoch from (DATA_SEED, epoch, shard)
+    # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per
+    # epoch from (DATA_SEED, epoch, shard)
+    data_seed: int = -1
     seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
-    data_dir: str = ""  # the records' DATA_DIR: the folder that replaces ./data in the default DATA_PATH and TOKENIZER_PATH; empty = ./data
+    # the records' DATA_DIR: the folder that replaces ./data in the default DATA_PATH and TOKENIZER_PATH; empty =
+    # ./data
+    data_dir: str = ""
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
-    vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
-    record_dir: str = ""  # when set, each seed leaves its log, the counted code and its index lines here; records/make.py builds the rest
-    record_name: str = ""  # submission.json "name"; with RECORD_DIR empty, the record goes to records/track_10min_16mb/<date>_<RECORD_NAME>/
+    vocab_size: int = setting(1024, ">0")  # must equal the tokenizer's vocabulary size
+    # when set, each seed leaves its log, the counted code and its index lines here; records/make.py builds the rest
+    record_dir: str = ""
+    # submission.json "name"; with RECORD_DIR empty, the record goes to
+    # records/track_10min_16mb/<date>_<RECORD_NAME>/
+    record_name: str = ""
     record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
     record_github_id: str = ""  # submission.json "github_id" (likewise)
     record_blurb: str = ""  # submission.json "blurb" (likewise)
 
     # --- schedule and batch ---
-    iterations: int = 20000  # maximum number of optimizer steps
-    max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
-    warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
-    train_batch_tokens: int = 786_432  # global batch in tokens per optimizer step, at every world size (the records' since March)
-    train_seq_len: int = 2048  # training sequence length (the records' since March; the baseline's 1024 is PRESET=baseline)
-    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
-    train_log_every: int = 200  # log the train loss every N steps
-    val_loss_every: int = 1000  # evaluate on the full validation split every N steps; 0 = only at the end
-    val_batch_size: int = 524_288  # validation tokens per forward pass, summed over ranks
+    iterations: int = setting(20000, ">0")  # maximum number of optimizer steps
+    # training-time cap (warmup, validation and export excluded); 0 = none
+    max_wallclock_seconds: float = setting(600.0, ">=0")
+    # untimed compile/warmup steps on training data, undone before training starts
+    warmup_steps: int = setting(20, ">=0")
+    # global batch in tokens per optimizer step, at every world size (the records' since March)
+    train_batch_tokens: int = setting(786_432, ">0")
+    # training sequence length (the records' since March; the baseline's 1024 is PRESET=baseline)
+    train_seq_len: int = setting(2048, ">0")
+    grad_accum_steps: int = setting(0, ">=0")  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    train_log_every: int = setting(200, ">=0")  # log the train loss every N steps
+    # evaluate on the full validation split every N steps; 0 = only at the end
+    val_loss_every: int = setting(1000, ">=0")
+    val_batch_size: int = setting(524_288, ">0")  # validation tokens per forward pass, summed over ranks
 
     # --- model: size (defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline) ---
-    num_layers: int = 11  # physical transformer blocks
-    model_dim: int = 512  # residual width
-    num_heads: int = 8  # query heads
-    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
-    mlp_mult: float = 4.0  # MLP hidden width = MLP_MULT * MODEL_DIM
-    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
-    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2
+    num_layers: int = setting(11, ">0")  # physical transformer blocks
+    model_dim: int = setting(512, ">0")  # residual width
+    num_heads: int = setting(8, ">0")  # query heads
+    num_kv_heads: int = setting(4, ">0")  # key/value heads (grouped-query attention)
+    mlp_mult: float = setting(4.0, ">0")  # MLP hidden width = MLP_MULT * MODEL_DIM
+    # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
+    mlp_activation: str = setting("leaky_relu2", "relu2|leaky_relu2|swiglu")
+    mlp_leaky_slope: float = setting(0.5, needs="MLP_ACTIVATION=leaky_relu2")  # negative slope of leaky_relu2
     tie_embeddings: bool = True  # share the token embedding with the output head
-    tied_embed_init_std: float = 0.005  # std of the tied embedding at init
+    tied_embed_init_std: float = setting(0.005, ">=0")  # std of the tied embedding at init
     ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
-    zero_init_proj: bool = True  # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init (neon213)
-    logit_softcap: float = 30.0  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
+    # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init
+    # (neon213)
+    zero_init_proj: bool = True
+    logit_softcap: float = setting(30.0, ">=0")  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
 
     # --- model: attention ---
-    rope_base: float = 10000.0  # rotary embedding base
+    rope_base: float = setting(10000.0, ">0")  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
-    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
-    attn_gate_scale: float = 0.5  # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
+    attn_gate: str = setting("sparse", "none|head|biased|output|sparse")
+    # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    attn_gate_scale: float = setting(0.5, needs="ATTN_GATE=sparse")
     gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
     value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
-    value_residual_form: str = "sigmoid"  # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
+    # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
+    value_residual_form: str = setting("sigmoid", "sigmoid|lambda", "VALUE_RESIDUAL=1")
     ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
-    ve_dim: int = 128  # width of the value-embedding table
-    ve_proj_init: str = "zero"  # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
+    ve_dim: int = setting(128, ">0", "VE_LAYERS")  # width of the value-embedding table
+    # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
+    ve_proj_init: str = setting("zero", "zero|ortho", "VE_LAYERS")
 
     # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
-    conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
-    mlp_conv_k: int = 0  # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
-    kernel_schedule: str = ""  # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size from the start
-    conv_init: str = "random"  # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
-    intent_gate: bool = False  # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
+    # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
+    conv_k: int = setting(0, ">=0")
+    # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
+    mlp_conv_k: int = setting(0, ">=0")
+    # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size
+    # from the start
+    kernel_schedule: str = ""
+    # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
+    conv_init: str = setting("random", "random|identity", "CONV_K or MLP_CONV_K > 0")
+    # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
+    intent_gate: bool = False
 
     # --- model: embedding side ---
     bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
-    bigram_dim: int = 112  # width of the BigramHash table
+    bigram_dim: int = setting(112, ">0", "BIGRAM_BUCKETS > 0")  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
-    doc_isolation: bool = False  # attention and the neon convs never read across a BOS inside a packed row or window (VarLenAttn record)
-    smear_gate_form: str = "scalar"  # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 - sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
-    embed_norm: bool = True  # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
+    # attention and the neon convs never read across a BOS inside a packed row or window (VarLenAttn record)
+    doc_isolation: bool = False
+    # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 -
+    # sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
+    smear_gate_form: str = setting("scalar", "scalar|blend", "SMEAR_GATE=1")
+    # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
+    embed_norm: bool = True
 
     # --- model: normalization, residual topology and loss ---
-    norm_weights: bool = False  # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
+    # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and
+    # K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
+    norm_weights: bool = False
     ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
-    sublayer_scales: bool = True  # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
-    resid_mix: bool = True  # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
+    sublayer_scales: bool = True
+    # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    resid_mix: bool = True
     unet_skips: bool = True  # U-Net skips: the first half of the virtual stack feeds the second half in reverse order
-    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
-    num_loops: int = 2  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
-    loop_start: int = 3  # first layer of the looped segment
-    loop_end: int = 5  # last layer of the looped segment (inclusive)
-    loop_enable_at: float = 0.35  # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
+    skip_gates: bool = setting(True, needs="UNET_SKIPS=1")
+    num_loops: int = setting(2, ">=0")  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
+    loop_start: int = setting(3, needs="NUM_LOOPS > 0")  # first layer of the looped segment
+    loop_end: int = setting(5, needs="NUM_LOOPS > 0")  # last layer of the looped segment (inclusive)
+    # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    loop_enable_at: float = setting(0.35, ">=0", "NUM_LOOPS > 0")
     parallel_residuals: bool = True  # two residual lanes with learned routing from PARALLEL_START_LAYER on
-    parallel_start_layer: int = 8  # first physical layer with parallel lanes
-    parallel_form: str = "routing"  # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
-    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last -N); 0 = off
-    backout_init: float = 0.0  # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
-    backout_read: bool = False  # layers after the cache compute attention keys and values from the cached state (PR #703)
-    mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+    parallel_start_layer: int = setting(8, needs="PARALLEL_RESIDUALS=1")  # first physical layer with parallel lanes
+    # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the
+    # lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
+    parallel_form: str = setting("routing", "routing|merge", "PARALLEL_RESIDUALS=1")
+    # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last
+    # -N); 0 = off
+    backout_layer: int = 0
+    # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
+    backout_init: float = setting(0.0, needs="BACKOUT_LAYER")
+    # layers after the cache compute attention keys and values from the cached state (PR #703)
+    backout_read: bool = setting(False, needs="BACKOUT_LAYER")
+    # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+    mile_gamma: float = setting(0.0, ">=0")
 
     # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
-    matrix_lr: float = 0.026  # Muon LR for the block matrices
-    scalar_lr: float = 0.02  # AdamW LR for gains, gates, scales and skip weights
-    tied_embed_lr: float = 0.03  # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
-    embed_lr: float = 0.6  # AdamW LR for the token tables when the embeddings are untied
-    head_lr: float = 0.008  # AdamW LR for the output head when untied
-    embed_weight_decay: float = 0.085  # AdamW decoupled weight decay of the token tables
-    scalar_weight_decay: float = 0.02  # AdamW decoupled weight decay of the gains, gates, scales and skip weights
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.99  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    muon_momentum: float = 0.97  # Muon momentum after its warmup
-    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
-    muon_momentum_warmup_steps: int = 1500  # steps of the linear Muon momentum warmup
-    muon_orthogonalizer: str = "polar_express"  # quintic (Newton-Schulz, the baseline's) or polar_express
-    muon_backend_steps: int = 5  # orthogonalization iterations per Muon update
+    matrix_lr: float = setting(0.026, ">=0")  # Muon LR for the block matrices
+    scalar_lr: float = setting(0.02, ">=0")  # AdamW LR for gains, gates, scales and skip weights
+    # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
+    tied_embed_lr: float = setting(0.03, ">=0", "TIE_EMBEDDINGS=1")
+    # AdamW LR for the token tables when the embeddings are untied
+    embed_lr: float = setting(0.6, ">=0", "TIE_EMBEDDINGS=0")
+    head_lr: float = setting(0.008, ">=0", "TIE_EMBEDDINGS=0")  # AdamW LR for the output head when untied
+    embed_weight_decay: float = setting(0.085, ">=0")  # AdamW decoupled weight decay of the token tables
+    # AdamW decoupled weight decay of the gains, gates, scales and skip weights
+    scalar_weight_decay: float = setting(0.02, ">=0")
+    beta1: float = setting(0.9, "[0,1)")  # AdamW beta1
+    beta2: float = setting(0.99, "[0,1)")  # AdamW beta2
+    adam_eps: float = setting(1e-8, ">0")  # AdamW epsilon
+    muon_momentum: float = setting(0.97, "[0,1)")  # Muon momentum after its warmup
+    # Muon momentum at step 0
+    muon_momentum_warmup_start: float = setting(0.92, "[0,1)", "MUON_MOMENTUM_WARMUP_STEPS > 0")
+    muon_momentum_warmup_steps: int = setting(1500, ">=0")  # steps of the linear Muon momentum warmup
+    # quintic (Newton-Schulz, the baseline's) or polar_express
+    muon_orthogonalizer: str = setting("polar_express", "quintic|polar_express")
+    muon_backend_steps: int = setting(5, ">0")  # orthogonalization iterations per Muon update
     muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
-    muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
+    # Muon decoupled weight decay (smaller weights also compress better)
+    muon_weight_decay: float = setting(0.095, ">=0")
     muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
-    embed_proj_optimizer: str = "muon"  # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549 family)
-    grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
-    warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
-    warmdown_iters: int = 0  # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces WARMDOWN_FRAC
-    min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
-    kernel_stage_restarts: bool = False  # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly to 0 within the stage
+    # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549
+    # family)
+    embed_proj_optimizer: str = setting("muon", "muon|adamw", "BIGRAM_BUCKETS > 0 or VE_LAYERS")
+    # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
+    grad_clip_norm: float = setting(0.3, ">=0")
+    # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    warmdown_frac: float = setting(0.85, "[0,1]")
+    # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces
+    # WARMDOWN_FRAC
+    warmdown_iters: int = setting(0, ">=0")
+    # floor of the LR scale during the warmdown
+    min_lr_scale: float = setting(0.0, "[0,1)", "WARMDOWN_FRAC or WARMDOWN_ITERS > 0")
+    # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly
+    # to 0 within the stage
+    kernel_stage_restarts: bool = setting(False, needs="KERNEL_SCHEDULE")
 
     # --- weight averaging ---
-    weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
-    ema_decay: float = 0.9965  # EMA decay per step
-    ema_warmup: bool = True  # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
-    swa_every: int = 50  # SWA takes a snapshot every N steps...
-    swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
+    # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
+    weight_averaging: str = setting("ema", "none|ema|swa|ema_swa")
+    ema_decay: float = setting(0.9965, "[0,1)", "WEIGHT_AVERAGING=ema or ema_swa")  # EMA decay per step
+    # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
+    ema_warmup: bool = setting(True, needs="WEIGHT_AVERAGING=ema or ema_swa")
+    swa_every: int = setting(50, ">0", "WEIGHT_AVERAGING=swa or ema_swa")  # SWA takes a snapshot every N steps...
+    # ...once the LR scale is below this
+    swa_start_lr_scale: float = setting(0.2, needs="WEIGHT_AVERAGING=swa or ema_swa")
 
     # --- evaluation and score-first test-time training ---
-    eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
-    eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
+    eval_seq_len: int = setting(0, ">=0")  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
     eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
-    eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
-    caseops_enabled: bool = False  # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
+    # eval time budget: TTT stops adapting (never scoring) when it would run over
+    eval_budget_seconds: float = setting(600.0, ">=0")
+    # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
+    caseops_enabled: bool = False
     ttt_enabled: bool = False  # score-first TTT after the sliding evaluation (the method: TTT_METHOD)
-    ttt_method: str = ""  # chunk (the LegalTTT records' chunk SGD) or lora (the 04-27 record's per-document LoRA); empty = the one the other TTT settings name
-    ttt_optimizer: str = ""  # sgd, or adamw (adam: the 04-27 record's spelling of it); empty = sgd for chunk, adamw for lora
-    ttt_chunk_tokens: int = 32768  # chunk: TTT scores, then adapts on, the validation stream in chunks of this many tokens
-    ttt_epochs: int = 3  # chunk: passes over each scored chunk
-    ttt_lr: float = 0.002  # chunk: peak TTT learning rate, cosine-decayed over chunks
-    ttt_momentum: float = 0.9  # chunk: SGD momentum, or AdamW beta1
-    ttt_batch_seqs: int = 32  # chunk: sequences per TTT step, summed over ranks
-    ttt_grad_clip: float = 1.0  # chunk: TTT gradient-norm clip; 0 = off
-    ttt_params: str = "all"  # chunk: what adapts: all, or comma-separated name patterns (e.g. blocks.8,blocks.9)
-    ttt_lora_rank: int = 96  # lora: rank of each document's adapters
-    ttt_lora_alpha: float = 144.0  # lora: adapter outputs are scaled by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767)
-    ttt_warm_start_a: bool = True  # lora: a new document resets B only, A stays warm within a phase (PR #1767); off = A re-drawn too
-    ttt_lora_lr: float = 0.0001  # lora: adapter learning rate (constant)
-    ttt_chunk_size: int = 48  # lora: each document is scored, then trained on, in chunks of this many targets
-    ttt_eval_seq_len: int = 0  # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
-    ttt_batch_size: int = 64  # lora: documents adapted side by side (longest batches first)
-    ttt_grad_steps: int = 1  # lora: optimizer steps on each scored chunk
-    ttt_weight_decay: float = 1.0  # lora: decoupled weight decay of the adapters
-    ttt_beta1: float = 0.0  # lora: AdamW beta1, or SGD momentum
-    ttt_beta2: float = 0.999  # lora: AdamW beta2
-    ttt_k_lora: bool = True  # lora: adapters on K (Q, V and the output head always have them)
-    ttt_o_lora: bool = True  # lora: adapters on the attention output, reading the block's normed input
-    ttt_mlp_lora: bool = True  # lora: a dim -> dim adapter beside each MLP
-    phased_ttt_enabled: bool = False  # phased TTT (PR #1610/#1626): after each phase of scored documents, global SGD on all of them
-    phased_ttt_prefix_docs: int = 2000  # the first N documents form the phased prefix: in stream order (chunk), in the longest-first queue's (lora)
-    phased_ttt_num_phases: int = 1  # the prefix is cut into this many phases of equal document counts
-    global_ttt_lr: float = 0.001  # peak SGD learning rate of a phase's global SGD, cosine-decayed over its chunks
-    global_ttt_momentum: float = 0.9  # SGD momentum of the global SGD (a fresh optimizer each phase)
-    global_ttt_epochs: int = 1  # passes over each chunk of the global SGD
-    global_ttt_chunk_tokens: int = 32768  # the global SGD walks the scored tokens in chunks of this many; the last chunk is not trained on
-    global_ttt_batch_seqs: int = 32  # sequences per global SGD step, summed over ranks
-    global_ttt_grad_clip: float = 1.0  # global SGD gradient-norm clip; 0 = off
-    global_ttt_warmup_chunks: int = 0  # the global SGD's LR rises linearly over this many chunks, then decays
-    global_ttt_warmup_start_lr: float = 0.0  # the LR of the first warmup chunk
-    global_ttt_respect_doc_boundaries: bool = True  # the global SGD's sequences never attend across a BOS; follows DOC_ISOLATION, and a value that differs from it is refused
+    # chunk (the LegalTTT records' chunk SGD) or lora (the 04-27 record's per-document LoRA); empty = the one the
+    # other TTT settings name
+    ttt_method: str = setting("", "|chunk|lora", "TTT_ENABLED=1")
+    # sgd, or adamw (adam: the 04-27 record's spelling of it); empty = sgd for chunk, adamw for lora
+    ttt_optimizer: str = setting("", "|sgd|adamw|adam", "TTT_ENABLED=1")
+    # chunk: TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_chunk_tokens: int = setting(32768, ">0", CHUNK_TTT)
+    ttt_epochs: int = setting(3, ">=0", CHUNK_TTT)  # chunk: passes over each scored chunk
+    ttt_lr: float = setting(0.002, ">=0", CHUNK_TTT)  # chunk: peak TTT learning rate, cosine-decayed over chunks
+    ttt_momentum: float = setting(0.9, "[0,1)", CHUNK_TTT)  # chunk: SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = setting(32, ">0", CHUNK_TTT)  # chunk: sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = setting(1.0, ">=0", CHUNK_TTT)  # chunk: TTT gradient-norm clip; 0 = off
+    # chunk: what adapts: all, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_params: str = setting("all", needs=CHUNK_TTT)
+    ttt_lora_rank: int = setting(96, ">0", LORA_TTT)  # lora: rank of each document's adapters
+    # lora: adapter outputs are scaled by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767)
+    ttt_lora_alpha: float = setting(144.0, ">=0", LORA_TTT)
+    # lora: a new document resets B only, A stays warm within a phase (PR #1767); off = A re-drawn too
+    ttt_warm_start_a: bool = setting(True, needs=LORA_TTT)
+    ttt_lora_lr: float = setting(0.0001, ">=0", LORA_TTT)  # lora: adapter learning rate (constant)
+    # lora: each document is scored, then trained on, in chunks of this many targets
+    ttt_chunk_size: int = setting(48, ">0", LORA_TTT)
+    # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
+    ttt_eval_seq_len: int = setting(0, ">=0", LORA_TTT)
+    ttt_batch_size: int = setting(64, ">0", LORA_TTT)  # lora: documents adapted side by side (longest batches first)
+    ttt_grad_steps: int = setting(1, ">0", LORA_TTT)  # lora: optimizer steps on each scored chunk
+    ttt_weight_decay: float = setting(1.0, ">=0", LORA_TTT)  # lora: decoupled weight decay of the adapters
+    ttt_beta1: float = setting(0.0, "[0,1)", LORA_TTT)  # lora: AdamW beta1, or SGD momentum
+    ttt_beta2: float = setting(0.999, "[0,1)", LORA_TTT)  # lora: AdamW beta2
+    ttt_k_lora: bool = setting(True, needs=LORA_TTT)  # lora: adapters on K (Q, V and the output head always have them)
+    # lora: adapters on the attention output, reading the block's normed input
+    ttt_o_lora: bool = setting(True, needs=LORA_TTT)
+    ttt_mlp_lora: bool = setting(True, needs=LORA_TTT)  # lora: a dim -> dim adapter beside each MLP
+    # phased TTT (PR #1610/#1626): after each phase of scored documents, global SGD on all of them
+    phased_ttt_enabled: bool = setting(False, needs="TTT_ENABLED=1")
+    # the first N documents form the phased prefix: in stream order (chunk), in the longest-first queue's (lora)
+    phased_ttt_prefix_docs: int = setting(2000, ">0", PHASED_TTT)
+    # the prefix is cut into this many phases of equal document counts
+    phased_ttt_num_phases: int = setting(1, ">0", PHASED_TTT)
+    # peak SGD learning rate of a phase's global SGD, cosine-decayed over its chunks
+    global_ttt_lr: float = setting(0.001, ">=0", PHASED_TTT)
+    # SGD momentum of the global SGD (a fresh optimizer each phase)
+    global_ttt_momentum: float = setting(0.9, ">=0", PHASED_TTT)
+    global_ttt_epochs: int = setting(1, ">=0", PHASED_TTT)  # passes over each chunk of the global SGD
+    # the global SGD walks the scored tokens in chunks of this many; the last chunk is not trained on
+    global_ttt_chunk_tokens: int = setting(32768, ">0", PHASED_TTT)
+    global_ttt_batch_seqs: int = setting(32, ">0", PHASED_TTT)  # sequences per global SGD step, summed over ranks
+    global_ttt_grad_clip: float = setting(1.0, ">=0", PHASED_TTT)  # global SGD gradient-norm clip; 0 = off
+    # the global SGD's LR rises linearly over this many chunks, then decays
+    global_ttt_warmup_chunks: int = setting(0, ">=0", PHASED_TTT)
+    global_ttt_warmup_start_lr: float = setting(0.0, ">=0", PHASED_TTT)  # the LR of the first warmup chunk
+    # the global SGD's sequences never attend across a BOS; follows DOC_ISOLATION, and a value that differs from it
+    # is refused
+    global_ttt_respect_doc_boundaries: bool = setting(True, needs=PHASED_TTT)
 
     # --- diagnostics ---
-    pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    pr_every: int = setting(0, ">=0")
     gen_prompt: str = ""  # at the end, sample text from the round-tripped model after this prompt; empty = no sample
-    gen_tokens: int = 64  # tokens to sample
-    gen_temperature: float = 0.8  # sampling temperature; 0 = greedy
-    gen_top_k: int = 50  # sample among the k most likely tokens; 0 = all
+    gen_tokens: int = setting(64, ">=0", "GEN_PROMPT")  # tokens to sample
+    gen_temperature: float = setting(0.8, ">=0", "GEN_PROMPT")  # sampling temperature; 0 = greedy
+    gen_top_k: int = setting(50, ">=0", "GEN_PROMPT")  # sample among the k most likely tokens; 0 = all
 
     # --- quantization and export ---
-    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not quantized
-    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
-    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th percentile) or rowmax
-    clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
-    clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
-    clip_k_embed: float = 14.0  # SDClip k of the token tables
-    quant_packing: str = "byte"  # byte (an int8 per value) or dense (bit-packed)
+    # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not
+    # quantized
+    quant_bits: int = 6
+    # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
+    embed_quant_bits: int = 7
+    # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th
+    # percentile) or rowmax
+    quant_clip: str = setting("sdclip", "sdclip|percentile|quantile|rowmax")
+    clip_k_mlp: float = setting(11.5, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the MLP matrices
+    # SDClip k of the attention and other projection matrices
+    clip_k_attn: float = setting(13.0, ">0", "QUANT_CLIP=sdclip")
+    clip_k_embed: float = setting(14.0, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the token tables
+    quant_packing: str = setting("byte", "byte|dense")  # byte (an int8 per value) or dense (bit-packed)
     gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
-    gptq_calibration: str = "train"  # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR #1019/#1392)
-    gptq_calibration_batches: int = 16  # global training batches (after the last step) whose activations give the Hessians
-    gptq_self_seqs: int = 64  # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
-    gptq_self_seq_len: int = 2048  # their length in tokens, each started from BOS
-    gptq_self_temperature: float = 0.8  # their sampling temperature
-    gptq_reserve_seconds: float = 0.0  # the least time taken off MAX_WALLCLOCK_SECONDS for calibration; the reserve is the larger of this and the calibration time measured in the warmup
-    gptq_block_size: int = 128  # columns per GPTQ block
-    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
-    lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
-    lqer_top_k: int = 3  # matrices that get the LQER correction
-    qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
-    size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
-    quant_passthrough_numel: int = 0  # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 = quantize every matrix
-    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an error
+    # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR
+    # #1019/#1392)
+    gptq_calibration: str = setting("train", "train|self", "GPTQ=1")
+    # global training batches (after the last step) whose activations give the Hessians
+    gptq_calibration_batches: int = setting(16, ">=0", "GPTQ=1 and GPTQ_CALIBRATION=train")
+    # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
+    gptq_self_seqs: int = setting(64, ">0", "GPTQ=1 and GPTQ_CALIBRATION=self")
+    # their length in tokens, each started from BOS
+    gptq_self_seq_len: int = setting(2048, ">0", "GPTQ=1 and GPTQ_CALIBRATION=self")
+    gptq_self_temperature: float = setting(0.8, ">=0", "GPTQ=1 and GPTQ_CALIBRATION=self")  # their sampling temperature
+    # the least time taken off MAX_WALLCLOCK_SECONDS for calibration; the reserve is the larger of this and the
+    # calibration time measured in the warmup
+    gptq_reserve_seconds: float = setting(0.0, ">=0", "GPTQ=1")
+    gptq_block_size: int = setting(128, ">0", "GPTQ=1")  # columns per GPTQ block
+    gptq_damp: float = setting(0.01, ">=0", "GPTQ=1")  # GPTQ damping, a fraction of the mean Hessian diagonal
+    lqer_rank: int = setting(0, ">=0")  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
+    lqer_top_k: int = setting(3, ">=0", "LQER_RANK > 0")  # matrices that get the LQER correction
+    # STE quantization-aware training from when the LR scale falls below this; 0 = off
+    qat_start_lr_scale: float = setting(0.0, ">=0")
+    # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
+    size_target_bytes: int = setting(16_000_000, ">=0", "QUANT_CLIP=sdclip")
+    # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
+    # quantize every matrix
+    quant_passthrough_numel: int = setting(0, ">=0")
+    # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an
+    # error
+    compressor: str = setting("brotli", "zstd|brotli|lzma|zlib")
     byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
-    pack_code: bool = True  # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw file
+    # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw
+    # file
+    pack_code: bool = True
 
     # --- systems ---
-    device: str = "auto"  # auto, cuda or cpu
-    compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
-    compile_scope: str = "model"  # model: the whole forward as one graph per layout, as the records compile it; block: one graph per distinct block structure, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the compile time; its step time on a GPU is the GPU check's to measure)
-    autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
-    attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
-    benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+    device: str = setting("auto", "auto|cuda|cpu")  # auto, cuda or cpu
+    # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
+    compile: str = setting("auto", "auto|1|0")
+    # model: the whole forward as one graph per layout, as the records compile it; block: one graph per distinct
+    # block structure, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the
+    # compile time; its step time on a GPU is the GPU check's to measure)
+    compile_scope: str = setting("model", "model|block", "COMPILE=auto or 1")
+    # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
+    autocast: str = setting("auto", "auto|bf16|off")
+    attn_backend: str = setting("auto", "auto|fa3|fa2|sdpa")  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+    benchmark_steps: int = setting(0, ">=0")
 
     @classmethod
     def from_env(cls, environ=None):
@@ -336,173 +482,20 @@ class Hyperparameters:
         self.validate()
 
     def validate(self):
-        """World-size-independent checks; `setup_distributed` checks the batch against the world size."""
-        def require(ok, env_name, why):
-            if not ok:
-                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
-        for field in dataclasses.fields(self):  # nan and inf pass no range check below: refuse them here
-            require(field.type is not float or math.isfinite(getattr(self, field.name)), field.name.upper(), "must be finite")
-        require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", self.run_id) is not None, "RUN_ID",
-                "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
-        for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
-                     "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        for name in ("warmup_steps", "grad_accum_steps", "benchmark_steps", "train_log_every", "val_loss_every",
-                     "max_wallclock_seconds"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
-        require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        require(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        require((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
-        require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
-                f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
-        require(self.logit_softcap >= 0, "LOGIT_SOFTCAP", "must be zero (no softcap) or positive")
-        require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
-        require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
-        require(self.compile in ("auto", "1", "0"), "COMPILE", "choose auto (CUDA only), 1 or 0")
-        require(self.compile_scope in ("block", "model"), "COMPILE_SCOPE", "choose block or model")
-        require(self.autocast in ("auto", "bf16", "off"), "AUTOCAST", "choose auto, bf16 or off")
-        require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
-        self.seed_list()  # raises on a bad list
-        self.validate_eval_only(require)
-        require(self.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
-        self.validate_optimizer(require)
-        self.validate_export(require)
-        for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("global_ttt_lr", "global_ttt_momentum", "global_ttt_epochs", "global_ttt_grad_clip",
-                     "global_ttt_warmup_chunks", "global_ttt_warmup_start_lr", "ttt_lora_lr", "ttt_weight_decay",
-                     "ttt_lora_alpha", "ttt_eval_seq_len"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank", "phased_ttt_prefix_docs",
-                     "phased_ttt_num_phases", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "ttt_chunk_size",
-                     "ttt_batch_size", "ttt_grad_steps"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        for name in ("ttt_beta1", "ttt_beta2"):
-            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
-        require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
-        require(self.ttt_eval_seq_len <= max(self.train_seq_len, self.eval_seq_len), "TTT_EVAL_SEQ_LEN",
-                f"must not exceed the longest positions the model has (TRAIN_SEQ_LEN={self.train_seq_len}, "
-                f"EVAL_SEQ_LEN={self.eval_seq_len})")
-        require(self.ttt_method in ("", "chunk", "lora"), "TTT_METHOD", "choose chunk or lora")
-        require(not self.ttt_enabled or self.ttt_method != "", "TTT_METHOD", "choose chunk or lora with TTT_ENABLED=1")
-        require(self.ttt_optimizer in ("", "sgd", "adamw", "adam"), "TTT_OPTIMIZER", "choose sgd or adamw (or adam)")
-        for name in ("pr_every", "gen_tokens", "gen_temperature", "gen_top_k"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        self.validate_model(require)
-
-    def validate_eval_only(self, require):
-        require(not self.ttt_eval_only or self.eval_only_quantized_path, "TTT_EVAL_ONLY",
-                "names no artifact: set EVAL_ONLY_QUANTIZED_PATH to the .ptz to evaluate (a run writes "
-                "logs/<RUN_ID>_model.<format>.ptz)")
-        require(not self.ttt_eval_only or self.ttt_enabled, "TTT_EVAL_ONLY", "evaluates TTT only: set TTT_ENABLED=1")
-        if self.eval_only_quantized_path:
-            for name, busy in (("finish_from", self.finish_from), ("record_dir", self.record_dir),
-                               ("seeds", len(self.seed_list()) > 1), ("benchmark_steps", self.benchmark_steps)):
-                require(not busy, name.upper(), "cannot go with EVAL_ONLY_QUANTIZED_PATH, which trains nothing")
-
-    def validate_model(self, require):
-        head_dim = self.model_dim // self.num_heads
-        require(self.mlp_activation in ("relu2", "leaky_relu2", "swiglu"), "MLP_ACTIVATION", "choose relu2, leaky_relu2 or swiglu")
-        for name in ("conv_k", "mlp_conv_k"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
-        require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
-        require(self.conv_init in ("random", "identity"), "CONV_INIT", "choose random or identity")
-        stages = self.kernel_stages
-        require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
-        if self.kernel_stage_restarts:
-            require(self.warmdown_frac == 0 and self.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
-                    "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
-            require(self.max_wallclock_seconds == 0 or all(when < 1 for when, _ in stages), "KERNEL_SCHEDULE",
-                    "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
-                    "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
-        require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
-                f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
-        require(self.attn_gate in ATTENTION_GATES, "ATTN_GATE", f"choose one of {', '.join(ATTENTION_GATES)} (the gates are exclusive)")
-        for name, choices in (("value_residual_form", ("sigmoid", "lambda")), ("ve_proj_init", ("zero", "ortho")),
-                              ("smear_gate_form", ("scalar", "blend")), ("parallel_form", ("routing", "merge")),
-                              ("embed_proj_optimizer", ("muon", "adamw"))):
-            require(getattr(self, name) in choices, name.upper(), f"choose {' or '.join(choices)}")
-        require(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
-        for name in ("xsa_layers", "ve_layers"):
-            self.layer_set(name)  # raises on a bad list
-        require(self.ve_dim > 0, "VE_DIM", "must be positive")
-        require(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
-        require(self.bigram_dim > 0, "BIGRAM_DIM", "must be positive")
-        require(self.num_loops >= 0, "NUM_LOOPS", "must be zero or positive")
-        if self.num_loops:
-            require(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_END",
-                    f"need 0 <= LOOP_START={self.loop_start} <= LOOP_END < NUM_LAYERS={self.num_layers} (or NUM_LOOPS=0)")
-        require(self.loop_enable_at >= 0, "LOOP_ENABLE_AT", "must be zero or positive")
-        if self.parallel_residuals:
-            require(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
-                    f"must be a layer below NUM_LAYERS={self.num_layers} (or PARALLEL_RESIDUALS=0)")
-            straddles = self.num_loops and self.loop_start < self.parallel_start_layer <= self.loop_end
-            require(self.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
-                    f"=merge keeps two lanes to the end, so the looped layers {self.loop_start}..{self.loop_end} must not "
-                    f"straddle PARALLEL_START_LAYER={self.parallel_start_layer}")
-        virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
-        require(-self.num_layers < self.backout_layer < virtual, "BACKOUT_LAYER",
-                f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-self.num_layers} (counted from the end)")
-        require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
-
-    def validate_optimizer(self, require):
-        for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "grad_clip_norm",
-                     "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay",
-                     "warmdown_iters", "tied_embed_init_std"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ttt_momentum"):
-            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
-        require(self.adam_eps > 0, "ADAM_EPS", "must be positive")
-        require(self.rope_base > 0, "ROPE_BASE", "must be positive")
-        require(not (self.warmdown_iters > 0 and self.warmdown_frac > 0), "WARMDOWN_ITERS",
-                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
-                f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
-        require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
-        require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
-        for name in ("min_lr_scale", "ema_decay"):
-            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
-        require(self.weight_averaging in ("none", "ema", "swa", "ema_swa"), "WEIGHT_AVERAGING", "choose none, ema, swa or ema_swa")
-        require(self.swa_every > 0, "SWA_EVERY", "must be positive")
-        for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
-            require(getattr(self, name) == 0 or getattr(self, name) > self.min_lr_scale, name.upper(),
-                    f"must be above MIN_LR_SCALE={self.min_lr_scale}, or the LR scale never falls below it")
-
-    def validate_export(self, require):
-        for name in ("quant_bits", "embed_quant_bits"):
-            require(5 <= getattr(self, name) <= 8 or getattr(self, name) == FP16_BITS, name.upper(),
-                    "must be 5..8, or 16 (fp16, not quantized)")
-        require(self.quant_clip in ("sdclip", "percentile", "quantile", "rowmax"), "QUANT_CLIP",
-                "choose sdclip, percentile, quantile or rowmax")
-        for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        require(self.quant_packing in ("byte", "dense"), "QUANT_PACKING", "choose byte or dense")
-        for name in ("gptq_calibration_batches", "gptq_reserve_seconds", "gptq_damp", "lqer_rank", "lqer_top_k",
-                     "qat_start_lr_scale", "size_target_bytes"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
-        require(self.gptq_calibration in ("train", "self"), "GPTQ_CALIBRATION", "choose train or self")
-        for name in ("gptq_self_seqs", "gptq_self_seq_len"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        if self.gptq and self.gptq_calibration == "self":
-            require(self.gptq_self_seq_len <= max(self.train_seq_len, self.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
-                    f"must not exceed TRAIN_SEQ_LEN={self.train_seq_len} or EVAL_SEQ_LEN={self.eval_seq_len} (the "
-                    f"longest positions the model has)")
-        require(self.gptq_self_temperature >= 0, "GPTQ_SELF_TEMPERATURE", "must be zero (greedy) or positive")
-        require(self.quant_passthrough_numel >= 0, "QUANT_PASSTHROUGH_NUMEL", "must be zero or positive")
-        if self.quant_bits == self.embed_quant_bits == FP16_BITS:
-            for name, on in (("gptq", self.gptq), ("lqer_rank", self.lqer_rank), ("qat_start_lr_scale", self.qat_start_lr_scale)):
-                require(not on, name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 (nothing is quantized); "
-                        "set it to 0")
-        require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-                "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.pack_code and not compressor_available("brotli"):
-            raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
-                              "(pip install brotli, or PACK_CODE=0 to count the raw file)")
-        if not compressor_available(self.compressor):
-            raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
-                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})")
+        """Each field's own check, then the rules between fields. World-size-independent: `setup` checks the batch
+        against the world size."""
+        for field in dataclasses.fields(self):
+            value, check = getattr(self, field.name), field.metadata.get("check")
+            if field.type is float and not math.isfinite(value):  # nan and inf pass no range check
+                raise ConfigError(f"{field.name.upper()}={value!r}: must be finite")
+            if check in RANGE_CHECKS and not RANGE_CHECKS[check][0](value):
+                raise ConfigError(f"{field.name.upper()}={value!r}: {RANGE_CHECKS[check][1]}")
+            if check and check not in RANGE_CHECKS and value not in check.split("|"):
+                choices = [choice for choice in check.split("|") if choice]
+                raise ConfigError(f"{field.name.upper()}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+        self.seed_list(), self.kernel_stages, self.layer_set("xsa_layers"), self.layer_set("ve_layers")  # parsed
+        for rule in (rules_of_run_and_data, rules_of_model, rules_of_training, rules_of_export, rules_of_evaluation):
+            rule(self, functools.partial(require, self))
 
     @functools.cached_property  # parsed once: the training loop asks every step
     def kernel_stages(self):
@@ -557,6 +550,104 @@ class Hyperparameters:
             raise ConfigError(f"{name.upper()}={spec!r}: indices must be in -{self.num_layers}..{self.num_layers - 1} "
                               f"(NUM_LAYERS={self.num_layers})")
         return {layer % self.num_layers for layer in layers}
+
+
+def require(hp, ok, env_name, why):
+    if not ok:
+        raise ConfigError(f"{env_name}={getattr(hp, env_name.lower())!r}: {why}")
+
+
+# The rules between settings; each field's own range or choices is checked by `Hyperparameters.validate`.
+def rules_of_run_and_data(hp, require):
+    require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", hp.run_id) is not None, "RUN_ID",
+            "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
+    require(hp.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+    require(hp.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
+    require(not hp.ttt_eval_only or hp.eval_only_quantized_path, "TTT_EVAL_ONLY",
+            "names no artifact: set EVAL_ONLY_QUANTIZED_PATH to the .ptz to evaluate (a run writes "
+            "logs/<RUN_ID>_model.<format>.ptz)")
+    require(not hp.ttt_eval_only or hp.ttt_enabled, "TTT_EVAL_ONLY", "evaluates TTT only: set TTT_ENABLED=1")
+    if hp.eval_only_quantized_path:
+        for name, busy in (("finish_from", hp.finish_from), ("record_dir", hp.record_dir),
+                           ("seeds", len(hp.seed_list()) > 1), ("benchmark_steps", hp.benchmark_steps)):
+            require(not busy, name.upper(), "cannot go with EVAL_ONLY_QUANTIZED_PATH, which trains nothing")
+
+
+def rules_of_model(hp, require):
+    head_dim = hp.model_dim // hp.num_heads
+    require(hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
+    require(hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+    require(head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+    require(0 <= hp.rope_dims <= head_dim and hp.rope_dims % 2 == 0, "ROPE_DIMS",
+            f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
+    require(hp.mlp_conv_k == 0 or hp.mlp_activation == "swiglu", "MLP_CONV_K",
+            "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
+    require(not hp.kernel_stages or max(hp.conv_k, hp.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
+    require(0 < hp.gate_window <= hp.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
+    require(hp.bigram_buckets == 0 or hp.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
+    if hp.num_loops:
+        require(0 <= hp.loop_start <= hp.loop_end < hp.num_layers, "LOOP_END",
+                f"need 0 <= LOOP_START={hp.loop_start} <= LOOP_END < NUM_LAYERS={hp.num_layers} (or NUM_LOOPS=0)")
+    if hp.parallel_residuals:
+        require(0 <= hp.parallel_start_layer < hp.num_layers, "PARALLEL_START_LAYER",
+                f"must be a layer below NUM_LAYERS={hp.num_layers} (or PARALLEL_RESIDUALS=0)")
+        straddles = hp.num_loops and hp.loop_start < hp.parallel_start_layer <= hp.loop_end
+        require(hp.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
+                f"=merge keeps two lanes to the end, so the looped layers {hp.loop_start}..{hp.loop_end} must not "
+                f"straddle PARALLEL_START_LAYER={hp.parallel_start_layer}")
+    virtual = hp.num_layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
+    require(-hp.num_layers < hp.backout_layer < virtual, "BACKOUT_LAYER",
+            f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-hp.num_layers} (counted from the end)")
+
+
+def rules_of_training(hp, require):
+    require(hp.train_batch_tokens % hp.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+            f"must be a multiple of TRAIN_SEQ_LEN={hp.train_seq_len}")
+    require(not (hp.warmdown_iters > 0 and hp.warmdown_frac > 0), "WARMDOWN_ITERS",
+            f"and WARMDOWN_FRAC={hp.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
+            f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
+    for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
+        require(getattr(hp, name) == 0 or getattr(hp, name) > hp.min_lr_scale, name.upper(),
+                f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
+    if hp.kernel_stage_restarts:
+        require(hp.warmdown_frac == 0 and hp.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
+                "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
+        require(hp.max_wallclock_seconds == 0 or all(when < 1 for when, _ in hp.kernel_stages), "KERNEL_SCHEDULE",
+                "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
+                "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
+
+
+def rules_of_export(hp, require):
+    for name in ("quant_bits", "embed_quant_bits"):
+        require(5 <= getattr(hp, name) <= 8 or getattr(hp, name) == FP16_BITS, name.upper(),
+                "must be 5..8, or 16 (fp16, not quantized)")
+    require(not hp.gptq or hp.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
+    if hp.gptq and hp.gptq_calibration == "self":
+        require(hp.gptq_self_seq_len <= max(hp.train_seq_len, hp.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
+                f"must not exceed TRAIN_SEQ_LEN={hp.train_seq_len} or EVAL_SEQ_LEN={hp.eval_seq_len} (the "
+                f"longest positions the model has)")
+    if hp.quant_bits == hp.embed_quant_bits == FP16_BITS:
+        for name in ("gptq", "lqer_rank", "qat_start_lr_scale"):
+            require(not getattr(hp, name), name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 "
+                    "(nothing is quantized); set it to 0")
+    require(not (hp.gptq and hp.max_wallclock_seconds) or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
+            "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
+    if hp.pack_code and not compressor_available("brotli"):
+        raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
+                          "(pip install brotli, or PACK_CODE=0 to count the raw file)")
+    if not compressor_available(hp.compressor):
+        raise ConfigError(f"COMPRESSOR={hp.compressor!r}: its package is not installed "
+                          f"(pip install {'zstandard' if hp.compressor == 'zstd' else 'brotli'})")
+
+
+def rules_of_evaluation(hp, require):
+    require(hp.val_batch_size >= hp.train_seq_len, "VAL_BATCH_SIZE",
+            f"must hold one TRAIN_SEQ_LEN={hp.train_seq_len} window")
+    require(hp.eval_stride <= (hp.eval_seq_len or hp.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
+    require(hp.ttt_eval_seq_len <= max(hp.train_seq_len, hp.eval_seq_len), "TTT_EVAL_SEQ_LEN",
+            f"must not exceed the longest positions the model has (TRAIN_SEQ_LEN={hp.train_seq_len}, "
+            f"EVAL_SEQ_LEN={hp.eval_seq_len})")
+    require(not hp.ttt_enabled or hp.ttt_method != "", "TTT_METHOD", "choose chunk or lora with TTT_ENABLED=1")
 
 
 # neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
@@ -713,145 +804,13 @@ def _parse_env(env_name, raw, typ):
         raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
 
 
-# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
-# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
-SETTING_ALIASES = {
-    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
-    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
-    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
-    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
-    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
-    "BIGRAM_VOCAB_SIZE": "bigram_buckets",  # the PR #549 family's: the same hash, the last bucket kept for "none"
-}
-FOREIGN_SETTING_HINTS = {
-    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)",
-    "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
-    "GATED_ATTN_ENABLED": "ATTN_GATE=head", "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output",
-    "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
-    "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS", "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE",
-    "COMPILE_MODEL": "COMPILE",
-    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
-    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
-    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
-    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
-    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
-}
-# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
-FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
-    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
-    MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
-    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
-    SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
-    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
-    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
-    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
-    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
-    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
-    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
-    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
-    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
-    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
-    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
-    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
-    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
-    EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
-    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
-    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
-""".split())
-
-
-def _translate_xsa_last_n(raw, environ):
-    count = _parse_env("XSA_LAST_N", raw, int)
-    if count < 0:
-        raise ConfigError(f"XSA_LAST_N={raw!r}: must be zero or positive")
-    return {"xsa_layers": ",".join(str(-back) for back in range(count, 0, -1))}
-
-
-def _translate_ve_enabled(raw, environ):
-    """Here the value embedding is on exactly where VE_LAYERS names layers."""
-    if _parse_env("VE_ENABLED", raw, bool):
-        if not environ.get("VE_LAYERS", "").strip():
-            raise ConfigError("VE_ENABLED=1: set VE_LAYERS too (the value embedding is on where it names layers; the "
-                              "03-23 record's default is 9,10)")
-        return {}
-    return {"ve_layers": ""}
-
-
-def _translate_ttt_freeze_blocks(raw, environ):
-    if _parse_env("TTT_FREEZE_BLOCKS", raw, int) != 0:
-        raise ConfigError(f"TTT_FREEZE_BLOCKS={raw!r}: set TTT_PARAMS to the name patterns of what adapts instead "
-                          f"(e.g. blocks.2,blocks.3,...; TTT_FREEZE_BLOCKS=0 is TTT_PARAMS=all)")
-    return {"ttt_params": "all"}
-
-
-def _translate_sparse_attn_gate(raw, environ):
-    """The 04-27 record's sparse head gate switch; its other gates have switches of their own, all off by default."""
-    return {"attn_gate": "sparse" if _parse_env("SPARSE_ATTN_GATE_ENABLED", raw, bool) else "none"}
-
-
-def _ema_and_swa_as_in_the_03_23_record(environ):
-    """EMA_ENABLED=1 with SWA_ENABLED=1 (or unset): the PR #549 family keeps an EMA and SWA snapshots and exports
-    the EMA; its SWA is never applied."""
-    flag = lambda name, default: _parse_env(name, environ.get(name, default), bool)
-    return flag("EMA_ENABLED", "0") and flag("SWA_ENABLED", "1")
-
-
-def _translate_averaging_switch(name):
-    """EMA_ENABLED and SWA_ENABLED: the records give them different meanings but for the PR #549 family's pair."""
-    def translate(raw, environ):
-        if not _ema_and_swa_as_in_the_03_23_record(environ):
-            raise ConfigError(f"{name}={raw!r}: the records give EMA_ENABLED and SWA_ENABLED different meanings, but "
-                              f"for EMA_ENABLED=1 with SWA_ENABLED=1 or unset (the EMA is exported, the SWA never "
-                              f"applied); set WEIGHT_AVERAGING=none, ema, swa or ema_swa")
-        return {"weight_averaging": "ema"}
-    return translate
-
-
-def _translate_swa_every(raw, environ):
-    """Ours (snapshots every N steps), except beside the PR #549 family's EMA_ENABLED=1, whose SWA is never applied."""
-    return {"weight_averaging": "ema"} if _ema_and_swa_as_in_the_03_23_record(environ) else {"swa_every": raw}
-
-
-def _translate_late_qat(name):
-    def translate(raw, environ):  # parsed for its type only: every value means the same here
-        _parse_env(name, raw, bool if name == "LATE_QAT" else float)
-        return {"qat_start_lr_scale": "0"}
-    return translate
-
-
-# Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
-# that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
-# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are
-# QAT off; QAT_START_LR_SCALE is the late QAT that runs.
-RECORD_TRANSLATIONS = {
-    "XSA_LAST_N": _translate_xsa_last_n, "VE_ENABLED": _translate_ve_enabled,
-    "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),
-    "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
-    "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
-    "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate,
-}
-
-# Variables of other programs that are never read as settings, even when a name is close to one of ours.
-FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
-                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
-
-
 # TTT_ENABLED=1 means chunk SGD TTT in the 03-23 LegalTTT record and per-document LoRA TTT in the 04-27 record.
 # Here TTT_METHOD says which; left empty, the method is the one the other TTT settings given belong to.
-CHUNK_TTT_SETTINGS = ("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_batch_seqs", "ttt_grad_clip",
-                      "ttt_params")
-LORA_TTT_SETTINGS = ("ttt_lora_rank", "ttt_lora_alpha", "ttt_warm_start_a", "ttt_lora_lr", "ttt_chunk_size",
-                     "ttt_eval_seq_len", "ttt_batch_size", "ttt_grad_steps", "ttt_weight_decay", "ttt_beta1",
-                     "ttt_beta2", "ttt_k_lora", "ttt_o_lora", "ttt_mlp_lora")
-PHASED_TTT_SETTINGS = ("phased_ttt_prefix_docs", "phased_ttt_num_phases", "global_ttt_lr", "global_ttt_momentum",
-                       "global_ttt_epochs", "global_ttt_chunk_tokens", "global_ttt_batch_seqs", "global_ttt_grad_clip",
-                       "global_ttt_warmup_chunks", "global_ttt_warmup_start_lr", "global_ttt_respect_doc_boundaries")
-
-
 def ttt_method_named(sources):
     """(method, source) from the TTT settings given in the environment; refused when they name none or both."""
-    given = lambda names: [name.upper() for name in names if sources.get(name, "default").startswith("env")]
-    chunk, lora = given(CHUNK_TTT_SETTINGS), given(LORA_TTT_SETTINGS)
+    given = lambda needs: [f.name.upper() for f in dataclasses.fields(Hyperparameters)
+                           if f.metadata.get("needs") == needs and sources.get(f.name, "default").startswith("env")]
+    chunk, lora = given(CHUNK_TTT), given(LORA_TTT)
     if chunk and lora:
         raise ConfigError(f"TTT settings of two methods are set: {', '.join(chunk)} (chunk SGD TTT) and "
                           f"{', '.join(lora)} (per-document LoRA TTT); set TTT_METHOD=chunk or TTT_METHOD=lora and "
@@ -862,89 +821,13 @@ def ttt_method_named(sources):
     return ("chunk", f"implied:{chunk[0]}") if chunk else ("lora", f"implied:{lora[0]}")
 
 
-# Settings that only act when another one switches them on: {setting: (is it in effect?, what switches it on)}.
-# One set explicitly while switched off would be ignored, so it is refused (a preset's values are not checked).
-INERT_UNLESS = {
-    **dict.fromkeys(("ttt_method", "ttt_optimizer", "phased_ttt_enabled"),
-                    (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
-    **dict.fromkeys(CHUNK_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "chunk",
-                                         "TTT_ENABLED=1 and TTT_METHOD=chunk")),
-    **dict.fromkeys(LORA_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.ttt_method == "lora",
-                                        "TTT_ENABLED=1 and TTT_METHOD=lora")),
-    **dict.fromkeys(PHASED_TTT_SETTINGS, (lambda hp: hp.ttt_enabled and hp.phased_ttt_enabled,
-                                          "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1")),
-    "mlp_leaky_slope": (lambda hp: hp.mlp_activation == "leaky_relu2", "MLP_ACTIVATION=leaky_relu2"),
-    "attn_gate_scale": (lambda hp: hp.attn_gate == "sparse", "ATTN_GATE=sparse"),
-    "ve_dim": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
-    "bigram_dim": (lambda hp: hp.bigram_buckets > 0, "BIGRAM_BUCKETS > 0"),
-    "conv_init": (lambda hp: max(hp.conv_k, hp.mlp_conv_k) > 0, "CONV_K or MLP_CONV_K > 0"),
-    "skip_gates": (lambda hp: hp.unet_skips, "UNET_SKIPS=1"),
-    **dict.fromkeys(("loop_start", "loop_end", "loop_enable_at"), (lambda hp: hp.num_loops > 0, "NUM_LOOPS > 0")),
-    "parallel_start_layer": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
-    "ema_decay": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
-    **dict.fromkeys(("swa_every", "swa_start_lr_scale"), (lambda hp: hp.weight_averaging in ("swa", "ema_swa"),
-                                                          "WEIGHT_AVERAGING=swa or ema_swa")),
-    **dict.fromkeys(("gptq_reserve_seconds", "gptq_block_size", "gptq_damp"), (lambda hp: hp.gptq, "GPTQ=1")),
-    "gptq_calibration_batches": (lambda hp: hp.gptq and hp.gptq_calibration == "train", "GPTQ=1 and GPTQ_CALIBRATION=train"),
-    "lqer_top_k": (lambda hp: hp.lqer_rank > 0, "LQER_RANK > 0"),
-    "value_residual_form": (lambda hp: hp.value_residual, "VALUE_RESIDUAL=1"),
-    "ve_proj_init": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
-    "smear_gate_form": (lambda hp: hp.smear_gate, "SMEAR_GATE=1"),
-    "parallel_form": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
-    **dict.fromkeys(("backout_init", "backout_read"), (lambda hp: hp.backout_layer != 0, "BACKOUT_LAYER")),
-    "embed_proj_optimizer": (lambda hp: hp.bigram_buckets > 0 or bool(hp.ve_layers.strip()), "BIGRAM_BUCKETS > 0 or VE_LAYERS"),
-    "kernel_stage_restarts": (lambda hp: bool(hp.kernel_schedule), "KERNEL_SCHEDULE"),
-    "ema_warmup": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
-    "gptq_calibration": (lambda hp: hp.gptq, "GPTQ=1"),
-    **dict.fromkeys(("gptq_self_seqs", "gptq_self_seq_len", "gptq_self_temperature"),
-                    (lambda hp: hp.gptq and hp.gptq_calibration == "self", "GPTQ=1 and GPTQ_CALIBRATION=self")),
-    **dict.fromkeys(("gen_tokens", "gen_temperature", "gen_top_k"), (lambda hp: bool(hp.gen_prompt), "GEN_PROMPT")),
-    "tied_embed_lr": (lambda hp: hp.tie_embeddings, "TIE_EMBEDDINGS=1"),
-    **dict.fromkeys(("embed_lr", "head_lr"), (lambda hp: not hp.tie_embeddings, "TIE_EMBEDDINGS=0")),
-    "muon_momentum_warmup_start": (lambda hp: hp.muon_momentum_warmup_steps > 0, "MUON_MOMENTUM_WARMUP_STEPS > 0"),
-    **dict.fromkeys(("clip_k_mlp", "clip_k_attn", "clip_k_embed", "size_target_bytes"),
-                    (lambda hp: hp.quant_clip == "sdclip", "QUANT_CLIP=sdclip")),
-    "compile_scope": (lambda hp: hp.compile != "0", "COMPILE=auto or 1"),
-    "min_lr_scale": (lambda hp: hp.warmdown_frac > 0 or hp.warmdown_iters > 0, "WARMDOWN_FRAC or WARMDOWN_ITERS > 0"),
-}
-
-
 def refuse_inert_settings(hp, sources):
-    for name, (in_effect, switch) in INERT_UNLESS.items():
-        if sources[name].startswith("env") and not in_effect(hp):
-            raise ConfigError(f"{name.upper()}={getattr(hp, name)!r} has no effect unless {switch}; set that too, or "
-                              f"unset {name.upper()}")
-
-
-def settings_in_environ(environ, types):
-    """{field: (env name, raw value, source)} of the settings in `environ`; raises ConfigError on a refused name."""
-    found = {}
-
-    def setting(field, env_name, raw, source):
-        if field in found and (found[field][1] != raw or field == env_name.lower()):
-            raise ConfigError(f"{env_name}={environ[env_name]!r} and {found[field][0]}={environ[found[field][0]]!r} "
-                              f"set the same setting ({field.upper()}); set one")
-        found[field] = (env_name, raw, source)
-
-    for env_name, raw in environ.items():
-        if env_name in RECORD_TRANSLATIONS:
-            for field, value in RECORD_TRANSLATIONS[env_name](raw, environ).items():
-                own = field == env_name.lower()
-                setting(field, env_name, value, "env" if own else f"env:{env_name}={raw}(translated)")
-            continue
-        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
-        if field is not None:
-            setting(field, env_name, raw, "env" if env_name == field.upper() else f"env:{env_name}(alias)")
-            continue
-        if env_name in FOREIGN_SETTINGS:
-            hint = FOREIGN_SETTING_HINTS.get(env_name)
-            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
-                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
-            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
-            if close:
-                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
-    return found
+    """A setting given explicitly while its switch is off would be ignored: refused (a preset's values are not)."""
+    for field in dataclasses.fields(hp):
+        needs = field.metadata.get("needs")
+        if needs and sources[field.name].startswith("env") and not switched_on(hp, needs):
+            raise ConfigError(f"{field.name.upper()}={getattr(hp, field.name)!r} has no effect unless {needs}; set "
+                              f"that too, or unset {field.name.upper()}")
 
 
 # ============================================================================================
@@ -5241,6 +5124,166 @@ def main():
             raise
         torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
     cluster.stop()
+
+
+# ============================================================================================
+# OTHER SCRIPTS' SETTINGS
+# ============================================================================================
+# Read by `Hyperparameters.from_env`: a variable of the baseline or the records is applied as ours, translated, or
+# refused with what to use instead; never ignored.
+
+# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
+# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
+SETTING_ALIASES = {
+    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
+    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
+    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
+    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
+    "BIGRAM_VOCAB_SIZE": "bigram_buckets",  # the PR #549 family's: the same hash, the last bucket kept for "none"
+}
+FOREIGN_SETTING_HINTS = {
+    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)",
+    "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
+    "GATED_ATTN_ENABLED": "ATTN_GATE=head", "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output",
+    "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
+    "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS", "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE",
+    "COMPILE_MODEL": "COMPILE",
+    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
+    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
+    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
+    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
+    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
+}
+# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
+FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
+    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
+    SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
+    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
+    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
+    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
+    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
+    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
+    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
+    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
+    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
+    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
+    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
+    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
+    EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
+    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
+    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
+""".split())
+
+
+def _translate_xsa_last_n(raw, environ):
+    count = _parse_env("XSA_LAST_N", raw, int)
+    if count < 0:
+        raise ConfigError(f"XSA_LAST_N={raw!r}: must be zero or positive")
+    return {"xsa_layers": ",".join(str(-back) for back in range(count, 0, -1))}
+
+
+def _translate_ve_enabled(raw, environ):
+    """Here the value embedding is on exactly where VE_LAYERS names layers."""
+    if _parse_env("VE_ENABLED", raw, bool):
+        if not environ.get("VE_LAYERS", "").strip():
+            raise ConfigError("VE_ENABLED=1: set VE_LAYERS too (the value embedding is on where it names layers; the "
+                              "03-23 record's default is 9,10)")
+        return {}
+    return {"ve_layers": ""}
+
+
+def _translate_ttt_freeze_blocks(raw, environ):
+    if _parse_env("TTT_FREEZE_BLOCKS", raw, int) != 0:
+        raise ConfigError(f"TTT_FREEZE_BLOCKS={raw!r}: set TTT_PARAMS to the name patterns of what adapts instead "
+                          f"(e.g. blocks.2,blocks.3,...; TTT_FREEZE_BLOCKS=0 is TTT_PARAMS=all)")
+    return {"ttt_params": "all"}
+
+
+def _translate_sparse_attn_gate(raw, environ):
+    """The 04-27 record's sparse head gate switch; its other gates have switches of their own, all off by default."""
+    return {"attn_gate": "sparse" if _parse_env("SPARSE_ATTN_GATE_ENABLED", raw, bool) else "none"}
+
+
+def _ema_and_swa_as_in_the_03_23_record(environ):
+    """EMA_ENABLED=1 with SWA_ENABLED=1 (or unset): the PR #549 family keeps an EMA and SWA snapshots and exports
+    the EMA; its SWA is never applied."""
+    flag = lambda name, default: _parse_env(name, environ.get(name, default), bool)
+    return flag("EMA_ENABLED", "0") and flag("SWA_ENABLED", "1")
+
+
+def _translate_averaging_switch(name):
+    """EMA_ENABLED and SWA_ENABLED: the records give them different meanings but for the PR #549 family's pair."""
+    def translate(raw, environ):
+        if not _ema_and_swa_as_in_the_03_23_record(environ):
+            raise ConfigError(f"{name}={raw!r}: the records give EMA_ENABLED and SWA_ENABLED different meanings, but "
+                              f"for EMA_ENABLED=1 with SWA_ENABLED=1 or unset (the EMA is exported, the SWA never "
+                              f"applied); set WEIGHT_AVERAGING=none, ema, swa or ema_swa")
+        return {"weight_averaging": "ema"}
+    return translate
+
+
+def _translate_swa_every(raw, environ):
+    """Ours (snapshots every N steps), except beside the PR #549 family's EMA_ENABLED=1, whose SWA is never applied."""
+    return {"weight_averaging": "ema"} if _ema_and_swa_as_in_the_03_23_record(environ) else {"swa_every": raw}
+
+
+def _translate_late_qat(name):
+    def translate(raw, environ):  # parsed for its type only: every value means the same here
+        _parse_env(name, raw, bool if name == "LATE_QAT" else float)
+        return {"qat_start_lr_scale": "0"}
+    return translate
+
+
+# Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
+# that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
+# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are
+# QAT off; QAT_START_LR_SCALE is the late QAT that runs.
+RECORD_TRANSLATIONS = {
+    "XSA_LAST_N": _translate_xsa_last_n, "VE_ENABLED": _translate_ve_enabled,
+    "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),
+    "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
+    "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
+    "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate,
+}
+
+# Variables of other programs that are never read as settings, even when a name is close to one of ours.
+FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
+
+
+def settings_in_environ(environ, types):
+    """{field: (env name, raw value, source)} of the settings in `environ`; raises ConfigError on a refused name."""
+    found = {}
+
+    def setting(field, env_name, raw, source):
+        if field in found and (found[field][1] != raw or field == env_name.lower()):
+            raise ConfigError(f"{env_name}={environ[env_name]!r} and {found[field][0]}={environ[found[field][0]]!r} "
+                              f"set the same setting ({field.upper()}); set one")
+        found[field] = (env_name, raw, source)
+
+    for env_name, raw in environ.items():
+        if env_name in RECORD_TRANSLATIONS:
+            for field, value in RECORD_TRANSLATIONS[env_name](raw, environ).items():
+                own = field == env_name.lower()
+                setting(field, env_name, value, "env" if own else f"env:{env_name}={raw}(translated)")
+            continue
+        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
+        if field is not None:
+            setting(field, env_name, raw, "env" if env_name == field.upper() else f"env:{env_name}(alias)")
+            continue
+        if env_name in FOREIGN_SETTINGS:
+            hint = FOREIGN_SETTING_HINTS.get(env_name)
+            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
+                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
+            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
+    return found
 
 
 if __name__ == "__main__":

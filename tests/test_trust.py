@@ -84,8 +84,18 @@ def test_aliases_apply_with_the_records_meaning_and_say_so():
 
 
 def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
-    fields = {f.name for f in T.dataclasses.fields(T.Hyperparameters)}
-    assert set(T.INERT_UNLESS) <= fields
+    fields = {f.name: f for f in T.dataclasses.fields(T.Hyperparameters)}
+    default = T.Hyperparameters()
+    for field in fields.values():  # every switch names settings, so its condition can be evaluated
+        if field.metadata.get("needs"):
+            T.switched_on(default, field.metadata["needs"])
+    # The choices declared beside a field are the ones the code has.
+    for name, table in (("compressor", T.COMPRESSORS), ("muon_orthogonalizer", T.ORTHOGONALIZERS),
+                        ("attn_gate", T.ATTENTION_GATES)):
+        assert set(fields[name].metadata["check"].split("|")) == set(table), name
+    on = T.dataclasses.replace(default, bigram_buckets=0, ve_layers="1")
+    assert T.switched_on(on, "BIGRAM_BUCKETS > 0 or VE_LAYERS") and not T.switched_on(default, "VE_LAYERS")
+    assert T.switched_on(default, "WEIGHT_AVERAGING=ema or ema_swa") and not T.switched_on(default, "TIE_EMBEDDINGS=0")
     hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})  # the preset's LOOP_START is not the user's
     assert hp.num_loops == 0
     T.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_WEIGHT_DECAY": "0.5"})
