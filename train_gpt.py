@@ -3786,7 +3786,8 @@ class Run:
 
 
 def setup(run):
-    """Batch split, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    """The batch split, the log, attention and precision, then the data (`load_data`), which it returns. Fails
+    early, with a message naming the fix."""
     hp = run.hp
     device_type = run.device.type
     seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
@@ -3814,40 +3815,64 @@ def setup(run):
     if only and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(only)):
         raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={only!r} is not a file (a run writes "
                           f"logs/<RUN_ID>_model.<format>.ptz)")
-    run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
-    run.val_tokens = load_validation_tokens(run.val_files)
-    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed, run.rank,
-                                   run.world_size, accum, run.sp.bos_id() if uses_varlen(hp, run.attention_name) else None)
+    data = load_data(run)
+    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
+    run.config_hash, run.code_sha256 = hp.config_hash(data.digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
+    check_record_dir(run)
+    if run.rank == 0:
+        log_environment(run, data)
+    append_index(run, "launched")
+    return data
+
+
+class Data(NamedTuple):
+    """What `load_data` hands on: the tokenizer, the training stream, and the validation split with the bytes each
+    target counts for val_bpb, all checked."""
+    tokenizer: spm.SentencePieceProcessor
+    train_files: list
+    train_loader: TrainLoader
+    val_files: list
+    val_tokens: torch.Tensor
+    target_bytes: TargetBytes  # the bytes each validation target counts: the LUTs', or CaseOps' sidecar
+    doc_starts: tuple  # the validation documents' first positions, with EVAL_DOC_ISOLATED; else ()
+    digest: dict  # the SHA-256 of the validation shards and of the tokenizer: the data in the config hash
+    bytecheck: str  # what the byte check verified, for the log's bpb_bytecheck line
+
+
+def load_data(run):
+    """The tokenizer and the shards, checked before anything trains: every token id within the vocabulary, and the
+    bytes val_bpb counts against the text (the tokenizer's LUTs, or CaseOps' byte sidecar, document by document)."""
+    hp = run.hp
+    tokenizer = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    train_files, val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    val_tokens = load_validation_tokens(val_files)
+    loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,
+                         run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None)
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
-    check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
-    check_token_ids(run.train_files, run.train_loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
+    check_token_ids(val_files, [load_shard(f) for f in val_files], hp.vocab_size)
+    check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
     if hp.caseops_enabled:  # the bytes of the original text, from the sidecar, checked document by document
-        caseops_byte_luts(run.sp, hp.vocab_size)  # the tokenizer holds the operators
-        sidecar = load_byte_sidecar(run.val_files)
+        caseops_byte_luts(tokenizer, hp.vocab_size)  # the tokenizer holds the operators
+        sidecar = load_byte_sidecar(val_files)
         reduce_min = lambda index: int(all_reduce(torch.tensor(index, device=run.device), dist.ReduceOp.MIN).item())
-        check = check_caseops(run.sp, run.val_tokens.numpy(), sidecar, run.rank, run.world_size, reduce_min)
-        run.val_docs_checked, run.val_bytes_checked = check.documents, check.sidecar_bytes
-        run.sidecar_departure = f"sidecar_vs_tokens:pieces:{check.tokens_differing} bytes:{check.bytes_differing:+d}"
-        run.target_bytes = TargetBytes(sidecar[1:])
+        check = check_caseops(tokenizer, val_tokens.numpy(), sidecar, run.rank, run.world_size, reduce_min)
+        bytecheck = (f"docs:{check.documents} bytes:{check.sidecar_bytes} tokenizer_roundtrip:ok "
+                     f"bytes_from:caseops_sidecar caseops_roundtrip:ok sidecar_vs_tokens:pieces:"
+                     f"{check.tokens_differing} bytes:{check.bytes_differing:+d}")
+        target_bytes = TargetBytes(sidecar[1:])
     else:
-        signs = caseops_signs(run.val_files, run.sp)
+        signs = caseops_signs(val_files, tokenizer)
         if signs:
             raise ConfigError(f"DATA_PATH and TOKENIZER_PATH are CaseOps data ({' and '.join(signs)}), but "
                               f"CASEOPS_ENABLED is off: val_bpb would count the bytes of the transformed text; set "
                               f"CASEOPS_ENABLED=1")
-        luts = build_byte_luts(run.sp, hp.vocab_size)
-        run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), luts)
-        run.target_bytes = TargetBytes(target_byte_counts(run.val_tokens.numpy(), luts))
-    run.val_bytes = run.target_bytes.total
-    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
-    run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
-    run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
-    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
-    check_record_dir(run)
-    if run.rank == 0:
-        log_environment(run)
-    append_index(run, "launched")
+        luts = build_byte_luts(tokenizer, hp.vocab_size)
+        documents, checked_bytes = check_tokenizer_and_bytes(tokenizer, val_tokens.numpy(), luts)
+        bytecheck = f"docs:{documents} bytes:{checked_bytes} tokenizer_roundtrip:ok bytes_from:luts"
+        target_bytes = TargetBytes(target_byte_counts(val_tokens.numpy(), luts))
+    doc_starts = doc_starts_of(val_tokens, tokenizer.bos_id()) if hp.eval_doc_isolated else ()
+    digest = dict(val_sha256=_sha256_files(val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
+    return Data(tokenizer, train_files, loader, val_files, val_tokens, target_bytes, doc_starts, digest, bytecheck)
 
 
 def autocast_name(setting, device_type):
@@ -3891,7 +3916,7 @@ def package_versions():
     return versions
 
 
-def log_environment(run):
+def log_environment(run, data):
     hp, log = run.hp, run.log
     log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
     devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
@@ -3905,16 +3930,14 @@ def log_environment(run):
         f"attention:{run.attention_name} compile:{run.use_compile}{scope} "
         f"autocast:{autocast_name(hp.autocast, run.device.type)} "
         f"{run.cluster.threads_note}")
-    train_tokens = sum(len(s) for s in run.train_loader.shards)
-    log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
-        f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
+    train_tokens = sum(len(s) for s in data.train_loader.shards)
+    log(f"data: train_shards:{len(data.train_files)} train_tokens:{train_tokens} val_shards:{len(data.val_files)} "
+        f"val_sha256:{data.digest['val_sha256']} tokenizer_sha256:{data.digest['tokenizer_sha256']}")
     log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
     log(f"code: bytes_counted:{len(run.code.counted)} bytes_source:{len(run.code.source)} {run.code.how}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
-    log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
-    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok"
-        + (f" bytes_from:caseops_sidecar caseops_roundtrip:ok {run.sidecar_departure}"
-           if run.hp.caseops_enabled else " bytes_from:luts"))
+    log(f"val_tokens:{data.val_tokens.numel()} val_bytes:{data.target_bytes.total}")
+    log(f"bpb_bytecheck:ok {data.bytecheck}")
     planned = hp.iterations * hp.train_batch_tokens
     if planned > train_tokens:
         log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
@@ -3976,10 +3999,10 @@ def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"
     return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
 
 
-def build_model(run):
+def build_model(run, data):
     hp = run.hp
     torch.manual_seed(hp.seed)
-    run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
+    run.model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
@@ -4092,22 +4115,22 @@ def out_of_memory_advice(run):
             f"(GRAD_ACCUM_STEPS={accum}): {fix}")
 
 
-def train_step(run, step, lr_scale):
+def train_step(run, loader, step, lr_scale):
     """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
     try:
-        return accumulate_and_step(run, step, lr_scale)
+        return accumulate_and_step(run, loader, step, lr_scale)
     except torch.OutOfMemoryError as error:
         raise RunError(out_of_memory_advice(run)) from error
 
 
-def accumulate_and_step(run, step, lr_scale):
+def accumulate_and_step(run, loader, step, lr_scale):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.
     # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
     mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
     for micro_step in range(run.grad_accum_steps):
-        batch = run.train_loader.batch(step, micro_step, run.device)
+        batch = loader.batch(step, micro_step, run.device)
         with run.autocast():
             loss = run.train_model(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
         (loss / run.grad_accum_steps).backward()
@@ -4122,7 +4145,7 @@ def synchronize(run):
         torch.cuda.synchronize()
 
 
-def warmup(run):
+def warmup(run, data):
     """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state. With
     depth recurrence the second half runs looped, so both training graphs exist before the clock starts. The
     evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here."""
@@ -4140,7 +4163,7 @@ def warmup(run):
     for step in range(steps):
         model.looping = layouts[step * len(layouts) // steps]
         step_start = time.perf_counter()
-        train_step(run, step, lr_scale=1.0)
+        train_step(run, data.train_loader, step, lr_scale=1.0)
         synchronize(run)  # the first step of a layout includes its compile time, shown here
         run.log(f"warmup_step:{step + 1}/{steps} looping:{model.looping} "
                 f"time:{time.perf_counter() - step_start:.2f}s")
@@ -4237,13 +4260,13 @@ def calibration_reserve(hp, seconds_per_batch):
     return max(hp.gptq_reserve_seconds, needed), needed
 
 
-def hessians_of_batch(run, step):
+def hessians_of_batch(run, loader, step):
     """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
-    batches = (run.train_loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
+    batches = (loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
     return collect_hessians(run.model, batches, run.autocast)
 
 
-def reserve_calibration_time(run):
+def reserve_calibration_time(run, data):
     """Before the clock, with GPTQ on training batches under a cap: times GPTQ's calibration on one training batch as
     `calibrate` reads it (the second pass, after any first-call cost; the weights are only read) and returns the
     settings with the reserve that ends training early enough for calibration to read its training batches inside
@@ -4253,10 +4276,10 @@ def reserve_calibration_time(run):
         return hp
     initial_looping = run.model.looping  # timed in the layout calibration will see
     run.model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
-    hessians_of_batch(run, 0)
+    hessians_of_batch(run, data.train_loader, 0)
     synchronize(run)
     start = time.perf_counter()
-    hessians_of_batch(run, 1)
+    hessians_of_batch(run, data.train_loader, 1)
     synchronize(run)
     seconds = all_reduce(torch.tensor(time.perf_counter() - start, device=run.device), dist.ReduceOp.MAX).item()
     run.model.looping = initial_looping
@@ -4305,19 +4328,19 @@ def log_compiled_graphs(run, phase):
                     f"{phase}, on the clock; TORCH_LOGS=recompiles shows why")
 
 
-def benchmark(run):
+def benchmark(run, data):
     """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
     and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
     hp, model = run.hp, run.model
     for looping in ([False, True] if hp.num_loops else [False]):
         model.looping = looping
-        train_step(run, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        train_step(run, data.train_loader, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
         synchronize(run)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         start = time.perf_counter()
         for step in range(1, hp.benchmark_steps + 1):
-            train_step(run, step, lr_scale=1.0)
+            train_step(run, data.train_loader, step, lr_scale=1.0)
         synchronize(run)
         step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
         tokens_per_s = hp.train_batch_tokens / step_ms * 1000
@@ -4327,10 +4350,10 @@ def benchmark(run):
                 f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
 
 
-def run_validation(run):
+def run_validation(run, data):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, run.val_tokens, run.target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+    return evaluate(run.train_model, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                     run.rank, run.world_size, run.device, run.autocast)
 
 
@@ -4370,103 +4393,150 @@ def throughput(run, step, step_avg_ms, elapsed_ms):
     return f"tok_s:{tokens_per_s:.0f} {mfu}remaining:{remaining_ms / 1000:.0f}s eta:{eta}"
 
 
-def train(run):
+@dataclasses.dataclass
+class TrainingClock:
+    """The timed loop's state. `train_ms` is training time up to the last off-clock pause, `since` when the clock
+    resumed; `elapsed_ms` is the time the ranks agreed on at the last step (MAX), `stop_after` the step the predictive
+    stop chose; `nonfinite` a flag on the device: any non-finite loss since the last check."""
+    step: int = 0
+    train_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    since: float = 0.0
+    stop_after: Optional[int] = None
+    lr_scale: float = 1.0
+    qat_on: bool = False
+    grown_taps: int = 0
+    nonfinite: Optional[torch.Tensor] = None
+
+    def pause(self, run):
+        synchronize(run)
+        self.train_ms += 1000.0 * (time.perf_counter() - self.since)
+
+    def resume(self, run):
+        synchronize(run)
+        self.since = time.perf_counter()
+
+
+def train(run, data):
     """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
     time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
     predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS. A SIGINT/SIGTERM stops every rank at
     the same step (the flag travels with the elapsed time) with the raw weights saved; a non-finite loss stops the
     run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
-    hp, log, model = run.hp, run.log, run.model
-    cap_ms = training_budget_ms(hp)
-    train_ms, elapsed_ms, step, stop_after, qat_on, lr_scale = 0.0, 0.0, 0, None, False, 1.0
-    average = run.average = WeightAverage(model, hp)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # any non-finite loss since the last check
-    grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
+    hp = run.hp
+    run.average = WeightAverage(run.model, hp)
+    clock = TrainingClock(grown_taps=max(run.model.kernel_sizes(), default=0),  # read once: the masks are on the device
+                          nonfinite=torch.zeros((), dtype=torch.bool, device=run.device))
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
-    pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
+    pr_tokens = data.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
     run.cluster.clock.restart()
     run.training_began, run.signals.deferred = True, True
-    clock = time.perf_counter()
+    clock.since = time.perf_counter()
     while True:
-        last_step = step == hp.iterations or step == stop_after
-        validate = last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0)
-        diagnose = hp.pr_every > 0 and step % hp.pr_every == 0
-        if validate or diagnose:  # off the clock
-            synchronize(run)
-            train_ms += 1000.0 * (time.perf_counter() - clock)
-            if diagnose and run.rank == 0:
-                prs = activation_prs(model, pr_tokens, run.autocast)
-                log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
-                                                   for kind, values in prs.items()))
-            if last_step:
-                check_finite(run, nonfinite, step, lr_scale)
-                log(average.apply())  # what is evaluated and exported from here on
-                save_raw_weights(run)  # before anything else can fail
-                run.signals.deferred = False
-                if qat_on:
-                    set_qat(model, hp, on=False)  # evaluation and export see the plain weights
-            if validate:
-                val_loss, val_bpb, _ = run_validation(run)
-                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-                run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
-            synchronize(run)
-            clock = time.perf_counter()
+        last_step = clock.step in (hp.iterations, clock.stop_after)
+        validate = last_step or (hp.val_loss_every > 0 and clock.step % hp.val_loss_every == 0)
+        diagnose = hp.pr_every > 0 and clock.step % hp.pr_every == 0
+        if validate or diagnose:
+            off_the_clock(run, data, clock, last_step, validate, pr_tokens if diagnose else None)
         if last_step:
             break
-        taps = kernel_taps_due(hp, step, elapsed_ms)
-        if taps is not None and taps > grown_taps:
-            model.grow_kernels(taps)
-            grown_taps = taps
-            if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
-                run.optimizers.reset_state()
-            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
-                f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
-        if not model.looping and looping_due(hp, step, elapsed_ms):
-            model.looping = True
-            log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
-                f"layers:{','.join(map(str, model.layer_order()))}")
-        lr_scale = lr_multiplier(hp, step, elapsed_ms)
-        if not qat_on and lr_scale < hp.qat_start_lr_scale:
-            run.qat_k_scale = qat_k_scale(run)
-            set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
-            qat_on = True
-            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f} grid:{hp.quant_clip} k_scale:{run.qat_k_scale:.3f}")
-        local_loss = train_step(run, step, lr_scale)
-        nonfinite |= ~torch.isfinite(local_loss)
-        step = run.steps_done = step + 1
-        average.update(step, lr_scale)
-        logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
-        if logged:
-            synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
-        elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
-            train_ms + 1000.0 * (time.perf_counter() - clock), float(run.signals.received is not None), step, now=logged)
-        step_avg = elapsed_ms / max(clock_step, 1)
-        if logged or step % NONFINITE_CHECK_EVERY == 0:
-            check_finite(run, nonfinite, step, lr_scale)
-        if logged:
-            # The mean over the global batch: every rank's micro-batches have the same size.
-            train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
-            # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
-            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms")
-            log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
-        if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
-            run.results.update(train_time_ms=elapsed_ms)
-            raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
-        # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
-        if cap_ms > 0 and stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
-            stop_after = step
-            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+        scheduled_events(run, clock)
+        timed_step(run, data, clock)
     run.cluster.clock.collect()  # the last step's exchange, still in flight
     log_compiled_graphs(run, "training")
-    run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
-    log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
-        f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
+    log_end_of_training(run, clock)
+
+
+def off_the_clock(run, data, clock, last_step, validate, pr_tokens):
+    """What pauses the clock: the participation-ratio diagnostics, the end of training (the check for a non-finite
+    loss, the averaged weights applied, the raw weights saved, QAT off), and validation."""
+    hp, log = run.hp, run.log
+    clock.pause(run)
+    if pr_tokens is not None and run.rank == 0:
+        prs = activation_prs(run.model, pr_tokens, run.autocast)
+        log(f"pr: step:{clock.step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
+                                                 for kind, values in prs.items()))
+    if last_step:
+        check_finite(run, clock.nonfinite, clock.step, clock.lr_scale)
+        log(run.average.apply())  # what is evaluated and exported from here on
+        save_raw_weights(run)  # before anything else can fail
+        run.signals.deferred = False
+        if clock.qat_on:
+            set_qat(run.model, hp, on=False)  # evaluation and export see the plain weights
+    if validate:
+        val_loss, val_bpb, _ = run_validation(run, data)
+        log(f"step:{clock.step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{clock.train_ms:.0f}ms step_avg:{clock.train_ms / max(clock.step, 1):.2f}ms")
+        run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+    clock.resume(run)
+
+
+def scheduled_events(run, clock):
+    """What the schedule switches on before a step: kernel growth, the recurrence, the LR scale, and late QAT."""
+    hp, log, model, step, elapsed_ms = run.hp, run.log, run.model, clock.step, clock.elapsed_ms
+    taps = kernel_taps_due(hp, step, elapsed_ms)
+    if taps is not None and taps > clock.grown_taps:
+        model.grow_kernels(taps)
+        clock.grown_taps = taps
+        if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
+            run.optimizers.reset_state()
+        log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
+            f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
+    if not model.looping and looping_due(hp, step, elapsed_ms):
+        model.looping = True
+        log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
+            f"layers:{','.join(map(str, model.layer_order()))}")
+    clock.lr_scale = lr_multiplier(hp, step, elapsed_ms)
+    if not clock.qat_on and clock.lr_scale < hp.qat_start_lr_scale:
+        run.qat_k_scale = qat_k_scale(run)
+        set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
+        clock.qat_on = True
+        log(f"qat: enabled at step:{step} lr_scale:{clock.lr_scale:.4f} grid:{hp.quant_clip} "
+            f"k_scale:{run.qat_k_scale:.3f}")
+
+
+def timed_step(run, data, clock):
+    """One optimizer step on the clock, the weight average's update, the ranks' agreement on the elapsed time (and
+    on a stop signal), the step line, and the predictive stop."""
+    hp, log = run.hp, run.log
+    local_loss = train_step(run, data.train_loader, clock.step, clock.lr_scale)
+    clock.nonfinite |= ~torch.isfinite(local_loss)
+    step = clock.step = run.steps_done = clock.step + 1
+    run.average.update(step, clock.lr_scale)
+    logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
+    if logged:
+        synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
+    elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
+        clock.train_ms + 1000.0 * (time.perf_counter() - clock.since), float(run.signals.received is not None), step,
+        now=logged)
+    clock.elapsed_ms, step_avg = elapsed_ms, elapsed_ms / max(clock_step, 1)
+    if logged or step % NONFINITE_CHECK_EVERY == 0:
+        check_finite(run, clock.nonfinite, step, clock.lr_scale)
+    if logged:
+        # The mean over the global batch: every rank's micro-batches have the same size.
+        train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
+        # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
+        log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+            f"step_avg:{step_avg:.2f}ms")
+        log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
+    if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
+        run.results.update(train_time_ms=elapsed_ms)
+        raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
+    # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
+    cap_ms = training_budget_ms(hp)
+    if cap_ms > 0 and clock.stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
+        clock.stop_after = step
+        log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+
+
+def log_end_of_training(run, clock):
+    run.results.update(steps=clock.step, train_time_ms=clock.train_ms, step_avg_ms=clock.train_ms / max(clock.step, 1))
+    run.log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
+            f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
     if run.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
 
 NONFINITE_CHECK_EVERY = 100  # steps between the checks for a non-finite loss when no step line is logged
@@ -4519,7 +4589,7 @@ def load_raw_weights(path):
     return saved, {}
 
 
-def finish_from_raw_weights(run):
+def finish_from_raw_weights(run, data):
     """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
     same configuration, so that calibration, export and evaluation are those the run would have done. Rank 0 reads
     the file (it wrote it) and sends it to the others, so nodes need no shared disk."""
@@ -4535,7 +4605,7 @@ def finish_from_raw_weights(run):
     run.steps_done = meta["step"]
     run.raw_weights_path = hp.finish_from  # where the weights are, should this run be cut short too
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
-    val_loss, val_bpb, _ = run_validation(run)
+    val_loss, val_bpb, _ = run_validation(run, data)
     run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
     train_ms = meta.get("train_time_ms") or 0.0
     run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
@@ -4626,21 +4696,21 @@ def self_generated_batches(model, hp, bos_id, rank, world_size, device, autocast
         yield ids
 
 
-def calibration_batches(run):
+def calibration_batches(run, data):
     """(this rank's calibration inputs, a description for the log): GPTQ_CALIBRATION_BATCHES fresh global training
     batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
     hp = run.hp
     if hp.gptq_calibration == "self":
-        batches = self_generated_batches(run.model, hp, run.sp.bos_id(), run.rank, run.world_size, run.device, run.autocast)
+        batches = self_generated_batches(run.model, hp, data.tokenizer.bos_id(), run.rank, run.world_size, run.device, run.autocast)
         return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
                          f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
     first_step = run.results["steps"]
-    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
+    batches = (data.train_loader.batch(first_step + step, micro)[0].to(run.device)
                for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
     return batches, f"batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens}"
 
 
-def calibrate(run):
+def calibrate(run, data):
     """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
     every world size. It runs in the reserve taken off the training budget, and is timed as training."""
     hp = run.hp
@@ -4650,9 +4720,9 @@ def calibrate(run):
     synchronize(run)
     start = time.perf_counter()
     if hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
-        run.hessians, described = hessians_within_the_cap(run, start)
+        run.hessians, described = hessians_within_the_cap(run, data.train_loader, start)
     else:
-        batches, described = calibration_batches(run)
+        batches, described = calibration_batches(run, data)
         run.hessians = collect_hessians(run.model, batches, run.autocast)
         run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
     for hessian in (run.hessians or {}).values():
@@ -4669,7 +4739,7 @@ def calibrate(run):
                 "raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
 
 
-def hessians_within_the_cap(run, start):
+def hessians_within_the_cap(run, loader, start):
     """GPTQ_CALIBRATION=train under MAX_WALLCLOCK_SECONDS: the calibration batches one at a time, each begun only if
     it would end inside the cap at the slowest batch time seen (the warmup's measurement before the first), so no
     training token is read after the cap, whatever the reserve. The ranks take each decision together. Returns
@@ -4681,7 +4751,7 @@ def hessians_within_the_cap(run, start):
         if all_reduce(torch.tensor(float(over), device=run.device), dist.ReduceOp.MAX).item():
             break
         batch_start = time.perf_counter()
-        for name, hessian in hessians_of_batch(run, run.results["steps"] + step).items():
+        for name, hessian in hessians_of_batch(run, loader, run.results["steps"] + step).items():
             hessians[name] = hessians[name].add_(hessian) if name in hessians else hessian
         synchronize(run)
         per_batch, used = max(per_batch, time.perf_counter() - batch_start), used + 1
@@ -4760,7 +4830,7 @@ def log_final(run, name, result, seconds, extra=""):
     run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
 
 
-def evaluate_artifact(run):
+def evaluate_artifact(run, data):
     """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
     clock starts here and covers everything that follows, compilation included."""
     synchronize(run)
@@ -4780,7 +4850,7 @@ def evaluate_artifact(run):
     run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob)), strict=True)
     if run.hp.ttt_eval_only:
         return
-    result = run_validation(run)
+    result = run_validation(run, data)
     synchronize(run)
     gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
     log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
@@ -4789,35 +4859,35 @@ def evaluate_artifact(run):
         run.results["quant_gap_bpb"] = gap
 
 
-def evaluate_sliding(run):
+def evaluate_sliding(run, data):
     hp = run.hp
     if hp.eval_stride == 0 or hp.ttt_eval_only:
         return
     start = time.perf_counter()
-    result = evaluate(run.train_model, run.val_tokens, run.target_bytes, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
-                      run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
+    result = evaluate(run.train_model, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
+                      run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
     synchronize(run)
     log_final(run, "final_sliding_window", result, time.perf_counter() - start,
               f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
 
 
-def evaluate_ttt(run):
+def evaluate_ttt(run, data):
     hp = run.hp
     if not hp.ttt_enabled:
         return
     run.log(f"ttt: method:{hp.ttt_method} ({'per-document LoRA' if hp.ttt_method == 'lora' else 'chunk SGD'}) "
             f"optimizer:{ttt_optimizer_of(hp)}")
-    (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run)
+    (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data)
 
 
-def evaluate_lora_ttt(run):
+def evaluate_lora_ttt(run, data):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
     lora_forward = lora_forward_of(run) if run.lora_forward is None else run.lora_forward  # None: no warmup ran
-    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), run.val_tokens,
-                                   run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
-                                   doc_starts_of(run.val_tokens, run.sp.bos_id()), run.log, budget_left)
+    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), data.val_tokens,
+                                   data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+                                   doc_starts_of(data.val_tokens, data.tokenizer.bos_id()), run.log, budget_left)
     synchronize(run)
     run.ttt_report = dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
     log_final(run, "final_ttt", report.result, time.perf_counter() - start,
@@ -4857,38 +4927,38 @@ def lora_forward_of(run, backend="inductor"):
     return compiled
 
 
-def evaluate_chunk_ttt(run):
+def evaluate_chunk_ttt(run, data):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
     phases = []
     if hp.phased_ttt_enabled:  # the record's fields (boundaries in documents), then the phase ends in targets
-        doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id())
-        kept = phase_boundaries(doc_starts, run.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs,
+        doc_starts = doc_starts_of(data.val_tokens, data.tokenizer.bos_id())
+        kept = phase_boundaries(doc_starts, data.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs,
                                 hp.phased_ttt_num_phases)
         phases, total_docs = [end for _, end in kept], len(set(doc_starts) | {0})
         run.log(f"ttt_phased: total_docs:{total_docs} prefix_docs:{hp.phased_ttt_prefix_docs} "
                 f"suffix_docs:{max(total_docs - hp.phased_ttt_prefix_docs, 0)} num_phases:{len(phases)} "
                 f"boundaries:{[documents for documents, _ in kept]} ends:{phases}")
     result, per_segment, adapted = score_first_ttt(
-        run.train_model, run.val_tokens, run.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
-        run.doc_starts, run.log, budget_left, phases)
+        run.train_model, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+        data.doc_starts, run.log, budget_left, phases)
     synchronize(run)
     run.ttt_report = dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
     log_final(run, "final_ttt", result, time.perf_counter() - start,
               f"chunks:{len(per_segment)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
 
 
-def log_compliance(run):
+def log_compliance(run, data):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
     hp, log = run.hp, run.log
-    expected = run.val_tokens.numel() - 1
+    expected = data.val_tokens.numel() - 1
     for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
         if scored != expected:
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
-    logsumexp, charged = check_normalization(run.model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    logsumexp, charged = check_normalization(run.model, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
@@ -4944,22 +5014,22 @@ def log_summary(run):
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
-def generate_sample(run):
+def generate_sample(run, data):
     """GEN_PROMPT: text sampled from the model read back from the artifact (not the TTT-adapted one), in the log.
     After the summary, so it is on no clock."""
     hp = run.hp
     if not hp.gen_prompt or run.rank != 0:
         return
-    model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device).eval()
+    model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
     model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
-    prompt_ids = [run.sp.bos_id()] + run.sp.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
+    prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
     generator = torch.Generator().manual_seed(hp.seed)
     with run.autocast():
         new_ids = sample_tokens(model, prompt_ids, hp.gen_tokens, hp.gen_temperature, hp.gen_top_k,
                                 run.eval_seq_len, generator)
     run.log(f"sample: prompt:{hp.gen_prompt!r} tokens:{hp.gen_tokens} temperature:{hp.gen_temperature} "
             f"top_k:{hp.gen_top_k} seed:{hp.seed}")
-    run.log(f"sample_text: {(hp.gen_prompt + run.sp.decode(new_ids))!r}")
+    run.log(f"sample_text: {(hp.gen_prompt + data.tokenizer.decode(new_ids))!r}")
 
 
 def check_record_dir(run):
@@ -5020,39 +5090,51 @@ def record(run):
     write_atomically(folder / f"train_seed{run.hp.seed}.log", Path(run.log_path).read_bytes(), "the seed's log")  # last
 
 
-AFTER_TRAINING = (calibrate, export, evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary,
-                  generate_sample, record)
-EVALUATION = (evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary, generate_sample)
+def in_phase(run, phase, *inputs):
+    """Runs one phase under its name, so that a failure says where it happened (and what did not finish)."""
+    run.phase = phase.__name__
+    return phase(run, *inputs)
+
+
+def evaluate_and_conclude(run, data):
+    """The evaluation clock's phases (from reading the artifact back to the summary), then the sample."""
+    for phase in (evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance):
+        in_phase(run, phase, data)
+    in_phase(run, log_summary)
+    in_phase(run, generate_sample, data)
 
 
 def train_and_evaluate(run):
-    """One seed, phase by phase."""
-    setup(run)
-    build_model(run)
+    """One seed: the data, the model, then training (or the weights to finish, or the artifact to evaluate),
+    calibration and export, the evaluations, and the records."""
+    data = setup(run)
+    build_model(run, data)
     if run.hp.eval_only_quantized_path:
         run.phase = "eval_only"
         load_artifact_to_evaluate(run)
         warm_up_evaluation(run)
-        for phase in EVALUATION:
-            run.phase = phase.__name__
-            phase(run)
-        return
+        return evaluate_and_conclude(run, data)
     if run.hp.finish_from:
         run.phase = "finish_from"
-        finish_from_raw_weights(run)
+        finish_from_raw_weights(run, data)
         warm_up_evaluation(run)
     else:
         run.phase = "warmup"
         with compile_failures_named(run):
-            warmup(run)
-        run.hp = reserve_calibration_time(run)
+            warmup(run, data)
+        run.hp = reserve_calibration_time(run, data)
         if run.hp.benchmark_steps:
-            return benchmark(run)
-        run.phase = "train"
-        train(run)
-    for phase in AFTER_TRAINING:
-        run.phase = phase.__name__
-        phase(run)
+            return benchmark(run, data)
+        in_phase(run, train, data)
+    in_phase(run, calibrate, data)
+    in_phase(run, export)
+    evaluate_and_conclude(run, data)
+    in_phase(run, record)
+
+
+# The phases after training, in order: what a run cut short after training names as not finished.
+AFTER_TRAINING = ("calibrate", "export", "evaluate_artifact", "evaluate_sliding", "evaluate_ttt", "log_compliance",
+                  "log_summary", "generate_sample", "record")
 
 
 def conclude_failure(run, error):
@@ -5076,8 +5158,7 @@ def conclude_failure(run, error):
     else:
         best_effort(f"error: {where}\n" + traceback.format_exc())
     if run.raw_saved:
-        names = [phase.__name__ for phase in AFTER_TRAINING]
-        pending = names[names.index(run.phase):] if run.phase in names else names
+        pending = AFTER_TRAINING[AFTER_TRAINING.index(run.phase):] if run.phase in AFTER_TRAINING else AFTER_TRAINING
         best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
                     f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
     with contextlib.suppress(Exception):

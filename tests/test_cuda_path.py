@@ -187,10 +187,10 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     monkeypatch.setattr(T.Logger, "__call__", counted("log", T.Logger.__call__))
     original_train = T.train
 
-    def train(run):
+    def train(run, data):
         training[0] = True
         try:
-            return original_train(run)
+            return original_train(run, data)
         finally:
             training[0] = False
     monkeypatch.setattr(T, "train", train)
@@ -330,9 +330,9 @@ def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weigh
     env = tiny_env(sample, RUN_ID="oom", GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=2048)
     code = (f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r}); import train_gpt as T\n"
             "original = T.accumulate_and_step\n"
-            "def step(run, index, lr):\n"
+            "def step(run, loader, index, lr):\n"
             "    if index == 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
-            "    return original(run, index, lr)\n"
+            "    return original(run, loader, index, lr)\n"
             "T.accumulate_and_step = step\n"
             "try:\n    T.main()\nexcept T.RunError as e:\n    sys.exit(f'error: {e}')\n")
     result = run_script([sys.executable, "-c", code], env, tmp_path)
