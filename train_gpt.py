@@ -73,7 +73,8 @@ def setting(default, check="", needs=""):
 
 
 RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v >= 0, "must be zero or positive"),
-                "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"), "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
+                "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
 CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and TTT_METHOD=lora"
 PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 
@@ -433,7 +434,8 @@ class Hyperparameters:
         preset_names = [name for name in environ.get("PRESET", "").split(",") if name.strip()]
         for name in preset_names:
             if name not in PRESETS:
-                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from {sorted(PRESETS)[1:]}")
+                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from "
+                                  f"{sorted(PRESETS)[1:]}")
         preset_values, preset_sources = {}, {}
         for index, name in enumerate(preset_names):
             values = dict(PRESETS[name])
@@ -504,7 +506,8 @@ class Hyperparameters:
             stages = [(float(when), int(taps)) for taps, when in
                       (item.strip().split("@") for item in self.kernel_schedule.split(",") if item.strip())]
         except ValueError:
-            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. 1@0,3@0.1,5@0.2") from None
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. "
+                              f"1@0,3@0.1,5@0.2") from None
         taps = [k for _, k in stages]
         if stages and (stages[0][0] != 0 or taps != sorted(taps) or taps[0] < 1
                        or [w for w, _ in stages] != sorted(w for w, _ in stages)):
@@ -545,7 +548,8 @@ class Hyperparameters:
         try:
             layers = {int(item) for item in spec.split(",") if item.strip()}
         except ValueError:
-            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer indices") from None
+            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer "
+                              f"indices") from None
         if any(not -self.num_layers <= layer < self.num_layers for layer in layers):
             raise ConfigError(f"{name.upper()}={spec!r}: indices must be in -{self.num_layers}..{self.num_layers - 1} "
                               f"(NUM_LAYERS={self.num_layers})")
@@ -652,7 +656,8 @@ def rules_of_evaluation(hp, require):
 
 # neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
 # as fractions of training, so that it scales to any run length.
-NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}"
+                                for k in range(1, 22, 2))
 
 # The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command),
 # the parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64,
@@ -904,7 +909,8 @@ def caseops_signs(val_files, sp):
     return signs
 
 
-STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
+# the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
+STREAM_CHUNKS = 8
 
 
 def document_starts(input_ids, bos_id):
@@ -1052,7 +1058,8 @@ def load_validation_tokens(files):
 
 def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
-        raise ConfigError(f"TOKENIZER_PATH={path!r} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+        raise ConfigError(f"TOKENIZER_PATH={path!r} "
+                          f"{'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as error:
@@ -1063,7 +1070,8 @@ def load_tokenizer(path, vocab_size):
                           f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
     if sp.piece_to_id("\u2581") == sp.unk_id():
         # Without a standalone "▁" piece the leading-space bytes are miscounted (parameter-golf issue #897).
-        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount bytes")
+        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount "
+                          f"bytes")
     return sp
 
 
@@ -1113,7 +1121,8 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
     tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
     bos_positions = np.flatnonzero(tokens == sp.bos_id())
     if len(bos_positions) < 2 or bos_positions[0] != 0:
-        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the "
+                          "shards")
     docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
     decoded = sp.decode(docs)
     total = 0
@@ -1257,7 +1266,8 @@ def check_caseops(sp, tokens, sidecar, rank=0, world_size=1, all_reduce_min=lamb
                         f"re-export DATA_PATH with data/prepare_docs.py --caseops")
     bos_positions = np.flatnonzero(tokens == sp.bos_id()).tolist()
     if not bos_positions or bos_positions[0] != 0:
-        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the "
+                          "shards")
     bounds = list(zip(bos_positions, bos_positions[1:] + [len(tokens)]))
     document = lambda index: tokens[bounds[index][0] + 1:bounds[index][1]].tolist()
     sample = [document(index) for index in range(min(roundtrip_docs, len(bounds)))]
@@ -1399,7 +1409,8 @@ def _load_flash_attention(backend):
                               f"set ATTN_BACKEND=sdpa")
         B, T = q.shape[:2]
         cu_seqlens = docs.cu_seqlens if docs.cu_seqlens is not None else cu_seqlens_of(docs.offsets == 0)  # eager
-        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T, causal=True))
+        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T,
+                           causal=True))
         return out.view(B, T, *out.shape[1:])
     flash.has_varlen = varlen is not None
     return flash
@@ -1488,7 +1499,10 @@ class AttentionGate(nn.Module):
     def forward(self, x):  # x: the block's normed input (B, T, d) -> (B, T, H, 1)
         source = x if self.weight.size(1) == x.size(-1) else x[..., :self.window]
         z = F.linear(source, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        gate = 2 * torch.sigmoid(z) if self.kind == "output" else torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
+        if self.kind == "output":
+            gate = 2 * torch.sigmoid(z)
+        else:
+            gate = torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
         return gate.unsqueeze(-1)
 
 
@@ -1829,7 +1843,8 @@ class GPT(nn.Module):
         # on mid-run adds no parameter.
         most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
+        gated = hp.unet_skips and hp.skip_gates
+        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if gated else None
         self.embed_norm = RMSNorm(hp.model_dim, learnable=False) if hp.embed_norm else None  # neon213 has none
         self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
         # PARALLEL_FORM=merge ends with m lane0 + (1 - m) lane1, m learned from 0.5 (PR #1289).
@@ -1996,17 +2011,20 @@ def describe_features(model, hp):
         (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
          f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
         (f"parallel_lanes:{parallel[0]}-{parallel[-1]}({hp.parallel_form})" if parallel else "", parallel),
-        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})", hp.backout_layer),
+        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})",
+         hp.backout_layer),
         (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
         (f"conv_qkv{'i' if hp.intent_gate else ''}:{hp.conv_k}", hp.conv_k),
         ("intent_gate", hp.intent_gate),
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
-        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})", hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
+        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})",
+         hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
         ("doc_isolation", hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
-                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
+                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap",
+                     "tied_embeddings" if hp.tie_embeddings else "untied_head"]
                     + [description for description, on in optional if on])
 
 
@@ -2068,7 +2086,8 @@ class ParameterBank:
         self.params, self.size = params, len(params)
         self.weights = torch.stack([p.detach() for p in params])
         padded = -(-self.size // world_size) * world_size
-        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype, device=self.weights.device)
+        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype,
+                                 device=self.weights.device)
         for index, p in enumerate(params):
             p.data = self.weights[index]
             p.grad = self.grads[index]
@@ -2103,7 +2122,8 @@ class ParallelMuon:
     def launch_reduce_scatters(self):
         for index, bank in enumerate(self.banks):
             if self.world_size > 1:
-                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM, async_op=True)
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM,
+                                                            async_op=True)
 
     def averaged_grad_shard(self, index):
         """This rank's matrices of bank `index`, gradient averaged over ranks (waits for the reduce-scatter)."""
@@ -2258,7 +2278,8 @@ class WeightAverage:
         self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
         self.params = [p for p in model.parameters()]
         self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
-        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode in ("swa", "ema_swa") else None
+        swa = self.mode in ("swa", "ema_swa")
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if swa else None
         self.ema_updates = self.swa_count = 0
 
     @torch.no_grad()
@@ -2277,7 +2298,8 @@ class WeightAverage:
         """The chosen average as a list aligned with model.parameters(), or None for the live weights."""
         if self.swa_sum is not None and self.swa_count:
             return [total / self.swa_count for total in self.swa_sum]
-        return self.ema  # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+        # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+        return self.ema
 
     @torch.no_grad()
     def apply(self):
@@ -2288,7 +2310,8 @@ class WeightAverage:
                 p.copy_(value)
         swa = f"swa(every:{self.swa_every} below_lr_scale:{self.swa_start_lr_scale} snapshots:{self.swa_count})"
         ema = f"ema(decay:{self.decay} updates:{self.ema_updates})"
-        applied = {"none": "live_weights", "ema": ema, "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
+        applied = {"none": "live_weights", "ema": ema,
+                   "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
                    "ema_swa": f"{swa} of {ema}" if self.swa_count else f"{ema} (no swa snapshot)"}[self.mode]
         return f"weight_averaging: exported {applied}"
 
@@ -2452,8 +2475,10 @@ def quantized_tensor_groups(model, hp=None):
             groups[f"{name}.weight"] = "embed"
         elif isinstance(module, CastedLinear) and module is not model.lm_head:
             groups[f"{name}.weight"] = "mlp" if ".mlp." in f".{name}." else "attn"
-        if hp is not None and f"{name}.weight" in groups and (module.weight.numel() <= hp.quant_passthrough_numel
-                                                             or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS):
+        kept_float = hp is not None and f"{name}.weight" in groups and (
+            module.weight.numel() <= hp.quant_passthrough_numel
+            or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS)
+        if kept_float:
             del groups[f"{name}.weight"]
     return groups
 
@@ -2594,7 +2619,8 @@ def dequantize_state_dict(quantized):
     state_dict = {}
     for name, entry in quantized.items():
         if entry["kind"] == "int":
-            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]) * entry["scale"].float()[:, None]
+            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"])
+            w = w * entry["scale"].float()[:, None]
             if "lqer" in entry:
                 w = w + entry["lqer"][0].float() @ entry["lqer"][1].float()
             state_dict[name] = w
@@ -2728,7 +2754,8 @@ def read_artifact(path, blob=None):
         raise ValueError(f"{path}: bad header (compressor id {header[4]}, flags {header[5]}, payload size {size})")
     payload = by_id[header[4]](compressed, size + 1)  # one byte more than recorded tells a larger payload
     if len(payload) != size:
-        raise ValueError(f"{path}: the payload decompresses to {'more' if len(payload) > size else len(payload)} bytes, "
+        got = "more" if len(payload) > size else len(payload)
+        raise ValueError(f"{path}: the payload decompresses to {got} bytes, "
                          f"not the {size} its header records")
     try:
         return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if header[5] else payload), weights_only=True)
@@ -2772,7 +2799,8 @@ def strip_source(source):
 
 def pack_source(source, readable_name=READABLE_CODE_NAME):
     """(packed file, compressor, {compressor: packed size}) of `source` (bytes): a runnable file that executes the
-    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed file."""
+    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed
+    file."""
     try:
         stripped = strip_source(source.decode("utf-8")).encode("utf-8")
     except SyntaxError as error:
@@ -2835,7 +2863,8 @@ def collect_hessians(model, batches, autocast):
 
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
-            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])))
+            hook = lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])
+            hooks.append(module.register_forward_hook(hook))
     try:
         for inputs in batches:
             with autocast():
@@ -2873,7 +2902,8 @@ def qat_k_scale(run):
         start = time.perf_counter()
         _, _, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp, None,
                                         len(run.code.counted), run.log)
-        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training clock)")
+        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training "
+                f"clock)")
     return run.cluster.broadcast(k_scale)
 
 
@@ -3160,7 +3190,8 @@ def global_sgd(model, ledger, end, params, hp, steps, seq_len, rank, world_size,
     for index, (first, stop) in enumerate(chunks[:-1]):
         for group in optimizer.param_groups:
             group["lr"] = global_ttt_lr_at(hp, index, len(chunks))
-        adapt_on_chunk(model, ledger, first, stop, params, optimizer, steps, seq_len, rank, world_size, device, autocast)
+        adapt_on_chunk(model, ledger, first, stop, params, optimizer, steps, seq_len, rank, world_size, device,
+                       autocast)
 
 
 def scoring_work(num_windows, rows_per_batch, world_size, seq_len):
@@ -3645,7 +3676,8 @@ class Logger:
 
 
 class RunError(RuntimeError):
-    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and where."""
+    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and
+    where."""
 
 
 class Interrupted(Exception):
@@ -3743,7 +3775,8 @@ class Cluster:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         else:
-            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""),
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if self.distributed:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=10),
@@ -3919,12 +3952,16 @@ def package_versions():
 def log_environment(run, data):
     hp, log = run.hp, run.log
     log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
+    if run.device.type == "cuda":
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [platform.processor() or platform.machine()]
     log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
         f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
     if run.device.type == "cuda":
         log(_command_output(["nvidia-smi"]), console=False)
-    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})"
+                              for f in dataclasses.fields(hp)))
     scope = f"(scope:{hp.compile_scope})" if run.use_compile else ""
     log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
         f"attention:{run.attention_name} compile:{run.use_compile}{scope} "
@@ -4019,7 +4056,8 @@ def build_model(run, data):
     capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
     run.log(run.memory_estimate.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
     if capacity and run.memory_estimate.total > 0.95 * capacity:
-        run.log(f"warning: the estimate exceeds 95% of the device's memory; {out_of_memory_advice(run).split(': ', 1)[1]}")
+        advice = out_of_memory_advice(run).split(": ", 1)[1]
+        run.log(f"warning: the estimate exceeds 95% of the device's memory; {advice}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4045,8 +4083,8 @@ class MemoryEstimate:
 
 
 def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
-    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once), measured
-    on an eager forward with saved-tensor hooks."""
+    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once),
+    measured on an eager forward with saved-tensor hooks."""
     storages = {}
 
     def pack(tensor):
@@ -4306,7 +4344,8 @@ def compile_failures_named(run):
         if run.attention_name != "sdpa":
             avoid += f", or ATTN_BACKEND=sdpa if the trace stops in {run.attention_name}"
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"torch.compile failed in the warmup, before training ({type(error).__name__}: {first_line}); "
+        raise ConfigError(f"torch.compile failed in the warmup, before training ({type(error).__name__}: "
+                          f"{first_line}); "
                           f"set {avoid}; TORCH_LOGS=graph_breaks shows where") from error
 
 
@@ -4353,8 +4392,8 @@ def benchmark(run, data):
 def run_validation(run, data):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
-                    run.rank, run.world_size, run.device, run.autocast)
+    return evaluate(run.train_model, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len,
+                    hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast)
 
 
 # Dense bf16 peak per device (no sparsity), for the MFU estimate; matched against the CUDA device name.
@@ -4366,8 +4405,8 @@ def training_flops_per_token(model, seq_len):
     pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
     because causal attention skips the upper triangle)."""
     passes = Counter(model.layer_order())
-    block_weights = sum(count * sum(m.weight.numel() for m in model.blocks[layer].modules() if isinstance(m, CastedLinear))
-                        for layer, count in passes.items())
+    weights = lambda block: sum(m.weight.numel() for m in block.modules() if isinstance(m, CastedLinear))
+    block_weights = sum(count * weights(model.blocks[layer]) for layer, count in passes.items())
     head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
     width = model.tok_emb.weight.size(1)
     return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
@@ -4378,7 +4417,8 @@ def mfu_field(run, tokens_per_s):
     peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
     if not peak:
         return ""
-    return f"mfu:{100 * tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len) / (peak * run.world_size):.1f}% "
+    flops_per_s = tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len)
+    return f"mfu:{100 * flops_per_s / (peak * run.world_size):.1f}% "
 
 
 def throughput(run, step, step_avg_ms, elapsed_ms):
@@ -4482,7 +4522,8 @@ def scheduled_events(run, clock):
         if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
             run.optimizers.reset_state()
         log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
-            f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
+            f"model_params:{count_parameters(model)[0]}"
+            + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
     if not model.looping and looping_due(hp, step, elapsed_ms):
         model.looping = True
         log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
@@ -4596,7 +4637,8 @@ def finish_from_raw_weights(run, data):
     hp = run.hp
     state, meta = run.cluster.broadcast(load_raw_weights(hp.finish_from) if run.rank == 0 else None)  # rank 0's disk
     if meta.get("config_hash") != run.config_hash:
-        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash {meta.get('config_hash')}, "
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash "
+                          f"{meta.get('config_hash')}, "
                           f"this run has {run.config_hash}: rerun with the settings of the run that saved it")
     try:
         run.model.load_state_dict(state, strict=True)
@@ -4624,7 +4666,8 @@ SHAPING_SETTINGS = (
     ("value_residual", "VALUE_RESIDUAL, VALUE_RESIDUAL_FORM"), ("q_gain", "NORM_WEIGHTS, NUM_HEADS"),
     ("norm", "NORM_WEIGHTS"), ("attn_scale", "SUBLAYER_SCALES"), ("mlp_scale", "SUBLAYER_SCALES"),
     ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER"),
-    ("mlp", "MLP_MULT, MLP_ACTIVATION, MLP_CONV_K"), ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LOOPS, LOOP_START, LOOP_END"),
+    ("mlp", "MLP_MULT, MLP_ACTIVATION, MLP_CONV_K"),
+    ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LOOPS, LOOP_START, LOOP_END"),
     ("backout", "BACKOUT_LAYER"), ("blocks.", "NUM_LAYERS, MODEL_DIM, NUM_HEADS"), ("", "MODEL_DIM"),
 )
 
@@ -4701,13 +4744,15 @@ def calibration_batches(run, data):
     batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
     hp = run.hp
     if hp.gptq_calibration == "self":
-        batches = self_generated_batches(run.model, hp, data.tokenizer.bos_id(), run.rank, run.world_size, run.device, run.autocast)
+        batches = self_generated_batches(run.model, hp, data.tokenizer.bos_id(), run.rank, run.world_size,
+                                         run.device, run.autocast)
         return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
                          f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
     first_step = run.results["steps"]
     batches = (data.train_loader.batch(first_step + step, micro)[0].to(run.device)
                for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
-    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens}"
+    tokens = hp.gptq_calibration_batches * hp.train_batch_tokens
+    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{tokens}"
 
 
 def calibrate(run, data):
@@ -4778,7 +4823,8 @@ def export(run):
         model_bytes = write_artifact(run.artifact_path, blob)
         run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = compressed_sizes_for_log(quantized, hp)
-        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
+        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} "
+            f"k_scale:{k_scale:.3f} "
             f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")
         log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
@@ -4827,7 +4873,8 @@ def log_final(run, name, result, seconds, extra=""):
     run.scored_targets[name] = scored
     run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
     run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
+    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss,
+                        "val_bpb": val_bpb})
 
 
 def evaluate_artifact(run, data):
@@ -4864,8 +4911,8 @@ def evaluate_sliding(run, data):
     if hp.eval_stride == 0 or hp.ttt_eval_only:
         return
     start = time.perf_counter()
-    result = evaluate(run.train_model, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
-                      run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
+    result = evaluate(run.train_model, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride,
+                      hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
     synchronize(run)
     log_final(run, "final_sliding_window", result, time.perf_counter() - start,
               f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
@@ -4961,7 +5008,8 @@ def log_compliance(run, data):
     logsumexp, charged = check_normalization(run.model, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
-        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
+        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
+        f"single_pass:yes")
     if hp.ttt_enabled and hp.ttt_method == "lora":
         report = run.ttt_report
         log(f"compliance: ttt:score_first method:lora per_document_adapters:reset_each_document "
@@ -4992,7 +5040,8 @@ def log_summary(run):
     t.setdefault("export_s", 0.0)
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
             f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "
-            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
+            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s "
+            f"(budget {run.hp.eval_budget_seconds:.0f}s)")
     bpb = lambda key: f"{r[key]:.4f}" if key in r else "-"
     header = "=" * 40 + f" summary: {run.run_id} " + "=" * 40
     run.log("\n".join([
@@ -5002,7 +5051,8 @@ def log_summary(run):
         f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
         f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
         f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
-        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} "
+        f"| round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
         f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
         "=" * len(header)]))
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
@@ -5010,7 +5060,8 @@ def log_summary(run):
                    versions=package_versions(),
                    ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
                    eval_budget_seconds=run.hp.eval_budget_seconds,
-                   record={field: getattr(run.hp, f"record_{field}") for field in ("name", "author", "github_id", "blurb")}, **r)
+                   record={field: getattr(run.hp, f"record_{field}")
+                           for field in ("name", "author", "github_id", "blurb")}, **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
@@ -5022,7 +5073,8 @@ def generate_sample(run, data):
         return
     model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
     model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
-    prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
+    # documents start with BOS, as in the shards
+    prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)
     generator = torch.Generator().manual_seed(hp.seed)
     with run.autocast():
         new_ids = sample_tokens(model, prompt_ids, hp.gen_tokens, hp.gen_temperature, hp.gen_top_k,
@@ -5047,9 +5099,11 @@ def check_record_dir(run):
             problem[0] = f"RECORD_DIR={run.hp.record_dir!r} is not writable: {error.strerror}"
     if run.rank == 0 and folder is not None and not problem[0]:
         for path in sorted(folder.glob("train_seed*.log")):
-            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
+            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)",
+                                    path.read_text(encoding="utf-8"), re.M)
             if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
-                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another configuration or "
+                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another "
+                              f"configuration or "
                               f"code (theirs: {fingerprint.groups() if fingerprint else 'no fingerprint'}; this run: "
                               f"{(run.config_hash, run.code_sha256)}); seeds of different runs must not be pooled: "
                               f"use a new RECORD_DIR")
@@ -5192,7 +5246,8 @@ def with_record_folder(hp, sources):
 
 def main():
     hp, sources = with_record_folder(*Hyperparameters.from_env())
-    code = Code.read(__file__, hp.pack_code)  # once: every seed logs and ships the code that is running, even if the file changes
+    # once: every seed logs and ships the code that is running, even if the file changes
+    code = Code.read(__file__, hp.pack_code)
     cluster = Cluster(hp)
     signals = StopSignals()
     for seed, run_id in run_ids(hp, cluster).items():
@@ -5234,7 +5289,8 @@ FOREIGN_SETTING_HINTS = {
     "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
     "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
     "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
-    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
+    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE",
+    "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
 }
 # The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
 FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""

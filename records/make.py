@@ -69,7 +69,8 @@ def submission_from_logs(log_texts):
         raise ValueError("these logs come from different configurations or code; they cannot make one submission")
     for s in summaries:  # a NaN or inf is never a score
         if not all(math.isfinite(s[key]) for key in ("val_loss", "val_bpb")):
-            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
+            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, "
+                             f"val_bpb {s['val_bpb']})")
     first = summaries[0]
     user = {field: next((s["record"][field] for s in reversed(summaries) if s.get("record", {}).get(field)), "")
             for field in USER_FIELDS}
@@ -93,7 +94,8 @@ def submission_from_logs(log_texts):
 def pinned_requirements(versions):
     """requirements.txt of a record: the versions that ran, pinned."""
     lines = ["# The versions this record ran with: pip install -r requirements.txt"]
-    lines += [f"{package}=={versions[package]}" for package in ("torch", "numpy", "sentencepiece", "zstandard", "brotli")
+    packages = ("torch", "numpy", "sentencepiece", "zstandard", "brotli")
+    lines += [f"{package}=={versions[package]}" for package in packages
               if versions.get(package, "installed") != "installed"]
     flash = versions.get("flash_attn_interface") or versions.get("flash_attn")
     if flash:
@@ -200,7 +202,8 @@ def make(folder):
     path = folder / "submission.json"
     if path.is_file():  # what a person filled in by hand survives
         previous = json.loads(path.read_text(encoding="utf-8"))
-        submission.update({field: previous[field] for field in USER_FIELDS if not submission[field] and previous.get(field)})
+        submission.update({field: previous[field] for field in USER_FIELDS
+                           if not submission[field] and previous.get(field)})
     T.write_atomically(path, (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(), "submission.json")
     requirements = pinned_requirements(submission["versions"]).encode()
     T.write_atomically(folder / "requirements.txt", requirements, "requirements.txt")
@@ -209,7 +212,8 @@ def make(folder):
     results = results_block(folder, submission, logs[0])  # one configuration: any seed's settings
     T.write_atomically(readme, readme_with(old_text, folder, results).encode(), "the record's README")
     plotted = plot_losses(logs, folder / "loss_curves.png")
-    return f"{folder}: seeds {' '.join(map(str, submission['seeds']))}, val_bpb {submission['val_bpb']:.8f}, plot: {plotted}"
+    seeds = " ".join(map(str, submission["seeds"]))
+    return f"{folder}: seeds {seeds}, val_bpb {submission['val_bpb']:.8f}, plot: {plotted}"
 
 
 def main():
