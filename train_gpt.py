@@ -3809,7 +3809,7 @@ class Run:
         self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
         self.phase, self.training_began, self.raw_saved, self.steps_done, self.average = "setup", False, False, 0, None
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
-        self.local_rank, self.device = cluster.local_rank, cluster.device
+        self.device = cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.timings = {}
         self.lora_forward = None  # the per-document TTT forward, once the warmup has compiled it
@@ -4704,12 +4704,13 @@ def load_artifact_to_evaluate(run):
     except ValueError as error:
         raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={path!r}: {error}") from None
     check_artifact_fits(run.model, state, path)
-    run.artifact_path, run.artifact_sha256 = path, hashlib.sha256(blob).hexdigest()
+    artifact = Artifact(path, hashlib.sha256(blob).hexdigest())
     code_bytes = len(run.code.counted)
     run.results.update(bytes_code=code_bytes, bytes_model=len(blob), bytes_total=code_bytes + len(blob))
-    run.log(f"eval_only: artifact:{path} sha256:{run.artifact_sha256} bytes_model:{len(blob)} "
+    run.log(f"eval_only: artifact:{path} sha256:{artifact.sha256} bytes_model:{len(blob)} "
             f"bytes_total:{code_bytes + len(blob)} (nothing trained, calibrated or exported)"
             + (" ttt_eval_only:1" if run.hp.ttt_eval_only else ""))
+    return artifact
 
 
 SELF_CALIBRATION_BATCH = 8  # sequences sampled together for GPTQ_CALIBRATION=self (the AR self-calibration record's)
@@ -4759,29 +4760,29 @@ def calibrate(run, data):
     """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
     every world size. It runs in the reserve taken off the training budget, and is timed as training."""
     hp = run.hp
-    run.hessians = None
     if not hp.gptq:
-        return
+        return None
     synchronize(run)
     start = time.perf_counter()
     if hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
-        run.hessians, described = hessians_within_the_cap(run, data.train_loader, start)
+        hessians, described = hessians_within_the_cap(run, data.train_loader, start)
     else:
         batches, described = calibration_batches(run, data)
-        run.hessians = collect_hessians(run.model, batches, run.autocast)
+        hessians = collect_hessians(run.model, batches, run.autocast)
         run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
-    for hessian in (run.hessians or {}).values():
+    for hessian in (hessians or {}).values():
         all_reduce(hessian, dist.ReduceOp.SUM)
     synchronize(run)
     seconds = time.perf_counter() - start
     run.timings["calibration_s"] = seconds
     train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
-    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians or {})} "
+    run.log(f"gptq_calibration: {described} matrices:{len(hessians or {})} "
             f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
             + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
-    if run.hessians is None:
+    if hessians is None:
         run.log("WARNING: no calibration batch fit in MAX_WALLCLOCK_SECONDS: the weights are quantized without GPTQ; "
                 "raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+    return hessians
 
 
 def hessians_within_the_cap(run, loader, start):
@@ -4804,12 +4805,21 @@ def hessians_within_the_cap(run, loader, start):
     return hessians or None, f"batches:{used}/{hp.gptq_calibration_batches} tokens:{used * hp.train_batch_tokens}"
 
 
-def export(run):
+class Artifact(NamedTuple):
+    """What `export` hands to evaluation: the file, the SHA-256 of the bytes written (evaluation scores those bytes,
+    nothing else; known on rank 0), and, once `evaluate_artifact` has read it back, the bytes."""
+    path: str
+    sha256: Optional[str]
+    blob: Optional[bytes] = None
+
+
+def export(run, hessians):
     """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
-    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit)."""
+    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit). `hessians` are GPTQ's (None:
+    round to nearest). Returns the Artifact; its SHA-256 is known on rank 0, which wrote it."""
     hp, log = run.hp, run.log
     start = time.perf_counter()
-    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz")
+    path, sha256 = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz"), None
     bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
     if bad:  # every rank holds the same weights, so every rank stops here
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
@@ -4817,15 +4827,15 @@ def export(run):
     if run.rank == 0:
         code_bytes = len(run.code.counted)
         quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp,
-                                                   run.hessians, code_bytes, log, run.qat_k_scale)
+                                                   hessians, code_bytes, log, run.qat_k_scale)
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
-        model_bytes = write_artifact(run.artifact_path, blob)
-        run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
+        model_bytes = write_artifact(path, blob)
+        sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = compressed_sizes_for_log(quantized, hp)
         log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} "
             f"k_scale:{k_scale:.3f} "
-            f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
+            f"gptq:{hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")
         log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
@@ -4840,6 +4850,7 @@ def export(run):
         dist.barrier()
     run.timings["export_s"] = time.perf_counter() - start
     log(f"export_time:{run.timings['export_s']:.1f}s")
+    return Artifact(path, sha256)
 
 
 def tensor_bytes(tree):
@@ -4877,26 +4888,27 @@ def log_final(run, name, result, seconds, extra=""):
                         "val_bpb": val_bpb})
 
 
-def evaluate_artifact(run, data):
+def evaluate_artifact(run, data, artifact):
     """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
-    clock starts here and covers everything that follows, compilation included."""
+    clock starts here and covers everything that follows, compilation included. Returns the artifact with the bytes
+    read back."""
     synchronize(run)
     run.eval_start = start = time.perf_counter()
     # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk. They must
     # be the bytes this run wrote: another process writing to the same path is caught here.
     blob, problem = None, None
     if run.rank == 0:
-        blob = Path(run.artifact_path).read_bytes()
-        if hashlib.sha256(blob).hexdigest() != run.artifact_sha256:
-            blob, problem = None, (f"{run.artifact_path} is not the artifact this run wrote (its SHA-256 changed "
+        blob = Path(artifact.path).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != artifact.sha256:
+            blob, problem = None, (f"{artifact.path} is not the artifact this run wrote (its SHA-256 changed "
                                    f"after the write: another process wrote to it); nothing was scored")
     blob, problem = run.cluster.broadcast((blob, problem))
     if problem:
         raise RunError(problem)
-    run.artifact_blob = blob
-    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob)), strict=True)
+    run.model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, blob)), strict=True)
+    artifact = artifact._replace(blob=blob)
     if run.hp.ttt_eval_only:
-        return
+        return artifact
     result = run_validation(run, data)
     synchronize(run)
     gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
@@ -4904,6 +4916,7 @@ def evaluate_artifact(run, data):
               f"quant_gap_bpb:{gap:+.4f} " if math.isfinite(gap) else "")
     if math.isfinite(gap):
         run.results["quant_gap_bpb"] = gap
+    return artifact
 
 
 def evaluate_sliding(run, data):
@@ -4921,10 +4934,10 @@ def evaluate_sliding(run, data):
 def evaluate_ttt(run, data):
     hp = run.hp
     if not hp.ttt_enabled:
-        return
+        return None
     run.log(f"ttt: method:{hp.ttt_method} ({'per-document LoRA' if hp.ttt_method == 'lora' else 'chunk SGD'}) "
             f"optimizer:{ttt_optimizer_of(hp)}")
-    (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data)
+    return (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data)
 
 
 def evaluate_lora_ttt(run, data):
@@ -4936,10 +4949,10 @@ def evaluate_lora_ttt(run, data):
                                    data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
                                    doc_starts_of(data.val_tokens, data.tokenizer.bos_id()), run.log, budget_left)
     synchronize(run)
-    run.ttt_report = dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
     log_final(run, "final_ttt", report.result, time.perf_counter() - start,
               f"documents:{report.per_document.size(0)} rounds:{report.rounds} adapted_rounds:{report.adapted_rounds} "
               f"phases:{report.phases} ")
+    return dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
 
 
 def lora_forward_of(run, backend="inductor"):
@@ -4991,12 +5004,12 @@ def evaluate_chunk_ttt(run, data):
         run.train_model, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         data.doc_starts, run.log, budget_left, phases)
     synchronize(run)
-    run.ttt_report = dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
     log_final(run, "final_ttt", result, time.perf_counter() - start,
               f"chunks:{len(per_segment)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+    return dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
 
 
-def log_compliance(run, data):
+def log_compliance(run, data, ttt_report):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
     hp, log = run.hp, run.log
@@ -5010,14 +5023,13 @@ def log_compliance(run, data):
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
         f"single_pass:yes")
+    report = ttt_report  # what TTT adapted, as evaluate_ttt returned it
     if hp.ttt_enabled and hp.ttt_method == "lora":
-        report = run.ttt_report
         log(f"compliance: ttt:score_first method:lora per_document_adapters:reset_each_document "
             f"chunk_size:{hp.ttt_chunk_size} rounds:{report['chunks']} adapted_rounds:{report['adapted']} "
             f"last_chunk_trained:no rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr}"
             + (f" phases:{report['phases']} global_sgd:scored_documents_only" if hp.phased_ttt_enabled else ""))
     elif hp.ttt_enabled:
-        report = run.ttt_report
         log(f"compliance: ttt:score_first method:chunk chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
             f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lr}"
@@ -5065,14 +5077,14 @@ def log_summary(run):
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
-def generate_sample(run, data):
+def generate_sample(run, data, artifact):
     """GEN_PROMPT: text sampled from the model read back from the artifact (not the TTT-adapted one), in the log.
     After the summary, so it is on no clock."""
     hp = run.hp
     if not hp.gen_prompt or run.rank != 0:
         return
     model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
-    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
+    model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, artifact.blob)), strict=True)
     # documents start with BOS, as in the shards
     prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)
     generator = torch.Generator().manual_seed(hp.seed)
@@ -5150,12 +5162,14 @@ def in_phase(run, phase, *inputs):
     return phase(run, *inputs)
 
 
-def evaluate_and_conclude(run, data):
+def evaluate_and_conclude(run, data, artifact):
     """The evaluation clock's phases (from reading the artifact back to the summary), then the sample."""
-    for phase in (evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance):
-        in_phase(run, phase, data)
+    artifact = in_phase(run, evaluate_artifact, data, artifact)
+    in_phase(run, evaluate_sliding, data)
+    ttt_report = in_phase(run, evaluate_ttt, data)
+    in_phase(run, log_compliance, data, ttt_report)
     in_phase(run, log_summary)
-    in_phase(run, generate_sample, data)
+    in_phase(run, generate_sample, data, artifact)
 
 
 def train_and_evaluate(run):
@@ -5165,9 +5179,9 @@ def train_and_evaluate(run):
     build_model(run, data)
     if run.hp.eval_only_quantized_path:
         run.phase = "eval_only"
-        load_artifact_to_evaluate(run)
+        artifact = load_artifact_to_evaluate(run)
         warm_up_evaluation(run)
-        return evaluate_and_conclude(run, data)
+        return evaluate_and_conclude(run, data, artifact)
     if run.hp.finish_from:
         run.phase = "finish_from"
         finish_from_raw_weights(run, data)
@@ -5180,9 +5194,9 @@ def train_and_evaluate(run):
         if run.hp.benchmark_steps:
             return benchmark(run, data)
         in_phase(run, train, data)
-    in_phase(run, calibrate, data)
-    in_phase(run, export)
-    evaluate_and_conclude(run, data)
+    hessians = in_phase(run, calibrate, data)
+    artifact = in_phase(run, export, hessians)
+    evaluate_and_conclude(run, data, artifact)
     in_phase(run, record)
 
 

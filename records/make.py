@@ -123,6 +123,12 @@ def reproduce_command(log_text, world_size, seeds):
     return " ".join(given + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
 
 
+def git_commit(log_text):
+    """The commit the run's checkout was at, from its log (the code hash says whether the file was as committed)."""
+    found = re.search(r"^host:\S+ git_sha:(\S+)", log_text, re.M)
+    return found.group(1) if found else "unknown"
+
+
 def code_note(folder, bytes_code):
     """The README's sentence on which code file is which."""
     counted = f"`train_gpt.py` ({bytes_code:,} bytes)"
@@ -151,7 +157,8 @@ def results_block(folder, submission, log_text):
         "|---|---|---|---|---|---|---|---|", *rows, "",
         f"Reproduce: `{reproduce_command(log_text, submission['world_size'], submission['seeds'])}`", "",
         code_note(folder, submission["bytes_code"]), "",
-        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: {versions}. Every "
+        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}` (git commit "
+        f"`{git_commit(log_text)}`); versions: {versions}. Every "
         "launched seed is in `index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value "
         "<record val_loss>`.",
         RESULTS_END])

@@ -82,6 +82,7 @@ def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_th
     readme = (folder / "README.md").read_text()
     assert f"{submission['val_bpb']:.8f}" in readme and 'SEEDS="42 1337"' in readme
     assert "RECORD_NAME='Tiny pair' " in readme and "PRESET=smoke " in readme  # the command pastes into a shell
+    assert re.search(r"\(git commit `([0-9a-f]{40}|none)`\)", readme)  # which commit made it
     assert stats.check_record(folder) == ([], [])
 
 
