@@ -4256,7 +4256,7 @@ def warm_up_evaluation(run):
     """EVAL_ONLY_QUANTIZED_PATH and FINISH_FROM, which train nothing: the evaluation graphs of the loaded weights'
     layout, built before the evaluation clock starts."""
     start = time.perf_counter()
-    with compile_failures_named(run):
+    with compile_failures_named(run, before="the evaluation"):
         warm_evaluation_graphs(run, {run.model.looping}, run.model.looping)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
     log_compiled_graphs(run, "warmup")
@@ -4333,10 +4333,10 @@ def reserve_calibration_time(run, data):
 
 
 @contextlib.contextmanager
-def compile_failures_named(run):
+def compile_failures_named(run, before="training"):
     """A graph torch.compile cannot build in the warmup (a graph break under fullgraph, a FlashAttention build that
-    does not register its kernels for torch.compile, an inductor failure) stops the run before training, naming the
-    settings that avoid it, instead of a compiler traceback."""
+    does not register its kernels for torch.compile, an inductor failure) stops the run before training (or, for a
+    run that trains nothing, before the evaluation), naming the settings that avoid it, not in a compiler traceback."""
     try:
         yield
     except torch._dynamo.exc.TorchDynamoException as error:
@@ -4344,7 +4344,7 @@ def compile_failures_named(run):
         if run.attention_name != "sdpa":
             avoid += f", or ATTN_BACKEND=sdpa if the trace stops in {run.attention_name}"
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"torch.compile failed in the warmup, before training ({type(error).__name__}: "
+        raise ConfigError(f"torch.compile failed in the warmup, before {before} ({type(error).__name__}: "
                           f"{first_line}); "
                           f"set {avoid}; TORCH_LOGS=graph_breaks shows where") from error
 

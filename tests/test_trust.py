@@ -570,3 +570,15 @@ def test_calibration_never_reads_training_data_after_the_cap(monkeypatch):
     assert torch.equal(hessians["w"], 2 * torch.ones(2, 2)) and run.timings["training_data_read_until_s"] <= 10
     run.results["train_time_ms"] = 9900.0  # no batch fits: GPTQ is skipped, never the cap
     assert T.hessians_within_the_cap(run, None, now[0])[0] is None
+
+
+def test_a_graph_that_cannot_compile_is_named_with_the_phase_it_stops_before():
+    """The warmup of a run that trains nothing (EVAL_ONLY_QUANTIZED_PATH, FINISH_FROM) stops before the evaluation,
+    and says so; a training run's stops before training."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(attention_name="sdpa")
+    for before in ("training", "the evaluation"):
+        with pytest.raises(T.ConfigError, match=f"failed in the warmup, before {before} .*set COMPILE=0"):
+            named = T.compile_failures_named(run, before=before) if before != "training" else T.compile_failures_named(run)
+            with named:
+                raise T.torch._dynamo.exc.Unsupported("a graph break")
