@@ -133,3 +133,17 @@ def test_the_packer_names_the_file_that_does_not_parse(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0 and f"{broken}: the source does not parse (line 1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out.py").exists()
+
+
+def test_the_code_size_benchmark_counts_what_a_run_counts_and_every_line(tmp_path):
+    source = tmp_path / "two.py"
+    source.write_text('"""Doc."""\n\n\nclass Run:\n    def __init__(self):\n        self.hp = 1\n\n\n'
+                      '# ' + "=" * 20 + "\n# MAIN\n# " + "=" * 20 + "\ndef train(run):\n    run.model = 2\n" + "x = 1\n" * 3
+                      + "class Hyperparameters:\n    pass\n")
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "code_size.py"), "--source", str(source)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    counted = len(T.pack_source(source.read_bytes())[0])
+    assert f"counted_bytes:{counted} " in result.stdout and " lines:18 " in result.stdout
+    assert re.search(r"preamble +8 lines", result.stdout) and re.search(r"MAIN +10 lines", result.stdout)
+    assert "run_attributes: 2 (1 set outside Run.__init__: model)" in result.stdout

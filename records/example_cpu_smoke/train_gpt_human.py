@@ -9,38 +9,45 @@ Train the best language model whose artifact (this file's bytes + the compressed
     PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
 
 Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
-Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main.
+Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main, and the
+settings of other scripts (the baseline's and the records' names, applied, translated or refused).
 """
 
 import ast
 import base64
+import bisect
 import contextlib
 import copy
 import dataclasses
 import datetime
 import difflib
 import functools
+import errno
 import glob
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import math
 import os
+import pickle
 import platform
 import re
 import secrets
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tokenize
 import traceback
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import sentencepiece as spm
@@ -58,188 +65,365 @@ class ConfigError(ValueError):
     """A bad setting: the message names the environment variable or file to fix."""
 
 
+def setting(default, check="", needs=""):
+    """A field of `Hyperparameters` with its rules, in one place: `check` is its range (a key of RANGE_CHECKS) or its
+    choices ("a|b|c"); `needs` is the switch without which it has no effect (see `switched_on`), so that one set
+    explicitly while switched off is refused rather than ignored."""
+    return dataclasses.field(default=default, metadata=dict(check=check, needs=needs))
+
+
+RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v >= 0, "must be zero or positive"),
+                "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+                "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
+CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and TTT_METHOD=lora"
+PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
+
+
+def switched_on(hp, condition):
+    """Whether a `needs` condition holds: clauses joined by " and ", each "NAME=a or b" (the value is one of them;
+    booleans are 1 and 0), or "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty string)."""
+    def clause_holds(clause):
+        if "=" in clause:
+            name, values = clause.split("=", 1)
+            value = getattr(hp, name.lower())
+            return str(int(value) if isinstance(value, bool) else value) in values.split(" or ")
+        set_ = lambda value: bool(value.strip()) if isinstance(value, str) else bool(value)
+        return any(set_(getattr(hp, name.lower())) for name in clause.replace(" > 0", "").split(" or "))
+    return all(clause_holds(clause) for clause in condition.split(" and "))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
     # --- run and data ---
-    preset: str = ""  # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in order); empty = none
-    run_id: str = ""  # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random suffix
-    overwrite_run: bool = False  # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
-    finish_from: str = ""  # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and evaluate them
+    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in
+    # order); empty = none
+    preset: str = ""
+    # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random
+    # suffix
+    run_id: str = ""
+    # allow a RUN_ID whose log already exists (its files are replaced); off = such a run is refused
+    overwrite_run: bool = False
+    # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and
+    # evaluate them
+    finish_from: str = ""
+    # an artifact (.ptz) to evaluate with this run's evaluation settings; nothing is trained, calibrated or exported
+    eval_only_quantized_path: str = ""
+    # with EVAL_ONLY_QUANTIZED_PATH: TTT only, the round-trip and sliding evaluations skipped (the records'
+    # TTT_EVAL_ONLY)
+    ttt_eval_only: bool = False
     seed: int = 1337  # seeds initialization (and sampling), not the data order, as in the challenge
-    data_seed: int = -1  # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per epoch from (DATA_SEED, epoch, shard)
+    # training data order: -1 = the challenge's (the sorted shards read as one stream); >= 0 = windows shuffled per
+    # epoch from (DATA_SEED, epoch, shard)
+    data_seed: int = -1
     seeds: str = ""  # several seeds run one after another (e.g. "1337 42 2025"), each its own log; empty = SEED
+    # the records' DATA_DIR: the folder that replaces ./data in the default DATA_PATH and TOKENIZER_PATH; empty =
+    # ./data
+    data_dir: str = ""
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # folder of fineweb_train_*.bin / fineweb_val_*.bin shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # SentencePiece model that made the shards
-    vocab_size: int = 1024  # must equal the tokenizer's vocabulary size
-    record_dir: str = ""  # when set, a records folder (README, submission.json, logs, code, requirements.txt) is written here
-    record_name: str = ""  # submission.json "name"; with RECORD_DIR empty, the record goes to records/track_10min_16mb/<date>_<RECORD_NAME>/
+    vocab_size: int = setting(1024, ">0")  # must equal the tokenizer's vocabulary size
+    # when set, each seed leaves its log, the counted code and its index lines here; records/make.py builds the rest
+    record_dir: str = ""
+    # submission.json "name"; with RECORD_DIR empty, the record goes to
+    # records/track_10min_16mb/<date>_<RECORD_NAME>/
+    record_name: str = ""
     record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
     record_github_id: str = ""  # submission.json "github_id" (likewise)
     record_blurb: str = ""  # submission.json "blurb" (likewise)
 
     # --- schedule and batch ---
-    iterations: int = 20000  # maximum number of optimizer steps
-    max_wallclock_seconds: float = 600.0  # training-time cap (warmup, validation and export excluded); 0 = none
-    warmup_steps: int = 20  # untimed compile/warmup steps on training data, undone before training starts
-    train_batch_tokens: int = 524_288  # global batch in tokens per optimizer step, at every world size
-    train_seq_len: int = 1024  # training sequence length
-    grad_accum_steps: int = 0  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
-    train_log_every: int = 200  # log the train loss every N steps
-    val_loss_every: int = 1000  # evaluate on the full validation split every N steps; 0 = only at the end
-    val_batch_size: int = 524_288  # validation tokens per forward pass, summed over ranks
+    iterations: int = setting(20000, ">0")  # maximum number of optimizer steps
+    # training-time cap (warmup, validation and export excluded); 0 = none
+    max_wallclock_seconds: float = setting(600.0, ">=0")
+    # untimed compile/warmup steps on training data, undone before training starts
+    warmup_steps: int = setting(20, ">=0")
+    # global batch in tokens per optimizer step, at every world size (the records' since March)
+    train_batch_tokens: int = setting(786_432, ">0")
+    # training sequence length (the records' since March; the baseline's 1024 is PRESET=baseline)
+    train_seq_len: int = setting(2048, ">0")
+    grad_accum_steps: int = setting(0, ">=0")  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    train_log_every: int = setting(200, ">=0")  # log the train loss every N steps
+    # evaluate on the full validation split every N steps; 0 = only at the end
+    val_loss_every: int = setting(1000, ">=0")
+    val_batch_size: int = setting(524_288, ">0")  # validation tokens per forward pass, summed over ranks
 
     # --- model: size (defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline) ---
-    num_layers: int = 11  # physical transformer blocks
-    model_dim: int = 512  # residual width
-    num_heads: int = 8  # query heads
-    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
-    mlp_mult: float = 4.0  # MLP hidden width = MLP_MULT * MODEL_DIM
-    mlp_activation: str = "leaky_relu2"  # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
-    mlp_leaky_slope: float = 0.5  # negative slope of leaky_relu2
+    num_layers: int = setting(11, ">0")  # physical transformer blocks
+    model_dim: int = setting(512, ">0")  # residual width
+    num_heads: int = setting(8, ">0")  # query heads
+    num_kv_heads: int = setting(4, ">0")  # key/value heads (grouped-query attention)
+    mlp_mult: float = setting(4.0, ">0")  # MLP hidden width = MLP_MULT * MODEL_DIM
+    # relu2 (the baseline's relu^2), leaky_relu2 (LeakyReLU(slope)^2) or swiglu
+    mlp_activation: str = setting("leaky_relu2", "relu2|leaky_relu2|swiglu")
+    mlp_leaky_slope: float = setting(0.5, needs="MLP_ACTIVATION=leaky_relu2")  # negative slope of leaky_relu2
     tie_embeddings: bool = True  # share the token embedding with the output head
-    tied_embed_init_std: float = 0.005  # std of the tied embedding at init
+    tied_embed_init_std: float = setting(0.005, ">=0")  # std of the tied embedding at init
     ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
-    zero_init_proj: bool = True  # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init (neon213)
-    logit_softcap: float = 30.0  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
+    # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init
+    # (neon213)
+    zero_init_proj: bool = True
+    logit_softcap: float = setting(30.0, ">=0")  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
 
     # --- model: attention ---
-    rope_base: float = 10000.0  # rotary embedding base
+    rope_base: float = setting(10000.0, ">0")  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
-    attn_gate: str = "sparse"  # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
-    attn_gate_scale: float = 0.5  # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
+    attn_gate: str = setting("sparse", "none|head|biased|output|sparse")
+    # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
+    attn_gate_scale: float = setting(0.5, needs="ATTN_GATE=sparse")
     gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
     value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
-    value_residual_form: str = "sigmoid"  # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
+    # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
+    value_residual_form: str = setting("sigmoid", "sigmoid|lambda", "VALUE_RESIDUAL=1")
     ve_layers: str = ""  # layers whose V gets the shared value embedding (comma-separated); empty = none
-    ve_dim: int = 128  # width of the value-embedding table
-    ve_proj_init: str = "zero"  # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
+    ve_dim: int = setting(128, ">0", "VE_LAYERS")  # width of the value-embedding table
+    # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
+    ve_proj_init: str = setting("zero", "zero|ortho", "VE_LAYERS")
 
     # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
-    conv_k: int = 0  # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
-    mlp_conv_k: int = 0  # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
-    kernel_schedule: str = ""  # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size from the start
-    conv_init: str = "random"  # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
-    intent_gate: bool = False  # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
+    # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
+    conv_k: int = setting(0, ">=0")
+    # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
+    mlp_conv_k: int = setting(0, ">=0")
+    # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size
+    # from the start
+    kernel_schedule: str = ""
+    # random (U(+-1/sqrt(k)) on the active taps, as neon213) or identity (the current-token tap is 1)
+    conv_init: str = setting("random", "random|identity", "CONV_K or MLP_CONV_K > 0")
+    # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
+    intent_gate: bool = False
 
     # --- model: embedding side ---
     bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
-    bigram_dim: int = 112  # width of the BigramHash table
+    bigram_dim: int = setting(112, ">0", "BIGRAM_BUCKETS > 0")  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
-    smear_gate_form: str = "scalar"  # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 - sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
-    embed_norm: bool = True  # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
+    # attention and the neon convs never read across a BOS inside a packed row or window (VarLenAttn record)
+    doc_isolation: bool = False
+    # scalar: x + lam sigmoid(w x[:GATE_WINDOW]) x_prev on the raw embedding (identity at init); blend: (1 -
+    # sigmoid(g)) x + sigmoid(g) x_prev per channel after the norm, g = 0 (the seed-era form)
+    smear_gate_form: str = setting("scalar", "scalar|blend", "SMEAR_GATE=1")
+    # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
+    embed_norm: bool = True
 
     # --- model: normalization, residual topology and loss ---
-    norm_weights: bool = False  # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
+    # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and
+    # K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
+    norm_weights: bool = False
     ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
-    sublayer_scales: bool = True  # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
-    resid_mix: bool = True  # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
+    sublayer_scales: bool = True
+    # each block's input blends the residual with the embedding output x0, per channel (the baseline's resid_mix)
+    resid_mix: bool = True
     unet_skips: bool = True  # U-Net skips: the first half of the virtual stack feeds the second half in reverse order
-    skip_gates: bool = True  # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
-    num_loops: int = 2  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
-    loop_start: int = 3  # first layer of the looped segment
-    loop_end: int = 5  # last layer of the looped segment (inclusive)
-    loop_enable_at: float = 0.35  # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    # U-Net skips enter through a learned sigmoid gate instead of a plain add (with UNET_SKIPS)
+    skip_gates: bool = setting(True, needs="UNET_SKIPS=1")
+    num_loops: int = setting(2, ">=0")  # depth recurrence: extra passes over layers LOOP_START..LOOP_END; 0 = off
+    loop_start: int = setting(3, needs="NUM_LOOPS > 0")  # first layer of the looped segment
+    loop_end: int = setting(5, needs="NUM_LOOPS > 0")  # last layer of the looped segment (inclusive)
+    # recurrence starts at this fraction of training (of the wall-clock cap if set); >= 1: a step
+    loop_enable_at: float = setting(0.35, ">=0", "NUM_LOOPS > 0")
     parallel_residuals: bool = True  # two residual lanes with learned routing from PARALLEL_START_LAYER on
-    parallel_start_layer: int = 8  # first physical layer with parallel lanes
-    parallel_form: str = "routing"  # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
-    backout_layer: int = 0  # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last -N); 0 = off
-    backout_init: float = 0.0  # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
-    backout_read: bool = False  # layers after the cache compute attention keys and values from the cached state (PR #703)
-    mile_gamma: float = 0.0  # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+    parallel_start_layer: int = setting(8, needs="PARALLEL_RESIDUALS=1")  # first physical layer with parallel lanes
+    # routing: both outputs reach both lanes through learned 2x2 weights, lanes averaged at the end; merge: the
+    # lanes never exchange and end as m lane0 + (1 - m) lane1, m = 0.5 (PR #1289/#1392)
+    parallel_form: str = setting("routing", "routing|merge", "PARALLEL_RESIDUALS=1")
+    # Cache+Backout: subtract a learned multiple of the state after this many virtual layers (< 0: all but the last
+    # -N); 0 = off
+    backout_layer: int = 0
+    # initial multiple of the cached state that is subtracted (0 = the identity; PR #703: 0.1)
+    backout_init: float = setting(0.0, needs="BACKOUT_LAYER")
+    # layers after the cache compute attention keys and values from the cached state (PR #703)
+    backout_read: bool = setting(False, needs="BACKOUT_LAYER")
+    # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
+    mile_gamma: float = setting(0.0, ">=0")
 
     # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
-    matrix_lr: float = 0.026  # Muon LR for the block matrices
-    scalar_lr: float = 0.02  # AdamW LR for gains, gates, scales and skip weights
-    tied_embed_lr: float = 0.03  # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
-    embed_lr: float = 0.6  # AdamW LR for the token tables when the embeddings are untied
-    head_lr: float = 0.008  # AdamW LR for the output head when untied
-    embed_weight_decay: float = 0.085  # AdamW decoupled weight decay of the token tables
-    scalar_weight_decay: float = 0.02  # AdamW decoupled weight decay of the gains, gates, scales and skip weights
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.99  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
-    muon_momentum: float = 0.97  # Muon momentum after its warmup
-    muon_momentum_warmup_start: float = 0.92  # Muon momentum at step 0
-    muon_momentum_warmup_steps: int = 1500  # steps of the linear Muon momentum warmup
-    muon_orthogonalizer: str = "polar_express"  # quintic (Newton-Schulz, the baseline's) or polar_express
-    muon_backend_steps: int = 5  # orthogonalization iterations per Muon update
+    matrix_lr: float = setting(0.026, ">=0")  # Muon LR for the block matrices
+    scalar_lr: float = setting(0.02, ">=0")  # AdamW LR for gains, gates, scales and skip weights
+    # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
+    tied_embed_lr: float = setting(0.03, ">=0", "TIE_EMBEDDINGS=1")
+    # AdamW LR for the token tables when the embeddings are untied
+    embed_lr: float = setting(0.6, ">=0", "TIE_EMBEDDINGS=0")
+    head_lr: float = setting(0.008, ">=0", "TIE_EMBEDDINGS=0")  # AdamW LR for the output head when untied
+    embed_weight_decay: float = setting(0.085, ">=0")  # AdamW decoupled weight decay of the token tables
+    # AdamW decoupled weight decay of the gains, gates, scales and skip weights
+    scalar_weight_decay: float = setting(0.02, ">=0")
+    beta1: float = setting(0.9, "[0,1)")  # AdamW beta1
+    beta2: float = setting(0.99, "[0,1)")  # AdamW beta2
+    adam_eps: float = setting(1e-8, ">0")  # AdamW epsilon
+    muon_momentum: float = setting(0.97, "[0,1)")  # Muon momentum after its warmup
+    # Muon momentum at step 0
+    muon_momentum_warmup_start: float = setting(0.92, "[0,1)", "MUON_MOMENTUM_WARMUP_STEPS > 0")
+    muon_momentum_warmup_steps: int = setting(1500, ">=0")  # steps of the linear Muon momentum warmup
+    # quintic (Newton-Schulz, the baseline's) or polar_express
+    muon_orthogonalizer: str = setting("polar_express", "quintic|polar_express")
+    muon_backend_steps: int = setting(5, ">0")  # orthogonalization iterations per Muon update
     muon_row_normalize: bool = True  # MuonEq-R: normalize each row of the momentum update before orthogonalizing
-    muon_weight_decay: float = 0.095  # Muon decoupled weight decay (smaller weights also compress better)
+    # Muon decoupled weight decay (smaller weights also compress better)
+    muon_weight_decay: float = setting(0.095, ">=0")
     muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
-    embed_proj_optimizer: str = "muon"  # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549 family)
-    grad_clip_norm: float = 0.3  # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
-    warmdown_frac: float = 0.85  # the LR decays linearly to 0 over this final fraction of training (time under a cap)
-    warmdown_iters: int = 0  # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces WARMDOWN_FRAC
-    min_lr_scale: float = 0.0  # floor of the LR scale during the warmdown
-    kernel_stage_restarts: bool = False  # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly to 0 within the stage
+    # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549
+    # family)
+    embed_proj_optimizer: str = setting("muon", "muon|adamw", "BIGRAM_BUCKETS > 0 or VE_LAYERS")
+    # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
+    grad_clip_norm: float = setting(0.3, ">=0")
+    # the LR decays linearly to 0 over this final fraction of training (time under a cap)
+    warmdown_frac: float = setting(0.85, "[0,1]")
+    # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces
+    # WARMDOWN_FRAC
+    warmdown_iters: int = setting(0, ">=0")
+    # floor of the LR scale during the warmdown
+    min_lr_scale: float = setting(0.0, "[0,1)", "WARMDOWN_FRAC or WARMDOWN_ITERS > 0")
+    # neon213's regime: every KERNEL_SCHEDULE stage restarts the optimizers (state reset) and decays its LR linearly
+    # to 0 within the stage
+    kernel_stage_restarts: bool = setting(False, needs="KERNEL_SCHEDULE")
 
     # --- weight averaging ---
-    weight_averaging: str = "ema"  # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
-    ema_decay: float = 0.9965  # EMA decay per step
-    ema_warmup: bool = True  # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
-    swa_every: int = 50  # SWA takes a snapshot every N steps...
-    swa_start_lr_scale: float = 0.2  # ...once the LR scale is below this
+    # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
+    weight_averaging: str = setting("ema", "none|ema|swa|ema_swa")
+    ema_decay: float = setting(0.9965, "[0,1)", "WEIGHT_AVERAGING=ema or ema_swa")  # EMA decay per step
+    # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
+    ema_warmup: bool = setting(True, needs="WEIGHT_AVERAGING=ema or ema_swa")
+    swa_every: int = setting(50, ">0", "WEIGHT_AVERAGING=swa or ema_swa")  # SWA takes a snapshot every N steps...
+    # ...once the LR scale is below this
+    swa_start_lr_scale: float = setting(0.2, needs="WEIGHT_AVERAGING=swa or ema_swa")
 
     # --- evaluation and score-first test-time training ---
-    eval_seq_len: int = 0  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
-    eval_stride: int = 64  # sliding-window stride of the final evaluation; 0 = no sliding pass
+    eval_seq_len: int = setting(0, ">=0")  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
     eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
-    eval_budget_seconds: float = 600.0  # eval time budget: TTT stops adapting (never scoring) when it would run over
-    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation
-    ttt_chunk_tokens: int = 32768  # TTT scores, then adapts on, the validation stream in chunks of this many tokens
-    ttt_epochs: int = 3  # passes over each scored chunk
-    ttt_lr: float = 0.002  # peak TTT learning rate, cosine-decayed over chunks
-    ttt_optimizer: str = "sgd"  # sgd or adamw
-    ttt_momentum: float = 0.9  # SGD momentum, or AdamW beta1
-    ttt_batch_seqs: int = 32  # sequences per TTT step, summed over ranks
-    ttt_grad_clip: float = 1.0  # TTT gradient-norm clip; 0 = off
-    ttt_params: str = "all"  # what adapts: all, lora, or comma-separated name patterns (e.g. blocks.8,blocks.9)
-    ttt_lora_rank: int = 8  # rank of the TTT LoRA adapters (TTT_PARAMS=lora)
-    ttt_lora_targets: str = "attn.c_q,attn.c_v"  # projections that get a LoRA adapter (TTT_PARAMS=lora)
+    # eval time budget: TTT stops adapting (never scoring) when it would run over
+    eval_budget_seconds: float = setting(600.0, ">=0")
+    # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
+    caseops_enabled: bool = False
+    ttt_enabled: bool = False  # score-first TTT after the sliding evaluation (the method: TTT_METHOD)
+    # chunk (the LegalTTT records' chunk SGD) or lora (the 04-27 record's per-document LoRA); empty = the one the
+    # other TTT settings name
+    ttt_method: str = setting("", "|chunk|lora", "TTT_ENABLED=1")
+    # sgd, or adamw (adam: the 04-27 record's spelling of it); empty = sgd for chunk, adamw for lora
+    ttt_optimizer: str = setting("", "|sgd|adamw|adam", "TTT_ENABLED=1")
+    # chunk: TTT scores, then adapts on, the validation stream in chunks of this many tokens
+    ttt_chunk_tokens: int = setting(32768, ">0", CHUNK_TTT)
+    ttt_epochs: int = setting(3, ">=0", CHUNK_TTT)  # chunk: passes over each scored chunk
+    ttt_lr: float = setting(0.002, ">=0", CHUNK_TTT)  # chunk: peak TTT learning rate, cosine-decayed over chunks
+    ttt_momentum: float = setting(0.9, "[0,1)", CHUNK_TTT)  # chunk: SGD momentum, or AdamW beta1
+    ttt_batch_seqs: int = setting(32, ">0", CHUNK_TTT)  # chunk: sequences per TTT step, summed over ranks
+    ttt_grad_clip: float = setting(1.0, ">=0", CHUNK_TTT)  # chunk: TTT gradient-norm clip; 0 = off
+    # chunk: what adapts: all, or comma-separated name patterns (e.g. blocks.8,blocks.9)
+    ttt_params: str = setting("all", needs=CHUNK_TTT)
+    ttt_lora_rank: int = setting(96, ">0", LORA_TTT)  # lora: rank of each document's adapters
+    # lora: adapter outputs are scaled by TTT_LORA_ALPHA / TTT_LORA_RANK (PR #1767)
+    ttt_lora_alpha: float = setting(144.0, ">=0", LORA_TTT)
+    # lora: a new document resets B only, A stays warm within a phase (PR #1767); off = A re-drawn too
+    ttt_warm_start_a: bool = setting(True, needs=LORA_TTT)
+    ttt_lora_lr: float = setting(0.0001, ">=0", LORA_TTT)  # lora: adapter learning rate (constant)
+    # lora: each document is scored, then trained on, in chunks of this many targets
+    ttt_chunk_size: int = setting(48, ">0", LORA_TTT)
+    # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
+    ttt_eval_seq_len: int = setting(0, ">=0", LORA_TTT)
+    ttt_batch_size: int = setting(64, ">0", LORA_TTT)  # lora: documents adapted side by side (longest batches first)
+    ttt_grad_steps: int = setting(1, ">0", LORA_TTT)  # lora: optimizer steps on each scored chunk
+    ttt_weight_decay: float = setting(1.0, ">=0", LORA_TTT)  # lora: decoupled weight decay of the adapters
+    ttt_beta1: float = setting(0.0, "[0,1)", LORA_TTT)  # lora: AdamW beta1, or SGD momentum
+    ttt_beta2: float = setting(0.999, "[0,1)", LORA_TTT)  # lora: AdamW beta2
+    ttt_k_lora: bool = setting(True, needs=LORA_TTT)  # lora: adapters on K (Q, V and the output head always have them)
+    # lora: adapters on the attention output, reading the block's normed input
+    ttt_o_lora: bool = setting(True, needs=LORA_TTT)
+    ttt_mlp_lora: bool = setting(True, needs=LORA_TTT)  # lora: a dim -> dim adapter beside each MLP
+    # phased TTT (PR #1610/#1626): after each phase of scored documents, global SGD on all of them
+    phased_ttt_enabled: bool = setting(False, needs="TTT_ENABLED=1")
+    # the first N documents form the phased prefix: in stream order (chunk), in the longest-first queue's (lora)
+    phased_ttt_prefix_docs: int = setting(2000, ">0", PHASED_TTT)
+    # the prefix is cut into this many phases of equal document counts
+    phased_ttt_num_phases: int = setting(1, ">0", PHASED_TTT)
+    # peak SGD learning rate of a phase's global SGD, cosine-decayed over its chunks
+    global_ttt_lr: float = setting(0.001, ">=0", PHASED_TTT)
+    # SGD momentum of the global SGD (a fresh optimizer each phase)
+    global_ttt_momentum: float = setting(0.9, ">=0", PHASED_TTT)
+    global_ttt_epochs: int = setting(1, ">=0", PHASED_TTT)  # passes over each chunk of the global SGD
+    # the global SGD walks the scored tokens in chunks of this many; the last chunk is not trained on
+    global_ttt_chunk_tokens: int = setting(32768, ">0", PHASED_TTT)
+    global_ttt_batch_seqs: int = setting(32, ">0", PHASED_TTT)  # sequences per global SGD step, summed over ranks
+    global_ttt_grad_clip: float = setting(1.0, ">=0", PHASED_TTT)  # global SGD gradient-norm clip; 0 = off
+    # the global SGD's LR rises linearly over this many chunks, then decays
+    global_ttt_warmup_chunks: int = setting(0, ">=0", PHASED_TTT)
+    global_ttt_warmup_start_lr: float = setting(0.0, ">=0", PHASED_TTT)  # the LR of the first warmup chunk
+    # the global SGD's sequences never attend across a BOS; follows DOC_ISOLATION, and a value that differs from it
+    # is refused
+    global_ttt_respect_doc_boundaries: bool = setting(True, needs=PHASED_TTT)
 
     # --- diagnostics ---
-    pr_every: int = 0  # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
+    pr_every: int = setting(0, ">=0")
     gen_prompt: str = ""  # at the end, sample text from the round-tripped model after this prompt; empty = no sample
-    gen_tokens: int = 64  # tokens to sample
-    gen_temperature: float = 0.8  # sampling temperature; 0 = greedy
-    gen_top_k: int = 50  # sample among the k most likely tokens; 0 = all
+    gen_tokens: int = setting(64, ">=0", "GEN_PROMPT")  # tokens to sample
+    gen_temperature: float = setting(0.8, ">=0", "GEN_PROMPT")  # sampling temperature; 0 = greedy
+    gen_top_k: int = setting(50, ">=0", "GEN_PROMPT")  # sample among the k most likely tokens; 0 = all
 
     # --- quantization and export ---
-    quant_bits: int = 6  # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not quantized
-    embed_quant_bits: int = 7  # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
-    quant_clip: str = "sdclip"  # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th percentile) or rowmax
-    clip_k_mlp: float = 11.5  # SDClip k of the MLP matrices
-    clip_k_attn: float = 13.0  # SDClip k of the attention and other projection matrices
-    clip_k_embed: float = 14.0  # SDClip k of the token tables
-    quant_packing: str = "byte"  # byte (an int8 per value) or dense (bit-packed)
+    # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not
+    # quantized
+    quant_bits: int = 6
+    # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
+    embed_quant_bits: int = 7
+    # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th
+    # percentile) or rowmax
+    quant_clip: str = setting("sdclip", "sdclip|percentile|quantile|rowmax")
+    clip_k_mlp: float = setting(11.5, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the MLP matrices
+    # SDClip k of the attention and other projection matrices
+    clip_k_attn: float = setting(13.0, ">0", "QUANT_CLIP=sdclip")
+    clip_k_embed: float = setting(14.0, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the token tables
+    quant_packing: str = setting("byte", "byte|dense")  # byte (an int8 per value) or dense (bit-packed)
     gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
-    gptq_calibration: str = "train"  # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR #1019/#1392)
-    gptq_calibration_batches: int = 16  # global training batches (after the last step) whose activations give the Hessians
-    gptq_self_seqs: int = 64  # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
-    gptq_self_seq_len: int = 2048  # their length in tokens, each started from BOS
-    gptq_self_temperature: float = 0.8  # their sampling temperature
-    gptq_reserve_seconds: float = 8.0  # taken off MAX_WALLCLOCK_SECONDS so that calibration fits in the training budget
-    gptq_block_size: int = 128  # columns per GPTQ block
-    gptq_damp: float = 0.01  # GPTQ damping, a fraction of the mean Hessian diagonal
-    lqer_rank: int = 0  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
-    lqer_top_k: int = 3  # matrices that get the LQER correction
-    qat_start_lr_scale: float = 0.0  # STE quantization-aware training from when the LR scale falls below this; 0 = off
-    size_target_bytes: int = 16_000_000  # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
-    quant_passthrough_numel: int = 0  # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 = quantize every matrix
-    compressor: str = "brotli"  # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an error
+    # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR
+    # #1019/#1392)
+    gptq_calibration: str = setting("train", "train|self", "GPTQ=1")
+    # global training batches (after the last step) whose activations give the Hessians
+    gptq_calibration_batches: int = setting(16, ">=0", "GPTQ=1 and GPTQ_CALIBRATION=train")
+    # sequences the model samples for GPTQ_CALIBRATION=self (split over ranks)
+    gptq_self_seqs: int = setting(64, ">0", "GPTQ=1 and GPTQ_CALIBRATION=self")
+    # their length in tokens, each started from BOS
+    gptq_self_seq_len: int = setting(2048, ">0", "GPTQ=1 and GPTQ_CALIBRATION=self")
+    gptq_self_temperature: float = setting(0.8, ">=0", "GPTQ=1 and GPTQ_CALIBRATION=self")  # their sampling temperature
+    # the least time taken off MAX_WALLCLOCK_SECONDS for calibration; the reserve is the larger of this and the
+    # calibration time measured in the warmup
+    gptq_reserve_seconds: float = setting(0.0, ">=0", "GPTQ=1")
+    gptq_block_size: int = setting(128, ">0", "GPTQ=1")  # columns per GPTQ block
+    gptq_damp: float = setting(0.01, ">=0", "GPTQ=1")  # GPTQ damping, a fraction of the mean Hessian diagonal
+    lqer_rank: int = setting(0, ">=0")  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
+    lqer_top_k: int = setting(3, ">=0", "LQER_RANK > 0")  # matrices that get the LQER correction
+    # STE quantization-aware training from when the LR scale falls below this; 0 = off
+    qat_start_lr_scale: float = setting(0.0, ">=0")
+    # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
+    size_target_bytes: int = setting(16_000_000, ">=0", "QUANT_CLIP=sdclip")
+    # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
+    # quantize every matrix
+    quant_passthrough_numel: int = setting(0, ">=0")
+    # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an
+    # error
+    compressor: str = setting("brotli", "zstd|brotli|lzma|zlib")
     byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
-    pack_code: bool = True  # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw file
+    # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw
+    # file
+    pack_code: bool = True
 
     # --- systems ---
-    device: str = "auto"  # auto, cuda or cpu
-    compile: str = "auto"  # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
-    autocast: str = "auto"  # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
-    attn_backend: str = "auto"  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
-    benchmark_steps: int = 0  # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+    device: str = setting("auto", "auto|cuda|cpu")  # auto, cuda or cpu
+    # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
+    compile: str = setting("auto", "auto|1|0")
+    # model: the whole forward as one graph per layout, as the records compile it; block: one graph per distinct
+    # block structure, shared by every layer and loop pass like it, plus the output head and loss (a fraction of the
+    # compile time; its step time on a GPU is the GPU check's to measure)
+    compile_scope: str = setting("model", "model|block", "COMPILE=auto or 1")
+    # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
+    autocast: str = setting("auto", "auto|bf16|off")
+    attn_backend: str = setting("auto", "auto|fa3|fa2|sdpa")  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
+    benchmark_steps: int = setting(0, ">=0")
 
     @classmethod
     def from_env(cls, environ=None):
@@ -250,7 +434,8 @@ class Hyperparameters:
         preset_names = [name for name in environ.get("PRESET", "").split(",") if name.strip()]
         for name in preset_names:
             if name not in PRESETS:
-                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from {sorted(PRESETS)[1:]}")
+                raise ConfigError(f"PRESET={environ['PRESET']!r}: {name!r} is unknown; choose from "
+                                  f"{sorted(PRESETS)[1:]}")
         preset_values, preset_sources = {}, {}
         for index, name in enumerate(preset_names):
             values = dict(PRESETS[name])
@@ -261,9 +446,8 @@ class Hyperparameters:
             preset_sources.update(dict.fromkeys(values, f"preset:{name}"))
         types = {field.name: field.type for field in dataclasses.fields(cls)}
         values, sources = {}, {}
-        for name, (env_name, raw) in settings_in_environ(environ, types).items():
-            values[name] = _parse_env(env_name, raw, types[name])
-            sources[name] = "env" if env_name == name.upper() else f"env:{env_name}(alias)"
+        for name, (env_name, raw, source) in settings_in_environ(environ, types).items():
+            values[name], sources[name] = _parse_env(env_name, raw, types[name]), source
         for name in types:
             if name not in values:
                 if name in preset_values:
@@ -274,6 +458,24 @@ class Hyperparameters:
         # replace the default fraction; both given is refused by `validate`.
         if values.get("warmdown_iters", 0) > 0 and sources["warmdown_frac"] == "default":
             values["warmdown_frac"], sources["warmdown_frac"] = 0.0, "implied:WARMDOWN_ITERS"
+        if values.get("data_dir"):  # the records' DATA_DIR moves the default paths, never ones given explicitly
+            for name in ("data_path", "tokenizer_path"):
+                if not sources[name].startswith("env"):
+                    default = values.get(name, getattr(cls, name))
+                    values[name] = os.path.join(values["data_dir"], os.path.relpath(default, "./data"))
+                    sources[name] = "implied:DATA_DIR"
+        # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
+        # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
+        isolated = values.get("doc_isolation", cls.doc_isolation)
+        if sources["global_ttt_respect_doc_boundaries"] == "default":
+            values["global_ttt_respect_doc_boundaries"] = isolated
+            sources["global_ttt_respect_doc_boundaries"] = "implied:DOC_ISOLATION"
+        elif values["global_ttt_respect_doc_boundaries"] != isolated:
+            raise ConfigError(f"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES={int(values['global_ttt_respect_doc_boundaries'])}: "
+                              f"the global SGD's attention stays within documents exactly when DOC_ISOLATION=1 (here "
+                              f"{int(isolated)}); set the two alike")
+        if values.get("ttt_enabled") and not values.get("ttt_method"):
+            values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
         hp = cls(**values)
         refuse_inert_settings(hp, sources)
         return hp, sources
@@ -282,148 +484,20 @@ class Hyperparameters:
         self.validate()
 
     def validate(self):
-        """World-size-independent checks; `setup_distributed` checks the batch against the world size."""
-        def require(ok, env_name, why):
-            if not ok:
-                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
-        for field in dataclasses.fields(self):  # nan and inf pass no range check below: refuse them here
-            require(field.type is not float or math.isfinite(getattr(self, field.name)), field.name.upper(), "must be finite")
-        require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", self.run_id) is not None, "RUN_ID",
-                "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
-        for name in ("iterations", "train_batch_tokens", "train_seq_len", "num_layers", "model_dim",
-                     "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "val_batch_size", "muon_backend_steps"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        for name in ("warmup_steps", "grad_accum_steps", "benchmark_steps", "train_log_every", "val_loss_every",
-                     "max_wallclock_seconds"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        require(self.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
-        require(self.model_dim % self.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={self.num_heads}")
-        require(self.num_heads % self.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={self.num_kv_heads}")
-        require((self.model_dim // self.num_heads) % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
-        require(self.train_batch_tokens % self.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
-                f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        require(self.val_batch_size >= self.train_seq_len, "VAL_BATCH_SIZE", f"must hold one TRAIN_SEQ_LEN={self.train_seq_len} window")
-        require(self.logit_softcap >= 0, "LOGIT_SOFTCAP", "must be zero (no softcap) or positive")
-        require(self.device in ("auto", "cuda", "cpu"), "DEVICE", "choose auto, cuda or cpu")
-        require(self.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "ATTN_BACKEND", "choose auto, fa3, fa2 or sdpa")
-        require(self.compile in ("auto", "1", "0"), "COMPILE", "choose auto (CUDA only), 1 or 0")
-        require(self.autocast in ("auto", "bf16", "off"), "AUTOCAST", "choose auto, bf16 or off")
-        require(self.compressor in COMPRESSORS, "COMPRESSOR", f"choose one of {sorted(COMPRESSORS)}")
-        self.seed_list()  # raises on a bad list
-        require(self.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
-        self.validate_optimizer(require)
-        self.validate_export(require)
-        for name in ("eval_seq_len", "eval_stride", "ttt_epochs", "ttt_grad_clip", "eval_budget_seconds"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        require(self.eval_stride <= (self.eval_seq_len or self.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
-        require(self.ttt_optimizer in ("sgd", "adamw"), "TTT_OPTIMIZER", "choose sgd or adamw")
-        for name in ("pr_every", "gen_tokens", "gen_temperature", "gen_top_k"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        self.validate_model(require)
-
-    def validate_model(self, require):
-        head_dim = self.model_dim // self.num_heads
-        require(self.mlp_activation in ("relu2", "leaky_relu2", "swiglu"), "MLP_ACTIVATION", "choose relu2, leaky_relu2 or swiglu")
-        for name in ("conv_k", "mlp_conv_k"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero (off) or a number of taps")
-        require(self.mlp_conv_k == 0 or self.mlp_activation == "swiglu", "MLP_CONV_K", "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
-        require(self.conv_init in ("random", "identity"), "CONV_INIT", "choose random or identity")
-        stages = self.kernel_stages
-        require(not stages or max(self.conv_k, self.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
-        if self.kernel_stage_restarts:
-            require(self.warmdown_frac == 0 and self.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
-                    "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
-            require(self.max_wallclock_seconds == 0 or all(when < 1 for when, _ in stages), "KERNEL_SCHEDULE",
-                    "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
-                    "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
-        require(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
-                f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
-        require(self.attn_gate in ATTENTION_GATES, "ATTN_GATE", f"choose one of {', '.join(ATTENTION_GATES)} (the gates are exclusive)")
-        for name, choices in (("value_residual_form", ("sigmoid", "lambda")), ("ve_proj_init", ("zero", "ortho")),
-                              ("smear_gate_form", ("scalar", "blend")), ("parallel_form", ("routing", "merge")),
-                              ("embed_proj_optimizer", ("muon", "adamw"))):
-            require(getattr(self, name) in choices, name.upper(), f"choose {' or '.join(choices)}")
-        require(0 < self.gate_window <= self.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
-        for name in ("xsa_layers", "ve_layers"):
-            self.layer_set(name)  # raises on a bad list
-        require(self.ve_dim > 0, "VE_DIM", "must be positive")
-        require(self.bigram_buckets == 0 or self.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
-        require(self.bigram_dim > 0, "BIGRAM_DIM", "must be positive")
-        require(self.num_loops >= 0, "NUM_LOOPS", "must be zero or positive")
-        if self.num_loops:
-            require(0 <= self.loop_start <= self.loop_end < self.num_layers, "LOOP_END",
-                    f"need 0 <= LOOP_START={self.loop_start} <= LOOP_END < NUM_LAYERS={self.num_layers} (or NUM_LOOPS=0)")
-        require(self.loop_enable_at >= 0, "LOOP_ENABLE_AT", "must be zero or positive")
-        if self.parallel_residuals:
-            require(0 <= self.parallel_start_layer < self.num_layers, "PARALLEL_START_LAYER",
-                    f"must be a layer below NUM_LAYERS={self.num_layers} (or PARALLEL_RESIDUALS=0)")
-            straddles = self.num_loops and self.loop_start < self.parallel_start_layer <= self.loop_end
-            require(self.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
-                    f"=merge keeps two lanes to the end, so the looped layers {self.loop_start}..{self.loop_end} must not "
-                    f"straddle PARALLEL_START_LAYER={self.parallel_start_layer}")
-        virtual = self.num_layers + self.num_loops * (self.loop_end - self.loop_start + 1)
-        require(-self.num_layers < self.backout_layer < virtual, "BACKOUT_LAYER",
-                f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-self.num_layers} (counted from the end)")
-        require(self.mile_gamma >= 0, "MILE_GAMMA", "must be zero or positive")
-
-    def validate_optimizer(self, require):
-        for name in ("matrix_lr", "scalar_lr", "tied_embed_lr", "embed_lr", "head_lr", "ttt_lr", "grad_clip_norm",
-                     "muon_momentum_warmup_steps", "muon_weight_decay", "embed_weight_decay", "scalar_weight_decay",
-                     "warmdown_iters", "tied_embed_init_std"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        for name in ("beta1", "beta2", "muon_momentum", "muon_momentum_warmup_start", "ttt_momentum"):
-            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
-        require(self.adam_eps > 0, "ADAM_EPS", "must be positive")
-        require(self.rope_base > 0, "ROPE_BASE", "must be positive")
-        require(not (self.warmdown_iters > 0 and self.warmdown_frac > 0), "WARMDOWN_ITERS",
-                f"and WARMDOWN_FRAC={self.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
-                f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
-        require(self.muon_orthogonalizer in ORTHOGONALIZERS, "MUON_ORTHOGONALIZER", f"choose one of {sorted(ORTHOGONALIZERS)}")
-        require(0 <= self.warmdown_frac <= 1, "WARMDOWN_FRAC", "must be in [0, 1]")
-        for name in ("min_lr_scale", "ema_decay"):
-            require(0 <= getattr(self, name) < 1, name.upper(), "must be in [0, 1)")
-        require(self.weight_averaging in ("none", "ema", "swa", "ema_swa"), "WEIGHT_AVERAGING", "choose none, ema, swa or ema_swa")
-        require(self.swa_every > 0, "SWA_EVERY", "must be positive")
-        for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
-            require(getattr(self, name) == 0 or getattr(self, name) > self.min_lr_scale, name.upper(),
-                    f"must be above MIN_LR_SCALE={self.min_lr_scale}, or the LR scale never falls below it")
-
-    def validate_export(self, require):
-        for name in ("quant_bits", "embed_quant_bits"):
-            require(5 <= getattr(self, name) <= 8 or getattr(self, name) == FP16_BITS, name.upper(),
-                    "must be 5..8, or 16 (fp16, not quantized)")
-        require(self.quant_clip in ("sdclip", "percentile", "quantile", "rowmax"), "QUANT_CLIP",
-                "choose sdclip, percentile, quantile or rowmax")
-        for name in ("clip_k_mlp", "clip_k_attn", "clip_k_embed", "gptq_block_size"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        require(self.quant_packing in ("byte", "dense"), "QUANT_PACKING", "choose byte or dense")
-        for name in ("gptq_calibration_batches", "gptq_reserve_seconds", "gptq_damp", "lqer_rank", "lqer_top_k",
-                     "qat_start_lr_scale", "size_target_bytes"):
-            require(getattr(self, name) >= 0, name.upper(), "must be zero or positive")
-        require(not self.gptq or self.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
-        require(self.gptq_calibration in ("train", "self"), "GPTQ_CALIBRATION", "choose train or self")
-        for name in ("gptq_self_seqs", "gptq_self_seq_len"):
-            require(getattr(self, name) > 0, name.upper(), "must be positive")
-        if self.gptq and self.gptq_calibration == "self":
-            require(self.gptq_self_seq_len <= max(self.train_seq_len, self.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
-                    f"must not exceed TRAIN_SEQ_LEN={self.train_seq_len} or EVAL_SEQ_LEN={self.eval_seq_len} (the "
-                    f"longest positions the model has)")
-        require(self.gptq_self_temperature >= 0, "GPTQ_SELF_TEMPERATURE", "must be zero (greedy) or positive")
-        require(self.quant_passthrough_numel >= 0, "QUANT_PASSTHROUGH_NUMEL", "must be zero or positive")
-        if self.quant_bits == self.embed_quant_bits == FP16_BITS:
-            for name, on in (("gptq", self.gptq), ("lqer_rank", self.lqer_rank), ("qat_start_lr_scale", self.qat_start_lr_scale)):
-                require(not on, name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 (nothing is quantized); "
-                        "set it to 0")
-        require(not (self.gptq and self.max_wallclock_seconds) or self.gptq_reserve_seconds < self.max_wallclock_seconds,
-                "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
-        if self.pack_code and not compressor_available("brotli"):
-            raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
-                              "(pip install brotli, or PACK_CODE=0 to count the raw file)")
-        if not compressor_available(self.compressor):
-            raise ConfigError(f"COMPRESSOR={self.compressor!r}: its package is not installed "
-                              f"(pip install {'zstandard' if self.compressor == 'zstd' else 'brotli'})")
+        """Each field's own check, then the rules between fields. World-size-independent: `setup` checks the batch
+        against the world size."""
+        for field in dataclasses.fields(self):
+            value, check = getattr(self, field.name), field.metadata.get("check")
+            if field.type is float and not math.isfinite(value):  # nan and inf pass no range check
+                raise ConfigError(f"{field.name.upper()}={value!r}: must be finite")
+            if check in RANGE_CHECKS and not RANGE_CHECKS[check][0](value):
+                raise ConfigError(f"{field.name.upper()}={value!r}: {RANGE_CHECKS[check][1]}")
+            if check and check not in RANGE_CHECKS and value not in check.split("|"):
+                choices = [choice for choice in check.split("|") if choice]
+                raise ConfigError(f"{field.name.upper()}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+        self.seed_list(), self.kernel_stages, self.layer_set("xsa_layers"), self.layer_set("ve_layers")  # parsed
+        for rule in (rules_of_run_and_data, rules_of_model, rules_of_training, rules_of_export, rules_of_evaluation):
+            rule(self, functools.partial(require, self))
 
     @functools.cached_property  # parsed once: the training loop asks every step
     def kernel_stages(self):
@@ -432,7 +506,8 @@ class Hyperparameters:
             stages = [(float(when), int(taps)) for taps, when in
                       (item.strip().split("@") for item in self.kernel_schedule.split(",") if item.strip())]
         except ValueError:
-            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. 1@0,3@0.1,5@0.2") from None
+            raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: expected taps@when items, e.g. "
+                              f"1@0,3@0.1,5@0.2") from None
         taps = [k for _, k in stages]
         if stages and (stages[0][0] != 0 or taps != sorted(taps) or taps[0] < 1
                        or [w for w, _ in stages] != sorted(w for w, _ in stages)):
@@ -457,7 +532,8 @@ class Hyperparameters:
         """Identifies the configuration a result belongs to: every setting except the per-run ones (seed, names,
         folders; the data is identified by `data_digest` instead of its path). Runs with different hashes must not
         be pooled."""
-        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "record_dir", "data_path", "tokenizer_path",
+        per_run = {"seed", "seeds", "run_id", "overwrite_run", "finish_from", "eval_only_quantized_path", "record_dir",
+                   "data_dir", "data_path", "tokenizer_path",
                    "record_name", "record_author", "record_github_id", "record_blurb"}
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in per_run}
         return hashlib.sha256(json.dumps([settings, data_digest], sort_keys=True).encode()).hexdigest()[:16]
@@ -472,16 +548,116 @@ class Hyperparameters:
         try:
             layers = {int(item) for item in spec.split(",") if item.strip()}
         except ValueError:
-            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer indices") from None
+            raise ConfigError(f"{name.upper()}={spec!r}: expected all, empty, or comma-separated layer "
+                              f"indices") from None
         if any(not -self.num_layers <= layer < self.num_layers for layer in layers):
             raise ConfigError(f"{name.upper()}={spec!r}: indices must be in -{self.num_layers}..{self.num_layers - 1} "
                               f"(NUM_LAYERS={self.num_layers})")
         return {layer % self.num_layers for layer in layers}
 
 
+def require(hp, ok, env_name, why):
+    if not ok:
+        raise ConfigError(f"{env_name}={getattr(hp, env_name.lower())!r}: {why}")
+
+
+# The rules between settings; each field's own range or choices is checked by `Hyperparameters.validate`.
+def rules_of_run_and_data(hp, require):
+    require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", hp.run_id) is not None, "RUN_ID",
+            "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
+    require(hp.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+    require(hp.data_seed >= -1, "DATA_SEED", "must be -1 (the challenge's order) or a seed >= 0")
+    require(not hp.ttt_eval_only or hp.eval_only_quantized_path, "TTT_EVAL_ONLY",
+            "names no artifact: set EVAL_ONLY_QUANTIZED_PATH to the .ptz to evaluate (a run writes "
+            "logs/<RUN_ID>_model.<format>.ptz)")
+    require(not hp.ttt_eval_only or hp.ttt_enabled, "TTT_EVAL_ONLY", "evaluates TTT only: set TTT_ENABLED=1")
+    if hp.eval_only_quantized_path:
+        for name, busy in (("finish_from", hp.finish_from), ("record_dir", hp.record_dir),
+                           ("seeds", len(hp.seed_list()) > 1), ("benchmark_steps", hp.benchmark_steps)):
+            require(not busy, name.upper(), "cannot go with EVAL_ONLY_QUANTIZED_PATH, which trains nothing")
+
+
+def rules_of_model(hp, require):
+    head_dim = hp.model_dim // hp.num_heads
+    require(hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
+    require(hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+    require(head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
+    require(0 <= hp.rope_dims <= head_dim and hp.rope_dims % 2 == 0, "ROPE_DIMS",
+            f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
+    require(hp.mlp_conv_k == 0 or hp.mlp_activation == "swiglu", "MLP_CONV_K",
+            "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
+    require(not hp.kernel_stages or max(hp.conv_k, hp.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
+    require(0 < hp.gate_window <= hp.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
+    require(hp.bigram_buckets == 0 or hp.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
+    if hp.num_loops:
+        require(0 <= hp.loop_start <= hp.loop_end < hp.num_layers, "LOOP_END",
+                f"need 0 <= LOOP_START={hp.loop_start} <= LOOP_END < NUM_LAYERS={hp.num_layers} (or NUM_LOOPS=0)")
+    if hp.parallel_residuals:
+        require(0 <= hp.parallel_start_layer < hp.num_layers, "PARALLEL_START_LAYER",
+                f"must be a layer below NUM_LAYERS={hp.num_layers} (or PARALLEL_RESIDUALS=0)")
+        straddles = hp.num_loops and hp.loop_start < hp.parallel_start_layer <= hp.loop_end
+        require(hp.parallel_form == "routing" or not straddles, "PARALLEL_FORM",
+                f"=merge keeps two lanes to the end, so the looped layers {hp.loop_start}..{hp.loop_end} must not "
+                f"straddle PARALLEL_START_LAYER={hp.parallel_start_layer}")
+    virtual = hp.num_layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
+    require(-hp.num_layers < hp.backout_layer < virtual, "BACKOUT_LAYER",
+            f"must be below the {virtual} virtual layers, or above -NUM_LAYERS={-hp.num_layers} (counted from the end)")
+
+
+def rules_of_training(hp, require):
+    require(hp.train_batch_tokens % hp.train_seq_len == 0, "TRAIN_BATCH_TOKENS",
+            f"must be a multiple of TRAIN_SEQ_LEN={hp.train_seq_len}")
+    require(not (hp.warmdown_iters > 0 and hp.warmdown_frac > 0), "WARMDOWN_ITERS",
+            f"and WARMDOWN_FRAC={hp.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
+            f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
+    for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
+        require(getattr(hp, name) == 0 or getattr(hp, name) > hp.min_lr_scale, name.upper(),
+                f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
+    if hp.kernel_stage_restarts:
+        require(hp.warmdown_frac == 0 and hp.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
+                "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
+        require(hp.max_wallclock_seconds == 0 or all(when < 1 for when, _ in hp.kernel_stages), "KERNEL_SCHEDULE",
+                "must give its stages as fractions of training (taps@0.25) under a wall-clock cap with "
+                "KERNEL_STAGE_RESTARTS=1, so that each stage's decay knows where it ends")
+
+
+def rules_of_export(hp, require):
+    for name in ("quant_bits", "embed_quant_bits"):
+        require(5 <= getattr(hp, name) <= 8 or getattr(hp, name) == FP16_BITS, name.upper(),
+                "must be 5..8, or 16 (fp16, not quantized)")
+    require(not hp.gptq or hp.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
+    if hp.gptq and hp.gptq_calibration == "self":
+        require(hp.gptq_self_seq_len <= max(hp.train_seq_len, hp.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
+                f"must not exceed TRAIN_SEQ_LEN={hp.train_seq_len} or EVAL_SEQ_LEN={hp.eval_seq_len} (the "
+                f"longest positions the model has)")
+    if hp.quant_bits == hp.embed_quant_bits == FP16_BITS:
+        for name in ("gptq", "lqer_rank", "qat_start_lr_scale"):
+            require(not getattr(hp, name), name.upper(), "has no effect when QUANT_BITS=EMBED_QUANT_BITS=16 "
+                    "(nothing is quantized); set it to 0")
+    require(not (hp.gptq and hp.max_wallclock_seconds) or hp.gptq_reserve_seconds < hp.max_wallclock_seconds,
+            "GPTQ_RESERVE_SECONDS", f"must be below MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
+    if hp.pack_code and not compressor_available("brotli"):
+        raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
+                          "(pip install brotli, or PACK_CODE=0 to count the raw file)")
+    if not compressor_available(hp.compressor):
+        raise ConfigError(f"COMPRESSOR={hp.compressor!r}: its package is not installed "
+                          f"(pip install {'zstandard' if hp.compressor == 'zstd' else 'brotli'})")
+
+
+def rules_of_evaluation(hp, require):
+    require(hp.val_batch_size >= hp.train_seq_len, "VAL_BATCH_SIZE",
+            f"must hold one TRAIN_SEQ_LEN={hp.train_seq_len} window")
+    require(hp.eval_stride <= (hp.eval_seq_len or hp.train_seq_len), "EVAL_STRIDE", "must not exceed EVAL_SEQ_LEN")
+    require(hp.ttt_eval_seq_len <= max(hp.train_seq_len, hp.eval_seq_len), "TTT_EVAL_SEQ_LEN",
+            f"must not exceed the longest positions the model has (TRAIN_SEQ_LEN={hp.train_seq_len}, "
+            f"EVAL_SEQ_LEN={hp.eval_seq_len})")
+    require(not hp.ttt_enabled or hp.ttt_method != "", "TTT_METHOD", "choose chunk or lora with TTT_ENABLED=1")
+
+
 # neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
 # as fractions of training, so that it scales to any run length.
-NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}" for k in range(1, 22, 2))
+NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}"
+                                for k in range(1, 22, 2))
 
 # The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command),
 # the parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64,
@@ -499,7 +675,7 @@ PR549_FAMILY = dict(
     embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
     quant_bits=6, embed_quant_bits=8, quant_clip="percentile", gptq=False, quant_passthrough_numel=65536,
     compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768,
-    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd",
+    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd", ttt_method="chunk",
 )
 
 # A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
@@ -513,7 +689,7 @@ PRESETS = {
         matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
         beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
         muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
-        warmdown_iters=1200, warmdown_frac=0.0,
+        warmdown_iters=1200, warmdown_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024,
         weight_averaging="none",
         # Its export and score: int8 per row at the 99.99984th percentile, tensors of at most 65,536 elements kept,
         # zlib level 9, and the plain round-trip evaluation (no sliding window), so its last line is
@@ -574,6 +750,22 @@ PRESETS = {
         scalar_weight_decay=0.1, beta2=0.999, grad_clip_norm=1.0, warmdown_frac=0.0, kernel_stage_restarts=True,
         weight_averaging="none", quant_bits=16, embed_quant_bits=16, gptq=False, eval_stride=0,
     ),
+    # The best public record (2026-04-27 SP8192_LQER_SparseGate_BOSSmearFix_9HpStack, 1.06107587): the default stack
+    # (its architecture) on SP8192 with CaseOps, document-isolated attention in training and evaluation, MIN_LR 0.1,
+    # LQER rank 4 on the 3 worst matrices, GPTQ reserve 0.5 s, and phased TTT over a 2,500-document prefix in 3
+    # phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its per-document LoRA TTT (rank
+    # 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5, 48-token chunks, 64 documents at
+    # a time, contexts of 2,048). Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA
+    # with a block-diagonal mask. README: "PRESET=record".
+    "record": dict(
+        data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+        tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", vocab_size=8192,
+        caseops_enabled=True,
+        doc_isolation=True, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
+        gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
+        ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
+        phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
+    ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
     "smoke": dict(
@@ -595,6 +787,11 @@ SMOKE_SCHEDULES = {
     "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3), ema_warmup=True),  # 3,500 of #754's 6,756
     "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True),  # of #549's 7,185 steps
     "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3), ema_warmup=True),  # step 3,000 of the SP4096 record's 5,450
+    # The record's prefix is 2,500 of the 50,000 validation documents: a smoke validation split of a few hundred
+    # documents keeps three phases of a few documents each, one batch of 4 each. Its sidecar comes from
+    # prepare_docs.py --caseops.
+    "record": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, data_path="./data/datasets/stdlib_sp1024_caseops",
+                   tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model"),
 }
 
 
@@ -612,129 +809,30 @@ def _parse_env(env_name, raw, typ):
         raise ConfigError(f"{env_name}={raw!r} is not a valid {typ.__name__}") from None
 
 
-# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
-# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
-SETTING_ALIASES = {
-    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
-    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
-    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
-    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
-    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
-}
-FOREIGN_SETTING_HINTS = {
-    "XSA_LAST_N": "XSA_LAYERS (a list of layers)", "DATA_DIR": "DATA_PATH", "DATASETS_DIR": "DATA_PATH",
-    "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS (in tokens)", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS", "TTT_LORA_LR": "TTT_LR",
-    "LQER_ENABLED": "LQER_RANK (0 = off)", "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
-    "SPARSE_ATTN_GATE_ENABLED": "ATTN_GATE=sparse", "GATED_ATTN_ENABLED": "ATTN_GATE=head",
-    "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output", "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
-    "LATE_QAT_THRESHOLD": "QAT_START_LR_SCALE", "SWA_ENABLED": "WEIGHT_AVERAGING", "EMA_ENABLED": "WEIGHT_AVERAGING",
-    "VE_ENABLED": "VE_LAYERS", "BIGRAM_VOCAB_SIZE": "BIGRAM_BUCKETS", "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS",
-    "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE", "COMPILE_MODEL": "COMPILE",
-    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
-    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
-    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
-    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
-    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE", "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
-}
-# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
-FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
-    TTT_EVAL_SEQ_LEN VAL_DOC_FRACTION TTT_WEIGHT_DECAY TTT_O_LORA TTT_MLP_LORA TTT_K_LORA TTT_GRAD_STEPS
-    TTT_EVAL_BATCHES TTT_BETA2 TTT_BETA1 ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
-    PHASED_TTT_PREFIX_DOCS GLOBAL_TTT_WARMUP_START_LR GLOBAL_TTT_WARMUP_CHUNKS GLOBAL_TTT_RESPECT_DOC_BOUNDARIES
-    GLOBAL_TTT_MOMENTUM GLOBAL_TTT_LR GLOBAL_TTT_GRAD_CLIP GLOBAL_TTT_EPOCHS GLOBAL_TTT_CHUNK_TOKENS
-    GLOBAL_TTT_BATCH_SEQS PHASED_TTT_NUM_PHASES MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
-    GATED_ATTN_INIT_STD FP_STORAGE CASEOPS_ENABLED ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS TTT_WARM_START_A TTT_LORA_ALPHA
-    TTT_EVAL_ONLY SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
-    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM PHASED_TTT_ENABLED MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
-    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TTT_FREEZE_BLOCKS TARGET_AVG_CHUNK_LEN
-    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
-    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
-    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
-    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
-    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
-    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
-    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATE_QAT LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
-    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
-    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
-    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
-    EVAL_ONLY_QUANTIZED_PATH EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
-    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
-    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
-""".split())
-# Variables of other programs that are never read as settings, even when a name is close to one of ours.
-FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
-                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
-
-
-# Settings that only act when another one switches them on: {setting: (is it in effect?, what switches it on)}.
-# One set explicitly while switched off would be ignored, so it is refused (a preset's values are not checked).
-INERT_UNLESS = {
-    **dict.fromkeys(("ttt_chunk_tokens", "ttt_epochs", "ttt_lr", "ttt_optimizer", "ttt_momentum", "ttt_batch_seqs",
-                     "ttt_grad_clip", "ttt_params"), (lambda hp: hp.ttt_enabled, "TTT_ENABLED=1")),
-    **dict.fromkeys(("ttt_lora_rank", "ttt_lora_targets"), (lambda hp: hp.ttt_enabled and hp.ttt_params == "lora",
-                                                             "TTT_ENABLED=1 and TTT_PARAMS=lora")),
-    "mlp_leaky_slope": (lambda hp: hp.mlp_activation == "leaky_relu2", "MLP_ACTIVATION=leaky_relu2"),
-    "attn_gate_scale": (lambda hp: hp.attn_gate == "sparse", "ATTN_GATE=sparse"),
-    "ve_dim": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
-    "bigram_dim": (lambda hp: hp.bigram_buckets > 0, "BIGRAM_BUCKETS > 0"),
-    "conv_init": (lambda hp: max(hp.conv_k, hp.mlp_conv_k) > 0, "CONV_K or MLP_CONV_K > 0"),
-    "skip_gates": (lambda hp: hp.unet_skips, "UNET_SKIPS=1"),
-    **dict.fromkeys(("loop_start", "loop_end", "loop_enable_at"), (lambda hp: hp.num_loops > 0, "NUM_LOOPS > 0")),
-    "parallel_start_layer": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
-    "ema_decay": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
-    **dict.fromkeys(("swa_every", "swa_start_lr_scale"), (lambda hp: hp.weight_averaging in ("swa", "ema_swa"),
-                                                          "WEIGHT_AVERAGING=swa or ema_swa")),
-    **dict.fromkeys(("gptq_reserve_seconds", "gptq_block_size", "gptq_damp"), (lambda hp: hp.gptq, "GPTQ=1")),
-    "gptq_calibration_batches": (lambda hp: hp.gptq and hp.gptq_calibration == "train", "GPTQ=1 and GPTQ_CALIBRATION=train"),
-    "lqer_top_k": (lambda hp: hp.lqer_rank > 0, "LQER_RANK > 0"),
-    "value_residual_form": (lambda hp: hp.value_residual, "VALUE_RESIDUAL=1"),
-    "ve_proj_init": (lambda hp: bool(hp.ve_layers.strip()), "VE_LAYERS"),
-    "smear_gate_form": (lambda hp: hp.smear_gate, "SMEAR_GATE=1"),
-    "parallel_form": (lambda hp: hp.parallel_residuals, "PARALLEL_RESIDUALS=1"),
-    **dict.fromkeys(("backout_init", "backout_read"), (lambda hp: hp.backout_layer != 0, "BACKOUT_LAYER")),
-    "embed_proj_optimizer": (lambda hp: hp.bigram_buckets > 0 or bool(hp.ve_layers.strip()), "BIGRAM_BUCKETS > 0 or VE_LAYERS"),
-    "kernel_stage_restarts": (lambda hp: bool(hp.kernel_schedule), "KERNEL_SCHEDULE"),
-    "ema_warmup": (lambda hp: hp.weight_averaging in ("ema", "ema_swa"), "WEIGHT_AVERAGING=ema or ema_swa"),
-    "gptq_calibration": (lambda hp: hp.gptq, "GPTQ=1"),
-    **dict.fromkeys(("gptq_self_seqs", "gptq_self_seq_len", "gptq_self_temperature"),
-                    (lambda hp: hp.gptq and hp.gptq_calibration == "self", "GPTQ=1 and GPTQ_CALIBRATION=self")),
-    **dict.fromkeys(("gen_tokens", "gen_temperature", "gen_top_k"), (lambda hp: bool(hp.gen_prompt), "GEN_PROMPT")),
-    "tied_embed_lr": (lambda hp: hp.tie_embeddings, "TIE_EMBEDDINGS=1"),
-    **dict.fromkeys(("embed_lr", "head_lr"), (lambda hp: not hp.tie_embeddings, "TIE_EMBEDDINGS=0")),
-    "muon_momentum_warmup_start": (lambda hp: hp.muon_momentum_warmup_steps > 0, "MUON_MOMENTUM_WARMUP_STEPS > 0"),
-    **dict.fromkeys(("clip_k_mlp", "clip_k_attn", "clip_k_embed", "size_target_bytes"),
-                    (lambda hp: hp.quant_clip == "sdclip", "QUANT_CLIP=sdclip")),
-    "min_lr_scale": (lambda hp: hp.warmdown_frac > 0 or hp.warmdown_iters > 0, "WARMDOWN_FRAC or WARMDOWN_ITERS > 0"),
-}
+# TTT_ENABLED=1 means chunk SGD TTT in the 03-23 LegalTTT record and per-document LoRA TTT in the 04-27 record.
+# Here TTT_METHOD says which; left empty, the method is the one the other TTT settings given belong to.
+def ttt_method_named(sources):
+    """(method, source) from the TTT settings given in the environment; refused when they name none or both."""
+    given = lambda needs: [f.name.upper() for f in dataclasses.fields(Hyperparameters)
+                           if f.metadata.get("needs") == needs and sources.get(f.name, "default").startswith("env")]
+    chunk, lora = given(CHUNK_TTT), given(LORA_TTT)
+    if chunk and lora:
+        raise ConfigError(f"TTT settings of two methods are set: {', '.join(chunk)} (chunk SGD TTT) and "
+                          f"{', '.join(lora)} (per-document LoRA TTT); set TTT_METHOD=chunk or TTT_METHOD=lora and "
+                          f"unset the other method's settings")
+    if not chunk and not lora:
+        raise ConfigError("TTT_ENABLED=1 names two methods: chunk SGD TTT in the 03-23 LegalTTT record, per-document "
+                          "LoRA TTT in the 04-27 record; set TTT_METHOD=chunk or TTT_METHOD=lora")
+    return ("chunk", f"implied:{chunk[0]}") if chunk else ("lora", f"implied:{lora[0]}")
 
 
 def refuse_inert_settings(hp, sources):
-    for name, (in_effect, switch) in INERT_UNLESS.items():
-        if sources[name].startswith("env") and not in_effect(hp):
-            raise ConfigError(f"{name.upper()}={getattr(hp, name)!r} has no effect unless {switch}; set that too, or "
-                              f"unset {name.upper()}")
-
-
-def settings_in_environ(environ, types):
-    """{field: (env name, raw value)} of the settings in `environ`; raises ConfigError on a refused name."""
-    found = {}
-    for env_name, raw in environ.items():
-        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
-        if field is not None:
-            if field in found:
-                raise ConfigError(f"{env_name}={raw!r} and {found[field][0]}={found[field][1]!r} set the same setting "
-                                  f"({field.upper()}); set one")
-            found[field] = (env_name, raw)
-            continue
-        if env_name in FOREIGN_SETTINGS:
-            hint = FOREIGN_SETTING_HINTS.get(env_name)
-            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
-                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
-        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
-            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
-            if close:
-                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
-    return found
+    """A setting given explicitly while its switch is off would be ignored: refused (a preset's values are not)."""
+    for field in dataclasses.fields(hp):
+        needs = field.metadata.get("needs")
+        if needs and sources[field.name].startswith("env") and not switched_on(hp, needs):
+            raise ConfigError(f"{field.name.upper()}={getattr(hp, field.name)!r} has no effect unless {needs}; set "
+                              f"that too, or unset {field.name.upper()}")
 
 
 # ============================================================================================
@@ -744,17 +842,6 @@ def settings_in_environ(environ, types):
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-
-
-def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"{path}: token ids must fit in uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
 
 
 class DataError(ConfigError):
@@ -792,14 +879,67 @@ def shard_files(data_path, split):
         raise ConfigError(f"DATA_PATH={data_path!r} is {'a file' if os.path.exists(data_path) else 'missing'}, not a "
                           f"folder of shards; download them with data/cached_challenge_fineweb.py or export them with "
                           f"data/prepare_docs.py")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))  # not the CaseOps byte sidecars
     if not files:
         raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
                           f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
     return files
 
 
-STREAM_CHUNKS = 8  # the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
+def load_byte_sidecar(val_files):
+    """The CaseOps byte sidecar beside each validation shard (fineweb_val_bytes_NNNNNN.bin, the shard format), whole."""
+    counts = []
+    for path in val_files:
+        folder, name = os.path.split(path)
+        sidecar = os.path.join(folder, name.replace("fineweb_val_", "fineweb_val_bytes_"))
+        if not os.path.isfile(sidecar):
+            raise ConfigError(f"CASEOPS_ENABLED=1 but {sidecar} is missing: export DATA_PATH with data/prepare_docs.py "
+                              f"--caseops (or download a CaseOps dataset), or unset CASEOPS_ENABLED")
+        counts.append(np.asarray(load_shard(sidecar), dtype=np.int64))
+    return np.concatenate(counts)
+
+
+def caseops_signs(val_files, sp):
+    """What marks data as CaseOps (a byte sidecar beside the validation shards, a tokenizer holding the operators as
+    pieces): scored without CASEOPS_ENABLED=1, its bytes would be counted from the transformed text."""
+    signs = ["a byte sidecar beside the validation shards"] if any(
+        os.path.isfile(path.replace("fineweb_val_", "fineweb_val_bytes_")) for path in val_files) else []
+    if all(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS):
+        signs.append("a tokenizer with the CaseOps operators as pieces")
+    return signs
+
+
+# the challenge's loader takes each step as 8 contiguous spans (one per GPU of 8), each one token long
+STREAM_CHUNKS = 8
+
+
+def document_starts(input_ids, bos_id):
+    """(B, T) bool: the positions that start a document, each row's first and every BOS."""
+    starts = input_ids == bos_id
+    starts[:, 0] = True
+    return starts
+
+
+CU_SEQLENS_BUCKET = 64  # the records pad cu_seqlens to a multiple of 64 entries, so compile sees few lengths
+
+
+def cu_seqlens_of(starts):
+    """FlashAttention's cumulative sequence lengths over the flattened (B, T) rows: every document start, then
+    B * T, repeated up to a multiple of CU_SEQLENS_BUCKET entries (the repeats are empty sequences, which the kernel
+    skips). The length depends on the data, so this runs outside the compiled graph: on the host for training batches
+    (TrainLoader), with one host sync elsewhere (VarlenDocuments). The length is also marked dynamic, so a compiled
+    graph serves every bucket; should a build specialize it anyway, the buckets bound the recompiles."""
+    flat = torch.nonzero(starts.flatten()).flatten()
+    entries = -(-(flat.numel() + 1) // CU_SEQLENS_BUCKET) * CU_SEQLENS_BUCKET
+    cu_seqlens = F.pad(flat, (0, entries - flat.numel()), value=starts.numel()).to(torch.int32)
+    torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+    return cu_seqlens
+
+
+class TrainBatch(NamedTuple):
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    cu_seqlens: Optional[torch.Tensor]  # see cu_seqlens_of; None unless the loader has varlen_bos_id
 
 
 class TrainLoader:
@@ -815,9 +955,11 @@ class TrainLoader:
     Either way more shards only add batches after those of the shards already present (in the first pass).
     """
 
-    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1):
+    def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1,
+                 varlen_bos_id=None):
         self.shards = [load_shard(f) for f in files]
         self.seq_len, self.seqs_per_step, self.data_seed = seq_len, seqs_per_step, data_seed
+        self.varlen_bos_id = varlen_bos_id  # set: each batch carries its cu_seqlens (DOC_ISOLATION on FlashAttention)
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
         self.shard_offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])])
@@ -870,18 +1012,24 @@ class TrainLoader:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def batch(self, step, micro_step, device=None):
-        """(inputs, targets), int64 tensors of shape (seqs_per_micro, seq_len), for this rank and micro-step. On a GPU
-        the rows travel in one asynchronous copy from pinned memory: the host does not wait for the GPU to reach
-        the copy, so it keeps queueing work ahead (a pageable copy would stall it every micro-step)."""
+        """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step, and
+        with varlen_bos_id their cu_seqlens, found here on the host. On a GPU the tensors travel in asynchronous copies
+        from pinned memory: the host does not wait for the GPU to reach the copy, so it keeps queueing work ahead (a
+        pageable copy, or cu_seqlens found on the device, would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
         rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
         for row, start in enumerate(starts):
             rows[row] = self.read_stream(start, self.seq_len + 1)
         rows = torch.from_numpy(rows)
+        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id))
+                      if self.varlen_bos_id is not None else None)
         if device is not None and device.type == "cuda":
             rows = rows.pin_memory().to(device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+            if cu_seqlens is not None:
+                cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
+                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        return TrainBatch(rows[:, :-1], rows[:, 1:], cu_seqlens)
 
 
 def check_token_ids(files, shards, vocab_size, rank=0, world_size=1, all_reduce_max=None):
@@ -910,7 +1058,8 @@ def load_validation_tokens(files):
 
 def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
-        raise ConfigError(f"TOKENIZER_PATH={path!r} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+        raise ConfigError(f"TOKENIZER_PATH={path!r} "
+                          f"{'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as error:
@@ -921,7 +1070,8 @@ def load_tokenizer(path, vocab_size):
                           f"set VOCAB_SIZE={sp.vocab_size()} or use the matching tokenizer")
     if sp.piece_to_id("\u2581") == sp.unk_id():
         # Without a standalone "▁" piece the leading-space bytes are miscounted (parameter-golf issue #897).
-        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount bytes")
+        raise ConfigError(f"TOKENIZER_PATH={path!r}: '\u2581' is not a piece of its own, so val_bpb would miscount "
+                          f"bytes")
     return sp
 
 
@@ -948,12 +1098,17 @@ def build_byte_luts(sp, vocab_size):
     return base_bytes, has_leading_space, is_boundary
 
 
-def count_target_bytes(tokens, luts):
-    """Bytes covered by tokens[1:] given their predecessors tokens[:-1] (numpy or torch, int)."""
+def target_byte_counts(tokens, luts):
+    """The bytes of every target: entry p is the UTF-8 size of token p + 1 after token p (numpy or torch, int)."""
     base_bytes, has_leading_space, is_boundary = luts
     tokens = np.asarray(tokens, dtype=np.int64)
     prev, cur = tokens[:-1], tokens[1:]
-    return int(base_bytes[cur].sum() + (has_leading_space[cur] & ~is_boundary[prev]).sum())
+    return base_bytes[cur] + (has_leading_space[cur] & ~is_boundary[prev])
+
+
+def count_target_bytes(tokens, luts):
+    """Bytes covered by tokens[1:] given their predecessors tokens[:-1]."""
+    return int(target_byte_counts(tokens, luts).sum())
 
 
 def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
@@ -961,13 +1116,13 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
 
     1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
        length of the SentencePiece decode.
-    2. The tokenizer is the one that made the shards: re-encoding a decoded document gives back its tokens (BPE
-       encoding is canonical, so the right tokenizer round-trips essentially every document; a wrong one none).
+    2. The tokenizer is the one that made the shards (check_reencoding).
     """
     tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
     bos_positions = np.flatnonzero(tokens == sp.bos_id())
     if len(bos_positions) < 2 or bos_positions[0] != 0:
-        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the shards")
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the "
+                          "shards")
     docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
     decoded = sp.decode(docs)
     total = 0
@@ -977,12 +1132,192 @@ def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_do
             raise ConfigError(f"byte accounting self-check failed on validation document {index}: the LUT counts {lut} "
                               f"bytes, the decoded text has {utf8}; val_bpb cannot be trusted with this tokenizer")
         total += utf8
-    sample = range(min(roundtrip_docs, len(docs)))
-    matches = sum(sp.encode(decoded[i]) == docs[i] for i in sample)
-    if matches < 0.9 * len(sample):
-        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(sample)} "
-                          f"validation documents re-encode to their own tokens")
+    check_reencoding(sp, docs[:roundtrip_docs], decoded[:roundtrip_docs])
     return len(docs), total
+
+
+def check_reencoding(sp, docs, decoded):
+    """The tokenizer is the one that made the shards: BPE encoding is canonical, so re-encoding a decoded document
+    gives back its tokens for essentially every document with the right tokenizer, and for none with a wrong one."""
+    matches = sum(sp.encode(text) == list(doc) for doc, text in zip(docs, decoded))
+    if matches < 0.9 * len(docs):
+        raise ConfigError(f"TOKENIZER_PATH does not match the shards in DATA_PATH: only {matches} of {len(docs)} "
+                          f"validation documents re-encode to their own tokens")
+
+
+class TargetBytes:
+    """The UTF-8 bytes of each validation target (from the LUTs, or from the CaseOps sidecar), with prefix sums so
+    that the bytes of any set of scored ranges are an exact integer sum."""
+
+    def __init__(self, counts):
+        self.prefix = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
+        self.total = int(self.prefix[-1])
+
+    def of(self, windows):
+        """Bytes of the scored ranges [score_from, end) of (start, score_from, end) windows."""
+        if not len(windows):
+            return 0
+        windows = np.asarray(windows, dtype=np.int64)
+        return int((self.prefix[windows[:, 2]] - self.prefix[windows[:, 1]]).sum())
+
+
+# --- CaseOps: a lossless case transform before tokenization (credit: PR #1729's lossless caps, the 04-18 record) ---
+# Every maximal run of ASCII letters is written in lowercase behind an operator that says how to restore it: TITLE
+# (first letter upper, the rest lower; also a lone capital), ALLCAPS (two or more letters, all upper), or one
+# CAPNEXT before each capital of a mixed-case run. An operator character in the text is written behind ESCAPE.
+# Nothing else changes, so the tokenizer shares one piece between "the", "The" and "THE". The operators are
+# private-use characters that the CaseOps tokenizer holds as pieces of their own, and val_bpb counts the bytes of
+# the original text through the per-token byte sidecar (fineweb_val_bytes_*.bin), never the operators' bytes.
+CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESCAPE = "\ue001", "\ue002", "\ue003", "\ue004"
+CASE_OPERATORS = (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESCAPE)
+_LETTER_RUN = re.compile(r"[A-Za-z]+")
+_OPERATOR = re.compile("[\ue001-\ue004]")
+_CASE_CODE = re.compile("\ue004([\\s\\S])|\ue001([a-z])|\ue002([a-z]+)|\ue003([a-z])|([\ue001-\ue004])")
+
+
+def _case_word(match):
+    word = match.group(0)
+    if word.islower():
+        return word
+    if word[0].isupper() and (len(word) == 1 or word[1:].islower()):
+        return CASE_TITLE + word.lower()
+    if word.isupper():
+        return CASE_ALLCAPS + word.lower()
+    first = CASE_TITLE + word[0].lower() if word[0].isupper() else word[0]  # a mixed-case run: TITLE, then CAPNEXTs
+    return first + "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in word[1:])
+
+
+def case_encode(text):
+    """The CaseOps form of `text` (exactly invertible by case_decode)."""
+    return _LETTER_RUN.sub(_case_word, _OPERATOR.sub(lambda m: CASE_ESCAPE + m.group(0), text))
+
+
+def _case_restore(match):
+    escaped, title, allcaps, capnext, stray = match.groups()
+    if stray is not None:
+        raise ValueError(f"CaseOps operator U+{ord(stray):04X} is not followed by what it applies to")
+    return escaped if escaped is not None else (title or allcaps or capnext).upper()
+
+
+def case_decode(text):
+    """The original text of a CaseOps string; ValueError on a malformed one."""
+    return _CASE_CODE.sub(_case_restore, text)
+
+
+def caseops_byte_luts(sp, vocab_size):
+    """(bytes of each token's surface text, operator ids, escape id) for the CaseOps sidecar: operators and control
+    tokens count 0, byte-fallback pieces 1, other pieces their text with "▁" as one space."""
+    surface = np.zeros(vocab_size, dtype=np.int64)
+    for token in range(sp.vocab_size()):
+        if sp.is_control(token) or sp.is_unknown(token) or sp.is_unused(token):
+            continue
+        surface[token] = 1 if sp.is_byte(token) else len(sp.id_to_piece(token).replace("\u2581", " ").encode("utf-8"))
+    operators = [sp.piece_to_id(op) for op in CASE_OPERATORS]
+    if any(token == sp.unk_id() or sp.encode(op) != [token] for op, token in zip(CASE_OPERATORS, operators)):
+        raise ConfigError("CASEOPS_ENABLED=1 needs a CaseOps tokenizer (its operators U+E001..U+E004 as pieces of "
+                          "their own): export the data with data/prepare_docs.py --caseops, or set TOKENIZER_PATH")
+    surface[operators] = 0
+    return surface, operators, operators[-1]
+
+
+def caseops_token_bytes(tokens, byte_luts):
+    """The byte sidecar of a token stream: for each token, the UTF-8 bytes of the original text it stands for (an
+    escaped operator is text of its own; operators, their escape and BOS stand for none)."""
+    surface, operators, escape = byte_luts
+    tokens = np.asarray(tokens, dtype=np.int64)
+    counts, literal = surface[tokens].copy(), -1
+    for position in np.flatnonzero(np.isin(tokens, operators)).tolist():  # in order: ESCAPE ESCAPE is one ESCAPE
+        if position == literal:
+            counts[position] = len(CASE_OPERATORS[0].encode("utf-8"))
+        elif tokens[position] == escape:
+            literal = position + 1
+    return counts
+
+
+class CaseOpsCheck(NamedTuple):
+    documents: int
+    sidecar_bytes: int  # what val_bpb divides by
+    tokens_differing: int  # pieces (a byte-fallback run as one) whose sidecar count differs from the decoded text's
+    bytes_differing: int  # sidecar minus decoded text, in bytes
+
+
+NORMALIZATION_PROBE = "x\uff1a\u00a0\ufb01  y"  # a fullwidth colon, a no-break space, a ligature, two spaces
+
+
+def tokenizer_normalizes(sp):
+    """Whether the tokenizer changes text before it encodes it (NFKC, whitespace folding: the challenge's and the
+    04-27 record's do; ours for --caseops does not), so that its tokens cannot give back the original text."""
+    return sp.normalize(NORMALIZATION_PROBE).replace("\u2581", " ").strip() != NORMALIZATION_PROBE
+
+
+def check_caseops(sp, tokens, sidecar, rank=0, world_size=1, all_reduce_min=lambda index: index, roundtrip_docs=256):
+    """The CaseOps start-up check, on every validation document: the byte sidecar covers the tokens, each
+    document's decoded text is a well-formed CaseOps string that case_decode inverts and case_encode rebuilds, and
+    the sidecar counts, token by token, the UTF-8 bytes of the original text the tokens stand for. The records'
+    exporter (PR #1729's) counts the surfaces SentencePiece gives each piece, so a run of byte-fallback pieces is
+    compared whole (it gives a character's bytes to its last piece), and may count fewer. With a normalizing tokenizer
+    (tokenizer_normalizes) it counts the text before normalization, which the tokens cannot give back ("\u2122" for
+    "TM"), so up to 1 piece in 10 of a document may differ; the departures are counted. At about 1 s per MB of text,
+    the documents are shared out over the ranks (every world_size-th); `all_reduce_min` gives every rank the first
+    failing document, so all of them refuse it with the same message."""
+    tokens, sidecar = np.asarray(tokens, dtype=np.int64), np.asarray(sidecar, dtype=np.int64)
+    if len(sidecar) != len(tokens):
+        raise DataError(f"the byte sidecar holds {len(sidecar)} entries for {len(tokens)} validation tokens; "
+                        f"re-export DATA_PATH with data/prepare_docs.py --caseops")
+    bos_positions = np.flatnonzero(tokens == sp.bos_id()).tolist()
+    if not bos_positions or bos_positions[0] != 0:
+        raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the "
+                          "shards")
+    bounds = list(zip(bos_positions, bos_positions[1:] + [len(tokens)]))
+    document = lambda index: tokens[bounds[index][0] + 1:bounds[index][1]].tolist()
+    sample = [document(index) for index in range(min(roundtrip_docs, len(bounds)))]
+    check_reencoding(sp, sample, sp.decode(sample))
+    counted = caseops_token_bytes(tokens, caseops_byte_luts(sp, sp.vocab_size()))
+    per_document = lambda values: np.add.reduceat(values, bos_positions)
+    sums, lengths = per_document(counted).tolist(), np.diff(bos_positions + [len(tokens)])
+    # Where the sidecar departs from the tokens: single pieces, and runs of byte-fallback pieces taken whole (the
+    # exporter gives a character's bytes to the last piece of it), each marked at its last token.
+    byte_piece = np.array([sp.is_byte(token) for token in range(sp.vocab_size())])[tokens]
+    run_end = byte_piece & ~np.append(byte_piece[1:], False)
+    run_sum = lambda values: np.diff(np.concatenate([[0], np.cumsum(np.where(byte_piece, values, 0))[run_end]]))
+    over = np.zeros(len(tokens), dtype=np.int64)
+    over[run_end] = run_sum(sidecar) - run_sum(counted)
+    over[~byte_piece] = (sidecar - counted)[~byte_piece]
+    normalizes = tokenizer_normalizes(sp)
+    if normalizes:
+        off = (per_document((over != 0).astype(np.int64)) * 10 > lengths).tolist()
+    else:  # only byte-fallback runs may count less
+        off = (per_document(((over != 0) & ~run_end | (over > 0)).astype(np.int64)) > 0).tolist()
+    mine = range(rank, len(bounds), world_size)
+    texts = sp.decode([document(index) for index in mine])
+    verdict = lambda index, text: caseops_failure(index, text, sums[index], off[index], exact=not normalizes)
+    failing = (index for index, text in zip(mine, texts) if verdict(index, text))
+    first = all_reduce_min(next(failing, len(bounds)))
+    if first < len(bounds):
+        raise verdict(first, sp.decode(document(first)))
+    return CaseOpsCheck(len(bounds), int(sidecar.sum()), int((over != 0).sum()), int(over.sum()))
+
+
+def caseops_failure(index, text, counted, off, exact=True):
+    """The DataError of validation document `index` (decoded `text`; its tokens stand for `counted` bytes; `off`:
+    the sidecar departs from them beyond what check_caseops allows), or None if it passes. Not `exact`: the
+    tokenizer normalizes, so the decoded text need not be case_encode's output (NFKC turns "\u2122" into a raw "TM"
+    after the transform ran) and the original text is out of reach: only the form and the sidecar are checked."""
+    try:
+        original = case_decode(text)
+    except ValueError as error:
+        return DataError(f"validation document {index} is not a CaseOps string ({error}); DATA_PATH was not "
+                         f"exported with --caseops, or TOKENIZER_PATH is not its tokenizer")
+    if exact and case_encode(original) != text:
+        return DataError(f"validation document {index} does not round-trip through CaseOps: the transform is not "
+                         f"the one that made DATA_PATH")
+    if exact and counted != len(original.encode("utf-8")):
+        return DataError(f"validation document {index}: its tokens stand for {counted} bytes, its original text has "
+                         f"{len(original.encode('utf-8'))}; TOKENIZER_PATH is not the tokenizer that made DATA_PATH")
+    if off:
+        return DataError(f"byte sidecar of validation document {index} counts other bytes than its tokens stand for; "
+                         f"it is not this data's, and val_bpb cannot be trusted with it")
+    return None
 
 
 # ============================================================================================
@@ -1011,7 +1346,6 @@ class CastedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, zero_init=False):
         super().__init__(in_features, out_features, bias=False)
-        self.lora = None  # a CastedLoRA that test-time training may attach
         self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
@@ -1023,31 +1357,75 @@ class CastedLinear(nn.Linear):
         w = self.weight
         if self.qat_grid is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
             w = w + self.qat_on * (fake_quantize(w, *self.qat_grid, self.qat_k_scale) - w).detach()
-        y = F.linear(x, w.to(x.dtype))
-        return y if self.lora is None else y + self.lora(x)
+        return F.linear(x, w.to(x.dtype))
 
 
-def _sdpa(q, k, v):
-    # (B, T, H, D) in and out; SDPA wants heads first.
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+class PackedDocuments(NamedTuple):
+    """Where the documents of packed rows are (DOC_ISOLATION): a row's first position and every BOS start one."""
+    ids: torch.Tensor  # (B, T) the document index of each position, counted along the row
+    offsets: torch.Tensor  # (B, T) each position's offset inside its document
+    cu_seqlens: Optional[torch.Tensor] = None  # FlashAttention's varlen bounds (cu_seqlens_of), found before the model
+
+
+def packed_documents(input_ids, bos_id, cu_seqlens=None):
+    starts = document_starts(input_ids, bos_id)
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
+    return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start, cu_seqlens=cu_seqlens)
+
+
+def _sdpa(q, k, v, docs=None):
+    # (B, T, H, D) in and out; SDPA wants heads first. With documents, a block-diagonal causal mask.
+    mask = None
+    if docs is not None:
+        same_doc = docs.ids[:, :, None] == docs.ids[:, None, :]
+        mask = (same_doc & torch.ones_like(same_doc).tril())[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
 
 def _load_flash_attention(backend):
-    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable."""
+    """FlashAttention's causal (B, T, H, D) kernel, or None when that package is not importable. With documents it
+    calls the variable-length entry point over the flattened rows, one sequence per document (cu_seqlens)."""
     try:
         if backend == "fa3":
-            from flash_attn_interface import flash_attn_func
+            import flash_attn_interface as package
         else:
-            from flash_attn import flash_attn_func
-    except ImportError:
+            import flash_attn as package
+        flash_attn_func = package.flash_attn_func
+    except (ImportError, AttributeError):
         return None
+    varlen = getattr(package, "flash_attn_varlen_func", None)
 
-    def flash(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
+    def first(out):
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+
+    def flash(q, k, v, docs=None):
+        if docs is None:
+            return first(flash_attn_func(q, k, v, causal=True))
+        if varlen is None:
+            raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {backend} build lacks; "
+                              f"set ATTN_BACKEND=sdpa")
+        B, T = q.shape[:2]
+        cu_seqlens = docs.cu_seqlens if docs.cu_seqlens is not None else cu_seqlens_of(docs.offsets == 0)  # eager
+        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T,
+                           causal=True))
+        return out.view(B, T, *out.shape[1:])
+    flash.has_varlen = varlen is not None
     return flash
+
+
+def uses_varlen(hp, attention_name):
+    """DOC_ISOLATION on FlashAttention: the documents go to its varlen entry point as cu_seqlens."""
+    return hp.doc_isolation and attention_name != "sdpa"
+
+
+def check_doc_isolation(hp, attention_name, attention_fn):
+    """DOC_ISOLATION on FlashAttention needs its varlen entry point; SDPA takes a block-diagonal mask."""
+    if uses_varlen(hp, attention_name) and not getattr(attention_fn, "has_varlen", False):
+        raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {attention_name} build lacks; "
+                          f"set ATTN_BACKEND=sdpa")
 
 
 def select_attention(requested, device_type, half_precision=True):
@@ -1121,7 +1499,10 @@ class AttentionGate(nn.Module):
     def forward(self, x):  # x: the block's normed input (B, T, d) -> (B, T, H, 1)
         source = x if self.weight.size(1) == x.size(-1) else x[..., :self.window]
         z = F.linear(source, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        gate = 2 * torch.sigmoid(z) if self.kind == "output" else torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
+        if self.kind == "output":
+            gate = 2 * torch.sigmoid(z)
+        else:
+            gate = torch.sigmoid(self.scale * z if self.kind == "sparse" else z)
         return gate.unsqueeze(-1)
 
 
@@ -1156,10 +1537,20 @@ class CausalConv(nn.Module):
         taps = min(taps, self.max_k)
         self.tap_mask[self.max_k - taps:] = 1.0
 
-    def forward(self, x):
+    def forward(self, x, docs=None):
         kernel = (self.weight * self.tap_mask).to(x.dtype)
+        if docs is not None:
+            return self.within_documents(x, kernel, docs)
         padded = F.pad(x.transpose(1, 2), (self.max_k - 1, 0))
         return F.conv1d(padded, kernel.unsqueeze(1), groups=kernel.size(0)).transpose(1, 2)
+
+    def within_documents(self, x, kernel, docs):
+        """The same conv as a sum of shifted copies, each tap masked where it would reach before its document."""
+        out = x * kernel[:, -1]
+        for back in range(1, self.max_k):
+            reaches = (docs.offsets >= back).unsqueeze(-1).to(x.dtype)
+            out = out + F.pad(x[:, :-back], (0, 0, back, 0)) * reaches * kernel[:, -1 - back]
+        return out
 
 
 class CausalSelfAttention(nn.Module):
@@ -1195,9 +1586,9 @@ class CausalSelfAttention(nn.Module):
         self.convs = nn.ModuleDict({name: CausalConv(width, hp.conv_k, hp) for name, width in convs.items()}) \
             if hp.conv_k else None
 
-    def project(self, x, name, linear):
-        y = linear(x)
-        return self.convs[name](y) if self.convs is not None else y
+    def project(self, x, name, linear, docs=None, lora=None):
+        y = linear(x) if lora is None else linear(x) + lora(x)  # a per-document LoRA adds B A x to W x
+        return self.convs[name](y, docs) if self.convs is not None else y
 
     def mix_value_residual(self, v, v0):
         if self.value_residual_form == "sigmoid":
@@ -1205,14 +1596,17 @@ class CausalSelfAttention(nn.Module):
         weights = self.value_residual.to(v.dtype)
         return weights[0] * v0 + weights[1] * v
 
-    def forward(self, x, v0=None, value_embed=None, context=None):
+    def forward(self, x, v0=None, value_embed=None, context=None, docs=None, lora=None):
         """x: the normed block input; `context` (default x): the normed input the keys and values are computed
-        from (Cache+Backout's read path). Returns (output, this layer's V before the value residual)."""
+        from (Cache+Backout's read path); `docs`: packed documents that must not see each other (DOC_ISOLATION);
+        `lora`: this virtual layer's per-document adapters (LayerLoRA) during TTT_METHOD=lora.
+        Returns (output, this layer's V before the value residual)."""
         B, T, C = x.shape
         context = x if context is None else context
-        q = self.project(x, "q", self.c_q).view(B, T, self.num_heads, self.head_dim)
-        k = self.project(context, "k", self.c_k).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.project(context, "v", self.c_v).view(B, T, self.num_kv_heads, self.head_dim)
+        q_lora, k_lora, v_lora = (None, None, None) if lora is None else (lora.q, lora.k, lora.v)
+        q = self.project(x, "q", self.c_q, docs, q_lora).view(B, T, self.num_heads, self.head_dim)
+        k = self.project(context, "k", self.c_k, docs, k_lora).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.project(context, "v", self.c_v, docs, v_lora).view(B, T, self.num_kv_heads, self.head_dim)
         if self.value_embed_scale is not None:
             v = v + (self.value_embed_scale.to(x.dtype) * value_embed).view_as(v)
         own_v = v
@@ -1221,13 +1615,13 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
-        y = self.attention_fn(q, k, v)
+        y = self.attention_fn(q, k, v) if docs is None else self.attention_fn(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gate is not None:
             y = y * self.gate(x)
         if self.c_i is not None:
-            y = y * torch.sigmoid(self.project(x, "i", self.c_i)).view_as(y)
+            y = y * torch.sigmoid(self.project(x, "i", self.c_i, docs)).view_as(y)
         return self.proj(y.reshape(B, T, C)), own_v
 
 
@@ -1246,9 +1640,9 @@ class MLP(nn.Module):
         self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
         self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
 
-    def forward(self, x):
+    def forward(self, x, docs=None):
         if self.swiglu:
-            gate_input = self.gate_conv(x) if self.gate_conv is not None else x
+            gate_input = self.gate_conv(x, docs) if self.gate_conv is not None else x
             return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
@@ -1275,8 +1669,11 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.model_dim), torch.zeros(hp.model_dim)])) \
             if hp.resid_mix else None
         # LN scale (credit: the PartialRoPE/LN-scale record): damp deeper sublayer inputs by 1/sqrt(layer + 1).
-        # `layer` is the physical index, so a looped repeat keeps its block's factor.
-        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        # `layer` is the physical index, so a looped repeat keeps its block's factor. A tensor, not a Python float:
+        # COMPILE_SCOPE=block then builds one graph for every layer of the same structure (a float would be folded in,
+        # one graph per layer); the product is the same fp32 one. Not saved: it follows from the settings.
+        self.register_buffer("norm_scale", torch.tensor(1.0 / math.sqrt(layer + 1)) if hp.ln_scale else None,
+                             persistent=False)
         self.parallel = hp.parallel_residuals and layer >= hp.parallel_start_layer
         self.lanes_exchange = hp.parallel_form == "routing"
         if self.parallel and self.lanes_exchange:
@@ -1288,15 +1685,26 @@ class Block(nn.Module):
         # lane, the MLP the MLP lane, and they never exchange; GPT merges them at the end with a learned m.
 
     def sublayer_input(self, x, norm):
-        return norm(x) * self.norm_scale
+        return norm(x) if self.norm_scale is None else norm(x) * self.norm_scale
 
     @staticmethod
     def scaled(output, scale):
         return output if scale is None else scale.to(output.dtype) * output
 
-    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None):
+    def attention(self, normed, v0, value_embed, context, docs, lora):
+        """The attention sublayer's output before its scale; a per-document O LoRA reads the block's normed input,
+        as in the 04-27 record."""
+        out, v = self.attn(normed, v0, value_embed, context, docs, lora)
+        return (out if lora is None or lora.o is None else out + lora.o(normed)), v
+
+    def feed_forward(self, normed, docs, lora):
+        """The MLP sublayer's output before its scale, plus a per-document dim -> dim LoRA beside it."""
+        out = self.mlp(normed, docs)
+        return out if lora is None or lora.mlp is None else out + lora.mlp(normed)
+
+    def forward(self, lanes, x0, v0=None, value_embed=None, cached=None, docs=None, lora=None):
         """Returns (new lanes, this layer's V). `cached`: Cache+Backout's cached state, which the attention's keys
-        and values then read instead of this block's input."""
+        and values then read instead of this block's input; `docs`: see PackedDocuments; `lora`: see LayerLoRA."""
         if not self.parallel:
             lanes = (merge_lanes(lanes), None)
         residual, mlp_lane = lanes
@@ -1305,13 +1713,15 @@ class Block(nn.Module):
             mix = self.resid_mix.to(residual.dtype)
             x = mix[0] * residual + mix[1] * x0
         context = None if cached is None else self.sublayer_input(cached, self.attn_norm)
-        attn_out, v = self.attn(self.sublayer_input(x, self.attn_norm), v0, value_embed, context)
+        attn_out, v = self.attention(self.sublayer_input(x, self.attn_norm), v0, value_embed, context, docs, lora)
         attn_out = self.scaled(attn_out, self.attn_scale)
         if not self.parallel:
             x = x + attn_out
-            return (x + self.scaled(self.mlp(self.sublayer_input(x, self.mlp_norm)), self.mlp_scale), None), v
+            return (x + self.scaled(self.feed_forward(self.sublayer_input(x, self.mlp_norm), docs, lora),
+                                    self.mlp_scale), None), v
         mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
-        mlp_out = self.scaled(self.mlp(self.sublayer_input(mlp_lane, self.mlp_norm)), self.mlp_scale)
+        mlp_out = self.scaled(self.feed_forward(self.sublayer_input(mlp_lane, self.mlp_norm), docs, lora),
+                              self.mlp_scale)
         if not self.lanes_exchange:
             return (x + attn_out, mlp_lane + mlp_out), v
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
@@ -1411,6 +1821,7 @@ class GPT(nn.Module):
     def __init__(self, hp, attention_fn=_sdpa, bos_id=1):
         super().__init__()
         self.logit_softcap = hp.logit_softcap
+        self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
         self.smear = None if not hp.smear_gate else \
@@ -1432,7 +1843,8 @@ class GPT(nn.Module):
         # on mid-run adds no parameter.
         most_skips = max(len(self.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(most_skips, hp.model_dim)) if hp.unet_skips else None
-        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if hp.unet_skips and hp.skip_gates else None
+        gated = hp.unet_skips and hp.skip_gates
+        self.skip_gates = nn.Parameter(torch.zeros(most_skips, hp.model_dim)) if gated else None
         self.embed_norm = RMSNorm(hp.model_dim, learnable=False) if hp.embed_norm else None  # neon213 has none
         self.final_norm = RMSNorm(hp.model_dim, hp.norm_weights)
         # PARALLEL_FORM=merge ends with m lane0 + (1 - m) lane1, m learned from 0.5 (PR #1289).
@@ -1498,18 +1910,20 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None, block=Block.__call__):
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
+        docs = packed_documents(input_ids, self.bos_id, cu_seqlens) if self.doc_isolation else None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
             read = cached if self.backout_read else None
-            lanes, v = self.blocks[layer](lanes, x0, v0, value_embed, read)
+            lora = None if adapters is None else adapters.layer(position)
+            lanes, v = block(self.blocks[layer], lanes, x0, v0, value_embed, read, docs, lora)
             v0 = v if v0 is None else v0
             if position < num_encoder:
                 skips.append(self.merge(lanes))
@@ -1520,17 +1934,19 @@ class GPT(nn.Module):
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
 
-    def logits(self, input_ids):
-        h = self.hidden_states(input_ids)
+    def output_logits(self, h, adapters=None):
+        """The head over the final hidden states, with the logit softcap; fp32."""
         raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        if adapters is not None:
+            raw = raw + adapters.head(h)
         if not self.logit_softcap:
             return raw.float()
         return self.logit_softcap * torch.tanh(raw.float() / self.logit_softcap)
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None):
+    def output(self, h, target_ids=None, reduction="mean", mile_gamma=None, adapters=None):
         """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
         `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
-        logits = self.logits(input_ids)
+        logits = self.output_logits(h, adapters)
         if target_ids is None:
             return logits
         losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten().long(), reduction="none")
@@ -1539,6 +1955,27 @@ class GPT(nn.Module):
         if mile_gamma is not None:
             losses = losses * mile_weights(logits.flatten(0, 1), mile_gamma)
         return losses.mean()
+
+    def logits(self, input_ids, cu_seqlens=None, adapters=None):
+        """`adapters`: the per-document LoRA of TTT_METHOD=lora (DocumentAdapters), one batch row per document."""
+        return self.output_logits(self.hidden_states(input_ids, cu_seqlens, adapters), adapters)
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, adapters=None,
+                regions=None):
+        """The hidden states, then the output (see `output`). `cu_seqlens`: see cu_seqlens_of; `adapters`: see
+        logits; `regions`: the compiled block and output of COMPILE_SCOPE=block (ForwardRegions), else eager."""
+        block, output = regions or EAGER_REGIONS
+        return output(self, self.hidden_states(input_ids, cu_seqlens, adapters, block), target_ids, reduction,
+                      mile_gamma, adapters)
+
+
+class ForwardRegions(NamedTuple):
+    """What GPT.forward calls for a block (with the block as first argument) and for the output."""
+    block: Callable
+    output: Callable
+
+
+EAGER_REGIONS = ForwardRegions(Block.__call__, GPT.output)
 
 
 def count_parameters(model):
@@ -1574,16 +2011,20 @@ def describe_features(model, hp):
         (f"depth_recurrence:layers{hp.loop_start}-{hp.loop_end}x{1 + hp.num_loops}@{hp.loop_enable_at:g}"
          f"(virtual_layers:{len(model.layer_order(True))})", hp.num_loops),
         (f"parallel_lanes:{parallel[0]}-{parallel[-1]}({hp.parallel_form})" if parallel else "", parallel),
-        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})", hp.backout_layer),
+        (f"backout:after{hp.backout_layer}(init:{hp.backout_init:g}{',read' if hp.backout_read else ''})",
+         hp.backout_layer),
         (f"mile:{hp.mile_gamma:g}", hp.mile_gamma),
         (f"conv_qkv{'i' if hp.intent_gate else ''}:{hp.conv_k}", hp.conv_k),
         ("intent_gate", hp.intent_gate),
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
-        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})", hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
+        (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})",
+         hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
+        ("doc_isolation", hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
-                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap", "tied_embeddings" if hp.tie_embeddings else "untied_head"]
+                     f"softcap:{hp.logit_softcap:g}" if hp.logit_softcap else "no_softcap",
+                     "tied_embeddings" if hp.tie_embeddings else "untied_head"]
                     + [description for description, on in optional if on])
 
 
@@ -1645,7 +2086,8 @@ class ParameterBank:
         self.params, self.size = params, len(params)
         self.weights = torch.stack([p.detach() for p in params])
         padded = -(-self.size // world_size) * world_size
-        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype, device=self.weights.device)
+        self.grads = torch.zeros((padded, *self.weights.shape[1:]), dtype=self.weights.dtype,
+                                 device=self.weights.device)
         for index, p in enumerate(params):
             p.data = self.weights[index]
             p.grad = self.grads[index]
@@ -1680,7 +2122,8 @@ class ParallelMuon:
     def launch_reduce_scatters(self):
         for index, bank in enumerate(self.banks):
             if self.world_size > 1:
-                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM, async_op=True)
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM,
+                                                            async_op=True)
 
     def averaged_grad_shard(self, index):
         """This rank's matrices of bank `index`, gradient averaged over ranks (waits for the reduce-scatter)."""
@@ -1835,7 +2278,8 @@ class WeightAverage:
         self.swa_every, self.swa_start_lr_scale = hp.swa_every, hp.swa_start_lr_scale
         self.params = [p for p in model.parameters()]
         self.ema = [p.detach().float().clone() for p in self.params] if self.mode in ("ema", "ema_swa") else None
-        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if self.mode in ("swa", "ema_swa") else None
+        swa = self.mode in ("swa", "ema_swa")
+        self.swa_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if swa else None
         self.ema_updates = self.swa_count = 0
 
     @torch.no_grad()
@@ -1854,7 +2298,8 @@ class WeightAverage:
         """The chosen average as a list aligned with model.parameters(), or None for the live weights."""
         if self.swa_sum is not None and self.swa_count:
             return [total / self.swa_count for total in self.swa_sum]
-        return self.ema  # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+        # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
+        return self.ema
 
     @torch.no_grad()
     def apply(self):
@@ -1865,7 +2310,8 @@ class WeightAverage:
                 p.copy_(value)
         swa = f"swa(every:{self.swa_every} below_lr_scale:{self.swa_start_lr_scale} snapshots:{self.swa_count})"
         ema = f"ema(decay:{self.decay} updates:{self.ema_updates})"
-        applied = {"none": "live_weights", "ema": ema, "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
+        applied = {"none": "live_weights", "ema": ema,
+                   "swa": swa if self.swa_count else "live_weights (no swa snapshot)",
                    "ema_swa": f"{swa} of {ema}" if self.swa_count else f"{ema} (no swa snapshot)"}[self.mode]
         return f"weight_averaging: exported {applied}"
 
@@ -2029,8 +2475,10 @@ def quantized_tensor_groups(model, hp=None):
             groups[f"{name}.weight"] = "embed"
         elif isinstance(module, CastedLinear) and module is not model.lm_head:
             groups[f"{name}.weight"] = "mlp" if ".mlp." in f".{name}." else "attn"
-        if hp is not None and f"{name}.weight" in groups and (module.weight.numel() <= hp.quant_passthrough_numel
-                                                             or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS):
+        kept_float = hp is not None and f"{name}.weight" in groups and (
+            module.weight.numel() <= hp.quant_passthrough_numel
+            or group_bits_and_k(hp, groups[f"{name}.weight"])[0] == FP16_BITS)
+        if kept_float:
             del groups[f"{name}.weight"]
     return groups
 
@@ -2171,7 +2619,8 @@ def dequantize_state_dict(quantized):
     state_dict = {}
     for name, entry in quantized.items():
         if entry["kind"] == "int":
-            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]) * entry["scale"].float()[:, None]
+            w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"])
+            w = w * entry["scale"].float()[:, None]
             if "lqer" in entry:
                 w = w + entry["lqer"][0].float() @ entry["lqer"][1].float()
             state_dict[name] = w
@@ -2272,8 +2721,18 @@ def write_atomically(path, data, what):
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         with contextlib.suppress(OSError):
             temporary.unlink()
-        raise RunError(f"could not write {what} to {path}: {getattr(error, 'strerror', None) or error}") from error
+        raise RunError(f"could not write {what} to {path}: {write_failure(error, path)}") from error
     return path.stat().st_size
+
+
+def write_failure(error, path):
+    """Why a write failed, in words: a full disk is named as such (torch.save only reports a stream position)."""
+    free = None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+    if getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 1 << 20):
+        return f"the disk is full ({free if free is not None else 0:,} bytes free)"
+    return getattr(error, "strerror", None) or str(error)
 
 
 def write_artifact(path, blob):
@@ -2295,7 +2754,8 @@ def read_artifact(path, blob=None):
         raise ValueError(f"{path}: bad header (compressor id {header[4]}, flags {header[5]}, payload size {size})")
     payload = by_id[header[4]](compressed, size + 1)  # one byte more than recorded tells a larger payload
     if len(payload) != size:
-        raise ValueError(f"{path}: the payload decompresses to {'more' if len(payload) > size else len(payload)} bytes, "
+        got = "more" if len(payload) > size else len(payload)
+        raise ValueError(f"{path}: the payload decompresses to {got} bytes, "
                          f"not the {size} its header records")
     try:
         return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if header[5] else payload), weights_only=True)
@@ -2339,11 +2799,13 @@ def strip_source(source):
 
 def pack_source(source, readable_name=READABLE_CODE_NAME):
     """(packed file, compressor, {compressor: packed size}) of `source` (bytes): a runnable file that executes the
-    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed file."""
+    stripped source under the name `<readable_name> (packed)`, with `__name__` and `__file__` those of the packed
+    file."""
     try:
         stripped = strip_source(source.decode("utf-8")).encode("utf-8")
     except SyntaxError as error:
-        raise ValueError(f"cannot pack {readable_name}: it does not parse (line {error.lineno}: {error.msg})") from None
+        raise ValueError(f"the source does not parse (line {error.lineno}: {error.msg}), so it cannot be "
+                         f"packed") from None
     files = {}
     for name, (compress, _) in CODE_PACKERS.items():
         payload = base64.b85encode(compress(stripped)).decode("ascii")
@@ -2401,7 +2863,8 @@ def collect_hessians(model, batches, autocast):
 
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear):
-            hooks.append(module.register_forward_hook(lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])))
+            hook = lambda m, args, out, name=name: accumulate(f"{name}.weight", args[0])
+            hooks.append(module.register_forward_hook(hook))
     try:
         for inputs in batches:
             with autocast():
@@ -2439,7 +2902,8 @@ def qat_k_scale(run):
         start = time.perf_counter()
         _, _, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp, None,
                                         len(run.code.counted), run.log)
-        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training clock)")
+        run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training "
+                f"clock)")
     return run.cluster.broadcast(k_scale)
 
 
@@ -2555,15 +3019,14 @@ def window_batches(tokens, windows, seq_len, rows_per_batch, device):
 
 
 @torch.no_grad()
-def score_windows(model, tokens, windows, luts, seq_len, rows_per_batch, device, autocast):
+def score_windows(model, tokens, windows, target_bytes, seq_len, rows_per_batch, device, autocast):
     """float64 sums (loss in nats, targets, UTF-8 bytes) over the scored positions of `windows`."""
-    base_bytes, has_leading_space, is_boundary = (torch.from_numpy(t).to(device) for t in luts)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
         with autocast():
             losses = model(inputs, targets, reduction="none")
-        token_bytes = base_bytes[targets] + (has_leading_space[targets] & ~is_boundary[inputs])
-        sums += torch.stack([losses.double()[scored].sum(), scored.sum().double(), token_bytes[scored].sum().double()])
+        sums[:2] += torch.stack([losses.double()[scored].sum(), scored.sum().double()])
+    sums[2] += target_bytes.of(windows)
     return sums
 
 
@@ -2577,12 +3040,14 @@ def doc_starts_of(tokens, bos_id):
     return np.flatnonzero(np.asarray(tokens) == bos_id).tolist()
 
 
-def evaluate(model, val_tokens, luts, seq_len, stride, batch_tokens, rank, world_size, device, autocast, doc_starts=()):
+def evaluate(model, val_tokens, target_bytes, seq_len, stride, batch_tokens, rank, world_size, device, autocast,
+             doc_starts=()):
     """(val_loss in nats per token, val_bpb, targets scored) over every validation target; stride = seq_len is the
     plain, non-overlapping evaluation. val_bpb = (sum of CE / ln 2) / (sum of UTF-8 bytes of the targets)."""
     windows = plan_windows(val_tokens.numel() - 1, seq_len, stride, doc_starts)
     rows = eval_rows_per_batch(batch_tokens, seq_len, world_size)
-    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), luts, seq_len, rows, device, autocast)
+    sums = score_windows(model, val_tokens, rank_share(windows, rank, world_size), target_bytes, seq_len, rows, device,
+                         autocast)
     return loss_and_bpb(all_reduce(sums, dist.ReduceOp.SUM))
 
 
@@ -2621,39 +3086,15 @@ class ScoredTargets:
         return self._tokens[first:end + 1]
 
 
-class CastedLoRA(nn.Module):
-    """A rank-r update B A added to a CastedLinear's output; B starts at zero, so the model is unchanged at first."""
-
-    def __init__(self, in_features, out_features, rank):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features ** 0.5)
-        self.b = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, x):
-        return F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
-
-
-def lora_name(module_name):
-    """How TTT_LORA_TARGETS names a projection: the last two parts of its module name (e.g. attn.c_q)."""
-    return ".".join(module_name.split(".")[-2:])
-
-
-def lora_target_modules(model, hp):
-    """The CastedLinear modules named by TTT_LORA_TARGETS."""
-    targets = hp.ttt_lora_targets.split(",")
-    return [module for name, module in model.named_modules() if isinstance(module, CastedLinear) and lora_name(name) in targets]
+def ttt_optimizer_of(hp):
+    """sgd or adamw: TTT_OPTIMIZER, else the method's own (the LegalTTT records' SGD, the 04-27 record's AdamW)."""
+    return {"": "adamw" if hp.ttt_method == "lora" else "sgd", "adam": "adamw"}.get(hp.ttt_optimizer, hp.ttt_optimizer)
 
 
 def check_ttt_settings(model, hp):
-    """TTT_PARAMS / TTT_LORA_TARGETS against the model's names, at start-up: a pattern that matches nothing is an
-    error before training, not after training, export and evaluation."""
-    if hp.ttt_params == "lora":
-        names = {lora_name(name) for name, m in model.named_modules() if isinstance(m, CastedLinear)}
-        missing = [target for target in hp.ttt_lora_targets.split(",") if target not in names]
-        if missing:
-            raise ConfigError(f"TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: {missing} match no projection; choose among "
-                              f"{sorted(names)}")
-    elif hp.ttt_params != "all":
+    """TTT_PARAMS against the model's names, at start-up: a pattern that matches nothing is an error before
+    training, not after training, export and evaluation."""
+    if hp.ttt_params != "all":
         names = [name for name, _ in model.named_parameters()]
         missing = [pattern for pattern in hp.ttt_params.split(",") if not any(pattern in name for name in names)]
         if missing:
@@ -2662,17 +3103,9 @@ def check_ttt_settings(model, hp):
 
 
 def ttt_parameters(model, hp):
-    """The parameters TTT adapts: all, those whose name contains one of the TTT_PARAMS patterns, or new LoRA adapters
-    on the TTT_LORA_TARGETS projections. Everything else is frozen."""
+    """The parameters chunk TTT adapts: all, or those whose name contains one of the TTT_PARAMS patterns. Everything
+    else is frozen."""
     check_ttt_settings(model, hp)
-    if hp.ttt_params == "lora":
-        for module in model.modules():
-            module.requires_grad_(False)
-        adapters = []
-        for module in lora_target_modules(model, hp):
-            module.lora = CastedLoRA(module.in_features, module.out_features, hp.ttt_lora_rank).to(module.weight.device)
-            adapters += list(module.lora.parameters())
-        return adapters
     patterns = None if hp.ttt_params == "all" else hp.ttt_params.split(",")
     params = []
     for name, p in model.named_parameters():
@@ -2681,15 +3114,22 @@ def ttt_parameters(model, hp):
     return params
 
 
-def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, rank, world_size, device, autocast):
-    """TTT_EPOCHS passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
-    is the mean over the global batch of TTT_BATCH_SEQS sequences whatever the world size; gradients are summed."""
+class AdaptSteps(NamedTuple):
+    """How one adaptation walks its scored tokens: passes, sequences per step (summed over ranks), gradient clip."""
+    epochs: int
+    batch_seqs: int
+    grad_clip: float
+
+
+def adapt_on_chunk(model, ledger, first, end, params, optimizer, steps, seq_len, rank, world_size, device, autocast):
+    """steps.epochs passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
+    is the mean over the global batch of steps.batch_seqs sequences whatever the world size; gradients are summed."""
     tokens = ledger.training_tokens(first, end)
     sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
-    local_rows = -(-hp.ttt_batch_seqs // world_size)
-    for _ in range(hp.ttt_epochs):
-        for batch_start in range(0, len(sequences), hp.ttt_batch_seqs):
-            batch = sequences[batch_start:batch_start + hp.ttt_batch_seqs]
+    local_rows = -(-steps.batch_seqs // world_size)
+    for _ in range(steps.epochs):
+        for batch_start in range(0, len(sequences), steps.batch_seqs):
+            batch = sequences[batch_start:batch_start + steps.batch_seqs]
             count = sum(end_ - start for start, _, end_ in batch)
             mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
             inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
@@ -2702,51 +3142,493 @@ def adapt_on_chunk(model, ledger, first, end, params, optimizer, hp, seq_len, ra
                 grads = list(torch.split(flat, [g.numel() for g in grads]))
             for p, g in zip(params, grads):
                 p.grad = g.view_as(p)
-            if hp.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
+            if steps.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, steps.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
 
-def score_first_ttt(model, val_tokens, luts, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
-                    budget_left=None):
-    """Legal test-time training. The stream is cut into chunks of TTT_CHUNK_TOKENS targets; each chunk is first
-    scored (no gradient) and committed on every rank, and only then adapted on. The last chunk is never trained on.
-    Returns ((val_loss, val_bpb, targets scored), per-chunk float64 sums, chunks adapted on). `budget_left()` gives the seconds of eval
-    budget left: adapting stops, scoring never does, when adapting on every remaining chunk would not fit."""
+def cosine_lr(peak, index, count):
+    """peak * (1 + cos(pi * index / (count - 1))) / 2: the LegalTTT records' decay over chunks."""
+    return peak * 0.5 * (1 + math.cos(math.pi * index / max(count - 1, 1)))
+
+
+def global_ttt_lr_at(hp, index, count):
+    """The global SGD's LR at chunk `index` of `count`: a linear rise from GLOBAL_TTT_WARMUP_START_LR over
+    GLOBAL_TTT_WARMUP_CHUNKS chunks, then the cosine decay over the chunks after them (the 04-27 record's)."""
+    warmup = max(0, min(hp.global_ttt_warmup_chunks, count - 1))
+    if index < warmup:
+        rise = (hp.global_ttt_lr - hp.global_ttt_warmup_start_lr) * index / max(warmup - 1, 1)
+        return hp.global_ttt_warmup_start_lr + rise
+    return cosine_lr(hp.global_ttt_lr, index - warmup, count - warmup)
+
+
+def phase_boundaries(doc_starts, num_targets, prefix_docs, num_phases):
+    """(documents, target position) where the phases of phased TTT end: phase i ends after the first
+    prefix_docs * (i + 1) // num_phases documents of the stream (a document's targets run from its BOS to the next
+    BOS, which it predicts). A phase that would end at the end of the stream has nothing left to help and is dropped."""
+    starts = sorted(set(doc_starts) | {0})
+    counts = sorted({prefix_docs * (i + 1) // num_phases for i in range(num_phases)} - {0})
+    return [(count, starts[count]) for count in counts if count < len(starts) and starts[count] < num_targets]
+
+
+def phase_ends(doc_starts, num_targets, prefix_docs, num_phases):
+    return [end for _, end in phase_boundaries(doc_starts, num_targets, prefix_docs, num_phases)]
+
+
+def global_chunks(end, chunk_tokens):
+    """The chunks [first, stop) in which a phase's global SGD walks the scored targets [0, end)."""
+    return [(first, min(first + chunk_tokens, end)) for first in range(0, end, chunk_tokens)]
+
+
+def global_sgd(model, ledger, end, params, hp, steps, seq_len, rank, world_size, device, autocast):
+    """The global SGD of a phase (PR #1626): the scored targets [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
+    chunks under a fresh SGD optimizer with the LR of global_ttt_lr_at; as in the records, the last chunk is not
+    trained on."""
+    optimizer = torch.optim.SGD(params, lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
+    chunks = global_chunks(end, hp.global_ttt_chunk_tokens)
+    for index, (first, stop) in enumerate(chunks[:-1]):
+        for group in optimizer.param_groups:
+            group["lr"] = global_ttt_lr_at(hp, index, len(chunks))
+        adapt_on_chunk(model, ledger, first, stop, params, optimizer, steps, seq_len, rank, world_size, device,
+                       autocast)
+
+
+def scoring_work(num_windows, rows_per_batch, world_size, seq_len):
+    """Positions one rank forwards to score `num_windows` windows: whole batches of rows_per_batch padded rows."""
+    return -(-num_windows // (rows_per_batch * world_size)) * rows_per_batch * seq_len
+
+
+def adapt_work(first, end, steps, seq_len, world_size):
+    """Positions one rank forwards and backwards to adapt on targets [first, end): whole batches of padded rows."""
+    batches = -(-(-(-(end - first) // seq_len)) // steps.batch_seqs)
+    return steps.epochs * batches * -(-steps.batch_seqs // world_size) * seq_len
+
+
+class TTTClock:
+    """Whether the next adaptation still fits the eval budget with the scoring of everything after it. Costs are the
+    slowest rates seen so far, per position computed (padding included, so a short segment does not look slow):
+    scored positions, and adapted positions (three scored positions' worth until an adaptation has been measured)."""
+
+    def __init__(self, budget_left, device):
+        self.budget_left, self.device = budget_left, device
+        self.score_rate, self.train_rate = 0.0, None
+
+    def scored(self, seconds, positions):
+        self.score_rate = max(self.score_rate, seconds / max(positions, 1))
+
+    def adapted(self, seconds, positions):
+        self.train_rate = max(self.train_rate or 0.0, seconds / max(positions, 1))
+
+    def fits(self, positions, positions_left):
+        if self.budget_left is None:
+            return True
+        score_rate = self.score_rate or (self.train_rate or 0.0) / 3  # a forward is about a third of a training step
+        train_rate = self.train_rate if self.train_rate is not None else 3 * score_rate
+        needed = train_rate * positions + score_rate * positions_left
+        over = torch.tensor(float(needed > self.budget_left()), device=self.device)
+        return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
+
+
+def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
+                    budget_left=None, phases=()):
+    """Legal test-time training. The stream is cut into segments at every TTT_CHUNK_TOKENS targets and at the
+    `phases` ends (phase_ends); each segment is first scored (no gradient) and committed on every rank, and only
+    then adapted on: a segment ending a phase by global SGD over every target scored so far, any other by
+    TTT_EPOCHS passes over itself. The last segment is never trained on. Returns ((val_loss, val_bpb, targets
+    scored), per-segment float64 sums, segments adapted on). `budget_left()` gives the seconds of eval budget left:
+    adapting stops, scoring never does, when the next adaptation and the scoring after it would not fit."""
     num_targets, seq_len = val_tokens.numel() - 1, hp.eval_seq_len or hp.train_seq_len
-    chunk = hp.ttt_chunk_tokens
-    num_chunks = -(-num_targets // chunk)
-    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, range(chunk, num_targets, chunk))
-    windows_of = [[] for _ in range(num_chunks)]
+    chunk, phases = hp.ttt_chunk_tokens, list(phases)
+    cuts = sorted(set(range(chunk, num_targets, chunk)) | set(phases))
+    segments = list(zip([0] + cuts, cuts + [num_targets]))
+    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, cuts)
+    windows_of = [[] for _ in segments]
     for window in windows:
-        windows_of[window[1] // chunk].append(window)
-    params = ttt_parameters(model, hp)
-    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if hp.ttt_optimizer == "sgd" else
-                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+        windows_of[bisect.bisect_right(cuts, window[1])].append(window)
     rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
-    ledger, per_chunk, adapting, chunk_seconds = ScoredTargets(val_tokens), [], True, []
-    for index in range(num_chunks):
+    scoring = [scoring_work(len(w), rows, world_size, seq_len) for w in windows_of]
+    positions_after = np.cumsum(scoring[::-1])[::-1].tolist()[1:] + [0]
+    params = ttt_parameters(model, hp)
+    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if ttt_optimizer_of(hp) == "sgd" else
+                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
+    chunk_steps = AdaptSteps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip)
+    global_steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
+    per_segment, adapting, adapted = [], True, 0
+    num_chunks = -(-num_targets // chunk)
+    for index, (first, end) in enumerate(segments):
         start = time.perf_counter()
-        sums = score_windows(model, val_tokens, rank_share(windows_of[index], rank, world_size), luts, seq_len, rows,
-                             device, autocast)
-        per_chunk.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this chunk
-        ledger.commit(min((index + 1) * chunk, num_targets))
-        if index == num_chunks - 1:
+        mine = rank_share(windows_of[index], rank, world_size)
+        sums = score_windows(model, val_tokens, mine, target_bytes, seq_len, rows, device, autocast)
+        per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
+        ledger.commit(end)
+        clock.scored(time.perf_counter() - start, scoring[index])
+        if index == len(segments) - 1:
             break
-        if adapting and budget_left is not None and chunk_seconds:
-            needed = max(chunk_seconds) * (num_chunks - index)  # a full chunk (score + adapt) for each one left
-            over = torch.tensor(float(needed > budget_left()), device=device)
-            if all_reduce(over, dist.ReduceOp.MAX).item() > 0:
-                adapting = False
-                log(f"ttt: eval budget reached at chunk {index + 1}/{num_chunks}; scoring continues without adapting")
-        if adapting:
+        phase = end in phases
+        work = (sum(adapt_work(f, stop, global_steps, seq_len, world_size)
+                    for f, stop in global_chunks(end, hp.global_ttt_chunk_tokens)[:-1]) if phase else
+                adapt_work(first, end, chunk_steps, seq_len, world_size))
+        if not adapting or work == 0:
+            continue
+        if not clock.fits(work, positions_after[index]):
+            adapting = False
+            log(f"ttt: eval budget reached at segment {index + 1}/{len(segments)}; scoring continues without adapting")
+            continue
+        start = time.perf_counter()
+        if phase:
+            global_sgd(model, ledger, end, params, hp, global_steps, seq_len, rank, world_size, device, autocast)
+            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
+                f"time:{time.perf_counter() - start:.1f}s")
+        else:
             for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
-                group["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(num_chunks - 1, 1)))
-            adapt_on_chunk(model, ledger, index * chunk, min((index + 1) * chunk, num_targets), params, optimizer,
-                           hp, seq_len, rank, world_size, device, autocast)
-            chunk_seconds.append(time.perf_counter() - start)
-    return loss_and_bpb(torch.stack(per_chunk).sum(0)), per_chunk, len(chunk_seconds)
+                group["lr"] = cosine_lr(hp.ttt_lr, first // chunk, num_chunks)
+            adapt_on_chunk(model, ledger, first, end, params, optimizer, chunk_steps, seq_len, rank, world_size,
+                           device, autocast)
+        clock.adapted(time.perf_counter() - start, work)
+        adapted += 1
+    return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
+
+
+# --- per-document LoRA TTT (credit: the LoRA TTT record of 2026-03-17 and PR #1530's batched document adapters;
+# PR #1767 the alpha scale and the warm A; PR #1610/#1626 the phases; composed as in the 04-27 record) ---
+# Every validation document gets adapters of its own, reset before it starts, so what one document teaches reaches
+# another only through a phase's global SGD. A document is cut into TTT_CHUNK_SIZE-target chunks. Each chunk is
+# scored by one forward over at most TTT_EVAL_SEQ_LEN tokens of its own document, and only then, unless it is the
+# document's last, trained on with TTT_GRAD_STEPS optimizer steps. Documents go TTT_BATCH_SIZE at a time, one per
+# batch row, longest batches first.
+
+
+class BatchedLoRA(nn.Module):
+    """One rank-r update per batch row (one document each): row b adds (alpha / r) B_b A_b x. B starts at zero, so
+    every document starts from the base model; A is drawn from U(+-1/sqrt(in))."""
+
+    def __init__(self, rows, in_features, out_features, rank, alpha, generator):
+        super().__init__()
+        self.bound, self.scale = in_features ** -0.5, alpha / rank
+        draw = torch.empty(rows, rank, in_features).uniform_(-self.bound, self.bound, generator=generator)
+        self.a = nn.Parameter(draw)
+        self.b = nn.Parameter(torch.zeros(rows, out_features, rank))
+
+    @torch.no_grad()
+    def reset(self, warm_a, generators):
+        """B to zero; unless `warm_a`, row i's A is drawn again from generators[i] (one per document)."""
+        self.b.zero_()
+        if not warm_a:
+            for row, generator in enumerate(generators):
+                draw = torch.empty(self.a.shape[1:]).uniform_(-self.bound, self.bound, generator=generator)
+                self.a[row].copy_(draw)
+
+    def forward(self, x):  # x: (documents, T, in); a batch of fewer documents uses the first rows
+        a, b = self.a[:x.size(0)].to(x.dtype), self.b[:x.size(0)].to(x.dtype)
+        return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
+
+
+class LayerLoRA(NamedTuple):
+    """One virtual layer's per-document adapters; None where TTT_K_LORA, TTT_O_LORA or TTT_MLP_LORA is off."""
+    q: nn.Module
+    k: Optional[nn.Module]
+    v: nn.Module
+    o: Optional[nn.Module]
+    mlp: Optional[nn.Module]
+
+
+class DocumentAdapters(nn.Module):
+    """The adapters of `rows` documents: Q and V (K, O and the MLP where switched on) in every virtual layer, so that
+    a looped block gets a set per pass, and the output head. Made on the CPU from `generator`, then moved."""
+
+    def __init__(self, model, rows, hp, generator):
+        super().__init__()
+        dim, slots = model.tok_emb.embedding_dim, len(model.layer_order())
+        kv_dim = model.blocks[0].attn.c_k.out_features
+        lora = lambda width: BatchedLoRA(rows, dim, width, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
+        per_layer = lambda on, width: nn.ModuleList(lora(width) for _ in range(slots)) if on else None
+        self.q, self.k, self.v = per_layer(True, dim), per_layer(hp.ttt_k_lora, kv_dim), per_layer(True, kv_dim)
+        self.o, self.mlp = per_layer(hp.ttt_o_lora, dim), per_layer(hp.ttt_mlp_lora, dim)
+        self.head = lora(model.tok_emb.num_embeddings)
+
+    def layer(self, position):
+        pick = lambda loras: None if loras is None else loras[position]
+        return LayerLoRA(self.q[position], pick(self.k), self.v[position], pick(self.o), pick(self.mlp))
+
+    def reset(self, warm_a, generators):
+        for module in self.modules():
+            if isinstance(module, BatchedLoRA):
+                module.reset(warm_a, generators)
+
+    def redraw(self, generator):
+        """Every row's A drawn again from `generator` (a new phase), in place: a compiled forward keeps its graph."""
+        for module in self.modules():
+            if isinstance(module, BatchedLoRA):
+                module.reset(False, [generator] * module.a.size(0))
+
+
+class Document(NamedTuple):
+    """A validation document: its targets are the positions start .. start + targets - 1 of the stream (its last
+    target is the next document's BOS). Tokens before the first BOS form a document too."""
+    index: int
+    start: int
+    targets: int
+
+
+def documents_of(doc_starts, num_targets):
+    starts = sorted({start for start in doc_starts if start < num_targets} | {0})
+    ends = starts[1:] + [num_targets]
+    return [Document(index, start, end - start) for index, (start, end) in enumerate(zip(starts, ends))]
+
+
+def document_queue(documents, batch_size):
+    """The 04-27 record's order: documents sorted by length (ties in stream order), cut into batches of
+    TTT_BATCH_SIZE, the batches taken longest first. [(batch index in the ascending cut, documents)]."""
+    by_length = sorted(documents, key=lambda document: document.targets)
+    batches = [by_length[first:first + batch_size] for first in range(0, len(by_length), batch_size)]
+    return sorted(enumerate(batches), key=lambda item: -item[1][-1].targets)
+
+
+def document_phases(queue, prefix_docs, num_phases):
+    """{queue position: the documents of the phase that runs once that batch is scored}. Phase i ends when the
+    scored queue reaches min(PHASED_TTT_PREFIX_DOCS, documents) * (i + 1) / PHASED_TTT_NUM_PHASES documents, at most
+    one phase per batch; it trains on that many scored documents, taken as the 04-27 record takes them (by batch
+    index in the ascending cut, then position), so each phase's set grows on the last. A phase after the last batch
+    is dropped: it would help nothing."""
+    counts = np.cumsum([len(batch) for _, batch in queue]).tolist()
+    prefix = min(prefix_docs, counts[-1] if counts else 0)
+    plan, position = {}, -1
+    for phase in range(num_phases):
+        boundary = prefix * (phase + 1) // num_phases
+        if boundary == 0:
+            continue
+        position = max(position + 1, bisect.bisect_left(counts, boundary))
+        if position >= len(queue) - 1:
+            break
+        scored = sorted((index, row, document) for index, batch in queue[:position + 1]
+                        for row, document in enumerate(batch))
+        plan[position] = [document for _, _, document in scored[:boundary]]
+    return plan
+
+
+def queue_rounds(queue_length, phase_positions, world_size):
+    """Rounds of at most WORLD_SIZE queue positions, one per rank, that never run past a phase: a batch is scored by
+    the same base model at any world size."""
+    rounds, first = [], 0
+    for stop in sorted(set(phase_positions) | {queue_length - 1}):
+        for start in range(first, stop + 1, world_size):
+            rounds.append(list(range(start, min(start + world_size, stop + 1))))
+        first = stop + 1
+    return rounds
+
+
+class ScoredDocuments:
+    """The guard of per-document TTT: how many of each document's targets are scored. An adapter trains only on
+    scored targets of its own document, and a phase's global SGD only on fully scored documents."""
+
+    def __init__(self, tokens, documents):
+        self._tokens, self.scored = tokens, [0] * len(documents)
+
+    def commit(self, document, upto):
+        if upto < self.scored[document.index]:
+            raise RuntimeError("scoring must move forward through each document")
+        self.scored[document.index] = upto
+
+    def training_tokens(self, document, first, end):
+        """The tokens of the document's targets [first, end): inputs and targets."""
+        if end > self.scored[document.index]:
+            raise RuntimeError(f"TTT asked to train on targets up to {end} of document {document.index}, but only "
+                               f"{self.scored[document.index]} are scored: adapting on unscored tokens is illegal")
+        return self._tokens[document.start + first:document.start + end + 1]
+
+    def document_tokens(self, document):
+        return self.training_tokens(document, 0, document.targets)
+
+
+def chunk_window(document, chunk, chunk_size, context):
+    """(window start, first scored, end) in the document's targets: the chunk's targets, after as much of the
+    same document as fits in `context` positions."""
+    first, end = chunk * chunk_size, min((chunk + 1) * chunk_size, document.targets)
+    return max(0, end - context), first, end
+
+
+def batch_positions(batch, chunk_size, context, rows):
+    """Positions forwarded to score a batch: every chunk runs all rows, as long as its longest window."""
+    chunks = -(-max(document.targets for document in batch) // chunk_size)
+    return sum(rows * min((chunk + 1) * chunk_size, context) for chunk in range(chunks))
+
+
+def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, autocast, adapt):
+    """Scores `batch`'s documents chunk by chunk; after each chunk is scored (and committed) and `adapt`, the
+    documents with more chunks to come take TTT_GRAD_STEPS steps on it. Returns (documents, 2) float64 sums (loss
+    in nats, targets)."""
+    chunk_size, context = hp.ttt_chunk_size, ttt_context(hp)
+    optimizer = ttt_lora_optimizer(adapters.parameters(), hp)
+    counts = [-(-document.targets // chunk_size) for document in batch]
+    sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device)
+    for chunk in range(max(counts)):
+        width = min((chunk + 1) * chunk_size, context)
+        rows = torch.zeros(len(batch), width + 1, dtype=torch.int64)
+        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        windows = [chunk_window(document, chunk, chunk_size, context) if chunk < count else None
+                   for document, count in zip(batch, counts)]
+        for row, (document, window) in enumerate(zip(batch, windows)):
+            if window is not None:
+                start, first, end = window
+                rows[row, :end - start + 1] = val_tokens[document.start + start:document.start + end + 1]
+                scored[row, first - start:end - start] = True
+        inputs, targets, scored = rows[:, :-1].to(device), rows[:, 1:].to(device), scored.to(device)
+        training = [row for row, count in enumerate(counts) if adapt and chunk < count - 1]
+        with torch.set_grad_enabled(bool(training)), autocast():
+            losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
+        sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
+        for document, window in zip(batch, windows):
+            if window is not None:
+                ledger.commit(document, window[2])
+        if training:
+            train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, (inputs, targets, losses),
+                           hp, autocast)
+    return sums
+
+
+def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, scored, hp, autocast):
+    """TTT_GRAD_STEPS steps on the scored chunk: the sum over documents of each one's mean loss over the chunk
+    (documents never share a gradient). `scored`: the scoring forward's (inputs, targets, losses), which the first
+    step reuses; the ledger is asked first."""
+    inputs, targets, losses = scored
+    mask = torch.zeros_like(losses)
+    for row in training:
+        start, first, end = windows[row]
+        ledger.training_tokens(batch[row], first, end)  # raises unless every target of the chunk is scored
+        mask[row, first - start:end - start] = 1.0 / (end - first)
+    for step in range(hp.ttt_grad_steps):
+        if step > 0:
+            with autocast():
+                losses = forward(inputs, targets, reduction="none", adapters=adapters)
+        optimizer.zero_grad(set_to_none=True)
+        (losses.float() * mask).sum().backward()
+        optimizer.step()
+
+
+def ttt_context(hp):
+    return hp.ttt_eval_seq_len or hp.eval_seq_len or hp.train_seq_len
+
+
+def ttt_lora_optimizer(params, hp):
+    """A fresh optimizer per batch of documents: no state crosses from one document to the next."""
+    if ttt_optimizer_of(hp) == "sgd":
+        return torch.optim.SGD(params, lr=hp.ttt_lora_lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
+    return torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
+                             weight_decay=hp.ttt_weight_decay)
+
+
+def lora_generator(hp, *keys):
+    """A CPU generator for adapters' A, seeded by SEED and what they are for (a phase, or a document), so that a
+    document's adapters start alike at any world size and in any batch."""
+    digest = hashlib.sha256(repr((hp.seed, "ttt_lora") + keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class LoraTTTModels(NamedTuple):
+    """One model's weights, three ways: `base` owns the parameters; `lora_forward` (eager, or compiled with dynamic
+    shapes) takes the adapters; `train_forward` (as training runs it) takes the phases' global SGD."""
+    base: nn.Module
+    lora_forward: Callable
+    train_forward: Callable
+
+
+class LoraTTTReport(NamedTuple):
+    result: tuple  # (val_loss, val_bpb, targets scored)
+    per_document: torch.Tensor  # (documents, 3) float64 sums: loss in nats, targets, bytes
+    adapted_rounds: int
+    rounds: int
+    phases: int
+
+
+def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(),
+                          log=print, budget_left=None):
+    """TTT_METHOD=lora over the whole validation stream. Rank r takes the r-th batch of each round. Adaptation
+    stops, scoring never does, when the next round's adaptation and the scoring of every round after it would not
+    fit `budget_left()`."""
+    num_targets, context = val_tokens.numel() - 1, ttt_context(hp)
+    documents = documents_of(doc_starts, num_targets)
+    queue = document_queue(documents, hp.ttt_batch_size)
+    phases = (document_phases(queue, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases)
+              if hp.phased_ttt_enabled else {})
+    rounds = queue_rounds(len(queue), phases, world_size)
+    if hp.phased_ttt_enabled:  # the record's line, with the boundaries kept (in documents)
+        prefix = min(hp.phased_ttt_prefix_docs, len(documents))
+        log(f"ttt_phased: total_docs:{len(documents)} prefix_docs:{prefix} suffix_docs:{len(documents) - prefix} "
+            f"num_phases:{len(phases)} boundaries:{[len(phase) for phase in phases.values()]}")
+    work = [batch_positions(batch, hp.ttt_chunk_size, context, hp.ttt_batch_size) for _, batch in queue]
+    round_work = [max(work[position] for position in positions) for positions in rounds]
+    work_after = np.cumsum(round_work[::-1])[::-1].tolist()[1:] + [0]
+    ledger, clock = ScoredDocuments(val_tokens, documents), TTTClock(budget_left, device)
+    per_document = torch.zeros(len(documents), 3, dtype=torch.float64, device=device)
+    base_params = list(models.base.parameters())
+    phase, adapting, adapted = 0, True, 0
+    adapters = DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
+    for index, positions in enumerate(rounds):
+        adapting = adapting and clock.fits(round_work[index], work_after[index])
+        if not adapting and adapted == index:
+            log(f"ttt_lora: eval budget reached at round {index + 1}/{len(rounds)}; scoring continues without adapting")
+        start = time.perf_counter()
+        for param in base_params:
+            param.requires_grad_(False)
+        if rank < len(positions):
+            batch_index, batch = queue[positions[rank]]
+            adapters.reset(hp.ttt_warm_start_a, [lora_generator(hp, document.index) for document in batch])
+            sums = adapt_documents(models.lora_forward, adapters, ledger, batch, val_tokens, hp, device, autocast,
+                                   adapting)
+            per_document[[document.index for document in batch], :2] = sums
+        synchronize_device(device)
+        (clock.adapted if adapting else clock.scored)(time.perf_counter() - start, round_work[index])
+        adapted += adapting
+        for position in positions:  # every rank's share of the round is scored: the next phase may read it
+            for document in queue[position][1]:
+                ledger.commit(document, document.targets)
+        if adapting and positions[-1] in phases:
+            adapting = run_document_phase(models, ledger, phases[positions[-1]], base_params, hp, rank, world_size,
+                                          device, autocast, clock, work_after[index], log, (phase + 1, len(phases)))
+            phase += adapting
+            adapters.redraw(lora_generator(hp, phase))
+    for param in base_params:
+        param.requires_grad_(True)
+    per_document = all_reduce(per_document, dist.ReduceOp.SUM)
+    for document in documents:  # the chunks of a document partition its targets: its bytes are its range's
+        span = (document.start, document.start, document.start + document.targets)
+        per_document[document.index, 2] = target_bytes.of([span])
+    return LoraTTTReport(loss_and_bpb(per_document.sum(0)), per_document, adapted, len(rounds), phase)
+
+
+def run_document_phase(models, ledger, documents, params, hp, rank, world_size, device, autocast, clock, work_after,
+                       log, phase_count):
+    """A phase's global SGD (PR #1626, as the 04-27 record runs it): the phase's documents, each fully scored,
+    joined in its order and walked by global_sgd. Returns False, having done nothing, if it would not fit the
+    budget: the adaptation stops there."""
+    stream = torch.cat([ledger.document_tokens(document) for document in documents])
+    phase_ledger = ScoredTargets(stream)
+    phase_ledger.commit(stream.numel() - 1)
+    seq_len = hp.eval_seq_len or hp.train_seq_len
+    steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    work = sum(adapt_work(first, stop, steps, seq_len, world_size)
+               for first, stop in global_chunks(stream.numel() - 1, hp.global_ttt_chunk_tokens)[:-1])
+    if not clock.fits(work, work_after):
+        log(f"ttt_lora: eval budget reached before phase {phase_count[0]}/{phase_count[1]}; scoring continues "
+            f"without adapting")
+        return False
+    start = time.perf_counter()
+    for param in params:
+        param.requires_grad_(True)
+    global_sgd(models.train_forward, phase_ledger, stream.numel() - 1, params, hp, steps, seq_len, rank, world_size,
+               device, autocast)
+    synchronize_device(device)
+    clock.adapted(time.perf_counter() - start, work)
+    log(f"ttt_phase: {phase_count[0]}/{phase_count[1]} documents:{len(documents)} trained_targets:{stream.numel() - 1} "
+        f"time:{time.perf_counter() - start:.1f}s")
+    return True
+
+
+def synchronize_device(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ============================================================================================
@@ -2768,8 +3650,12 @@ class Logger:
     def __init__(self, path, enabled, overwrite=False):
         self.path, self.enabled = path, enabled
         if enabled:
+            folder = os.path.dirname(path) or "."
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise ConfigError(f"{folder} is a file, not a folder: a run writes its log and files under {folder}/; "
+                                  f"move the file away, or run from another folder")
             try:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
                 self.file = open(path, "w" if overwrite else "x", encoding="utf-8")
             except FileExistsError:
                 raise ConfigError(f"RUN_ID: {path} already exists (another run of this name); choose another RUN_ID, "
@@ -2790,7 +3676,8 @@ class Logger:
 
 
 class RunError(RuntimeError):
-    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and where."""
+    """A failure that is not a bad setting (bad data, a failed write, a diverged loss); the message says what and
+    where."""
 
 
 class Interrupted(Exception):
@@ -2888,7 +3775,8 @@ class Cluster:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         else:
-            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            self.threads_note = cpu_threads(os.environ.get("OMP_NUM_THREADS", ""),
+                                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if self.distributed:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=10),
@@ -2921,16 +3809,18 @@ class Run:
         self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
         self.phase, self.training_began, self.raw_saved, self.steps_done, self.average = "setup", False, False, 0, None
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
-        self.local_rank, self.device = cluster.local_rank, cluster.device
+        self.device = cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.timings = {}
+        self.lora_forward = None  # the per-document TTT forward, once the warmup has compiled it
         self.results = {}
         self.scored_targets = {}  # final evaluation name: validation targets it scored
         self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
 
 
 def setup(run):
-    """Batch split, logging, tokenizer and data checks. Fails early with a message naming the fix."""
+    """The batch split, the log, attention and precision, then the data (`load_data`), which it returns. Fails
+    early, with a message naming the fix."""
     hp = run.hp
     device_type = run.device.type
     seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
@@ -2949,29 +3839,73 @@ def setup(run):
     bf16 = autocast_name(hp.autocast, device_type) == "bf16"
     run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
     run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+    check_doc_isolation(hp, run.attention_name, run.attention_fn)
     run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
-    run.sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    run.train_files, run.val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
-    run.val_tokens = load_validation_tokens(run.val_files)
-    run.train_loader = TrainLoader(run.train_files, hp.train_seq_len, seqs_per_step, hp.data_seed,
-                                   run.rank, run.world_size, accum)
-    reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
-    check_token_ids(run.val_files, [load_shard(f) for f in run.val_files], hp.vocab_size)
-    check_token_ids(run.train_files, run.train_loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
-    run.luts = build_byte_luts(run.sp, hp.vocab_size)
-    run.val_docs_checked, run.val_bytes_checked = check_tokenizer_and_bytes(run.sp, run.val_tokens.numpy(), run.luts)
-    run.val_bytes = count_target_bytes(run.val_tokens.numpy(), run.luts)
+    only = hp.eval_only_quantized_path
+    if only and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(only)):
+        raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={only!r} is not a file (a run writes "
+                          f"logs/<RUN_ID>_model.<format>.ptz)")
+    data = load_data(run)
     run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
-    run.doc_starts = doc_starts_of(run.val_tokens, run.sp.bos_id()) if hp.eval_doc_isolated else ()
-    run.data_digest = dict(val_sha256=_sha256_files(run.val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
-    run.config_hash, run.code_sha256 = hp.config_hash(run.data_digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
+    run.config_hash, run.code_sha256 = hp.config_hash(data.digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
     check_record_dir(run)
     if run.rank == 0:
-        log_environment(run)
+        log_environment(run, data)
     append_index(run, "launched")
+    return data
+
+
+class Data(NamedTuple):
+    """What `load_data` hands on: the tokenizer, the training stream, and the validation split with the bytes each
+    target counts for val_bpb, all checked."""
+    tokenizer: spm.SentencePieceProcessor
+    train_files: list
+    train_loader: TrainLoader
+    val_files: list
+    val_tokens: torch.Tensor
+    target_bytes: TargetBytes  # the bytes each validation target counts: the LUTs', or CaseOps' sidecar
+    doc_starts: tuple  # the validation documents' first positions, with EVAL_DOC_ISOLATED; else ()
+    digest: dict  # the SHA-256 of the validation shards and of the tokenizer: the data in the config hash
+    bytecheck: str  # what the byte check verified, for the log's bpb_bytecheck line
+
+
+def load_data(run):
+    """The tokenizer and the shards, checked before anything trains: every token id within the vocabulary, and the
+    bytes val_bpb counts against the text (the tokenizer's LUTs, or CaseOps' byte sidecar, document by document)."""
+    hp = run.hp
+    tokenizer = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    train_files, val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    val_tokens = load_validation_tokens(val_files)
+    loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,
+                         run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None)
+    reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
+    check_token_ids(val_files, [load_shard(f) for f in val_files], hp.vocab_size)
+    check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
+    if hp.caseops_enabled:  # the bytes of the original text, from the sidecar, checked document by document
+        caseops_byte_luts(tokenizer, hp.vocab_size)  # the tokenizer holds the operators
+        sidecar = load_byte_sidecar(val_files)
+        reduce_min = lambda index: int(all_reduce(torch.tensor(index, device=run.device), dist.ReduceOp.MIN).item())
+        check = check_caseops(tokenizer, val_tokens.numpy(), sidecar, run.rank, run.world_size, reduce_min)
+        bytecheck = (f"docs:{check.documents} bytes:{check.sidecar_bytes} tokenizer_roundtrip:ok "
+                     f"bytes_from:caseops_sidecar caseops_roundtrip:ok sidecar_vs_tokens:pieces:"
+                     f"{check.tokens_differing} bytes:{check.bytes_differing:+d}")
+        target_bytes = TargetBytes(sidecar[1:])
+    else:
+        signs = caseops_signs(val_files, tokenizer)
+        if signs:
+            raise ConfigError(f"DATA_PATH and TOKENIZER_PATH are CaseOps data ({' and '.join(signs)}), but "
+                              f"CASEOPS_ENABLED is off: val_bpb would count the bytes of the transformed text; set "
+                              f"CASEOPS_ENABLED=1")
+        luts = build_byte_luts(tokenizer, hp.vocab_size)
+        documents, checked_bytes = check_tokenizer_and_bytes(tokenizer, val_tokens.numpy(), luts)
+        bytecheck = f"docs:{documents} bytes:{checked_bytes} tokenizer_roundtrip:ok bytes_from:luts"
+        target_bytes = TargetBytes(target_byte_counts(val_tokens.numpy(), luts))
+    doc_starts = doc_starts_of(val_tokens, tokenizer.bos_id()) if hp.eval_doc_isolated else ()
+    digest = dict(val_sha256=_sha256_files(val_files), tokenizer_sha256=_sha256_files([hp.tokenizer_path]))
+    return Data(tokenizer, train_files, loader, val_files, val_tokens, target_bytes, doc_starts, digest, bytecheck)
 
 
 def autocast_name(setting, device_type):
@@ -3015,40 +3949,101 @@ def package_versions():
     return versions
 
 
-def log_environment(run):
+def log_environment(run, data):
     hp, log = run.hp, run.log
     log("environment: " + " ".join(f"{k}:{v}" for k, v in package_versions().items()))
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if run.device.type == "cuda" else [platform.processor() or platform.machine()]
+    if run.device.type == "cuda":
+        devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    else:
+        devices = [platform.processor() or platform.machine()]
     log(f"host:{socket.gethostname()} git_sha:{_command_output(['git', 'rev-parse', 'HEAD']) or 'none'} "
         f"devices:{'|'.join(devices)} cpu_count:{os.cpu_count()}")
     if run.device.type == "cuda":
         log(_command_output(["nvidia-smi"]), console=False)
-    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})" for f in dataclasses.fields(hp)))
+    log("config: " + " ".join(f"{f.name.upper()}={getattr(hp, f.name)!r}({run.sources[f.name]})"
+                              for f in dataclasses.fields(hp)))
+    scope = f"(scope:{hp.compile_scope})" if run.use_compile else ""
     log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum_steps} device:{run.device} "
-        f"attention:{run.attention_name} compile:{run.use_compile} autocast:{autocast_name(hp.autocast, run.device.type)} "
+        f"attention:{run.attention_name} compile:{run.use_compile}{scope} "
+        f"autocast:{autocast_name(hp.autocast, run.device.type)} "
         f"{run.cluster.threads_note}")
-    train_tokens = sum(len(s) for s in run.train_loader.shards)
-    log(f"data: train_shards:{len(run.train_files)} train_tokens:{train_tokens} val_shards:{len(run.val_files)} "
-        f"val_sha256:{run.data_digest['val_sha256']} tokenizer_sha256:{run.data_digest['tokenizer_sha256']}")
+    train_tokens = sum(len(s) for s in data.train_loader.shards)
+    log(f"data: train_shards:{len(data.train_files)} train_tokens:{train_tokens} val_shards:{len(data.val_files)} "
+        f"val_sha256:{data.digest['val_sha256']} tokenizer_sha256:{data.digest['tokenizer_sha256']}")
     log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
     log(f"code: bytes_counted:{len(run.code.counted)} bytes_source:{len(run.code.source)} {run.code.how}")
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
-    log(f"val_tokens:{run.val_tokens.numel()} val_bytes:{run.val_bytes}")
-    log(f"bpb_bytecheck:ok docs:{run.val_docs_checked} bytes:{run.val_bytes_checked} tokenizer_roundtrip:ok")
+    log(f"val_tokens:{data.val_tokens.numel()} val_bytes:{data.target_bytes.total}")
+    log(f"bpb_bytecheck:ok {data.bytecheck}")
     planned = hp.iterations * hp.train_batch_tokens
     if planned > train_tokens:
         log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
             f"training tokens on disk, so data repeats (download more shards)")
 
 
-def build_model(run):
+class VarlenDocuments(nn.Module):
+    """The model (compiled or eager) on FlashAttention's varlen path: a call without cu_seqlens (the evaluations,
+    TTT, the warmup's synthetic batch) has them found here, once per batch, eagerly: a fullgraph graph cannot
+    compute a tensor whose length depends on the data, and eager attention would find them once per layer. Training
+    batches bring theirs from the loader. A module, so that TTT finds the parameters (their names gain a prefix;
+    TTT_PARAMS matches substrings)."""
+
+    def __init__(self, model, bos_id):
+        super().__init__()
+        self.model, self.bos_id = model, bos_id
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id))
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
+
+
+class RegionallyCompiled(nn.Module):
+    """COMPILE_SCOPE=block: the model's forward with its two heavy regions compiled, each as a fullgraph function
+    compiled once: the block, whose graph every layer of the same structure reuses (so a looped pass costs no compile,
+    and eleven layers cost a few graphs), and the output head with its loss (the fp32 logits never leave the graph).
+    The embedding and the glue between blocks run eager. As PyTorch's regional compilation recipe does; the math is
+    the model's. A module, so that TTT finds the parameters."""
+
+    def __init__(self, model, backend="inductor"):
+        super().__init__()
+        self.model = model
+        compiled = functools.partial(torch.compile, dynamic=False, fullgraph=True, backend=backend)
+        self.regions = ForwardRegions(compiled(Block.forward), compiled(GPT.output))
+
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, regions=self.regions)
+
+
+# Dynamo's limit of graphs per compiled function. Its default, 8, would send later graphs to eager: a run's graphs
+# share one cache per function (the whole model's forward, or the block's), one per layout, grad mode and shape:
+# training's, evaluation's, TTT's training passes and the per-document TTT forward's, and per block structure.
+COMPILE_GRAPH_LIMIT = 64
+
+
+def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"):
+    """What training, evaluation and TTT call: the model compiled (COMPILE_SCOPE: by regions, or as one fullgraph
+    graph per layout; static shapes but cu_seqlens' length) or eager, behind VarlenDocuments when `varlen`. The tests
+    compile with backend="aot_eager"."""
+    if use_compile:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
+    if not use_compile:
+        compiled = model
+    elif scope == "block":
+        compiled = RegionallyCompiled(model, backend)
+    else:
+        compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+    return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
+
+
+def build_model(run, data):
     hp = run.hp
     torch.manual_seed(hp.seed)
-    run.model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device)
+    run.model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
-    run.train_model = torch.compile(run.model, dynamic=False, fullgraph=True) if run.use_compile else run.model
+    run.train_model = train_model_of(run.model, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
         set_qat(run.model, hp, on=False)
@@ -3061,7 +4056,8 @@ def build_model(run):
     capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
     run.log(run.memory_estimate.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
     if capacity and run.memory_estimate.total > 0.95 * capacity:
-        run.log(f"warning: the estimate exceeds 95% of the device's memory; {out_of_memory_advice(run).split(': ', 1)[1]}")
+        advice = out_of_memory_advice(run).split(": ", 1)[1]
+        run.log(f"warning: the estimate exceeds 95% of the device's memory; {advice}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3073,21 +4069,22 @@ class MemoryEstimate:
     averages: int  # the EMA / SWA copies
     activations: int  # what autograd saves for backward at one micro-batch
     micro_batch_seqs: int
+    collectives: int = 0  # Parallel Muon's reduce-scatter shard and all-gather buffers (more than one rank)
 
     @property
     def total(self):
-        return self.weights + self.grads + self.optimizer + self.averages + self.activations
+        return self.weights + self.grads + self.optimizer + self.averages + self.activations + self.collectives
 
     def describe(self):
         mib = lambda n: f"{n / 2**20:.0f}MiB"
         return (f"memory_estimate: per_gpu:{mib(self.total)} weights:{mib(self.weights)} grads:{mib(self.grads)} "
-                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} activations:{mib(self.activations)}"
-                f"(micro_batch:{self.micro_batch_seqs}seqs)")
+                f"optimizer:{mib(self.optimizer)} averages:{mib(self.averages)} collectives:{mib(self.collectives)} "
+                f"activations:{mib(self.activations)}(micro_batch:{self.micro_batch_seqs}seqs)")
 
 
 def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
-    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once), measured
-    on an eager forward with saved-tensor hooks."""
+    """Bytes autograd saves for the backward of `seqs` sequences of `seq_len` tokens (each storage counted once),
+    measured on an eager forward with saved-tensor hooks."""
     storages = {}
 
     def pack(tensor):
@@ -3103,10 +4100,11 @@ def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
 
 
 def estimate_memory(run):
-    """The peak device memory of a training step per GPU: the exact sizes of the weights, gradients, optimizer state
-    and averages this configuration allocates, plus the activations of one micro-batch, extrapolated from forwards of
-    one and two sequences (a fixed part, such as the bf16 copies of the weights, and a part per sequence). The
-    compiled graph usually saves less than the eager one measured here, so this errs high."""
+    """The device memory of a training step per GPU, made before anything is compiled: the exact sizes of the
+    weights, gradients, optimizer state, averages and collective buffers this configuration allocates, plus the
+    activations of one micro-batch, extrapolated from forwards of one and two sequences (a fixed part, such as the
+    bf16 copies of the weights, and a part per sequence). Transient buffers (the backward's, Newton-Schulz's) are not
+    in it: on CUDA the warmup measures the real peak beside it (log_measured_memory)."""
     hp, model, optimizers = run.hp, run.model, run.optimizers
     float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
     params = list(model.parameters())
@@ -3118,9 +4116,30 @@ def estimate_memory(run):
     micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
     one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
                 for seqs in (1, 2))
+    nbytes = lambda tensor: 0 if tensor is None else tensor.numel() * tensor.element_size()
+    collectives = sum(nbytes(bank.updates) + (nbytes(bank.grad_shard) if run.world_size > 1 else 0)
+                      for bank in optimizers.banks)
     return MemoryEstimate(weights=float_bytes(params), grads=bank_grads + float_bytes(optimizers.replicated),
                           optimizer=int(muon) + adam, averages=copies * float_bytes(params),
-                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch)
+                          activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch,
+                          collectives=collectives)
+
+
+def log_measured_memory(device, estimate, log, advice):
+    """On CUDA, after the warmup's training steps (real compiled micro-steps and optimizer steps, the bound that
+    counts): `memory_measured:` the peak allocated and reserved beside the estimate, which is made before anything
+    is compiled and misses transient buffers; a warning with `advice` when the reserved peak passes 95% of the
+    device."""
+    if device.type != "cuda":
+        return
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    mib = lambda n: f"{n / 2**20:.0f}MiB"
+    log(f"memory_measured: peak_allocated:{mib(allocated)} peak_reserved:{mib(reserved)} "
+        f"estimate:{mib(estimate.total)} allocated/estimate:{allocated / max(estimate.total, 1):.2f} "
+        f"of device:{mib(capacity)} (warmup training steps)")
+    if reserved > 0.95 * capacity:
+        log(f"warning: the warmup's steps reserved over 95% of the device's memory; {advice.split(': ', 1)[1]}")
 
 
 def out_of_memory_advice(run):
@@ -3134,24 +4153,24 @@ def out_of_memory_advice(run):
             f"(GRAD_ACCUM_STEPS={accum}): {fix}")
 
 
-def train_step(run, step, lr_scale):
+def train_step(run, loader, step, lr_scale):
     """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
     try:
-        return accumulate_and_step(run, step, lr_scale)
+        return accumulate_and_step(run, loader, step, lr_scale)
     except torch.OutOfMemoryError as error:
         raise RunError(out_of_memory_advice(run)) from error
 
 
-def accumulate_and_step(run, step, lr_scale):
+def accumulate_and_step(run, loader, step, lr_scale):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.
     # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
     mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
     for micro_step in range(run.grad_accum_steps):
-        inputs, targets = run.train_loader.batch(step, micro_step, run.device)
+        batch = loader.batch(step, micro_step, run.device)
         with run.autocast():
-            loss = run.train_model(inputs, targets, mile_gamma=mile_gamma)
+            loss = run.train_model(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
     run.optimizers.step(lr_scale, muon_momentum(run.hp, step))
@@ -3164,7 +4183,7 @@ def synchronize(run):
         torch.cuda.synchronize()
 
 
-def warmup(run):
+def warmup(run, data):
     """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state. With
     depth recurrence the second half runs looped, so both training graphs exist before the clock starts. The
     evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here."""
@@ -3174,32 +4193,160 @@ def warmup(run):
     start = time.perf_counter()
     initial_model = copy.deepcopy(model.state_dict())
     initial_looping = model.looping
-    for step in range(hp.warmup_steps):
-        model.looping = initial_looping or (hp.num_loops > 0 and step >= hp.warmup_steps // 2)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    # The first half of the steps unlooped, the second looped; every layout gets a step, even from WARMUP_STEPS=1.
+    layouts = [initial_looping] + ([True] if hp.num_loops > 0 and not initial_looping else [])
+    steps = max(hp.warmup_steps, len(layouts))
+    for step in range(steps):
+        model.looping = layouts[step * len(layouts) // steps]
         step_start = time.perf_counter()
-        train_step(run, step, lr_scale=1.0)
+        train_step(run, data.train_loader, step, lr_scale=1.0)
         synchronize(run)  # the first step of a layout includes its compile time, shown here
-        run.log(f"warmup_step:{step + 1}/{hp.warmup_steps} looping:{model.looping} "
+        run.log(f"warmup_step:{step + 1}/{steps} looping:{model.looping} "
                 f"time:{time.perf_counter() - step_start:.2f}s")
-    # The layout the final evaluations will see: looped if the recurrence switches on before the last step.
-    model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
-    for seq_len in sorted({hp.train_seq_len, run.eval_seq_len}) if run.use_compile else ():
-        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
-        tokens = torch.randint(hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
-        eval_start = time.perf_counter()
-        with torch.no_grad(), run.autocast():
-            run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
-        synchronize(run)
-        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{model.looping} "
-                f"time:{time.perf_counter() - eval_start:.2f}s")
     model.looping = initial_looping
+    log_measured_memory(run.device, run.memory_estimate, run.log, out_of_memory_advice(run))
+    # The layouts evaluations will see: the final evaluations', looped if the recurrence switches on before the last
+    # step; and with VAL_LOSS_EVERY, the initial one too (the step-0 validation, and any before the switch).
+    final_looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    warm_evaluation_graphs(run, {final_looping} | ({initial_looping} if hp.val_loss_every > 0 else set()),
+                           final_looping)
     model.load_state_dict(initial_model)
     run.optimizers.reset_state()
     synchronize(run)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
-    run.log(f"warmup:done steps:{hp.warmup_steps} time:{run.timings['untimed_warmup_s']:.1f}s "
+    run.log(f"warmup:done steps:{steps} time:{run.timings['untimed_warmup_s']:.1f}s "
             f"restored:initial_weights_and_optimizer_state")
     log_compiled_graphs(run, "warmup")
+
+
+def warm_evaluation_graphs(run, layouts, final_looping):
+    """Every graph the evaluations will call, built here on synthetic tokens (validation tokens are never touched),
+    so that no graph is compiled after the warmup: scoring in each of `layouts` at each window length; in the final
+    layout, TTT's training passes (chunk TTT's and the phases' global SGD, with the parameters they train); and the
+    per-document TTT forward. The weights are only read; their gradients are cleared."""
+    hp, model = run.hp, run.model
+    if not run.use_compile:
+        return
+    initial_looping = model.looping
+    for looping, seq_len in itertools.product(sorted(layouts), sorted({hp.train_seq_len, run.eval_seq_len})):
+        model.looping = looping
+        rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
+        with torch.no_grad():
+            seconds = timed_synthetic_pass(run, rows, seq_len)
+        run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{looping} time:{seconds:.2f}s")
+    model.looping = final_looping
+    for rows, params in ttt_training_passes(run):
+        trainable = {id(param) for param in params}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trainable)
+        seconds = timed_synthetic_pass(run, rows, run.eval_seq_len, backward=True)
+        for param in model.parameters():
+            param.requires_grad_(True)
+        run.optimizers.zero_grad()
+        run.log(f"warmup_ttt_training: seq_len:{run.eval_seq_len} rows:{rows} params:{len(params)} "
+                f"time:{seconds:.2f}s")
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        run.lora_forward = lora_forward_of(run)
+    model.looping = initial_looping
+
+
+def warm_up_evaluation(run):
+    """EVAL_ONLY_QUANTIZED_PATH and FINISH_FROM, which train nothing: the evaluation graphs of the loaded weights'
+    layout, built before the evaluation clock starts."""
+    start = time.perf_counter()
+    with compile_failures_named(run, before="the evaluation"):
+        warm_evaluation_graphs(run, {run.model.looping}, run.model.looping)
+    run.timings["untimed_warmup_s"] = time.perf_counter() - start
+    log_compiled_graphs(run, "warmup")
+
+
+def ttt_training_passes(run):
+    """(rows per rank, trained parameters) of each training pass TTT makes through the compiled model."""
+    hp, passes = run.hp, []
+    rows_of = lambda batch_seqs: -(-batch_seqs // run.world_size)
+    if hp.ttt_enabled and hp.ttt_method == "chunk":
+        passes.append((rows_of(hp.ttt_batch_seqs), ttt_parameters(run.train_model, hp)))
+    if hp.ttt_enabled and hp.phased_ttt_enabled:  # the global SGD: chunk TTT's parameters, or all with LoRA TTT
+        params = ttt_parameters(run.train_model, hp) if hp.ttt_method == "chunk" else list(run.model.parameters())
+        passes.append((rows_of(hp.global_ttt_batch_seqs), params))
+    return list({rows: (rows, params) for rows, params in passes}.values())
+
+
+def timed_synthetic_pass(run, rows, seq_len, backward=False):
+    """Seconds of one pass of the compiled model over `rows` random sequences (the per-token losses, summed for the
+    backward as TTT sums them), waited for."""
+    start = time.perf_counter()
+    tokens = torch.randint(run.hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
+    with run.autocast():
+        losses = run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+    if backward:
+        losses.float().sum().backward()
+    synchronize(run)
+    return time.perf_counter() - start
+
+
+CALIBRATION_MARGIN = (1.25, 1.0)  # the reserve: the measured calibration time x 1.25, plus 1 s for the all-reduce
+
+
+def calibration_reserve(hp, seconds_per_batch):
+    """(reserve, measured need) in seconds: GPTQ_CALIBRATION_BATCHES at the measured seconds per global batch, with
+    the margin; never less than GPTQ_RESERVE_SECONDS."""
+    scale, slack = CALIBRATION_MARGIN
+    needed = hp.gptq_calibration_batches * seconds_per_batch * scale + slack
+    return max(hp.gptq_reserve_seconds, needed), needed
+
+
+def hessians_of_batch(run, loader, step):
+    """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
+    batches = (loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
+    return collect_hessians(run.model, batches, run.autocast)
+
+
+def reserve_calibration_time(run, data):
+    """Before the clock, with GPTQ on training batches under a cap: times GPTQ's calibration on one training batch as
+    `calibrate` reads it (the second pass, after any first-call cost; the weights are only read) and returns the
+    settings with the reserve that ends training early enough for calibration to read its training batches inside
+    MAX_WALLCLOCK_SECONDS. The ranks agree on the slowest."""
+    hp = run.hp
+    if not (hp.gptq and hp.gptq_calibration == "train" and hp.max_wallclock_seconds):
+        return hp
+    initial_looping = run.model.looping  # timed in the layout calibration will see
+    run.model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    hessians_of_batch(run, data.train_loader, 0)
+    synchronize(run)
+    start = time.perf_counter()
+    hessians_of_batch(run, data.train_loader, 1)
+    synchronize(run)
+    seconds = all_reduce(torch.tensor(time.perf_counter() - start, device=run.device), dist.ReduceOp.MAX).item()
+    run.model.looping = initial_looping
+    run.timings["calibration_batch_s"] = seconds
+    reserve, needed = calibration_reserve(hp, seconds)
+    run.log(f"gptq_reserve: {seconds:.3f}s per batch x {hp.gptq_calibration_batches} x {CALIBRATION_MARGIN[0]} + "
+            f"{CALIBRATION_MARGIN[1]:.0f}s = {needed:.1f}s; GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}; "
+            f"reserved:{reserve:.1f}s")
+    if reserve >= hp.max_wallclock_seconds:
+        raise ConfigError(f"GPTQ calibration needs {reserve:.1f}s of MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}"
+                          f", leaving no time to train: lower GPTQ_CALIBRATION_BATCHES or raise the cap")
+    return dataclasses.replace(hp, gptq_reserve_seconds=reserve)
+
+
+@contextlib.contextmanager
+def compile_failures_named(run, before="training"):
+    """A graph torch.compile cannot build in the warmup (a graph break under fullgraph, a FlashAttention build that
+    does not register its kernels for torch.compile, an inductor failure) stops the run before training (or, for a
+    run that trains nothing, before the evaluation), naming the settings that avoid it, not in a compiler traceback."""
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as error:
+        avoid = "COMPILE=0 (eager)"
+        if run.attention_name != "sdpa":
+            avoid += f", or ATTN_BACKEND=sdpa if the trace stops in {run.attention_name}"
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"torch.compile failed in the warmup, before {before} ({type(error).__name__}: "
+                          f"{first_line}); "
+                          f"set {avoid}; TORCH_LOGS=graph_breaks shows where") from error
 
 
 def compiled_graphs():
@@ -3208,31 +4355,31 @@ def compiled_graphs():
 
 
 def log_compiled_graphs(run, phase):
-    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every training layout and the
-    evaluation graph; a count that grows during training means a recompile on the clock."""
+    """`compile: after:<phase> graphs:N` since the model was built. The warmup compiles every graph of the run
+    (warmup and warm_evaluation_graphs); a count that grows after it means a compile on the clock."""
     if run.use_compile:
         graphs = compiled_graphs() - run.graphs_before
         run.log(f"compile: after:{phase} graphs:{graphs}")
-        if phase == "training" and graphs > run.graphs_after_warmup:
-            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled during training, on the clock; "
-                    f"TORCH_LOGS=recompiles shows why")
         if phase == "warmup":
             run.graphs_after_warmup = graphs
+        elif graphs > run.graphs_after_warmup:
+            run.log(f"warning: {graphs - run.graphs_after_warmup} graph(s) compiled after the warmup, by the end of "
+                    f"{phase}, on the clock; TORCH_LOGS=recompiles shows why")
 
 
-def benchmark(run):
+def benchmark(run, data):
     """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
     and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
     hp, model = run.hp, run.model
     for looping in ([False, True] if hp.num_loops else [False]):
         model.looping = looping
-        train_step(run, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        train_step(run, data.train_loader, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
         synchronize(run)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         start = time.perf_counter()
         for step in range(1, hp.benchmark_steps + 1):
-            train_step(run, step, lr_scale=1.0)
+            train_step(run, data.train_loader, step, lr_scale=1.0)
         synchronize(run)
         step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
         tokens_per_s = hp.train_batch_tokens / step_ms * 1000
@@ -3242,11 +4389,11 @@ def benchmark(run):
                 f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
 
 
-def run_validation(run):
+def run_validation(run, data):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, run.val_tokens, run.luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
-                    run.rank, run.world_size, run.device, run.autocast)
+    return evaluate(run.train_model, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len,
+                    hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast)
 
 
 # Dense bf16 peak per device (no sparsity), for the MFU estimate; matched against the CUDA device name.
@@ -3258,8 +4405,8 @@ def training_flops_per_token(model, seq_len):
     pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
     because causal attention skips the upper triangle)."""
     passes = Counter(model.layer_order())
-    block_weights = sum(count * sum(m.weight.numel() for m in model.blocks[layer].modules() if isinstance(m, CastedLinear))
-                        for layer, count in passes.items())
+    weights = lambda block: sum(m.weight.numel() for m in block.modules() if isinstance(m, CastedLinear))
+    block_weights = sum(count * weights(model.blocks[layer]) for layer, count in passes.items())
     head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
     width = model.tok_emb.weight.size(1)
     return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
@@ -3270,7 +4417,8 @@ def mfu_field(run, tokens_per_s):
     peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
     if not peak:
         return ""
-    return f"mfu:{100 * tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len) / (peak * run.world_size):.1f}% "
+    flops_per_s = tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len)
+    return f"mfu:{100 * flops_per_s / (peak * run.world_size):.1f}% "
 
 
 def throughput(run, step, step_avg_ms, elapsed_ms):
@@ -3285,103 +4433,151 @@ def throughput(run, step, step_avg_ms, elapsed_ms):
     return f"tok_s:{tokens_per_s:.0f} {mfu}remaining:{remaining_ms / 1000:.0f}s eta:{eta}"
 
 
-def train(run):
+@dataclasses.dataclass
+class TrainingClock:
+    """The timed loop's state. `train_ms` is training time up to the last off-clock pause, `since` when the clock
+    resumed; `elapsed_ms` is the time the ranks agreed on at the last step (MAX), `stop_after` the step the predictive
+    stop chose; `nonfinite` a flag on the device: any non-finite loss since the last check."""
+    step: int = 0
+    train_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    since: float = 0.0
+    stop_after: Optional[int] = None
+    lr_scale: float = 1.0
+    qat_on: bool = False
+    grown_taps: int = 0
+    nonfinite: Optional[torch.Tensor] = None
+
+    def pause(self, run):
+        synchronize(run)
+        self.train_ms += 1000.0 * (time.perf_counter() - self.since)
+
+    def resume(self, run):
+        synchronize(run)
+        self.since = time.perf_counter()
+
+
+def train(run, data):
     """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
     time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
     predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS. A SIGINT/SIGTERM stops every rank at
     the same step (the flag travels with the elapsed time) with the raw weights saved; a non-finite loss stops the
     run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
-    hp, log, model = run.hp, run.log, run.model
-    cap_ms = training_budget_ms(hp)
-    train_ms, elapsed_ms, step, stop_after, qat_on, lr_scale = 0.0, 0.0, 0, None, False, 1.0
-    average = run.average = WeightAverage(model, hp)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=run.device)  # any non-finite loss since the last check
-    grown_taps = max(model.kernel_sizes(), default=0)  # read once: the masks live on the device
+    hp = run.hp
+    run.average = WeightAverage(run.model, hp)
+    clock = TrainingClock(grown_taps=max(run.model.kernel_sizes(), default=0),  # read once: the masks are on the device
+                          nonfinite=torch.zeros((), dtype=torch.bool, device=run.device))
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
-    pr_tokens = run.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
+    pr_tokens = data.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
     run.cluster.clock.restart()
     run.training_began, run.signals.deferred = True, True
-    clock = time.perf_counter()
+    clock.since = time.perf_counter()
     while True:
-        last_step = step == hp.iterations or step == stop_after
-        validate = last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0)
-        diagnose = hp.pr_every > 0 and step % hp.pr_every == 0
-        if validate or diagnose:  # off the clock
-            synchronize(run)
-            train_ms += 1000.0 * (time.perf_counter() - clock)
-            if diagnose and run.rank == 0:
-                prs = activation_prs(model, pr_tokens, run.autocast)
-                log(f"pr: step:{step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
-                                                   for kind, values in prs.items()))
-            if last_step:
-                check_finite(run, nonfinite, step, lr_scale)
-                log(average.apply())  # what is evaluated and exported from here on
-                save_raw_weights(run)  # before anything else can fail
-                run.signals.deferred = False
-                if qat_on:
-                    set_qat(model, hp, on=False)  # evaluation and export see the plain weights
-            if validate:
-                val_loss, val_bpb, _ = run_validation(run)
-                log(f"step:{step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                    f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-                run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
-            synchronize(run)
-            clock = time.perf_counter()
+        last_step = clock.step in (hp.iterations, clock.stop_after)
+        validate = last_step or (hp.val_loss_every > 0 and clock.step % hp.val_loss_every == 0)
+        diagnose = hp.pr_every > 0 and clock.step % hp.pr_every == 0
+        if validate or diagnose:
+            off_the_clock(run, data, clock, last_step, validate, pr_tokens if diagnose else None)
         if last_step:
             break
-        taps = kernel_taps_due(hp, step, elapsed_ms)
-        if taps is not None and taps > grown_taps:
-            model.grow_kernels(taps)
-            grown_taps = taps
-            if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
-                run.optimizers.reset_state()
-            log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
-                f"model_params:{count_parameters(model)[0]}" + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
-        if not model.looping and looping_due(hp, step, elapsed_ms):
-            model.looping = True
-            log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
-                f"layers:{','.join(map(str, model.layer_order()))}")
-        lr_scale = lr_multiplier(hp, step, elapsed_ms)
-        if not qat_on and lr_scale < hp.qat_start_lr_scale:
-            run.qat_k_scale = qat_k_scale(run)
-            set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
-            qat_on = True
-            log(f"qat: enabled at step:{step} lr_scale:{lr_scale:.4f} grid:{hp.quant_clip} k_scale:{run.qat_k_scale:.3f}")
-        local_loss = train_step(run, step, lr_scale)
-        nonfinite |= ~torch.isfinite(local_loss)
-        step = run.steps_done = step + 1
-        average.update(step, lr_scale)
-        logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
-        if logged:
-            synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
-        elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
-            train_ms + 1000.0 * (time.perf_counter() - clock), float(run.signals.received is not None), step, now=logged)
-        step_avg = elapsed_ms / max(clock_step, 1)
-        if logged or step % NONFINITE_CHECK_EVERY == 0:
-            check_finite(run, nonfinite, step, lr_scale)
-        if logged:
-            # The mean over the global batch: every rank's micro-batches have the same size.
-            train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
-            # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
-            log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{step_avg:.2f}ms")
-            log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
-        if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
-            run.results.update(train_time_ms=elapsed_ms)
-            raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
-        # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
-        if cap_ms > 0 and stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
-            stop_after = step
-            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+        scheduled_events(run, clock)
+        timed_step(run, data, clock)
     run.cluster.clock.collect()  # the last step's exchange, still in flight
     log_compiled_graphs(run, "training")
-    run.results.update(steps=step, train_time_ms=train_ms, step_avg_ms=train_ms / max(step, 1))
-    log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
-        f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
+    log_end_of_training(run, clock)
+
+
+def off_the_clock(run, data, clock, last_step, validate, pr_tokens):
+    """What pauses the clock: the participation-ratio diagnostics, the end of training (the check for a non-finite
+    loss, the averaged weights applied, the raw weights saved, QAT off), and validation."""
+    hp, log = run.hp, run.log
+    clock.pause(run)
+    if pr_tokens is not None and run.rank == 0:
+        prs = activation_prs(run.model, pr_tokens, run.autocast)
+        log(f"pr: step:{clock.step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
+                                                 for kind, values in prs.items()))
+    if last_step:
+        check_finite(run, clock.nonfinite, clock.step, clock.lr_scale)
+        log(run.average.apply())  # what is evaluated and exported from here on
+        save_raw_weights(run)  # before anything else can fail
+        run.signals.deferred = False
+        if clock.qat_on:
+            set_qat(run.model, hp, on=False)  # evaluation and export see the plain weights
+    if validate:
+        val_loss, val_bpb, _ = run_validation(run, data)
+        log(f"step:{clock.step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+            f"train_time:{clock.train_ms:.0f}ms step_avg:{clock.train_ms / max(clock.step, 1):.2f}ms")
+        run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
+    clock.resume(run)
+
+
+def scheduled_events(run, clock):
+    """What the schedule switches on before a step: kernel growth, the recurrence, the LR scale, and late QAT."""
+    hp, log, model, step, elapsed_ms = run.hp, run.log, run.model, clock.step, clock.elapsed_ms
+    taps = kernel_taps_due(hp, step, elapsed_ms)
+    if taps is not None and taps > clock.grown_taps:
+        model.grow_kernels(taps)
+        clock.grown_taps = taps
+        if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
+            run.optimizers.reset_state()
+        log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
+            f"model_params:{count_parameters(model)[0]}"
+            + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
+    if not model.looping and looping_due(hp, step, elapsed_ms):
+        model.looping = True
+        log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
+            f"layers:{','.join(map(str, model.layer_order()))}")
+    clock.lr_scale = lr_multiplier(hp, step, elapsed_ms)
+    if not clock.qat_on and clock.lr_scale < hp.qat_start_lr_scale:
+        run.qat_k_scale = qat_k_scale(run)
+        set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
+        clock.qat_on = True
+        log(f"qat: enabled at step:{step} lr_scale:{clock.lr_scale:.4f} grid:{hp.quant_clip} "
+            f"k_scale:{run.qat_k_scale:.3f}")
+
+
+def timed_step(run, data, clock):
+    """One optimizer step on the clock, the weight average's update, the ranks' agreement on the elapsed time (and
+    on a stop signal), the step line, and the predictive stop."""
+    hp, log = run.hp, run.log
+    local_loss = train_step(run, data.train_loader, clock.step, clock.lr_scale)
+    clock.nonfinite |= ~torch.isfinite(local_loss)
+    step = clock.step = run.steps_done = clock.step + 1
+    run.average.update(step, clock.lr_scale)
+    logged = hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or step == hp.iterations)
+    if logged:
+        synchronize(run)  # a step line's clock is exact; on other steps the host runs ahead, never waiting
+    elapsed_ms, signalled, clock_step = run.cluster.clock.agree(
+        clock.train_ms + 1000.0 * (time.perf_counter() - clock.since), float(run.signals.received is not None), step,
+        now=logged)
+    clock.elapsed_ms, step_avg = elapsed_ms, elapsed_ms / max(clock_step, 1)
+    if logged or step % NONFINITE_CHECK_EVERY == 0:
+        check_finite(run, clock.nonfinite, step, clock.lr_scale)
+    if logged:
+        # The mean over the global batch: every rank's micro-batches have the same size.
+        train_loss = all_reduce(local_loss, dist.ReduceOp.SUM).item() / run.world_size
+        # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
+        log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+            f"step_avg:{step_avg:.2f}ms")
+        log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
+    if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
+        run.results.update(train_time_ms=elapsed_ms)
+        raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
+    # Predictive: stop before the next step would end past the cap (counted from the step the clock agreed on).
+    cap_ms = training_budget_ms(hp)
+    if cap_ms > 0 and clock.stop_after is None and elapsed_ms + (step - clock_step + 1) * step_avg > cap_ms:
+        clock.stop_after = step
+        log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
+
+
+def log_end_of_training(run, clock):
+    run.results.update(steps=clock.step, train_time_ms=clock.train_ms, step_avg_ms=clock.train_ms / max(clock.step, 1))
+    run.log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
+            f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
     if run.device.type == "cuda":
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+        run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
 
 NONFINITE_CHECK_EVERY = 100  # steps between the checks for a non-finite loss when no step line is logged
@@ -3404,40 +4600,117 @@ def save_raw_weights(run):
     if run.rank == 0:
         state = dict(model=run.model.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
                      run_id=run.run_id, config_hash=run.config_hash)
-        write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        try:
+            write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
+        except RunError as error:  # logs/ cannot take them (a full disk): the temporary folder may
+            fallback = os.path.join(tempfile.gettempdir(), os.path.basename(run.raw_weights_path))
+            try:
+                write_atomically(fallback, lambda f: torch.save(state, f), "the raw weights")
+            except RunError as second:
+                raise RunError(f"{error}; and {second}: the weights are lost") from None
+            run.log(f"warning: {error}; saved them to {fallback} instead")
+            run.raw_weights_path = fallback
         run.log(f"saved_raw_weights:{run.raw_weights_path} step:{run.steps_done}")
     run.raw_saved = True
 
 
 def load_raw_weights(path):
-    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """(state dict, metadata) of a raw weights file (a plain state dict is accepted too, with no metadata). Only
+    plain tensors are read: a file holding anything else is refused unread, never retried without weights_only."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"FINISH_FROM={str(path)!r} holds objects other than tensors; it was refused unread, since "
+                          f"loading it could run code. Give the logs/<RUN_ID>_raw.pt file a run wrote") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise ConfigError(f"FINISH_FROM={str(path)!r} is damaged or truncated, not a whole torch file "
+                          f"({type(error).__name__}); give the logs/<RUN_ID>_raw.pt file a run wrote") from None
     if isinstance(saved, dict) and "model" in saved and isinstance(saved["model"], dict):
         return saved["model"], {k: v for k, v in saved.items() if k != "model"}
     return saved, {}
 
 
-def finish_from_raw_weights(run):
+def finish_from_raw_weights(run, data):
     """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
     same configuration, so that calibration, export and evaluation are those the run would have done. Rank 0 reads
     the file (it wrote it) and sends it to the others, so nodes need no shared disk."""
     hp = run.hp
     state, meta = run.cluster.broadcast(load_raw_weights(hp.finish_from) if run.rank == 0 else None)  # rank 0's disk
     if meta.get("config_hash") != run.config_hash:
-        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash {meta.get('config_hash')}, "
+        raise ConfigError(f"FINISH_FROM={hp.finish_from!r} was saved by a run of config hash "
+                          f"{meta.get('config_hash')}, "
                           f"this run has {run.config_hash}: rerun with the settings of the run that saved it")
     try:
         run.model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} does not fit this model: {error}") from None
     run.steps_done = meta["step"]
+    run.raw_weights_path = hp.finish_from  # where the weights are, should this run be cut short too
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
-    val_loss, val_bpb, _ = run_validation(run)
+    val_loss, val_bpb, _ = run_validation(run, data)
     run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
     train_ms = meta.get("train_time_ms") or 0.0
     run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
                        train_time_ms=train_ms, step_avg_ms=train_ms / max(meta["step"], 1))
     run.raw_saved = True
+
+
+# Which settings shape a tensor, by a part of its name (the first that matches): what to check when an artifact does
+# not fit the model that EVAL_ONLY_QUANTIZED_PATH loads it into.
+SHAPING_SETTINGS = (
+    ("tok_emb", "VOCAB_SIZE, MODEL_DIM"), ("lm_head", "TIE_EMBEDDINGS, VOCAB_SIZE"),
+    ("bigram", "BIGRAM_BUCKETS, BIGRAM_DIM"), ("value_embed.", "VE_LAYERS, VE_DIM, VE_PROJ_INIT"),
+    ("value_embed_scale", "VE_LAYERS"), ("smear", "SMEAR_GATE, SMEAR_GATE_FORM, GATE_WINDOW"),
+    ("attn.c_k", "NUM_KV_HEADS, MODEL_DIM"), ("attn.c_v", "NUM_KV_HEADS, MODEL_DIM"),
+    ("attn.gate", "ATTN_GATE, GATE_WINDOW, NUM_HEADS"), ("attn.c_i", "INTENT_GATE"), ("convs", "CONV_K, INTENT_GATE"),
+    ("value_residual", "VALUE_RESIDUAL, VALUE_RESIDUAL_FORM"), ("q_gain", "NORM_WEIGHTS, NUM_HEADS"),
+    ("norm", "NORM_WEIGHTS"), ("attn_scale", "SUBLAYER_SCALES"), ("mlp_scale", "SUBLAYER_SCALES"),
+    ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER"),
+    ("mlp", "MLP_MULT, MLP_ACTIVATION, MLP_CONV_K"),
+    ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LOOPS, LOOP_START, LOOP_END"),
+    ("backout", "BACKOUT_LAYER"), ("blocks.", "NUM_LAYERS, MODEL_DIM, NUM_HEADS"), ("", "MODEL_DIM"),
+)
+
+
+def shaping_settings(name):
+    return next(settings for part, settings in SHAPING_SETTINGS if part in name)
+
+
+def check_artifact_fits(model, state, path):
+    """A tensor the model lacks or has in another shape, or one it has that the artifact lacks, is refused with the
+    settings that shape it: the model is this run's settings, the artifact the training run's."""
+    mine = model.state_dict()
+    where = f"EVAL_ONLY_QUANTIZED_PATH={path!r}: "
+    for name, tensor in state.items():
+        if name not in mine:
+            raise ConfigError(f"{where}the artifact has {name}, which this model has not; set "
+                              f"{shaping_settings(name)} as the run that wrote it did")
+        if tuple(tensor.shape) != tuple(mine[name].shape):
+            raise ConfigError(f"{where}the artifact's {name} is {tuple(tensor.shape)}, this model's "
+                              f"{tuple(mine[name].shape)}; set {shaping_settings(name)} as the run that wrote it did")
+    for name in mine:
+        if name not in state:
+            raise ConfigError(f"{where}this model has {name}, which the artifact has not; set "
+                              f"{shaping_settings(name)} as the run that wrote it did")
+
+
+def load_artifact_to_evaluate(run):
+    """EVAL_ONLY_QUANTIZED_PATH: the artifact is checked against this run's model, and the evaluation phases score it
+    with this run's evaluation and TTT settings. Rank 0 reads it and sends it to the others."""
+    path = run.hp.eval_only_quantized_path
+    blob = run.cluster.broadcast(Path(path).read_bytes() if run.rank == 0 else None)
+    try:
+        state = dequantize_state_dict(read_artifact(path, blob))
+    except ValueError as error:
+        raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={path!r}: {error}") from None
+    check_artifact_fits(run.model, state, path)
+    artifact = Artifact(path, hashlib.sha256(blob).hexdigest())
+    code_bytes = len(run.code.counted)
+    run.results.update(bytes_code=code_bytes, bytes_model=len(blob), bytes_total=code_bytes + len(blob))
+    run.log(f"eval_only: artifact:{path} sha256:{artifact.sha256} bytes_model:{len(blob)} "
+            f"bytes_total:{code_bytes + len(blob)} (nothing trained, calibrated or exported)"
+            + (" ttt_eval_only:1" if run.hp.ttt_eval_only else ""))
+    return artifact
 
 
 SELF_CALIBRATION_BATCH = 8  # sequences sampled together for GPTQ_CALIBRATION=self (the AR self-calibration record's)
@@ -3467,50 +4740,86 @@ def self_generated_batches(model, hp, bos_id, rank, world_size, device, autocast
         yield ids
 
 
-def calibration_batches(run):
+def calibration_batches(run, data):
     """(this rank's calibration inputs, a description for the log): GPTQ_CALIBRATION_BATCHES fresh global training
     batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
     hp = run.hp
     if hp.gptq_calibration == "self":
-        batches = self_generated_batches(run.model, hp, run.sp.bos_id(), run.rank, run.world_size, run.device, run.autocast)
+        batches = self_generated_batches(run.model, hp, data.tokenizer.bos_id(), run.rank, run.world_size,
+                                         run.device, run.autocast)
         return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
                          f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
     first_step = run.results["steps"]
-    batches = (run.train_loader.batch(first_step + step, micro)[0].to(run.device)
+    batches = (data.train_loader.batch(first_step + step, micro)[0].to(run.device)
                for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
-    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{hp.gptq_calibration_batches * hp.train_batch_tokens}"
+    tokens = hp.gptq_calibration_batches * hp.train_batch_tokens
+    return batches, f"batches:{hp.gptq_calibration_batches} tokens:{tokens}"
 
 
-def calibrate(run):
+def calibrate(run, data):
     """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
     every world size. It runs in the reserve taken off the training budget, and is timed as training."""
     hp = run.hp
-    run.hessians = None
     if not hp.gptq:
-        return
+        return None
     synchronize(run)
     start = time.perf_counter()
-    batches, described = calibration_batches(run)
-    run.hessians = collect_hessians(run.model, batches, run.autocast)
-    for hessian in run.hessians.values():
+    if hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
+        hessians, described = hessians_within_the_cap(run, data.train_loader, start)
+    else:
+        batches, described = calibration_batches(run, data)
+        hessians = collect_hessians(run.model, batches, run.autocast)
+        run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
+    for hessian in (hessians or {}).values():
         all_reduce(hessian, dist.ReduceOp.SUM)
     synchronize(run)
     seconds = time.perf_counter() - start
     run.timings["calibration_s"] = seconds
     train_and_calibration = run.results["train_time_ms"] / 1000 + seconds
-    run.log(f"gptq_calibration: {described} matrices:{len(run.hessians)} "
+    run.log(f"gptq_calibration: {described} matrices:{len(hessians or {})} "
             f"time:{seconds:.1f}s train+calibration:{train_and_calibration:.1f}s"
             + (f" of max_wallclock:{hp.max_wallclock_seconds:.0f}s" if hp.max_wallclock_seconds else ""))
-    if hp.max_wallclock_seconds and train_and_calibration > hp.max_wallclock_seconds:
-        run.log(f"WARNING: calibration ran over the training budget; raise GPTQ_RESERVE_SECONDS above {seconds:.1f}")
+    if hessians is None:
+        run.log("WARNING: no calibration batch fit in MAX_WALLCLOCK_SECONDS: the weights are quantized without GPTQ; "
+                "raise GPTQ_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+    return hessians
 
 
-def export(run):
+def hessians_within_the_cap(run, loader, start):
+    """GPTQ_CALIBRATION=train under MAX_WALLCLOCK_SECONDS: the calibration batches one at a time, each begun only if
+    it would end inside the cap at the slowest batch time seen (the warmup's measurement before the first), so no
+    training token is read after the cap, whatever the reserve. The ranks take each decision together. Returns
+    (this rank's Hessians or None, a description for the log)."""
+    hp, trained = run.hp, run.results["train_time_ms"] / 1000
+    per_batch, hessians, used = run.timings.get("calibration_batch_s", 0.0), {}, 0
+    for step in range(hp.gptq_calibration_batches):
+        over = trained + time.perf_counter() - start + per_batch > hp.max_wallclock_seconds
+        if all_reduce(torch.tensor(float(over), device=run.device), dist.ReduceOp.MAX).item():
+            break
+        batch_start = time.perf_counter()
+        for name, hessian in hessians_of_batch(run, loader, run.results["steps"] + step).items():
+            hessians[name] = hessians[name].add_(hessian) if name in hessians else hessian
+        synchronize(run)
+        per_batch, used = max(per_batch, time.perf_counter() - batch_start), used + 1
+    run.timings["training_data_read_until_s"] = trained + time.perf_counter() - start
+    return hessians or None, f"batches:{used}/{hp.gptq_calibration_batches} tokens:{used * hp.train_batch_tokens}"
+
+
+class Artifact(NamedTuple):
+    """What `export` hands to evaluation: the file, the SHA-256 of the bytes written (evaluation scores those bytes,
+    nothing else; known on rank 0), and, once `evaluate_artifact` has read it back, the bytes."""
+    path: str
+    sha256: Optional[str]
+    blob: Optional[bytes] = None
+
+
+def export(run, hessians):
     """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
-    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit)."""
+    With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit). `hessians` are GPTQ's (None:
+    round to nearest). Returns the Artifact; its SHA-256 is known on rank 0, which wrote it."""
     hp, log = run.hp, run.log
     start = time.perf_counter()
-    run.artifact_path = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz")
+    path, sha256 = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz"), None
     bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
     if bad:  # every rank holds the same weights, so every rank stops here
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
@@ -3518,14 +4827,15 @@ def export(run):
     if run.rank == 0:
         code_bytes = len(run.code.counted)
         quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp,
-                                                   run.hessians, code_bytes, log, run.qat_k_scale)
+                                                   hessians, code_bytes, log, run.qat_k_scale)
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
-        model_bytes = write_artifact(run.artifact_path, blob)
-        run.artifact_sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
+        model_bytes = write_artifact(path, blob)
+        sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = compressed_sizes_for_log(quantized, hp)
-        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} k_scale:{k_scale:.3f} "
-            f"gptq:{run.hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
+        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} "
+            f"k_scale:{k_scale:.3f} "
+            f"gptq:{hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")
         log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
@@ -3540,6 +4850,7 @@ def export(run):
         dist.barrier()
     run.timings["export_s"] = time.perf_counter() - start
     log(f"export_time:{run.timings['export_s']:.1f}s")
+    return Artifact(path, sha256)
 
 
 def tensor_bytes(tree):
@@ -3573,81 +4884,161 @@ def log_final(run, name, result, seconds, extra=""):
     run.scored_targets[name] = scored
     run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
     run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss, "val_bpb": val_bpb})
+    run.results.update({f"{name}_val_loss": val_loss, f"{name}_val_bpb": val_bpb, "val_loss": val_loss,
+                        "val_bpb": val_bpb})
 
 
-def evaluate_artifact(run):
+def evaluate_artifact(run, data, artifact):
     """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
-    clock starts here and covers everything that follows, compilation included."""
+    clock starts here and covers everything that follows, compilation included. Returns the artifact with the bytes
+    read back."""
     synchronize(run)
     run.eval_start = start = time.perf_counter()
     # Rank 0 wrote the file; it sends the bytes it reads back to the others, so nodes need no shared disk. They must
     # be the bytes this run wrote: another process writing to the same path is caught here.
     blob, problem = None, None
     if run.rank == 0:
-        blob = Path(run.artifact_path).read_bytes()
-        if hashlib.sha256(blob).hexdigest() != run.artifact_sha256:
-            blob, problem = None, (f"{run.artifact_path} is not the artifact this run wrote (its SHA-256 changed "
+        blob = Path(artifact.path).read_bytes()
+        if hashlib.sha256(blob).hexdigest() != artifact.sha256:
+            blob, problem = None, (f"{artifact.path} is not the artifact this run wrote (its SHA-256 changed "
                                    f"after the write: another process wrote to it); nothing was scored")
     blob, problem = run.cluster.broadcast((blob, problem))
     if problem:
         raise RunError(problem)
-    run.artifact_blob = blob
-    run.model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, blob)), strict=True)
-    result = run_validation(run)
+    run.model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, blob)), strict=True)
+    artifact = artifact._replace(blob=blob)
+    if run.hp.ttt_eval_only:
+        return artifact
+    result = run_validation(run, data)
     synchronize(run)
-    gap = result[1] - run.results["pre_quant_val_bpb"]
+    gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
     log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
-              f"quant_gap_bpb:{gap:+.4f} ")
-    run.results["quant_gap_bpb"] = gap
+              f"quant_gap_bpb:{gap:+.4f} " if math.isfinite(gap) else "")
+    if math.isfinite(gap):
+        run.results["quant_gap_bpb"] = gap
+    return artifact
 
 
-def evaluate_sliding(run):
+def evaluate_sliding(run, data):
     hp = run.hp
-    if hp.eval_stride == 0:
+    if hp.eval_stride == 0 or hp.ttt_eval_only:
         return
     start = time.perf_counter()
-    result = evaluate(run.train_model, run.val_tokens, run.luts, run.eval_seq_len, hp.eval_stride, hp.val_batch_size,
-                      run.rank, run.world_size, run.device, run.autocast, run.doc_starts)
+    result = evaluate(run.train_model, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride,
+                      hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
     synchronize(run)
     log_final(run, "final_sliding_window", result, time.perf_counter() - start,
               f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
 
 
-def evaluate_ttt(run):
+def evaluate_ttt(run, data):
     hp = run.hp
     if not hp.ttt_enabled:
-        return
+        return None
+    run.log(f"ttt: method:{hp.ttt_method} ({'per-document LoRA' if hp.ttt_method == 'lora' else 'chunk SGD'}) "
+            f"optimizer:{ttt_optimizer_of(hp)}")
+    return (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data)
+
+
+def evaluate_lora_ttt(run, data):
+    hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    result, per_chunk, adapted = score_first_ttt(
-        run.train_model, run.val_tokens, run.luts, hp, run.rank, run.world_size, run.device, run.autocast,
-        run.doc_starts, run.log, budget_left)
+    lora_forward = lora_forward_of(run) if run.lora_forward is None else run.lora_forward  # None: no warmup ran
+    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), data.val_tokens,
+                                   data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+                                   doc_starts_of(data.val_tokens, data.tokenizer.bos_id()), run.log, budget_left)
     synchronize(run)
-    run.ttt_report = dict(chunks=len(per_chunk), adapted=adapted)
+    log_final(run, "final_ttt", report.result, time.perf_counter() - start,
+              f"documents:{report.per_document.size(0)} rounds:{report.rounds} adapted_rounds:{report.adapted_rounds} "
+              f"phases:{report.phases} ")
+    return dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
+
+
+def lora_forward_of(run, backend="inductor"):
+    """The forward per-document TTT calls: the model compiled with dynamic shapes (the batch and the context length
+    change from chunk to chunk), its graphs built here on synthetic tokens at the shortest and longest context,
+    scoring and training, as the record warms its TTT graph; or the eager model, with COMPILE=0 or when
+    torch.compile cannot build it (the same math, logged). The tests compile with backend="aot_eager"."""
+    if not run.use_compile:
+        return run.model
+    hp, start = run.hp, time.perf_counter()
+    # Its graphs share the model forward's cache with training's and evaluation's (COMPILE_GRAPH_LIMIT).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
+    compiled = torch.compile(run.model, dynamic=True, backend=backend)
+    adapters = DocumentAdapters(run.model, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
+    for param in run.model.parameters():
+        param.requires_grad_(False)  # as while the adapters train
+    try:
+        for width in sorted({min(hp.ttt_chunk_size, ttt_context(hp)), ttt_context(hp)}):
+            tokens = torch.randint(hp.vocab_size, (hp.ttt_batch_size, width + 1), device=run.device)  # synthetic
+            with run.autocast():
+                compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters).float().mean().backward()
+                with torch.no_grad():
+                    compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        run.log(f"warning: torch.compile cannot build the per-document TTT forward ({type(error).__name__}); it runs "
+                f"eager, the same math")
+        return run.model
+    finally:
+        for param in run.model.parameters():
+            param.requires_grad_(True)
+    run.log(f"ttt_lora: compiled (dynamic shapes) time:{time.perf_counter() - start:.1f}s")
+    return compiled
+
+
+def evaluate_chunk_ttt(run, data):
+    hp = run.hp
+    start = time.perf_counter()
+    budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
+    phases = []
+    if hp.phased_ttt_enabled:  # the record's fields (boundaries in documents), then the phase ends in targets
+        doc_starts = doc_starts_of(data.val_tokens, data.tokenizer.bos_id())
+        kept = phase_boundaries(doc_starts, data.val_tokens.numel() - 1, hp.phased_ttt_prefix_docs,
+                                hp.phased_ttt_num_phases)
+        phases, total_docs = [end for _, end in kept], len(set(doc_starts) | {0})
+        run.log(f"ttt_phased: total_docs:{total_docs} prefix_docs:{hp.phased_ttt_prefix_docs} "
+                f"suffix_docs:{max(total_docs - hp.phased_ttt_prefix_docs, 0)} num_phases:{len(phases)} "
+                f"boundaries:{[documents for documents, _ in kept]} ends:{phases}")
+    result, per_segment, adapted = score_first_ttt(
+        run.train_model, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+        data.doc_starts, run.log, budget_left, phases)
+    synchronize(run)
     log_final(run, "final_ttt", result, time.perf_counter() - start,
-              f"chunks:{len(per_chunk)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+              f"chunks:{len(per_segment)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
+    return dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
 
 
-def log_compliance(run):
+def log_compliance(run, data, ttt_report):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
     hp, log = run.hp, run.log
-    expected = run.val_tokens.numel() - 1
+    expected = data.val_tokens.numel() - 1
     for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
         if scored != expected:
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
-    logsumexp, charged = check_normalization(run.model, run.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    logsumexp, charged = check_normalization(run.model, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
-        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} single_pass:yes")
-    if hp.ttt_enabled:
-        report = run.ttt_report
-        log(f"compliance: ttt:score_first chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
+        f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
+        f"single_pass:yes")
+    report = ttt_report  # what TTT adapted, as evaluate_ttt returned it
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        log(f"compliance: ttt:score_first method:lora per_document_adapters:reset_each_document "
+            f"chunk_size:{hp.ttt_chunk_size} rounds:{report['chunks']} adapted_rounds:{report['adapted']} "
+            f"last_chunk_trained:no rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr}"
+            + (f" phases:{report['phases']} global_sgd:scored_documents_only" if hp.phased_ttt_enabled else ""))
+    elif hp.ttt_enabled:
+        log(f"compliance: ttt:score_first method:chunk chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
-            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr}")
+            f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lr}"
+            + (f" phases:{report['phases']} global_sgd:scored_targets_only" if hp.phased_ttt_enabled else ""))
     log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    if "training_data_read_until_s" in run.timings and hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
+        read_until = run.timings["training_data_read_until_s"]  # the last calibration batch read
+        log(f"compliance: training_data_read_until:{read_until:.1f}s max_wallclock:{hp.max_wallclock_seconds:g}s "
+            f"within_cap:{'yes' if read_until <= hp.max_wallclock_seconds else 'NO'}")
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 
 
@@ -3657,9 +5048,12 @@ def log_summary(run):
     run.timings["eval_s"] = time.perf_counter() - run.eval_start
     log_compiled_graphs(run, "evaluation")
     r, t = run.results, run.timings
+    r.setdefault("train_time_ms", 0.0), r.setdefault("steps", 0), r.setdefault("step_avg_ms", 0.0)  # EVAL_ONLY_...
+    t.setdefault("export_s", 0.0)
     run.log(f"timing: untimed_warmup:{t.get('untimed_warmup_s', 0):.1f}s train:{r['train_time_ms'] / 1000:.1f}s "
             f"gptq_calibration:{t.get('calibration_s', 0):.1f}s export:{t['export_s']:.1f}s "
-            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s (budget {run.hp.eval_budget_seconds:.0f}s)")
+            f"(quantize:{t.get('quantize_s', 0):.1f}s) eval:{t['eval_s']:.1f}s "
+            f"(budget {run.hp.eval_budget_seconds:.0f}s)")
     bpb = lambda key: f"{r[key]:.4f}" if key in r else "-"
     header = "=" * 40 + f" summary: {run.run_id} " + "=" * 40
     run.log("\n".join([
@@ -3669,7 +5063,8 @@ def log_summary(run):
         f"export    {t['export_s']:8.1f} s  artifact {r.get('bytes_total', 0):,} bytes, "
         f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
         f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
-        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} | round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
+        f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} "
+        f"| round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
         f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
         "=" * len(header)]))
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
@@ -3677,26 +5072,28 @@ def log_summary(run):
                    versions=package_versions(),
                    ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
                    eval_budget_seconds=run.hp.eval_budget_seconds,
-                   record={field: getattr(run.hp, f"record_{field}") for field in RECORD_USER_FIELDS}, **r)
+                   record={field: getattr(run.hp, f"record_{field}")
+                           for field in ("name", "author", "github_id", "blurb")}, **r)
     run.log("summary_json: " + json.dumps(summary, sort_keys=True))
 
 
-def generate_sample(run):
+def generate_sample(run, data, artifact):
     """GEN_PROMPT: text sampled from the model read back from the artifact (not the TTT-adapted one), in the log.
     After the summary, so it is on no clock."""
     hp = run.hp
     if not hp.gen_prompt or run.rank != 0:
         return
-    model = GPT(hp, run.attention_fn, bos_id=run.sp.bos_id()).to(run.device).eval()
-    model.load_state_dict(dequantize_state_dict(read_artifact(run.artifact_path, run.artifact_blob)), strict=True)
-    prompt_ids = [run.sp.bos_id()] + run.sp.encode(hp.gen_prompt)  # documents start with BOS, as in the shards
+    model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
+    model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, artifact.blob)), strict=True)
+    # documents start with BOS, as in the shards
+    prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)
     generator = torch.Generator().manual_seed(hp.seed)
     with run.autocast():
         new_ids = sample_tokens(model, prompt_ids, hp.gen_tokens, hp.gen_temperature, hp.gen_top_k,
                                 run.eval_seq_len, generator)
     run.log(f"sample: prompt:{hp.gen_prompt!r} tokens:{hp.gen_tokens} temperature:{hp.gen_temperature} "
             f"top_k:{hp.gen_top_k} seed:{hp.seed}")
-    run.log(f"sample_text: {(hp.gen_prompt + run.sp.decode(new_ids))!r}")
+    run.log(f"sample_text: {(hp.gen_prompt + data.tokenizer.decode(new_ids))!r}")
 
 
 def check_record_dir(run):
@@ -3714,9 +5111,11 @@ def check_record_dir(run):
             problem[0] = f"RECORD_DIR={run.hp.record_dir!r} is not writable: {error.strerror}"
     if run.rank == 0 and folder is not None and not problem[0]:
         for path in sorted(folder.glob("train_seed*.log")):
-            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)", path.read_text(encoding="utf-8"), re.M)
+            fingerprint = re.search(r"^fingerprint: config_hash:(\S+) code_sha256:(\S+)",
+                                    path.read_text(encoding="utf-8"), re.M)
             if fingerprint is None or fingerprint.groups() != (run.config_hash, run.code_sha256):
-                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another configuration or "
+                problem[0] = (f"RECORD_DIR={run.hp.record_dir!r} already holds {path.name} from another "
+                              f"configuration or "
                               f"code (theirs: {fingerprint.groups() if fingerprint else 'no fingerprint'}; this run: "
                               f"{(run.config_hash, run.code_sha256)}); seeds of different runs must not be pooled: "
                               f"use a new RECORD_DIR")
@@ -3743,208 +5142,67 @@ def append_index(run, event, **fields):
         raise RunError(f"could not append the '{event}' entry to {folder / 'index.jsonl'}: {error.strerror}") from error
 
 
-def summary_of(log_text):
-    lines = [line for line in log_text.splitlines() if line.startswith("summary_json: ")]
-    if not lines:
-        raise ValueError("the log has no summary_json line: the run did not finish")
-    return json.loads(lines[-1][len("summary_json: "):])
-
-
-RECORD_USER_FIELDS = ("name", "author", "github_id", "blurb")  # submission.json fields from RECORD_* settings
-TRACK = "10min_16mb"
-GPU_NAMES = {"NVIDIA H100 80GB HBM3": "H100 80GB SXM"}  # the names recent records write for what torch reports
-
-
-def hardware_of(log_text, world_size):
-    """"8xH100 80GB SXM" from the log's devices line (one name, not one per device)."""
-    found = re.search(r"^host:\S+ git_sha:\S+ devices:(.*) cpu_count", log_text, re.M)
-    name = found.group(1).split("|")[0] if found else "unknown"
-    return f"{world_size}x{GPU_NAMES.get(name, name.removeprefix('NVIDIA '))}"
-
-
-def compliance_of(summaries):
-    """The submission's compliance block, from what every seed logged."""
-    return dict(
-        train_under_cap=all(s["train_time_ms"] / 1000 + s.get("calibration_time_s", 0) <= (s.get("max_wallclock_seconds")
-                                                                                          or math.inf) for s in summaries),
-        eval_under_budget=all(s["eval_time_s"] <= (s.get("eval_budget_seconds") or math.inf) for s in summaries),
-        artifact_under_16mb=all(s["bytes_total"] <= ARTIFACT_LIMIT_BYTES for s in summaries),
-        every_target_scored_once=True,  # log_compliance stops a run that scored any other number of targets
-        ttt="score_first" if any(s.get("ttt_score_first") for s in summaries) else "none",
-        validation_seen_before_scoring=False, calibration_data="training data or self-generated, never validation")
-
-
-def submission_from_logs(log_texts):
-    """submission.json from the logs of one configuration's seeds (never typed by hand): the mean and std over
-    seeds, every seed's result, the RECORD_* fields of the latest seed that gave them."""
-    summaries = sorted((summary_of(text) for text in log_texts), key=lambda s: s["seed"])
-    if len({(s["config_hash"], s["code_sha256"]) for s in summaries}) > 1:
-        raise ValueError("these logs come from different configurations or code; they cannot make one submission")
-    first = summaries[0]
-    user = {field: next((s["record"][field] for s in reversed(summaries) if s.get("record", {}).get(field)), "")
-            for field in RECORD_USER_FIELDS}
-
-    def mean_std(key):
-        values = [s[key] for s in summaries]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-    for s in summaries:  # a NaN or inf is never a score
-        if not all(math.isfinite(s[key]) for key in ("val_loss", "val_bpb")):
-            raise ValueError(f"seed {s['seed']} has a non-finite score (val_loss {s['val_loss']}, val_bpb {s['val_bpb']})")
-    (val_loss, val_loss_std), (val_bpb, val_bpb_std) = mean_std("val_loss"), mean_std("val_bpb")
-    return dict(
-        **user, date=time.strftime("%Y-%m-%d"), track=TRACK,
-        val_loss=val_loss, val_bpb=val_bpb, val_loss_std=val_loss_std, val_bpb_std=val_bpb_std,
-        seeds=[s["seed"] for s in summaries],
-        seed_results={str(s["seed"]): dict(val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"],
-                                           steps=s["steps"], step_avg_ms=s["step_avg_ms"],
-                                           train_time_s=s["train_time_ms"] / 1000, eval_time_s=s["eval_time_s"])
-                      for s in summaries},
-        bytes_total=max(s["bytes_total"] for s in summaries), bytes_code=first["bytes_code"],
-        artifact_bytes_mean=statistics.fmean(s["bytes_total"] for s in summaries),
-        artifact_bytes_max=max(s["bytes_total"] for s in summaries),
-        bytes_model=max(s["bytes_model"] for s in summaries), world_size=first["world_size"],
-        hardware=hardware_of(log_texts[0], first["world_size"]),
-        pytorch_version=first["versions"]["torch"], cuda_version=first["versions"].get("cuda", "none"),
-        flash_attn_version=first["versions"].get("flash_attn_interface", first["versions"].get("flash_attn", "none")),
-        versions=first["versions"], compliance=compliance_of(summaries),
-        config_hash=first["config_hash"], code_sha256=first["code_sha256"])
-
-
-def pinned_requirements(versions):
-    """requirements.txt of a record: the versions that ran, pinned."""
-    packages = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "zstandard": "zstandard",
-                "brotli": "brotli"}
-    lines = ["# The versions this record ran with: pip install -r requirements.txt"]
-    lines += [f"{package}=={versions[key]}" for key, package in packages.items() if versions.get(key, "installed") != "installed"
-              and key in versions]
-    if "flash_attn_interface" in versions or "flash_attn" in versions:
-        lines.append(f"# FlashAttention ran: {versions.get('flash_attn_interface') or versions.get('flash_attn')} "
-                     f"(FA3 is not on PyPI; install its wheel for this torch and CUDA {versions.get('cuda')})")
-    return "\n".join(lines) + "\n"
-
-
-def reproduce_command(run, seeds):
-    """The command line that reruns this record: the explicit settings, SEEDS, and the launcher."""
-    explicit = [f"{f.name.upper()}={getattr(run.hp, f.name)}" for f in dataclasses.fields(run.hp)
-                if run.sources[f.name] == "env" and f.name not in ("seed", "seeds", "run_id", "record_dir")]
-    launcher = f"torchrun --standalone --nproc_per_node={run.world_size}" if run.world_size > 1 else "python3"
-    return " ".join(explicit + [f'SEEDS="{" ".join(map(str, seeds))}"', launcher, "train_gpt.py"])
-
-
-def code_note(code):
-    """The records README's sentence on which code file is which."""
-    if code.counted == code.source:
-        return f"`train_gpt.py` ({len(code.counted):,} bytes) is the code that ran and is counted."
-    readable = (f"`{READABLE_CODE_NAME}` is its readable source; `python3 records/pack.py {READABLE_CODE_NAME} "
-                f"train_gpt.py` regenerates it, and `records/stats.py --check` verifies that it decodes to it"
-                if code.readable else "the run started from a packed file, so no readable source is here")
-    return (f"`train_gpt.py` ({len(code.counted):,} bytes) is what ran and is counted: the packed, self-extracting "
-            f"form of the source (comments and docstrings removed, compressed); {readable}.")
-
-
-RESULTS_BEGIN, RESULTS_END = "<!-- results: generated by train_gpt.py -->", "<!-- end of results -->"
-
-
-def record_readme(run, submission, old_text):
-    """README.md: the results block is regenerated at every seed; anything written outside it is kept."""
-    rows = "\n".join(f"| {seed} | {r['val_loss']:.8f} | {r['val_bpb']:.8f} | {r['artifact_bytes']:,} | {r['steps']} "
-                     f"| {r['step_avg_ms']:.2f} | {r['train_time_s']:.1f} | {r['eval_time_s']:.1f} |"
-                     for seed, r in submission["seed_results"].items())
-    std = lambda value: f" ± {value:.8f}" if value is not None else ""
-    results = "\n".join([
-        RESULTS_BEGIN,
-        f"val_bpb **{submission['val_bpb']:.8f}**{std(submission['val_bpb_std'])} (val_loss "
-        f"{submission['val_loss']:.8f}{std(submission['val_loss_std'])} nats), mean over {len(submission['seeds'])} "
-        f"seed(s) on {submission['hardware']}; artifact at most {submission['bytes_total']:,} bytes.",
-        "", "| seed | val_loss | val_bpb | artifact_bytes | steps | step_avg ms | train s | eval s |",
-        "|---|---|---|---|---|---|---|---|", rows, "",
-        f"Reproduce: `{reproduce_command(run, submission['seeds'])}`", "", code_note(run.code), "",
-        f"Config hash `{submission['config_hash']}`, code `{submission['code_sha256']}`; versions: "
-        + ", ".join(f"{k} {v}" for k, v in submission["versions"].items()) + ". Every launched seed is in "
-        "`index.jsonl`; the statistics: `python3 records/stats.py <this folder> --baseline-value <record val_loss>`.",
-        RESULTS_END])
-    if RESULTS_BEGIN in old_text and RESULTS_END in old_text:
-        before, rest = old_text.split(RESULTS_BEGIN, 1)
-        return before + results + rest.split(RESULTS_END, 1)[1]
-    return f"# {run.hp.record_dir.rstrip('/').split('/')[-1]}\n\nDescribe the idea here.\n\n{results}\n"
-
-
-def plot_losses(log_texts, path):
-    """Train and validation loss curves of every seed, when matplotlib is installed; returns what it did."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "skipped (matplotlib is not installed)"
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    for text in log_texts:
-        seed = summary_of(text)["seed"]
-        train = re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", text, re.M)
-        val = re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+)", text, re.M)
-        line, = axes.plot([int(s) for s, _ in train], [float(v) for _, v in train], lw=1, label=f"train, seed {seed}")
-        axes.plot([int(s) for s, _ in val], [float(v) for _, v in val], "o--", color=line.get_color(), label=f"val, seed {seed}")
-    axes.set(xlabel="step", ylabel="loss (nats)", title="loss curves")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
-
-
 def record(run):
-    """The end of a seed: the run index; with RECORD_DIR, the records folder regenerated from all its seeds' logs
-    (README results, submission.json, the logs, the exact code, the loss curves)."""
+    """The end of a seed: the run index; with RECORD_DIR, what only the run knows goes into the records folder: the
+    code it counted and its log. `python3 records/make.py RECORD_DIR` derives the rest (submission.json, README)."""
     append_index(run, "finished", val_loss=run.results["val_loss"], val_bpb=run.results["val_bpb"], log=run.log_path)
     if not run.hp.record_dir or run.rank != 0:
         return
     folder = Path(run.hp.record_dir)
-    mine = folder / f"train_seed{run.hp.seed}.log"
-    logs = [path.read_text(encoding="utf-8") for path in sorted(folder.glob("train_seed*.log")) if path != mine]
-    logs.append(Path(run.log_path).read_text(encoding="utf-8"))
-    try:
-        submission = submission_from_logs(logs)
-    except ValueError as error:
-        raise RunError(f"RECORD_DIR={run.hp.record_dir!r}: no submission.json written: {error}") from None
     write_atomically(folder / "train_gpt.py", run.code.counted, "the code of the record")
     if run.code.readable and run.code.counted != run.code.source:
         write_atomically(folder / READABLE_CODE_NAME, run.code.source, "the readable source of the record")
-    if (folder / "submission.json").is_file():  # what a person filled in by hand survives the next seed
-        previous = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
-        submission.update({field: previous[field] for field in RECORD_USER_FIELDS if not submission[field] and previous.get(field)})
-    write_atomically(folder / "submission.json", (json.dumps(submission, indent=2, allow_nan=False) + "\n").encode(),
-                     "submission.json")
-    write_atomically(folder / "requirements.txt", pinned_requirements(submission["versions"]).encode(), "requirements.txt")
-    readme = folder / "README.md"
-    old_readme = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    write_atomically(readme, record_readme(run, submission, old_readme).encode(), "the record's README")
-    plotted = plot_losses(logs, folder / "loss_curves.png")
-    run.log(f"record_dir:{folder} seeds:{' '.join(map(str, submission['seeds']))} plot:{plotted}")
-    write_atomically(mine, Path(run.log_path).read_bytes(), "the seed's log")  # last, so that it holds the whole log
+    run.log(f"record_dir:{folder} seed:{run.hp.seed} next: python3 records/make.py {folder}")
+    write_atomically(folder / f"train_seed{run.hp.seed}.log", Path(run.log_path).read_bytes(), "the seed's log")  # last
 
 
-AFTER_TRAINING = (calibrate, export, evaluate_artifact, evaluate_sliding, evaluate_ttt, log_compliance, log_summary,
-                  generate_sample, record)
+def in_phase(run, phase, *inputs):
+    """Runs one phase under its name, so that a failure says where it happened (and what did not finish)."""
+    run.phase = phase.__name__
+    return phase(run, *inputs)
+
+
+def evaluate_and_conclude(run, data, artifact):
+    """The evaluation clock's phases (from reading the artifact back to the summary), then the sample."""
+    artifact = in_phase(run, evaluate_artifact, data, artifact)
+    in_phase(run, evaluate_sliding, data)
+    ttt_report = in_phase(run, evaluate_ttt, data)
+    in_phase(run, log_compliance, data, ttt_report)
+    in_phase(run, log_summary)
+    in_phase(run, generate_sample, data, artifact)
 
 
 def train_and_evaluate(run):
-    """One seed, phase by phase."""
-    setup(run)
-    build_model(run)
+    """One seed: the data, the model, then training (or the weights to finish, or the artifact to evaluate),
+    calibration and export, the evaluations, and the records."""
+    data = setup(run)
+    build_model(run, data)
+    if run.hp.eval_only_quantized_path:
+        run.phase = "eval_only"
+        artifact = load_artifact_to_evaluate(run)
+        warm_up_evaluation(run)
+        return evaluate_and_conclude(run, data, artifact)
     if run.hp.finish_from:
         run.phase = "finish_from"
-        finish_from_raw_weights(run)
+        finish_from_raw_weights(run, data)
+        warm_up_evaluation(run)
     else:
         run.phase = "warmup"
-        warmup(run)
+        with compile_failures_named(run):
+            warmup(run, data)
+        run.hp = reserve_calibration_time(run, data)
         if run.hp.benchmark_steps:
-            return benchmark(run)
-        run.phase = "train"
-        train(run)
-    for phase in AFTER_TRAINING:
-        run.phase = phase.__name__
-        phase(run)
+            return benchmark(run, data)
+        in_phase(run, train, data)
+    hessians = in_phase(run, calibrate, data)
+    artifact = in_phase(run, export, hessians)
+    evaluate_and_conclude(run, data, artifact)
+    in_phase(run, record)
+
+
+# The phases after training, in order: what a run cut short after training names as not finished.
+AFTER_TRAINING = ("calibrate", "export", "evaluate_artifact", "evaluate_sliding", "evaluate_ttt", "log_compliance",
+                  "log_summary", "generate_sample", "record")
 
 
 def conclude_failure(run, error):
@@ -3968,8 +5226,7 @@ def conclude_failure(run, error):
     else:
         best_effort(f"error: {where}\n" + traceback.format_exc())
     if run.raw_saved:
-        names = [phase.__name__ for phase in AFTER_TRAINING]
-        pending = names[names.index(run.phase):] if run.phase in names else names
+        pending = AFTER_TRAINING[AFTER_TRAINING.index(run.phase):] if run.phase in AFTER_TRAINING else AFTER_TRAINING
         best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
                     f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
     with contextlib.suppress(Exception):
@@ -3997,13 +5254,14 @@ def with_record_folder(hp, sources):
     if not hp.record_name or hp.record_dir:
         return hp, sources
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", hp.record_name).strip("_") or "record"
-    folder = os.path.join("records", f"track_{TRACK}", f"{time.strftime('%Y-%m-%d')}_{slug}")
+    folder = os.path.join("records", "track_10min_16mb", f"{time.strftime('%Y-%m-%d')}_{slug}")
     return dataclasses.replace(hp, record_dir=folder), dict(sources, record_dir="implied:RECORD_NAME")
 
 
 def main():
     hp, sources = with_record_folder(*Hyperparameters.from_env())
-    code = Code.read(__file__, hp.pack_code)  # once: every seed logs and ships the code that is running, even if the file changes
+    # once: every seed logs and ships the code that is running, even if the file changes
+    code = Code.read(__file__, hp.pack_code)
     cluster = Cluster(hp)
     signals = StopSignals()
     for seed, run_id in run_ids(hp, cluster).items():
@@ -4016,6 +5274,167 @@ def main():
             raise
         torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
     cluster.stop()
+
+
+# ============================================================================================
+# OTHER SCRIPTS' SETTINGS
+# ============================================================================================
+# Read by `Hyperparameters.from_env`: a variable of the baseline or the records is applied as ours, translated, or
+# refused with what to use instead; never ignored.
+
+# Names that the challenge's baseline or the public records read. Where one of ours has the same meaning it is an
+# alias (applied, and logged as such); every other one is refused with the setting to use instead, if any.
+SETTING_ALIASES = {
+    "MUON_WD": "muon_weight_decay", "EMBED_WD": "embed_weight_decay", "ADAM_WD": "scalar_weight_decay",
+    "MIN_LR": "min_lr_scale", "ENABLE_LOOPING_AT": "loop_enable_at", "VAL_BATCH_TOKENS": "val_batch_size",
+    "MATRIX_BITS": "quant_bits", "EMBED_BITS": "embed_quant_bits", "MLP_CLIP_SIGMAS": "clip_k_mlp",
+    "ATTN_CLIP_SIGMAS": "clip_k_attn", "EMBED_CLIP_SIGMAS": "clip_k_embed", "SMEAR_GATE_ENABLED": "smear_gate",
+    "SKIP_GATES_ENABLED": "skip_gates", "SPARSE_ATTN_GATE_SCALE": "attn_gate_scale",
+    "BIGRAM_VOCAB_SIZE": "bigram_buckets",  # the PR #549 family's: the same hash, the last bucket kept for "none"
+}
+FOREIGN_SETTING_HINTS = {
+    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)",
+    "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
+    "GATED_ATTN_ENABLED": "ATTN_GATE=head", "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output",
+    "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
+    "BIGRAM_HASH_BUCKETS": "BIGRAM_BUCKETS", "BIGRAM_HASH_DIM": "BIGRAM_DIM", "NEGATIVE_SLOPE": "MLP_LEAKY_SLOPE",
+    "COMPILE_MODEL": "COMPILE",
+    "USE_COMPILE": "COMPILE", "USE_GPTQ": "GPTQ", "GPTQ_CALIB_BATCHES": "GPTQ_CALIBRATION_BATCHES",
+    "STRIDE": "EVAL_STRIDE", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE (0 = off)", "RESUME_FROM": "FINISH_FROM",
+    "EVAL_ONLY_PATH": "FINISH_FROM", "TARGET_MB": "SIZE_TARGET_BYTES", "USE_ZSTD": "COMPRESSOR=zstd",
+    "ZSTD_LEVEL": "COMPRESSOR", "WEIGHT_DECAY": "MUON_WEIGHT_DECAY / EMBED_WEIGHT_DECAY / SCALAR_WEIGHT_DECAY",
+    "ADAM_WEIGHT_DECAY": "SCALAR_WEIGHT_DECAY", "EVAL_BATCH_SIZE": "VAL_BATCH_SIZE",
+    "VAL_MAX_TOKENS": "DATA_PATH (a smaller val split)",
+}
+# The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
+FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
+    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
+    SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
+    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
+    SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
+    HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
+    USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
+    SMEAR_GATE_WIDTH SKIP_TOKENS SKIP_POST_TRAIN_EVAL SIGREG_WEIGHT QUANT_CONFIG QUANT_CLIP_RANGE QAT_THRESHOLD
+    QAT_INT6 QAT_FRACTION QAT_BITS QAT_AFTER_STEP PRUNE_RATIO NUM_VIRTUAL_LAYERS NUM_UNIQUE_BLOCKS NUM_LIGHT_BLOCKS
+    MUON_COOLDOWN_START MUON_COOLDOWN_END MLP_RANK LR_START LR_SCHEDULE LORA_LR LEGENDRE_GROUPS
+    LEGENDRE_DEGREE_FFN LEGENDRE_DEGREE_ATTN LATENT_KV_DIM JEPA_WEIGHT JEPA_PURE_FRAC INT6_STEP
+    INT6_LAYER_START INT6_LAYER_END INT6_LAYERS INT4_STEP INT4_LAYERS INDEPENDENT_LR GPTQ_RESERVE_MS
+    GPTQ_CALIB_SAMPLES GLOBAL_TTT_DOC_LIMIT GDN_N_HEADS GDN_LAYERS GDN_HEAD_DIM_RATIO GDN_EXPAND_V GDN_CONV_SIZE
+    GATE_WIDTH GATE_MLP_OUT GATE_ATTN_SRC GATE_ATTN_OUT FP16_PASSTHROUGH_PATTERNS FP16_EMBED_EXPORT
+    EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
+    COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
+    BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
+""".split())
+
+
+def _translate_xsa_last_n(raw, environ):
+    count = _parse_env("XSA_LAST_N", raw, int)
+    if count < 0:
+        raise ConfigError(f"XSA_LAST_N={raw!r}: must be zero or positive")
+    return {"xsa_layers": ",".join(str(-back) for back in range(count, 0, -1))}
+
+
+def _translate_ve_enabled(raw, environ):
+    """Here the value embedding is on exactly where VE_LAYERS names layers."""
+    if _parse_env("VE_ENABLED", raw, bool):
+        if not environ.get("VE_LAYERS", "").strip():
+            raise ConfigError("VE_ENABLED=1: set VE_LAYERS too (the value embedding is on where it names layers; the "
+                              "03-23 record's default is 9,10)")
+        return {}
+    return {"ve_layers": ""}
+
+
+def _translate_ttt_freeze_blocks(raw, environ):
+    if _parse_env("TTT_FREEZE_BLOCKS", raw, int) != 0:
+        raise ConfigError(f"TTT_FREEZE_BLOCKS={raw!r}: set TTT_PARAMS to the name patterns of what adapts instead "
+                          f"(e.g. blocks.2,blocks.3,...; TTT_FREEZE_BLOCKS=0 is TTT_PARAMS=all)")
+    return {"ttt_params": "all"}
+
+
+def _translate_sparse_attn_gate(raw, environ):
+    """The 04-27 record's sparse head gate switch; its other gates have switches of their own, all off by default."""
+    return {"attn_gate": "sparse" if _parse_env("SPARSE_ATTN_GATE_ENABLED", raw, bool) else "none"}
+
+
+def _ema_and_swa_as_in_the_03_23_record(environ):
+    """EMA_ENABLED=1 with SWA_ENABLED=1 (or unset): the PR #549 family keeps an EMA and SWA snapshots and exports
+    the EMA; its SWA is never applied."""
+    flag = lambda name, default: _parse_env(name, environ.get(name, default), bool)
+    return flag("EMA_ENABLED", "0") and flag("SWA_ENABLED", "1")
+
+
+def _translate_averaging_switch(name):
+    """EMA_ENABLED and SWA_ENABLED: the records give them different meanings but for the PR #549 family's pair."""
+    def translate(raw, environ):
+        if not _ema_and_swa_as_in_the_03_23_record(environ):
+            raise ConfigError(f"{name}={raw!r}: the records give EMA_ENABLED and SWA_ENABLED different meanings, but "
+                              f"for EMA_ENABLED=1 with SWA_ENABLED=1 or unset (the EMA is exported, the SWA never "
+                              f"applied); set WEIGHT_AVERAGING=none, ema, swa or ema_swa")
+        return {"weight_averaging": "ema"}
+    return translate
+
+
+def _translate_swa_every(raw, environ):
+    """Ours (snapshots every N steps), except beside the PR #549 family's EMA_ENABLED=1, whose SWA is never applied."""
+    return {"weight_averaging": "ema"} if _ema_and_swa_as_in_the_03_23_record(environ) else {"swa_every": raw}
+
+
+def _translate_late_qat(name):
+    def translate(raw, environ):  # parsed for its type only: every value means the same here
+        _parse_env(name, raw, bool if name == "LATE_QAT" else float)
+        return {"qat_start_lr_scale": "0"}
+    return translate
+
+
+# Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
+# that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
+# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are
+# QAT off; QAT_START_LR_SCALE is the late QAT that runs.
+RECORD_TRANSLATIONS = {
+    "XSA_LAST_N": _translate_xsa_last_n, "VE_ENABLED": _translate_ve_enabled,
+    "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),
+    "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
+    "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
+    "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate,
+}
+
+# Variables of other programs that are never read as settings, even when a name is close to one of ours.
+FOREIGN_PREFIXES = ("CUDA", "NCCL", "TORCH", "PYTORCH", "OMP_", "MKL", "KMP_", "MASTER_", "GROUP_", "ROLE_", "LOCAL_",
+                    "PYTHON", "LC_", "XDG_", "HF_", "TRITON", "GLOO", "NVIDIA", "PYTEST", "CI")
+
+
+def settings_in_environ(environ, types):
+    """{field: (env name, raw value, source)} of the settings in `environ`; raises ConfigError on a refused name."""
+    found = {}
+
+    def setting(field, env_name, raw, source):
+        if field in found and (found[field][1] != raw or field == env_name.lower()):
+            raise ConfigError(f"{env_name}={environ[env_name]!r} and {found[field][0]}={environ[found[field][0]]!r} "
+                              f"set the same setting ({field.upper()}); set one")
+        found[field] = (env_name, raw, source)
+
+    for env_name, raw in environ.items():
+        if env_name in RECORD_TRANSLATIONS:
+            for field, value in RECORD_TRANSLATIONS[env_name](raw, environ).items():
+                own = field == env_name.lower()
+                setting(field, env_name, value, "env" if own else f"env:{env_name}={raw}(translated)")
+            continue
+        field = env_name.lower() if env_name.lower() in types else SETTING_ALIASES.get(env_name)
+        if field is not None:
+            setting(field, env_name, raw, "env" if env_name == field.upper() else f"env:{env_name}(alias)")
+            continue
+        if env_name in FOREIGN_SETTINGS:
+            hint = FOREIGN_SETTING_HINTS.get(env_name)
+            raise ConfigError(f"{env_name}={raw!r} is a setting of the challenge records that this script does not "
+                              f"have; " + (f"use {hint} instead" if hint else "unset it (see the README's table)"))
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*", env_name) and not env_name.startswith(FOREIGN_PREFIXES):
+            close = difflib.get_close_matches(env_name, [name.upper() for name in types], n=1, cutoff=0.85)
+            if close:
+                raise ConfigError(f"{env_name}={raw!r} is not a setting; did you mean {close[0]}?")
+    return found
 
 
 if __name__ == "__main__":
