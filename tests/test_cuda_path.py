@@ -187,10 +187,10 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     monkeypatch.setattr(T.Logger, "__call__", counted("log", T.Logger.__call__))
     original_train = T.train
 
-    def train(run, data):
+    def train(run, data, model):
         training[0] = True
         try:
-            return original_train(run, data)
+            return original_train(run, data, model)
         finally:
             training[0] = False
     monkeypatch.setattr(T, "train", train)
@@ -264,7 +264,7 @@ class FakeRun:
 def test_the_memory_estimate_matches_what_a_step_allocates(autocast):
     hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32, weight_averaging="ema_swa", muon_momentum_int8=True)
     run = FakeRun(hp, autocast=autocast)
-    estimate = T.estimate_memory(run)
+    estimate = T.estimate_memory(run, run.model, run.optimizers)
     params = list(run.model.parameters())
     assert estimate.weights == sum(p.numel() * 4 for p in params) and estimate.averages == 2 * estimate.weights
     assert estimate.micro_batch_seqs == 8
@@ -281,7 +281,8 @@ def test_the_memory_estimate_matches_what_a_step_allocates(autocast):
 
 def test_the_muon_share_of_the_estimate_falls_with_the_world_size():
     hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32)
-    one, eight = T.estimate_memory(FakeRun(hp)), T.estimate_memory(FakeRun(hp, world_size=8))
+    one, eight = (T.estimate_memory(fake, fake.model, fake.optimizers)
+                  for fake in (FakeRun(hp), FakeRun(hp, world_size=8)))
     adam = 2 * sum(p.numel() * 4 for p in FakeRun(hp).optimizers.replicated)
     # Each rank keeps momentum for its share of whole matrices: a bank of n matrices is padded to a multiple of 8.
     padded = sum(b.grads.numel() for b in FakeRun(hp, world_size=8).optimizers.banks)
@@ -330,9 +331,9 @@ def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weigh
     env = tiny_env(sample, RUN_ID="oom", GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=2048)
     code = (f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r}); import train_gpt as T\n"
             "original = T.accumulate_and_step\n"
-            "def step(run, loader, index, lr):\n"
+            "def step(run, model, loader, index, lr):\n"
             "    if index == 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
-            "    return original(run, loader, index, lr)\n"
+            "    return original(run, model, loader, index, lr)\n"
             "T.accumulate_and_step = step\n"
             "try:\n    T.main()\nexcept T.RunError as e:\n    sys.exit(f'error: {e}')\n")
     result = run_script([sys.executable, "-c", code], env, tmp_path)

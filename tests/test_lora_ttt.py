@@ -229,7 +229,7 @@ def test_adapters_start_as_the_identity_and_cover_every_virtual_layer():
 
 def fake_run(hp, model, lines):
     from types import SimpleNamespace
-    return SimpleNamespace(hp=hp, model=model, use_compile=True, device=CPU, autocast=AUTOCAST_OFF, log=lines.append)
+    return SimpleNamespace(hp=hp, use_compile=True, device=CPU, autocast=AUTOCAST_OFF, log=lines.append)
 
 
 def test_a_forward_torch_compile_cannot_build_falls_back_to_eager_before_scoring(monkeypatch):
@@ -237,7 +237,7 @@ def test_a_forward_torch_compile_cannot_build_falls_back_to_eager_before_scoring
         raise torch._dynamo.exc.Unsupported("an opaque extension")
     monkeypatch.setattr(T.torch, "compile", lambda model, **kwargs: broken)
     model, lines = model_of(), []
-    assert T.lora_forward_of(fake_run(HP, model, lines)) is model
+    assert T.lora_forward_of(fake_run(HP, model, lines), model) is model
     assert "runs eager, the same math" in lines[-1] and all(p.requires_grad for p in model.parameters())
 
 
@@ -254,7 +254,7 @@ def test_the_compiled_forward_scores_as_the_eager_one(fresh_dynamo):
     tokens = documents_stream(LENGTHS)
     eager = run(tokens).per_document
     model, lines = model_of(), []
-    compiled = T.lora_forward_of(fake_run(HP, model, lines), backend="aot_eager")
+    compiled = T.lora_forward_of(fake_run(HP, model, lines), model, backend="aot_eager")
     assert compiled is not model and lines[-1].startswith("ttt_lora: compiled")
     starts, graphs = T.doc_starts_of(tokens, BOS), T.compiled_graphs()
     report = T.per_document_lora_ttt(T.LoraTTTModels(model, compiled, model), tokens, LUTS, HP, 0, 1, CPU,

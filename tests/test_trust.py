@@ -469,7 +469,7 @@ def test_a_file_named_logs_is_named_as_the_problem(tmp_path, monkeypatch):
 def raw_run(tmp_path, path):
     from types import SimpleNamespace
     lines = []
-    return SimpleNamespace(rank=0, model=torch.nn.Linear(4, 4), steps_done=3, results={}, run_id="r", config_hash="h",
+    return SimpleNamespace(rank=0, net=torch.nn.Linear(4, 4), steps_done=3, results={}, run_id="r", config_hash="h",
                            raw_weights_path=str(path), raw_saved=False, log=lines.append), lines
 
 
@@ -503,9 +503,9 @@ def test_a_finish_from_run_cut_short_points_back_at_its_raw_file(tmp_path, monke
     model = T.GPT(hp)
     torch.save(dict(model=model.state_dict(), step=5, run_id="a", config_hash="h"), raw)
     run = SimpleNamespace(hp=hp, rank=0, cluster=SimpleNamespace(broadcast=lambda value: value), config_hash="h",
-                          model=model, results={}, raw_weights_path="logs/b_raw.pt", log=lambda line: None)
-    monkeypatch.setattr(T, "run_validation", lambda run, data: (1.0, 2.0, 3))
-    T.finish_from_raw_weights(run, None)
+                          results={}, raw_weights_path="logs/b_raw.pt", log=lambda line: None)
+    monkeypatch.setattr(T, "run_validation", lambda run, data, model: (1.0, 2.0, 3))
+    T.finish_from_raw_weights(run, None, T.Model(model, None, None, None))
     assert run.raw_weights_path == str(raw) and run.raw_saved  # not_finished: names this file, which exists
 
 
@@ -555,7 +555,7 @@ def test_calibration_never_reads_training_data_after_the_cap(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(T.time, "perf_counter", lambda: now[0])
 
-    def batch_of(run, loader, step):
+    def batch_of(run, net, loader, step):
         now[0] += 0.4
         read.append(step)
         return {"w": torch.ones(2, 2)}
@@ -565,11 +565,11 @@ def test_calibration_never_reads_training_data_after_the_cap(monkeypatch):
     run = SimpleNamespace(hp=hp, results=dict(train_time_ms=9000.0, steps=7), timings=dict(calibration_batch_s=0.4),
                           device=torch.device("cpu"), rank=0, world_size=1, distributed=False)
     monkeypatch.setattr(T, "synchronize", lambda run: None)
-    hessians, described = T.hessians_within_the_cap(run, None, 100.0)
+    hessians, described = T.hessians_within_the_cap(run, None, None, 100.0)
     assert read == [7, 8] and described == f"batches:2/5 tokens:{2 * hp.train_batch_tokens}"
     assert torch.equal(hessians["w"], 2 * torch.ones(2, 2)) and run.timings["training_data_read_until_s"] <= 10
     run.results["train_time_ms"] = 9900.0  # no batch fits: GPTQ is skipped, never the cap
-    assert T.hessians_within_the_cap(run, None, now[0])[0] is None
+    assert T.hessians_within_the_cap(run, None, None, now[0])[0] is None
 
 
 def test_a_graph_that_cannot_compile_is_named_with_the_phase_it_stops_before():
