@@ -2891,7 +2891,7 @@ def set_qat(model, hp, on, k_scale=1.0):
             module.qat_k_scale.fill_(k_scale)
 
 
-def qat_k_scale(run):
+def qat_k_scale(run, net):
     """The size target's k scale QAT trains against: the one its search picks for the weights of the step QAT
     starts at (rank 0 searches, every rank gets the answer). The export keeps it whenever the artifact fits."""
     hp = run.hp
@@ -2900,7 +2900,7 @@ def qat_k_scale(run):
     k_scale = None
     if run.rank == 0:
         start = time.perf_counter()
-        _, _, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp, None,
+        _, _, k_scale = quantize_to_fit(net.state_dict(), quantized_tensor_groups(net, hp), hp, None,
                                         len(run.code.counted), run.log)
         run.log(f"qat: grid clip k x{k_scale:.3f} searched in {time.perf_counter() - start:.1f}s (on the training "
                 f"clock)")
@@ -3807,12 +3807,12 @@ class Run:
         self.hp, self.sources, self.code, self.signals, self.cluster = hp, sources, code, signals, cluster
         self.run_id, self.log = hp.run_id, print  # the log file is opened by `setup`
         self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
-        self.phase, self.training_began, self.raw_saved, self.steps_done, self.average = "setup", False, False, 0, None
+        self.phase, self.training_began, self.raw_saved, self.steps_done = "setup", False, False, 0
+        self.net, self.average = None, None  # what a failure saves: the network (build_model), its average (train)
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
         self.device = cluster.device
         self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.timings = {}
-        self.lora_forward = None  # the per-document TTT forward, once the warmup has compiled it
         self.results = {}
         self.scored_targets = {}  # final evaluation name: validation targets it scored
         self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
@@ -4036,28 +4036,42 @@ def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"
     return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
 
 
+class Model(NamedTuple):
+    """What `build_model` hands on: the network, its optimizers, the forward that training and scoring call
+    (compiled per COMPILE and COMPILE_SCOPE, else the network itself), the memory estimate, and, once the warmup has
+    compiled it, the forward per-document TTT calls."""
+    net: GPT
+    optimizers: Optimizers
+    forward: nn.Module
+    memory: "MemoryEstimate"
+    ttt_forward: Optional[nn.Module] = None
+
+
 def build_model(run, data):
+    """The network (seeded by SEED), its optimizers and its training forward; the model's features, size and memory
+    estimate go into the log. The network is also the run's: what a failure saves."""
     hp = run.hp
     torch.manual_seed(hp.seed)
-    run.model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
+    net = run.net = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
-    run.optimizers = Optimizers(run.model, hp, run.rank, run.world_size, update_dtype)
-    run.train_model = train_model_of(run.model, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
+    optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
+    forward = train_model_of(net, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
-        set_qat(run.model, hp, on=False)
-    total, embedding, non_embedding = count_parameters(run.model)
-    check_ttt_settings(run.model, hp)  # name patterns are checked now, not after training
-    run.log(f"features: {describe_features(run.model, hp)}")
+        set_qat(net, hp, on=False)
+    total, embedding, non_embedding = count_parameters(net)
+    check_ttt_settings(net, hp)  # name patterns are checked now, not after training
+    run.log(f"features: {describe_features(net, hp)}")
     run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
-    run.log(f"optimizer: {run.optimizers.describe()}")
-    run.memory_estimate = estimate_memory(run)
+    run.log(f"optimizer: {optimizers.describe()}")
+    memory = estimate_memory(run, net, optimizers)
     capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
-    run.log(run.memory_estimate.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
-    if capacity and run.memory_estimate.total > 0.95 * capacity:
+    run.log(memory.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
+    if capacity and memory.total > 0.95 * capacity:
         advice = out_of_memory_advice(run).split(": ", 1)[1]
         run.log(f"warning: the estimate exceeds 95% of the device's memory; {advice}")
+    return Model(net, optimizers, forward, memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4099,13 +4113,13 @@ def saved_activation_bytes(model, seqs, seq_len, vocab_size, autocast, device):
     return sum(nbytes for pointer, nbytes in storages.items() if pointer not in parameters)
 
 
-def estimate_memory(run):
+def estimate_memory(run, model, optimizers):
     """The device memory of a training step per GPU, made before anything is compiled: the exact sizes of the
     weights, gradients, optimizer state, averages and collective buffers this configuration allocates, plus the
     activations of one micro-batch, extrapolated from forwards of one and two sequences (a fixed part, such as the
     bf16 copies of the weights, and a part per sequence). Transient buffers (the backward's, Newton-Schulz's) are not
     in it: on CUDA the warmup measures the real peak beside it (log_measured_memory)."""
-    hp, model, optimizers = run.hp, run.model, run.optimizers
+    hp = run.hp
     float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
     params = list(model.parameters())
     bank_grads = sum(bank.grads.numel() * 4 for bank in optimizers.banks)
@@ -4153,15 +4167,15 @@ def out_of_memory_advice(run):
             f"(GRAD_ACCUM_STEPS={accum}): {fix}")
 
 
-def train_step(run, loader, step, lr_scale):
+def train_step(run, model, loader, step, lr_scale):
     """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
     try:
-        return accumulate_and_step(run, loader, step, lr_scale)
+        return accumulate_and_step(run, model, loader, step, lr_scale)
     except torch.OutOfMemoryError as error:
         raise RunError(out_of_memory_advice(run)) from error
 
 
-def accumulate_and_step(run, loader, step, lr_scale):
+def accumulate_and_step(run, model, loader, step, lr_scale):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.
@@ -4170,11 +4184,11 @@ def accumulate_and_step(run, loader, step, lr_scale):
     for micro_step in range(run.grad_accum_steps):
         batch = loader.batch(step, micro_step, run.device)
         with run.autocast():
-            loss = run.train_model(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
+            loss = model.forward(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
-    run.optimizers.step(lr_scale, muon_momentum(run.hp, step))
-    run.optimizers.zero_grad()
+    model.optimizers.step(lr_scale, muon_momentum(run.hp, step))
+    model.optimizers.zero_grad()
     return total_loss / run.grad_accum_steps
 
 
@@ -4183,104 +4197,108 @@ def synchronize(run):
         torch.cuda.synchronize()
 
 
-def warmup(run, data):
+def warmup(run, data, model):
     """Compile and warm up on training batches, untimed, then restore the initial weights and optimizer state. With
     depth recurrence the second half runs looped, so both training graphs exist before the clock starts. The
-    evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here."""
-    hp, model = run.hp, run.model
+    evaluation graph is warmed up on synthetic tokens: validation tokens are never touched here. Returns the model
+    with the per-document TTT forward it compiled, if any."""
+    hp, net = run.hp, model.net
     if hp.warmup_steps == 0:
-        return
+        return model
     start = time.perf_counter()
-    initial_model = copy.deepcopy(model.state_dict())
-    initial_looping = model.looping
+    initial_model = copy.deepcopy(net.state_dict())
+    initial_looping = net.looping
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     # The first half of the steps unlooped, the second looped; every layout gets a step, even from WARMUP_STEPS=1.
     layouts = [initial_looping] + ([True] if hp.num_loops > 0 and not initial_looping else [])
     steps = max(hp.warmup_steps, len(layouts))
     for step in range(steps):
-        model.looping = layouts[step * len(layouts) // steps]
+        net.looping = layouts[step * len(layouts) // steps]
         step_start = time.perf_counter()
-        train_step(run, data.train_loader, step, lr_scale=1.0)
+        train_step(run, model, data.train_loader, step, lr_scale=1.0)
         synchronize(run)  # the first step of a layout includes its compile time, shown here
-        run.log(f"warmup_step:{step + 1}/{steps} looping:{model.looping} "
+        run.log(f"warmup_step:{step + 1}/{steps} looping:{net.looping} "
                 f"time:{time.perf_counter() - step_start:.2f}s")
-    model.looping = initial_looping
-    log_measured_memory(run.device, run.memory_estimate, run.log, out_of_memory_advice(run))
+    net.looping = initial_looping
+    log_measured_memory(run.device, model.memory, run.log, out_of_memory_advice(run))
     # The layouts evaluations will see: the final evaluations', looped if the recurrence switches on before the last
     # step; and with VAL_LOSS_EVERY, the initial one too (the step-0 validation, and any before the switch).
     final_looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
-    warm_evaluation_graphs(run, {final_looping} | ({initial_looping} if hp.val_loss_every > 0 else set()),
-                           final_looping)
-    model.load_state_dict(initial_model)
-    run.optimizers.reset_state()
+    layouts = {final_looping} | ({initial_looping} if hp.val_loss_every > 0 else set())
+    model = model._replace(ttt_forward=warm_evaluation_graphs(run, model, layouts, final_looping))
+    net.load_state_dict(initial_model)
+    model.optimizers.reset_state()
     synchronize(run)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
     run.log(f"warmup:done steps:{steps} time:{run.timings['untimed_warmup_s']:.1f}s "
             f"restored:initial_weights_and_optimizer_state")
     log_compiled_graphs(run, "warmup")
+    return model
 
 
-def warm_evaluation_graphs(run, layouts, final_looping):
+def warm_evaluation_graphs(run, model, layouts, final_looping):
     """Every graph the evaluations will call, built here on synthetic tokens (validation tokens are never touched),
     so that no graph is compiled after the warmup: scoring in each of `layouts` at each window length; in the final
     layout, TTT's training passes (chunk TTT's and the phases' global SGD, with the parameters they train); and the
-    per-document TTT forward. The weights are only read; their gradients are cleared."""
-    hp, model = run.hp, run.model
+    per-document TTT forward, which it returns (None without LoRA TTT). The weights are only read; their gradients
+    are cleared."""
+    hp, net = run.hp, model.net
     if not run.use_compile:
-        return
-    initial_looping = model.looping
+        return None
+    initial_looping = net.looping
     for looping, seq_len in itertools.product(sorted(layouts), sorted({hp.train_seq_len, run.eval_seq_len})):
-        model.looping = looping
+        net.looping = looping
         rows = eval_rows_per_batch(hp.val_batch_size, seq_len, run.world_size)
         with torch.no_grad():
-            seconds = timed_synthetic_pass(run, rows, seq_len)
+            seconds = timed_synthetic_pass(run, model.forward, rows, seq_len)
         run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{looping} time:{seconds:.2f}s")
-    model.looping = final_looping
-    for rows, params in ttt_training_passes(run):
+    net.looping = final_looping
+    for rows, params in ttt_training_passes(run, model):
         trainable = {id(param) for param in params}
-        for param in model.parameters():
+        for param in net.parameters():
             param.requires_grad_(id(param) in trainable)
-        seconds = timed_synthetic_pass(run, rows, run.eval_seq_len, backward=True)
-        for param in model.parameters():
+        seconds = timed_synthetic_pass(run, model.forward, rows, run.eval_seq_len, backward=True)
+        for param in net.parameters():
             param.requires_grad_(True)
-        run.optimizers.zero_grad()
+        model.optimizers.zero_grad()
         run.log(f"warmup_ttt_training: seq_len:{run.eval_seq_len} rows:{rows} params:{len(params)} "
                 f"time:{seconds:.2f}s")
-    if hp.ttt_enabled and hp.ttt_method == "lora":
-        run.lora_forward = lora_forward_of(run)
-    model.looping = initial_looping
+    ttt_forward = lora_forward_of(run, net) if hp.ttt_enabled and hp.ttt_method == "lora" else None
+    net.looping = initial_looping
+    return ttt_forward
 
 
-def warm_up_evaluation(run):
+def warm_up_evaluation(run, model):
     """EVAL_ONLY_QUANTIZED_PATH and FINISH_FROM, which train nothing: the evaluation graphs of the loaded weights'
-    layout, built before the evaluation clock starts."""
+    layout, built before the evaluation clock starts. Returns the model with its per-document TTT forward."""
     start = time.perf_counter()
     with compile_failures_named(run, before="the evaluation"):
-        warm_evaluation_graphs(run, {run.model.looping}, run.model.looping)
+        ttt_forward = warm_evaluation_graphs(run, model, {model.net.looping}, model.net.looping)
     run.timings["untimed_warmup_s"] = time.perf_counter() - start
     log_compiled_graphs(run, "warmup")
+    return model._replace(ttt_forward=ttt_forward)
 
 
-def ttt_training_passes(run):
+def ttt_training_passes(run, model):
     """(rows per rank, trained parameters) of each training pass TTT makes through the compiled model."""
     hp, passes = run.hp, []
     rows_of = lambda batch_seqs: -(-batch_seqs // run.world_size)
     if hp.ttt_enabled and hp.ttt_method == "chunk":
-        passes.append((rows_of(hp.ttt_batch_seqs), ttt_parameters(run.train_model, hp)))
+        passes.append((rows_of(hp.ttt_batch_seqs), ttt_parameters(model.forward, hp)))
     if hp.ttt_enabled and hp.phased_ttt_enabled:  # the global SGD: chunk TTT's parameters, or all with LoRA TTT
-        params = ttt_parameters(run.train_model, hp) if hp.ttt_method == "chunk" else list(run.model.parameters())
+        params = ttt_parameters(model.forward, hp) if hp.ttt_method == "chunk" else list(model.net.parameters())
         passes.append((rows_of(hp.global_ttt_batch_seqs), params))
     return list({rows: (rows, params) for rows, params in passes}.values())
 
 
-def timed_synthetic_pass(run, rows, seq_len, backward=False):
+def timed_synthetic_pass(run, forward, rows, seq_len, backward=False):
     """Seconds of one pass of the compiled model over `rows` random sequences (the per-token losses, summed for the
     backward as TTT sums them), waited for."""
     start = time.perf_counter()
     tokens = torch.randint(run.hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
     with run.autocast():
-        losses = run.train_model(tokens[:, :-1], tokens[:, 1:], reduction="none")
+        losses = forward(tokens[:, :-1], tokens[:, 1:], reduction="none")
     if backward:
         losses.float().sum().backward()
     synchronize(run)
@@ -4298,13 +4316,13 @@ def calibration_reserve(hp, seconds_per_batch):
     return max(hp.gptq_reserve_seconds, needed), needed
 
 
-def hessians_of_batch(run, loader, step):
+def hessians_of_batch(run, net, loader, step):
     """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
     batches = (loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
-    return collect_hessians(run.model, batches, run.autocast)
+    return collect_hessians(net, batches, run.autocast)
 
 
-def reserve_calibration_time(run, data):
+def reserve_calibration_time(run, data, net):
     """Before the clock, with GPTQ on training batches under a cap: times GPTQ's calibration on one training batch as
     `calibrate` reads it (the second pass, after any first-call cost; the weights are only read) and returns the
     settings with the reserve that ends training early enough for calibration to read its training batches inside
@@ -4312,15 +4330,15 @@ def reserve_calibration_time(run, data):
     hp = run.hp
     if not (hp.gptq and hp.gptq_calibration == "train" and hp.max_wallclock_seconds):
         return hp
-    initial_looping = run.model.looping  # timed in the layout calibration will see
-    run.model.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
-    hessians_of_batch(run, data.train_loader, 0)
+    initial_looping = net.looping  # timed in the layout calibration will see
+    net.looping = initial_looping or looping_due(hp, hp.iterations, training_budget_ms(hp))
+    hessians_of_batch(run, net, data.train_loader, 0)
     synchronize(run)
     start = time.perf_counter()
-    hessians_of_batch(run, data.train_loader, 1)
+    hessians_of_batch(run, net, data.train_loader, 1)
     synchronize(run)
     seconds = all_reduce(torch.tensor(time.perf_counter() - start, device=run.device), dist.ReduceOp.MAX).item()
-    run.model.looping = initial_looping
+    net.looping = initial_looping
     run.timings["calibration_batch_s"] = seconds
     reserve, needed = calibration_reserve(hp, seconds)
     run.log(f"gptq_reserve: {seconds:.3f}s per batch x {hp.gptq_calibration_batches} x {CALIBRATION_MARGIN[0]} + "
@@ -4367,32 +4385,34 @@ def log_compiled_graphs(run, phase):
                     f"{phase}, on the clock; TORCH_LOGS=recompiles shows why")
 
 
-def benchmark(run, data):
+def benchmark(run, data, model):
     """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
     and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
-    hp, model = run.hp, run.model
+    hp = run.hp
     for looping in ([False, True] if hp.num_loops else [False]):
-        model.looping = looping
-        train_step(run, data.train_loader, 0, lr_scale=1.0)  # untimed: the first step of a layout may still compile
+        model.net.looping = looping
+        # untimed: the first step of a layout may still compile
+        train_step(run, model, data.train_loader, 0, lr_scale=1.0)
         synchronize(run)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         start = time.perf_counter()
         for step in range(1, hp.benchmark_steps + 1):
-            train_step(run, data.train_loader, step, lr_scale=1.0)
+            train_step(run, model, data.train_loader, step, lr_scale=1.0)
         synchronize(run)
         step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
         tokens_per_s = hp.train_batch_tokens / step_ms * 1000
         memory = (f"peak_memory_allocated:{torch.cuda.max_memory_allocated(run.device) // 2**20}MiB"
                   if run.device.type == "cuda" else "")
         run.log(f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f} "
-                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} {mfu_field(run, tokens_per_s)}{memory}")
+                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} "
+                f"{mfu_field(run, model.net, tokens_per_s)}{memory}")
 
 
-def run_validation(run, data):
+def run_validation(run, data, model):
     """The plain evaluation (non-overlapping TRAIN_SEQ_LEN windows) used during training and for the round-trip gap."""
     hp = run.hp
-    return evaluate(run.train_model, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len,
+    return evaluate(model.forward, data.val_tokens, data.target_bytes, hp.train_seq_len, hp.train_seq_len,
                     hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast)
 
 
@@ -4412,20 +4432,20 @@ def training_flops_per_token(model, seq_len):
     return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
 
 
-def mfu_field(run, tokens_per_s):
+def mfu_field(run, net, tokens_per_s):
     """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU)."""
     peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
     if not peak:
         return ""
-    flops_per_s = tokens_per_s * training_flops_per_token(run.model, run.hp.train_seq_len)
+    flops_per_s = tokens_per_s * training_flops_per_token(net, run.hp.train_seq_len)
     return f"mfu:{100 * flops_per_s / (peak * run.world_size):.1f}% "
 
 
-def throughput(run, step, step_avg_ms, elapsed_ms):
+def throughput(run, net, step, step_avg_ms, elapsed_ms):
     """tokens/s, MFU, and the training time left with its ETA."""
     hp = run.hp
     tokens_per_s = hp.train_batch_tokens / step_avg_ms * 1000
-    mfu = mfu_field(run, tokens_per_s)
+    mfu = mfu_field(run, net, tokens_per_s)
     remaining_ms = (hp.iterations - step) * step_avg_ms
     if hp.max_wallclock_seconds > 0:
         remaining_ms = min(remaining_ms, max(training_budget_ms(hp) - elapsed_ms, 0.0))
@@ -4457,15 +4477,15 @@ class TrainingClock:
         self.since = time.perf_counter()
 
 
-def train(run, data):
+def train(run, data, model):
     """The timed loop. The clock runs only during training steps; validation pauses it. Ranks agree on the elapsed
     time (MAX), so the LR, the recurrence switch and the stop are the same decision everywhere. The stop is
     predictive: training ends before a step would cross MAX_WALLCLOCK_SECONDS. A SIGINT/SIGTERM stops every rank at
     the same step (the flag travels with the elapsed time) with the raw weights saved; a non-finite loss stops the
     run at the next check (a log step, or every NONFINITE_CHECK_EVERY steps), read off a flag kept on the device."""
     hp = run.hp
-    run.average = WeightAverage(run.model, hp)
-    clock = TrainingClock(grown_taps=max(run.model.kernel_sizes(), default=0),  # read once: the masks are on the device
+    run.average = WeightAverage(model.net, hp)  # the run's: a failure applies it before saving
+    clock = TrainingClock(grown_taps=max(model.net.kernel_sizes(), default=0),  # read once: the masks are on the device
                           nonfinite=torch.zeros((), dtype=torch.bool, device=run.device))
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
     pr_tokens = data.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
@@ -4478,23 +4498,23 @@ def train(run, data):
         validate = last_step or (hp.val_loss_every > 0 and clock.step % hp.val_loss_every == 0)
         diagnose = hp.pr_every > 0 and clock.step % hp.pr_every == 0
         if validate or diagnose:
-            off_the_clock(run, data, clock, last_step, validate, pr_tokens if diagnose else None)
+            off_the_clock(run, data, model, clock, last_step, validate, pr_tokens if diagnose else None)
         if last_step:
             break
-        scheduled_events(run, clock)
-        timed_step(run, data, clock)
+        scheduled_events(run, model, clock)
+        timed_step(run, data, model, clock)
     run.cluster.clock.collect()  # the last step's exchange, still in flight
     log_compiled_graphs(run, "training")
-    log_end_of_training(run, clock)
+    log_end_of_training(run, model, clock)
 
 
-def off_the_clock(run, data, clock, last_step, validate, pr_tokens):
+def off_the_clock(run, data, model, clock, last_step, validate, pr_tokens):
     """What pauses the clock: the participation-ratio diagnostics, the end of training (the check for a non-finite
     loss, the averaged weights applied, the raw weights saved, QAT off), and validation."""
     hp, log = run.hp, run.log
     clock.pause(run)
     if pr_tokens is not None and run.rank == 0:
-        prs = activation_prs(run.model, pr_tokens, run.autocast)
+        prs = activation_prs(model.net, pr_tokens, run.autocast)
         log(f"pr: step:{clock.step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
                                                  for kind, values in prs.items()))
     if last_step:
@@ -4503,45 +4523,45 @@ def off_the_clock(run, data, clock, last_step, validate, pr_tokens):
         save_raw_weights(run)  # before anything else can fail
         run.signals.deferred = False
         if clock.qat_on:
-            set_qat(run.model, hp, on=False)  # evaluation and export see the plain weights
+            set_qat(model.net, hp, on=False)  # evaluation and export see the plain weights
     if validate:
-        val_loss, val_bpb, _ = run_validation(run, data)
+        val_loss, val_bpb, _ = run_validation(run, data, model)
         log(f"step:{clock.step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
             f"train_time:{clock.train_ms:.0f}ms step_avg:{clock.train_ms / max(clock.step, 1):.2f}ms")
         run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
     clock.resume(run)
 
 
-def scheduled_events(run, clock):
+def scheduled_events(run, model, clock):
     """What the schedule switches on before a step: kernel growth, the recurrence, the LR scale, and late QAT."""
-    hp, log, model, step, elapsed_ms = run.hp, run.log, run.model, clock.step, clock.elapsed_ms
+    hp, log, net, step, elapsed_ms = run.hp, run.log, model.net, clock.step, clock.elapsed_ms
     taps = kernel_taps_due(hp, step, elapsed_ms)
     if taps is not None and taps > clock.grown_taps:
-        model.grow_kernels(taps)
+        net.grow_kernels(taps)
         clock.grown_taps = taps
         if hp.kernel_stage_restarts:  # neon213 rebuilt both optimizers at every stage
-            run.optimizers.reset_state()
-        log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{model.kernel_sizes()} "
-            f"model_params:{count_parameters(model)[0]}"
+            model.optimizers.reset_state()
+        log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{net.kernel_sizes()} "
+            f"model_params:{count_parameters(net)[0]}"
             + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
-    if not model.looping and looping_due(hp, step, elapsed_ms):
-        model.looping = True
+    if not net.looping and looping_due(hp, step, elapsed_ms):
+        net.looping = True
         log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
-            f"layers:{','.join(map(str, model.layer_order()))}")
+            f"layers:{','.join(map(str, net.layer_order()))}")
     clock.lr_scale = lr_multiplier(hp, step, elapsed_ms)
     if not clock.qat_on and clock.lr_scale < hp.qat_start_lr_scale:
-        run.qat_k_scale = qat_k_scale(run)
-        set_qat(model, hp, on=True, k_scale=run.qat_k_scale)
+        run.qat_k_scale = qat_k_scale(run, net)
+        set_qat(net, hp, on=True, k_scale=run.qat_k_scale)
         clock.qat_on = True
         log(f"qat: enabled at step:{step} lr_scale:{clock.lr_scale:.4f} grid:{hp.quant_clip} "
             f"k_scale:{run.qat_k_scale:.3f}")
 
 
-def timed_step(run, data, clock):
+def timed_step(run, data, model, clock):
     """One optimizer step on the clock, the weight average's update, the ranks' agreement on the elapsed time (and
     on a stop signal), the step line, and the predictive stop."""
     hp, log = run.hp, run.log
-    local_loss = train_step(run, data.train_loader, clock.step, clock.lr_scale)
+    local_loss = train_step(run, model, data.train_loader, clock.step, clock.lr_scale)
     clock.nonfinite |= ~torch.isfinite(local_loss)
     step = clock.step = run.steps_done = clock.step + 1
     run.average.update(step, clock.lr_scale)
@@ -4560,7 +4580,7 @@ def timed_step(run, data, clock):
         # The challenge's step line exactly (parsers anchor on "step_avg:...ms" at its end); ours follow it.
         log(f"step:{step}/{hp.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
             f"step_avg:{step_avg:.2f}ms")
-        log(f"throughput: step:{step} {throughput(run, step, step_avg, elapsed_ms)}")
+        log(f"throughput: step:{step} {throughput(run, model.net, step, step_avg, elapsed_ms)}")
     if signalled:  # every rank stops at this step; conclude_failure applies the average and saves the weights
         run.results.update(train_time_ms=elapsed_ms)
         raise Interrupted(run.signals.received or signal.SIGTERM, step)  # a rank that was not signalled stops too
@@ -4571,10 +4591,10 @@ def timed_step(run, data, clock):
         log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
 
 
-def log_end_of_training(run, clock):
+def log_end_of_training(run, model, clock):
     run.results.update(steps=clock.step, train_time_ms=clock.train_ms, step_avg_ms=clock.train_ms / max(clock.step, 1))
-    run.log(f"optimizer_state: muon_momentum_bytes_per_rank:{run.optimizers.muon.momentum_bytes()} "
-            f"adamw_state_bytes:{run.optimizers.adam_state_bytes()}")
+    run.log(f"optimizer_state: muon_momentum_bytes_per_rank:{model.optimizers.muon.momentum_bytes()} "
+            f"adamw_state_bytes:{model.optimizers.adam_state_bytes()}")
     if run.device.type == "cuda":
         run.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
@@ -4598,7 +4618,7 @@ def save_raw_weights(run):
     """The fp32 weights that would be exported (the average, once applied), saved as soon as training ends or fails:
     a crash or signal later loses nothing, and FINISH_FROM=<this file> finishes the run from them."""
     if run.rank == 0:
-        state = dict(model=run.model.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
+        state = dict(model=run.net.state_dict(), step=run.steps_done, train_time_ms=run.results.get("train_time_ms"),
                      run_id=run.run_id, config_hash=run.config_hash)
         try:
             write_atomically(run.raw_weights_path, lambda f: torch.save(state, f), "the raw weights")
@@ -4630,7 +4650,7 @@ def load_raw_weights(path):
     return saved, {}
 
 
-def finish_from_raw_weights(run, data):
+def finish_from_raw_weights(run, data, model):
     """FINISH_FROM: the weights an interrupted or crashed run saved, instead of training. They must come from the
     same configuration, so that calibration, export and evaluation are those the run would have done. Rank 0 reads
     the file (it wrote it) and sends it to the others, so nodes need no shared disk."""
@@ -4641,13 +4661,13 @@ def finish_from_raw_weights(run, data):
                           f"{meta.get('config_hash')}, "
                           f"this run has {run.config_hash}: rerun with the settings of the run that saved it")
     try:
-        run.model.load_state_dict(state, strict=True)
+        model.net.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} does not fit this model: {error}") from None
     run.steps_done = meta["step"]
     run.raw_weights_path = hp.finish_from  # where the weights are, should this run be cut short too
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
-    val_loss, val_bpb, _ = run_validation(run, data)
+    val_loss, val_bpb, _ = run_validation(run, data, model)
     run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
     train_ms = meta.get("train_time_ms") or 0.0
     run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
@@ -4694,7 +4714,7 @@ def check_artifact_fits(model, state, path):
                               f"{shaping_settings(name)} as the run that wrote it did")
 
 
-def load_artifact_to_evaluate(run):
+def load_artifact_to_evaluate(run, net):
     """EVAL_ONLY_QUANTIZED_PATH: the artifact is checked against this run's model, and the evaluation phases score it
     with this run's evaluation and TTT settings. Rank 0 reads it and sends it to the others."""
     path = run.hp.eval_only_quantized_path
@@ -4703,7 +4723,7 @@ def load_artifact_to_evaluate(run):
         state = dequantize_state_dict(read_artifact(path, blob))
     except ValueError as error:
         raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={path!r}: {error}") from None
-    check_artifact_fits(run.model, state, path)
+    check_artifact_fits(net, state, path)
     artifact = Artifact(path, hashlib.sha256(blob).hexdigest())
     code_bytes = len(run.code.counted)
     run.results.update(bytes_code=code_bytes, bytes_model=len(blob), bytes_total=code_bytes + len(blob))
@@ -4740,12 +4760,12 @@ def self_generated_batches(model, hp, bos_id, rank, world_size, device, autocast
         yield ids
 
 
-def calibration_batches(run, data):
+def calibration_batches(run, data, net):
     """(this rank's calibration inputs, a description for the log): GPTQ_CALIBRATION_BATCHES fresh global training
     batches (the steps after the last one trained, split over ranks as in training), or self-generated sequences."""
     hp = run.hp
     if hp.gptq_calibration == "self":
-        batches = self_generated_batches(run.model, hp, data.tokenizer.bos_id(), run.rank, run.world_size,
+        batches = self_generated_batches(net, hp, data.tokenizer.bos_id(), run.rank, run.world_size,
                                          run.device, run.autocast)
         return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
                          f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
@@ -4756,7 +4776,7 @@ def calibration_batches(run, data):
     return batches, f"batches:{hp.gptq_calibration_batches} tokens:{tokens}"
 
 
-def calibrate(run, data):
+def calibrate(run, data, net):
     """GPTQ's Hessians from the calibration inputs (see calibration_batches), summed over ranks: the same tokens at
     every world size. It runs in the reserve taken off the training budget, and is timed as training."""
     hp = run.hp
@@ -4765,10 +4785,10 @@ def calibrate(run, data):
     synchronize(run)
     start = time.perf_counter()
     if hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
-        hessians, described = hessians_within_the_cap(run, data.train_loader, start)
+        hessians, described = hessians_within_the_cap(run, net, data.train_loader, start)
     else:
-        batches, described = calibration_batches(run, data)
-        hessians = collect_hessians(run.model, batches, run.autocast)
+        batches, described = calibration_batches(run, data, net)
+        hessians = collect_hessians(net, batches, run.autocast)
         run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
     for hessian in (hessians or {}).values():
         all_reduce(hessian, dist.ReduceOp.SUM)
@@ -4785,7 +4805,7 @@ def calibrate(run, data):
     return hessians
 
 
-def hessians_within_the_cap(run, loader, start):
+def hessians_within_the_cap(run, net, loader, start):
     """GPTQ_CALIBRATION=train under MAX_WALLCLOCK_SECONDS: the calibration batches one at a time, each begun only if
     it would end inside the cap at the slowest batch time seen (the warmup's measurement before the first), so no
     training token is read after the cap, whatever the reserve. The ranks take each decision together. Returns
@@ -4797,7 +4817,7 @@ def hessians_within_the_cap(run, loader, start):
         if all_reduce(torch.tensor(float(over), device=run.device), dist.ReduceOp.MAX).item():
             break
         batch_start = time.perf_counter()
-        for name, hessian in hessians_of_batch(run, loader, run.results["steps"] + step).items():
+        for name, hessian in hessians_of_batch(run, net, loader, run.results["steps"] + step).items():
             hessians[name] = hessians[name].add_(hessian) if name in hessians else hessian
         synchronize(run)
         per_batch, used = max(per_batch, time.perf_counter() - batch_start), used + 1
@@ -4813,20 +4833,20 @@ class Artifact(NamedTuple):
     blob: Optional[bytes] = None
 
 
-def export(run, hessians):
+def export(run, net, hessians):
     """Quantize, compress and write the artifact; account its bytes (this file + the model file) against the limit.
     With SIZE_TARGET_BYTES the clip grid is the finest that fits (quantize_to_fit). `hessians` are GPTQ's (None:
     round to nearest). Returns the Artifact; its SHA-256 is known on rank 0, which wrote it."""
     hp, log = run.hp, run.log
     start = time.perf_counter()
     path, sha256 = os.path.join("logs", f"{run.run_id}_model.{export_name(hp).split('_')[0]}.ptz"), None
-    bad = [name for name, tensor in run.model.state_dict().items() if not torch.isfinite(tensor).all()]
+    bad = [name for name, tensor in net.state_dict().items() if not torch.isfinite(tensor).all()]
     if bad:  # every rank holds the same weights, so every rank stops here
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                        f"no artifact is written")
     if run.rank == 0:
         code_bytes = len(run.code.counted)
-        quantized, blob, k_scale = quantize_to_fit(run.model.state_dict(), quantized_tensor_groups(run.model, hp), hp,
+        quantized, blob, k_scale = quantize_to_fit(net.state_dict(), quantized_tensor_groups(net, hp), hp,
                                                    hessians, code_bytes, log, run.qat_k_scale)
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
@@ -4841,7 +4861,7 @@ def export(run, hessians):
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
         log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "
             f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total}")
-        log_challenge_sizes(run, quantized, blob, code_bytes)
+        log_challenge_sizes(run, net, quantized, blob, code_bytes)
         if total > ARTIFACT_LIMIT_BYTES:
             log("!" * 100 + f"\nWARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: "
                 f"{total} > {ARTIFACT_LIMIT_BYTES}. This run cannot be a submission.\n" + "!" * 100)
@@ -4861,10 +4881,10 @@ def tensor_bytes(tree):
     return sum(tensor_bytes(value) for value in values)
 
 
-def log_challenge_sizes(run, quantized, blob, code_bytes):
+def log_challenge_sizes(run, net, quantized, blob, code_bytes):
     """The baseline's size lines, spelled as its parsers read them, with the export named as in the newer records
     (int8+zlib for the baseline's, int6+brotli for the default): the fp32 file, the code, and the artifact."""
-    state = run.model.state_dict()
+    state = net.state_dict()
     raw = io.BytesIO()
     torch.save(state, raw)
     label = export_name(run.hp).replace("_", "+")
@@ -4888,7 +4908,7 @@ def log_final(run, name, result, seconds, extra=""):
                         "val_bpb": val_bpb})
 
 
-def evaluate_artifact(run, data, artifact):
+def evaluate_artifact(run, data, model, artifact):
     """Score exactly what ships: read the file back, dequantize, load strictly (every tensor is replaced). The eval
     clock starts here and covers everything that follows, compilation included. Returns the artifact with the bytes
     read back."""
@@ -4905,11 +4925,11 @@ def evaluate_artifact(run, data, artifact):
     blob, problem = run.cluster.broadcast((blob, problem))
     if problem:
         raise RunError(problem)
-    run.model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, blob)), strict=True)
+    model.net.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, blob)), strict=True)
     artifact = artifact._replace(blob=blob)
     if run.hp.ttt_eval_only:
         return artifact
-    result = run_validation(run, data)
+    result = run_validation(run, data, model)
     synchronize(run)
     gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
     log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
@@ -4919,33 +4939,33 @@ def evaluate_artifact(run, data, artifact):
     return artifact
 
 
-def evaluate_sliding(run, data):
+def evaluate_sliding(run, data, model):
     hp = run.hp
     if hp.eval_stride == 0 or hp.ttt_eval_only:
         return
     start = time.perf_counter()
-    result = evaluate(run.train_model, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride,
+    result = evaluate(model.forward, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride,
                       hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
     synchronize(run)
     log_final(run, "final_sliding_window", result, time.perf_counter() - start,
               f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
 
 
-def evaluate_ttt(run, data):
+def evaluate_ttt(run, data, model):
     hp = run.hp
     if not hp.ttt_enabled:
         return None
     run.log(f"ttt: method:{hp.ttt_method} ({'per-document LoRA' if hp.ttt_method == 'lora' else 'chunk SGD'}) "
             f"optimizer:{ttt_optimizer_of(hp)}")
-    return (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data)
+    return (evaluate_lora_ttt if hp.ttt_method == "lora" else evaluate_chunk_ttt)(run, data, model)
 
 
-def evaluate_lora_ttt(run, data):
+def evaluate_lora_ttt(run, data, model):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
-    lora_forward = lora_forward_of(run) if run.lora_forward is None else run.lora_forward  # None: no warmup ran
-    report = per_document_lora_ttt(LoraTTTModels(run.model, lora_forward, run.train_model), data.val_tokens,
+    ttt_forward = model.ttt_forward if model.ttt_forward is not None else lora_forward_of(run, model.net)  # no warmup
+    report = per_document_lora_ttt(LoraTTTModels(model.net, ttt_forward, model.forward), data.val_tokens,
                                    data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
                                    doc_starts_of(data.val_tokens, data.tokenizer.bos_id()), run.log, budget_left)
     synchronize(run)
@@ -4955,19 +4975,19 @@ def evaluate_lora_ttt(run, data):
     return dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
 
 
-def lora_forward_of(run, backend="inductor"):
+def lora_forward_of(run, net, backend="inductor"):
     """The forward per-document TTT calls: the model compiled with dynamic shapes (the batch and the context length
     change from chunk to chunk), its graphs built here on synthetic tokens at the shortest and longest context,
     scoring and training, as the record warms its TTT graph; or the eager model, with COMPILE=0 or when
     torch.compile cannot build it (the same math, logged). The tests compile with backend="aot_eager"."""
     if not run.use_compile:
-        return run.model
+        return net
     hp, start = run.hp, time.perf_counter()
     # Its graphs share the model forward's cache with training's and evaluation's (COMPILE_GRAPH_LIMIT).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
-    compiled = torch.compile(run.model, dynamic=True, backend=backend)
-    adapters = DocumentAdapters(run.model, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
-    for param in run.model.parameters():
+    compiled = torch.compile(net, dynamic=True, backend=backend)
+    adapters = DocumentAdapters(net, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
+    for param in net.parameters():
         param.requires_grad_(False)  # as while the adapters train
     try:
         for width in sorted({min(hp.ttt_chunk_size, ttt_context(hp)), ttt_context(hp)}):
@@ -4979,15 +4999,15 @@ def lora_forward_of(run, backend="inductor"):
     except torch._dynamo.exc.TorchDynamoException as error:
         run.log(f"warning: torch.compile cannot build the per-document TTT forward ({type(error).__name__}); it runs "
                 f"eager, the same math")
-        return run.model
+        return net
     finally:
-        for param in run.model.parameters():
+        for param in net.parameters():
             param.requires_grad_(True)
     run.log(f"ttt_lora: compiled (dynamic shapes) time:{time.perf_counter() - start:.1f}s")
     return compiled
 
 
-def evaluate_chunk_ttt(run, data):
+def evaluate_chunk_ttt(run, data, model):
     hp = run.hp
     start = time.perf_counter()
     budget_left = lambda: hp.eval_budget_seconds - (time.perf_counter() - run.eval_start)
@@ -5001,7 +5021,7 @@ def evaluate_chunk_ttt(run, data):
                 f"suffix_docs:{max(total_docs - hp.phased_ttt_prefix_docs, 0)} num_phases:{len(phases)} "
                 f"boundaries:{[documents for documents, _ in kept]} ends:{phases}")
     result, per_segment, adapted = score_first_ttt(
-        run.train_model, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
+        model.forward, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         data.doc_starts, run.log, budget_left, phases)
     synchronize(run)
     log_final(run, "final_ttt", result, time.perf_counter() - start,
@@ -5009,7 +5029,7 @@ def evaluate_chunk_ttt(run, data):
     return dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
 
 
-def log_compliance(run, data, ttt_report):
+def log_compliance(run, data, model, ttt_report):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
     hp, log = run.hp, run.log
@@ -5018,7 +5038,7 @@ def log_compliance(run, data, ttt_report):
         if scored != expected:
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
-    logsumexp, charged = check_normalization(run.model, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
+    logsumexp, charged = check_normalization(model.net, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
         f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
@@ -5162,12 +5182,12 @@ def in_phase(run, phase, *inputs):
     return phase(run, *inputs)
 
 
-def evaluate_and_conclude(run, data, artifact):
+def evaluate_and_conclude(run, data, model, artifact):
     """The evaluation clock's phases (from reading the artifact back to the summary), then the sample."""
-    artifact = in_phase(run, evaluate_artifact, data, artifact)
-    in_phase(run, evaluate_sliding, data)
-    ttt_report = in_phase(run, evaluate_ttt, data)
-    in_phase(run, log_compliance, data, ttt_report)
+    artifact = in_phase(run, evaluate_artifact, data, model, artifact)
+    in_phase(run, evaluate_sliding, data, model)
+    ttt_report = in_phase(run, evaluate_ttt, data, model)
+    in_phase(run, log_compliance, data, model, ttt_report)
     in_phase(run, log_summary)
     in_phase(run, generate_sample, data, artifact)
 
@@ -5176,27 +5196,27 @@ def train_and_evaluate(run):
     """One seed: the data, the model, then training (or the weights to finish, or the artifact to evaluate),
     calibration and export, the evaluations, and the records."""
     data = setup(run)
-    build_model(run, data)
+    model = build_model(run, data)
     if run.hp.eval_only_quantized_path:
         run.phase = "eval_only"
-        artifact = load_artifact_to_evaluate(run)
-        warm_up_evaluation(run)
-        return evaluate_and_conclude(run, data, artifact)
+        artifact = load_artifact_to_evaluate(run, model.net)
+        model = warm_up_evaluation(run, model)
+        return evaluate_and_conclude(run, data, model, artifact)
     if run.hp.finish_from:
         run.phase = "finish_from"
-        finish_from_raw_weights(run, data)
-        warm_up_evaluation(run)
+        finish_from_raw_weights(run, data, model)
+        model = warm_up_evaluation(run, model)
     else:
         run.phase = "warmup"
         with compile_failures_named(run):
-            warmup(run, data)
-        run.hp = reserve_calibration_time(run, data)
+            model = warmup(run, data, model)
+        run.hp = reserve_calibration_time(run, data, model.net)
         if run.hp.benchmark_steps:
-            return benchmark(run, data)
-        in_phase(run, train, data)
-    hessians = in_phase(run, calibrate, data)
-    artifact = in_phase(run, export, hessians)
-    evaluate_and_conclude(run, data, artifact)
+            return benchmark(run, data, model)
+        in_phase(run, train, data, model)
+    hessians = in_phase(run, calibrate, data, model.net)
+    artifact = in_phase(run, export, model.net, hessians)
+    evaluate_and_conclude(run, data, model, artifact)
     in_phase(run, record)
 
 
