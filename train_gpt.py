@@ -496,8 +496,11 @@ class Hyperparameters:
                 choices = [choice for choice in check.split("|") if choice]
                 raise ConfigError(f"{field.name.upper()}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         self.seed_list(), self.kernel_stages, self.layer_set("xsa_layers"), self.layer_set("ve_layers")  # parsed
+        def require(ok, env_name, why):
+            if not ok:
+                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
         for rule in (rules_of_run_and_data, rules_of_model, rules_of_training, rules_of_export, rules_of_evaluation):
-            rule(self, functools.partial(require, self))
+            rule(self, require)
 
     @functools.cached_property  # parsed once: the training loop asks every step
     def kernel_stages(self):
@@ -556,12 +559,8 @@ class Hyperparameters:
         return {layer % self.num_layers for layer in layers}
 
 
-def require(hp, ok, env_name, why):
-    if not ok:
-        raise ConfigError(f"{env_name}={getattr(hp, env_name.lower())!r}: {why}")
-
-
-# The rules between settings; each field's own range or choices is checked by `Hyperparameters.validate`.
+# The rules between settings; each field's own range or choices is checked by `Hyperparameters.validate`, which
+# passes `require(ok, env_name, why)`: a refusal naming the variable and its value.
 def rules_of_run_and_data(hp, require):
     require(re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)?", hp.run_id) is not None, "RUN_ID",
             "must be a plain name (letters, digits, '.', '_', '-'; not a path)")
