@@ -8,7 +8,8 @@ Train the best language model whose artifact (this file's bytes + the compressed
     python3 train_gpt.py                                      # one process, CUDA or CPU
     PRESET=smoke python3 train_gpt.py                         # tiny CPU run on the offline sample
 
-Every knob is an environment variable declared once in `Hyperparameters` (the README has the table).
+Every knob is an environment variable declared once in `Hyperparameters` (`--help` lists them by group;
+docs/configuration.md has the table).
 Sections, in order: hyperparameters, data, model, optimizer, quantization/export, evaluation, main, and the
 settings of other scripts (the baseline's and the records' names, applied, translated or refused).
 """
@@ -41,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tokenize
 import traceback
@@ -65,11 +67,11 @@ class ConfigError(ValueError):
     """A bad setting: the message names the environment variable or file to fix."""
 
 
-def setting(default, check="", needs=""):
+def setting(default, check="", needs="", group=""):
     """A field of `Hyperparameters` with its rules, in one place: `check` is its range (a key of RANGE_CHECKS) or its
     choices ("a|b|c"); `needs` is the switch without which it has no effect (see `switched_on`), so that one set
-    explicitly while switched off is refused rather than ignored."""
-    return dataclasses.field(default=default, metadata=dict(check=check, needs=needs))
+    explicitly while switched off is refused rather than ignored. `group` opens a group of settings (`--help`)."""
+    return dataclasses.field(default=default, metadata=dict(check=check, needs=needs, group=group))
 
 
 RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v >= 0, "must be zero or positive"),
@@ -96,10 +98,9 @@ def switched_on(hp, condition):
 class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
-    # --- run and data ---
-    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, smoke; "pr1392,smoke" applies both in
-    # order); empty = none
-    preset: str = ""
+    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, record, smoke; "pr1392,smoke" applies
+    # both in order); empty = none
+    preset: str = setting("", group="run and data")
     # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random
     # suffix
     run_id: str = ""
@@ -133,8 +134,7 @@ class Hyperparameters:
     record_github_id: str = ""  # submission.json "github_id" (likewise)
     record_blurb: str = ""  # submission.json "blurb" (likewise)
 
-    # --- schedule and batch ---
-    iterations: int = setting(20000, ">0")  # maximum number of optimizer steps
+    iterations: int = setting(20000, ">0", group="schedule and batch")  # maximum number of optimizer steps
     # training-time cap (warmup, validation and export excluded); 0 = none
     max_wallclock_seconds: float = setting(600.0, ">=0")
     # untimed compile/warmup steps on training data, undone before training starts
@@ -149,8 +149,8 @@ class Hyperparameters:
     val_loss_every: int = setting(1000, ">=0")
     val_batch_size: int = setting(524_288, ">0")  # validation tokens per forward pass, summed over ranks
 
-    # --- model: size (defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline) ---
-    num_layers: int = setting(11, ">0")  # physical transformer blocks
+    # the model's defaults: the leaderboard's strongest stack; PRESET=baseline is the challenge baseline
+    num_layers: int = setting(11, ">0", group="model: size")  # physical transformer blocks
     model_dim: int = setting(512, ">0")  # residual width
     num_heads: int = setting(8, ">0")  # query heads
     num_kv_heads: int = setting(4, ">0")  # key/value heads (grouped-query attention)
@@ -166,8 +166,7 @@ class Hyperparameters:
     zero_init_proj: bool = True
     logit_softcap: float = setting(30.0, ">=0")  # logits = c * tanh(logits / c); 0 = no softcap (neon213)
 
-    # --- model: attention ---
-    rope_base: float = setting(10000.0, ">0")  # rotary embedding base
+    rope_base: float = setting(10000.0, ">0", group="model: attention")  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
@@ -184,9 +183,9 @@ class Hyperparameters:
     # the value-embedding projection starts at zero (the identity), or ortho (orthogonal, as in the PR #549 family)
     ve_proj_init: str = setting("zero", "zero|ortho", "VE_LAYERS")
 
-    # --- model: the neon SwiGLU-Conv family (causal depthwise convolutions, growable kernels) ---
     # causal depthwise conv on Q, K, V (and the Intent) after their projections: kernel taps; 0 = off
-    conv_k: int = setting(0, ">=0")
+    # the neon SwiGLU-Conv family: causal depthwise convolutions, growable kernels
+    conv_k: int = setting(0, ">=0", group="model: the neon SwiGLU-Conv family")
     # causal depthwise conv on the input of the SwiGLU gate branch (the "Hydra" conv); 0 = off
     mlp_conv_k: int = setting(0, ">=0")
     # growth of every conv, e.g. 1@0,3@0.1,5@0.2 (taps@fraction of training, or @step if >= 1); empty = full size
@@ -197,8 +196,8 @@ class Hyperparameters:
     # a fourth projection (through its conv) whose sigmoid gates the attention output per channel
     intent_gate: bool = False
 
-    # --- model: embedding side ---
-    bigram_buckets: int = 0  # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
+    # rows of the BigramHash table (one is reserved for "no previous token"); 0 = off
+    bigram_buckets: int = setting(0, group="model: embedding side")
     bigram_dim: int = setting(112, ">0", "BIGRAM_BUCKETS > 0")  # width of the BigramHash table
     smear_gate: bool = True  # SmearGate: mix a gated share of the previous token's embedding in (never across a BOS)
     # attention and the neon convs never read across a BOS inside a packed row or window (VarLenAttn record)
@@ -209,10 +208,9 @@ class Hyperparameters:
     # RMSNorm of the embedding output (the baseline's); off = neon213, whose embedding feeds the first block as is
     embed_norm: bool = True
 
-    # --- model: normalization, residual topology and loss ---
     # learnable RMSNorm weights (neon213): per channel on sublayer inputs and the final norm, per head dim on Q and
     # K (the Q weight starts at QK_GAIN_INIT and replaces the per-head gain)
-    norm_weights: bool = False
+    norm_weights: bool = setting(False, group="model: normalization, residual topology and loss")
     ln_scale: bool = True  # scale each sublayer input by 1/sqrt(layer + 1)
     # learned per-channel scales on every attention and MLP output (the baseline's attn_scale / mlp_scale)
     sublayer_scales: bool = True
@@ -241,8 +239,8 @@ class Hyperparameters:
     # MiLe entropy-weighted training loss exponent, decayed with the LR in warmdown; 0 = plain CE
     mile_gamma: float = setting(0.0, ">=0")
 
-    # --- optimizer (defaults: the current record's; PRESET=baseline restores the baseline's) ---
-    matrix_lr: float = setting(0.026, ">=0")  # Muon LR for the block matrices
+    # the optimizer's defaults: the current record's; PRESET=baseline restores the baseline's
+    matrix_lr: float = setting(0.026, ">=0", group="optimizer")  # Muon LR for the block matrices
     scalar_lr: float = setting(0.02, ">=0")  # AdamW LR for gains, gates, scales and skip weights
     # AdamW LR for the token tables (tokens, BigramHash, VE) with tied embeddings
     tied_embed_lr: float = setting(0.03, ">=0", "TIE_EMBEDDINGS=1")
@@ -282,9 +280,8 @@ class Hyperparameters:
     # to 0 within the stage
     kernel_stage_restarts: bool = setting(False, needs="KERNEL_SCHEDULE")
 
-    # --- weight averaging ---
     # exported weights: none (live), ema, swa, or ema_swa (SWA snapshots of the EMA)
-    weight_averaging: str = setting("ema", "none|ema|swa|ema_swa")
+    weight_averaging: str = setting("ema", "none|ema|swa|ema_swa", group="weight averaging")
     ema_decay: float = setting(0.9965, "[0,1)", "WEIGHT_AVERAGING=ema or ema_swa")  # EMA decay per step
     # warm the decay up as min(EMA_DECAY, (1 + t) / (10 + t)); off = EMA_DECAY from the first step (the records')
     ema_warmup: bool = setting(True, needs="WEIGHT_AVERAGING=ema or ema_swa")
@@ -292,8 +289,8 @@ class Hyperparameters:
     # ...once the LR scale is below this
     swa_start_lr_scale: float = setting(0.2, needs="WEIGHT_AVERAGING=swa or ema_swa")
 
-    # --- evaluation and score-first test-time training ---
-    eval_seq_len: int = setting(0, ">=0")  # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
+    eval_seq_len: int = setting(0, ">=0", group="evaluation and score-first test-time training")
     eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
     eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
     # eval time budget: TTT stops adapting (never scoring) when it would run over
@@ -356,18 +353,16 @@ class Hyperparameters:
     # is refused
     global_ttt_respect_doc_boundaries: bool = setting(True, needs=PHASED_TTT)
 
-    # --- diagnostics ---
     # log participation ratios of Q/K/V/Intent (per head) and of each block's output every N steps; 0 = off
-    pr_every: int = setting(0, ">=0")
+    pr_every: int = setting(0, ">=0", group="diagnostics")
     gen_prompt: str = ""  # at the end, sample text from the round-tripped model after this prompt; empty = no sample
     gen_tokens: int = setting(64, ">=0", "GEN_PROMPT")  # tokens to sample
     gen_temperature: float = setting(0.8, ">=0", "GEN_PROMPT")  # sampling temperature; 0 = greedy
     gen_top_k: int = setting(50, ">=0", "GEN_PROMPT")  # sample among the k most likely tokens; 0 = all
 
-    # --- quantization and export ---
     # bits of the projection matrices (5..8), per-row symmetric with an fp16 scale; 16 = stored as fp16, not
     # quantized
-    quant_bits: int = 6
+    quant_bits: int = setting(6, group="quantization and export")
     # bits of the token tables (tokens, BigramHash, VE); 16 = fp16 (PR #754's fp16 embedding, neon213's fp16 export)
     embed_quant_bits: int = 7
     # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th
@@ -411,8 +406,7 @@ class Hyperparameters:
     # file
     pack_code: bool = True
 
-    # --- systems ---
-    device: str = setting("auto", "auto|cuda|cpu")  # auto, cuda or cpu
+    device: str = setting("auto", "auto|cuda|cpu", group="systems")  # auto, cuda or cpu
     # torch.compile (inductor): auto = on CUDA only, 1 = on any device (the CPU needs a C++ compiler), 0 = eager
     compile: str = setting("auto", "auto|1|0")
     # model: the whole forward as one graph per layout, as the records compile it; block: one graph per distinct
@@ -5277,6 +5271,26 @@ def with_record_folder(hp, sources):
     return dataclasses.replace(hp, record_dir=folder), dict(sources, record_dir="implied:RECORD_NAME")
 
 
+def usage():
+    """The `--help` text: how a run is configured, every setting by group with its default, and the presets."""
+    groups = []
+    for field in dataclasses.fields(Hyperparameters):
+        if field.metadata.get("group") or not groups:
+            groups.append((field.metadata.get("group", ""), []))
+        default = int(field.default) if isinstance(field.default, bool) else field.default
+        groups[-1][1].append(f"{field.name.upper()}={default}")
+    lines = ["Every setting is an environment variable, read once at start; a bad or inert one is refused before",
+             "anything trains. The full table, with every meaning: docs/configuration.md.",
+             "  torchrun --standalone --nproc_per_node=8 train_gpt.py   # 8 GPUs",
+             "  PRESET=smoke python3 train_gpt.py                        # one process, e.g. a CPU miniature",
+             "Presets (PRESET=a,b applies a, then b; a variable you set wins): " + ", ".join(filter(None, PRESETS)),
+             "Settings by group, with their defaults:"]
+    for title, names in groups:
+        lines += [f"{title}:"] + textwrap.wrap("  ".join(names), 116, initial_indent="  ", subsequent_indent="  ",
+                                               break_on_hyphens=False)
+    return "\n".join(lines)
+
+
 def main():
     hp, sources = with_record_folder(*Hyperparameters.from_env())
     # once: every seed logs and ships the code that is running, even if the file changes
@@ -5457,6 +5471,12 @@ def settings_in_environ(environ, types):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage())
+        sys.exit(0)
+    if sys.argv[1:]:
+        sys.exit(f"config error: train_gpt.py takes no arguments ({' '.join(sys.argv[1:])}): every setting is an "
+                 f"environment variable; python3 train_gpt.py --help lists them")
     try:
         main()
     except DataError as error:

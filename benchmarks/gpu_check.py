@@ -4,7 +4,7 @@ not counted), what the CPU cannot.
     python3 benchmarks/gpu_check.py --data-path D --tokenizer-path T.model --out gpu_check.md
     python3 benchmarks/gpu_check.py --tiny --data-path D --tokenizer-path T.model   # the CPU miniature CI runs
 
-D is a dataset folder of shards (the README's "GPU check" section builds one of about 20 MB). Every row is printed
+D is a dataset folder of shards (docs/gpu.md, "The GPU check", builds one of about 20 MB). Every row is printed
 and the markdown table rewritten to --out the moment it is measured, so a run cut short still returns what it
 measured. Every run shares one inductor cache (its graphs compile once), and a phase that no longer fits
 --budget-seconds is listed as not measured. In order:

@@ -179,7 +179,7 @@ def plot_losses(log_texts, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "skipped (matplotlib is not installed)"
+        return "skipped (matplotlib is not installed: pip install -r requirements-optional.txt)"
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for text in log_texts:
         seed = summary_of(text)["seed"]

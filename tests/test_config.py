@@ -1,12 +1,14 @@
-"""Hyperparameters from the environment, their errors, and the README table that documents them."""
+"""Hyperparameters from the environment, their errors, `--help`, and the table that documents them (docs/configuration.md)."""
 
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 import train_gpt as T
+from conftest import run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,10 +37,35 @@ def test_bad_settings_fail_early_naming_the_env_var(env, name):
         T.Hyperparameters.from_env(env)
 
 
+CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
+
+
 def readme_table():
-    """{ENV_VAR: default cell} from the README's configuration table."""
-    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", (REPO / "README.md").read_text(), re.M)
+    """{ENV_VAR: default cell} from the configuration table (docs/configuration.md)."""
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", CONFIGURATION_DOC.read_text(), re.M)
     return dict(rows)
+
+
+def test_the_configuration_table_has_the_code_groups_in_order_each_with_its_settings():
+    rows = re.findall(r"^\| (?:\*\*(.+?)\*\*.*?|`([A-Z0-9_]+)`) \|", CONFIGURATION_DOC.read_text(), re.M)
+    expected = []
+    for field in dataclasses.fields(T.Hyperparameters):
+        if field.metadata.get("group"):
+            expected.append((field.metadata["group"], ""))
+        expected.append(("", field.name.upper()))
+    assert len(expected) > len(dataclasses.fields(T.Hyperparameters)) + 10 and rows == expected
+
+
+def test_help_lists_every_setting_by_group_and_every_preset_and_starts_nothing(tmp_path):
+    result = run_script([sys.executable, str(REPO / "train_gpt.py"), "--help"], {}, tmp_path)
+    assert result.returncode == 0 and not (tmp_path / "logs").exists()
+    for field in dataclasses.fields(T.Hyperparameters):
+        assert re.search(rf"(^|\s){field.name.upper()}=", result.stdout), field.name
+        if field.metadata.get("group"):
+            assert f"\n{field.metadata['group']}:\n" in result.stdout
+    assert all(name in result.stdout for name in T.PRESETS) and "docs/configuration.md" in result.stdout
+    refused = run_script([sys.executable, str(REPO / "train_gpt.py"), "--iterations", "3"], {}, tmp_path)
+    assert refused.returncode == 1 and "takes no arguments" in refused.stderr and not (tmp_path / "logs").exists()
 
 
 def test_readme_table_documents_every_env_var_with_its_default():

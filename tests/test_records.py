@@ -287,3 +287,20 @@ def test_stats_names_every_log_it_cannot_count(tmp_path, capsys):
         (folder / name).unlink()
     with pytest.raises(SystemExit, match="no candidate run could be counted"):
         stats.load_runs([folder], "candidate")
+
+
+def test_the_reproduce_command_pastes_into_bash_and_gives_back_every_value(tmp_path):
+    values = {"RECORD_NAME": "CPU smoke example", "RECORD_BLURB": "it's \"quoted\", $HOME, `date`; a & b | c > d",
+              "XSA_LAYERS": "-4,-3,-2,-1", "VE_LAYERS": "", "PRESET": "record,smoke", "SEED": "7"}
+    config = " ".join(f"{name}={value!r}(env)" for name, value in values.items()) + " ITERATIONS=20000(default)"
+    command = make.reproduce_command(f"config: {config}\n", world_size=8, seeds=[42, 0])
+    assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+    # Run it with the launcher replaced by a program that prints what it was given.
+    names = [name for name in values if name != "SEED"] + ["SEEDS"]
+    show = f"{sys.executable} -c 'import json, os; print(json.dumps({{n: os.environ.get(n) for n in {json.dumps(names)}}}))'"
+    launcher = "torchrun --standalone --nproc_per_node=8 train_gpt.py"
+    assert command.endswith(launcher)
+    printed = subprocess.run(["bash", "-c", command.replace(launcher, show)], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, check=True).stdout
+    expected = {name: value for name, value in values.items() if name != "SEED"} | {"SEEDS": "42 0"}
+    assert json.loads(printed) == expected and "ITERATIONS" not in command
