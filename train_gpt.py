@@ -3223,6 +3223,24 @@ class TTTClock:
         return all_reduce(over, dist.ReduceOp.MAX).item() == 0  # every rank takes the same decision
 
 
+class Progress:
+    """A progress line of a long evaluation (`ttt_progress: ...`), at most every `every` seconds and at the end, so
+    that minutes of TTT are not silent: how far it is, the time spent, and the time left at the rate so far. Rank
+    0's log only; nothing is synchronized for it."""
+
+    def __init__(self, log, unit, total, every=30.0):
+        self.log, self.unit, self.total, self.every = log, unit, total, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done, share_done, detail=lambda: ""):
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last, elapsed = now, now - self.start
+        left = elapsed * (1 - share_done) / share_done if share_done > 0 else float("nan")
+        self.log(f"ttt_progress: {self.unit}:{done}/{self.total} {detail()}elapsed:{elapsed:.0f}s eta:{left:.0f}s")
+
+
 def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
                     budget_left=None, phases=()):
     """Legal test-time training. The stream is cut into segments at every TTT_CHUNK_TOKENS targets and at the
@@ -3249,7 +3267,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     global_steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
     ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
     per_segment, adapting, adapted = [], True, 0
-    num_chunks = -(-num_targets // chunk)
+    num_chunks, progress = -(-num_targets // chunk), Progress(log, "segment", len(segments))
     for index, (first, end) in enumerate(segments):
         start = time.perf_counter()
         mine = rank_share(windows_of[index], rank, world_size)
@@ -3257,6 +3275,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
         per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
         ledger.commit(end)
         clock.scored(time.perf_counter() - start, scoring[index])
+        progress(index + 1, end / num_targets, lambda: f"scored_bpb:{loss_and_bpb(sum(per_segment))[1]:.4f} ")
         if index == len(segments) - 1:
             break
         phase = end in phases
@@ -3557,6 +3576,7 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
     per_document = torch.zeros(len(documents), 3, dtype=torch.float64, device=device)
     base_params = list(models.base.parameters())
     phase, adapting, adapted = 0, True, 0
+    progress, total_work = Progress(log, "round", len(rounds)), sum(round_work)
     adapters = DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
     for index, positions in enumerate(rounds):
         adapting = adapting and clock.fits(round_work[index], work_after[index])
@@ -3577,6 +3597,7 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
         for position in positions:  # every rank's share of the round is scored: the next phase may read it
             for document in queue[position][1]:
                 ledger.commit(document, document.targets)
+        progress(index + 1, 1 - work_after[index] / max(total_work, 1), lambda: "adapting " if adapting else "scoring ")
         if adapting and positions[-1] in phases:
             adapting = run_document_phase(models, ledger, phases[positions[-1]], base_params, hp, rank, world_size,
                                           device, autocast, clock, work_after[index], log, (phase + 1, len(phases)))

@@ -228,3 +228,21 @@ def test_the_budget_clock_counts_the_padded_work_so_a_short_segment_is_not_slow(
     clock.scored(10.0, T.scoring_work(640, 64, 1, 256))
     assert clock.score_rate == pytest.approx(1.0 / (64 * 256))
     assert clock.fits(0, 99 * 64 * 256) and not clock.fits(0, 101 * 64 * 256)
+
+
+def test_ttt_reports_its_progress_ending_with_the_score_so_far_equal_to_the_final_one():
+    lines = []
+    (_, bpb, _), per_chunk, _ = T.score_first_ttt(small_model(), stream(6), LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
+                                                  log=lines.append)
+    progress = [line for line in lines if line.startswith("ttt_progress: ")]
+    assert progress[-1].startswith(f"ttt_progress: segment:{len(per_chunk)}/{len(per_chunk)} scored_bpb:{bpb:.4f} ")
+    assert progress[-1].endswith(" eta:0s")
+
+
+def test_progress_is_printed_at_most_every_interval_and_always_at_the_end(monkeypatch):
+    clock, lines = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0]), []
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    progress = T.Progress(lines.append, "round", 4, every=30.0)
+    for done in range(1, 5):
+        progress(done, done / 4)
+    assert lines == ["ttt_progress: round:3/4 elapsed:40s eta:13s", "ttt_progress: round:4/4 elapsed:41s eta:0s"]

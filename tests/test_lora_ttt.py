@@ -261,3 +261,13 @@ def test_the_compiled_forward_scores_as_the_eager_one(fresh_dynamo):
                                      AUTOCAST_OFF, starts, log=lambda message: None)
     assert torch.allclose(report.per_document, eager, rtol=1e-5, atol=1e-6)
     assert T.compiled_graphs() == graphs  # every batch and context length ran on the graphs built beforehand
+
+
+def test_the_lora_ttt_reports_its_progress_to_the_last_round():
+    tokens, lines = documents_stream(LENGTHS), []
+    model = model_of(0, HP)
+    report = T.per_document_lora_ttt(T.LoraTTTModels(model, model, model), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
+                                     T.doc_starts_of(tokens, BOS), log=lines.append)
+    progress = [line for line in lines if line.startswith("ttt_progress: ")]
+    assert progress and progress[-1].startswith(f"ttt_progress: round:{report.rounds}/{report.rounds} adapting ")
+    assert progress[-1].endswith(" eta:0s")
