@@ -418,6 +418,9 @@ class Hyperparameters:
     attn_backend: str = setting("auto", "auto|fa3|fa2|sdpa")  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
     # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
     benchmark_steps: int = setting(0, ">=0")
+    # the training loss through a fused Triton kernel of the softcapped cross-entropy (the records' name): the same
+    # math without fp32 logits in memory; where Triton cannot run, the unfused math, and the log says so
+    fused_ce_enabled: bool = setting(False, needs="LOGIT_SOFTCAP > 0")
 
     @classmethod
     def from_env(cls, environ=None):
@@ -606,6 +609,8 @@ def rules_of_training(hp, require):
     for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
         require(getattr(hp, name) == 0 or getattr(hp, name) > hp.min_lr_scale, name.upper(),
                 f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
+    require(not (hp.fused_ce_enabled and hp.mile_gamma > 0), "FUSED_CE_ENABLED",
+            "computes the loss without the logits whose entropy MILE_GAMMA weights by; set one of them")
     if hp.kernel_stage_restarts:
         require(hp.warmdown_frac == 0 and hp.warmdown_iters == 0, "KERNEL_STAGE_RESTARTS",
                 "replaces the warmdown with a decay per stage; set WARMDOWN_FRAC=0 and WARMDOWN_ITERS=0")
@@ -757,7 +762,7 @@ PRESETS = {
         doc_isolation=True, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
         gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
-        phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3,
+        phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -1813,7 +1818,7 @@ def mile_weights(logits, gamma):
 class GPT(nn.Module):
     def __init__(self, hp, attention_fn=_sdpa, bos_id=1):
         super().__init__()
-        self.logit_softcap = hp.logit_softcap
+        self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
@@ -1927,9 +1932,13 @@ class GPT(nn.Module):
             x = x - self.backout.to(x.dtype) * cached
         return self.final_norm(x)
 
+    def head(self, h):
+        """The output projection (tied or not), in the compute dtype, before the softcap."""
+        return F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+
     def output_logits(self, h, adapters=None):
         """The head over the final hidden states, with the logit softcap; fp32."""
-        raw = F.linear(h, self.tok_emb.weight.to(h.dtype)) if self.lm_head is None else self.lm_head(h)
+        raw = self.head(h)
         if adapters is not None:
             raw = raw + adapters.head(h)
         if not self.logit_softcap:
@@ -1938,7 +1947,11 @@ class GPT(nn.Module):
 
     def output(self, h, target_ids=None, reduction="mean", mile_gamma=None, adapters=None):
         """Logits (B, T, V) without targets; with targets, the fp32 cross-entropy ("mean" or per token, "none").
-        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe."""
+        `mile_gamma` (a tensor, training only) weights the mean loss with MiLe. A mean loss to train on goes through
+        the fused softcapped cross-entropy where it is on (`fused_ce`: FUSED_CE_ENABLED with Triton): the same
+        math, without the fp32 logits in memory."""
+        if target_ids is not None and reduction == "mean" and self.fused_ce and mile_gamma is None and adapters is None:
+            return self.fused_ce(self.head(h).flatten(0, 1), target_ids.flatten(), self.logit_softcap).mean()
         logits = self.output_logits(h, adapters)
         if target_ids is None:
             return logits
@@ -1969,6 +1982,118 @@ class ForwardRegions(NamedTuple):
 
 
 EAGER_REGIONS = ForwardRegions(Block.__call__, GPT.output)
+
+
+# --- fused kernels (Triton, optional; credit: the 04-23 and 04-27 records' fused softcapped cross-entropy) ---
+# Each is a switch. Where it cannot run (no Triton, or a device Triton does not drive) the same math runs unfused and
+# the log says so. The kernels are custom ops, so torch.compile treats them as opaque calls inside its graphs.
+
+
+@functools.cache
+def triton_language():
+    """(triton, triton.language), or None where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def triton_drives(device):
+    """Whether Triton's kernels run on `device`: CUDA, or any device under Triton's interpreter (TRITON_INTERPRET=1,
+    which the CPU tests use)."""
+    found = triton_language()
+    interpreted = found is not None and getattr(getattr(found[0], "knobs", None), "runtime", None) is not None and \
+        bool(found[0].knobs.runtime.interpret)
+    return found is not None and (device.type == "cuda" or interpreted)
+
+
+@functools.cache
+def softcapped_ce_kernels():
+    """The Triton kernels of the softcapped cross-entropy, one program per row: the forward's loss and log-sum-exp
+    in one pass over the vocabulary (an online log-sum-exp, fp32 in registers), and the backward's gradient, which
+    recomputes the softcap instead of reading stored fp32 logits. tanh(y) is written 2 sigmoid(2y) - 1."""
+    triton, tl = triton_language()
+
+    @triton.jit
+    def forward_kernel(raw, targets, losses, lse_out, row_stride, columns, softcap, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = raw + row * row_stride
+        running_max = tl.zeros((), tl.float32) - float("inf")
+        running_sum = tl.zeros((), tl.float32)
+        for start in range(0, columns, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < columns
+            x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+            z = tl.where(inside, softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0), -float("inf"))
+            new_max = tl.maximum(running_max, tl.max(z, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), 0)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        x_target = tl.load(base + tl.load(targets + row)).to(tl.float32)
+        tl.store(losses + row, lse - softcap * (2.0 * tl.sigmoid(2.0 * x_target / softcap) - 1.0))
+        tl.store(lse_out + row, lse)
+
+    @triton.jit
+    def backward_kernel(raw, targets, lse_in, grad_losses, grad, row_stride, columns, softcap, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base, out = raw + row * row_stride, grad + row * row_stride
+        target, lse, scale = tl.load(targets + row), tl.load(lse_in + row), tl.load(grad_losses + row)
+        for start in range(0, columns, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < columns
+            x = tl.load(base + cols, mask=inside, other=0.0).to(tl.float32)
+            tanh = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+            softmax = tl.exp(softcap * tanh - lse)
+            dz = scale * (softmax - tl.where(cols == target, 1.0, 0.0))
+            tl.store(out + cols, (dz * (1.0 - tanh * tanh)).to(grad.dtype.element_ty), mask=inside)
+
+    return forward_kernel, backward_kernel
+
+
+@functools.cache
+def fused_softcapped_ce():
+    """losses(raw_logits (N, V), targets (N,), softcap) -> (N,) fp32: the cross-entropy of softcap * tanh(raw /
+    softcap), through the kernels above registered as custom ops with their autograd."""
+    forward_kernel, backward_kernel = softcapped_ce_kernels()
+    block = 1024
+
+    @torch.library.custom_op("train_gpt::softcapped_ce", mutates_args=())
+    def softcapped_ce(raw: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        raw, targets = raw.contiguous(), targets.contiguous()
+        losses = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
+        lse = torch.empty_like(losses)
+        forward_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.stride(0), raw.size(1), softcap, BLOCK=block)
+        return losses, lse
+
+    @softcapped_ce.register_fake
+    def _(raw, targets, softcap):
+        return raw.new_empty(raw.size(0), dtype=torch.float32), raw.new_empty(raw.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op("train_gpt::softcapped_ce_backward", mutates_args=())
+    def softcapped_ce_backward(raw: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                               grad_losses: torch.Tensor, softcap: float) -> torch.Tensor:
+        raw, grad = raw.contiguous(), torch.empty(raw.shape, dtype=raw.dtype, device=raw.device)
+        backward_kernel[(raw.size(0),)](raw, targets.contiguous(), lse, grad_losses.contiguous(), grad, raw.stride(0),
+                                        raw.size(1), softcap, BLOCK=block)
+        return grad
+
+    @softcapped_ce_backward.register_fake
+    def _(raw, targets, lse, grad_losses, softcap):
+        return torch.empty_like(raw)
+
+    def setup_context(ctx, inputs, output):
+        raw, targets, softcap = inputs
+        ctx.save_for_backward(raw, targets, output[1])
+        ctx.softcap = softcap
+
+    def backward(ctx, grad_losses, _grad_lse):
+        raw, targets, lse = ctx.saved_tensors
+        return softcapped_ce_backward(raw, targets, lse, grad_losses, ctx.softcap), None, None
+
+    softcapped_ce.register_autograd(backward, setup_context=setup_context)
+    return lambda raw, targets, softcap: softcapped_ce(raw, targets.long(), float(softcap))[0]
 
 
 def count_parameters(model):
@@ -2802,10 +2927,14 @@ def pack_source(source, readable_name=READABLE_CODE_NAME):
     files = {}
     for name, (compress, _) in CODE_PACKERS.items():
         payload = base64.b85encode(compress(stripped)).decode("ascii")
+        # The source is also put in linecache under its name, as a file's would be: tracebacks show its lines, and
+        # inspect.getsource finds the functions that Triton compiles from their source.
         files[name] = (f"{PACKED_CODE_PREFIX.decode()}{readable_name} ({name}); run it as the readable file.\n"
-                       f"import base64, {name}\n"
-                       f"exec(compile({name}.decompress(base64.b85decode('{payload}')), "
-                       f"{readable_name + ' (packed)'!r}, 'exec'))\n").encode("ascii")
+                       f"import base64, linecache, {name}\n"
+                       f"_s = {name}.decompress(base64.b85decode('{payload}')).decode(); "
+                       f"_n = {readable_name + ' (packed)'!r}\n"
+                       f"linecache.cache[_n] = (len(_s), None, _s.splitlines(True), _n)\n"
+                       f"exec(compile(_s, _n, 'exec'))\n").encode("ascii")
     best = min(files, key=lambda name: len(files[name]))
     return files[best], best, {name: len(blob) for name, blob in files.items()}
 
@@ -4070,6 +4199,11 @@ def build_model(run, data):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
+    if hp.fused_ce_enabled:
+        usable = triton_drives(run.device)
+        net.fused_ce = fused_softcapped_ce() if usable else None
+        run.log("fused_ce: " + ("on (Triton)" if usable else f"the same math unfused (Triton "
+                                f"{'does not drive ' + run.device.type if triton_language() else 'is not installed'})"))
     forward = train_model_of(net, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:
@@ -5365,7 +5499,7 @@ FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
     MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
     GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
-    SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY FUSED_CE_ENABLED
+    SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY
     EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
     LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
     SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED

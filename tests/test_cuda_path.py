@@ -569,10 +569,12 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
                 "| evaluation: TTT lora on the artifact | val_bpb ",
                 "| default stack, COMPILE_SCOPE=block: looping:False |",
                 "| default stack, COMPILE_SCOPE=model: looping:True |",
+                "| default stack + FUSED_CE_ENABLED=1: kernel |",
+                "| default stack + FUSED_CE_ENABLED=1, COMPILE_SCOPE=block: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
         assert row in table, row
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 7
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 8

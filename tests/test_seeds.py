@@ -389,7 +389,7 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
     assert not T.Hyperparameters.from_env({"PRESET": "pr754"})[0].ema_warmup
 
 
-# What PRESET=record changes in the default stack: the README's "PRESET=record" section lists each of these.
+# What PRESET=record changes in the default stack: docs/seeds.md's "PRESET=record" section lists each of these.
 RECORD_CHANGES = {
     "data_path": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
@@ -397,7 +397,7 @@ RECORD_CHANGES = {
     "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
     "val_loss_every": 0, "ttt_enabled": True, "ttt_method": "lora", "ttt_lora_rank": 80, "ttt_beta2": 0.99,
     "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
-    "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3,
+    "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3, "fused_ce_enabled": True,
 }
 
 
@@ -406,7 +406,7 @@ def test_the_record_preset_is_the_default_stack_with_the_record_s_data_evaluatio
     changed = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
                if getattr(record, f.name) != getattr(default, f.name) and f.name != "preset"}
     assert changed == RECORD_CHANGES
-    # The default stack at SP8192: 48 parameters fewer than the record's logged model_params:35945671 (see README).
+    # The default stack at SP8192: 48 parameters fewer than the record's logged model_params:35945671 (docs/seeds.md).
     assert T.count_parameters(T.GPT(record))[0] == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
 
 
