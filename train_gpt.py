@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ============================================================================================
 # HYPERPARAMETERS
@@ -415,7 +416,9 @@ class Hyperparameters:
     compile_scope: str = setting("model", "model|block", "COMPILE=auto or 1")
     # auto = bf16 on CUDA, fp32 on the CPU; bf16 = bf16 autocast and Muon updates on any device; off = fp32
     autocast: str = setting("auto", "auto|bf16|off")
-    attn_backend: str = setting("auto", "auto|fa3|fa2|sdpa")  # auto (FA3, then FA2, then SDPA), fa3, fa2 or sdpa
+    # auto (FA3, then FA2, then SDPA; with DOC_ISOLATION on a compiled GPU run, flex before SDPA), fa3, fa2, sdpa, or
+    # flex: FlexAttention with a block mask over packed documents (SDPA for causal rows)
+    attn_backend: str = setting("auto", "auto|fa3|fa2|flex|sdpa")
     # > 0: after the warmup, time this many steps per layout, print speed and memory, and stop
     benchmark_steps: int = setting(0, ">=0")
     # the training loss through a fused Triton kernel of the softcapped cross-entropy (the records' name): the same
@@ -577,6 +580,9 @@ def rules_of_model(hp, require):
     head_dim = hp.model_dim // hp.num_heads
     require(hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
     require(hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+    require(hp.attn_backend != "flex" or hp.doc_isolation, "ATTN_BACKEND",
+            "=flex is FlexAttention over packed documents, which DOC_ISOLATION=1 asks for; without it attention is "
+            "SDPA's: set ATTN_BACKEND=sdpa or auto")
     require(head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
     require(0 <= hp.rope_dims <= head_dim and hp.rope_dims % 2 == 0, "ROPE_DIMS",
             f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
@@ -1363,13 +1369,24 @@ class PackedDocuments(NamedTuple):
     ids: torch.Tensor  # (B, T) the document index of each position, counted along the row
     offsets: torch.Tensor  # (B, T) each position's offset inside its document
     cu_seqlens: Optional[torch.Tensor] = None  # FlashAttention's varlen bounds (cu_seqlens_of), found before the model
+    block_mask: object = None  # FlexAttention's BlockMask of the documents (ATTN_BACKEND=flex), once per forward
 
 
-def packed_documents(input_ids, bos_id, cu_seqlens=None):
+def packed_documents(input_ids, bos_id, cu_seqlens=None, block_mask=False):
     starts = document_starts(input_ids, bos_id)
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
-    return PackedDocuments(ids=starts.cumsum(1), offsets=positions - last_start, cu_seqlens=cu_seqlens)
+    ids = starts.cumsum(1)
+    return PackedDocuments(ids=ids, offsets=positions - last_start, cu_seqlens=cu_seqlens,
+                           block_mask=document_block_mask(ids) if block_mask else None)
+
+
+def document_block_mask(ids):
+    """FlexAttention's block mask of causal attention inside each document of the rows (ids: (B, T) document
+    indices). Its blocks wholly outside every document are skipped, not computed and discarded."""
+    def same_document_causal(batch, head, query, key):
+        return (query >= key) & (ids[batch, query] == ids[batch, key])
+    return create_block_mask(same_document_causal, ids.size(0), None, ids.size(1), ids.size(1), device=ids.device)
 
 
 def _sdpa(q, k, v, docs=None):
@@ -1381,6 +1398,20 @@ def _sdpa(q, k, v, docs=None):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        is_causal=mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
+
+
+def _flex(q, k, v, docs=None):
+    """ATTN_BACKEND=flex: SDPA for causal rows; over packed documents, FlexAttention with their block mask (credit:
+    PyTorch's FlexAttention and its document masking), where SDPA would compute the dense mask's every block.
+    Compiled with the model it is one fused kernel; eager, a slow reference."""
+    if docs is None or docs.block_mask is None:
+        return _sdpa(q, k, v, docs)
+    y = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=docs.block_mask,
+                       enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+_flex.takes_block_mask = True
 
 
 def _load_flash_attention(backend):
@@ -1416,7 +1447,7 @@ def _load_flash_attention(backend):
 
 def uses_varlen(hp, attention_name):
     """DOC_ISOLATION on FlashAttention: the documents go to its varlen entry point as cu_seqlens."""
-    return hp.doc_isolation and attention_name != "sdpa"
+    return hp.doc_isolation and attention_name in ("fa3", "fa2")
 
 
 def check_doc_isolation(hp, attention_name, attention_fn):
@@ -1426,13 +1457,21 @@ def check_doc_isolation(hp, attention_name, attention_fn):
                           f"set ATTN_BACKEND=sdpa")
 
 
-def select_attention(requested, device_type, half_precision=True):
+def select_attention(requested, device_type, half_precision=True, documents=False, compiled=False):
     """Returns (name, fn). FA3, then FA2, then PyTorch SDPA; an explicit request that cannot be met is an error.
-    FlashAttention takes only fp16/bf16 activations, so without autocast (`half_precision` False) it is skipped."""
-    candidates = ["fa3", "fa2", "sdpa"] if requested == "auto" else [requested]
+    FlashAttention takes only fp16/bf16 activations, so without autocast (`half_precision` False) it is skipped.
+    Over packed `documents`, a compiled CUDA run without FlashAttention takes FlexAttention before SDPA's mask."""
+    candidates = ["fa3", "fa2", "flex", "sdpa"] if requested == "auto" else [requested]
     for name in candidates:
         if name == "sdpa":
             return name, _sdpa
+        if name == "flex":
+            if requested == "flex" and device_type != "cuda":
+                raise ConfigError("ATTN_BACKEND=flex: FlexAttention has no backward on the CPU; set ATTN_BACKEND=sdpa "
+                                  "(the same attention, through a dense mask)")
+            if requested == "flex" or (documents and compiled and device_type == "cuda"):
+                return name, _flex
+            continue
         if device_type == "cuda" and half_precision:
             fn = _load_flash_attention(name)
             if fn is not None:
@@ -1820,6 +1859,7 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
+        self.block_mask = getattr(attention_fn, "takes_block_mask", False)  # FlexAttention's, built once per forward
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
         self.smear = None if not hp.smear_gate else \
@@ -1915,7 +1955,7 @@ class GPT(nn.Module):
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
-        docs = packed_documents(input_ids, self.bos_id, cu_seqlens) if self.doc_isolation else None
+        docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask) if self.doc_isolation else None
         for position, layer in enumerate(order):
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
@@ -3980,8 +4020,9 @@ def setup(run):
     run.log("=" * 100, console=False)
 
     bf16 = autocast_name(hp.autocast, device_type) == "bf16"
-    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16)
     run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16,
+                                                            documents=hp.doc_isolation, compiled=run.use_compile)
     check_doc_isolation(hp, run.attention_name, run.attention_fn)
     run.autocast = autocast_context(hp.autocast, device_type)
 

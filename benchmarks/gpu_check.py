@@ -314,16 +314,19 @@ def attention(table, check):
     ids[:, torch.randint(seq_len, (seq_len // 256 + 2,), device=device, generator=generator)] = 1  # BOS = 1
     for name, extra in (("", ()), (" over packed documents", (T.packed_documents(ids, 1),))):
         reference, reference_grads = forward_backward(lambda q, k, v: T._sdpa(q, k, v, *extra))
-        for backend in ("fa3", "fa2", "sdpa"):
+        for backend in ("fa3", "fa2", "flex", "sdpa") if extra else ("fa3", "fa2", "sdpa"):
             try:
                 _, fn = T.select_attention(backend, device.type)
             except T.ConfigError:
                 table.add(f"attention {backend}{name}", "not available here")
                 continue
-            if extra and fn is not T._sdpa and not fn.has_varlen:
+            if extra and backend in ("fa3", "fa2") and not fn.has_varlen:
                 table.add(f"attention {backend}{name}", "no flash_attn_varlen_func in this build")
                 continue
-            call = lambda q, k, v: fn(q, k, v, *extra)
+            args = extra
+            if backend == "flex":  # compiled, as a run compiles it, with the documents' block mask
+                fn, args = torch.compile(fn, fullgraph=True), (T.packed_documents(ids, 1, block_mask=True),)
+            call = lambda q, k, v: fn(q, k, v, *args)
             out, grads = forward_backward(call)
             error = max([(out.float() - reference.float()).abs().max().item()] +
                         [(g.float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)

@@ -29,7 +29,7 @@ def test_env_vars_are_typed_and_override_presets():
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE"),
     ({"COMPRESSOR": "lz4"}, "COMPRESSOR"),
-    ({"ATTN_BACKEND": "flex"}, "ATTN_BACKEND"),
+    ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"), ({"ATTN_BACKEND": "flex"}, "ATTN_BACKEND"),
     ({"ITERATIONS": "0"}, "ITERATIONS"),
 ])
 def test_bad_settings_fail_early_naming_the_env_var(env, name):

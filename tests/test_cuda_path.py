@@ -559,6 +559,7 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     assert table in result.stdout and "FAILED" not in table
     for row in ("| device | cpu |", "| attention fa3 | not available here |", "| attention sdpa vs sdpa (fwd+bwd) |",
                 "| attention sdpa over packed documents vs sdpa (fwd+bwd) |", "| attention fa2 over packed documents |",
+                "| attention flex over packed documents | not available here |",
                 "| default stack, COMPILE_SCOPE=block: first step, looping:True (compile) |",
                 "| default stack, COMPILE_SCOPE=block: untimed warmup |",
                 "| default stack, COMPILE_SCOPE=block: graphs after warmup / training / evaluation |",

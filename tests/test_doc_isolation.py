@@ -27,8 +27,8 @@ def documents(seed=0):
 
 
 def attention(backend, monkeypatch):
-    if backend == "sdpa":
-        return T._sdpa, torch.float32
+    if backend in ("sdpa", "flex"):  # FlexAttention: forward only on the CPU (it has no backward there)
+        return {"sdpa": T._sdpa, "flex": T._flex}[backend], torch.float32
     fa3 = flash_standins.with_varlen(flash_standins.fa3_module(returns_lse=True), fa3=True)
     fa2 = flash_standins.with_varlen(flash_standins.fa2_module(), fa3=False)
     monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3)
@@ -54,7 +54,7 @@ def logits(model, tokens, dtype):
         return model.logits(tokens[None]).float()[0]
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "fa3", "fa2"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "fa3", "fa2"])
 @pytest.mark.parametrize("hp", [STACK, NEON], ids=["stack", "neon213"])
 def test_each_packed_document_scores_as_if_it_ran_alone(monkeypatch, backend, hp):
     attention_fn, dtype = attention(backend, monkeypatch)
@@ -219,3 +219,48 @@ def test_a_run_with_isolated_documents_trains_and_scores(sample, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "docs.txt").read_text()
     assert " doc_isolation\n" in log and "final_int6_brotli_roundtrip_exact" in log
+
+
+def test_flexattention_over_packed_documents_equals_the_sdpa_mask_and_builds_its_block_mask_once():
+    """Grouped-query K/V (4 query heads over 2), documents of every length, a row that is one document."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 97, (3, 200), generator=generator)
+    ids[0, [7, 20, 21, 150]] = ids[1, [13]] = BOS
+    q, k, v = (torch.randn(3, 200, heads, 16, generator=generator) for heads in (4, 2, 2))
+    mask_only = T.packed_documents(ids, BOS)
+    docs = T.packed_documents(ids, BOS, block_mask=True)
+    assert mask_only.block_mask is None and docs.block_mask is not None
+    with torch.no_grad():
+        torch.testing.assert_close(T._flex(q, k, v, docs), T._sdpa(q, k, v, mask_only), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(T._flex(q, k, v), T._sdpa(q, k, v))  # causal rows: SDPA itself
+    model = model_of(STACK, T._flex)
+    assert model.block_mask and not model_of(STACK, T._sdpa).block_mask
+
+
+def test_the_selector_takes_flexattention_for_documents_on_a_compiled_gpu_without_flashattention(monkeypatch):
+    inject = lambda fa3, fa2: (monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3),
+                               monkeypatch.setitem(sys.modules, "flash_attn", fa2))
+    inject(None, None)
+    assert T.select_attention("auto", "cuda", documents=True, compiled=True)[0] == "flex"
+    assert T.select_attention("auto", "cuda", documents=False, compiled=True)[0] == "sdpa"
+    assert T.select_attention("auto", "cuda", documents=True, compiled=False)[0] == "sdpa"  # eager flex is slow
+    assert T.select_attention("auto", "cpu", documents=True, compiled=True)[0] == "sdpa"
+    assert T.select_attention("flex", "cuda") == ("flex", T._flex)
+    with pytest.raises(T.ConfigError, match="no backward on the CPU"):
+        T.select_attention("flex", "cpu")
+    inject(flash_standins.with_varlen(flash_standins.fa3_module(), fa3=True), None)
+    assert T.select_attention("auto", "cuda", documents=True, compiled=True)[0] == "fa3"
+    assert not T.uses_varlen(STACK, "flex") and T.uses_varlen(STACK, "fa3")
+
+
+@pytest.mark.cuda_path  # a compile: CI's second step
+def test_flexattention_compiles_as_one_graph_for_any_length_and_document_count():
+    model, reference = model_of(STACK, T._flex), model_of(STACK, T._sdpa)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    graphs_before = T.compiled_graphs()
+    for length, bos in ((30, [5, 11]), (17, [9]), (25, [3, 4, 20])):
+        tokens = torch.randint(2, 97, (2, length), generator=torch.Generator().manual_seed(length))
+        tokens[0, bos] = BOS
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(tokens), reference(tokens), rtol=1e-4, atol=1e-4)
+    assert T.compiled_graphs() - graphs_before == 1
