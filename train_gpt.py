@@ -424,6 +424,9 @@ class Hyperparameters:
     # the training loss through a fused Triton kernel of the softcapped cross-entropy (the records' name): the same
     # math without fp32 logits in memory; where Triton cannot run, the unfused math, and the log says so
     fused_ce_enabled: bool = setting(False, needs="LOGIT_SOFTCAP > 0")
+    # AdamW's step on a side CUDA stream while Parallel Muon orthogonalizes (the 04-27 record's overlap); the same
+    # updates; without CUDA, one stream (the optimizer: line says which)
+    adamw_side_stream: bool = False
 
     @classmethod
     def from_env(cls, environ=None):
@@ -2367,12 +2370,17 @@ class Optimizers:
         self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=True)
         self.replicated = tables + scalars + head
         self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
+        # ADAMW_SIDE_STREAM (credit: the 04-27 record): AdamW steps on a side CUDA stream while Muon orthogonalizes.
+        # The two read and write disjoint tensors, so the updates are the same in any order.
+        on_cuda = self.replicated[0].is_cuda
+        self.side_stream = torch.cuda.Stream(self.replicated[0].device) if hp.adamw_side_stream and on_cuda else None
 
     def describe(self):
         return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
                 f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.banks)} "
                 f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
-                f"adamw_params:{sum(p.numel() for p in self.replicated)}")
+                f"adamw_params:{sum(p.numel() for p in self.replicated)} "
+                f"adamw_stream:{'side' if self.side_stream is not None else 'main'}")
 
     def adam_state_bytes(self):
         return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values()
@@ -2407,8 +2415,15 @@ class Optimizers:
             self.all_reduce_replicated()  # while the banks' reduce-scatters are in flight
         if self.grad_clip_norm > 0:
             self.clip_global_norm()
-        self.adam.step()
+        if self.side_stream is None:
+            self.adam.step()
+            self.muon.step()
+            return
+        self.side_stream.wait_stream(torch.cuda.current_stream())  # the clipped gradients are ready
+        with torch.cuda.stream(self.side_stream):
+            self.adam.step()
         self.muon.step()
+        torch.cuda.current_stream().wait_stream(self.side_stream)  # the next forward reads AdamW's parameters
 
     def zero_grad(self):
         self.adam.zero_grad(set_to_none=True)

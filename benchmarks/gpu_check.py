@@ -16,8 +16,10 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
   3. on that artifact (EVAL_ONLY_QUANTIZED_PATH), chunk TTT and per-document LoRA TTT, each projected likewise;
   4. BENCHMARK_STEPS figures before and after the recurrence (ms/step, tokens/s, MFU, peak memory) at one GPU's
      share of the record batch (98,304 tokens, GRAD_ACCUM_STEPS=1), for both COMPILE_SCOPEs (which decides the
-     default: model, the records', until block steps as fast), and with each speed switch on (FUSED_CE_ENABLED);
-  5. PRESET=record's step time, its DOC_ISOLATION on the attention it selects (FA3 where installed, else SDPA's mask);
+     default: model, the records', until block steps as fast), and with each speed switch on alone
+     (FUSED_CE_ENABLED, ADAMW_SIDE_STREAM);
+  5. PRESET=record's step time, its DOC_ISOLATION on the attention it selects (FA3 where installed, else
+     FlexAttention);
   6. each importable attention backend against SDPA, plain causal and over packed documents; PRESET=baseline.
 """
 
@@ -274,12 +276,16 @@ def whole_model_step_times(table, check):
     step_times(table, check, scope="model")
 
 
-def fused_ce_step_times(table, check):
-    """The default stack with the fused softcapped cross-entropy, beside its COMPILE_SCOPE=block rows."""
-    log = check.run(check.env("check_bench_fused_ce", BENCHMARK_STEPS=str(check.args.benchmark_steps),
-                              COMPILE_SCOPE="block", FUSED_CE_ENABLED="1"), "FUSED_CE_ENABLED=1")
-    table.add("default stack + FUSED_CE_ENABLED=1: kernel", found(r"^fused_ce: (.*)$", log))
-    benchmark_rows(table, check, "default stack + FUSED_CE_ENABLED=1, COMPILE_SCOPE=block", log)
+SPEED_SWITCHES = {"FUSED_CE_ENABLED": r"^fused_ce: (.*)$", "ADAMW_SIDE_STREAM": r"^optimizer: .* adamw_stream:(\w+)"}
+
+
+def speed_switch_step_times(table, check):
+    """The default stack with each speed switch on alone, beside its COMPILE_SCOPE=block rows."""
+    for switch, what_ran in SPEED_SWITCHES.items():
+        log = check.run(check.env(f"check_bench_{switch.lower()}", BENCHMARK_STEPS=str(check.args.benchmark_steps),
+                                  COMPILE_SCOPE="block", **{switch: "1"}), f"{switch}=1")
+        table.add(f"default stack + {switch}=1: what ran", found(what_ran, log))
+        benchmark_rows(table, check, f"default stack + {switch}=1, COMPILE_SCOPE=block", log)
 
 
 def record_step_time(table, check):
@@ -342,7 +348,7 @@ def attention(table, check):
 
 
 # (phase, the seconds it needs on one H200 to be started: a phase that no longer fits the budget is skipped)
-PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (fused_ce_step_times, 30),
+PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (speed_switch_step_times, 60),
           (whole_model_step_times, 120), (record_step_time, 50), (attention, 10), (baseline_step_time, 40))
 
 

@@ -18,11 +18,25 @@ def config():
     return small_hp(num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, grad_clip_norm=0.05)
 
 
-def train(rank, world_size):
+def adam_after_muon(optimizers):
+    """Runs every AdamW step after Muon's, the other extreme of the side stream's overlap (ADAMW_SIDE_STREAM)."""
+    adam_step, muon_step, deferred = optimizers.adam.step, optimizers.muon.step, []
+    optimizers.adam.step = lambda: deferred.append(adam_step)
+
+    def muon_then_adam():
+        muon_step()
+        while deferred:
+            deferred.pop()()
+    optimizers.muon.step = muon_then_adam
+
+
+def train(rank, world_size, adam_last=False):
     hp = config()
     torch.manual_seed(0)
     model = T.GPT(hp)
     optimizers = T.Optimizers(model, hp, rank, world_size)
+    if adam_last:
+        adam_after_muon(optimizers)
     batches = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         tokens = torch.randint(hp.vocab_size, (GLOBAL_ROWS, hp.train_seq_len + 1), generator=batches)
@@ -33,8 +47,11 @@ def train(rank, world_size):
     return {name: p.detach().clone() for name, p in model.named_parameters()}, optimizers.muon.momentum_bytes()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # argv: the output prefix, then "adam_last" to also train with AdamW after Muon
     dist.init_process_group("gloo")
     params, momentum_bytes = train(dist.get_rank(), dist.get_world_size())
     torch.save(dict(params=params, momentum_bytes=momentum_bytes), f"{sys.argv[1]}.rank{dist.get_rank()}.pt")
+    if sys.argv[2:] == ["adam_last"]:
+        params, _ = train(dist.get_rank(), dist.get_world_size(), adam_last=True)
+        torch.save(dict(params=params), f"{sys.argv[1]}.adam_last.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

@@ -570,8 +570,10 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
                 "| evaluation: TTT lora on the artifact | val_bpb ",
                 "| default stack, COMPILE_SCOPE=block: looping:False |",
                 "| default stack, COMPILE_SCOPE=model: looping:True |",
-                "| default stack + FUSED_CE_ENABLED=1: kernel |",
+                "| default stack + FUSED_CE_ENABLED=1: what ran | the same math unfused",
                 "| default stack + FUSED_CE_ENABLED=1, COMPILE_SCOPE=block: looping:True |",
+                "| default stack + ADAMW_SIDE_STREAM=1: what ran | main |",
+                "| default stack + ADAMW_SIDE_STREAM=1, COMPILE_SCOPE=block: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
         assert row in table, row
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.

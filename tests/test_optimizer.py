@@ -204,7 +204,8 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
     20x below one step of the smallest AdamW LR. (On GPU both sides would orthogonalize in bf16 alike.)"""
     prefix = tmp_path / "params"
     result = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                         str(REPO / "tests" / "muon_worker.py"), str(prefix)], {}, tmp_path, timeout=300)
+                         str(REPO / "tests" / "muon_worker.py"), str(prefix)] + ["adam_last"] * (nproc == 2), {},
+                        tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, reference_momentum_bytes = muon_worker.train(0, 1)
     banked = {f"{name}.weight" for name, module in T.GPT(muon_worker.config()).named_modules()
@@ -217,6 +218,21 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
             assert torch.equal(state["params"][name], saved[0]["params"][name])  # replicas stay identical
         # Momentum is sharded: each rank holds ceil(bank / nproc) matrices of every bank.
         assert state["momentum_bytes"] < reference_momentum_bytes * (1 / nproc + 0.25)
+    if nproc == 2:  # AdamW after Muon (ADAMW_SIDE_STREAM's other extreme): the same bits at two processes
+        for rank, state in enumerate(saved):
+            adam_last = torch.load(f"{prefix}.adam_last.rank{rank}.pt")["params"]
+            assert all(torch.equal(adam_last[name], value) for name, value in state["params"].items())
+
+
+def test_adamw_after_muon_gives_the_same_bits_and_the_side_stream_needs_cuda():
+    """ADAMW_SIDE_STREAM lets AdamW's step run beside Muon's, in any interleaving: they touch disjoint tensors. On the
+    CPU (no streams) the other extreme, AdamW after Muon, stands for it; two processes: the torchrun test above."""
+    in_order, _ = muon_worker.train(0, 1)
+    adam_last, _ = muon_worker.train(0, 1, adam_last=True)
+    assert in_order.keys() == adam_last.keys() and all(torch.equal(adam_last[n], v) for n, v in in_order.items())
+    optimizers = T.Optimizers(T.GPT(muon_worker.config()), T.dataclasses.replace(muon_worker.config(),
+                              adamw_side_stream=True), 0, 1)
+    assert optimizers.side_stream is None and optimizers.describe().endswith(" adamw_stream:main")
 
 
 def test_lr_schedule_by_steps_and_by_wall_clock():
