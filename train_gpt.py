@@ -392,6 +392,13 @@ class Hyperparameters:
     gptq_damp: float = setting(0.01, ">=0", "GPTQ=1")  # GPTQ damping, a fraction of the mean Hessian diagonal
     lqer_rank: int = setting(0, ">=0")  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
     lqer_top_k: int = setting(3, ">=0", "LQER_RANK > 0")  # matrices that get the LQER correction
+    # LQER's factors in the artifact: 16 = fp16; 2..8 = symmetric per row at that many bits (the records' name)
+    lqer_factor_bits: int = setting(16, needs="LQER_RANK > 0")
+    # the 04-27 record's packing of LQER's factors: A int2 with one scale, B int4 with a scale per LQER_ASYM_GROUP
+    lqer_asym_enabled: bool = setting(False, needs="LQER_RANK > 0")
+    lqer_asym_group: int = setting(64, ">0", "LQER_ASYM_ENABLED=1")  # values of B per scale
+    # the attention gate's weights as int8 per row, fp16 scales (the records' name); off = fp16
+    gated_attn_quant_gate: bool = setting(False, needs="ATTN_GATE=head or biased or output or sparse")
     # STE quantization-aware training from when the LR scale falls below this; 0 = off
     qat_start_lr_scale: float = setting(0.0, ">=0")
     # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
@@ -632,6 +639,8 @@ def rules_of_export(hp, require):
     for name in ("quant_bits", "embed_quant_bits"):
         require(5 <= getattr(hp, name) <= 8 or getattr(hp, name) == FP16_BITS, name.upper(),
                 "must be 5..8, or 16 (fp16, not quantized)")
+    require(2 <= hp.lqer_factor_bits <= 8 or hp.lqer_factor_bits == FP16_BITS, "LQER_FACTOR_BITS",
+            "must be 2..8, or 16 (fp16)")
     require(not hp.gptq or hp.gptq_calibration_batches > 0, "GPTQ_CALIBRATION_BATCHES", "must be positive with GPTQ=1")
     if hp.gptq and hp.gptq_calibration == "self":
         require(hp.gptq_self_seq_len <= max(hp.train_seq_len, hp.eval_seq_len), "GPTQ_SELF_SEQ_LEN",
@@ -772,6 +781,7 @@ PRESETS = {
         gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
+        lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -2757,6 +2767,9 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
     quantized, residuals = {}, {}
     for name, tensor in state_dict.items():
         w = tensor.detach().float()
+        if hp.gated_attn_quant_gate and name.endswith(".attn.gate.weight"):
+            quantized[name] = quantized_gate(w)
+            continue
         if name not in groups:
             quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
             continue
@@ -2775,17 +2788,57 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
         quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
                                data=pack_values(q, bits, hp.quant_packing), scale=scale.half().cpu())
     if hp.lqer_rank > 0:
-        add_low_rank_corrections(quantized, residuals, hp.lqer_rank, hp.lqer_top_k)
+        add_low_rank_corrections(quantized, residuals, hp)
     return quantized
 
 
-def add_low_rank_corrections(quantized, residuals, rank, top_k):
-    """LQER (credit: PR #1530 and the current record): the matrices with the largest quantization error get a rank-r
-    fp16 correction A B of that error, from its truncated SVD."""
-    worst = sorted(residuals, key=lambda name: residuals[name].norm().item(), reverse=True)[:top_k]
+def quantized_gate(w):
+    """GATED_ATTN_QUANT_GATE (credit: PR #1736, the 04-27 record): int8 per row, scale = row max / 127 in fp16."""
+    scale = (w.abs().amax(dim=1).clamp_min(1e-10) / 127).half()
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127)
+    return dict(kind="int", bits=8, packing="byte", shape=list(w.shape), data=q.to(torch.int8).cpu(), scale=scale.cpu())
+
+
+def add_low_rank_corrections(quantized, residuals, hp):
+    """LQER (credit: PR #1530 and the current record): the LQER_TOP_K matrices with the largest quantization error
+    get a rank-LQER_RANK correction A B of that error, from its truncated SVD, packed by pack_low_rank."""
+    worst = sorted(residuals, key=lambda name: residuals[name].norm().item(), reverse=True)[:hp.lqer_top_k]
     for name in worst:
         u, s, vh = torch.linalg.svd(residuals[name], full_matrices=False)
-        quantized[name]["lqer"] = ((u[:, :rank] * s[:rank]).half().cpu(), vh[:rank].half().cpu())
+        quantized[name]["lqer"] = pack_low_rank(u[:, :hp.lqer_rank] * s[:hp.lqer_rank], vh[:hp.lqer_rank], hp)
+
+
+def pack_low_rank(a, b, hp):
+    """LQER's factors as the artifact stores them: the 04-27 record's asymmetric packing (LQER_ASYM_ENABLED, where
+    the group size divides B: A as int2 in [-2, 1] with one scale, max |A| / 1.5; B as int4 in [-8, 7] with a scale
+    per group of LQER_ASYM_GROUP values, max / 7.5), else symmetric per row at LQER_FACTOR_BITS, or fp16 at 16.
+    The integers are int8 tensors: the compressor takes their low entropy."""
+    if hp.lqer_asym_enabled and b.numel() % hp.lqer_asym_group == 0:
+        a_scale = (a.abs().amax().clamp_min(1e-10) / 1.5).half()
+        groups = b.reshape(-1, hp.lqer_asym_group)
+        b_scale = (groups.abs().amax(dim=1).clamp_min(1e-10) / 7.5).half()
+        b_q = torch.clamp(torch.round(groups / b_scale.float()[:, None]), -8, 7).view_as(b)
+        return dict(a=torch.clamp(torch.round(a / a_scale.float()), -2, 1).to(torch.int8).cpu(), a_scale=a_scale.cpu(),
+                    b=b_q.to(torch.int8).cpu(), b_scale=b_scale.cpu(), b_group=hp.lqer_asym_group)
+    if hp.lqer_factor_bits == FP16_BITS:
+        return dict(a=a.half().cpu(), b=b.half().cpu())
+    level, packed = largest_level(hp.lqer_factor_bits), {}
+    for key, factor in (("a", a), ("b", b)):
+        scale = (factor.abs().amax(dim=1).clamp_min(1e-10) / level).half()
+        packed[key] = torch.clamp(torch.round(factor / scale.float()[:, None]), -level, level).to(torch.int8).cpu()
+        packed[key + "_scale"] = scale.cpu()
+    return packed
+
+
+def low_rank_factors(lqer):
+    """(A, B) in fp32 from pack_low_rank's form."""
+    a, b = lqer["a"].float(), lqer["b"].float()
+    if "b_group" in lqer:
+        groups = b.reshape(-1, lqer["b_group"]) * lqer["b_scale"].float()[:, None]
+        return a * lqer["a_scale"].float(), groups.view_as(b)
+    if "a_scale" in lqer:
+        return a * lqer["a_scale"].float()[:, None], b * lqer["b_scale"].float()[:, None]
+    return a, b
 
 
 def dequantize_state_dict(quantized):
@@ -2795,7 +2848,8 @@ def dequantize_state_dict(quantized):
             w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"])
             w = w * entry["scale"].float()[:, None]
             if "lqer" in entry:
-                w = w + entry["lqer"][0].float() @ entry["lqer"][1].float()
+                a, b = low_rank_factors(entry["lqer"])
+                w = w + a @ b
             state_dict[name] = w
         else:
             state_dict[name] = entry["data"].float()
@@ -5537,7 +5591,7 @@ SETTING_ALIASES = {
     "BIGRAM_VOCAB_SIZE": "bigram_buckets",  # the PR #549 family's: the same hash, the last bucket kept for "none"
 }
 FOREIGN_SETTING_HINTS = {
-    "DATASETS_DIR": "DATA_PATH", "LQER_ENABLED": "LQER_RANK (0 = off)",
+    "DATASETS_DIR": "DATA_PATH",
     "MATRIX_CLIP_SIGMAS": "CLIP_K_ATTN and CLIP_K_MLP",
     "GATED_ATTN_ENABLED": "ATTN_GATE=head", "ATTN_OUT_GATE_ENABLED": "ATTN_GATE=output",
     "GATED_ATTENTION": "ATTN_GATE=biased (PR #549's form)", "QAT_ENABLED": "QAT_START_LR_SCALE",
@@ -5553,11 +5607,11 @@ FOREIGN_SETTING_HINTS = {
 # The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
 FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
-    MTP_NUM_HEADS MTP_LOSS_WEIGHT GATED_ATTN_QUANT_GATE
+    MTP_NUM_HEADS MTP_LOSS_WEIGHT
     GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
     SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY
-    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN LQER_FACTOR_BITS LQER_ASYM_GROUP
-    LQER_ASYM_ENABLED FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
+    EVAL_BATCH_SEQS TTT_OUTPUT_DIR TRIGRAM MLP_HIDDEN
+    FP16_KEEP_NAME_PATTERNS EMBEDDING_DIM DTG_ENABLED TARGET_AVG_CHUNK_LEN
     SW_EVAL_BATCH RATIO_LOSS_WEIGHT QAT OUTER_LAYERS MODEL_SAVE_PATH LORA_RANK LAWA_K LAWA_FREQ LAWA_ENABLED
     HNET_LR_DIFF WRAP_INIT_SCALE WD_TAPER_START_FRAC WD_TAPER_FINAL_MULT VAL_MAX_BATCHES VAL_FILES USE_WRAP
     USE_SMEARGATE USE_INT6 TTT_ONLY_EVAL TTT_ONLY TTT_HEARTBEAT_SECONDS TTT_DOC_LIMIT TRAIN_FILES SWA_DECAY
@@ -5589,6 +5643,16 @@ def _translate_ve_enabled(raw, environ):
                               "03-23 record's default is 9,10)")
         return {}
     return {"ve_layers": ""}
+
+
+def _translate_lqer_enabled(raw, environ):
+    """The records' LQER switch: on at their LQER_RANK (4 unless given), off as LQER_RANK=0."""
+    given = environ.get("LQER_RANK", "").strip()
+    if not _parse_env("LQER_ENABLED", raw, bool):
+        if given and _parse_env("LQER_RANK", given, int) != 0:
+            raise ConfigError(f"LQER_ENABLED={raw!r} and LQER_RANK={given!r}: LQER_ENABLED=0 is LQER_RANK=0; set one")
+        return {"lqer_rank": 0}
+    return {} if given else {"lqer_rank": 4}
 
 
 def _translate_ttt_freeze_blocks(raw, environ):
@@ -5642,7 +5706,7 @@ RECORD_TRANSLATIONS = {
     "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),
     "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
     "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
-    "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate,
+    "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate, "LQER_ENABLED": _translate_lqer_enabled,
 }
 
 # Variables of other programs that are never read as settings, even when a name is close to one of ours.

@@ -241,3 +241,78 @@ def test_a_missing_compressor_package_is_a_config_error(monkeypatch):
                         if name == "brotli" else real_import(name, *a, **k))
     with pytest.raises(T.ConfigError, match="COMPRESSOR='brotli'.*pip install brotli"):
         T.Hyperparameters(compressor="brotli", pack_code=False)
+
+
+# --- the 04-27 record's packing of LQER's factors and its int8 attention gate, restated from its formulas ---
+
+def record_lqer_asym(a, b, group):
+    """The record's asymmetric LQER factors, dequantized: A int2 in [-2, 1] with scale fp16(max|A| / 1.5); B int4
+    in [-8, 7] over groups of `group` consecutive values of the flattened B, each with scale fp16(max / 7.5)."""
+    sa = (a.abs().max().clamp_min(1e-10) / 1.5).half().float()
+    flat = b.reshape(-1, group)
+    sb = (flat.abs().max(dim=1).values.clamp_min(1e-10) / 7.5).half().float()
+    qa = (a / sa).round().clamp(-2, 1)
+    qb = (flat / sb[:, None]).round().clamp(-8, 7)
+    return qa * sa, (qb * sb[:, None]).reshape(b.shape)
+
+
+def record_per_row(x, bits):
+    level = 2 ** (bits - 1) - 1
+    s = (x.abs().max(dim=1).values.clamp_min(1e-10) / level).half().float()
+    return (x / s[:, None]).round().clamp(-level, level) * s[:, None]
+
+
+@pytest.mark.parametrize("asym, bits", [(True, 16), (False, 4), (False, 16)])
+def test_lqer_factors_round_trip_as_the_records_formulas_give_them_and_weigh_what_they_should(asym, bits):
+    generator = torch.Generator().manual_seed(bits)
+    a, b = torch.randn(96, 4, generator=generator), torch.randn(4, 160, generator=generator)
+    hp = T.Hyperparameters(lqer_rank=4, lqer_asym_enabled=asym, lqer_factor_bits=bits)
+    packed = T.pack_low_rank(a, b, hp)
+    got_a, got_b = T.low_rank_factors(packed)
+    if asym:
+        want_a, want_b = record_lqer_asym(a, b, 64)
+        weight = 96 * 4 + 2 + 4 * 160 + 2 * (4 * 160 // 64)  # int8 values, one fp16 scale of A, one per group of B
+    elif bits == 4:
+        want_a, want_b = record_per_row(a, 4), record_per_row(b, 4)
+        weight = 96 * 4 + 2 * 96 + 4 * 160 + 2 * 4  # int8 values, an fp16 scale per row
+    else:
+        want_a, want_b = a.half().float(), b.half().float()
+        weight = 2 * (96 * 4 + 4 * 160)
+    assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b)
+    assert sum(t.numel() * t.element_size() for t in packed.values() if torch.is_tensor(t)) == weight
+    if asym:
+        assert set(packed["a"].unique().tolist()) <= {-2, -1, 0, 1} and packed["b"].abs().max() <= 8
+
+
+def test_a_matrix_the_group_does_not_divide_falls_back_to_per_row_factors():
+    hp = T.Hyperparameters(lqer_rank=3, lqer_asym_enabled=True, lqer_factor_bits=4)
+    packed = T.pack_low_rank(torch.randn(10, 3), torch.randn(3, 50), hp)  # 150 values: not groups of 64
+    assert "b_group" not in packed and packed["a_scale"].shape == (10,)
+
+
+def test_the_attention_gate_is_int8_per_row_as_the_record_quantizes_it_and_the_artifact_round_trips(tmp_path):
+    hp = small_hp(num_layers=2, model_dim=64, attn_gate="sparse", lqer_rank=2, lqer_top_k=1, lqer_asym_enabled=True,
+                  lqer_asym_group=16, gated_attn_quant_gate=True)
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.gate.weight.normal_(0, 0.3)
+    state, groups = model.state_dict(), T.quantized_tensor_groups(model)
+    quantized = T.quantize_state_dict(state, groups, hp)
+    gates = [name for name in state if name.endswith(".attn.gate.weight")]
+    assert len(gates) == 2
+    for name in gates:
+        w = state[name].float()
+        scale = (w.abs().max(dim=1).values.clamp_min(1e-10) / 127).half().float()
+        want = (w / scale[:, None]).round().clamp(-127, 127) * scale[:, None]
+        entry = quantized[name]
+        assert entry["data"].dtype == torch.int8 and entry["scale"].dtype == torch.float16
+        assert entry["data"].numel() + 2 * entry["scale"].numel() == w.numel() + 2 * w.size(0)  # bytes: as computed
+        assert torch.equal(T.dequantize_state_dict({name: entry})[name], want)
+    plain = T.quantize_state_dict(state, groups, dataclasses.replace(hp, gated_attn_quant_gate=False))
+    assert all(plain[name]["kind"] == "fp16" for name in gates)
+    blob = T.serialize_artifact(quantized, "brotli", False)  # the file holds both forms and reads back as written
+    read = T.dequantize_state_dict(T.read_artifact(tmp_path / "a.ptz", blob))
+    assert all(torch.equal(read[name], value) for name, value in T.dequantize_state_dict(quantized).items())
+    assert sum("b_group" in entry.get("lqer", {}) for entry in quantized.values()) == 1

@@ -406,9 +406,8 @@ SMEAR_GATE_ENABLED=1 \\
 LQER_ENABLED=1 LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 \\
 FUSED_CE_ENABLED=1 COMPRESSOR=pergroup NCCL_NET=Socket \\
 SEED=42"""
-# Still refused: the kernels and the export format of the 04-27 record, which this script does not have yet.
-REFUSED_04_27 = {"GATED_ATTN_QUANT_GATE", "LQER_ENABLED", "LQER_ASYM_ENABLED", "LQER_FACTOR_BITS", "LQER_ASYM_GROUP",
-                 "COMPRESSOR"}
+# Still refused: the 04-27 record's per-group compressor (COMPRESSOR=pergroup), which this script does not have yet.
+REFUSED_04_27 = {"COMPRESSOR"}
 
 
 def command_env(command):
@@ -437,7 +436,7 @@ def test_the_04_27_records_command_runs_under_its_preset_but_for_the_names_of_la
         except T.ConfigError as error:
             assert name in str(error)
             refused.add(name)
-    assert refused == REFUSED_04_27  # 38 of the 44 names are accepted
+    assert refused == REFUSED_04_27  # 43 of the 44 names are accepted
     accepted = {name: value for name, value in env.items() if name not in refused}
     hp, sources = T.Hyperparameters.from_env(dict(accepted, PRESET="record"))
     preset, _ = T.Hyperparameters.from_env({"PRESET": "record", "SEED": "42"})
@@ -582,3 +581,12 @@ def test_a_graph_that_cannot_compile_is_named_with_the_phase_it_stops_before():
             named = T.compile_failures_named(run, before=before) if before != "training" else T.compile_failures_named(run)
             with named:
                 raise T.torch._dynamo.exc.Unsupported("a graph break")
+
+
+def test_the_records_lqer_switch_is_lqer_rank():
+    assert T.Hyperparameters.from_env({"LQER_ENABLED": "1"})[0].lqer_rank == 4  # the records' default rank
+    hp, sources = T.Hyperparameters.from_env({"LQER_ENABLED": "1", "LQER_RANK": "2"})
+    assert hp.lqer_rank == 2 and sources["lqer_rank"] == "env"
+    assert T.Hyperparameters.from_env({"PRESET": "record", "LQER_ENABLED": "0"})[0].lqer_rank == 0
+    with pytest.raises(T.ConfigError, match="LQER_ENABLED=0 is LQER_RANK=0"):
+        T.Hyperparameters.from_env({"LQER_ENABLED": "0", "LQER_RANK": "4"})
