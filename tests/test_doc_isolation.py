@@ -255,10 +255,11 @@ def test_the_selector_takes_flexattention_for_documents_on_a_compiled_gpu_withou
 
 @pytest.mark.cuda_path  # a compile: CI's second step
 def test_flexattention_compiles_as_one_graph_for_any_length_and_document_count():
-    model, reference = model_of(STACK, T._flex), model_of(STACK, T._sdpa)
+    hp = dataclasses.replace(NEON, num_layers=1, conv_k=0, mlp_conv_k=0)  # one layer: the attention is what counts
+    model, reference = model_of(hp, T._flex), model_of(hp, T._sdpa)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     graphs_before = T.compiled_graphs()
-    for length, bos in ((30, [5, 11]), (17, [9]), (25, [3, 4, 20])):
+    for length, bos in ((30, [5, 11]), (17, [3, 4, 9])):
         tokens = torch.randint(2, 97, (2, length), generator=torch.Generator().manual_seed(length))
         tokens[0, bos] = BOS
         with torch.no_grad():
