@@ -26,6 +26,7 @@ def test_the_fused_kernels_equal_the_unfused_math_in_tritons_interpreter(tmp_pat
 
 
 @needs_triton
+@pytest.mark.cuda_path  # a whole run: CI's second step
 def test_the_packed_file_trains_through_the_fused_kernel(sample, tmp_path):
     """A packed file compiles its kernels from its own source (it puts it in linecache): a short run through the
     kernel in Triton's interpreter. Its math against the unfused one: the worker's checks above."""
@@ -40,6 +41,7 @@ def test_the_packed_file_trains_through_the_fused_kernel(sample, tmp_path):
     assert re.search(r"^fused_ce: on \(Triton\)$", log, re.M) and len(re.findall(r"^step:\d+/2 train_loss:", log, re.M)) == 2
 
 
+@pytest.mark.cuda_path  # a whole run: CI's second step
 def test_without_a_device_triton_drives_the_fused_switch_runs_the_unfused_math_and_says_so(sample, tmp_path,
                                                                                              monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -39,11 +39,11 @@ def documents_stream(lengths, seed=0):
 LENGTHS = [30, 7, 45, 12, 3, 60, 20, 9]
 
 
-def run(tokens, hp=HP, seed=0, rank=0, world_size=1, budget_left=None):
+def run(tokens, hp=HP, seed=0, rank=0, world_size=1, budget_left=None, log=lambda message: None):
     model = model_of(seed, hp)
     starts = T.doc_starts_of(tokens, BOS)
     return T.per_document_lora_ttt(T.LoraTTTModels(model, model, model), tokens, LUTS, hp, rank, world_size, CPU,
-                                   AUTOCAST_OFF, starts, log=lambda message: None, budget_left=budget_left)
+                                   AUTOCAST_OFF, starts, log=log, budget_left=budget_left)
 
 
 def per_document(report):
@@ -65,14 +65,16 @@ def test_the_queue_is_the_records_longest_batches_first_and_phases_take_its_pref
     assert T.queue_rounds(3, [0], 2) == [[0], [1, 2]] and T.queue_rounds(5, [], 2) == [[0, 1], [2, 3], [4]]
 
 
-def test_every_target_is_scored_exactly_once_with_exact_bytes():
-    tokens = documents_stream(LENGTHS)
-    report = run(tokens)
+def test_every_target_is_scored_exactly_once_with_exact_bytes_and_the_progress_reaches_the_last_round():
+    tokens, lines = documents_stream(LENGTHS), []
+    report = run(tokens, log=lines.append)
     sums = per_document(report)
     assert sums[:, 1].tolist() == LENGTHS[:-1] + [LENGTHS[-1] - 1]  # the last document has no next BOS to predict
     assert report.result[2] == tokens.numel() - 1
     assert sums[:, 2].sum().item() == LUTS.prefix[tokens.numel() - 1]
     assert report.adapted_rounds == report.rounds == 3
+    progress = [line for line in lines if line.startswith("ttt_progress: ")]
+    assert progress[-1].startswith("ttt_progress: round:3/3 adapting ") and progress[-1].endswith(" eta:0s")
 
 
 def test_a_documents_first_chunk_scores_as_without_adaptation_and_later_chunks_change():
@@ -262,12 +264,3 @@ def test_the_compiled_forward_scores_as_the_eager_one(fresh_dynamo):
     assert torch.allclose(report.per_document, eager, rtol=1e-5, atol=1e-6)
     assert T.compiled_graphs() == graphs  # every batch and context length ran on the graphs built beforehand
 
-
-def test_the_lora_ttt_reports_its_progress_to_the_last_round():
-    tokens, lines = documents_stream(LENGTHS), []
-    model = model_of(0, HP)
-    report = T.per_document_lora_ttt(T.LoraTTTModels(model, model, model), tokens, LUTS, HP, 0, 1, CPU, AUTOCAST_OFF,
-                                     T.doc_starts_of(tokens, BOS), log=lines.append)
-    progress = [line for line in lines if line.startswith("ttt_progress: ")]
-    assert progress and progress[-1].startswith(f"ttt_progress: round:{report.rounds}/{report.rounds} adapting ")
-    assert progress[-1].endswith(" eta:0s")
