@@ -48,6 +48,7 @@ import tokenize
 import traceback
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -406,10 +407,15 @@ class Hyperparameters:
     # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
     # quantize every matrix
     quant_passthrough_numel: int = setting(0, ">=0")
-    # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9); a missing package is an
-    # error
-    compressor: str = setting("brotli", "zstd|brotli|lzma|zlib")
-    byte_shuffle: bool = False  # de-interleave the payload's even and odd bytes before compressing
+    # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9) over the whole file, or
+    # pergroup: the integer matrices grouped by kind, laid out column by column, some rows reordered, and each group
+    # compressed on its own (the 04-27 record's); a missing package or program is an error
+    compressor: str = setting("brotli", "zstd|brotli|lzma|zlib|pergroup")
+    # the codec of each per-group stream: lrzip (ZPAQ level 9, the record's; the lrzip program), lzma (preset 9
+    # extreme), brotli (quality 11), zstd (level 22), or smallest (of lzma, brotli and zstd, stream by stream)
+    pergroup_codec: str = setting("lrzip", "lrzip|lzma|brotli|zstd|smallest", "COMPRESSOR=pergroup")
+    # de-interleave the payload's even and odd bytes before compressing
+    byte_shuffle: bool = setting(False, needs="COMPRESSOR=zstd or brotli or lzma or zlib")
     # count and ship this file packed (comments and docstrings removed, compressed, self-extracting); 0 = the raw
     # file
     pack_code: bool = True
@@ -655,9 +661,20 @@ def rules_of_export(hp, require):
     if hp.pack_code and not compressor_available("brotli"):
         raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
                           "(pip install brotli, or PACK_CODE=0 to count the raw file)")
-    if not compressor_available(hp.compressor):
+    if hp.compressor == "pergroup":
+        require(hp.quant_packing == "byte", "QUANT_PACKING", "must be byte with COMPRESSOR=pergroup, which lays out "
+                "the bytes of each integer matrix itself")
+        missing = [codec for codec in pergroup_codecs(hp.pergroup_codec) if not compressor_available(codec)]
+        if hp.pergroup_codec == "lrzip" and missing:
+            raise ConfigError("COMPRESSOR=pergroup compresses with lrzip (PERGROUP_CODEC=lrzip, the record's), and the "
+                              "lrzip program is not installed: apt-get install lrzip, or PERGROUP_CODEC=smallest for "
+                              "the same layout with the compressors of this script")
+        if missing:
+            raise ConfigError(f"PERGROUP_CODEC={hp.pergroup_codec}: {', '.join(missing)} is not installed "
+                              f"(pip install {' '.join(PIP_NAMES[codec] for codec in missing)})")
+    elif not compressor_available(hp.compressor):
         raise ConfigError(f"COMPRESSOR={hp.compressor!r}: its package is not installed "
-                          f"(pip install {'zstandard' if hp.compressor == 'zstd' else 'brotli'})")
+                          f"(pip install {PIP_NAMES[hp.compressor]})")
 
 
 def rules_of_evaluation(hp, require):
@@ -768,11 +785,11 @@ PRESETS = {
     ),
     # The best public record (2026-04-27 SP8192_LQER_SparseGate_BOSSmearFix_9HpStack, 1.06107587): the default stack
     # (its architecture) on SP8192 with CaseOps, document-isolated attention in training and evaluation, MIN_LR 0.1,
-    # LQER rank 4 on the 3 worst matrices, GPTQ reserve 0.5 s, and phased TTT over a 2,500-document prefix in 3
-    # phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its per-document LoRA TTT (rank
-    # 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5, 48-token chunks, 64 documents at
-    # a time, contexts of 2,048). Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA
-    # with a block-diagonal mask. README: "PRESET=record".
+    # LQER rank 4 on the 3 worst matrices, per-group lrzip compression, GPTQ reserve 0.5 s, and phased TTT over a
+    # 2,500-document prefix in 3 phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its
+    # per-document LoRA TTT (rank 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5,
+    # 48-token chunks, 64 documents at a time, contexts of 2,048). Attention is FA3's varlen path where FA3 is
+    # installed, as in the record, else SDPA with a block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", vocab_size=8192,
@@ -781,7 +798,7 @@ PRESETS = {
         gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
-        lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True,
+        lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True, compressor="pergroup",
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -2627,11 +2644,17 @@ def _brotli_decompress(data, limit):
 
 
 def compressor_available(name):
+    """Whether the package (or, for lrzip, the program) a compressor needs is installed."""
+    if name == "lrzip":
+        return shutil.which("lrzip") is not None
     try:
         {"zstd": _zstd, "brotli": _brotli, "zlib": lambda: zlib, "lzma": lambda: lzma}[name]()
         return True
     except ImportError:
         return False
+
+
+PIP_NAMES = {"zstd": "zstandard", "brotli": "brotli"}  # the packages of the compressors the standard library lacks
 
 
 def _lzma_decompress(data, limit):
@@ -2646,6 +2669,49 @@ COMPRESSORS = {
     "brotli": (3, lambda b: _brotli().compress(b, quality=11), _brotli_decompress),
     "lzma": (4, lambda b: lzma.compress(b, preset=6), _lzma_decompress),  # PR #549's (the standard library's xz)
 }
+PERGROUP_ID = 5  # the compressor id of COMPRESSOR=pergroup, whose payload is a table of streams (below)
+
+
+def _lrzip_compress(data):
+    done = subprocess.run(["lrzip", "-q", "-z", "-L", "9"], input=data, capture_output=True)
+    if done.returncode:
+        raise RunError(f"lrzip failed (exit {done.returncode}): {done.stderr.decode(errors='replace')[-300:]}")
+    return done.stdout
+
+
+def _lrzip_decompress(data, limit):
+    """lrzip's header records the size it decompresses to (bytes 6..13): a stream that claims `limit` or more is not
+    run, and no more than `limit` bytes are read from the program, which is stopped there."""
+    if data[:4] != b"LRZI" or int.from_bytes(data[6:14], "little") >= limit:
+        raise ValueError("an lrzip stream has a bad header or claims more bytes than the artifact records")
+    with tempfile.NamedTemporaryFile(suffix=".lrz") as stream:
+        stream.write(data)
+        stream.flush()
+        with subprocess.Popen(["lrzip", "-q", "-d", "-o", "-", stream.name], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as program:
+            out = program.stdout.read(limit)
+            if len(out) >= limit:
+                program.kill()
+            failed = program.wait() and len(out) < limit
+    if failed:
+        raise ValueError("lrzip could not decompress a stream of the artifact")
+    return out
+
+
+# The per-group streams' codecs: name: (id byte, compress, decompress(data, limit)). Stronger settings than the
+# whole-file compressors', since each stream is compressed once per export: lzma's extreme preset 9 and brotli's
+# largest window.
+STREAM_CODECS = {
+    "lrzip": (1, _lrzip_compress, _lrzip_decompress),  # ZPAQ at level 9, as the 04-27 record runs it
+    "lzma": (2, lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME), _lzma_decompress),
+    "brotli": (3, lambda b: _brotli().compress(b, quality=11, lgwin=24), _brotli_decompress),
+    "zstd": (4, COMPRESSORS["zstd"][1], _zstd_decompress),
+}
+
+
+def pergroup_codecs(name):
+    """The stream codecs PERGROUP_CODEC=`name` tries on each stream (the smallest output is kept)."""
+    return ("lzma", "brotli", "zstd") if name == "smallest" else (name,)
 
 
 def quantized_tensor_groups(model, hp=None):
@@ -2863,7 +2929,7 @@ def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print, qat
     `qat_k_scale`: the scale QAT trained against, kept whenever its artifact fits, so that QAT's grid is exported."""
     def attempt(k_scale):
         quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
-        blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle)
+        blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle, hp.pergroup_codec)
         return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
 
     searched = bool(hp.size_target_bytes) and hp.quant_clip == "sdclip" and bool(groups)
@@ -2909,14 +2975,22 @@ def byte_shuffle(blob, inverse=False):
     return out.tobytes()
 
 
-def serialize_artifact(quantized, compressor, shuffle):
-    buffer = io.BytesIO()
-    torch.save(quantized, buffer)
-    payload = buffer.getvalue()
-    compressor_id, compress, _ = COMPRESSORS[compressor]
-    header = ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + len(payload).to_bytes(8, "little")
-    compressed = compress(byte_shuffle(payload) if shuffle else payload)
+def serialize_artifact(quantized, compressor, shuffle, pergroup_codec="lrzip"):
+    if compressor == "pergroup":
+        compressed, size = compress_streams(pergroup_streams(quantized), pergroup_codec)
+        header = ARTIFACT_MAGIC + bytes([PERGROUP_ID, 0]) + size.to_bytes(8, "little")
+    else:
+        payload = torch_bytes(quantized)
+        compressor_id, compress, _ = COMPRESSORS[compressor]
+        header = ARTIFACT_MAGIC + bytes([compressor_id, int(shuffle)]) + len(payload).to_bytes(8, "little")
+        compressed = compress(byte_shuffle(payload) if shuffle else payload)
     return header + hashlib.sha256(header + compressed).digest() + compressed
+
+
+def torch_bytes(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def compressed_sizes_for_log(quantized, hp):
@@ -2977,17 +3051,141 @@ def read_artifact(path, blob=None):
         raise ValueError(f"{path}: checksum mismatch; the artifact is truncated or corrupted")
     by_id = {cid: decompress for _, (cid, _, decompress) in COMPRESSORS.items()}
     size = int.from_bytes(header[6:14], "little")
-    if header[4] not in by_id or header[5] > 1 or size > ARTIFACT_MAX_PAYLOAD_BYTES:
+    if (header[4] not in by_id and header[4] != PERGROUP_ID or header[5] > int(header[4] != PERGROUP_ID)
+            or size > ARTIFACT_MAX_PAYLOAD_BYTES):
         raise ValueError(f"{path}: bad header (compressor id {header[4]}, flags {header[5]}, payload size {size})")
+    if header[4] == PERGROUP_ID:
+        return read_pergroup(compressed, size, path)
     payload = by_id[header[4]](compressed, size + 1)  # one byte more than recorded tells a larger payload
     if len(payload) != size:
         got = "more" if len(payload) > size else len(payload)
         raise ValueError(f"{path}: the payload decompresses to {got} bytes, "
                          f"not the {size} its header records")
+    return load_plain_state(byte_shuffle(payload, inverse=True) if header[5] else payload, path)
+
+
+def load_plain_state(payload, path):
     try:
-        return torch.load(io.BytesIO(byte_shuffle(payload, inverse=True) if header[5] else payload), weights_only=True)
+        return torch.load(io.BytesIO(payload), weights_only=True)
     except Exception as error:  # never retried without weights_only: the file could run code
         raise ValueError(f"{path}: the payload is not a plain tensor state ({type(error).__name__}); refused") from None
+
+
+# --- per-group compression (COMPRESSOR=pergroup; credit: PR #1586, via the 04-27 record) ---
+# The integer tensors are grouped by kind (a block's attn.c_q.weight of every layer is one group, a table is its
+# own) and each matrix is written column by column, so that neighbouring bytes are one input's weights in rows
+# that are alike: the rows of the kinds in PERGROUP_SORTED are first put in a nearest-neighbour order, the
+# permutation stored. Each group is a stream compressed on its own, and so is the rest of the state (a torch file
+# without those tensors' values, first). The payload is a table, a stream count (uint32) and each stream's codec id
+# (byte), decompressed and compressed sizes (uint64), then the streams. The decompressed sizes add up to the size
+# the header records, and a stream is decompressed to no more than its own.
+
+PERGROUP_SORTED = ("tok_emb.weight", "attn.c_q.weight", "mlp.fc.weight")  # the kinds the record reorders
+STREAM_TABLE_ENTRY = 1 + 8 + 8
+
+
+def nearest_neighbour_order(q):
+    """The rows of `q` in the record's greedy order: row 0, then each time the unused row nearest to the last one in
+    L1 distance (in exact integers), the lowest index on a tie."""
+    rows = q.to(torch.int16)
+    remaining, order = torch.arange(1, rows.size(0)), [0]
+    while remaining.numel():
+        distances = (rows[remaining] - rows[order[-1]]).abs().sum(dim=1, dtype=torch.int32)
+        pick = int(torch.argmin(distances))  # the first minimum
+        order.append(int(remaining[pick]))
+        remaining = torch.cat([remaining[:pick], remaining[pick + 1:]])
+    return torch.tensor(order)
+
+
+def pergroup_streams(quantized):
+    """[the rest as a torch file, then each group's bytes]: the rest holds every entry without the grouped values
+    (their row order added where reordered) and the groups' member names."""
+    members, rest = {}, {}
+    for name, entry in quantized.items():
+        if entry["kind"] != "int":
+            rest[name] = entry
+            continue
+        if entry["packing"] != "byte" or len(entry["shape"]) != 2:
+            raise ValueError(f"COMPRESSOR=pergroup takes int8 matrices; {name} is {entry['packing']}-packed "
+                             f"{entry['shape']}")
+        kind, q = re.sub(r"^blocks\.\d+\.", "", name), entry["data"]
+        rest[name] = {key: value for key, value in entry.items() if key != "data"}
+        if kind in PERGROUP_SORTED:
+            order = nearest_neighbour_order(q)
+            q, rest[name]["order"] = q[order], order.to(torch.int16 if len(order) <= 1 << 15 else torch.int32)
+        members.setdefault(kind, []).append((name, q.t().contiguous().numpy().tobytes()))
+    groups = [[name for name, _ in group] for group in members.values()]
+    return [torch_bytes(dict(state=rest, groups=groups))] + [b"".join(data for _, data in group)
+                                                              for group in members.values()]
+
+
+def compress_streams(streams, codec):
+    """(payload, decompressed size): each stream compressed with the smallest of PERGROUP_CODEC's codecs, the
+    streams and codecs in parallel threads (the codecs release the interpreter's lock)."""
+    def smallest(data):
+        return min(((STREAM_CODECS[name][0], STREAM_CODECS[name][1](data)) for name in pergroup_codecs(codec)),
+                   key=lambda packed: len(packed[1]))
+    with ThreadPoolExecutor() as pool:
+        packed = list(pool.map(smallest, streams))
+    table = len(streams).to_bytes(4, "little") + b"".join(
+        bytes([codec_id]) + len(raw).to_bytes(8, "little") + len(data).to_bytes(8, "little")
+        for raw, (codec_id, data) in zip(streams, packed))
+    return table + b"".join(data for _, data in packed), sum(map(len, streams))
+
+
+def decompress_streams(payload, size, path):
+    """The streams of a per-group payload, each checked against the size its table records."""
+    count = int.from_bytes(payload[:4], "little")
+    table_end = 4 + STREAM_TABLE_ENTRY * count
+    entries = [(payload[at], int.from_bytes(payload[at + 1:at + 9], "little"),
+                int.from_bytes(payload[at + 9:at + 17], "little"))
+               for at in range(4, table_end, STREAM_TABLE_ENTRY)] if len(payload) >= table_end else []
+    by_id = {codec_id: decompress for codec_id, _, decompress in STREAM_CODECS.values()}
+    if (not entries or sum(raw for _, raw, _ in entries) != size or table_end + sum(n for *_, n in entries)
+            != len(payload) or any(codec_id not in by_id for codec_id, *_ in entries)):
+        raise ValueError(f"{path}: the per-group stream table is inconsistent with the payload")
+    ends = itertools.accumulate((n for *_, n in entries), initial=table_end)
+    pieces = [(by_id[codec_id], payload[start:start + n], raw) for (codec_id, raw, n), start in zip(entries, ends)]
+    with ThreadPoolExecutor() as pool:
+        streams = list(pool.map(lambda piece: piece[0](piece[1], piece[2] + 1), pieces))
+    if [len(stream) for stream in streams] != [raw for *_, raw in pieces]:
+        raise ValueError(f"{path}: a per-group stream does not decompress to the size its table records")
+    return streams
+
+
+def read_pergroup(payload, size, path):
+    """The quantized state of a per-group payload: the rest, with each grouped matrix's values put back."""
+    streams = decompress_streams(payload, size, path)
+    rest = load_plain_state(streams[0], path)
+    try:
+        state, groups = rest["state"], rest["groups"]
+        if len(groups) != len(streams) - 1:
+            raise ValueError(f"{len(groups)} groups for {len(streams) - 1} streams")
+        for names, data in zip(groups, streams[1:]):
+            restore_group(state, names, data)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{path}: the per-group payload is malformed ({type(error).__name__}: {error})") from None
+    return state
+
+
+def restore_group(state, names, data):
+    """Puts each matrix of a group back in `state` from the group's bytes, in its row order."""
+    offset = 0
+    for name in names:
+        entry = state[name]
+        rows, cols = entry["shape"]
+        if not 0 < rows * cols <= len(data) - offset:
+            raise ValueError(f"the group of {name} is shorter than its matrices")
+        values = torch.frombuffer(bytearray(data[offset:offset + rows * cols]), dtype=torch.int8).view(cols, rows).t()
+        offset += rows * cols
+        if "order" in entry:
+            order = entry.pop("order").long()
+            if not torch.equal(order.sort().values, torch.arange(rows)):
+                raise ValueError(f"the row order of {name} is not a permutation")
+            values = torch.empty_like(values).index_copy_(0, order, values)
+        entry["data"] = values.contiguous()
+    if offset != len(data):
+        raise ValueError("a group holds more bytes than its matrices")
 
 
 # --- code bytes: what the artifact counts as code (credit: the 04-05 record's self-extracting train_gpt.py) ---
@@ -5184,6 +5382,7 @@ def evaluate_artifact(run, data, model, artifact):
     if problem:
         raise RunError(problem)
     model.net.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, blob)), strict=True)
+    run.log(f"artifact_read_time:{1000 * (time.perf_counter() - start):.0f}ms")  # decompression, on the eval clock
     artifact = artifact._replace(blob=blob)
     if run.hp.ttt_eval_only:
         return artifact

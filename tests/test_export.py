@@ -4,6 +4,7 @@ exact file round-trips, corruption, and the model read back from disk."""
 import contextlib
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,3 +317,72 @@ def test_the_attention_gate_is_int8_per_row_as_the_record_quantizes_it_and_the_a
     read = T.dequantize_state_dict(T.read_artifact(tmp_path / "a.ptz", blob))
     assert all(torch.equal(read[name], value) for name, value in T.dequantize_state_dict(quantized).items())
     assert sum("b_group" in entry.get("lqer", {}) for entry in quantized.values()) == 1
+
+
+def record_nearest_neighbour_order(matrix):
+    """The 04-27 record's row order, restated: row 0, then the unused row of least L1 distance to the last one
+    (float32 sums), the first such row in index order."""
+    matrix = matrix.astype(np.float32)
+    order, unused = [0], list(range(1, len(matrix)))
+    while unused:
+        distances = np.abs(matrix[unused] - matrix[order[-1]]).sum(axis=1)
+        order.append(unused.pop(int(np.argmin(distances))))
+    return order
+
+
+def test_rows_are_ordered_as_the_record_orders_them_ties_included():
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols, levels in ((40, 16, 31), (64, 8, 1), (3, 5, 127)):  # levels=1: many equal distances
+        q = torch.randint(-levels, levels + 1, (rows, cols), generator=generator, dtype=torch.int8)
+        assert T.nearest_neighbour_order(q).tolist() == record_nearest_neighbour_order(q.numpy())
+
+
+PERGROUP_CODECS = [*("lzma", "brotli", "zstd", "smallest"), pytest.param("lrzip", marks=pytest.mark.skipif(
+    not T.compressor_available("lrzip"), reason="the lrzip program is not installed (apt-get install lrzip)"))]
+
+
+@pytest.mark.parametrize("codec", PERGROUP_CODECS)
+def test_pergroup_artifact_round_trips_exactly_grouped_by_kind_column_by_column(tmp_path, codec):
+    torch.manual_seed(3)
+    hp = small_hp(num_layers=2, model_dim=32, vocab_size=48, lqer_rank=2, compressor="pergroup", pergroup_codec=codec)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    quantized = T.quantize_state_dict(model.state_dict(), T.quantized_tensor_groups(model, hp), hp)
+    T.write_artifact(tmp_path / "m.ptz", T.serialize_artifact(quantized, "pergroup", False, codec))
+    back = T.read_artifact(tmp_path / "m.ptz")
+    assert back.keys() == quantized.keys()
+    for name, entry in quantized.items():
+        assert back[name].keys() == entry.keys(), name
+        for key, value in entry.items():
+            same = torch.equal if torch.is_tensor(value) else lambda a, b: a == b
+            assert same(back[name][key], value) if key != "lqer" else all(
+                torch.equal(back[name][key][k], v) if torch.is_tensor(v) else back[name][key][k] == v
+                for k, v in value.items()), (name, key)
+    streams = T.pergroup_streams(quantized)
+    rest = T.load_plain_state(streams[0], "rest")
+    assert rest["groups"][:3] == [["tok_emb.weight"], ["blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight"],
+                                  ["blocks.0.attn.c_k.weight", "blocks.1.attn.c_k.weight"]]
+    assert all("data" not in rest["state"][name] for group in rest["groups"] for name in group)
+    c_k = [quantized[f"blocks.{i}.attn.c_k.weight"]["data"] for i in range(2)]  # not reordered: columns in order
+    assert streams[3] == b"".join(q.t().contiguous().numpy().tobytes() for q in c_k)
+    fc = quantized["blocks.1.mlp.fc.weight"]["data"]  # reordered: the record's order, then columns
+    order = record_nearest_neighbour_order(fc.numpy())
+    assert rest["state"]["blocks.1.mlp.fc.weight"]["order"].tolist() == order
+    fc_group = streams[1 + [g[0] for g in rest["groups"]].index("blocks.0.mlp.fc.weight")]
+    assert fc_group[fc.numel():] == fc[order].t().contiguous().numpy().tobytes()
+
+
+def test_pergroup_refuses_what_it_cannot_honour(monkeypatch):
+    with pytest.raises(T.ConfigError, match="QUANT_PACKING"):
+        T.Hyperparameters(compressor="pergroup", pergroup_codec="lzma", quant_packing="dense")
+    with pytest.raises(T.ConfigError, match="BYTE_SHUFFLE"):
+        T.Hyperparameters.from_env({"COMPRESSOR": "pergroup", "PERGROUP_CODEC": "lzma", "BYTE_SHUFFLE": "1"})
+    with pytest.raises(T.ConfigError, match="PERGROUP_CODEC"):
+        T.Hyperparameters.from_env({"PERGROUP_CODEC": "lzma"})  # without COMPRESSOR=pergroup it does nothing
+    monkeypatch.setattr(T.shutil, "which", lambda program: None)
+    with pytest.raises(T.ConfigError, match="lrzip program is not installed: apt-get install lrzip, or "
+                                            "PERGROUP_CODEC=smallest"):
+        T.Hyperparameters(compressor="pergroup")
+    T.Hyperparameters(compressor="pergroup", pergroup_codec="smallest")

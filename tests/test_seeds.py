@@ -398,7 +398,7 @@ RECORD_CHANGES = {
     "val_loss_every": 0, "ttt_enabled": True, "ttt_method": "lora", "ttt_lora_rank": 80, "ttt_beta2": 0.99,
     "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
     "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3, "fused_ce_enabled": True,
-    "lqer_factor_bits": 4, "lqer_asym_enabled": True, "gated_attn_quant_gate": True,
+    "lqer_factor_bits": 4, "lqer_asym_enabled": True, "gated_attn_quant_gate": True, "compressor": "pergroup",
 }
 
 

@@ -90,8 +90,8 @@ def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
         if field.metadata.get("needs"):
             T.switched_on(default, field.metadata["needs"])
     # The choices declared beside a field are the ones the code has.
-    for name, table in (("compressor", T.COMPRESSORS), ("muon_orthogonalizer", T.ORTHOGONALIZERS),
-                        ("attn_gate", T.ATTENTION_GATES)):
+    for name, table in (("compressor", [*T.COMPRESSORS, "pergroup"]), ("muon_orthogonalizer", T.ORTHOGONALIZERS),
+                        ("attn_gate", T.ATTENTION_GATES), ("pergroup_codec", [*T.STREAM_CODECS, "smallest"])):
         assert set(fields[name].metadata["check"].split("|")) == set(table), name
     on = T.dataclasses.replace(default, bigram_buckets=0, ve_layers="1")
     assert T.switched_on(on, "BIGRAM_BUCKETS > 0 or VE_LAYERS") and not T.switched_on(default, "VE_LAYERS")
@@ -352,6 +352,60 @@ def test_a_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
         T.read_artifact(path)
 
 
+def pergroup_artifact(streams, sizes=None):
+    """A per-group artifact of already compressed `streams` ([(codec id, decompressed size, bytes)]), its header and
+    digest consistent, so that only the payload is hostile."""
+    table = len(streams).to_bytes(4, "little") + b"".join(
+        bytes([codec]) + raw.to_bytes(8, "little") + len(data).to_bytes(8, "little") for codec, raw, data in streams)
+    total = sum(raw for _, raw, _ in streams) if sizes is None else sizes
+    return artifact_with(total, table + b"".join(data for *_, data in streams), compressor_id=T.PERGROUP_ID)
+
+
+def pergroup_parts():
+    hp = T.Hyperparameters(compressor="pergroup", pergroup_codec="lzma")
+    quantized = T.quantize_state_dict({"m.mlp.fc.weight": torch.randn(6, 4)}, {"m.mlp.fc.weight": "mlp"}, hp)
+    return T.pergroup_streams(quantized)
+
+
+def test_a_hostile_pergroup_payload_is_refused_before_it_is_used(tmp_path):
+    lzma_id = T.STREAM_CODECS["lzma"][0]
+    packed = lambda data: (lzma_id, len(data), T.lzma.compress(data))
+    rest, group = pergroup_parts()
+    path = tmp_path / "m.ptz"
+    path.write_bytes(pergroup_artifact([packed(rest), packed(group)]))
+    assert T.read_artifact(path)["m.mlp.fc.weight"]["data"].shape == (6, 4)  # the honest file reads back
+    cases = {
+        "stream table is inconsistent": pergroup_artifact([packed(rest), packed(group)], sizes=len(rest)),
+        "does not decompress to the size": pergroup_artifact([packed(rest), (lzma_id, 5, packed(group)[2])]),
+        "an lrzip stream has a bad header": pergroup_artifact([packed(rest), (T.STREAM_CODECS["lrzip"][0], 24, b"LRZI\0\6" + (1 << 40).to_bytes(8, "little") + bytes(10))]),
+        "not a plain tensor state": pergroup_artifact([packed(T.pickle.dumps(print)), packed(group)]),
+    }
+    state = T.load_plain_state(rest, "rest")
+    state["state"]["m.mlp.fc.weight"]["order"] = torch.zeros(6, dtype=torch.int16)
+    cases["not a permutation"] = pergroup_artifact([packed(T.torch_bytes(state)), packed(group)])
+    state["state"]["m.mlp.fc.weight"]["shape"] = [1 << 40, 1 << 40]
+    cases["shorter than its matrices"] = pergroup_artifact([packed(T.torch_bytes(state)), packed(group)])
+    for message, blob in cases.items():
+        path.write_bytes(blob)
+        with pytest.raises(ValueError, match=message):
+            T.read_artifact(path)
+
+
+def test_a_pergroup_stream_bomb_is_refused_with_bounded_memory(tmp_path):
+    bomb = T.lzma.compress(bytes(1 << 28), preset=0)  # 256 MiB of zeros
+    path = tmp_path / "bomb.ptz"
+    rest = pergroup_parts()[0]
+    path.write_bytes(pergroup_artifact([(T.STREAM_CODECS["lzma"][0], len(rest), T.lzma.compress(rest)),
+                                        (T.STREAM_CODECS["lzma"][0], 1000, bomb)]))
+    probe = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import train_gpt as T\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
+             "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
+    assert "does not decompress to the size its table records" in result.stdout, result.stdout + result.stderr
+    assert int(re.search(r"grew_kib (\d+)", result.stdout).group(1)) < 64 * 1024, result.stdout
+
+
 def test_an_artifact_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
 
@@ -406,8 +460,6 @@ SMEAR_GATE_ENABLED=1 \\
 LQER_ENABLED=1 LQER_ASYM_ENABLED=1 LQER_RANK=4 LQER_FACTOR_BITS=4 LQER_ASYM_GROUP=64 LQER_TOP_K=3 \\
 FUSED_CE_ENABLED=1 COMPRESSOR=pergroup NCCL_NET=Socket \\
 SEED=42"""
-# Still refused: the 04-27 record's per-group compressor (COMPRESSOR=pergroup), which this script does not have yet.
-REFUSED_04_27 = {"COMPRESSOR"}
 
 
 def command_env(command):
@@ -426,24 +478,18 @@ def test_the_03_23_records_command_runs_that_records_method_with_every_name_tran
     assert hp.layer_set("xsa_layers") == preset.layer_set("xsa_layers") == {7, 8, 9, 10}
 
 
-def test_the_04_27_records_command_runs_under_its_preset_but_for_the_names_of_later_work():
+def test_the_04_27_records_command_is_accepted_name_by_name_under_its_preset():
     env = command_env(COMMAND_04_27)
     assert len(env) == 44
-    refused = set()
-    for name, value in env.items():
-        try:
-            T.Hyperparameters.from_env({"PRESET": "record", name: value})
-        except T.ConfigError as error:
-            assert name in str(error)
-            refused.add(name)
-    assert refused == REFUSED_04_27  # 43 of the 44 names are accepted
-    accepted = {name: value for name, value in env.items() if name not in refused}
-    hp, sources = T.Hyperparameters.from_env(dict(accepted, PRESET="record"))
+    for name, value in env.items():  # each of the 44 names alone, then all of them: nothing is refused
+        T.Hyperparameters.from_env({"PRESET": "record", name: value})
+    hp, sources = T.Hyperparameters.from_env(dict(env, PRESET="record"))
     preset, _ = T.Hyperparameters.from_env({"PRESET": "record", "SEED": "42"})
     differing = {f.name for f in T.dataclasses.fields(hp) if getattr(hp, f.name) != getattr(preset, f.name)}
     assert differing == {"data_dir"}  # the preset is the command: the same settings, the same values
+    assert (hp.compressor, hp.pergroup_codec, hp.fused_ce_enabled, hp.lqer_asym_enabled) == ("pergroup", "lrzip", True, True)
     with pytest.raises(T.ConfigError, match="TTT_ENABLED=1"):  # its TTT is on by default there, off here
-        T.Hyperparameters.from_env(accepted)
+        T.Hyperparameters.from_env(env)
 
 
 def test_data_dir_moves_the_default_paths_only():
