@@ -170,6 +170,9 @@ class Hyperparameters:
 
     rope_base: float = setting(10000.0, ">0", group="model: attention")  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
+    # a forward of T > this many tokens rotates with the base rescaled to base * (T / this)^(d / (d - 2)) over its d
+    # rotary dims (the PR #549 family hard-codes 1024, so its 2,048-token runs use a base of about 22,082); 0 = never
+    rope_train_seq_len: int = setting(0, ">=0")
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
     # per-head gate on the attention output: none, head, biased (PR #549's), output or sparse
@@ -602,6 +605,8 @@ def rules_of_model(hp, require):
     require(head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even for RoPE")
     require(0 <= hp.rope_dims <= head_dim and hp.rope_dims % 2 == 0, "ROPE_DIMS",
             f"must be even and at most the head dim MODEL_DIM / NUM_HEADS = {head_dim}")
+    require(not hp.rope_train_seq_len or (hp.rope_dims or head_dim) >= 4, "ROPE_TRAIN_SEQ_LEN",
+            "rescales the base by (T / it)^(d / (d - 2)): it needs at least 4 rotary dims (ROPE_DIMS)")
     require(hp.mlp_conv_k == 0 or hp.mlp_activation == "swiglu", "MLP_CONV_K",
             "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
     require(not hp.kernel_stages or max(hp.conv_k, hp.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
@@ -692,14 +697,16 @@ def rules_of_evaluation(hp, require):
 NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) // 2) / 35000:.3f}"
                                 for k in range(1, 22, 2))
 
-# The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command),
-# the parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64,
-# LN scale, VE128 on the last 2, BigramHash 1536x128, the seed-era SmearGate, plain U-Net skips; Muon 0.025 (WD
-# 0.04, momentum 0.92 -> 0.99), AdamW 0.025/0.035 (WD 0.04, betas 0.9/0.95) that also trains the table
-# projections; EMA 0.997 with no warmup (its SWA was collected and never applied); a 3500-step warmdown;
-# GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and score-first SGD TTT.
+# The PR #549 family (the record LeakyReLU_LegalTTT_ParallelMuon: its script's defaults and its README's command), the
+# parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64 (its
+# base rescaled above 1,024 tokens, hard-coded in its rotary), LN scale, VE128 on the last 2, BigramHash 1536x128, the
+# seed-era SmearGate, plain U-Net skips; Muon 0.025 (WD 0.04, momentum 0.92 -> 0.99), AdamW 0.025/0.035 (WD 0.04,
+# betas 0.9/0.95) that also trains the table projections; EMA 0.997 with no warmup (its SWA was collected and never
+# applied); a 3500-step warmdown; GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and
+# score-first SGD TTT.
 PR549_FAMILY = dict(
-    mlp_mult=3.0, rope_dims=16, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none", ve_layers="-2,-1",
+    mlp_mult=3.0, rope_dims=16, rope_train_seq_len=1024, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none",
+    ve_layers="-2,-1",
     ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True, smear_gate_form="blend",
     skip_gates=False, num_loops=0, parallel_residuals=False, train_batch_tokens=786_432, train_seq_len=2048,
     eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000,
@@ -750,7 +757,8 @@ PRESETS = {
     # LRs, WD 0.090, EMA 0.997, warmdown 0.667, gated skips, byte-shuffled brotli, int8 embeddings, no TTT.
     "pr1392": dict(
         data_path="./data/datasets/fineweb10B_sp4096", tokenizer_path="./data/tokenizers/fineweb_4096_bpe.model",
-        vocab_size=4096, mlp_mult=4.0, rope_dims=16, qk_gain_init=5.0, xsa_layers="all", attn_gate="none",
+        vocab_size=4096, mlp_mult=4.0, rope_dims=16, rope_train_seq_len=2048, qk_gain_init=5.0, xsa_layers="all",
+        attn_gate="none",
         ve_layers="-2,-1", ve_dim=128, ve_proj_init="ortho", smear_gate=True, smear_gate_form="blend",
         num_loops=1, loop_start=4, loop_end=5, loop_enable_at=3000, parallel_residuals=True, parallel_start_layer=7,
         parallel_form="merge", train_batch_tokens=786_432, train_seq_len=2048, eval_seq_len=2048,
@@ -1514,19 +1522,29 @@ def select_attention(requested, device_type, half_precision=True, documents=Fals
 
 class Rotary(nn.Module):
     """Rotary position embedding on the first `dims` channels of each head; the rest carry no position (partial
-    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence."""
+    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence, but for a forward longer
+    than `rescale_above` (when set), whose base is rescaled as the PR #549 family's rotary does (NTK-aware)."""
 
-    def __init__(self, dims, base, max_seq_len):
+    def __init__(self, dims, base, max_seq_len, rescale_above=0):
         super().__init__()
-        self.dims = dims
-        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos()[None, :, None, :], persistent=False)
-        self.register_buffer("sin", angles.sin()[None, :, None, :], persistent=False)
+        self.dims, self.base, self.rescale_above = dims, base, rescale_above
+        cos, sin = self.tables(base, max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self, base, length, device=None):
+        inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
     def forward(self, x):  # x: (B, T, H, D); rotates the two halves of the first `dims` channels as pairs
         seq_len = x.size(1)
-        cos, sin = self.cos[:, :seq_len].to(x.dtype), self.sin[:, :seq_len].to(x.dtype)
+        if self.rescale_above and seq_len > self.rescale_above:
+            cos, sin = self.tables(self.base * (seq_len / self.rescale_above) ** (self.dims / (self.dims - 2)),
+                                   seq_len, x.device)
+        else:
+            cos, sin = self.cos[:, :seq_len], self.sin[:, :seq_len]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x[..., :self.dims].chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
         return rotated if self.dims == x.size(-1) else torch.cat((rotated, x[..., self.dims:]), dim=-1)
@@ -1635,7 +1653,8 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, hp.norm_weights, init=hp.qk_gain_init)
         self.k_norm = RMSNorm(self.head_dim, hp.norm_weights)
         self.q_gain = None if hp.norm_weights else nn.Parameter(torch.full((self.num_heads,), hp.qk_gain_init))
-        self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
+        self.rotary = Rotary(hp.rope_dims or self.head_dim, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len),
+                             hp.rope_train_seq_len)
         self.attention_fn = attention_fn
         self.xsa = layer in hp.layer_set("xsa_layers")
         self.gate = AttentionGate(hp.attn_gate, hp.model_dim, hp.num_heads, hp.gate_window, hp.attn_gate_scale) \
@@ -2500,6 +2519,11 @@ class WeightAverage:
             return [total / self.swa_count for total in self.swa_sum]
         # an EMA, or None: no averaging, or an SWA that took no snapshot (then EMA_SWA falls back to the EMA)
         return self.ema
+
+    def live_copy(self):
+        """A copy of the live weights where the export is an average of them, else None."""
+        averaging = self.ema is not None or (self.swa_sum is not None and self.swa_count > 0)
+        return [p.detach().clone() for p in self.params] if averaging else None
 
     @torch.no_grad()
     def apply(self):
@@ -4973,19 +4997,41 @@ def off_the_clock(run, data, model, clock, last_step, validate, pr_tokens):
         prs = activation_prs(model.net, pr_tokens, run.autocast)
         log(f"pr: step:{clock.step} " + " ".join(f"{kind}:" + "/".join(f"{v:.1f}" for v in values)
                                                  for kind, values in prs.items()))
+    live = None
     if last_step:
         check_finite(run, clock.nonfinite, clock.step, clock.lr_scale)
+        if clock.qat_on:
+            set_qat(model.net, hp, on=False)  # evaluation and export see the plain weights
+        live = run.average.live_copy() if validate else None
         log(run.average.apply())  # what is evaluated and exported from here on
         save_raw_weights(run)  # before anything else can fail
         run.signals.deferred = False
-        if clock.qat_on:
-            set_qat(model.net, hp, on=False)  # evaluation and export see the plain weights
     if validate:
+        start = time.perf_counter()
         val_loss, val_bpb, _ = run_validation(run, data, model)
-        log(f"step:{clock.step}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+        seconds = time.perf_counter() - start
+        # The last step line scores the live weights, as in the challenge's scripts.
+        live_loss, live_bpb = (val_loss, val_bpb) if live is None else score_live_weights(run, data, model, live)
+        run.results.update(live_val_loss=live_loss, live_val_bpb=live_bpb)
+        log(f"step:{clock.step}/{hp.iterations} val_loss:{live_loss:.4f} val_bpb:{live_bpb:.4f} "
             f"train_time:{clock.train_ms:.0f}ms step_avg:{clock.train_ms / max(clock.step, 1):.2f}ms")
+        if live is not None:  # the current records' name for the score of what is exported
+            log(f"pre-quantization post-{hp.weight_averaging.replace('_', '-')} val_loss:{val_loss:.8f} "
+                f"val_bpb:{val_bpb:.8f} eval_time:{1000 * seconds:.0f}ms")
         run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb)
     clock.resume(run)
+
+
+def score_live_weights(run, data, model, live):
+    """(val_loss, val_bpb) of the live weights `live`, loaded in place of the average, which is put back after."""
+    with torch.no_grad():
+        for p, value in zip(run.average.params, live):
+            p.copy_(value)
+    try:
+        val_loss, val_bpb, _ = run_validation(run, data, model)
+    finally:
+        run.average.apply()
+    return val_loss, val_bpb
 
 
 def scheduled_events(run, model, clock):
@@ -5124,7 +5170,8 @@ def finish_from_raw_weights(run, data, model):
     run.raw_weights_path = hp.finish_from  # where the weights are, should this run be cut short too
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
     val_loss, val_bpb, _ = run_validation(run, data, model)
-    run.log(f"step:{meta['step']}/{hp.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} (finish_from)")
+    average = "" if hp.weight_averaging == "none" else f" post-{hp.weight_averaging.replace('_', '-')}"
+    run.log(f"pre-quantization{average} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} (finish_from, step:{meta['step']})")
     train_ms = meta.get("train_time_ms") or 0.0
     run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
                        train_time_ms=train_ms, step_avg_ms=train_ms / max(meta["step"], 1))
@@ -5805,7 +5852,7 @@ FOREIGN_SETTING_HINTS = {
 }
 # The rest of the records' settings (2026-03 to 2026-04 record scripts) that have no counterpart here.
 FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
-    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN ROPE_TRAIN_SEQ_LEN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
+    VAL_DOC_FRACTION TTT_EVAL_BATCHES ROPE_YARN PARALLEL_FINAL_LANE ARTIFACT_DIR MUON_BETA2
     MTP_NUM_HEADS MTP_LOSS_WEIGHT
     GATED_ATTN_INIT_STD FP_STORAGE ATTN_OUT_GATE_SRC TTT_DEBUG_BYPASS
     SWA_START_FRAC SPARSE_ATTN_GATE_INIT_STD SCALE_STORAGE PREQUANT_ONLY
@@ -5898,8 +5945,8 @@ def _translate_late_qat(name):
 
 # Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
 # that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
-# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H), so their LATE_QAT* are
-# QAT off; QAT_START_LR_SCALE is the late QAT that runs.
+# flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H; frozen under their torch
+# 2.9.1, benchmarks/late_qat_probe.py), so their LATE_QAT* are QAT off; QAT_START_LR_SCALE is the late QAT that runs.
 RECORD_TRANSLATIONS = {
     "XSA_LAST_N": _translate_xsa_last_n, "VE_ENABLED": _translate_ve_enabled,
     "TTT_FREEZE_BLOCKS": _translate_ttt_freeze_blocks, "EMA_ENABLED": _translate_averaging_switch("EMA_ENABLED"),

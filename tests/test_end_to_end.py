@@ -139,6 +139,18 @@ def test_benchmark_mode_times_both_layouts_and_stops(sample, tmp_path):
     assert not re.search(r"^summary_json: ", log, re.M) and not list((tmp_path / "logs").glob("*.ptz"))
 
 
+def test_the_last_step_line_scores_the_live_weights_and_the_average_has_a_line_of_its_own(single_run):
+    _, _, log = single_run
+    scores = summary(log)
+    last = re.findall(r"^step:40/40 val_loss:([\d.]+) val_bpb:([\d.]+) ", log, re.M)
+    average = re.findall(r"^pre-quantization post-ema val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8}) eval_time:\d+ms$", log,
+                         re.M)
+    assert float(last[0][1]) == pytest.approx(scores["live_val_bpb"], abs=5e-5)  # the challenge's meaning
+    assert float(average[0][1]) == pytest.approx(scores["pre_quant_val_bpb"], abs=1e-8)  # what is exported
+    assert abs(scores["live_val_bpb"] - scores["pre_quant_val_bpb"]) > 1e-4  # two weight sets, two numbers
+    assert log.index("weight_averaging: exported ema(") < log.index("pre-quantization post-ema")
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(VOCAB_SIZE=2048), "VOCAB_SIZE=2048"),
     (dict(GRAD_ACCUM_STEPS=3), "GRAD_ACCUM_STEPS"),

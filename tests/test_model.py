@@ -227,6 +227,29 @@ def test_partial_rope_rotates_only_the_leading_dims():
     assert torch.allclose(at(q, 5) @ at(k, 3), at(q, 7) @ at(k, 5), atol=1e-5)
 
 
+def record_rotary_tables(seq_len, rope_dims, base=10000.0, train_seq_len=1024):
+    """The PR #549 family's rotary tables for a forward of `seq_len` tokens, restated from its Rotary: above its
+    hard-coded training length the base becomes base * (T / 1024) ** (rd / (rd - 2))."""
+    if seq_len > train_seq_len:
+        base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :], base
+
+
+@pytest.mark.parametrize("seq_len", [640, 1024, 1536, 2048])
+def test_the_rotary_base_is_rescaled_above_rope_train_seq_len_as_the_pr549_family_rescales_it(seq_len):
+    x = torch.randn(1, seq_len, 1, 64)
+    cos, sin, base = record_rotary_tables(seq_len, 16)
+    x1, x2 = x[..., :8], x[..., 8:16]
+    expected = torch.cat((x1 * cos + x2 * sin, x1 * -sin + x2 * cos, x[..., 16:]), dim=-1)
+    assert torch.equal(T.Rotary(16, 10000.0, 2048, rescale_above=1024)(x), expected)
+    assert (round(base) == 22082) == (seq_len == 2048)  # the base its 2,048-token runs rotate with
+    assert torch.equal(T.Rotary(16, 10000.0, 2048)(x), T.Rotary(16, 10000.0, 2048, rescale_above=4096)(x))
+    hp = T.Hyperparameters.from_env({"PRESET": "pr754"})[0]
+    assert T.GPT(hp).blocks[0].attn.rotary.rescale_above == hp.rope_train_seq_len == 1024
+
+
 def test_attention_gates_start_where_the_records_start():
     x = torch.randn(2, 5, 64)
     assert torch.equal(T.AttentionGate("output", 64, 4, 12, 0.5)(x), torch.ones(2, 5, 4, 1))
