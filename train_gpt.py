@@ -373,6 +373,12 @@ class Hyperparameters:
     # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th
     # percentile) or rowmax
     quant_clip: str = setting("sdclip", "sdclip|percentile|quantile|rowmax")
+    # the token tables' row scale, as QUANT_CLIP's choices (quantile: the PR #549 family's int8 tables); same =
+    # QUANT_CLIP
+    embed_quant_clip: str = setting("same", "same|sdclip|percentile|quantile|rowmax")
+    # the least clip of a row: its scale is at least this / qmax (the PR #549 family's 1.0: 1/31 at int6); 0 = a
+    # 2^-20 floor only
+    quant_clip_floor: float = setting(0.0, ">=0")
     clip_k_mlp: float = setting(11.5, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the MLP matrices
     # SDClip k of the attention and other projection matrices
     clip_k_attn: float = setting(13.0, ">0", "QUANT_CLIP=sdclip")
@@ -706,16 +712,16 @@ NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) /
 # score-first SGD TTT.
 PR549_FAMILY = dict(
     mlp_mult=3.0, rope_dims=16, rope_train_seq_len=1024, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none",
-    ve_layers="-2,-1",
-    ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True, smear_gate_form="blend",
-    skip_gates=False, num_loops=0, parallel_residuals=False, train_batch_tokens=786_432, train_seq_len=2048,
-    eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000,
-    matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035, embed_weight_decay=0.04, scalar_weight_decay=0.04,
-    beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.04,
+    ve_layers="-2,-1", ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True,
+    smear_gate_form="blend", skip_gates=False, num_loops=0, parallel_residuals=False, train_batch_tokens=786_432,
+    train_seq_len=2048, eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000, matrix_lr=0.025,
+    scalar_lr=0.025, tied_embed_lr=0.035, embed_weight_decay=0.04, scalar_weight_decay=0.04, beta2=0.95,
+    muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.04,
     embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
-    quant_bits=6, embed_quant_bits=8, quant_clip="percentile", gptq=False, quant_passthrough_numel=65536,
-    compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768,
-    ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all", ttt_optimizer="sgd", ttt_method="chunk",
+    quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
+    gptq=False, quant_passthrough_numel=65536, compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002,
+    ttt_epochs=3, ttt_chunk_tokens=32768, ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all",
+    ttt_optimizer="sgd", ttt_method="chunk",
 )
 
 # A preset is a named set of defaults; PRESET=a,b applies a, then b; any env var set explicitly still wins.
@@ -766,9 +772,9 @@ PRESETS = {
         matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, embed_weight_decay=0.090, scalar_weight_decay=0.02,
         beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=True,
         muon_weight_decay=0.090, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
-        quant_bits=6, embed_quant_bits=8, quant_clip="percentile", quant_passthrough_numel=65536,
-        gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048, gptq_reserve_seconds=45.0,
-        compressor="brotli", byte_shuffle=True,
+        quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
+        quant_passthrough_numel=65536, gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048,
+        gptq_reserve_seconds=45.0, compressor="brotli", byte_shuffle=True,
     ),
     # neon213 (NeonBench's Muon growth run, stages 1-11): 8 plain pre-norm blocks of width 384, 6 heads, learnable
     # RMSNorm weights (QK-norm per head dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the
@@ -1391,7 +1397,7 @@ class CastedLinear(nn.Linear):
         self.zero_init = zero_init
         if zero_init:
             nn.init.zeros_(self.weight)
-        self.qat_grid = None  # (bits, clip method, clip k) of the export grid when QAT is configured (see set_qat)
+        self.qat_grid = None  # (bits, clip method, clip k, floor) of the export grid when QAT is on (see set_qat)
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         self.register_buffer("qat_k_scale", torch.ones(()), persistent=False)  # the size target's scale of k
 
@@ -2776,34 +2782,54 @@ def clip_factor(k, k_scale):
     return torch.as_tensor(k_scale, dtype=torch.float32) * k
 
 
-def row_scales(w, bits, method, k):
-    """fp32 per-row scales (rounded through fp16, which is what is stored) for values in [-qmax, qmax]; `k` (a
-    number, or the fp32 tensor of clip_factor) is read by SDClip only."""
+def row_scales(w, bits, method, k, floor=0.0):
+    """fp32 per-row scales for values in [-qmax, qmax], rounded through fp16 (what is stored), but for the quantile
+    rule, which rounds with the fp32 scale as the baseline does; `k` (a number, or the fp32 tensor of clip_factor)
+    is read by SDClip only; `floor` is the least clip of a row (QUANT_CLIP_FLOOR; the quantile rule's is 1)."""
     qmax = largest_level(bits)
+    stored = lambda clip: (clip / qmax).clamp_min(floor / qmax if floor else 2 ** -20).half().float()
     if method == "sdclip":
         clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
-    elif method == "quantile":  # the baseline's int8 rule, its floor on the scale included
-        return (torch.quantile(w.abs(), BASELINE_CLIP_QUANTILE, dim=1) / qmax).clamp_min(1 / qmax).half().float()
+    elif method == "quantile":  # the baseline's int8 rule, its floor included; it rounds with the fp32 scale
+        return (quantile_clip(w) / qmax).clamp_min(max(floor, 1.0) / qmax)
     elif method == "rowmax":
         clip = w.abs().amax(dim=1)
-    else:  # GPTQ-lite: one quantile for the whole matrix, the one with the lowest weight MSE
+    else:  # GPTQ-lite: one quantile for the whole matrix, the one whose stored grid has the lowest weight MSE
         best = None
         for quantile in PERCENTILE_CLIPS:
             candidate = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1)
-            scale = (candidate / qmax).clamp_min(1e-8)
+            scale = stored(candidate)
             error = (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item()
             if best is None or error < best[0]:
                 best = (error, candidate)
         clip = best[1]
-    return (clip / qmax).clamp_min(2 ** -20).half().float()
+    return stored(clip)
 
 
-def fake_quantize(w, bits, method, k, k_scale=1.0):
+def quantile_clip(w):
+    return torch.quantile(w.abs(), BASELINE_CLIP_QUANTILE, dim=1)
+
+
+def clipped_for_rounding(w, method):
+    """What is rounded: `w`, or for the quantile rule each row clamped to its clip first, as the baseline and the
+    PR #549 family do (where the floor raises the scale, values past the clip round to the clip, not past it)."""
+    if method != "quantile":
+        return w
+    clip = quantile_clip(w)[:, None]
+    return torch.maximum(torch.minimum(w, clip), -clip)
+
+
+def clip_method(hp, group):
+    return hp.embed_quant_clip if group == "embed" and hp.embed_quant_clip != "same" else hp.quant_clip
+
+
+def fake_quantize(w, bits, method, k, floor=0.0, k_scale=1.0):
     """The round trip of `w` on the export's grid: the row scales quantize_state_dict computes for the same clip
-    method, k and size-target scale, rounded to nearest (GPTQ keeps the grid and changes only the rounding)."""
+    method, k, floor and size-target scale, rounded to nearest (GPTQ keeps the grid and changes only the
+    rounding)."""
     qmax = largest_level(bits)
-    scale = row_scales(w.detach(), bits, method, clip_factor(k, k_scale))
-    return round_to_nearest(w, scale, qmax) * scale[:, None]
+    scale = row_scales(w.detach(), bits, method, clip_factor(k, k_scale), floor)
+    return round_to_nearest(clipped_for_rounding(w, method), scale, qmax) * scale[:, None]
 
 
 def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
@@ -2863,16 +2889,16 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
         if name not in groups:
             quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
             continue
-        bits, k = group_bits_and_k(hp, groups[name])
+        (bits, k), method = group_bits_and_k(hp, groups[name]), clip_method(hp, groups[name])
         qmax = largest_level(bits)
-        scale = row_scales(w, bits, hp.quant_clip, clip_factor(k, k_scale))
-        q = None
+        scale = row_scales(w, bits, method, clip_factor(k, k_scale), hp.quant_clip_floor)
+        rounded, q = clipped_for_rounding(w, method), None
         if hessians is not None and name in hessians:
             try:
-                q = gptq(w, hessians[name].to(w.device), scale, qmax, hp.gptq_block_size, hp.gptq_damp)
+                q = gptq(rounded, hessians[name].to(w.device), scale, qmax, hp.gptq_block_size, hp.gptq_damp)
             except torch.linalg.LinAlgError:
                 (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
-        q = round_to_nearest(w, scale, qmax) if q is None else q
+        q = round_to_nearest(rounded, scale, qmax) if q is None else q
         if hp.lqer_rank > 0:  # the error LQER corrects; kept only when asked for (a copy of every matrix)
             residuals[name] = w - q * scale[:, None]
         quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
@@ -3339,7 +3365,7 @@ def set_qat(model, hp, on, k_scale=1.0):
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and f"{name}.weight" in groups:
             bits, k = group_bits_and_k(hp, groups[f"{name}.weight"])
-            module.qat_grid = (bits, hp.quant_clip, k)
+            module.qat_grid = (bits, hp.quant_clip, k, hp.quant_clip_floor)
             module.qat_on.fill_(float(on))
             module.qat_k_scale.fill_(k_scale)
 
@@ -5171,7 +5197,8 @@ def finish_from_raw_weights(run, data, model):
     run.log(f"finish_from:{hp.finish_from} step:{meta['step']} run_id:{meta['run_id']} (training skipped)")
     val_loss, val_bpb, _ = run_validation(run, data, model)
     average = "" if hp.weight_averaging == "none" else f" post-{hp.weight_averaging.replace('_', '-')}"
-    run.log(f"pre-quantization{average} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} (finish_from, step:{meta['step']})")
+    run.log(f"pre-quantization{average} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+            f"(finish_from, step:{meta['step']})")
     train_ms = meta.get("train_time_ms") or 0.0
     run.results.update(pre_quant_val_loss=val_loss, pre_quant_val_bpb=val_bpb, steps=meta["step"],
                        train_time_ms=train_ms, step_avg_ms=train_ms / max(meta["step"], 1))
@@ -5357,6 +5384,7 @@ def export(run, net, hessians):
         sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = compressed_sizes_for_log(quantized, hp)
         log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} "
+            f"embed_clip:{clip_method(hp, 'embed')} clip_floor:{hp.quant_clip_floor:g} "
             f"k_scale:{k_scale:.3f} "
             f"gptq:{hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
             f"time:{run.timings['quantize_s']:.1f}s")

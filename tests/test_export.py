@@ -386,3 +386,41 @@ def test_pergroup_refuses_what_it_cannot_honour(monkeypatch):
                                             "PERGROUP_CODEC=smallest"):
         T.Hyperparameters(compressor="pergroup")
     T.Hyperparameters(compressor="pergroup", pergroup_codec="smallest")
+
+
+def record_int6_per_row(t, clip_range=31):
+    """The PR #549 family's int6 export (GPTQ-lite), restated: the percentile with the lowest weight MSE, the row
+    scale floored at 1/31 and stored in fp16."""
+    best = None
+    for pct in (0.9990, 0.9995, 0.9999, 0.99999, 1.0):
+        row_clip = torch.quantile(t.abs(), pct, dim=1) if pct < 1.0 else t.abs().amax(dim=1)
+        s = (row_clip / clip_range).clamp_min(1.0 / clip_range).to(torch.float16)
+        q = torch.clamp(torch.round(t / s.float()[:, None]), -clip_range, clip_range)
+        err = (t - q * s.float()[:, None]).pow(2).mean().item()
+        if best is None or err < best[2]:
+            best = (q, s, err)
+    return best[0], best[1]
+
+
+def record_int8_per_row(t):
+    """Its int8 tables (the baseline's rule): each row clamped to its 99.99984% quantile, the scale floored at 1/127,
+    rounded with the fp32 scale, stored in fp16."""
+    clip = torch.quantile(t.abs(), 0.9999984, dim=1)
+    clipped = torch.maximum(torch.minimum(t, clip[:, None]), -clip[:, None])
+    scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+    return torch.clamp(torch.round(clipped / scale[:, None]), -127, 127), scale.to(torch.float16)
+
+
+@pytest.mark.parametrize("std", [0.02, 3.0])  # 0.02: every row's floor binds; 3.0: none does
+def test_the_pr549_presets_export_with_the_records_floors_value_for_value(std):
+    torch.manual_seed(5)
+    hp = T.Hyperparameters.from_env({"PRESET": "pr703"})[0]
+    w, table = torch.randn(48, 700) * std, torch.randn(64, 300) * std
+    w[3, 7], table[5, 11] = 40 * std, 60 * std  # outliers past the percentile clips
+    quantized = T.quantize_state_dict({"m": w, "e": table}, {"m": "mlp", "e": "embed"}, hp)
+    for name, (q, scale) in (("m", record_int6_per_row(w)), ("e", record_int8_per_row(table))):
+        entry = quantized[name]
+        assert torch.equal(entry["scale"], scale), name
+        assert torch.equal(T.unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]), q), name
+    default = T.quantize_state_dict({"m": w}, {"m": "mlp"}, T.dataclasses.replace(hp, quant_clip_floor=0.0))
+    assert torch.equal(default["m"]["scale"], quantized["m"]["scale"]) == (std > 1)  # the floor binds at 0.02
