@@ -3213,6 +3213,9 @@ def read_pergroup(payload, size, path):
             raise ValueError(f"{len(groups)} groups for {len(streams) - 1} streams")
         for names, data in zip(groups, streams[1:]):
             restore_group(state, names, data)
+        missing = [name for name, entry in state.items() if "data" not in entry]
+        if missing:
+            raise ValueError(f"no values for {', '.join(missing[:3])}")
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{path}: the per-group payload is malformed ({type(error).__name__}: {error})") from None
     return state

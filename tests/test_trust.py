@@ -333,6 +333,18 @@ def artifact_with(payload_size, compressed, compressor_id=3):
     return header + hashlib.sha256(header + compressed).digest() + compressed
 
 
+def read_in_a_fresh_process(path):
+    """(the error reading the artifact at `path` gives, KiB its peak memory grew by), in a process of its own."""
+    probe = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import train_gpt as T\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
+             "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
+    grew = re.search(r"grew_kib (\d+)", result.stdout)
+    assert grew, result.stdout + result.stderr
+    return result.stdout, int(grew.group(1))
+
+
 def test_a_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
     import brotli
     compressor = brotli.Compressor(quality=1)
@@ -340,13 +352,9 @@ def test_a_decompression_bomb_is_refused_with_bounded_memory(tmp_path):
     bomb = b"".join(compressor.process(zeros) for _ in range(64)) + compressor.finish()  # 1 GiB of zeros
     path = tmp_path / "bomb.ptz"
     path.write_bytes(artifact_with(1000, bomb))
-    probe = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import train_gpt as T\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
-             "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
-    assert "decompresses to more bytes, not the 1000 its header records" in result.stdout, result.stdout + result.stderr
-    assert int(re.search(r"grew_kib (\d+)", result.stdout).group(1)) < 64 * 1024, result.stdout
+    error, grew_kib = read_in_a_fresh_process(path)
+    assert "decompresses to more bytes, not the 1000 its header records" in error
+    assert grew_kib < 64 * 1024
     path.write_bytes(artifact_with(T.ARTIFACT_MAX_PAYLOAD_BYTES + 1, bomb))
     with pytest.raises(ValueError, match="bad header"):
         T.read_artifact(path)
@@ -383,6 +391,7 @@ def test_a_hostile_pergroup_payload_is_refused_before_it_is_used(tmp_path):
     state = T.load_plain_state(rest, "rest")
     state["state"]["m.mlp.fc.weight"]["order"] = torch.zeros(6, dtype=torch.int16)
     cases["not a permutation"] = pergroup_artifact([packed(T.torch_bytes(state)), packed(group)])
+    cases["no values for m.mlp.fc.weight"] = pergroup_artifact([packed(T.torch_bytes(dict(state, groups=[])))])
     state["state"]["m.mlp.fc.weight"]["shape"] = [1 << 40, 1 << 40]
     cases["shorter than its matrices"] = pergroup_artifact([packed(T.torch_bytes(state)), packed(group)])
     for message, blob in cases.items():
@@ -397,13 +406,9 @@ def test_a_pergroup_stream_bomb_is_refused_with_bounded_memory(tmp_path):
     rest = pergroup_parts()[0]
     path.write_bytes(pergroup_artifact([(T.STREAM_CODECS["lzma"][0], len(rest), T.lzma.compress(rest)),
                                         (T.STREAM_CODECS["lzma"][0], 1000, bomb)]))
-    probe = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import train_gpt as T\n"
-             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-             "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
-             "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
-    assert "does not decompress to the size its table records" in result.stdout, result.stdout + result.stderr
-    assert int(re.search(r"grew_kib (\d+)", result.stdout).group(1)) < 64 * 1024, result.stdout
+    error, grew_kib = read_in_a_fresh_process(path)
+    assert "does not decompress to the size its table records" in error
+    assert grew_kib < 64 * 1024
 
 
 def test_an_artifact_that_would_run_code_is_refused(tmp_path):
