@@ -53,8 +53,12 @@ def main():
     print("| packing | byte shuffle | compressor | model bytes | total bytes | headroom under 16,000,000 | write s | "
           "read s |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
+    quantized_by_packing = {}  # each packing is quantized once, whatever the rows that compress it
     for packing, shuffle, compressor, codec in rows(args.compressors):
-        quantized = T.quantize_state_dict(model.state_dict(), groups, T.dataclasses.replace(hp, quant_packing=packing))
+        if packing not in quantized_by_packing:
+            quantized_by_packing[packing] = T.quantize_state_dict(model.state_dict(), groups,
+                                                                  T.dataclasses.replace(hp, quant_packing=packing))
+        quantized = quantized_by_packing[packing]
         start = time.perf_counter()
         blob = T.serialize_artifact(quantized, compressor, shuffle, codec)
         written = time.perf_counter()
