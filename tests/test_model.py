@@ -246,7 +246,7 @@ def test_the_rotary_base_is_rescaled_above_rope_train_seq_len_as_the_pr549_famil
     assert torch.equal(T.Rotary(16, 10000.0, 2048, rescale_above=1024)(x), expected)
     assert (round(base) == 22082) == (seq_len == 2048)  # the base its 2,048-token runs rotate with
     assert torch.equal(T.Rotary(16, 10000.0, 2048)(x), T.Rotary(16, 10000.0, 2048, rescale_above=4096)(x))
-    hp = T.Hyperparameters.from_env({"PRESET": "pr754"})[0]
+    hp = T.Hyperparameters.from_env({"PRESET": "pr754,smoke"})[0]  # the smoke size keeps the preset's 1,024
     assert T.GPT(hp).blocks[0].attn.rotary.rescale_above == hp.rope_train_seq_len == 1024
 
 
