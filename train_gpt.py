@@ -253,6 +253,9 @@ class Hyperparameters:
     embed_lr: float = setting(0.6, ">=0", "TIE_EMBEDDINGS=0")
     head_lr: float = setting(0.008, ">=0", "TIE_EMBEDDINGS=0")  # AdamW LR for the output head when untied
     embed_weight_decay: float = setting(0.085, ">=0")  # AdamW decoupled weight decay of the token tables
+    # the token tables are bf16 parameters, updated by AdamW in bf16 and evaluated in bf16 (the records, whose
+    # .bfloat16() model cast leaves every nn.Embedding in bf16); off = fp32 master tables
+    embed_bf16: bool = False
     # AdamW decoupled weight decay of the gains, gates, scales and skip weights
     scalar_weight_decay: float = setting(0.02, ">=0")
     beta1: float = setting(0.9, "[0,1)")  # AdamW beta1
@@ -269,6 +272,9 @@ class Hyperparameters:
     # Muon decoupled weight decay (smaller weights also compress better)
     muon_weight_decay: float = setting(0.095, ">=0")
     muon_momentum_int8: bool = False  # keep the Muon momentum in blockwise int8 (1/4 of the fp32 memory)
+    # the PR #549 family's bank precision: gradients cast to bf16 before the reduce-scatter, the momentum and the
+    # Nesterov update kept in bf16 (with MUON_MOMENTUM_INT8 the momentum stays int8)
+    muon_bf16_state: bool = False
     # who trains the BigramHash and value-embedding projections: muon, or adamw with the scalars (the PR #549
     # family)
     embed_proj_optimizer: str = setting("muon", "muon|adamw", "BIGRAM_BUCKETS > 0 or VE_LAYERS")
@@ -707,9 +713,9 @@ NEON_KERNEL_SCHEDULE = ",".join(f"{k}@{0 if k == 1 else (5000 + 3000 * (k - 3) /
 # parent of PR #754 and PR #703: 11L 512d MLP3x LeakyReLU(0.5)^2, XSA on the last 4 layers, partial RoPE 16/64 (its
 # base rescaled above 1,024 tokens, hard-coded in its rotary), LN scale, VE128 on the last 2, BigramHash 1536x128, the
 # seed-era SmearGate, plain U-Net skips; Muon 0.025 (WD 0.04, momentum 0.92 -> 0.99), AdamW 0.025/0.035 (WD 0.04,
-# betas 0.9/0.95) that also trains the table projections; EMA 0.997 with no warmup (its SWA was collected and never
-# applied); a 3500-step warmdown; GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and
-# score-first SGD TTT.
+# betas 0.9/0.95) that also trains the table projections; bf16 bank gradients and momentum, bf16 tables (its
+# .bfloat16() model cast); EMA 0.997 with no warmup (its SWA was collected and never applied); a 3500-step
+# warmdown; GPTQ-lite int6 with int8 tables, small tensors in fp16, lzma; sliding stride 64 and score-first SGD TTT.
 PR549_FAMILY = dict(
     mlp_mult=3.0, rope_dims=16, rope_train_seq_len=1024, qk_gain_init=1.5, xsa_layers="-4,-3,-2,-1", attn_gate="none",
     ve_layers="-2,-1", ve_dim=128, ve_proj_init="ortho", bigram_buckets=1536, bigram_dim=128, smear_gate=True,
@@ -717,7 +723,8 @@ PR549_FAMILY = dict(
     train_seq_len=2048, eval_seq_len=2048, iterations=9000, train_log_every=500, val_loss_every=4000, matrix_lr=0.025,
     scalar_lr=0.025, tied_embed_lr=0.035, embed_weight_decay=0.04, scalar_weight_decay=0.04, beta2=0.95,
     muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.04,
-    embed_proj_optimizer="adamw", warmdown_iters=3500, warmdown_frac=0.0, ema_decay=0.997, ema_warmup=False,
+    embed_proj_optimizer="adamw", muon_bf16_state=True, embed_bf16=True, warmdown_iters=3500, warmdown_frac=0.0,
+    ema_decay=0.997, ema_warmup=False,
     quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
     gptq=False, quant_passthrough_numel=65536, compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002,
     ttt_epochs=3, ttt_chunk_tokens=32768, ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all",
@@ -735,7 +742,7 @@ PRESETS = {
         matrix_lr=0.04, scalar_lr=0.04, tied_embed_lr=0.05, embed_weight_decay=0.0, scalar_weight_decay=0.0,
         beta2=0.95, muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500,
         muon_orthogonalizer="quintic", muon_row_normalize=False, muon_weight_decay=0.0, grad_clip_norm=0.0,
-        warmdown_iters=1200, warmdown_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024,
+        embed_bf16=True, warmdown_iters=1200, warmdown_frac=0.0, train_batch_tokens=524_288, train_seq_len=1024,
         weight_averaging="none",
         # Its export and score: int8 per row at the 99.99984th percentile, tensors of at most 65,536 elements kept,
         # zlib level 9, and the plain round-trip evaluation (no sliding window), so its last line is
@@ -771,7 +778,7 @@ PRESETS = {
         train_log_every=500, val_loss_every=4000,
         matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03, embed_weight_decay=0.090, scalar_weight_decay=0.02,
         beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=True,
-        muon_weight_decay=0.090, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
+        muon_weight_decay=0.090, embed_bf16=True, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
         quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
         quant_passthrough_numel=65536, gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048,
         gptq_reserve_seconds=45.0, compressor="brotli", byte_shuffle=True,
@@ -802,7 +809,8 @@ PRESETS = {
     # LQER rank 4 on the 3 worst matrices, per-group lrzip compression, GPTQ reserve 0.5 s, and phased TTT over a
     # 2,500-document prefix in 3 phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its
     # per-document LoRA TTT (rank 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5,
-    # 48-token chunks, 64 documents at a time, contexts of 2,048). Attention is FA3's varlen path where FA3 is
+    # 48-token chunks, 64 documents at a time, contexts of 2,048); bf16 bank gradients, momentum and token table, as
+# in its script. Attention is FA3's varlen path where FA3 is
     # installed, as in the record, else SDPA with a block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
@@ -813,6 +821,7 @@ PRESETS = {
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
         lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True, compressor="pergroup",
+        muon_bf16_state=True, embed_bf16=True,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -1408,6 +1417,23 @@ class CastedLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 
+class TokenTable(nn.Embedding):
+    """A token table whose lookups are fp32 whatever its storage: EMBED_BF16 stores it in bf16 (see
+    store_tables_in_bf16), and the exact bf16 values then enter the fp32 residual stream."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids).float()
+
+
+def store_tables_in_bf16(model):
+    """EMBED_BF16: every token table becomes a bf16 parameter (so AdamW's moments and updates are bf16 too), as
+    after the records' `.bfloat16()` model cast, which their restore pass undoes for everything but the tables."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.to(torch.bfloat16)
+    return model
+
+
 class PackedDocuments(NamedTuple):
     """Where the documents of packed rows are (DOC_ISOLATION): a row's first position and every BOS start one."""
     ids: torch.Tensor  # (B, T) the document index of each position, counted along the row
@@ -1831,7 +1857,7 @@ class BigramHash(nn.Module):
     def __init__(self, buckets, dim, model_dim, bos_id):
         super().__init__()
         self.buckets, self.bos_id = buckets, bos_id
-        self.table = nn.Embedding(buckets, dim)
+        self.table = TokenTable(buckets, dim)
         nn.init.zeros_(self.table.weight)
         self.proj = CastedLinear(dim, model_dim)
         self.scale = nn.Parameter(torch.tensor(0.05))
@@ -1888,7 +1914,7 @@ class ValueEmbedding(nn.Module):
 
     def __init__(self, vocab_size, dim, kv_dim, proj_init="zero"):
         super().__init__()
-        self.table = nn.Embedding(vocab_size, dim)
+        self.table = TokenTable(vocab_size, dim)
         nn.init.normal_(self.table.weight, std=0.01)
         self.proj = CastedLinear(dim, kv_dim, zero_init=proj_init == "zero")
         if proj_init == "ortho":
@@ -1915,7 +1941,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
         self.block_mask = getattr(attention_fn, "takes_block_mask", False)  # FlexAttention's, built once per forward
-        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.tok_emb = TokenTable(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
         self.smear = None if not hp.smear_gate else \
             SmearGate(hp.gate_window, bos_id) if hp.smear_gate_form == "scalar" else SmearBlend(hp.model_dim, bos_id)
@@ -2292,10 +2318,11 @@ class ParameterBank:
     Each matrix stays a Parameter of its module, now a view of the bank, so modules, names, hooks and state_dict
     keys are unchanged and the banked model computes exactly what the unbanked one did. The gradients are views of
     one buffer padded to a multiple of the world size (autograd accumulates into them in place), so one
-    reduce-scatter hands each rank whole matrices and one all-gather brings every update back.
+    reduce-scatter hands each rank whole matrices and one all-gather brings every update back. With a `grad_dtype`
+    other than the weights' (MUON_BF16_STATE), `sent` holds the gradients cast to it before the reduce-scatter.
     """
 
-    def __init__(self, params, world_size, update_dtype=None):
+    def __init__(self, params, world_size, update_dtype=None, grad_dtype=None):
         self.params, self.size = params, len(params)
         self.weights = torch.stack([p.detach() for p in params])
         padded = -(-self.size // world_size) * world_size
@@ -2304,10 +2331,12 @@ class ParameterBank:
         for index, p in enumerate(params):
             p.data = self.weights[index]
             p.grad = self.grads[index]
+        cast = grad_dtype not in (None, self.grads.dtype)
+        self.sent = torch.empty_like(self.grads, dtype=grad_dtype) if cast else self.grads
         if world_size == 1:
-            self.grad_shard, self.updates = self.grads, None
+            self.grad_shard, self.updates = self.sent, None
         else:  # the all-gather moves the update's dtype: bf16 on GPU, as it is computed in bf16 there
-            self.grad_shard = torch.empty_like(self.grads[:padded // world_size])
+            self.grad_shard = torch.empty_like(self.sent[:padded // world_size])
             update_dtype = update_dtype or (torch.bfloat16 if self.weights.is_cuda else self.weights.dtype)
             self.updates = torch.empty_like(self.grads, dtype=update_dtype)
 
@@ -2334,8 +2363,10 @@ class ParallelMuon:
 
     def launch_reduce_scatters(self):
         for index, bank in enumerate(self.banks):
+            if bank.sent is not bank.grads:
+                bank.sent.copy_(bank.grads)  # MUON_BF16_STATE: each rank's gradient rounded to bf16 first (#549)
             if self.world_size > 1:
-                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.grads, dist.ReduceOp.SUM,
+                self.pending[index] = reduce_scatter_single(bank.grad_shard, bank.sent, dist.ReduceOp.SUM,
                                                             async_op=True)
 
     def averaged_grad_shard(self, index):
@@ -2348,7 +2379,8 @@ class ParallelMuon:
         return bank.grad_shard
 
     def momentum_step(self, index, grad, momentum):
-        """buf = momentum * buf + grad, in the shard's stored precision; returns buf in fp32."""
+        """buf = momentum * buf + grad, in the shard's stored precision (int8, or the gradient's: fp32, or bf16 with
+        MUON_BF16_STATE); returns buf in the gradient's precision (fp32 from int8)."""
         state = self.state.setdefault(index, {})
         if self.int8_momentum:
             buf = dequantize_int8_blockwise(*state["codes_scales"], grad) if state else torch.zeros_like(grad)
@@ -2389,6 +2421,10 @@ class ParallelMuon:
                    for value in state.values() for t in (value if isinstance(value, tuple) else (value,)))
 
 
+def short_dtype(tensor):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(tensor.dtype, str(tensor.dtype)[6:])
+
+
 class Optimizers:
     """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
     block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
@@ -2407,8 +2443,9 @@ class Optimizers:
         by_shape = {}
         for p in matrices:
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.muon = ParallelMuon([ParameterBank(params, world_size, update_dtype) for params in by_shape.values()], hp,
-                                 rank, world_size, update_dtype)
+        grad_dtype = torch.bfloat16 if hp.muon_bf16_state else None
+        self.muon = ParallelMuon([ParameterBank(params, world_size, update_dtype, grad_dtype)
+                                  for params in by_shape.values()], hp, rank, world_size, update_dtype)
         self.banks = self.muon.banks  # largest first: the order of the collectives
         adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                             weight_decay=hp.embed_weight_decay),
@@ -2430,7 +2467,9 @@ class Optimizers:
     def describe(self):
         return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
                 f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.banks)} "
-                f"row_normalize:{self.muon.row_normalize} momentum:{'int8' if self.muon.int8_momentum else 'fp32'} "
+                f"row_normalize:{self.muon.row_normalize} grads:{short_dtype(self.banks[0].sent)} "
+                f"momentum:{'int8' if self.muon.int8_momentum else short_dtype(self.banks[0].sent)} "
+                f"tables:{short_dtype(self.adam.param_groups[0]['params'][0])} "
                 f"adamw_params:{sum(p.numel() for p in self.replicated)} "
                 f"adamw_stream:{'side' if self.side_stream is not None else 'main'}")
 
@@ -2444,7 +2483,7 @@ class Optimizers:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated]
         flat = all_reduce(torch.cat([g.flatten() for g in grads]), dist.ReduceOp.SUM).div_(self.world_size)
         for p, g in zip(self.replicated, torch.split(flat, [g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+            p.grad = g.view_as(p).to(p.dtype)  # summed in fp32; a bf16 table's gradient returns to bf16
 
     @torch.no_grad()
     def clip_global_norm(self):
@@ -4557,6 +4596,8 @@ def build_model(run, data):
     hp = run.hp
     torch.manual_seed(hp.seed)
     net = run.net = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
+    if hp.embed_bf16:  # before the optimizers: AdamW's moments take the tables' dtype
+        store_tables_in_bf16(net)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
@@ -4586,8 +4627,8 @@ def build_model(run, data):
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """Peak device memory of a training step per GPU, in bytes, by what holds it."""
-    weights: int  # fp32 master weights
-    grads: int  # fp32 gradients (the banks' padded buffers included)
+    weights: int  # master weights: fp32 (the tables bf16 with EMBED_BF16)
+    grads: int  # gradients in their parameters' dtype (the banks' padded buffers, and bf16 copies, included)
     optimizer: int  # this rank's Muon momentum shard and the replicated AdamW moments
     averages: int  # the EMA / SWA copies
     activations: int  # what autograd saves for backward at one micro-batch
@@ -4629,12 +4670,14 @@ def estimate_memory(run, model, optimizers):
     bf16 copies of the weights, and a part per sequence). Transient buffers (the backward's, Newton-Schulz's) are not
     in it: on CUDA the warmup measures the real peak beside it (log_measured_memory)."""
     hp = run.hp
+    stored = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # bf16 tables with EMBED_BF16
     float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
     params = list(model.parameters())
-    bank_grads = sum(bank.grads.numel() * 4 for bank in optimizers.banks)
-    momentum_bytes = 1 + 4 / INT8_MOMENTUM_BLOCK if hp.muon_momentum_int8 else 4
-    muon = sum(bank.grads.numel() // run.world_size * momentum_bytes for bank in optimizers.banks)
-    adam = 2 * float_bytes(optimizers.replicated)
+    # the banks' fp32 gradients, and their bf16 copies with MUON_BF16_STATE
+    bank_grads = sum(stored([bank.grads] + [bank.sent] * (bank.sent is not bank.grads)) for bank in optimizers.banks)
+    muon = sum(bank.grads.numel() // run.world_size * (1 + 4 / INT8_MOMENTUM_BLOCK if hp.muon_momentum_int8
+                                                       else bank.sent.element_size()) for bank in optimizers.banks)
+    adam = 2 * stored(optimizers.replicated)
     copies = (hp.weight_averaging in ("ema", "ema_swa")) + (hp.weight_averaging in ("swa", "ema_swa"))
     micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
     one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
@@ -4642,7 +4685,7 @@ def estimate_memory(run, model, optimizers):
     nbytes = lambda tensor: 0 if tensor is None else tensor.numel() * tensor.element_size()
     collectives = sum(nbytes(bank.updates) + (nbytes(bank.grad_shard) if run.world_size > 1 else 0)
                       for bank in optimizers.banks)
-    return MemoryEstimate(weights=float_bytes(params), grads=bank_grads + float_bytes(optimizers.replicated),
+    return MemoryEstimate(weights=stored(params), grads=bank_grads + stored(optimizers.replicated),
                           optimizer=int(muon) + adam, averages=copies * float_bytes(params),
                           activations=one + (two - one) * (micro_batch - 1), micro_batch_seqs=micro_batch,
                           collectives=collectives)
@@ -5639,6 +5682,8 @@ def generate_sample(run, data, artifact):
     if not hp.gen_prompt or run.rank != 0:
         return
     model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
+    if hp.embed_bf16:  # the tables the evaluation read
+        store_tables_in_bf16(model)
     model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, artifact.blob)), strict=True)
     # documents start with BOS, as in the shards
     prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)

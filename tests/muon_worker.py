@@ -13,9 +13,11 @@ import train_gpt as T
 STEPS, GLOBAL_ROWS = 4, 12  # 12 rows: 6 per rank at 2 processes, 4 at 3
 
 
-def config():
+def config(bf16=False):
     # 5 layers: banks of 10 and 5 matrices, which neither 2 nor 3 processes divide; a clip norm small enough to act.
-    return small_hp(num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, grad_clip_norm=0.05)
+    # bf16: the records' precision of state (MUON_BF16_STATE, EMBED_BF16).
+    return small_hp(num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, grad_clip_norm=0.05,
+                    muon_bf16_state=bf16, embed_bf16=bf16)
 
 
 def adam_after_muon(optimizers):
@@ -30,10 +32,12 @@ def adam_after_muon(optimizers):
     optimizers.muon.step = muon_then_adam
 
 
-def train(rank, world_size, adam_last=False):
-    hp = config()
+def train(rank, world_size, adam_last=False, bf16=False):
+    hp = config(bf16)
     torch.manual_seed(0)
     model = T.GPT(hp)
+    if bf16:
+        T.store_tables_in_bf16(model)
     optimizers = T.Optimizers(model, hp, rank, world_size)
     if adam_last:
         adam_after_muon(optimizers)
@@ -47,11 +51,11 @@ def train(rank, world_size, adam_last=False):
     return {name: p.detach().clone() for name, p in model.named_parameters()}, optimizers.muon.momentum_bytes()
 
 
-if __name__ == "__main__":  # argv: the output prefix, then "adam_last" to also train with AdamW after Muon
+if __name__ == "__main__":  # argv: the output prefix, then variants to train too: adam_last (AdamW after Muon), bf16
     dist.init_process_group("gloo")
     params, momentum_bytes = train(dist.get_rank(), dist.get_world_size())
     torch.save(dict(params=params, momentum_bytes=momentum_bytes), f"{sys.argv[1]}.rank{dist.get_rank()}.pt")
-    if sys.argv[2:] == ["adam_last"]:
-        params, _ = train(dist.get_rank(), dist.get_world_size(), adam_last=True)
-        torch.save(dict(params=params), f"{sys.argv[1]}.adam_last.rank{dist.get_rank()}.pt")
+    for variant in sys.argv[2:]:
+        params, _ = train(dist.get_rank(), dist.get_world_size(), **{variant: True})
+        torch.save(dict(params=params), f"{sys.argv[1]}.{variant}.rank{dist.get_rank()}.pt")
     dist.destroy_process_group()

@@ -513,6 +513,10 @@ PRESET_COMPILE_SETTINGS = {
                   TTT_BATCH_SEQS="4"),
     "pr1392": dict(VE_DIM="16"),
 }
+# The precision of state each preset's script has (MUON_BF16_STATE, MUON_MOMENTUM_INT8, EMBED_BF16): the 04-04 record
+# under pr1392 keeps fp32 bank gradients and momentum; every one of them leaves its token tables in bf16.
+PRESET_STATE = {"record": "grads:bf16 momentum:bf16 tables:bf16", "pr754": "grads:bf16 momentum:bf16 tables:bf16",
+                "pr703": "grads:bf16 momentum:int8 tables:bf16", "pr1392": "grads:fp32 momentum:fp32 tables:bf16"}
 
 
 @pytest.mark.parametrize("preset", [pytest.param("record", marks=pytest.mark.cuda_path), "pr1392", "pr703", "pr754"])
@@ -531,6 +535,7 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
                    "import train_gpt as T\nT.main()\n"]
     log = run_log(command, env, tmp_path, "compiled")
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
+    assert re.search(rf"^optimizer: .* {PRESET_STATE[preset]} ", log, re.M)
     assert_every_graph_built_in_the_warmup(log)
     if preset == "record":  # the per-document TTT forward is built in the warmup, before the phases run
         where = lambda line: re.search(rf"^{line}", log, re.M).start()

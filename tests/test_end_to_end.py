@@ -53,7 +53,8 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     assert "recurrence: activated at step:14 " in log and "warmup_step:2/2 looping:True" in log
     # The exported weights are the EMA, and the log says so; the matrices are banked for Parallel Muon.
     assert "weight_averaging: exported ema(decay:0.9965 updates:40)" in log
-    assert re.search(r"^optimizer: muon:polar_express banks:4 matrices:36 .* row_normalize:True momentum:fp32", log, re.M)
+    assert re.search(r"^optimizer: muon:polar_express banks:4 matrices:36 .* row_normalize:True grads:fp32 "
+                     r"momentum:fp32 tables:fp32 ", log, re.M)
     for key in ("val_tokens:", "val_bytes:", "bpb_bytecheck:ok", "attention:sdpa", "warmup:done", "timing: "):
         assert key in log
 

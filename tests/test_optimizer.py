@@ -204,7 +204,7 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
     20x below one step of the smallest AdamW LR. (On GPU both sides would orthogonalize in bf16 alike.)"""
     prefix = tmp_path / "params"
     result = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                         str(REPO / "tests" / "muon_worker.py"), str(prefix)] + ["adam_last"] * (nproc == 2), {},
+                         str(REPO / "tests" / "muon_worker.py"), str(prefix)] + ["adam_last", "bf16"] * (nproc == 2), {},
                         tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, reference_momentum_bytes = muon_worker.train(0, 1)
@@ -222,6 +222,13 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
         for rank, state in enumerate(saved):
             adam_last = torch.load(f"{prefix}.adam_last.rank{rank}.pt")["params"]
             assert all(torch.equal(adam_last[name], value) for name, value in state["params"].items())
+        # The records' bf16 state (each rank's bank gradients rounded to bf16, then summed in bf16; bf16 tables):
+        # the replicas stay identical. (One process rounds the whole batch's gradient instead, so the result
+        # depends on the world size by that rounding, which AdamW's normalized steps amplify: as in the records.)
+        bf16 = [torch.load(f"{prefix}.bf16.rank{rank}.pt")["params"] for rank in range(nproc)]
+        assert bf16[0]["tok_emb.weight"].dtype == torch.bfloat16
+        assert all(torch.equal(bf16[0][name], bf16[1][name]) for name in bf16[0])
+        assert not torch.equal(bf16[0]["blocks.0.mlp.fc.weight"], saved[0]["params"]["blocks.0.mlp.fc.weight"])
 
 
 def test_adamw_after_muon_gives_the_same_bits_and_the_side_stream_needs_cuda():
@@ -300,3 +307,75 @@ def test_without_averaging_or_snapshots_the_live_weights_are_exported():
         model, average, _, _ = scripted_average(mode, **overrides)
         assert "live_weights" in average.apply()
         assert all(torch.all(p == -1.0) for p in model.parameters())
+
+
+def pr549_muon_steps(weights, grads_per_step, lr, momentum, weight_decay, steps=5):
+    """PR #549's Muon at one process, restated from its script: the gradient cast to bf16, a bf16 momentum buffer, a
+    bf16 Nesterov update, the quintic in bf16 on it, and the step applied to the fp32 weight."""
+    a, b, c = T.QUINTIC_COEFFICIENTS[0]
+    buffers = [torch.zeros_like(w, dtype=torch.bfloat16) for w in weights]
+    for grads in grads_per_step:
+        for w, g, buf in zip(weights, grads, buffers):
+            g = g.bfloat16()
+            buf.mul_(momentum).add_(g)
+            x = g.add(buf, alpha=momentum)
+            x = x / (x.norm() + 1e-7)
+            for _ in range(steps):
+                gram = x @ x.T
+                x = a * x + (b * gram + c * gram @ gram) @ x
+            w.mul_(1 - lr * weight_decay).add_(x.to(w.dtype), alpha=-lr)  # wide or square: no shape scale
+    return weights
+
+
+def test_muon_bf16_state_is_pr549s_bank_precision():
+    """MUON_BF16_STATE at one process, with #549's quintic and bf16 orthogonalization, takes the same steps as #549's
+    Muon to the bit; the fp32 state does not."""
+    shapes = [(32, 64), (32, 64), (48, 48)]
+    torch.manual_seed(8)
+    initial = [torch.randn(shape) * 0.1 for shape in shapes]
+    grads_per_step = [[torch.randn(shape) for shape in shapes] for _ in range(4)]
+    reference = pr549_muon_steps([w.clone() for w in initial], grads_per_step, lr=0.05, momentum=0.9,
+                                 weight_decay=0.04)
+    for bf16_state in (True, False):
+        hp = T.Hyperparameters(matrix_lr=0.05, muon_weight_decay=0.04, muon_orthogonalizer="quintic",
+                               muon_row_normalize=False, muon_bf16_state=bf16_state)
+        params = [torch.nn.Parameter(w.clone()) for w in initial]
+        grad_dtype = torch.bfloat16 if bf16_state else None
+        banks = [T.ParameterBank(params[:2], 1, torch.bfloat16, grad_dtype),
+                 T.ParameterBank(params[2:], 1, torch.bfloat16, grad_dtype)]
+        muon = T.ParallelMuon(banks, hp, 0, 1, update_dtype=torch.bfloat16)
+        muon.param_groups[0]["momentum"] = 0.9
+        for grads in grads_per_step:
+            for p, g in zip(params, grads):
+                p.grad.copy_(g)
+            muon.launch_reduce_scatters()
+            muon.step()
+        same = [torch.equal(p.detach(), r) for p, r in zip(params, reference)]
+        assert all(same) if bf16_state else not any(same), (bf16_state, same)
+        assert {state["buffer"].dtype for state in muon.state.values()} == {grad_dtype or torch.float32}
+
+
+def test_embed_bf16_stores_and_updates_the_tables_in_bf16():
+    """EMBED_BF16: every token table is a bf16 parameter with bf16 AdamW moments, so an update below half a bf16 step
+    is lost, as in the records; the lookups are the exact bf16 values in fp32. The fp32 tables keep it."""
+    hp = small_hp(num_layers=2, model_dim=64, bigram_buckets=16, ve_layers="1", tied_embed_lr=1e-6,
+                  embed_weight_decay=0.0)
+    tokens = torch.randint(hp.vocab_size, (2, hp.train_seq_len + 1), generator=torch.Generator().manual_seed(9))
+    for bf16 in (True, False):
+        torch.manual_seed(9)
+        model = T.GPT(hp)
+        if bf16:
+            T.store_tables_in_bf16(model)
+        with torch.no_grad():
+            model.tok_emb.weight.fill_(1.0)  # bf16's step at 1.0 is 2^-7; AdamW's first step is about the LR
+        optimizers = T.Optimizers(model, hp, 0, 1)
+        tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        assert len(tables) == 3 and {m.weight.dtype for m in tables} == {torch.bfloat16 if bf16 else torch.float32}
+        lookup = model.tok_emb(tokens)
+        assert lookup.dtype == torch.float32 and torch.equal(lookup, model.tok_emb.weight.float()[tokens])
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizers.step(lr_scale=1.0, momentum=0.9)
+        moments = optimizers.adam.state[model.tok_emb.weight]["exp_avg"]
+        assert moments.dtype == model.tok_emb.weight.dtype
+        assert torch.all(model.tok_emb.weight == 1.0) == bf16
+        assert ("tables:bf16" in optimizers.describe()) == bf16
