@@ -406,6 +406,11 @@ class Hyperparameters:
     gptq_reserve_seconds: float = setting(0.0, ">=0", "GPTQ=1")
     gptq_block_size: int = setting(128, ">0", "GPTQ=1")  # columns per GPTQ block
     gptq_damp: float = setting(0.01, ">=0", "GPTQ=1")  # GPTQ damping, a fraction of the mean Hessian diagonal
+    # how GPTQ-lite's quantile is chosen for a matrix GPTQ rounds: rtn (by the round-to-nearest error, then one GPTQ)
+    # or gptq (GPTQ once per candidate, keeping the lowest weight MSE: the SP4096 record's)
+    gptq_clip_search: str = setting("rtn", "rtn|gptq", "GPTQ=1 and QUANT_CLIP=percentile")
+    # GPTQ also rounds the tied embedding (the 04-27 record's); off = its rows round to nearest (the SP4096 record's)
+    gptq_embed: bool = setting(True, needs="GPTQ=1")
     lqer_rank: int = setting(0, ">=0")  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
     lqer_top_k: int = setting(3, ">=0", "LQER_RANK > 0")  # matrices that get the LQER correction
     # LQER's factors in the artifact: 16 = fp16; 2..8 = symmetric per row at that many bits (the records' name)
@@ -767,7 +772,8 @@ PRESETS = {
     # all layers, layers 4-5 once more from step 3000, two lanes from layer 7 with a learned merge (PR #1289),
     # QK-gain 5, MuonEq-R, partial RoPE 16/64, LN scale, VE128 on 9-10, the seed-era SmearGate, full GPTQ int6 on
     # 128 self-generated sequences, brotli. Where #1392 is silent, its parent the SP4096 record (2026-04-04): its
-    # LRs, WD 0.090, EMA 0.997, warmdown 0.667, gated skips, byte-shuffled brotli, int8 embeddings, no TTT.
+    # LRs, WD 0.090, EMA 0.997, warmdown 0.667, gated skips, byte-shuffled brotli, int8 embeddings rounded to
+    # nearest, GPTQ once per candidate quantile, bf16 tables, no TTT.
     "pr1392": dict(
         data_path="./data/datasets/fineweb10B_sp4096", tokenizer_path="./data/tokenizers/fineweb_4096_bpe.model",
         vocab_size=4096, mlp_mult=4.0, rope_dims=16, rope_train_seq_len=2048, qk_gain_init=5.0, xsa_layers="all",
@@ -781,7 +787,7 @@ PRESETS = {
         muon_weight_decay=0.090, embed_bf16=True, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
         quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
         quant_passthrough_numel=65536, gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048,
-        gptq_reserve_seconds=45.0, compressor="brotli", byte_shuffle=True,
+        gptq_reserve_seconds=45.0, gptq_clip_search="gptq", gptq_embed=False, compressor="brotli", byte_shuffle=True,
     ),
     # neon213 (NeonBench's Muon growth run, stages 1-11): 8 plain pre-norm blocks of width 384, 6 heads, learnable
     # RMSNorm weights (QK-norm per head dim), Intent-gated attention with convs on Q/K/V/I, SwiGLU 1536 with the
@@ -2826,7 +2832,6 @@ def row_scales(w, bits, method, k, floor=0.0):
     rule, which rounds with the fp32 scale as the baseline does; `k` (a number, or the fp32 tensor of clip_factor)
     is read by SDClip only; `floor` is the least clip of a row (QUANT_CLIP_FLOOR; the quantile rule's is 1)."""
     qmax = largest_level(bits)
-    stored = lambda clip: (clip / qmax).clamp_min(floor / qmax if floor else 2 ** -20).half().float()
     if method == "sdclip":
         clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
     elif method == "quantile":  # the baseline's int8 rule, its floor included; it rounds with the fp32 scale
@@ -2834,15 +2839,20 @@ def row_scales(w, bits, method, k, floor=0.0):
     elif method == "rowmax":
         clip = w.abs().amax(dim=1)
     else:  # GPTQ-lite: one quantile for the whole matrix, the one whose stored grid has the lowest weight MSE
-        best = None
-        for quantile in PERCENTILE_CLIPS:
-            candidate = torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1)
-            scale = stored(candidate)
-            error = (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item()
-            if best is None or error < best[0]:
-                best = (error, candidate)
-        clip = best[1]
-    return stored(clip)
+        return min(percentile_scales(w, bits, floor),
+                   key=lambda scale: (w - round_to_nearest(w, scale, qmax) * scale[:, None]).square().sum().item())
+    return stored_scale(clip, qmax, floor)
+
+
+def stored_scale(clip, qmax, floor):
+    return (clip / qmax).clamp_min(floor / qmax if floor else 2 ** -20).half().float()
+
+
+def percentile_scales(w, bits, floor):
+    """GPTQ-lite's candidates, as stored: the scales of each quantile in PERCENTILE_CLIPS of every row's |w|."""
+    qmax = largest_level(bits)
+    return [stored_scale(torch.quantile(w.abs(), quantile, dim=1) if quantile < 1 else w.abs().amax(dim=1), qmax, floor)
+            for quantile in PERCENTILE_CLIPS]
 
 
 def quantile_clip(w):
@@ -2898,6 +2908,18 @@ def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
     return q[:, torch.argsort(order)]
 
 
+def gptq_best_of(w, hessian, scales, qmax, hp):
+    """GPTQ's integers for each candidate row scale, and the pair whose result has the lowest weight MSE (with one
+    candidate, plain GPTQ; GPTQ_CLIP_SEARCH=gptq, after the SP4096 record, tries every GPTQ-lite quantile)."""
+    best = None
+    for scale in scales:
+        q = gptq(w, hessian, scale, qmax, hp.gptq_block_size, hp.gptq_damp)
+        error = (w - q * scale[:, None]).square().sum().item() if len(scales) > 1 else 0.0
+        if best is None or error < best[0]:
+            best = (error, q, scale)
+    return best[1], best[2]
+
+
 def pack_values(q, bits, packing):
     """Integers in [-qmax, qmax] as int8 bytes, or densely bit-packed (offset to unsigned) into uint8."""
     if packing == "byte":
@@ -2932,9 +2954,11 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
         qmax = largest_level(bits)
         scale = row_scales(w, bits, method, clip_factor(k, k_scale), hp.quant_clip_floor)
         rounded, q = clipped_for_rounding(w, method), None
-        if hessians is not None and name in hessians:
+        if hessians is not None and name in hessians and (hp.gptq_embed or groups[name] != "embed"):
+            searched = method == "percentile" and hp.gptq_clip_search == "gptq"
+            candidates = percentile_scales(w, bits, hp.quant_clip_floor) if searched else [scale]
             try:
-                q = gptq(rounded, hessians[name].to(w.device), scale, qmax, hp.gptq_block_size, hp.gptq_damp)
+                q, scale = gptq_best_of(rounded, hessians[name].to(w.device), candidates, qmax, hp)
             except torch.linalg.LinAlgError:
                 (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
         q = round_to_nearest(rounded, scale, qmax) if q is None else q

@@ -120,6 +120,75 @@ def test_gptq_handles_dead_columns_and_falls_back_when_cholesky_fails():
     assert "Cholesky failed for w" in messages[0] and quantized["w"]["kind"] == "int"
 
 
+def sp4096_gptq(w, hessian, qmax=31, block_size=128):
+    """The SP4096 record's (2026-04-04) GPTQ, restated from its script: damping 0.01, act-order, and a full GPTQ
+    for each candidate quantile of the rows' |w|, keeping the result with the lowest weight MSE."""
+    w, hessian = w.float().clone(), hessian.float().clone()
+    rows, cols = w.shape
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    hessian.diagonal().add_(0.01 * hessian.diag().mean())
+    perm = torch.argsort(hessian.diag(), descending=True)
+    w_perm = w[:, perm].clone()
+    w_perm[:, dead[perm]] = 0
+    hessian = hessian[perm][:, perm]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    best = None
+    for pct in [0.9990, 0.9995, 0.9999, 0.99999, 1.0]:
+        row_clip = torch.quantile(w.abs(), pct, dim=1) if pct < 1.0 else w.abs().amax(dim=1)
+        s = (row_clip / qmax).clamp_min(1.0 / qmax).to(torch.float16).float()
+        q, work = torch.zeros(rows, cols), w_perm.clone()
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            block, errors = work[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+            for j in range(i2 - i1):
+                q[:, i1 + j] = torch.clamp(torch.round(block[:, j] / s), -qmax, qmax)
+                errors[:, j] = (block[:, j] - q[:, i1 + j] * s) / inverse[i1 + j, i1 + j]
+                block[:, j:] -= errors[:, j:j + 1] * inverse[i1 + j, i1 + j:i2][None]
+            if i2 < cols:
+                work[:, i2:] -= errors @ inverse[i1:i2, i2:]
+        mse = (w_perm - q * s[:, None]).pow(2).mean().item()
+        if best is None or mse < best[0]:
+            best = (mse, q[:, torch.argsort(perm)], s, pct)
+    return best
+
+
+def test_gptq_clip_search_runs_gptq_per_candidate_as_the_sp4096_record_does():
+    """GPTQ_CLIP_SEARCH=gptq (set by pr1392) gives the SP4096 record's integers and scales; the default, which picks
+    the quantile by round to nearest before one GPTQ, picks another one here."""
+    torch.manual_seed(5)
+    w = torch.randn(48, 192) * 0.02
+    w[::7, ::11] *= 30  # outliers: the quantiles differ
+    x = torch.randn(400, 192) * torch.linspace(0.1, 3, 192)
+    x[:, 3] = 0  # a dead column
+    _, q, scale, quantile = sp4096_gptq(w, x.T @ x)
+    hp = T.Hyperparameters.from_env({"PRESET": "pr1392"})[0]
+    assert hp.gptq_clip_search == "gptq" and quantile < 1.0
+    for search, same in (("gptq", True), ("rtn", False)):
+        entry = T.quantize_state_dict({"w": w}, {"w": "attn"}, T.dataclasses.replace(hp, gptq_clip_search=search),
+                                      {"w": x.T @ x})["w"]
+        ours_q, ours_scale = T.unpack_values(entry["data"], 6, "byte", (48, 192)), entry["scale"].float()
+        assert (torch.equal(ours_q, q) and torch.equal(ours_scale, scale)) == same, search
+
+
+def test_gptq_embed_off_rounds_the_tied_embedding_to_nearest_and_the_matrices_with_gptq(trained):
+    """GPTQ_EMBED=0 (set by pr1392: the SP4096 record rounds its int8 table to nearest): the table is what round to
+    nearest stores, every other matrix what GPTQ stores; on (the default) GPTQ rounds the table too."""
+    hp, model, hessians, _ = trained
+    groups, state = T.quantized_tensor_groups(model), model.state_dict()
+    assert "tok_emb.weight" in hessians and groups["tok_emb.weight"] == "embed"
+    nearest = T.quantize_state_dict(state, groups, hp)
+    with_embed = T.quantize_state_dict(state, groups, hp, hessians)
+    without = T.quantize_state_dict(state, groups, T.dataclasses.replace(hp, gptq_embed=False), hessians)
+    same = lambda a, b: torch.equal(a["data"], b["data"]) and torch.equal(a["scale"], b["scale"])
+    assert same(without["tok_emb.weight"], nearest["tok_emb.weight"])
+    assert not same(with_embed["tok_emb.weight"], nearest["tok_emb.weight"])
+    for name in groups:
+        if name != "tok_emb.weight":
+            assert same(without[name], with_embed[name]) and not same(without[name], nearest[name]), name
+    assert not T.Hyperparameters.from_env({"PRESET": "pr1392"})[0].gptq_embed
+
+
 def test_lqer_corrects_the_worst_matrices(trained):
     hp, model, calibration, _ = trained
     groups = T.quantized_tensor_groups(model)
