@@ -254,19 +254,26 @@ class FakeRun:
         torch.manual_seed(0)
         self.hp, self.world_size, self.grad_accum_steps, self.device = hp, world_size, grad_accum_steps, torch.device("cpu")
         self.model = T.GPT(hp, bos_id=BOS)
+        if hp.embed_bf16:
+            T.store_tables_in_bf16(self.model)
         self.model.looping = hp.num_loops > 0
         self.optimizers = T.Optimizers(self.model, hp, 0, world_size)
         self.seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
         self.autocast = T.autocast_context(autocast, "cpu")
 
 
-@pytest.mark.parametrize("autocast", ["off", "bf16"])
-def test_the_memory_estimate_matches_what_a_step_allocates(autocast):
-    hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32, weight_averaging="ema_swa", muon_momentum_int8=True)
+@pytest.mark.parametrize("autocast, state", [("off", "int8"), ("bf16", "int8"), ("bf16", "bf16")])
+def test_the_memory_estimate_matches_what_a_step_allocates(autocast, state):
+    """int8: int8 Muon momentum; bf16: the records' bf16 bank gradients and momentum, and bf16 tables."""
+    hp = dataclasses.replace(EVERYTHING, train_batch_tokens=8 * 32, weight_averaging="ema_swa",
+                             muon_momentum_int8=state == "int8", muon_bf16_state=state == "bf16",
+                             embed_bf16=state == "bf16")
     run = FakeRun(hp, autocast=autocast)
     estimate = T.estimate_memory(run, run.model, run.optimizers)
     params = list(run.model.parameters())
-    assert estimate.weights == sum(p.numel() * 4 for p in params) and estimate.averages == 2 * estimate.weights
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in params)
+    assert estimate.averages == 2 * sum(p.numel() * 4 for p in params)  # the averages are fp32
+    assert (estimate.weights < estimate.averages / 2) == (state == "bf16")
     assert estimate.micro_batch_seqs == 8
     # Activations: the measured bytes autograd saves for a real 8-sequence micro-batch.
     measured = T.saved_activation_bytes(run.model, 8, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
