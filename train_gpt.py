@@ -1432,12 +1432,12 @@ class TokenTable(nn.Embedding):
 
 
 def store_tables_in_bf16(model):
-    """EMBED_BF16: every token table becomes a bf16 parameter (so AdamW's moments and updates are bf16 too), as
-    after the records' `.bfloat16()` model cast, which their restore pass undoes for everything but the tables."""
+    """EMBED_BF16 (GPT applies it): every token table becomes a bf16 parameter (so AdamW's moments and updates are
+    bf16 too), as after the records' `.bfloat16()` model cast, which their restore pass undoes for everything but
+    the tables."""
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             module.to(torch.bfloat16)
-    return model
 
 
 class PackedDocuments(NamedTuple):
@@ -1987,6 +1987,8 @@ class GPT(nn.Module):
             for module in self.modules():
                 if isinstance(module, CastedLinear) and not module.zero_init and min(module.weight.shape) >= 64:
                     nn.init.orthogonal_(module.weight)
+        if hp.embed_bf16:  # after the init, so that the tables hold the fp32 init rounded to bf16
+            store_tables_in_bf16(self)
 
     @property
     def looping(self):
@@ -4620,8 +4622,6 @@ def build_model(run, data):
     hp = run.hp
     torch.manual_seed(hp.seed)
     net = run.net = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
-    if hp.embed_bf16:  # before the optimizers: AdamW's moments take the tables' dtype
-        store_tables_in_bf16(net)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
@@ -4694,7 +4694,8 @@ def estimate_memory(run, model, optimizers):
     bf16 copies of the weights, and a part per sequence). Transient buffers (the backward's, Newton-Schulz's) are not
     in it: on CUDA the warmup measures the real peak beside it (log_measured_memory)."""
     hp = run.hp
-    stored = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # bf16 tables with EMBED_BF16
+    nbytes = lambda tensor: 0 if tensor is None else tensor.numel() * tensor.element_size()
+    stored = lambda tensors: sum(map(nbytes, tensors))  # in their dtypes: bf16 tables with EMBED_BF16
     float_bytes = lambda tensors: sum(t.numel() * 4 for t in tensors)
     params = list(model.parameters())
     # the banks' fp32 gradients, and their bf16 copies with MUON_BF16_STATE
@@ -4706,7 +4707,6 @@ def estimate_memory(run, model, optimizers):
     micro_batch = run.seqs_per_step // (run.world_size * run.grad_accum_steps)
     one, two = (saved_activation_bytes(model, seqs, hp.train_seq_len, hp.vocab_size, run.autocast, run.device)
                 for seqs in (1, 2))
-    nbytes = lambda tensor: 0 if tensor is None else tensor.numel() * tensor.element_size()
     collectives = sum(nbytes(bank.updates) + (nbytes(bank.grad_shard) if run.world_size > 1 else 0)
                       for bank in optimizers.banks)
     return MemoryEstimate(weights=stored(params), grads=bank_grads + stored(optimizers.replicated),
@@ -5706,8 +5706,6 @@ def generate_sample(run, data, artifact):
     if not hp.gen_prompt or run.rank != 0:
         return
     model = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device).eval()
-    if hp.embed_bf16:  # the tables the evaluation read
-        store_tables_in_bf16(model)
     model.load_state_dict(dequantize_state_dict(read_artifact(artifact.path, artifact.blob)), strict=True)
     # documents start with BOS, as in the shards
     prompt_ids = [data.tokenizer.bos_id()] + data.tokenizer.encode(hp.gen_prompt)

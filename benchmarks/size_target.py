@@ -45,7 +45,7 @@ def main():
                                hp.train_batch_tokens // hp.train_seq_len, hp.data_seed)
         batches = [loader.batch(hp.iterations + i, 0)[0] for i in range(hp.gptq_calibration_batches)]
         hessians = T.collect_hessians(model, batches, contextlib.nullcontext)
-    code_bytes = len(T.pack_source(Path(T.__file__).read_bytes())[0]) if hp.pack_code else len(Path(T.__file__).read_bytes())
+    code_bytes = len(T.Code.read(T.__file__, hp.pack_code).counted)  # what a run counts
     groups = T.quantized_tensor_groups(model, hp)
     print(f"weights:{args.weights} params:{T.count_parameters(model)[0]:,} bits:{hp.quant_bits} "
           f"embed_bits:{hp.embed_quant_bits} gptq:{args.gptq} size_target:{hp.size_target_bytes:,} "

@@ -36,8 +36,6 @@ def train(rank, world_size, adam_last=False, bf16=False):
     hp = config(bf16)
     torch.manual_seed(0)
     model = T.GPT(hp)
-    if bf16:
-        T.store_tables_in_bf16(model)
     optimizers = T.Optimizers(model, hp, rank, world_size)
     if adam_last:
         adam_after_muon(optimizers)

@@ -254,8 +254,6 @@ class FakeRun:
         torch.manual_seed(0)
         self.hp, self.world_size, self.grad_accum_steps, self.device = hp, world_size, grad_accum_steps, torch.device("cpu")
         self.model = T.GPT(hp, bos_id=BOS)
-        if hp.embed_bf16:
-            T.store_tables_in_bf16(self.model)
         self.model.looping = hp.num_loops > 0
         self.optimizers = T.Optimizers(self.model, hp, 0, world_size)
         self.seqs_per_step = hp.train_batch_tokens // hp.train_seq_len

@@ -363,9 +363,7 @@ def test_embed_bf16_stores_and_updates_the_tables_in_bf16():
     tokens = torch.randint(hp.vocab_size, (2, hp.train_seq_len + 1), generator=torch.Generator().manual_seed(9))
     for bf16 in (True, False):
         torch.manual_seed(9)
-        model = T.GPT(hp)
-        if bf16:
-            T.store_tables_in_bf16(model)
+        model = T.GPT(T.dataclasses.replace(hp, embed_bf16=bf16))  # GPT applies EMBED_BF16 itself
         with torch.no_grad():
             model.tok_emb.weight.fill_(1.0)  # bf16's step at 1.0 is 2^-7; AdamW's first step is about the LR
         optimizers = T.Optimizers(model, hp, 0, 1)
