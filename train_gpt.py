@@ -457,6 +457,10 @@ class Hyperparameters:
     # the training loss through a fused Triton kernel of the softcapped cross-entropy (the records' name): the same
     # math without fp32 logits in memory; where Triton cannot run, the unfused math, and the log says so
     fused_ce_enabled: bool = setting(False, needs="LOGIT_SOFTCAP > 0")
+    # the training MLP's up projection and its (Leaky)ReLU^2 in one Triton kernel, and the backward's through its
+    # derivative in another (the 04-27 record's fused MLP): the same math with one (tokens, hidden) pass less each
+    # way; where Triton cannot run, the unfused math, and the log says so
+    fused_mlp_enabled: bool = setting(False, needs="MLP_ACTIVATION=relu2 or leaky_relu2")
     # AdamW's step on a side CUDA stream while Parallel Muon orthogonalizes (the 04-27 record's overlap); the same
     # updates; without CUDA, one stream (the optimizer: line says which)
     adamw_side_stream: bool = False
@@ -1416,11 +1420,15 @@ class CastedLinear(nn.Linear):
         self.register_buffer("qat_on", torch.zeros(()), persistent=False)
         self.register_buffer("qat_k_scale", torch.ones(()), persistent=False)  # the size target's scale of k
 
-    def forward(self, x):
+    def weight_in(self, dtype):
+        """The weight the forward multiplies by, in `dtype`."""
         w = self.weight
         if self.qat_grid is not None:  # straight-through: the forward sees the quantized weight, the gradient is w's
             w = w + self.qat_on * (fake_quantize(w, *self.qat_grid, self.qat_k_scale) - w).detach()
-        return F.linear(x, w.to(x.dtype))
+        return w.to(dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_in(x.dtype))
 
 
 class TokenTable(nn.Embedding):
@@ -1763,11 +1771,15 @@ class MLP(nn.Module):
         self.up = CastedLinear(hp.model_dim, hidden) if self.swiglu else None
         self.gate_conv = CausalConv(hp.model_dim, hp.mlp_conv_k, hp) if hp.mlp_conv_k else None
         self.slope = hp.mlp_leaky_slope if hp.mlp_activation == "leaky_relu2" else 0.0
+        self.fused = None  # FUSED_MLP_ENABLED where Triton runs: build_model sets fused_leaky_relu2_mlp()
 
     def forward(self, x, docs=None):
         if self.swiglu:
             gate_input = self.gate_conv(x, docs) if self.gate_conv is not None else x
             return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
+        if self.fused is not None and torch.is_grad_enabled():  # training (no-grad passes, whose hooks read fc and
+            dtype = matmul_dtype(x)                              # proj, score and calibrate unfused)
+            return self.fused(x.to(dtype), self.fc.weight_in(dtype), self.proj.weight_in(dtype), self.slope)
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
 
@@ -2129,13 +2141,16 @@ def triton_language():
     return triton, tl
 
 
-def triton_drives(device):
-    """Whether Triton's kernels run on `device`: CUDA, or any device under Triton's interpreter (TRITON_INTERPRET=1,
-    which the CPU tests use)."""
+def triton_interpreted():
+    """Whether Triton's kernels run in its interpreter (TRITON_INTERPRET=1, which the CPU tests use)."""
     found = triton_language()
-    interpreted = found is not None and getattr(getattr(found[0], "knobs", None), "runtime", None) is not None and \
+    return found is not None and getattr(getattr(found[0], "knobs", None), "runtime", None) is not None and \
         bool(found[0].knobs.runtime.interpret)
-    return found is not None and (device.type == "cuda" or interpreted)
+
+
+def triton_drives(device):
+    """Whether Triton's kernels run on `device`: CUDA, or any device under Triton's interpreter."""
+    return triton_language() is not None and (device.type == "cuda" or triton_interpreted())
 
 
 @functools.cache
@@ -2223,6 +2238,123 @@ def fused_softcapped_ce():
 
     softcapped_ce.register_autograd(backward, setup_context=setup_context)
     return lambda raw, targets, softcap: softcapped_ce(raw, targets.long(), float(softcap))[0]
+
+
+@functools.cache
+def leaky_relu2_projection_kernel():
+    """One Triton kernel for both halves of the fused MLP: a tiled matmul a @ b (fp32 accumulation, rounded to the
+    output dtype as a matmul's output is) whose epilogue either applies the activation, writing both pre = x W1^T
+    and post = LeakyReLU(pre)^2 (FORWARD), or multiplies g W2 by the activation's derivative at the stored pre,
+    2 pre for pre > 0 and 2 slope^2 pre below (the backward). Row blocks are visited in groups of GROUP_M, so that
+    a group shares each column block of b in the L2 cache."""
+    triton, tl = triton_language()
+
+    @triton.jit
+    def kernel(a, b, pre, out, m_size, n_size, k_size, a_row_stride, a_col_stride, b_row_stride, b_col_stride, slope,
+               FORWARD: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        program, blocks_m, blocks_n = tl.program_id(0), tl.cdiv(m_size, BLOCK_M), tl.cdiv(n_size, BLOCK_N)
+        first_m = program // (GROUP_M * blocks_n) * GROUP_M
+        group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+        rows = (first_m + program % group_rows) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = program % (GROUP_M * blocks_n) // group_rows * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_rows, b_cols = a + rows[:, None].to(tl.int64) * a_row_stride, b + cols[None, :] * b_col_stride
+        accumulator = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for start in range(0, k_size, BLOCK_K):
+            depth = start + tl.arange(0, BLOCK_K)
+            a_tile = tl.load(a_rows + depth[None, :] * a_col_stride,
+                             mask=(rows[:, None] < m_size) & (depth[None, :] < k_size), other=0.0)
+            b_tile = tl.load(b_cols + depth[:, None] * b_row_stride,
+                             mask=(depth[:, None] < k_size) & (cols[None, :] < n_size), other=0.0)
+            if WIDEN:  # exact: the products of two bf16 values are fp32 values, as the tensor cores form them
+                a_tile, b_tile = a_tile.to(tl.float32), b_tile.to(tl.float32)
+            accumulator = tl.dot(a_tile, b_tile, accumulator, input_precision=PRECISION)
+        inside = (rows[:, None] < m_size) & (cols[None, :] < n_size)
+        at = rows[:, None].to(tl.int64) * n_size + cols[None, :]
+        product = accumulator.to(out.dtype.element_ty).to(tl.float32)
+        if FORWARD:
+            leaky = tl.where(product > 0, product, slope * product).to(out.dtype.element_ty).to(tl.float32)
+            tl.store(pre + at, product.to(pre.dtype.element_ty), mask=inside)
+            tl.store(out + at, (leaky * leaky).to(out.dtype.element_ty), mask=inside)
+        else:
+            stored = tl.load(pre + at, mask=inside, other=0.0).to(tl.float32)
+            derivative = tl.where(stored > 0, 2.0 * stored, 2.0 * slope * slope * stored)
+            tl.store(out + at, (product * derivative).to(out.dtype.element_ty), mask=inside)
+
+    return kernel
+
+
+def leaky_relu2_projection(a, b, slope, pre=None):
+    """a (M, K) @ b (K, N), b any strided view: (pre, LeakyReLU(pre)^2) without `pre`, else the product times the
+    activation's derivative at `pre`. Blocks of 128 x 128 x 64, eight warps and three stages fit any GPU since
+    Ampere; the interpreter takes them too (tensors smaller than a block are masked)."""
+    triton, _ = triton_language()
+    (m_size, k_size), n_size = a.shape, b.size(1)
+    forward = pre is None
+    out = torch.empty((m_size, n_size), dtype=a.dtype, device=a.device)
+    pre = torch.empty_like(out) if forward else pre.contiguous()
+    precision = "tf32" if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # The interpreter multiplies bf16 tiles' bit patterns (triton-lang/triton#11584): it gets fp32 tiles instead.
+    widen = triton_interpreted() and a.dtype == torch.bfloat16
+    blocks = triton.cdiv(m_size, 128) * triton.cdiv(n_size, 128)
+    leaky_relu2_projection_kernel()[(blocks,)](
+        a, b, pre, out, m_size, n_size, k_size, a.stride(0), a.stride(1), b.stride(0), b.stride(1), slope,
+        FORWARD=forward, PRECISION=precision, WIDEN=widen, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
+        num_warps=8, num_stages=3)
+    return (pre, out) if forward else out
+
+
+@functools.cache
+def fused_leaky_relu2_mlp():
+    """mlp(x (..., dim), up (hidden, dim), down (dim, hidden), slope) -> (..., dim): LeakyReLU(x up^T)^2 down^T
+    (slope 0: ReLU^2) in the inputs' dtype, as a custom op with its autograd. The forward's kernel writes pre and
+    post; the backward's writes dpre = (g down) * act'(pre) and leaves the three weight and input products to
+    cuBLAS. Saved for the backward: x, pre and post (the unfused graph also keeps the activation's output)."""
+
+    @torch.library.custom_op("train_gpt::leaky_relu2_mlp", mutates_args=())
+    def mlp(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, slope: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre, post = leaky_relu2_projection(x, up.T, slope)
+        return post @ down.T, pre, post
+
+    @mlp.register_fake
+    def _(x, up, down, slope):
+        hidden = x.new_empty(x.size(0), up.size(0))
+        return x.new_empty(x.size(0), down.size(0)), hidden, torch.empty_like(hidden)
+
+    @torch.library.custom_op("train_gpt::leaky_relu2_mlp_grad_pre", mutates_args=())
+    def grad_pre(grad_out: torch.Tensor, down: torch.Tensor, pre: torch.Tensor, slope: float) -> torch.Tensor:
+        return leaky_relu2_projection(grad_out.contiguous(), down, slope, pre=pre)
+
+    @grad_pre.register_fake
+    def _(grad_out, down, pre, slope):
+        return torch.empty_like(pre)
+
+    def setup_context(ctx, inputs, output):
+        x, up, down, slope = inputs
+        ctx.save_for_backward(x, up, down, output[1], output[2])
+        ctx.slope = slope
+
+    def backward(ctx, grad_out, _grad_pre, _grad_post):
+        x, up, down, pre, post = ctx.saved_tensors
+        dpre = grad_pre(grad_out, down, pre, ctx.slope)
+        needs_x, needs_up, needs_down = ctx.needs_input_grad[:3]  # TTT's adapters train around frozen weights
+        return (dpre @ up if needs_x else None, dpre.T @ x if needs_up else None,
+                grad_out.T @ post if needs_down else None, None)
+
+    mlp.register_autograd(backward, setup_context=setup_context)
+
+    def fused(x, up, down, slope):
+        flat = x.reshape(-1, x.size(-1)).contiguous()
+        return mlp(flat, up, down, float(slope))[0].view(*x.shape[:-1], down.size(0))
+
+    return fused
+
+
+def matmul_dtype(x):
+    """The dtype F.linear computes `x` in: autocast's where it is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def count_parameters(model):
@@ -4625,11 +4757,15 @@ def build_model(run, data):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
+    why_not = f"does not drive {run.device.type}" if triton_language() else "is not installed"
+    triton_state = "on (Triton)" if triton_drives(run.device) else f"the same math unfused (Triton {why_not})"
     if hp.fused_ce_enabled:
-        usable = triton_drives(run.device)
-        net.fused_ce = fused_softcapped_ce() if usable else None
-        run.log("fused_ce: " + ("on (Triton)" if usable else f"the same math unfused (Triton "
-                                f"{'does not drive ' + run.device.type if triton_language() else 'is not installed'})"))
+        net.fused_ce = fused_softcapped_ce() if triton_drives(run.device) else None
+        run.log(f"fused_ce: {triton_state}")
+    if hp.fused_mlp_enabled:
+        for block in net.blocks:
+            block.mlp.fused = fused_leaky_relu2_mlp() if triton_drives(run.device) else None
+        run.log(f"fused_mlp: {triton_state}")
     forward = train_model_of(net, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
     if hp.qat_start_lr_scale > 0:

@@ -17,10 +17,11 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
   4. BENCHMARK_STEPS figures before and after the recurrence (ms/step, tokens/s, MFU, peak memory) at one GPU's
      share of the record batch (98,304 tokens, GRAD_ACCUM_STEPS=1), for both COMPILE_SCOPEs (which decides the
      default: model, the records', until block steps as fast), and with each speed switch on alone
-     (FUSED_CE_ENABLED, ADAMW_SIDE_STREAM);
+     (FUSED_CE_ENABLED, FUSED_MLP_ENABLED, ADAMW_SIDE_STREAM);
   5. PRESET=record's step time, its DOC_ISOLATION on the attention it selects (FA3 where installed, else
      FlexAttention);
-  6. each importable attention backend against SDPA, plain causal and over packed documents; PRESET=baseline.
+  6. each importable attention backend against SDPA, plain causal and over packed documents; each fused Triton
+     kernel against the unfused math, with both times; PRESET=baseline.
 """
 
 import argparse
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -276,7 +278,8 @@ def whole_model_step_times(table, check):
     step_times(table, check, scope="model")
 
 
-SPEED_SWITCHES = {"FUSED_CE_ENABLED": r"^fused_ce: (.*)$", "ADAMW_SIDE_STREAM": r"^optimizer: .* adamw_stream:(\w+)"}
+SPEED_SWITCHES = {"FUSED_CE_ENABLED": r"^fused_ce: (.*)$", "FUSED_MLP_ENABLED": r"^fused_mlp: (.*)$",
+                  "ADAMW_SIDE_STREAM": r"^optimizer: .* adamw_stream:(\w+)"}
 
 
 def speed_switch_step_times(table, check):
@@ -305,6 +308,16 @@ def baseline_step_time(table, check):
     log = check.run(check.env("check_bench_baseline", PRESET="baseline",
                               BENCHMARK_STEPS=str(check.args.benchmark_steps)), "PRESET=baseline")
     benchmark_rows(table, check, "PRESET=baseline", log)
+
+
+def timed_ms(device, fn, repeats=5):
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
 def attention(table, check):
@@ -341,19 +354,51 @@ def attention(table, check):
             error = max([(out.float() - reference.float()).abs().max().item()] +
                         [(g.float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)
                          for g, r in zip(grads, reference_grads)])
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(5):
-                forward_backward(call)
-            sync(device)
-            ms = 1000 * (time.perf_counter() - start) / 5
+            ms = timed_ms(device, lambda: forward_backward(call))
             table.add(f"attention {backend}{name} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms", "< 2e-2",
                       "ok" if error < 2e-2 else "MISMATCH")
 
 
+def fused_kernels(table, check):
+    """Each fused kernel and the unfused bf16 ops against the fp32 math of the same bf16 inputs, forward and
+    backward, at one micro-step of the default stack (16,384 tokens, width 512, MLP 4x, slope 0.5, an SP8192 head,
+    softcap 30), and their times. The CPU tests run the kernels in Triton's interpreter; these are the compiled
+    kernels on the GPU, which should err no more than the unfused ops."""
+    device = check.device
+    if not T.triton_drives(device):
+        table.add("fused kernels", f"not available here (Triton does not drive {device.type})")
+        return
+    tokens, dim, vocab = (256, 64, 512) if check.tiny else (16384, 512, 8192)
+    generator = torch.Generator(device=device).manual_seed(0)
+    randn = lambda *shape, scale=1.0: (scale * torch.randn(*shape, device=device, generator=generator)).bfloat16()
+    targets = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+    unfused_mlp = lambda x, up, down: F.linear(F.leaky_relu(F.linear(x, up), 0.5).square(), down)
+    unfused_ce = lambda raw: F.cross_entropy(30.0 * torch.tanh(raw.float() / 30.0), targets, reduction="none")
+    fused_mlp, fused_ce = T.fused_leaky_relu2_mlp(), T.fused_softcapped_ce()
+    cases = (("LeakyReLU^2 MLP", (randn(tokens, dim), randn(4 * dim, dim, scale=dim ** -0.5),
+                                  randn(dim, 4 * dim, scale=0.02)),
+              unfused_mlp, lambda x, up, down: fused_mlp(x, up, down, 0.5)),
+             ("softcapped cross-entropy", (randn(tokens, vocab, scale=10.0),), unfused_ce,
+              lambda raw: fused_ce(raw, targets, 30.0)))
+    for name, inputs, unfused_fn, fused_fn in cases:
+        def forward_backward(fn, dtype=torch.bfloat16):
+            leaves = [t.to(dtype).requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            return [out] + list(torch.autograd.grad(out.float().square().sum(), leaves))
+
+        exact = forward_backward(unfused_fn, torch.float32)
+        error = lambda results: max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(results, exact))
+        fused_error, unfused_error = error(forward_backward(fused_fn)), error(forward_backward(unfused_fn))
+        fused_ms, unfused_ms = (timed_ms(device, lambda fn=fn: forward_backward(fn)) for fn in (fused_fn, unfused_fn))
+        table.add(f"fused {name} (fwd+bwd): error against fp32, time", f"{fused_error:.2e}, {fused_ms:.2f} ms; unfused "
+                  f"bf16: {unfused_error:.2e}, {unfused_ms:.2f} ms", "error <= 1.5x unfused",
+                  "ok" if fused_error <= 1.5 * unfused_error + 1e-6 else "MISMATCH")
+
+
 # (phase, the seconds it needs on one H200 to be started: a phase that no longer fits the budget is skipped)
 PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (speed_switch_step_times, 60),
-          (whole_model_step_times, 120), (record_step_time, 50), (attention, 10), (baseline_step_time, 40))
+          (whole_model_step_times, 120), (record_step_time, 50), (attention, 10), (fused_kernels, 10),
+          (baseline_step_time, 40))
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
-"""The fused kernels against the unfused math, in Triton's interpreter: run with TRITON_INTERPRET=1 set before
-Triton is first imported (its own helper functions are interpreted only then), so the tests run it as a process of
-its own. Exits with an AssertionError naming the first mismatch."""
+"""The fused kernels (softcapped cross-entropy, LeakyReLU^2 MLP) against the unfused math, in Triton's interpreter:
+run with TRITON_INTERPRET=1 set before Triton is first imported (its own helper functions are interpreted only then),
+so the tests run it as a process of its own. Exits with an AssertionError naming the first mismatch."""
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,69 @@ def check_a_model(fused):
     torch.testing.assert_close(model(inputs, targets, reduction="none"), per_token.view(2, 32))
 
 
+def unfused_mlp(x, up, down, slope):
+    h = F.linear(x, up)
+    return F.linear((F.leaky_relu(h, slope) if slope else F.relu(h)).square(), down)
+
+
+def mlp_output_and_grads(mlp, x, up, down, slope, weights, frozen=False):
+    leaves = [x.clone().requires_grad_(True)] + [w.clone().requires_grad_(not frozen) for w in (up, down)]
+    out = mlp(*leaves, slope)
+    (out.float() * weights).sum().backward()
+    return [out.detach().float()] + [leaf.grad.float() for leaf in leaves if leaf.grad is not None]
+
+
+def check_the_mlp_kernels(fused):
+    """fp32: equal to the unfused math (edges of every block masked: sizes that are not multiples of a block); bf16:
+    about as close to the fp32 math of the same inputs as the unfused bf16 ops are; frozen weights: x's gradient
+    alone."""
+    generator = torch.Generator().manual_seed(1)
+    for slope, (tokens, dim, hidden) in ((0.5, (37, 48, 200)), (0.0, (130, 64, 256)), (0.3, (140, 72, 300))):
+        x = torch.randn(2, tokens, dim, generator=generator)
+        up, down = torch.randn(hidden, dim, generator=generator) / dim ** 0.5, \
+            torch.randn(dim, hidden, generator=generator) / hidden ** 0.5
+        weights = torch.randn(2, tokens, dim, generator=generator)
+        reference = mlp_output_and_grads(unfused_mlp, x, up, down, slope, weights)
+        for a, b in zip(mlp_output_and_grads(fused, x, up, down, slope, weights), reference):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        frozen = mlp_output_and_grads(fused, x, up, down, slope, weights, frozen=True)
+        assert len(frozen) == 2
+        torch.testing.assert_close(frozen[1], reference[1], rtol=1e-4, atol=1e-4)
+        exact = mlp_output_and_grads(unfused_mlp, *(t.bfloat16().float() for t in (x, up, down)), slope, weights)
+        low = [mlp_output_and_grads(mlp, *(t.bfloat16() for t in (x, up, down)), slope, weights)
+               for mlp in (unfused_mlp, fused)]
+        for name, truth, plain, ours in zip(("out", "dx", "dup", "ddown"), exact, *low):
+            plain_error, fused_error = (plain - truth).norm() / truth.norm(), (ours - truth).norm() / truth.norm()
+            # The interpreter truncates fp32 to bf16 (a GPU rounds to nearest): twice the rounding error, about.
+            assert fused_error <= 3 * plain_error, f"bf16 {name}: {fused_error:.2e} vs {plain_error:.2e}"
+
+
+def check_a_model_with_the_fused_mlp(fused):
+    """A model's loss and every gradient with and without the fused MLP, which every layer takes in training and
+    none under no_grad (scoring, calibration)."""
+    torch.manual_seed(0)
+    model = T.GPT(small_hp(num_layers=2, vocab_size=64))
+    inputs, targets = torch.randint(0, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    calls, results = [], []
+    counted = lambda *args: calls.append(1) or fused(*args)
+    for mlp in (None, counted):
+        for block in model.blocks:
+            block.mlp.fused = mlp
+        model.zero_grad()
+        loss = model(inputs, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert len(calls) == len(model.blocks)
+    (plain, plain_grads), (fused_loss, fused_grads) = results
+    torch.testing.assert_close(fused_loss, plain, rtol=1e-6, atol=1e-6)
+    assert len(plain_grads) == len(fused_grads) > 5
+    for a, b in zip(plain_grads, fused_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        model(inputs, targets)
+    assert len(calls) == len(model.blocks)
+
+
 if __name__ == "__main__":
     assert T.triton_drives(torch.device("cpu")), "run with TRITON_INTERPRET=1"
     fused = T.fused_softcapped_ce()
@@ -61,4 +124,6 @@ if __name__ == "__main__":
                                       (torch.bfloat16, 1500, 1e-2)):
         check_the_kernel(fused, dtype, columns, tolerance)
     check_a_model(fused)
+    check_the_mlp_kernels(T.fused_leaky_relu2_mlp())
+    check_a_model_with_the_fused_mlp(T.fused_leaky_relu2_mlp())
     print("fused kernels: equal to the unfused math")

@@ -34,11 +34,12 @@ def test_the_packed_file_trains_through_the_fused_kernel(sample, tmp_path):
     packed.parent.mkdir()
     packed.write_bytes(T.pack_source(T.Path(T.__file__).read_bytes())[0])
     env = tiny_env(sample, RUN_ID="fused", ITERATIONS=2, TRAIN_BATCH_TOKENS=512, GPTQ_CALIBRATION_BATCHES=1,
-                   FUSED_CE_ENABLED=1, TRITON_INTERPRET=1)
+                   FUSED_CE_ENABLED=1, FUSED_MLP_ENABLED=1, TRITON_INTERPRET=1)
     result = run_script([sys.executable, str(packed)], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "fused.txt").read_text()
-    assert re.search(r"^fused_ce: on \(Triton\)$", log, re.M) and len(re.findall(r"^step:\d+/2 train_loss:", log, re.M)) == 2
+    assert re.search(r"^fused_ce: on \(Triton\)$", log, re.M) and re.search(r"^fused_mlp: on \(Triton\)$", log, re.M)
+    assert len(re.findall(r"^step:\d+/2 train_loss:", log, re.M)) == 2
 
 
 @pytest.mark.cuda_path  # a whole run: CI's second step
@@ -47,10 +48,13 @@ def test_without_a_device_triton_drives_the_fused_switch_runs_the_unfused_math_a
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not T.triton_drives(torch.device("cpu"))
     result = run_script([sys.executable, str(T.Path(T.__file__))],
-                        tiny_env(sample, RUN_ID="unfused", ITERATIONS=1, FUSED_CE_ENABLED=1), tmp_path)
+                        tiny_env(sample, RUN_ID="unfused", ITERATIONS=1, FUSED_CE_ENABLED=1, FUSED_MLP_ENABLED=1),
+                        tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^fused_ce: the same math unfused \(Triton (is not installed|does not drive cpu)\)$",
-                     (tmp_path / "logs" / "unfused.txt").read_text(), re.M)
+    log = (tmp_path / "logs" / "unfused.txt").read_text()
+    for switch in ("fused_ce", "fused_mlp"):
+        why_not = "is not installed|does not drive cpu"
+        assert re.search(rf"^{switch}: the same math unfused \(Triton ({why_not})\)$", log, re.M)
 
 
 def test_the_fused_loss_and_mile_are_refused_together():
@@ -58,3 +62,8 @@ def test_the_fused_loss_and_mile_are_refused_together():
         T.Hyperparameters.from_env({"FUSED_CE_ENABLED": "1", "MILE_GAMMA": "1.1"})
     with pytest.raises(T.ConfigError, match="FUSED_CE_ENABLED.*LOGIT_SOFTCAP"):
         T.Hyperparameters.from_env({"FUSED_CE_ENABLED": "1", "LOGIT_SOFTCAP": "0"})
+
+
+def test_the_fused_mlp_is_refused_with_swiglu():
+    with pytest.raises(T.ConfigError, match="FUSED_MLP_ENABLED.*MLP_ACTIVATION"):
+        T.Hyperparameters.from_env({"FUSED_MLP_ENABLED": "1", "MLP_ACTIVATION": "swiglu"})
