@@ -280,6 +280,9 @@ class Hyperparameters:
     embed_proj_optimizer: str = setting("muon", "muon|adamw", "BIGRAM_BUCKETS > 0 or VE_LAYERS")
     # clip the global gradient norm (of the gradient averaged over ranks); 0 = off
     grad_clip_norm: float = setting(0.3, ">=0")
+    # clip each rank's own gradient by its own norm before any communication, as the banked records do: Muon then
+    # orthogonalizes each bank as its reduce-scatter lands, not after the last; one process: the same clip
+    grad_clip_local: bool = setting(False, needs="GRAD_CLIP_NORM > 0")
     # the LR decays linearly to 0 over this final fraction of training (time under a cap)
     warmdown_frac: float = setting(0.85, "[0,1]")
     # the baseline's warmdown in steps (converted with the measured step time under a cap); > 0 replaces
@@ -2598,19 +2601,20 @@ class Optimizers:
         # step never reads it back to the host, as the unfused path's .item() does.
         self.adam = torch.optim.AdamW(adam_groups, betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=True)
         self.replicated = tables + scalars + head
-        self.grad_clip_norm, self.world_size = hp.grad_clip_norm, world_size
+        self.grad_clip_norm, self.clip_local, self.world_size = hp.grad_clip_norm, hp.grad_clip_local, world_size
         # ADAMW_SIDE_STREAM (credit: the 04-27 record): AdamW steps on a side CUDA stream while Muon orthogonalizes.
         # The two read and write disjoint tensors, so the updates are the same in any order.
         on_cuda = self.replicated[0].is_cuda
         self.side_stream = torch.cuda.Stream(self.replicated[0].device) if hp.adamw_side_stream and on_cuda else None
 
     def describe(self):
+        clip = f"{self.grad_clip_norm:g}({'local' if self.clip_local else 'global'})" if self.grad_clip_norm else "off"
         return (f"muon:{self.muon.orthogonalizer} banks:{len(self.banks)} matrices:{sum(b.size for b in self.banks)} "
                 f"shapes:{','.join('x'.join(map(str, b.weights.shape)) for b in self.banks)} "
                 f"row_normalize:{self.muon.row_normalize} grads:{short_dtype(self.banks[0].sent)} "
                 f"momentum:{'int8' if self.muon.int8_momentum else short_dtype(self.banks[0].sent)} "
                 f"tables:{short_dtype(self.adam.param_groups[0]['params'][0])} "
-                f"adamw_params:{sum(p.numel() for p in self.replicated)} "
+                f"clip:{clip} adamw_params:{sum(p.numel() for p in self.replicated)} "
                 f"adamw_stream:{'side' if self.side_stream is not None else 'main'}")
 
     def adam_state_bytes(self):
@@ -2625,27 +2629,42 @@ class Optimizers:
         for p, g in zip(self.replicated, torch.split(flat, [g.numel() for g in grads])):
             p.grad = g.view_as(p).to(p.dtype)  # summed in fp32; a bf16 table's gradient returns to bf16
 
+    def clip_to_norm(self, banked, banked_squares):
+        """Scales the banked gradients and the replicated parameters' to a norm of at most GRAD_CLIP_NORM, given the
+        banked ones' sum of squares."""
+        replicated = [p.grad for p in self.replicated if p.grad is not None]
+        norm = (banked_squares + sum(g.float().square().sum() for g in replicated)).sqrt()
+        factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(banked + replicated, factor)
+
     @torch.no_grad()
     def clip_global_norm(self):
-        """Clip by the norm of the averaged gradient (the records clipped each rank's local gradient instead)."""
+        """Clip by the norm of the averaged gradient (the banked records clip each rank's own: GRAD_CLIP_LOCAL)."""
         shards = [self.muon.averaged_grad_shard(index) for index in range(len(self.banks))]
         banked = torch.stack([s.float().square().sum() for s in shards]).sum()
         if self.world_size > 1:
             all_reduce(banked, dist.ReduceOp.SUM)  # the shards are disjoint; the padding is zero
-        replicated = [p.grad for p in self.replicated if p.grad is not None]
-        norm = (banked + sum(g.float().square().sum() for g in replicated)).sqrt()
-        factor = (self.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(shards + replicated, factor)
+        self.clip_to_norm(shards, banked)
+
+    @torch.no_grad()
+    def clip_local_norm(self):
+        """GRAD_CLIP_LOCAL (the banked records' clip, before their reduce-scatters): this rank's gradient by its own
+        norm, before any collective, so nothing waits for one. The bank gradients are clipped in fp32, before
+        MUON_BF16_STATE's cast."""
+        grads = [bank.grads for bank in self.banks]
+        self.clip_to_norm(grads, torch.stack([g.float().square().sum() for g in grads]).sum())
 
     def step(self, lr_scale, momentum):
         for group in self.adam.param_groups + self.muon.param_groups:
             group["lr"] = group["base_lr"] * lr_scale
         self.muon.param_groups[0]["momentum"] = momentum
+        if self.grad_clip_norm > 0 and self.clip_local:
+            self.clip_local_norm()
         self.muon.launch_reduce_scatters()
         if self.world_size > 1:
             self.all_reduce_replicated()  # while the banks' reduce-scatters are in flight
-        if self.grad_clip_norm > 0:
-            self.clip_global_norm()
+        if self.grad_clip_norm > 0 and not self.clip_local:
+            self.clip_global_norm()  # waits for every reduce-scatter before Muon's first orthogonalization
         if self.side_stream is None:
             self.adam.step()
             self.muon.step()

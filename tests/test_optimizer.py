@@ -181,6 +181,18 @@ def test_parallel_muon_at_one_process_equals_plain_muon_per_matrix():
         torch.testing.assert_close(p.detach(), r, rtol=0, atol=1e-6)
 
 
+def test_the_local_clip_is_the_global_clip_at_one_process():
+    """GRAD_CLIP_LOCAL clips before the (absent) collectives, from the fp32 bank gradients: the same bits at one
+    process. Its other world sizes: the torchrun test below."""
+    global_clip, _ = muon_worker.train(0, 1)
+    local_clip, _ = muon_worker.train(0, 1, local_clip=True)
+    assert all(torch.equal(local_clip[name], value) for name, value in global_clip.items())
+    described = T.Optimizers(T.GPT(muon_worker.config(local_clip=True)), muon_worker.config(local_clip=True), 0, 1)
+    assert " clip:0.05(local) " in described.describe()
+    with pytest.raises(T.ConfigError, match="GRAD_CLIP_LOCAL"):
+        T.Hyperparameters.from_env({"GRAD_CLIP_LOCAL": "1", "GRAD_CLIP_NORM": "0"})
+
+
 def test_clipping_uses_the_global_norm():
     hp = small_hp(num_layers=2, model_dim=64, grad_clip_norm=0.01)
     model = T.GPT(hp)
@@ -204,7 +216,8 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
     20x below one step of the smallest AdamW LR. (On GPU both sides would orthogonalize in bf16 alike.)"""
     prefix = tmp_path / "params"
     result = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                         str(REPO / "tests" / "muon_worker.py"), str(prefix)] + ["adam_last", "bf16"] * (nproc == 2), {},
+                         str(REPO / "tests" / "muon_worker.py"), str(prefix)] + ["adam_last", "bf16", "local_clip"] * (nproc == 2),
+                        {},
                         tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     reference, reference_momentum_bytes = muon_worker.train(0, 1)
@@ -229,6 +242,16 @@ def test_parallel_muon_under_torchrun_matches_one_process(nproc, tmp_path):
         assert bf16[0]["tok_emb.weight"].dtype == torch.bfloat16
         assert all(torch.equal(bf16[0][name], bf16[1][name]) for name in bf16[0])
         assert not torch.equal(bf16[0]["blocks.0.mlp.fc.weight"], saved[0]["params"]["blocks.0.mlp.fc.weight"])
+        # GRAD_CLIP_LOCAL: each rank clips its own gradient; the same parameters as one process that clips each
+        # share's gradient and steps on their mean, and not those of the clip of the averaged gradient.
+        local = [torch.load(f"{prefix}.local_clip.rank{rank}.pt")["params"] for rank in range(nproc)]
+        restated = muon_worker.train_with_clipped_shares(nproc)
+        for name, value in restated.items():
+            tolerance = 1e-5 if name in banked else 1e-4
+            torch.testing.assert_close(local[0][name], value, rtol=0, atol=tolerance, msg=name)
+            assert torch.equal(local[0][name], local[1][name])
+        assert not torch.allclose(local[0]["blocks.0.mlp.fc.weight"], saved[0]["params"]["blocks.0.mlp.fc.weight"],
+                                  rtol=0, atol=1e-4)
 
 
 def test_adamw_after_muon_gives_the_same_bits_and_the_side_stream_needs_cuda():
