@@ -2164,7 +2164,7 @@ def softcapped_ce_kernels():
     triton, tl = triton_language()
 
     @triton.jit
-    def forward_kernel(raw, targets, losses, lse_out, row_stride, columns, softcap, BLOCK: tl.constexpr):
+    def softcapped_ce_forward_kernel(raw, targets, losses, lse_out, row_stride, columns, softcap, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = raw + row * row_stride
         running_max = tl.zeros((), tl.float32) - float("inf")
@@ -2183,7 +2183,8 @@ def softcapped_ce_kernels():
         tl.store(lse_out + row, lse)
 
     @triton.jit
-    def backward_kernel(raw, targets, lse_in, grad_losses, grad, row_stride, columns, softcap, BLOCK: tl.constexpr):
+    def softcapped_ce_backward_kernel(raw, targets, lse_in, grad_losses, grad, row_stride, columns, softcap,
+                                      BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base, out = raw + row * row_stride, grad + row * row_stride
         target, lse, scale = tl.load(targets + row), tl.load(lse_in + row), tl.load(grad_losses + row)
@@ -2196,7 +2197,7 @@ def softcapped_ce_kernels():
             dz = scale * (softmax - tl.where(cols == target, 1.0, 0.0))
             tl.store(out + cols, (dz * (1.0 - tanh * tanh)).to(grad.dtype.element_ty), mask=inside)
 
-    return forward_kernel, backward_kernel
+    return softcapped_ce_forward_kernel, softcapped_ce_backward_kernel
 
 
 @functools.cache
@@ -2253,9 +2254,10 @@ def leaky_relu2_projection_kernel():
     triton, tl = triton_language()
 
     @triton.jit
-    def kernel(a, b, pre, out, m_size, n_size, k_size, a_row_stride, a_col_stride, b_row_stride, b_col_stride, slope,
-               FORWARD: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def fused_leaky_relu2_projection(a, b, pre, out, m_size, n_size, k_size, a_row_stride, a_col_stride,
+                                     b_row_stride, b_col_stride, slope, FORWARD: tl.constexpr, PRECISION: tl.constexpr,
+                                     WIDEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         program, blocks_m, blocks_n = tl.program_id(0), tl.cdiv(m_size, BLOCK_M), tl.cdiv(n_size, BLOCK_N)
         first_m = program // (GROUP_M * blocks_n) * GROUP_M
         group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
@@ -2284,7 +2286,7 @@ def leaky_relu2_projection_kernel():
             derivative = tl.where(stored > 0, 2.0 * stored, 2.0 * slope * slope * stored)
             tl.store(out + at, (product * derivative).to(out.dtype.element_ty), mask=inside)
 
-    return kernel
+    return fused_leaky_relu2_projection
 
 
 def leaky_relu2_projection(a, b, slope, pre=None):

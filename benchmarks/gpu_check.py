@@ -21,7 +21,9 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
   5. PRESET=record's step time, its DOC_ISOLATION on the attention it selects (FA3 where installed, else
      FlexAttention);
   6. each importable attention backend against SDPA, plain causal and over packed documents; each fused Triton
-     kernel against the unfused math, with both times; PRESET=baseline.
+     kernel against the unfused math, with both times;
+  7. a profile of the default stack's step (benchmarks/profile_step.py): kernel time against the step, the share
+     of each kind of kernel, the top ten kernels; PRESET=baseline.
 """
 
 import argparse
@@ -140,12 +142,13 @@ class Check:
             env.update(TINY_STACK)
         return {**env, **settings}
 
-    def run(self, env, label):
-        """One run of train_gpt.py; returns its log, or raises with the output's tail."""
+    def run(self, env, label, script=REPO / "train_gpt.py"):
+        """One run of train_gpt.py (or of a benchmark that runs it); returns its log, or raises with the output's
+        tail."""
         clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
         timeout = max(self.args.budget_seconds - self.table.seconds(), 30)
         started = time.perf_counter()
-        result = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=self.workdir, env={**clean, **env},
+        result = subprocess.run([sys.executable, str(script)], cwd=self.workdir, env={**clean, **env},
                                 capture_output=True, text=True, timeout=timeout)
         print(f"[gpu_check] {label}: {time.perf_counter() - started:.0f}s rc={result.returncode}", flush=True)
         if result.returncode != 0:
@@ -295,6 +298,24 @@ def speed_switch_step_times(table, check):
             benchmark_rows(table, check, f"default stack + {switch}=1, COMPILE_SCOPE=block", log)
 
 
+def profile_rows(table, check):
+    """Where the default stack's step goes (benchmarks/profile_step.py, COMPILE_SCOPE=block): per layout, the step
+    against its kernels' summed time, each kind's share, and the top ten kernels by their own time."""
+    log = check.run(check.env("check_profile", BENCHMARK_STEPS="3", COMPILE_SCOPE="block"), "profile",
+                    script=REPO / "benchmarks" / "profile_step.py")
+    for looping, step_ms, busy_ms, idle in re.findall(
+            r"^profile: looping:(\w+) step_ms:([\d.]+) busy_ms:([\d.]+) idle:([\d.]+)%", log, re.M):
+        kinds = re.findall(rf"^profile: looping:{looping} kind:(\w+) ms:[\d.]+ share:([\d.]+)%", log, re.M)
+        shares = ", ".join(f"{kind} {share}%" for kind, share in kinds)
+        table.add(f"profile, default stack: looping:{looping}",
+                  f"{step_ms} ms/step, kernels {busy_ms} ms, idle {idle}%; {shares}")
+        top = re.findall(rf"^profile: looping:{looping} rank:(\d+) ms:([\d.]+) share:([\d.]+)% calls:(\d+) name:(.*)$",
+                         log, re.M)
+        for rank, ms, share, calls, name in top[:10]:
+            table.add(f"profile, looping:{looping}: kernel {rank}",
+                      f"{ms} ms ({share}%, {calls} calls a step) {name[:80].replace('|', '/')}")
+
+
 def record_step_time(table, check):
     """PRESET=record's stack and DOC_ISOLATION on this data (its sp1024 head is smaller than the record's SP8192)."""
     settings = dict(PRESET="record", BENCHMARK_STEPS=str(check.args.benchmark_steps), VOCAB_SIZE="1024",
@@ -398,7 +419,7 @@ def fused_kernels(table, check):
 # (phase, the seconds it needs on one H200 to be started: a phase that no longer fits the budget is skipped)
 PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (speed_switch_step_times, 60),
           (whole_model_step_times, 120), (record_step_time, 50), (attention, 10), (fused_kernels, 10),
-          (baseline_step_time, 40))
+          (profile_rows, 60), (baseline_step_time, 40))
 
 
 def main(argv=None):
