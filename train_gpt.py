@@ -2156,6 +2156,12 @@ def triton_drives(device):
     return triton_language() is not None and (device.type == "cuda" or triton_interpreted())
 
 
+# How the kernels are launched: block sizes and, for the tiled matmul, warps and pipeline stages. 128 x 128 x 64
+# tiles, eight warps and three stages fit any GPU since Ampere (the tests compile them for an H100's sm_90).
+SOFTCAPPED_CE_LAUNCH = dict(BLOCK=1024)
+LEAKY_RELU2_LAUNCH = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
 @functools.cache
 def softcapped_ce_kernels():
     """The Triton kernels of the softcapped cross-entropy, one program per row: the forward's loss and log-sum-exp
@@ -2205,14 +2211,14 @@ def fused_softcapped_ce():
     """losses(raw_logits (N, V), targets (N,), softcap) -> (N,) fp32: the cross-entropy of softcap * tanh(raw /
     softcap), through the kernels above registered as custom ops with their autograd."""
     forward_kernel, backward_kernel = softcapped_ce_kernels()
-    block = 1024
 
     @torch.library.custom_op("train_gpt::softcapped_ce", mutates_args=())
     def softcapped_ce(raw: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         raw, targets = raw.contiguous(), targets.contiguous()
         losses = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
         lse = torch.empty_like(losses)
-        forward_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.stride(0), raw.size(1), softcap, BLOCK=block)
+        forward_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.stride(0), raw.size(1), softcap,
+                                       **SOFTCAPPED_CE_LAUNCH)
         return losses, lse
 
     @softcapped_ce.register_fake
@@ -2224,7 +2230,7 @@ def fused_softcapped_ce():
                                grad_losses: torch.Tensor, softcap: float) -> torch.Tensor:
         raw, grad = raw.contiguous(), torch.empty(raw.shape, dtype=raw.dtype, device=raw.device)
         backward_kernel[(raw.size(0),)](raw, targets.contiguous(), lse, grad_losses.contiguous(), grad, raw.stride(0),
-                                        raw.size(1), softcap, BLOCK=block)
+                                        raw.size(1), softcap, **SOFTCAPPED_CE_LAUNCH)
         return grad
 
     @softcapped_ce_backward.register_fake
@@ -2291,8 +2297,7 @@ def leaky_relu2_projection_kernel():
 
 def leaky_relu2_projection(a, b, slope, pre=None):
     """a (M, K) @ b (K, N), b any strided view: (pre, LeakyReLU(pre)^2) without `pre`, else the product times the
-    activation's derivative at `pre`. Blocks of 128 x 128 x 64, eight warps and three stages fit any GPU since
-    Ampere; the interpreter takes them too (tensors smaller than a block are masked)."""
+    activation's derivative at `pre` (edges of a block are masked)."""
     triton, _ = triton_language()
     (m_size, k_size), n_size = a.shape, b.size(1)
     forward = pre is None
@@ -2301,11 +2306,11 @@ def leaky_relu2_projection(a, b, slope, pre=None):
     precision = "tf32" if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     # The interpreter multiplies bf16 tiles' bit patterns (triton-lang/triton#11584): it gets fp32 tiles instead.
     widen = triton_interpreted() and a.dtype == torch.bfloat16
-    blocks = triton.cdiv(m_size, 128) * triton.cdiv(n_size, 128)
+    launch = LEAKY_RELU2_LAUNCH
+    blocks = triton.cdiv(m_size, launch["BLOCK_M"]) * triton.cdiv(n_size, launch["BLOCK_N"])
     leaky_relu2_projection_kernel()[(blocks,)](
         a, b, pre, out, m_size, n_size, k_size, a.stride(0), a.stride(1), b.stride(0), b.stride(1), slope,
-        FORWARD=forward, PRECISION=precision, WIDEN=widen, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8,
-        num_warps=8, num_stages=3)
+        FORWARD=forward, PRECISION=precision, WIDEN=widen, **launch)
     return (pre, out) if forward else out
 
 

@@ -586,6 +586,8 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
                 "| default stack + ADAMW_SIDE_STREAM=1: what ran | main |",
                 "| fused kernels | not available here (Triton does not drive cpu) |",
                 "| profile, default stack: looping:True | ", "| profile, looping:True: kernel 1 | ",
+                "| PRESET=pr754 at the record's batch: looping:False | ",
+                "| PRESET=pr754 at the record's batch, MUON_BF16_STATE=0 EMBED_BF16=0: looping:False | ",
                 "| default stack + ADAMW_SIDE_STREAM=1, COMPILE_SCOPE=block: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
         assert row in table, row
@@ -593,4 +595,4 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 10
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 12

@@ -67,3 +67,46 @@ def test_the_fused_loss_and_mile_are_refused_together():
 def test_the_fused_mlp_is_refused_with_swiglu():
     with pytest.raises(T.ConfigError, match="FUSED_MLP_ENABLED.*MLP_ACTIVATION"):
         T.Hyperparameters.from_env({"FUSED_MLP_ENABLED": "1", "MLP_ACTIVATION": "swiglu"})
+
+
+def compile_for_sm90(kernel, types, constexprs, options):
+    """Triton's ahead-of-time compile for an H100 (sm_90) on this machine, down to the cubin (Triton ships ptxas):
+    what a GPU's first launch would build, without a GPU. Returns the compiled kernel's metadata."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    assert set(signature) - set(types) == set(constexprs), "a kernel argument is neither typed nor constexpr"
+    compiled = T.triton_language()[0].compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                              target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"]
+    return compiled.metadata
+
+
+@needs_triton
+def test_the_triton_kernels_compile_for_an_h100(monkeypatch):
+    """Every kernel with the launch options the code uses, each variant it launches (bf16 and fp32 tensors; the
+    MLP's forward and backward), compiled for sm_90 to a cubin within an H100's shared memory. The interpreter
+    tests run their math; this runs the GPU compiler that the interpreter skips."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hopper_shared_bytes = 227 * 1024
+    forward, backward = T.softcapped_ce_kernels()
+    launch = dict(T.SOFTCAPPED_CE_LAUNCH)
+    block = dict(BLOCK=launch.pop("BLOCK"))
+    for dtype in ("bf16", "fp32"):
+        scalars = dict(row_stride="i32", columns="i32", softcap="fp32")
+        metadata = compile_for_sm90(forward, dict(raw=f"*{dtype}", targets="*i64", losses="*fp32", lse_out="*fp32",
+                                                  **scalars), block, launch)
+        assert metadata.shared <= hopper_shared_bytes
+        metadata = compile_for_sm90(backward, dict(raw=f"*{dtype}", targets="*i64", lse_in="*fp32",
+                                                   grad_losses="*fp32", grad=f"*{dtype}", **scalars), block, launch)
+        assert metadata.shared <= hopper_shared_bytes
+    launch = dict(T.LEAKY_RELU2_LAUNCH)
+    options = dict(num_warps=launch.pop("num_warps"), num_stages=launch.pop("num_stages"))
+    integers = ("m_size", "n_size", "k_size", "a_row_stride", "a_col_stride", "b_row_stride", "b_col_stride")
+    for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
+        types = dict(a=f"*{dtype}", b=f"*{dtype}", pre=f"*{dtype}", out=f"*{dtype}", slope="fp32",
+                     **{name: "i32" for name in integers})
+        for forward_pass in (True, False):
+            metadata = compile_for_sm90(T.leaky_relu2_projection_kernel(), types,
+                                        dict(FORWARD=forward_pass, PRECISION=precision, WIDEN=False, **launch), options)
+            assert metadata.shared <= hopper_shared_bytes and metadata.num_warps == options["num_warps"]
