@@ -3,6 +3,7 @@ not counted), what the CPU cannot.
 
     python3 benchmarks/gpu_check.py --data-path D --tokenizer-path T.model --out gpu_check.md
     python3 benchmarks/gpu_check.py --tiny --data-path D --tokenizer-path T.model   # the CPU miniature CI runs
+    python3 benchmarks/gpu_check.py ... --phases profile_rows,fused_kernels         # a subset, in the same order
 
 D is a dataset folder of shards (docs/gpu.md, "The GPU check", builds one of about 20 MB). Every row is printed
 and the markdown table rewritten to --out the moment it is measured, so a run cut short still returns what it
@@ -24,7 +25,8 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
   6. each importable attention backend against SDPA, plain causal and over packed documents; each fused Triton
      kernel against the unfused math, with both times;
   7. a profile of the default stack's step (benchmarks/profile_step.py): kernel time against the step, the share
-     of each kind of kernel, the top ten kernels; PRESET=baseline.
+     of each kind of kernel, the top ten kernels; PRESET=pr754 without the bf16 state; PRESET=record with each
+     speed switch flipped alone; PRESET=baseline.
 """
 
 import argparse
@@ -67,7 +69,14 @@ def parse_args(argv):
     parser.add_argument("--train-seconds", type=float, default=45.0, help="the end-to-end run's MAX_WALLCLOCK_SECONDS")
     parser.add_argument("--benchmark-steps", type=int, default=10, help="timed steps per layout")
     parser.add_argument("--budget-seconds", type=float, default=420.0, help="a phase that no longer fits is skipped")
-    return parser.parse_args(argv)
+    parser.add_argument("--phases", default="", help="a comma-separated subset of the phases, in the check's order "
+                        "(default: all): a second call runs what the first one's budget skipped")
+    args = parser.parse_args(argv)
+    names = [phase.__name__ for phase, _ in PHASES]
+    unknown = sorted(set(filter(None, args.phases.split(","))) - set(names))
+    if unknown:
+        parser.error(f"--phases: {', '.join(unknown)} not among {', '.join(names)}")
+    return args
 
 
 class Table:
@@ -340,13 +349,26 @@ def pr754_fp32_state_step_time(table, check):
     pr754_step_time(table, check, bf16_state=False)
 
 
-def record_step_time(table, check):
-    """PRESET=record's stack and DOC_ISOLATION on this data (its sp1024 head is smaller than the record's SP8192)."""
+def record_step_time(table, check, switches=None):
+    """PRESET=record's stack and DOC_ISOLATION on this data (its sp1024 head is smaller than the record's SP8192);
+    `switches`: speed switches set on top of the preset (which sets FUSED_CE_ENABLED)."""
     settings = dict(PRESET="record", BENCHMARK_STEPS=str(check.args.benchmark_steps), VOCAB_SIZE="1024",
                     CASEOPS_ENABLED="0", DATA_PATH=str(Path(check.args.data_path).resolve()),
-                    TOKENIZER_PATH=str(Path(check.args.tokenizer_path).resolve()))
-    log = check.run(check.env("check_bench_record", **settings), "PRESET=record")
-    benchmark_rows(table, check, "PRESET=record (sp1024 data), DOC_ISOLATION", log)
+                    TOKENIZER_PATH=str(Path(check.args.tokenizer_path).resolve()), **(switches or {}))
+    named = " ".join(f"{switch}={value}" for switch, value in (switches or {}).items())
+    log = check.run(check.env("check_bench_record" + "_".join([""] + [s.lower() for s in switches or {}]),
+                              **settings), f"PRESET=record {named}".strip())
+    benchmark_rows(table, check, f"PRESET=record {named + ' ' if named else ''}(sp1024 data), DOC_ISOLATION", log)
+    for switch in [switch for switch, value in (switches or {}).items() if value == "1"]:
+        table.add(f"PRESET=record {named}: what {switch} ran", found(SPEED_SWITCHES[switch], log))
+
+
+def record_speed_switch_step_times(table, check):
+    """PRESET=record with each speed switch flipped alone: its fused cross-entropy off, the others on. The CPU
+    miniature runs them in one run."""
+    flipped = {switch: "0" if switch == "FUSED_CE_ENABLED" else "1" for switch in SPEED_SWITCHES}
+    for switches in [{switch: value} for switch, value in flipped.items()] if not check.tiny else [flipped]:
+        record_step_time(table, check, switches)
 
 
 def baseline_step_time(table, check):
@@ -443,7 +465,8 @@ def fused_kernels(table, check):
 # (phase, the seconds it needs on one H200 to be started: a phase that no longer fits the budget is skipped)
 PHASES = ((end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30), (speed_switch_step_times, 60),
           (pr754_step_time, 60), (whole_model_step_times, 120), (record_step_time, 50), (attention, 10),
-          (fused_kernels, 10), (profile_rows, 60), (pr754_fp32_state_step_time, 60), (baseline_step_time, 40))
+          (fused_kernels, 10), (profile_rows, 60), (pr754_fp32_state_step_time, 60),
+          (record_speed_switch_step_times, 150), (baseline_step_time, 40))
 
 
 def main(argv=None):
@@ -453,7 +476,10 @@ def main(argv=None):
     if not args.tiny and check.device.type != "cuda":
         sys.exit("gpu_check: no CUDA device here; --tiny runs the CPU miniature")
     environment(table, check)
+    chosen = set(filter(None, args.phases.split(",")))
     for phase, needs in PHASES:
+        if chosen and phase.__name__ not in chosen:
+            continue
         if table.seconds() + (0 if args.tiny else needs) > args.budget_seconds:
             table.add(phase.__name__, f"not measured: {table.seconds():.0f} s of the {args.budget_seconds:.0f} s "
                       f"budget spent, it needs about {needs} s", "", "SKIPPED")

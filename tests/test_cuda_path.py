@@ -587,6 +587,10 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
                 "| fused kernels | not available here (Triton does not drive cpu) |",
                 "| profile, default stack: looping:True | ", "| profile, looping:True: kernel 1 | ",
                 "| PRESET=pr754 at the record's batch: looping:False | ",
+                "| PRESET=record FUSED_CE_ENABLED=0 FUSED_MLP_ENABLED=1 ADAMW_SIDE_STREAM=1 (sp1024 data), "
+                "DOC_ISOLATION: looping:True | ",
+                "| PRESET=record FUSED_CE_ENABLED=0 FUSED_MLP_ENABLED=1 ADAMW_SIDE_STREAM=1: what FUSED_MLP_ENABLED "
+                "ran | the same math unfused",
                 "| PRESET=pr754 at the record's batch, MUON_BF16_STATE=0 EMBED_BF16=0: looping:False | ",
                 "| default stack + ADAMW_SIDE_STREAM=1, COMPILE_SCOPE=block: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
@@ -595,4 +599,11 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path):
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 12
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 13
+    # --phases: a subset, the rest not run; a name that is not a phase is refused before anything runs.
+    result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0", "--phases",
+                                        "profile_rows,attention"], {}, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.findall(r"^\| (\w+) \| not measured", skipped.read_text(), re.M) == ["attention", "profile_rows"]
+    result = run_script(command[:-4] + ["--phases", "profile"], {}, tmp_path, timeout=120)
+    assert result.returncode == 2 and "--phases: profile not among end_to_end" in result.stderr
