@@ -57,7 +57,8 @@ TINY_MODEL = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1
 TINY_STACK = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3")  # not for baseline, pr754 (no loop)
 TINY_TRAINING = dict(GPTQ_CALIBRATION_BATCHES="2", SIZE_TARGET_BYTES="0", EVAL_STRIDE="64", ITERATIONS="30",
                      MAX_WALLCLOCK_SECONDS="0")
-TINY_TTT = dict(chunk=dict(TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="4"), lora=dict(TTT_BATCH_SIZE="8"))
+TINY_TTT = dict(chunk=dict(TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="4", TTT_EPOCHS="1"),
+                lora=dict(TTT_BATCH_SIZE="32", TTT_CHUNK_SIZE="128"))
 
 
 def parse_args(argv):
