@@ -33,7 +33,7 @@ def test_the_packed_file_trains_through_the_fused_kernel(sample, tmp_path):
     packed = tmp_path / "elsewhere" / "train_gpt.py"
     packed.parent.mkdir()
     packed.write_bytes(T.pack_source(T.Path(T.__file__).read_bytes())[0])
-    env = tiny_env(sample, RUN_ID="fused", ITERATIONS=2, TRAIN_BATCH_TOKENS=512, GPTQ_CALIBRATION_BATCHES=1,
+    env = tiny_env(sample, RUN_ID="fused", ITERATIONS=2, TRAIN_BATCH_TOKENS=256, GPTQ_CALIBRATION_BATCHES=1,
                    FUSED_CE_ENABLED=1, FUSED_MLP_ENABLED=1, TRITON_INTERPRET=1)
     result = run_script([sys.executable, str(packed)], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
