@@ -504,8 +504,8 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
     assert not re.search(r"^warning: .* compiled after the warmup", log, re.M)
 
 
-# Each seed's stack at smoke size, small tables, with its own evaluation: sliding windows, chunk TTT (pr754, pr703),
-# per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile with inductor;
+# Each seed's stack at smoke size, small tables, through its export and its own evaluation: sliding windows, chunk TTT
+# (pr754, pr703), per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile with inductor;
 # PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds its
 # dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
 # suite, which has the time; record in the CUDA-path step.
@@ -519,6 +519,9 @@ PRESET_COMPILE_SETTINGS = {
                   TTT_BATCH_SEQS="4"),
     "pr1392": dict(VE_DIM="16"),
 }
+# The scores each seed's run ends with, besides its round trip; pr1392 calibrates on sequences it generates.
+PRESET_EVALUATIONS = {"pr754": ["final_sliding_window", "final_ttt"], "pr703": ["final_sliding_window", "final_ttt"],
+                      "pr1392": ["final_sliding_window"]}
 # The precision of state each preset's script has (MUON_BF16_STATE, MUON_MOMENTUM_INT8, EMBED_BF16): the 04-04 record
 # under pr1392 keeps fp32 bank gradients and momentum; every one of them leaves its token tables in bf16.
 PRESET_STATE = {"record": "grads:bf16 momentum:bf16 tables:bf16", "pr754": "grads:bf16 momentum:bf16 tables:bf16",
@@ -543,6 +546,12 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
     assert re.search(rf"^optimizer: .* {PRESET_STATE[preset]} ", log, re.M)
     assert_every_graph_built_in_the_warmup(log)
+    if preset in PRESET_EVALUATIONS:  # through the seed's export and its own evaluation
+        export = T.export_name(T.Hyperparameters.from_env({"PRESET": f"{preset},smoke"})[0])
+        for name in [f"final_{export}_roundtrip"] + PRESET_EVALUATIONS[preset]:
+            assert f"\n{name}_exact val_loss:" in log, name
+    if preset == "pr1392":
+        assert "gptq_calibration: self_generated seqs:8 seq_len:128" in log
     if preset == "record":  # the per-document TTT forward is built in the warmup, before the phases run
         where = lambda line: re.search(rf"^{line}", log, re.M).start()
         assert where(r"ttt_lora: compiled \(dynamic shapes\)") < where("warmup:done") and "ttt_phase: 3/3" in log

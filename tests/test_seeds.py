@@ -353,29 +353,9 @@ def test_each_preset_builds_at_full_size_with_the_closed_form_parameter_count(pr
     assert logits.shape == (1, 16, hp.vocab_size) and torch.isfinite(logits).all()
 
 
-# PRESET=neon213,smoke runs end to end, through its fp16 export and plain round trip, in test_neon.py.
-SEED_EVALUATIONS = {"pr754": ["final_sliding_window", "final_ttt"], "pr703": ["final_sliding_window", "final_ttt"],
-                    "pr1392": ["final_sliding_window"]}
-
-
-@pytest.mark.parametrize("preset", sorted(SEED_EVALUATIONS))
-def test_each_preset_trains_at_smoke_size_through_export_and_its_evaluation(preset, sample, tmp_path):
-    data_dir, tokenizer = sample
-    env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
-               MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
-               WARMUP_STEPS="0", RUN_ID="seed", TRAIN_LOG_EVERY="1")
-    # Smaller tables than the seeds' (the forms are what is run; the sizes only cost time), plain-stride windows.
-    env.update(EVAL_STRIDE="256", VE_DIM="16", **({} if preset == "pr1392" else dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16")))
-    if SEED_EVALUATIONS[preset][-1:] == ["final_ttt"]:
-        env.update(TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1", TTT_BATCH_SEQS="4")
-    result = run_script(["python3", str(T.__file__)], env, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / "logs" / "seed.txt").read_text()
-    hp = T.Hyperparameters.from_env({"PRESET": f"{preset},smoke"})[0]
-    for name in [f"final_{T.export_name(hp)}_roundtrip"] + SEED_EVALUATIONS[preset]:
-        assert f"\n{name}_exact val_loss:" in log, name
-    if preset == "pr1392":
-        assert "gptq_calibration: self_generated seqs:8 seq_len:128" in log
+# Each seed at smoke size through its export and its own evaluation (sliding windows, chunk TTT), compiled:
+# test_cuda_path.py's test_each_preset_compiles_every_graph_in_the_warmup. PRESET=neon213,smoke runs end to end,
+# through its fp16 export and plain round trip, in test_neon.py.
 
 
 def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
