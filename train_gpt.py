@@ -1780,8 +1780,10 @@ class MLP(nn.Module):
         if self.swiglu:
             gate_input = self.gate_conv(x, docs) if self.gate_conv is not None else x
             return self.proj(F.silu(self.fc(gate_input)) * self.up(x))
-        if self.fused is not None and torch.is_grad_enabled():  # training (no-grad passes, whose hooks read fc and
-            dtype = matmul_dtype(x)                              # proj, score and calibrate unfused)
+        # FUSED_MLP_ENABLED in training; passes without gradients (scoring, and GPTQ calibration, whose hooks read
+        # fc and proj) stay unfused
+        if self.fused is not None and torch.is_grad_enabled():
+            dtype = matmul_dtype(x)
             return self.fused(x.to(dtype), self.fc.weight_in(dtype), self.proj.weight_in(dtype), self.slope)
         h = self.fc(x)
         return self.proj((F.leaky_relu(h, self.slope) if self.slope else F.relu(h)).square())
@@ -4783,14 +4785,15 @@ def build_model(run, data):
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
     optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
+    fused = triton_drives(run.device)  # else the same math unfused, and the log says why
     why_not = f"does not drive {run.device.type}" if triton_language() else "is not installed"
-    triton_state = "on (Triton)" if triton_drives(run.device) else f"the same math unfused (Triton {why_not})"
+    triton_state = "on (Triton)" if fused else f"the same math unfused (Triton {why_not})"
     if hp.fused_ce_enabled:
-        net.fused_ce = fused_softcapped_ce() if triton_drives(run.device) else None
+        net.fused_ce = fused_softcapped_ce() if fused else None
         run.log(f"fused_ce: {triton_state}")
     if hp.fused_mlp_enabled:
         for block in net.blocks:
-            block.mlp.fused = fused_leaky_relu2_mlp() if triton_drives(run.device) else None
+            block.mlp.fused = fused_leaky_relu2_mlp() if fused else None
         run.log(f"fused_mlp: {triton_state}")
     forward = train_model_of(net, run.use_compile, uses_varlen(hp, run.attention_name), hp.compile_scope)
     run.graphs_before, run.graphs_after_warmup = compiled_graphs(), 0
