@@ -74,9 +74,9 @@ def parse_args(argv):
                         "(default: all): a second call runs what the first one's budget skipped")
     args = parser.parse_args(argv)
     names = [phase.__name__ for phase, _ in PHASES]
-    unknown = sorted(set(filter(None, args.phases.split(","))) - set(names))
-    if unknown:
-        parser.error(f"--phases: {', '.join(unknown)} not among {', '.join(names)}")
+    args.phases = set(filter(None, args.phases.split(",")))  # empty: every phase
+    if args.phases - set(names):
+        parser.error(f"--phases: {', '.join(sorted(args.phases - set(names)))} not among {', '.join(names)}")
     return args
 
 
@@ -477,9 +477,8 @@ def main(argv=None):
     if not args.tiny and check.device.type != "cuda":
         sys.exit("gpu_check: no CUDA device here; --tiny runs the CPU miniature")
     environment(table, check)
-    chosen = set(filter(None, args.phases.split(",")))
     for phase, needs in PHASES:
-        if chosen and phase.__name__ not in chosen:
+        if args.phases and phase.__name__ not in args.phases:
             continue
         if table.seconds() + (0 if args.tiny else needs) > args.budget_seconds:
             table.add(phase.__name__, f"not measured: {table.seconds():.0f} s of the {args.budget_seconds:.0f} s "
