@@ -167,9 +167,20 @@ def test_a_whole_run_under_bf16_autocast_scores_within_bf16_noise_of_fp32(sample
         assert summaries["bf16"][metric] != summaries["off"][metric], metric  # the bf16 path did run
 
 
-def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tmp_path, monkeypatch):
-    """Counts the calls that would block the host on a GPU (device synchronize, .item(), .tolist(), collectives on
-    the device group) between the start of one training step and the next, in a real in-process run."""
+# The optimizer paths a step can take: the global clip with fp32 state (the default), or each rank's own clip with
+# bf16 state, int8 momentum, AdamW on its side stream (one stream here) and an SWA of the EMA.
+OPTIMIZER_PATHS = {"global clip": {}, "local clip, bf16 and int8 state, swa": dict(
+    GRAD_CLIP_LOCAL=1, MUON_BF16_STATE=1, EMBED_BF16=1, MUON_MOMENTUM_INT8=1, ADAMW_SIDE_STREAM=1,
+    WEIGHT_AVERAGING="ema_swa", SWA_EVERY=2, SWA_START_LR_SCALE=1.0)}
+# What reads a tensor's value back to the host, which on a GPU waits for the device to reach it.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("optimizer_path", OPTIMIZER_PATHS)
+def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tmp_path, monkeypatch, optimizer_path):
+    """Counts the calls that would block the host on a GPU (device synchronize, a tensor's value read back, as by
+    .item() or bool(), collectives on the device group) between the start of one training step and the next, in a
+    real in-process run."""
     events, training = [], [False]
 
     def counted(kind, original):
@@ -179,7 +190,7 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
             return original(*args, **kwargs)
         return wrapper
 
-    for name in ("item", "tolist"):
+    for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     monkeypatch.setattr(torch.cuda, "synchronize", counted("cuda.synchronize", torch.cuda.synchronize))
     monkeypatch.setattr(T, "synchronize", counted("synchronize", T.synchronize))
@@ -197,6 +208,7 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     monkeypatch.setattr(T, "train", train)
     env = tiny_env(sample, ITERATIONS=24, TRAIN_LOG_EVERY=8, RUN_ID="syncs", MILE_GAMMA=1.1, WEIGHT_AVERAGING="ema",
                    QAT_START_LR_SCALE=0.5, WARMDOWN_FRAC=0.5, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1)
+    env.update({key: str(value) for key, value in OPTIMIZER_PATHS[optimizer_path].items()})
     for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -217,6 +229,11 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     assert "synchronize" in steps[15] and "item" in steps[15]  # a logged step reads the loss, on an exact clock
     log = (tmp_path / "logs" / "syncs.txt").read_text()
     assert "qat: enabled at step:19" in log and "recurrence: activated at step:9" in log  # quiet steps 20-23: both on
+    took = re.search(r"^optimizer: .* grads:(\w+) momentum:(\w+) tables:(\w+) clip:([\w.()]+) ", log, re.M).groups()
+    assert took == (("fp32", "fp32", "fp32", "0.3(global)") if optimizer_path == "global clip" else
+                    ("bf16", "int8", "bf16", "0.3(local)"))
+    exported = re.search(r"^weight_averaging: exported (\w+)", log, re.M).group(1)
+    assert exported == ("ema" if optimizer_path == "global clip" else "swa")  # the SWA collected on quiet steps too
 
 
 @pytest.mark.cuda_path  # with the other compile proofs, in CI's second step
