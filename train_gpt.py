@@ -2212,13 +2212,13 @@ def softcapped_ce_kernels():
 def fused_softcapped_ce():
     """losses(raw_logits (N, V), targets (N,), softcap) -> (N,) fp32: the cross-entropy of softcap * tanh(raw /
     softcap), through the kernels above registered as custom ops with their autograd."""
-    forward_kernel, backward_kernel = softcapped_ce_kernels()
 
     @torch.library.custom_op("train_gpt::softcapped_ce", mutates_args=())
     def softcapped_ce(raw: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         raw, targets = raw.contiguous(), targets.contiguous()
         losses = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
         lse = torch.empty_like(losses)
+        forward_kernel, _ = softcapped_ce_kernels()  # looked up at each launch, as the MLP's launcher does
         forward_kernel[(raw.size(0),)](raw, targets, losses, lse, raw.stride(0), raw.size(1), softcap,
                                        **SOFTCAPPED_CE_LAUNCH)
         return losses, lse
@@ -2231,6 +2231,7 @@ def fused_softcapped_ce():
     def softcapped_ce_backward(raw: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                                grad_losses: torch.Tensor, softcap: float) -> torch.Tensor:
         raw, grad = raw.contiguous(), torch.empty(raw.shape, dtype=raw.dtype, device=raw.device)
+        _, backward_kernel = softcapped_ce_kernels()
         backward_kernel[(raw.size(0),)](raw, targets.contiguous(), lse, grad_losses.contiguous(), grad, raw.stride(0),
                                         raw.size(1), softcap, **SOFTCAPPED_CE_LAUNCH)
         return grad

@@ -69,44 +69,83 @@ def test_the_fused_mlp_is_refused_with_swiglu():
         T.Hyperparameters.from_env({"FUSED_MLP_ENABLED": "1", "MLP_ACTIVATION": "swiglu"})
 
 
-def compile_for_sm90(kernel, types, constexprs, options):
-    """Triton's ahead-of-time compile for an H100 (sm_90) on this machine, down to the cubin (Triton ships ptxas):
-    what a GPU's first launch would build, without a GPU. Returns the compiled kernel's metadata."""
-    from triton.backends.compiler import GPUTarget
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+HOPPER_SHARED_BYTES = 227 * 1024
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def as_launched(kernel, args, kwargs):
+    """An ASTSource of `kernel` specialized as Triton's JIT specializes a launch with these values: an int equal to
+    1 becomes the constant 1, and an int divisible by 16, or a tensor whose address is, is marked so
+    (tt.divisibility), which is what lets the compiler vectorize a load and stream it asynchronously. Without
+    this the compiler builds another kernel than the one a GPU runs. Returns (source, options)."""
     from triton.compiler import ASTSource
-    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
-    assert set(signature) - set(types) == set(constexprs), "a kernel argument is neither typed nor constexpr"
-    compiled = T.triton_language()[0].compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                              target=GPUTarget("cuda", 90, 32), options=options)
+    constants = {name: value for name, value in kwargs.items() if name not in LAUNCH_OPTIONS}
+    signature, attrs = dict.fromkeys(constants, "constexpr"), {}
+    for index, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, int) and value == 1:
+            signature[name], constants[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if isinstance(value, int) else f"*{TRITON_TYPES[value.dtype]}"
+            if (value if isinstance(value, int) else value.data_ptr()) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    assert set(signature) == set(kernel.arg_names), "a kernel argument is neither passed nor a launch constant"
+    options = {name: kwargs[name] for name in LAUNCH_OPTIONS if name in kwargs}
+    return ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs), options
+
+
+def compile_for_sm90(kernel, args, kwargs):
+    """Triton's ahead-of-time compile for an H100 (sm_90) on this machine, down to the cubin (Triton ships ptxas):
+    what a GPU's first launch with these arguments would build, without a GPU."""
+    from triton.backends.compiler import GPUTarget
+    source, options = as_launched(kernel, args, kwargs)
+    compiled = T.triton_language()[0].compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert compiled.asm["cubin"]
-    return compiled.metadata
+    return compiled
 
 
 @needs_triton
-def test_the_triton_kernels_compile_for_an_h100(monkeypatch):
-    """Every kernel with the launch options the code uses, each variant it launches (bf16 and fp32 tensors; the
-    MLP's forward and backward), compiled for sm_90 to a cubin within an H100's shared memory. The interpreter
-    tests run their math; this runs the GPU compiler that the interpreter skips."""
+def test_the_triton_kernels_compile_for_an_h100_as_the_code_launches_them(monkeypatch):
+    """Every launch the fused ops make, in bf16 and fp32 (the MLP's forward and backward, the cross-entropy's
+    forward and backward), recorded at the default stack's sizes (width 512, MLP 4x, an SP8192 head) and compiled
+    for sm_90 to a cubin, within an H100's shared memory. In bf16 the MLP's tiles stream through shared memory
+    asynchronously (cp.async, the pipeline's stages) into Hopper's warpgroup tensor-core instructions (wgmma), and
+    the cross-entropy reads (and writes) a row 16 bytes a thread at a time. The interpreter tests run the kernels'
+    math; this runs the GPU compiler that the interpreter skips."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    hopper_shared_bytes = 227 * 1024
-    forward, backward = T.softcapped_ce_kernels()
-    launch = dict(T.SOFTCAPPED_CE_LAUNCH)
-    block = dict(BLOCK=launch.pop("BLOCK"))
-    for dtype in ("bf16", "fp32"):
-        scalars = dict(row_stride="i32", columns="i32", softcap="fp32")
-        metadata = compile_for_sm90(forward, dict(raw=f"*{dtype}", targets="*i64", losses="*fp32", lse_out="*fp32",
-                                                  **scalars), block, launch)
-        assert metadata.shared <= hopper_shared_bytes
-        metadata = compile_for_sm90(backward, dict(raw=f"*{dtype}", targets="*i64", lse_in="*fp32",
-                                                   grad_losses="*fp32", grad=f"*{dtype}", **scalars), block, launch)
-        assert metadata.shared <= hopper_shared_bytes
-    launch = dict(T.LEAKY_RELU2_LAUNCH)
-    options = dict(num_warps=launch.pop("num_warps"), num_stages=launch.pop("num_stages"))
-    integers = ("m_size", "n_size", "k_size", "a_row_stride", "a_col_stride", "b_row_stride", "b_col_stride")
-    for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
-        types = dict(a=f"*{dtype}", b=f"*{dtype}", pre=f"*{dtype}", out=f"*{dtype}", slope="fp32",
-                     **{name: "i32" for name in integers})
-        for forward_pass in (True, False):
-            metadata = compile_for_sm90(T.leaky_relu2_projection_kernel(), types,
-                                        dict(FORWARD=forward_pass, PRECISION=precision, WIDEN=False, **launch), options)
-            assert metadata.shared <= hopper_shared_bytes and metadata.num_warps == options["num_warps"]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # as a CUDA run sets it
+    mlp = LaunchRecorder(T.leaky_relu2_projection_kernel())
+    ce = [LaunchRecorder(kernel) for kernel in T.softcapped_ce_kernels()]
+    monkeypatch.setattr(T, "leaky_relu2_projection_kernel", lambda: mlp)
+    monkeypatch.setattr(T, "softcapped_ce_kernels", lambda: ce)
+    tokens, dim, vocab = 64, 512, 8192
+    for dtype in (torch.bfloat16, torch.float32):
+        x, up, down = (torch.zeros(*shape, dtype=dtype, requires_grad=True)
+                       for shape in ((tokens, dim), (4 * dim, dim), (dim, 4 * dim)))
+        T.fused_leaky_relu2_mlp()(x, up, down, 0.5).sum().backward()
+        raw = torch.zeros(tokens, vocab, dtype=dtype, requires_grad=True)
+        T.fused_softcapped_ce()(raw, torch.zeros(tokens, dtype=torch.long), 30.0).sum().backward()
+    assert [len(recorder.launches) for recorder in (mlp, *ce)] == [4, 2, 2]  # forward and backward, two dtypes
+    for recorder in (mlp, *ce):
+        for args, kwargs in recorder.launches:
+            compiled = compile_for_sm90(recorder.kernel, args, kwargs)
+            assert compiled.metadata.shared <= HOPPER_SHARED_BYTES
+            assert compiled.metadata.num_warps == kwargs.get("num_warps", 4)
+            ptx = compiled.asm["ptx"]
+            if recorder is mlp and args[0].dtype == torch.bfloat16:
+                tensor_cores, pipelined = "wgmma.mma_async" in ptx, re.search(r"cp\.async\.(ca|cg)", ptx) is not None
+                assert tensor_cores and pipelined, f"wgmma: {tensor_cores}, cp.async: {pipelined}, launch: {kwargs}"
+            if recorder is not mlp:  # a pass over the logits in 16-byte loads (and, backward, stores) a thread
+                assert "ld.global.v4" in ptx and (recorder is ce[0] or "st.global.v4" in ptx), recorder.kernel
