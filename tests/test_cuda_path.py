@@ -630,10 +630,10 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
     # --phases: a subset, the rest not run; a name that is not a phase is refused before anything runs.
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0", "--phases",
-                                        "profile_rows,attention"], {}, tmp_path, timeout=120)
+                                        "profile_rows,end_to_end"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.findall(r"^\| (\w+) \| not measured", skipped.read_text(), re.M) == ["attention", "profile_rows"]
+    assert re.findall(r"^\| (\w+) \| not measured", skipped.read_text(), re.M) == ["end_to_end", "profile_rows"]
     gpu_check = importlib.import_module("gpu_check")
     with pytest.raises(SystemExit, match="2"):
         gpu_check.parse_args(command[2:-4] + ["--phases", "profile"])
-    assert "--phases: profile not among end_to_end" in capsys.readouterr().err
+    assert "--phases: profile not among attention, fused_kernels, end_to_end" in capsys.readouterr().err
