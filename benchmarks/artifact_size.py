@@ -26,7 +26,8 @@ import train_gpt as T  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", help="a state dict saved by train_gpt.py (logs/<RUN_ID>_raw.pt); default: random init")
+    parser.add_argument("--weights",
+                        help="a state dict saved by train_gpt.py (logs/<RUN_ID>_raw.pt); default: random init")
     parser.add_argument("--compressors", nargs="+", default=["zstd", "brotli", *(f"pergroup:{codec}" for codec in (
         "lzma", "brotli", "zstd", "smallest", "lrzip"))], help="whole-file compressors and pergroup:<codec> rows")
     args = parser.parse_args()
@@ -48,7 +49,8 @@ def main():
           + f" (shipped: {compressor}); counted with PACK_CODE={int(hp.pack_code)}: {code_bytes:,}; packing frees "
           f"{len(source) - len(packed):,} bytes, about {8 * (len(source) - len(packed)) // hp.quant_bits:,} "
           f"int{hp.quant_bits} weights before compression")
-    print(f"model: {T.count_parameters(model)[0]:,} parameters ({'trained: ' + args.weights if args.weights else 'Gaussian weights'}), "
+    weights = 'trained: ' + args.weights if args.weights else 'Gaussian weights'
+    print(f"model: {T.count_parameters(model)[0]:,} parameters ({weights}), "
           f"quant_bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} code_bytes:{code_bytes}")
     print("| packing | byte shuffle | compressor | model bytes | total bytes | headroom under 16,000,000 | write s | "
           "read s |")

@@ -19,16 +19,19 @@ BANNER = re.compile(r"^# =+\n# ([A-Z][A-Z' /]+)\n# =+$", re.M)
 
 def section_lines(source):
     """[(section, lines)] in file order, the preamble first."""
-    starts = [(0, "preamble")] + [(source.count("\n", 0, m.start()), m.group(1).strip()) for m in BANNER.finditer(source)]
+    starts = [(0, "preamble")] + [(source.count("\n", 0, m.start()), m.group(1).strip())
+                                  for m in BANNER.finditer(source)]
     total = source.count("\n")
-    return [(name, (starts[i + 1][0] if i + 1 < len(starts) else total) - first) for i, (first, name) in enumerate(starts)]
+    ends = [first for first, _ in starts[1:]] + [total]
+    return [(name, end - first) for (first, name), end in zip(starts, ends)]
 
 
 def run_attributes(tree, source):
     """(all attributes of the Run object, those set outside Run.__init__)."""
     assigned = set()
     for node in ast.walk(tree):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AugAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, ast.AugAssign) else [])
         for target in targets:
             for item in (target.elts if isinstance(target, ast.Tuple) else [target]):
                 if isinstance(item, ast.Attribute) and isinstance(item.value, ast.Name) and item.value.id == "run":

@@ -35,12 +35,14 @@ def main():
     sp = T.load_tokenizer(hp.tokenizer_path, hp.vocab_size)
     val = T.load_validation_tokens(T.shard_files(hp.data_path, "val"))
     target_bytes = T.TargetBytes(T.target_byte_counts(val.numpy(), T.build_byte_luts(sp, hp.vocab_size)))
-    loader = T.TrainLoader(T.shard_files(hp.data_path, "train"), hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len, hp.data_seed)
+    loader = T.TrainLoader(T.shard_files(hp.data_path, "train"), hp.train_seq_len,
+                           hp.train_batch_tokens // hp.train_seq_len, hp.data_seed)
     model = T.GPT(hp, bos_id=sp.bos_id())
     weights = T.load_raw_weights(args.weights)[0]
     model.load_state_dict(weights)
     cpu, no_autocast = torch.device("cpu"), contextlib.nullcontext
-    score = lambda: T.evaluate(model, val, target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size, 0, 1, cpu, no_autocast)[1]
+    score = lambda: T.evaluate(model, val, target_bytes, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size, 0, 1,
+                               cpu, no_autocast)[1]
     pre = score()
     start = time.perf_counter()
     batches = [loader.batch(hp.iterations + i, 0)[0] for i in range(hp.gptq_calibration_batches)]

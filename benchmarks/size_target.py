@@ -62,7 +62,8 @@ def main():
         model.load_state_dict(T.dequantize_state_dict(T.read_artifact(name, blob)))
         read = time.perf_counter() - searched
         post = score()
-        print(f"| {name} | {k_scale:.3f} | {len(blob):,} | {len(blob) + code_bytes:,} | {post:.4f} | {post - pre:+.4f} | "
+        print(f"| {name} | {k_scale:.3f} | {len(blob):,} | {len(blob) + code_bytes:,} | {post:.4f} | "
+              f"{post - pre:+.4f} | "
               f"{searched - start:.0f} | {read:.1f} |", flush=True)
 
 

@@ -96,7 +96,8 @@ class Hub:
             return destination
         folder, name = Path(remote).parent.as_posix(), Path(remote).name
         try:
-            cached = Path(self.download(repo_id=self.repo_id, filename=name, subfolder=None if folder == "." else folder,
+            subfolder = None if folder == "." else folder
+            cached = Path(self.download(repo_id=self.repo_id, filename=name, subfolder=subfolder,
                                         repo_type="dataset", etag_timeout=ETAG_TIMEOUT_S)).resolve(strict=True)
         except Exception as error:  # the client raises many types (offline, HTTP, DNS, missing entry)
             raise DownloadError(f"could not get {remote} from the Hugging Face dataset {self.repo_id} "
@@ -147,7 +148,8 @@ def plan_downloads(manifest, manifest_path, variant, train_shards, remote_root, 
         raise DownloadError(f"tokenizer {entry.get('tokenizer_name')} not found in {manifest_path}")
     artifacts = [str(tokenizer[key]) for key in ("model_path", "vocab_path", "path") if tokenizer.get(key)]
     if not artifacts:
-        raise DownloadError(f"{manifest_path}: tokenizer {tokenizer.get('name')} lists no file (model_path, vocab_path, path)")
+        raise DownloadError(f"{manifest_path}: tokenizer {tokenizer.get('name')} lists no file "
+                            f"(model_path, vocab_path, path)")
     files = [f"{remote_root}/{artifact}" for artifact in artifacts]
     if with_docs:
         files += [f"{remote_root}/docs_selected.jsonl", f"{remote_root}/docs_selected.source_manifest.json"]
@@ -172,7 +174,8 @@ def build_parser():
     parser.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train-shards", type=int, default=80, help="training shards of 100M tokens (default 80)")
     parser.add_argument("--variant", default="sp1024", help="sp1024, sp4096, sp8192, byte260, ... (as in the manifest)")
-    parser.add_argument("--skip-manifest", action="store_true", help="use the local data/manifest.json, never download it")
+    parser.add_argument("--skip-manifest", action="store_true",
+                        help="use the local data/manifest.json, never download it")
     parser.add_argument("--with-docs", action="store_true",
                         help="also fetch docs_selected.jsonl and its sidecar (for retokenizing or re-exporting)")
     return parser

@@ -83,7 +83,8 @@ def _stdlib_doc_list(seed):
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+        documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        nodes = (n for n in ast.walk(tree) if isinstance(n, documented))
         docs.extend(d for d in map(ast.get_docstring, nodes) if d and len(d) >= 200)
     random.Random(seed).shuffle(docs)
     return tuple(docs)
@@ -213,7 +214,8 @@ class Progress:
             self.last = now
             rate = tokens / max(now - self.start, 1e-9)
             end = "\n" if final else ""
-            print(f"\r{self.label}: {docs:,} docs {tokens:,} tokens ({rate:,.0f} tok/s)", end=end, file=sys.stderr, flush=True)
+            print(f"\r{self.label}: {docs:,} docs {tokens:,} tokens ({rate:,.0f} tok/s)", end=end, file=sys.stderr,
+                  flush=True)
 
 
 def doc_hash(text):
@@ -280,7 +282,8 @@ class CaseOpsSidecar:
     cannot reproduce exactly."""
 
     def __init__(self, out_dir, sp, shard_tokens):
-        self.writer, self.sp, self.normalizes = ShardWriter(out_dir, "val_bytes", shard_tokens), sp, tokenizer_normalizes(sp)
+        self.writer = ShardWriter(out_dir, "val_bytes", shard_tokens)
+        self.sp, self.normalizes = sp, tokenizer_normalizes(sp)
         self.inexact = 0
 
     def add(self, tokens, original, encoded):
@@ -320,7 +323,8 @@ def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=51
 def exporter_names(name, vocab_size, caseops=False):
     """(dataset folder, tokenizer prefix): the exporter's fineweb10B_sp<V> / fineweb_<V>_bpe, or <name>_sp<V> /
     <name>_<V>_bpe; with --caseops both end in _caseops."""
-    dataset, prefix = (f"{name}_sp{vocab_size}", f"{name}_{vocab_size}_bpe") if name else (f"fineweb10B_sp{vocab_size}", f"fineweb_{vocab_size}_bpe")
+    dataset, prefix = ((f"{name}_sp{vocab_size}", f"{name}_{vocab_size}_bpe") if name else
+                       (f"fineweb10B_sp{vocab_size}", f"fineweb_{vocab_size}_bpe"))
     return (dataset + "_caseops", prefix + "_caseops") if caseops else (dataset, prefix)
 
 
@@ -364,18 +368,22 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
             drop_val_duplicates=False, tokenizer_from="all", overwrite=False, caseops=False):
     """Export `source` (see the module docstring); returns (dataset folder, tokenizer model path)."""
     output_root = Path(output_root)
-    passes = lambda: islice(iter_docs(source, text_field), max_docs or None)  # noqa: E731  (a fresh pass over the source)
+    # a fresh pass over the source
+    passes = lambda: islice(iter_docs(source, text_field), max_docs or None)  # noqa: E731
     if val_source:  # validation from another corpus (all of it, or its first --num-val-docs documents)
         val_docs = list(islice(iter_docs(val_source, text_field), num_val_docs))
         train_docs = passes
     else:
-        num_val_docs = num_val_docs if num_val_docs is not None else (STDLIB_VAL_DOCS if source == "stdlib" else NUM_VAL_DOCS)
+        if num_val_docs is None:
+            num_val_docs = STDLIB_VAL_DOCS if source == "stdlib" else NUM_VAL_DOCS
         val_docs = list(islice(passes(), num_val_docs))
         if len(val_docs) < num_val_docs:
-            raise SystemExit(f"{source}: only {len(val_docs)} documents, fewer than --num-val-docs={num_val_docs} + training documents")
+            raise SystemExit(f"{source}: only {len(val_docs)} documents, fewer than --num-val-docs={num_val_docs} + "
+                             f"training documents")
         train_docs = lambda: islice(passes(), num_val_docs, None)  # noqa: E731
     if next(iter(train_docs()), None) is None:
-        raise SystemExit(f"{source}: no documents are left for the training split after {len(val_docs)} validation documents")
+        raise SystemExit(f"{source}: no documents are left for the training split after {len(val_docs)} validation "
+                         f"documents")
 
     tokenizer_dir = output_root / "tokenizers"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +395,8 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
         dataset_name, prefix = exporter_names(name, vocab_size, caseops)
         tokenizer_path = tokenizer_dir / f"{prefix}.model"
         learn_from = chain(val_docs, train_docs()) if tokenizer_from == "all" else train_docs()
-        print(f"training a {vocab_size}-piece BPE tokenizer on {'the leading' if tokenizer_from == 'all' else 'training'} "
+        which = "the leading" if tokenizer_from == "all" else "training"
+        print(f"training a {vocab_size}-piece BPE tokenizer on {which} "
               f"documents" + (f" (at most {tokenizer_train_docs:,})" if tokenizer_train_docs else ""), file=sys.stderr)
         learn_from = map(case_encode, learn_from) if caseops else learn_from
         train_tokenizer(islice(learn_from, tokenizer_train_docs), vocab_size, tokenizer_path,
@@ -395,7 +404,8 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
     if sp.bos_id() < 0:
         raise SystemExit(f"{tokenizer_path}: the tokenizer has no BOS piece, but every document must start with BOS")
-    if caseops and any(sp.encode(op) != [sp.piece_to_id(op)] or sp.piece_to_id(op) == sp.unk_id() for op in CASE_OPERATORS):
+    if caseops and any(sp.encode(op) != [sp.piece_to_id(op)] or sp.piece_to_id(op) == sp.unk_id()
+                       for op in CASE_OPERATORS):
         raise SystemExit(f"{tokenizer_path}: --caseops needs a tokenizer with the CaseOps operators U+E001..U+E004 as "
                          f"pieces of their own; leave out --tokenizer to train one")
 
@@ -413,11 +423,12 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
         sidecar_files = sidecar.writer.files
         if sidecar.inexact:
             print(f"caseops: {sidecar.inexact} validation documents hold text the tokenizer cannot reproduce exactly "
-                  f"(a literal U+2581); the sidecar counts the bytes of the text their tokens stand for", file=sys.stderr)
+                  f"(a literal U+2581); the sidecar counts the bytes of the text their tokens stand for",
+                  file=sys.stderr)
     skip = frozenset(doc_hash(d) for d in val_docs) if drop_val_duplicates else frozenset()
     train_writer = ShardWriter(out_dir, "train", shard_tokens)
     train_count, dropped = export_split(train_docs(), sp, train_writer, "train", skip, caseops=caseops)
-    for file in val_writer.files + sidecar_files + train_writer.files:  # read every shard back through the trainer's validator
+    for file in val_writer.files + sidecar_files + train_writer.files:  # every shard back through the trainer's check
         read_shard_header(out_dir / file)
 
     relative = lambda path: os.path.relpath(path, output_root)  # noqa: E731
@@ -427,7 +438,8 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
                 **({"reuse_model_path": str(tokenizer)} if tokenizer else {}),
                 **({"tokenizer_train_docs": tokenizer_train_docs} if tokenizer_train_docs and not tokenizer else {}))
     tokenizer_entry = dict(name=tokenizer_name, kind="sentencepiece_bpe", **ids, source_spec=spec,
-                           model_path=relative(tokenizer_path), vocab_path=relative(tokenizer_path.with_suffix(".vocab")))
+                           model_path=relative(tokenizer_path),
+                           vocab_path=relative(tokenizer_path.with_suffix(".vocab")))
     stats = dict(docs_total=val_count + train_count, docs_val=val_count, docs_train=train_count,
                  files_total=len(val_writer.files) + len(train_writer.files), files_val=len(val_writer.files),
                  files_train=len(train_writer.files), tokens_total=val_writer.tokens + train_writer.tokens,
@@ -455,7 +467,8 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="stdlib, a .jsonl[.gz|.xz] file, a text file, or hf:<dataset>[:<config>]")
-    parser.add_argument("--name", help="datasets/<name>_sp<vocab>/ and tokenizers/<name>_<vocab>_bpe.model (default: the "
+    parser.add_argument("--name", help="datasets/<name>_sp<vocab>/ and tokenizers/<name>_<vocab>_bpe.model (default: "
+                        "the "
                         "exporter's fineweb10B_sp<vocab>/ and fineweb_<vocab>_bpe.model; stdlib for the sample)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="size of a newly trained tokenizer")
     parser.add_argument("--tokenizer", help="use this existing SentencePiece .model instead of training one")
@@ -478,8 +491,10 @@ def main(argv=None):
     parser.add_argument("--skip-byte", action="store_true",
                         help="the exporter's flag, accepted: no byte260 export is made here either way")
     parser.add_argument("--caseops", action="store_true",
-                        help="write the CaseOps form of every document (a lossless case transform), train the tokenizer "
-                        "on it with the operators as pieces, and write the validation byte sidecar for CASEOPS_ENABLED=1")
+                        help="write the CaseOps form of every document (a lossless case transform), train the "
+                        "tokenizer "
+                        "on it with the operators as pieces, and write the validation byte sidecar for "
+                        "CASEOPS_ENABLED=1")
     parser.add_argument("--text-field", default="text", help="JSON / dataset field holding the text")
     parser.add_argument("--output-root", default=str(DATA_DIR), help="root of datasets/ and tokenizers/")
     args = parser.parse_args(argv)

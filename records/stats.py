@@ -101,12 +101,14 @@ def folder_runs(item):
         results = json.loads(submission.read_text()).get("seed_results") or {}
         if results and all(isinstance(r, dict) and "val_bpb" in r for r in results.values()):
             return [dict(seed=int(seed), val_bpb=float(r["val_bpb"]), path=str(submission), **official,
-                         val_loss=float(r["val_loss"]) if "val_loss" in r else logged_loss(texts, int(seed), r["val_bpb"]))
+                         val_loss=(float(r["val_loss"]) if "val_loss" in r else
+                                   logged_loss(texts, int(seed), r["val_bpb"])))
                     for seed, r in results.items()]
     runs = []
     for path, text in texts.items():
         val_loss, val_bpb = official_score(text, path)
-        runs.append(dict(seed=official_seed(text, path), val_loss=val_loss, val_bpb=val_bpb, path=str(path), **official))
+        runs.append(dict(seed=official_seed(text, path), val_loss=val_loss, val_bpb=val_bpb, path=str(path),
+                         **official))
     return runs
 
 
@@ -122,7 +124,8 @@ def load_runs(inputs, label):
         raise SystemExit(f"no {label} run could be counted (see the lines above)")
     fingerprints = {(run["config_hash"], run["code_sha256"]) for run in runs}
     if len(fingerprints) > 1:
-        listing = "\n".join(f"  {run['path']}: config_hash {run['config_hash']} code {run['code_sha256']}" for run in runs)
+        listing = "\n".join(f"  {run['path']}: config_hash {run['config_hash']} code {run['code_sha256']}"
+                            for run in runs)
         raise SystemExit(f"refusing to pool the {label} runs: they come from {len(fingerprints)} different "
                          f"configurations or codes\n{listing}")
     seeds = [run["seed"] for run in runs]
@@ -210,7 +213,8 @@ def source_of(folder, code):
         return payload, None
     source = readable.read_bytes()
     if T.strip_source(source.decode("utf-8")).encode("utf-8") != payload:
-        return source, (f"train_gpt.py does not decode to {T.READABLE_CODE_NAME} (regenerate it: python3 records/pack.py "
+        return source, (f"train_gpt.py does not decode to {T.READABLE_CODE_NAME} (regenerate it: "
+                        f"python3 records/pack.py "
                         f"{folder / T.READABLE_CODE_NAME} {folder / 'train_gpt.py'})")
     return source, None
 
@@ -288,7 +292,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("candidate", nargs="*", help="records folders or logs of the candidate")
     parser.add_argument("--baseline", nargs="+", help="records folders or logs of the baseline")
-    parser.add_argument("--baseline-value", type=float, help="the baseline's val_loss (nats), e.g. the current record's")
+    parser.add_argument("--baseline-value", type=float,
+                        help="the baseline's val_loss (nats), e.g. the current record's")
     parser.add_argument("--rule", choices=sorted(RULES), default="challenge",
                         help="challenge: > 0.005 nats at p < 0.01; frontier: any improvement at p < 0.25")
     parser.add_argument("--margin", type=float, help="required improvement in nats (default: the rule's)")
