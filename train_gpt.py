@@ -1825,6 +1825,12 @@ class Block(nn.Module):
         # PARALLEL_FORM=merge (credit: PR #1289, as in PR #1392 and the SP4096 record): attention updates the attention
         # lane, the MLP the MLP lane, and they never exchange; GPT merges them at the end with a learned m.
 
+    def split(self, lanes):
+        """The stream as this block's lanes, before its U-Net skip joins the attention lane: the first block of the
+        routing form splits it here, so its MLP lane starts without the skip, as in the 04-27 record's decoder. The
+        merge form splits after the skip (in forward), as the SP4096 record does, so both its lanes start with it."""
+        return (lanes[0], lanes[0]) if self.parallel and self.lanes_exchange and lanes[1] is None else lanes
+
     def sublayer_input(self, x, norm):
         return norm(x) if self.norm_scale is None else norm(x) * self.norm_scale
 
@@ -1860,13 +1866,14 @@ class Block(nn.Module):
             x = x + attn_out
             return (x + self.scaled(self.feed_forward(self.sublayer_input(x, self.mlp_norm), docs, lora),
                                     self.mlp_scale), None), v
-        mlp_lane = residual if mlp_lane is None else mlp_lane  # the first parallel block splits the stream
+        mlp_lane = residual if mlp_lane is None else mlp_lane  # the merge form's first block splits the stream
         mlp_out = self.scaled(self.feed_forward(self.sublayer_input(mlp_lane, self.mlp_norm), docs, lora),
                               self.mlp_scale)
         if not self.lanes_exchange:
             return (x + attn_out, mlp_lane + mlp_out), v
+        # The attention lane carries itself: its mix with x0 only feeds attention (the 04-27 record's parallel block).
         decay, route = self.lane_decay.to(x.dtype), self.lane_routing.to(x.dtype)
-        return (decay[0] * x + route[0, 0] * attn_out + route[1, 0] * mlp_out,
+        return (decay[0] * residual + route[0, 0] * attn_out + route[1, 0] * mlp_out,
                 decay[1] * mlp_lane + route[0, 1] * attn_out + route[1, 1] * mlp_out), v
 
 
@@ -2063,6 +2070,7 @@ class GPT(nn.Module):
         lanes, skips, v0, cached = (x0, None), [], None, None
         docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask) if self.doc_isolation else None
         for position, layer in enumerate(order):
+            lanes = self.blocks[layer].split(lanes)
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
                 lanes = (self.add_skip(lanes[0], skips.pop(), position - num_encoder), lanes[1])
             read = cached if self.backout_read else None

@@ -205,6 +205,53 @@ def test_parallel_lanes_keep_the_u_net_skips():
         base = model(tokens)
 
 
+def record_parallel_hidden_states(model, tokens):
+    """A restatement of the 04-27 record's decoder with parallel lanes (its `_forward_hidden` and `_parallel_block`),
+    built from our blocks' parts: at the first parallel layer the stream splits into two lanes before that layer's
+    U-Net skip is lerped into lane 0; attention reads resid_mix(lane 0, x0) and the MLP reads lane 1, both from the
+    old lanes; lane j = decay_j lane j + route[attention, j] attention + route[MLP, j] MLP; the output is the lanes'
+    mean, normed."""
+    x0 = model.embed(tokens)
+    order = model.layer_order()
+    num_encoder, x, skips, lanes = len(order) // 2, x0, [], None
+    for position, layer in enumerate(order):
+        block = model.blocks[layer]
+        if position >= num_encoder and block.parallel and lanes is None:
+            lanes = [x, x]
+        if position >= num_encoder and skips:
+            if lanes is None:
+                x = model.add_skip(x, skips.pop(), position - num_encoder)
+            else:
+                lanes[0] = model.add_skip(lanes[0], skips.pop(), position - num_encoder)
+        if lanes is None:
+            (x, _), _ = block((x, None), x0)
+            if position < num_encoder:
+                skips.append(x)
+            continue
+        mix, decay, route = block.resid_mix, block.lane_decay, block.lane_routing
+        attention = block.attn_scale * block.attn(block.sublayer_input(mix[0] * lanes[0] + mix[1] * x0,
+                                                                        block.attn_norm))[0]
+        mlp = block.mlp_scale * block.mlp(block.sublayer_input(lanes[1], block.mlp_norm))
+        lanes = [decay[0] * lanes[0] + route[0, 0] * attention + route[1, 0] * mlp,
+                 decay[1] * lanes[1] + route[0, 1] * attention + route[1, 1] * mlp]
+    return model.final_norm(0.5 * (lanes[0] + lanes[1]))
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_parallel_lanes_compute_the_records_decoder(looping):
+    """The routing form (the default stack's, PRESET=record's) against the restatement above, on random weights: the
+    attention lane carries itself, not its mix with x0, and the first parallel layer's skip joins the attention lane
+    only. Three parallel layers, each receiving a skip; a loop before them."""
+    hp = dataclasses.replace(STACK, num_layers=6, parallel_start_layer=3, loop_start=2, loop_end=2, num_loops=1)
+    model = randomized(build(hp))
+    model.looping = looping
+    assert [block.parallel for block in model.blocks] == [False] * 3 + [True] * 3
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        expected, ours = record_parallel_hidden_states(model, tokens), model.hidden_states(tokens)
+    assert (ours - expected).abs().max() < 1e-5
+
+
 def test_xsa_removes_the_own_value_direction_per_kv_group():
     torch.manual_seed(3)
     y, v = torch.randn(2, 7, 8, 16), torch.randn(2, 7, 2, 16)
