@@ -2435,10 +2435,13 @@ def describe_features(model, hp):
 # Keller Jordan's quintic: fast to converge, not to exactly 1 (five steps land singular values in about [0.7, 1.2]).
 QUINTIC_COEFFICIENTS = ((3.4445, -4.7750, 2.0315),)
 # Polar Express (Amsel et al. 2025; PR #1344): one polynomial per step, same cost as the quintic, tighter result.
-# Steps past the list repeat its last polynomial, the one made for singular values already near 1.
-POLAR_EXPRESS_COEFFICIENTS = ((8.15655, -22.48329, 15.87877), (4.04293, -2.80892, 0.50002),
-                              (3.89167, -2.77248, 0.50606), (3.28575, -2.36813, 0.46449),
-                              (2.34654, -1.70978, 0.42324))
+# Steps past the list repeat its last polynomial, the one made for singular values already near 1. In full
+# precision, as the records use them: rounded to five decimals, five steps move the result by about 1e-4.
+POLAR_EXPRESS_COEFFICIENTS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 ORTHOGONALIZERS = {"quintic": QUINTIC_COEFFICIENTS, "polar_express": POLAR_EXPRESS_COEFFICIENTS}
 INT8_MOMENTUM_BLOCK = 256  # values per fp32 scale of the int8 Muon momentum (PR #703)
 # torch 2.13 renamed the single-tensor collectives (the old names warn); requirements.txt allows torch >= 2.5.
@@ -2458,7 +2461,7 @@ def orthogonalize(grads, steps, method="quintic", eps=1e-7, dtype=None):
     for step in range(steps):
         a, b, c = coefficients[min(step, len(coefficients) - 1)]
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x.mT if transposed else x
 
 
@@ -2512,9 +2515,12 @@ class ParallelMuon:
     full, replicated bank. At one process the same code runs without the collectives.
     """
 
-    def __init__(self, banks, hp, rank, world_size, update_dtype=None):
+    def __init__(self, banks, hp, rank, world_size, update_dtype=None, compiled=False):
         self.banks = sorted(banks, key=lambda bank: -bank.weights.numel())
         self.update_dtype = update_dtype  # None: bf16 on GPU, fp32 on the CPU (see orthogonalize)
+        # Compiled (as the records compile theirs), each pointwise step of an iteration rounds to bf16 once, in one
+        # kernel, where eager rounds each product and sum: the records' numerics, in fewer passes. One graph a shape.
+        self.orthogonalize = torch.compile(orthogonalize, dynamic=False, fullgraph=True) if compiled else orthogonalize
         self.param_groups = [dict(lr=hp.matrix_lr, base_lr=hp.matrix_lr, momentum=hp.muon_momentum,
                                   weight_decay=hp.muon_weight_decay)]
         self.backend_steps, self.orthogonalizer = hp.muon_backend_steps, hp.muon_orthogonalizer
@@ -2556,7 +2562,7 @@ class ParallelMuon:
         update = grad.add(self.momentum_step(index, grad, momentum), alpha=momentum)  # Nesterov
         if self.row_normalize:  # MuonEq-R (arXiv 2603.28254, PR #1217): equal row norms before orthogonalizing
             update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-        update = orthogonalize(update, self.backend_steps, self.orthogonalizer, dtype=self.update_dtype)
+        update = self.orthogonalize(update, self.backend_steps, self.orthogonalizer, dtype=self.update_dtype)
         return update * max(1.0, update.size(-2) / update.size(-1)) ** 0.5  # same RMS for tall and wide matrices
 
     @torch.no_grad()
@@ -2590,8 +2596,9 @@ class Optimizers:
     """Every optimizer of a training step and their communication (there is no DDP): Parallel Muon over the banked
     block matrices, AdamW over the replicated rest (token tables, an untied head, gains, gates, scales, skips)."""
 
-    def __init__(self, model, hp, rank, world_size, update_dtype=None):
-        """`update_dtype`: Muon's orthogonalization and all-gather precision; None = bf16 on GPU, fp32 on the CPU."""
+    def __init__(self, model, hp, rank, world_size, update_dtype=None, compiled=False):
+        """`update_dtype`: Muon's orthogonalization and all-gather precision; None = bf16 on GPU, fp32 on the CPU.
+        `compiled`: the orthogonalization compiled (see ParallelMuon)."""
         head = [] if model.lm_head is None else [model.lm_head.weight]
         # EMBED_PROJ_OPTIMIZER=adamw: the token tables' projections go with the scalars (the PR #549 family).
         table_projections = [m.proj for m in (model.bigram, model.value_embed) if m is not None] \
@@ -2606,7 +2613,7 @@ class Optimizers:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         grad_dtype = torch.bfloat16 if hp.muon_bf16_state else None
         self.muon = ParallelMuon([ParameterBank(params, world_size, update_dtype, grad_dtype)
-                                  for params in by_shape.values()], hp, rank, world_size, update_dtype)
+                                  for params in by_shape.values()], hp, rank, world_size, update_dtype, compiled)
         self.banks = self.muon.banks  # largest first: the order of the collectives
         adam_groups = [dict(params=tables, lr=hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr,
                             weight_decay=hp.embed_weight_decay),
@@ -2633,7 +2640,8 @@ class Optimizers:
                 f"momentum:{'int8' if self.muon.int8_momentum else short_dtype(self.banks[0].sent)} "
                 f"tables:{short_dtype(self.adam.param_groups[0]['params'][0])} "
                 f"clip:{clip} adamw_params:{sum(p.numel() for p in self.replicated)} "
-                f"adamw_stream:{'side' if self.side_stream is not None else 'main'}")
+                f"adamw_stream:{'side' if self.side_stream is not None else 'main'} "
+                f"orthogonalize:{'compiled' if self.muon.orthogonalize is not orthogonalize else 'eager'}")
 
     def adam_state_bytes(self):
         return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values()
@@ -4793,7 +4801,10 @@ def build_model(run, data):
     net = run.net = GPT(hp, run.attention_fn, bos_id=data.tokenizer.bos_id()).to(run.device)
     # Banks the matrices: after .to(device). The bf16 precision path computes Muon's update in bf16 on any device.
     update_dtype = torch.bfloat16 if autocast_name(hp.autocast, run.device.type) == "bf16" else torch.float32
-    optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype)
+    # Muon's orthogonalization compiles with the model on a GPU; on the CPU it runs eagerly, where its compile would
+    # cost more than it saves.
+    optimizers = Optimizers(net, hp, run.rank, run.world_size, update_dtype,
+                            compiled=run.use_compile and run.device.type == "cuda")
     fused = triton_drives(run.device)  # else the same math unfused, and the log says why
     why_not = f"does not drive {run.device.type}" if triton_language() else "is not installed"
     triton_state = "on (Triton)" if fused else f"the same math unfused (Triton {why_not})"

@@ -52,6 +52,52 @@ def test_batched_orthogonalization_equals_one_matrix_at_a_time():
         torch.testing.assert_close(together[index], T.orthogonalize(batch[index], 5, "polar_express"))
 
 
+# Polar Express's coefficients as the 04-27 record writes them (full precision, PR #1344).
+RECORD_POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+
+
+def record_newton_schulz(g, steps=5, eps=1e-7):
+    """A restatement of the 04-27 record's Newton-Schulz (`zeropower_via_newtonschulz5`, which it compiles): bf16,
+    the tall side transposed, normalized by the Frobenius norm, then per step A = X X^T, B = b A + c A A,
+    X = a X + B X."""
+    x = g.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    x = x.mT if transposed else x
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b, c in RECORD_POLAR_EXPRESS[:steps]:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if transposed else x
+
+
+def test_compiled_orthogonalization_is_the_records_bit_for_bit_in_bf16():
+    """Compiled, as the record compiles its own and as a compiled GPU run compiles ours (ParallelMuon), each
+    iteration's pointwise steps round to bf16 once; eager rounds each product and sum, 1 to 3% apart after five
+    steps. Our coefficients are the record's, to the last digit."""
+    assert T.POLAR_EXPRESS_COEFFICIENTS == RECORD_POLAR_EXPRESS
+    torch.manual_seed(0)
+    grads = torch.randn(2, 48, 16)  # tall: transposed inside
+    ours = torch.compile(T.orthogonalize, dynamic=False, fullgraph=True)(grads, 5, "polar_express",
+                                                                         dtype=torch.bfloat16)
+    record = torch.compile(record_newton_schulz, dynamic=False, fullgraph=True)(grads)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, record)
+    eager = T.orthogonalize(grads, 5, "polar_express", dtype=torch.bfloat16)
+    assert not torch.equal(eager, record)  # the rounding compile changes
+
+
+def test_the_optimizers_compile_the_orthogonalization_when_asked_and_say_so():
+    hp = small_hp()
+    model = T.GPT(hp)
+    assert T.Optimizers(model, hp, 0, 1).describe().endswith("orthogonalize:eager")
+    compiled = T.Optimizers(T.GPT(hp), hp, 0, 1, compiled=True)
+    assert compiled.muon.orthogonalize is not T.orthogonalize
+    assert compiled.describe().endswith("orthogonalize:compiled")
+
+
 def single_bank_muon(weight, **overrides):
     hp = T.Hyperparameters(**overrides)
     bank = T.ParameterBank([weight], world_size=1)
@@ -261,7 +307,7 @@ def test_adamw_after_muon_gives_the_same_bits_and_the_side_stream_needs_cuda():
     assert in_order.keys() == adam_last.keys() and all(torch.equal(adam_last[n], v) for n, v in in_order.items())
     optimizers = T.Optimizers(T.GPT(muon_worker.config()), T.dataclasses.replace(muon_worker.config(),
                               adamw_side_stream=True), 0, 1)
-    assert optimizers.side_stream is None and optimizers.describe().endswith(" adamw_stream:main")
+    assert optimizers.side_stream is None and " adamw_stream:main " in optimizers.describe()
 
 
 def test_lr_schedule_by_steps_and_by_wall_clock():
@@ -344,7 +390,7 @@ def pr549_muon_steps(weights, grads_per_step, lr, momentum, weight_decay, steps=
             x = x / (x.norm() + 1e-7)
             for _ in range(steps):
                 gram = x @ x.T
-                x = a * x + (b * gram + c * gram @ gram) @ x
+                x = a * x + (b * gram + c * (gram @ gram)) @ x  # #549 scales A A, not A
             w.mul_(1 - lr * weight_decay).add_(x.to(w.dtype), alpha=-lr)  # wide or square: no shape scale
     return weights
 
