@@ -822,8 +822,8 @@ PRESETS = {
     # LQER rank 4 on the 3 worst matrices, per-group lrzip compression, GPTQ reserve 0.5 s, and phased TTT over a
     # 2,500-document prefix in 3 phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its
     # per-document LoRA TTT (rank 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5,
-    # 48-token chunks, 64 documents at a time, contexts of 2,048); bf16 bank gradients, momentum and token table, as
-    # in its script. Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA with a
+    # 48-token chunks, 64 documents at a time, contexts of 2,048); bf16 bank gradients, momentum and token table, and
+    # its fixed EMA decay, as in its script. Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA with a
     # block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
@@ -834,7 +834,7 @@ PRESETS = {
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
         lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True, compressor="pergroup",
-        muon_bf16_state=True, embed_bf16=True,
+        muon_bf16_state=True, embed_bf16=True, ema_warmup=False,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -861,7 +861,7 @@ SMOKE_SCHEDULES = {
     # documents keeps three phases of a few documents each, one batch of 4 each. Its sidecar comes from
     # prepare_docs.py --caseops.
     "record": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, data_path="./data/datasets/stdlib_sp1024_caseops",
-                   tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model"),
+                   tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model", ema_warmup=True),
 }
 
 

@@ -109,12 +109,9 @@ def test_bf16_autocast_keeps_master_weights_logits_loss_and_optimizer_state_in_f
     assert logits.dtype == loss.dtype == torch.float32  # softcap and cross-entropy in fp32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
     seen = []
-    original = T.orthogonalize
-    T.orthogonalize = lambda g, *a, **k: seen.append(k.get("dtype")) or original(g, *a, **k)
-    try:
-        optimizers.step(lr_scale=1.0, momentum=0.9)
-    finally:
-        T.orthogonalize = original
+    original = optimizers.muon.orthogonalize
+    optimizers.muon.orthogonalize = lambda g, *a, **k: seen.append(k.get("dtype")) or original(g, *a, **k)
+    optimizers.step(lr_scale=1.0, momentum=0.9)
     assert seen and set(seen) == {torch.bfloat16}  # the update is computed as on the GPU
     assert all(p.dtype == torch.float32 for p in model.parameters())  # and applied to fp32 masters
     momentum = [t for state in optimizers.muon.state.values() for t in state.values()]
