@@ -26,11 +26,12 @@ import train_gpt as T  # noqa: E402
 def build(hp, device, rank, world_size, banked):
     torch.manual_seed(0)
     model = T.GPT(hp).to(device)
-    optimizers = T.Optimizers(model, hp, rank, world_size)
+    compiled = device.type == "cuda"  # the orthogonalization, as a compiled GPU run builds it
+    optimizers = T.Optimizers(model, hp, rank, world_size, compiled=compiled)
     if not banked:  # re-bank: one matrix per bank
         params = [p for bank in optimizers.banks for p in bank.params]
         optimizers.banks = [T.ParameterBank([p], world_size) for p in params]
-        optimizers.muon = T.ParallelMuon(optimizers.banks, hp, rank, world_size)
+        optimizers.muon = T.ParallelMuon(optimizers.banks, hp, rank, world_size, compiled=compiled)
     generator = torch.Generator(device=device).manual_seed(1)
     grads = {p: torch.randn(p.shape, generator=generator, device=device) * 1e-3 for p in model.parameters()}
     return model, optimizers, grads
