@@ -1,0 +1,234 @@
+"""PRESET=record's model beside the 04-27 record's own, on the CPU: the record's train_gpt.py is imported as a module
+(FlashAttention 3 replaced by SDPA, its fused Triton kernels off), both models are built at a small size from their
+own settings, the record's weights are drawn at random and copied into ours, and then they are compared:
+
+  1. the loss over one row of packed documents, without and with the loop (the record's side gets the cu_seqlens its
+     own _build_cu_seqlens makes; ours finds the documents itself);
+  2. the per-document TTT forward, the same LoRA adapters on both sides, one document a row;
+  3. a few training steps with each side's own optimizers in the record's precision of state (bf16 bank gradients,
+     momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3.
+
+    R=<parameter-golf>/records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
+    python3 benchmarks/record_side_by_side.py --record-script $R/train_gpt.py
+
+Prints one line per comparison (docs/evidence.md, "PRESET=record's model beside the 04-27 record's own model").
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_gpt as T  # noqa: E402
+
+SIZES = dict(VOCAB_SIZE="1024", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", TRAIN_SEQ_LEN="512",
+             EVAL_SEQ_LEN="512")
+# The record's command, as far as the model and its optimizers read it (its other names are data and evaluation).
+RECORD_COMMAND = dict(SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5", GATE_WINDOW="12",
+                      SMEAR_GATE_ENABLED="1", GATED_ATTN_QUANT_GATE="1", BETA2="0.99", MATRIX_LR="0.026",
+                      MIN_LR="0.1", MUON_BACKEND_STEPS="5", WARMDOWN_FRAC="0.85", FUSED_CE_ENABLED="0",
+                      CASEOPS_ENABLED="0")
+BOS = 1
+DOCUMENT_STARTS = [0, 37, 100, 290, 300, 451]  # in one row of 512 tokens
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--record-script", required=True, help="the 04-27 record's train_gpt.py")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per comparison")
+    return parser.parse_args(argv)
+
+
+def sdpa(q, k, v, mask=None):
+    """FlashAttention's layout (B, T, H, D) through SDPA, causal or under `mask`, any dtype."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    grouped = k.size(1) != q.size(1)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)
+    return y.transpose(1, 2)
+
+
+def varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, window_size=None):
+    """flash_attn_varlen_func's documents (one packed row) as a block-diagonal causal mask."""
+    positions = torch.arange(q.size(0))
+    document = torch.zeros_like(positions)
+    for start in cu_seqlens_q[1:].tolist():
+        document += positions >= start
+    mask = (document[:, None] == document[None, :]) & (positions[None, :] <= positions[:, None])
+    return sdpa(q[None], k[None], v[None], mask)[0]
+
+
+def load_record(path):
+    """The record's script as a module, its settings read from the environment at import, as it reads them."""
+    os.environ.update(SIZES, **RECORD_COMMAND)
+    sys.modules["flash_attn_interface"] = types.SimpleNamespace(
+        flash_attn_func=lambda q, k, v, causal=True: sdpa(q, k, v), flash_attn_varlen_func=varlen_sdpa)
+    spec = importlib.util.spec_from_file_location("record_train_gpt", path)
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    record.BOS_ID = BOS  # its loader sets it from the data
+    return record
+
+
+def record_model(record, seed):
+    """The record's GPT from its own Hyperparameters, its fused MLP off, with random weights: every scale and lane
+    weight about 1, the rest normal, so that no part of it is the identity."""
+    model = record.GPT(record.Hyperparameters()).float()
+    for block in model.blocks:
+        block.mlp.use_fused = False
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * (0.05 if p.dim() >= 2 else 0.3)
+            p.copy_(noise + (1.0 if "scale" in name or "lambdas" in name else 0.0))
+    return model
+
+
+def our_state(record_state, layers):
+    """The record's state dict in our names: its banks split into matrices, its gates and lane weights per block."""
+    state = {"tok_emb.weight": record_state["tok_emb.weight"], "skip_weights": record_state["skip_weights"],
+             "skip_gates": record_state["skip_gates"], "smear.weight": record_state["smear_gate.weight"],
+             "smear.lam": record_state["smear_lambda"]}
+    banks = {"attn.c_q": ("qo_bank", 0), "attn.proj": ("qo_bank", layers), "attn.c_k": ("kv_bank", 0),
+             "attn.c_v": ("kv_bank", layers), "mlp.fc": ("mlp_up_bank", 0), "mlp.proj": ("mlp_down_bank", 0)}
+    for i in range(layers):
+        block = f"blocks.{i}."
+        for ours, (bank, offset) in banks.items():
+            state[f"{block}{ours}.weight"] = record_state[bank][offset + i]
+        for name in ("attn.q_gain", "attn_scale", "mlp_scale", "resid_mix"):
+            state[block + name] = record_state[block + name]
+        state[block + "attn.gate.weight"] = record_state[block + "attn.attn_gate_w"]
+        state[block + "lane_decay"] = record_state["parallel_resid_lambdas"][i]
+        state[block + "lane_routing"] = record_state["parallel_post_lambdas"][i]
+    return state
+
+
+def our_model(record_net, clip):
+    """PRESET=record's model at the same sizes, holding the record model's weights; its settings with `clip`."""
+    hp, _ = T.Hyperparameters.from_env({"PRESET": "record", **SIZES, "CASEOPS_ENABLED": "0",
+                                        "GRAD_CLIP_NORM": str(clip)})
+    model = T.GPT(hp, attention_fn=T._sdpa, bos_id=BOS).float()
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in our_state(record_net.state_dict(), len(record_net.blocks)).items():
+            if name in own:  # the record allocates lane weights for every layer; ours has them where they are read
+                own[name].copy_(value.reshape(own[name].shape))
+    return model, hp
+
+
+def packed_row(record, seed):
+    ids = torch.randint(2, 1024, (1, 513), generator=torch.Generator().manual_seed(seed))
+    ids[0, DOCUMENT_STARTS] = BOS
+    cu_seqlens, max_len = record._build_cu_seqlens(DOCUMENT_STARTS, 512, "cpu", 512, 64)
+    return ids[:, :-1], ids[:, 1:], cu_seqlens, max_len
+
+
+def compare_forward(record, args):
+    theirs = record_model(record, seed=0)
+    ours, _ = our_model(theirs, clip=0.3)
+    x, y, cu_seqlens, max_len = packed_row(record, seed=1)
+    for looping in (False, True):
+        theirs.looping_active = ours.looping = looping
+        with torch.no_grad():
+            record_loss = theirs(x, y, cu_seqlens=cu_seqlens, max_seqlen=max_len).item()
+            our_loss = ours(x, y).item()
+        print(f"forward looping:{looping} loss record {record_loss:.6f} ours {our_loss:.6f} "
+              f"difference {our_loss - record_loss:+.1e}")
+
+
+def copied_adapters(record, theirs, ours, hp, rows, rank):
+    """The record's BatchedTTTLoRA with random A and B, and our DocumentAdapters holding the same values."""
+    record_lora = record.BatchedTTTLoRA(rows, theirs, rank, k_lora=True, mlp_lora=True, o_lora=True)
+    our_lora = T.DocumentAdapters(ours, rows, dataclasses.replace(hp, ttt_lora_rank=rank), torch.Generator())
+    pairs = [(record_lora.lm_head_lora, our_lora.head)]
+    for record_name, our_name in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "o"), ("mlp", "mlp")):
+        pairs += zip(getattr(record_lora, f"{record_name}_loras"), getattr(our_lora, our_name), strict=True)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for record_module, our_module in pairs:
+            record_module.B.copy_(torch.randn(record_module.B.shape, generator=generator) * 0.05)
+            our_module.a.copy_(record_module.A)
+            our_module.b.copy_(record_module.B)
+    return record_lora, our_lora
+
+
+def compare_ttt_forward(record, args):
+    theirs = record_model(record, seed=0)
+    ours, hp = our_model(theirs, clip=0.3)
+    ids = torch.randint(2, 1024, (2, 201), generator=torch.Generator().manual_seed(2))
+    ids[:, 0] = BOS
+    for looping in (False, True):
+        theirs.looping_active = ours.looping = looping
+        record_lora, our_lora = copied_adapters(record, theirs, ours, hp, rows=2, rank=8)
+        with torch.no_grad():
+            record_losses = theirs.forward_ttt(ids[:, :-1], ids[:, 1:], record_lora)
+            our_losses = ours(ids[:, :-1], ids[:, 1:], reduction="none", adapters=our_lora)
+        print(f"ttt_forward looping:{looping} per-token losses: largest difference "
+              f"{(our_losses - record_losses).abs().max().item():.1e} of {record_losses.numel()}")
+
+
+class NoStream:
+    """The record's optimizers make a CUDA side stream; its three steps touch disjoint tensors, so none is needed."""
+
+    def __init__(self, *args):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+
+def record_step(record, theirs, optimizers, x, y, cu_seqlens, max_len, step, hp):
+    loss = theirs(x, y, cu_seqlens=cu_seqlens, max_seqlen=max_len)
+    loss.backward()
+    for group in optimizers.optimizer_muon.param_groups:
+        group["momentum"] = T.muon_momentum(hp, step)  # its warmup formula, the same step count
+    if hp.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in theirs.parameters() if p.requires_grad], hp.grad_clip_norm)
+    for optimizer in optimizers:
+        optimizer.step()
+    optimizers.zero_grad_all()
+    return loss.item()
+
+
+def compare_steps(record, args, clip):
+    """`args.steps` training steps at the full learning rate on both sides, from the same weights on one packed
+    row; the largest weight difference after each, relative to the tensor's largest weight."""
+    record.torch.cuda.Stream = NoStream
+    theirs = record_model(record, seed=0)
+    ours, hp = our_model(theirs, clip)
+    record_optimizers = record.Optimizers(record.Hyperparameters(), theirs)
+    our_optimizers = T.Optimizers(ours, hp, 0, 1, update_dtype=torch.bfloat16, compiled=True)
+    x, y, cu_seqlens, max_len = packed_row(record, seed=1)
+    theirs.looping_active = ours.looping = True
+    differences = []
+    for step in range(args.steps):
+        record_loss = record_step(record, theirs, record_optimizers, x, y, cu_seqlens, max_len, step, hp)
+        our_loss = ours(x, y)
+        our_loss.backward()
+        our_optimizers.step(1.0, T.muon_momentum(hp, step))
+        our_optimizers.zero_grad()
+        expected, own = our_state(theirs.state_dict(), len(theirs.blocks)), ours.state_dict()
+        worst = max(((own[name] - value.reshape(own[name].shape)).abs().max() / value.abs().max()).item()
+                    for name, value in expected.items() if name in own)
+        differences.append(f"{record_loss:.6f}/{our_loss.item():.6f}:{worst:.0e}")
+    print(f"steps clip:{clip} loss record/ours:largest relative weight difference, each step: "
+          + " ".join(differences))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    record = load_record(args.record_script)
+    compare_forward(record, args)
+    compare_ttt_forward(record, args)
+    for clip in (0.0, 0.3):
+        compare_steps(record, args, clip)
+
+
+if __name__ == "__main__":
+    main()
