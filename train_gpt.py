@@ -823,8 +823,8 @@ PRESETS = {
     # 2,500-document prefix in 3 phases (global SGD 0.001, momentum 0.9, 1 epoch, 32K chunks), composed with its
     # per-document LoRA TTT (rank 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5,
     # 48-token chunks, 64 documents at a time, contexts of 2,048); bf16 bank gradients, momentum and token table, and
-    # its fixed EMA decay, as in its script. Attention is FA3's varlen path where FA3 is installed, as in the record, else SDPA with a
-    # block-diagonal mask. README: "PRESET=record".
+    # its fixed EMA decay, as in its script. Attention is FA3's varlen path where FA3 is installed, as in the record,
+    # else FlexAttention on a compiled GPU run, else SDPA with a block-diagonal mask. README: "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", vocab_size=8192,

@@ -78,3 +78,11 @@ def test_the_readme_is_short_and_in_the_order_a_record_chaser_needs():
     sections = re.findall(r"^## (.*)$", readme, re.M)
     assert sections[:6] == ["Quick start", "A record run", "GPU figures", "An ablation at full size",
                             "From finished runs to a pull request", "Troubleshooting"]
+
+
+def test_the_scripts_users_read_keep_their_lines_within_120_characters():
+    scripts = ["train_gpt.py", "benchmarks/*.py", "data/*.py", "records/*.py"]
+    long_lines = [f"{path.relative_to(REPO)}:{number} ({len(line)})" for pattern in scripts
+                  for path in sorted(REPO.glob(pattern))
+                  for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+    assert long_lines == []
