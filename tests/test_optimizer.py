@@ -74,6 +74,7 @@ def record_newton_schulz(g, steps=5, eps=1e-7):
     return x.mT if transposed else x
 
 
+@pytest.mark.cuda_path  # a compile: CI's second step, with the other proofs of the CUDA path
 def test_compiled_orthogonalization_is_the_records_bit_for_bit_in_bf16():
     """Compiled, as the record compiles its own and as a compiled GPU run compiles ours (ParallelMuon), each
     iteration's pointwise steps round to bf16 once; eager rounds each product and sum, 1 to 3% apart after five
