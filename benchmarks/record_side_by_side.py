@@ -43,6 +43,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record-script", required=True, help="the 04-27 record's train_gpt.py")
     parser.add_argument("--steps", type=int, default=5, help="training steps per comparison")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the same comparisons on a GPU")
     return parser.parse_args(argv)
 
 
@@ -56,7 +57,7 @@ def sdpa(q, k, v, mask=None):
 
 def varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, window_size=None):
     """flash_attn_varlen_func's documents (one packed row) as a block-diagonal causal mask."""
-    positions = torch.arange(q.size(0))
+    positions = torch.arange(q.size(0), device=q.device)
     document = torch.zeros_like(positions)
     for start in cu_seqlens_q[1:].tolist():
         document += positions >= start
@@ -76,16 +77,16 @@ def load_record(path):
     return record
 
 
-def record_model(record, seed):
+def record_model(record, seed, device):
     """The record's GPT from its own Hyperparameters, its fused MLP off, with random weights: every scale and lane
     weight about 1, the rest normal, so that no part of it is the identity."""
-    model = record.GPT(record.Hyperparameters()).float()
+    model = record.GPT(record.Hyperparameters()).float().to(device)
     for block in model.blocks:
         block.mlp.use_fused = False
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator) * (0.05 if p.dim() >= 2 else 0.3)
+            noise = torch.randn(p.shape, generator=generator).to(device) * (0.05 if p.dim() >= 2 else 0.3)
             p.copy_(noise + (1.0 if "scale" in name or "lambdas" in name else 0.0))
     return model
 
@@ -113,7 +114,7 @@ def our_model(record_net, clip):
     """PRESET=record's model at the same sizes, holding the record model's weights; its settings with `clip`."""
     hp, _ = T.Hyperparameters.from_env({"PRESET": "record", **SIZES, "CASEOPS_ENABLED": "0",
                                         "GRAD_CLIP_NORM": str(clip)})
-    model = T.GPT(hp, attention_fn=T._sdpa, bos_id=BOS).float()
+    model = T.GPT(hp, attention_fn=T._sdpa, bos_id=BOS).float().to(next(record_net.parameters()).device)
     own = model.state_dict()
     with torch.no_grad():
         for name, value in our_state(record_net.state_dict(), len(record_net.blocks)).items():
@@ -122,17 +123,18 @@ def our_model(record_net, clip):
     return model, hp
 
 
-def packed_row(record, seed):
+def packed_row(record, seed, device):
     ids = torch.randint(2, 1024, (1, 513), generator=torch.Generator().manual_seed(seed))
     ids[0, DOCUMENT_STARTS] = BOS
-    cu_seqlens, max_len = record._build_cu_seqlens(DOCUMENT_STARTS, 512, "cpu", 512, 64)
+    ids = ids.to(device)
+    cu_seqlens, max_len = record._build_cu_seqlens(DOCUMENT_STARTS, 512, device, 512, 64)
     return ids[:, :-1], ids[:, 1:], cu_seqlens, max_len
 
 
 def compare_forward(record, args):
-    theirs = record_model(record, seed=0)
+    theirs = record_model(record, seed=0, device=args.device)
     ours, _ = our_model(theirs, clip=0.3)
-    x, y, cu_seqlens, max_len = packed_row(record, seed=1)
+    x, y, cu_seqlens, max_len = packed_row(record, seed=1, device=args.device)
     for looping in (False, True):
         theirs.looping_active = ours.looping = looping
         with torch.no_grad():
@@ -143,7 +145,8 @@ def compare_forward(record, args):
 
 
 def copied_adapters(record, theirs, ours, hp, rows, rank):
-    """The record's BatchedTTTLoRA with random A and B, and our DocumentAdapters holding the same values."""
+    """The record's BatchedTTTLoRA with random A and B, and our DocumentAdapters holding the same values, both made on
+    the CPU and moved to the models' device."""
     record_lora = record.BatchedTTTLoRA(rows, theirs, rank, k_lora=True, mlp_lora=True, o_lora=True)
     our_lora = T.DocumentAdapters(ours, rows, dataclasses.replace(hp, ttt_lora_rank=rank), torch.Generator())
     pairs = [(record_lora.lm_head_lora, our_lora.head)]
@@ -155,14 +158,16 @@ def copied_adapters(record, theirs, ours, hp, rows, rank):
             record_module.B.copy_(torch.randn(record_module.B.shape, generator=generator) * 0.05)
             our_module.a.copy_(record_module.A)
             our_module.b.copy_(record_module.B)
-    return record_lora, our_lora
+    device = next(ours.parameters()).device
+    return record_lora.to(device), our_lora.to(device)
 
 
 def compare_ttt_forward(record, args):
-    theirs = record_model(record, seed=0)
+    theirs = record_model(record, seed=0, device=args.device)
     ours, hp = our_model(theirs, clip=0.3)
     ids = torch.randint(2, 1024, (2, 201), generator=torch.Generator().manual_seed(2))
     ids[:, 0] = BOS
+    ids = ids.to(args.device)
     for looping in (False, True):
         theirs.looping_active = ours.looping = looping
         record_lora, our_lora = copied_adapters(record, theirs, ours, hp, rows=2, rank=8)
@@ -199,12 +204,13 @@ def record_step(record, theirs, optimizers, x, y, cu_seqlens, max_len, step, hp)
 def compare_steps(record, args, clip):
     """`args.steps` training steps at the full learning rate on both sides, from the same weights on one packed
     row; the largest weight difference after each, relative to the tensor's largest weight."""
-    record.torch.cuda.Stream = NoStream
-    theirs = record_model(record, seed=0)
+    if args.device == "cpu":
+        record.torch.cuda.Stream = NoStream
+    theirs = record_model(record, seed=0, device=args.device)
     ours, hp = our_model(theirs, clip)
     record_optimizers = record.Optimizers(record.Hyperparameters(), theirs)
     our_optimizers = T.Optimizers(ours, hp, 0, 1, update_dtype=torch.bfloat16, compiled=True)
-    x, y, cu_seqlens, max_len = packed_row(record, seed=1)
+    x, y, cu_seqlens, max_len = packed_row(record, seed=1, device=args.device)
     theirs.looping_active = ours.looping = True
     differences = []
     for step in range(args.steps):
