@@ -4318,9 +4318,13 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
             param.requires_grad_(False)
         if rank < len(positions):
             batch_index, batch = queue[positions[rank]]
-            adapters.reset(hp.ttt_warm_start_a, [lora_generator(hp, document.index) for document in batch])
-            sums = adapt_documents(models.lora_forward, adapters, ledger, batch, val_tokens, hp, device, autocast,
-                                   adapting)
+            # A batch of fewer documents (the queue's first: its longest) gets adapters of its own, drawn as the
+            # phase's were, and leaves the warm A of the full batches as it was, as in the 04-27 record.
+            batch_adapters = adapters if len(batch) == hp.ttt_batch_size else \
+                DocumentAdapters(models.base, hp.ttt_batch_size, hp, lora_generator(hp, phase)).to(device)
+            batch_adapters.reset(hp.ttt_warm_start_a, [lora_generator(hp, document.index) for document in batch])
+            sums = adapt_documents(models.lora_forward, batch_adapters, ledger, batch, val_tokens, hp, device,
+                                   autocast, adapting)
             per_document[[document.index for document in batch], :2] = sums
         synchronize_device(device)
         (clock.adapted if adapting else clock.scored)(time.perf_counter() - start, round_work[index])

@@ -6,7 +6,10 @@ own settings, the record's weights are drawn at random and copied into ours, and
      own _build_cu_seqlens makes; ours finds the documents itself);
   2. the per-document TTT forward, the same LoRA adapters on both sides, one document a row;
   3. a few training steps with each side's own optimizers in the record's precision of state (bf16 bank gradients,
-     momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3.
+     momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3;
+  4. the whole evaluation of the record, per-document LoRA TTT with phased global SGD, over a small validation
+     stream: its eval_val_ttt_phased against our per_document_lora_ttt, in fp32, every adapter's A drawn alike
+     on both sides (each side draws its own at random otherwise).
 
     R=<parameter-golf>/records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
     python3 benchmarks/record_side_by_side.py --record-script $R/train_gpt.py
@@ -15,13 +18,16 @@ Prints one line per comparison (docs/evidence.md, "PRESET=record's model beside 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +40,14 @@ SIZES = dict(VOCAB_SIZE="1024", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2"
 RECORD_COMMAND = dict(SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5", GATE_WINDOW="12",
                       SMEAR_GATE_ENABLED="1", GATED_ATTN_QUANT_GATE="1", BETA2="0.99", MATRIX_LR="0.026",
                       MIN_LR="0.1", MUON_BACKEND_STEPS="5", WARMDOWN_FRAC="0.85", FUSED_CE_ENABLED="0",
-                      CASEOPS_ENABLED="0")
+                      CASEOPS_ENABLED="0", TTT_CHUNK_SIZE="48", PHASED_TTT_ENABLED="1", GLOBAL_TTT_MOMENTUM="0.9",
+                      TTT_BETA2="0.99", TTT_WEIGHT_DECAY="0.5")
+# The evaluation's sizes, the same on both sides: 4 documents a batch, 128-token windows, rank 8; two phases over
+# the first 8 documents; the global SGD in chunks of one sequence of EVAL_SEQ_LEN, so that both sides cut the same
+# rows (the record packs a batch into one row, ours cuts rows of EVAL_SEQ_LEN; see docs/seeds.md).
+TTT_SIZES = dict(TTT_BATCH_SIZE="4", TTT_EVAL_SEQ_LEN="128", TTT_LORA_RANK="8", PHASED_TTT_PREFIX_DOCS="8",
+                 PHASED_TTT_NUM_PHASES="2", GLOBAL_TTT_CHUNK_TOKENS="1024", GLOBAL_TTT_BATCH_SEQS="1",
+                 EVAL_SEQ_LEN="1024")
 BOS = 1
 DOCUMENT_STARTS = [0, 37, 100, 290, 300, 451]  # in one row of 512 tokens
 
@@ -110,10 +123,10 @@ def our_state(record_state, layers):
     return state
 
 
-def our_model(record_net, clip):
+def our_model(record_net, clip, **settings):
     """PRESET=record's model at the same sizes, holding the record model's weights; its settings with `clip`."""
     hp, _ = T.Hyperparameters.from_env({"PRESET": "record", **SIZES, "CASEOPS_ENABLED": "0",
-                                        "GRAD_CLIP_NORM": str(clip)})
+                                        "GRAD_CLIP_NORM": str(clip), **settings})
     model = T.GPT(hp, attention_fn=T._sdpa, bos_id=BOS).float().to(next(record_net.parameters()).device)
     own = model.state_dict()
     with torch.no_grad():
@@ -227,6 +240,115 @@ def compare_steps(record, args, clip):
           + " ".join(differences))
 
 
+def validation_stream(seed, documents):
+    """`documents` BOS-led documents of 30 to 400 tokens, each mostly drawn from 40 tokens of its own, so that
+    adapting to a document pays; and byte tables for them (a space on 40% of the tokens, BOS a boundary)."""
+    generator = torch.Generator().manual_seed(seed)
+    pieces = []
+    for _ in range(documents):
+        length = int(torch.randint(30, 400, (1,), generator=generator))
+        topic, common = torch.randint(2, 1024, (40,), generator=generator), torch.randint(2, 1024, (length,),
+                                                                                          generator=generator)
+        own = topic[torch.randint(0, 40, (length,), generator=generator)]
+        pieces += [torch.tensor([BOS]), torch.where(torch.rand(length, generator=generator) < 0.7, own, common)]
+    rng = np.random.default_rng(seed)
+    base_bytes, space = rng.integers(1, 7, 1024), rng.random(1024) < 0.4
+    boundary = np.zeros(1024, dtype=bool)
+    boundary[[0, BOS]], base_bytes[[0, BOS]], space[[0, BOS]] = True, 0, False
+    return torch.cat(pieces), (base_bytes, space, boundary)
+
+
+def drawn_alike(shape, bound):
+    """An adapter's A, the same on both sides: a fixed pattern within +-bound; row b of a batch is the same at any
+    batch size."""
+    index = torch.arange(int(np.prod(shape)), dtype=torch.float64).reshape(shape)
+    return (bound * torch.sin(0.618 * index + 0.3)).float()
+
+
+@contextlib.contextmanager
+def adapters_drawn_alike(record):
+    """Every A that either side draws (a new adapter set, or a re-drawn one) becomes drawn_alike's pattern."""
+    record_init, record_reset = record.BatchedLinearLoRA.__init__, record.BatchedLinearLoRA.reset
+    our_init, our_reset = T.BatchedLoRA.__init__, T.BatchedLoRA.reset
+
+    def record_init_alike(self, bsz, in_features, out_features, rank):
+        record_init(self, bsz, in_features, out_features, rank)
+        with torch.no_grad():
+            self.A.copy_(drawn_alike(self.A.shape, self._bound))
+
+    def record_reset_alike(self):
+        record_reset(self)
+        if not self._WARM_START_A:
+            with torch.no_grad():
+                self.A.copy_(drawn_alike(self.A.shape, self._bound))
+
+    def our_init_alike(self, rows, in_features, out_features, rank, alpha, generator):
+        our_init(self, rows, in_features, out_features, rank, alpha, generator)
+        with torch.no_grad():
+            self.a.copy_(drawn_alike(self.a.shape, self.bound))
+
+    def our_reset_alike(self, warm_a, generators):
+        our_reset(self, warm_a, generators)
+        if not warm_a:
+            with torch.no_grad():
+                self.a[:len(generators)].copy_(drawn_alike(self.a.shape, self.bound)[:len(generators)].to(self.a))
+
+    record.BatchedLinearLoRA.__init__, record.BatchedLinearLoRA.reset = record_init_alike, record_reset_alike
+    T.BatchedLoRA.__init__, T.BatchedLoRA.reset = our_init_alike, our_reset_alike
+    try:
+        yield
+    finally:
+        record.BatchedLinearLoRA.__init__, record.BatchedLinearLoRA.reset = record_init, record_reset
+        T.BatchedLoRA.__init__, T.BatchedLoRA.reset = our_init, our_reset
+
+
+def record_ttt_settings(record, hp):
+    """The record's Hyperparameters (its command's values) with the evaluation's sizes of TTT_SIZES."""
+    h = record.Hyperparameters()
+    for name in TTT_SIZES:
+        setattr(h, name.lower(), type(getattr(h, name.lower()))(getattr(hp, name.lower())))
+    return h
+
+
+def compare_ttt_evaluation(record, args, documents):
+    """The record's eval_val_ttt_phased and our per_document_lora_ttt, from the same weights over the same stream:
+    val_loss and val_bpb, and how many phases ran; the model alone (no adaptation) for scale."""
+    theirs = record_model(record, seed=0, device=args.device)
+    ours, hp = our_model(theirs, clip=0.3, **TTT_SIZES)
+    theirs.looping_active = ours.looping = True
+    tokens, luts = validation_stream(seed=3, documents=documents)
+    device = torch.device(args.device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        contextlib.nullcontext
+    validation = types.SimpleNamespace(
+        val_tokens=tokens, caseops_enabled=False, val_bytes=None,
+        base_bytes_lut=torch.tensor(luts[0], dtype=torch.int16, device=device),
+        has_leading_space_lut=torch.tensor(luts[1], device=device),
+        is_boundary_token_lut=torch.tensor(luts[2], device=device))
+    record_lines = []
+    record.log = lambda message, console=True: record_lines.append(message)
+    target_bytes, starts = T.TargetBytes(T.target_byte_counts(tokens, luts)), T.doc_starts_of(tokens, BOS)
+    models = T.LoraTTTModels(ours, ours, ours)
+    with adapters_drawn_alike(record):
+        alone = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
+                                        log=lambda message: None, budget_left=lambda: -1.0).result
+        settings = record_ttt_settings(record, hp)
+        with warnings.catch_warnings():  # its autocast names CUDA: off on the CPU, where both sides run in fp32
+            warnings.filterwarnings("ignore", message="CUDA is not available")
+            record_loss, record_bpb = record.eval_val_ttt_phased(settings, theirs, device, validation,
+                                                                 theirs.forward_ttt)
+        for path in Path("/tmp").glob(f"ttt_*_{settings.run_id}"):  # its ranks' shared counters
+            path.unlink()
+        report = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
+                                         log=lambda message: None)
+    our_loss, our_bpb, _ = report.result
+    record_phases = sum(line.startswith("ttpr:") for line in record_lines)
+    print(f"ttt_evaluation documents:{documents} batches:{report.rounds} phases record/ours:{record_phases}/"
+          f"{report.phases} val_loss record {record_loss:.6f} ours {our_loss:.6f} difference "
+          f"{our_loss - record_loss:+.1e}; val_bpb record {record_bpb:.6f} ours {our_bpb:.6f} difference "
+          f"{our_bpb - record_bpb:+.1e}; the model alone {alone[0]:.6f} ({alone[0] - record_loss:+.3f})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     record = load_record(args.record_script)
@@ -234,6 +356,8 @@ def main(argv=None):
     compare_ttt_forward(record, args)
     for clip in (0.0, 0.3):
         compare_steps(record, args, clip)
+    for documents in (16, 18):
+        compare_ttt_evaluation(record, args, documents)
 
 
 if __name__ == "__main__":

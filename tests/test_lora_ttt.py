@@ -120,6 +120,33 @@ def test_altering_a_later_chunk_or_a_later_document_changes_no_earlier_score():
     assert not torch.equal(changed[5], reference[5])
 
 
+def altered_documents(tokens, documents):
+    altered = tokens.clone()
+    for document in documents:  # every token after its BOS, up to the next document's BOS
+        span = slice(document.start + 1, document.start + document.targets)
+        altered[span] = (altered[span] + 7) % 62 + 2
+    return altered
+
+
+def test_a_short_batch_adapts_adapters_of_its_own_and_leaves_the_warm_ones_as_they_were():
+    """With TTT_WARM_START_A=1, A carries what a rank's earlier batches taught it; the batch of fewer documents
+    than TTT_BATCH_SIZE (the queue's first) gets adapters of its own, as in the 04-27 record, so it teaches the
+    other batches nothing."""
+    warm = dataclasses.replace(HP, ttt_warm_start_a=True)
+    tokens = documents_stream([30, 17, 45, 12, 3, 60, 20, 9])  # the batches: 45 60 | 17 20 30 | 3 8 12 targets
+    documents = T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)
+    (_, short), (_, full), (_, last) = T.document_queue(documents, warm.ttt_batch_size)
+    assert len(short) < warm.ttt_batch_size == len(full) == len(last)
+    reference = run(tokens, warm).per_document
+    indices = lambda batch: [document.index for document in batch]
+    changed = run(altered_documents(tokens, short), warm).per_document
+    assert torch.equal(changed[indices(full + last)], reference[indices(full + last)])
+    assert not torch.equal(changed[indices(short)], reference[indices(short)])
+    # a full batch's A does reach the next full batch: the 12-target document's second chunk reads it
+    changed = run(altered_documents(tokens, full), warm).per_document
+    assert not torch.equal(changed[indices(last)], reference[indices(last)])
+
+
 def chunk_sums(tokens, document_index, chunks, budget_left=None):
     """The loss of the first `chunks` chunks of one document, from a run that records every chunk's sums."""
     recorded = []
