@@ -3012,7 +3012,8 @@ def row_scales(w, bits, method, k, floor=0.0):
     is read by SDClip only; `floor` is the least clip of a row (QUANT_CLIP_FLOOR; the quantile rule's is 1)."""
     qmax = largest_level(bits)
     if method == "sdclip":
-        clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1, unbiased=False)
+        # the rows' sample std (n - 1), as every SDClip record computes it (torch's default)
+        clip = torch.as_tensor(k, dtype=torch.float32, device=w.device) * w.std(dim=1)
     elif method == "quantile":  # the baseline's int8 rule, its floor included; it rounds with the fp32 scale
         return (quantile_clip(w) / qmax).clamp_min(max(floor, 1.0) / qmax)
     elif method == "rowmax":

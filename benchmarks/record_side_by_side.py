@@ -9,7 +9,10 @@ own settings, the record's weights are drawn at random and copied into ours, and
      momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3;
   4. the whole evaluation of the record, per-document LoRA TTT with phased global SGD, over a small validation
      stream: its eval_val_ttt_phased against our per_document_lora_ttt, in fp32, every adapter's A drawn alike
-     on both sides (each side draws its own at random otherwise).
+     on both sides (each side draws its own at random otherwise);
+  5. the export at width 512 (where every matrix is large enough to be quantized): the record's gptq_mixed_quantize
+     and dequantize_mixed against our quantize_state_dict and dequantize_state_dict, from the same weights and the
+     same Hessians: what each tensor becomes.
 
     R=<parameter-golf>/records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
     python3 benchmarks/record_side_by_side.py --record-script $R/train_gpt.py
@@ -22,6 +25,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import types
 import warnings
@@ -41,7 +45,9 @@ RECORD_COMMAND = dict(SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5"
                       SMEAR_GATE_ENABLED="1", GATED_ATTN_QUANT_GATE="1", BETA2="0.99", MATRIX_LR="0.026",
                       MIN_LR="0.1", MUON_BACKEND_STEPS="5", WARMDOWN_FRAC="0.85", FUSED_CE_ENABLED="0",
                       CASEOPS_ENABLED="0", TTT_CHUNK_SIZE="48", PHASED_TTT_ENABLED="1", GLOBAL_TTT_MOMENTUM="0.9",
-                      TTT_BETA2="0.99", TTT_WEIGHT_DECAY="0.5")
+                      TTT_BETA2="0.99", TTT_WEIGHT_DECAY="0.5", EMBED_BITS="7", MLP_CLIP_SIGMAS="11.5",
+                      ATTN_CLIP_SIGMAS="13.0", EMBED_CLIP_SIGMAS="14.0", LQER_ENABLED="1", LQER_ASYM_ENABLED="1",
+                      LQER_RANK="4", LQER_FACTOR_BITS="4", LQER_ASYM_GROUP="64", LQER_TOP_K="3")
 # The evaluation's sizes, the same on both sides: 4 documents a batch, 128-token windows, rank 8; two phases over
 # the first 8 documents; the global SGD in chunks of one sequence of EVAL_SEQ_LEN, so that both sides cut the same
 # rows (the record packs a batch into one row, ours cuts rows of EVAL_SEQ_LEN; see docs/seeds.md).
@@ -90,10 +96,13 @@ def load_record(path):
     return record
 
 
-def record_model(record, seed, device):
-    """The record's GPT from its own Hyperparameters, its fused MLP off, with random weights: every scale and lane
-    weight about 1, the rest normal, so that no part of it is the identity."""
-    model = record.GPT(record.Hyperparameters()).float().to(device)
+def record_model(record, seed, device, **sizes):
+    """The record's GPT from its own Hyperparameters (`sizes`: attributes set on them), its fused MLP off, with random
+    weights: every scale and lane weight about 1, the rest normal, so that no part of it is the identity."""
+    h = record.Hyperparameters()
+    for name, value in sizes.items():
+        setattr(h, name, value)
+    model = record.GPT(h).float().to(device)
     for block in model.blocks:
         block.mlp.use_fused = False
     generator = torch.Generator().manual_seed(seed)
@@ -349,6 +358,51 @@ def compare_ttt_evaluation(record, args, documents):
           f"{our_bpb - record_bpb:+.1e}; the model alone {alone[0]:.6f} ({alone[0] - record_loss:+.3f})")
 
 
+def random_hessians(names_and_widths, seed):
+    """{name: H = X^T X / n} of random inputs whose columns differ in scale over two decades, two columns dead."""
+    generator, hessians = torch.Generator().manual_seed(seed), {}
+    for name, width in names_and_widths:
+        scales = torch.logspace(-1, 1, width)[torch.randperm(width, generator=generator)]
+        x = torch.randn(2 * width, width, generator=generator) * scales
+        x[:, torch.randperm(width, generator=generator)[:2]] = 0
+        hessians[name] = x.T @ x / x.size(0)
+    return hessians
+
+
+def compare_export(record, args):
+    """What each tensor becomes through each side's export, from the same weights and Hessians: quantized, then
+    dequantized. The record's model at width 512 (8 heads, 4 KV heads), so that every matrix is above its fp16
+    passthrough of 65,536 elements."""
+    sizes = dict(model_dim=512, num_heads=8, num_kv_heads=4)
+    theirs = record_model(record, seed=0, device="cpu", **sizes)
+    ours, hp = our_model(theirs, clip=0.3, MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4")
+    layers, h = len(theirs.blocks), record.Hyperparameters()
+    flat = record._unbank_state_dict(theirs.state_dict(), layers)
+    groups = T.quantized_tensor_groups(ours, hp)
+    hessians = random_hessians([(name, flat[name].size(1)) for name in groups], seed=4)
+    record.log = lambda message, console=True: None
+    result, meta = record.gptq_mixed_quantize(flat, hessians, h)
+    record_state = record._rebank_state_dict(record.dequantize_mixed(result, meta, flat), layers, 512,
+                                             theirs.blocks[0].attn.num_kv_heads * 64, theirs.mlp_up_bank.size(1))
+    quantized = T.quantize_state_dict(ours.state_dict(), groups, hp, hessians)
+    ours_after, theirs_after = T.dequantize_state_dict(quantized), our_state(record_state, layers)
+    codes = [(T.unpack_values(quantized[name]["data"], quantized[name]["bits"], quantized[name]["packing"],
+                              quantized[name]["shape"]), result[name + ".q"].float()) for name in groups]
+    scales_equal = all(torch.equal(quantized[name]["scale"], result[name + ".scale"]) for name in groups)
+    same = [name for name in groups if torch.equal(ours_after[name], theirs_after[name])]
+    others = [name for name in theirs_after if name in ours_after and name not in groups]
+    relative = lambda name: ((ours_after[name] - theirs_after[name].reshape(ours_after[name].shape)).abs().max()
+                             / theirs_after[name].abs().max()).item()
+    lqer = lambda names: ",".join(sorted(re.sub(r"\.weight$", "", name) for name in names))
+    print(f"export width:512 matrices the same after the round trip: {len(same)} of {len(groups)}; their integers "
+          f"that differ: {sum(int((ours != theirs).sum()) for ours, theirs in codes)} of "
+          f"{sum(ours.numel() for ours, _ in codes)}; scales equal: {scales_equal}; LQER on record "
+          f"{lqer(n for n, kind in meta.items() if 'lqer' in kind)} ours "
+          f"{lqer(n for n in groups if 'lqer' in quantized[n])}"
+          f"; other tensors the same: {sum(relative(name) == 0 for name in others)} of {len(others)}, the largest "
+          f"relative difference {max(map(relative, others)):.0e}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     record = load_record(args.record_script)
@@ -358,6 +412,7 @@ def main(argv=None):
         compare_steps(record, args, clip)
     for documents in (16, 18):
         compare_ttt_evaluation(record, args, documents)
+    compare_export(record, args)
 
 
 if __name__ == "__main__":
