@@ -430,6 +430,9 @@ class Hyperparameters:
     # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
     # quantize every matrix
     quant_passthrough_numel: int = setting(0, ">=0")
+    # the float vectors kept out of quantization (gains, scales, lane weights) in fp32, as the baseline keeps its
+    # control tensors; off = fp16, as every record since PR #549 stores every tensor it does not quantize
+    vectors_fp32: bool = True
     # zstd (level 22), brotli (quality 11), lzma (preset 6, PR #549's) or zlib (level 9) over the whole file, or
     # pergroup: the integer matrices grouped by kind, laid out column by column, some rows reordered, and each group
     # compressed on its own (the 04-27 record's); a missing package or program is an error
@@ -738,8 +741,9 @@ PR549_FAMILY = dict(
     embed_proj_optimizer="adamw", muon_bf16_state=True, embed_bf16=True, warmdown_iters=3500, warmdown_frac=0.0,
     ema_decay=0.997, ema_warmup=False,
     quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
-    gptq=False, quant_passthrough_numel=65536, compressor="lzma", eval_stride=64, ttt_enabled=True, ttt_lr=0.002,
-    ttt_epochs=3, ttt_chunk_tokens=32768, ttt_momentum=0.9, ttt_batch_seqs=32, ttt_grad_clip=1.0, ttt_params="all",
+    gptq=False, quant_passthrough_numel=65536, vectors_fp32=False, compressor="lzma", eval_stride=64,
+    ttt_enabled=True, ttt_lr=0.002, ttt_epochs=3, ttt_chunk_tokens=32768, ttt_momentum=0.9, ttt_batch_seqs=32,
+    ttt_grad_clip=1.0, ttt_params="all",
     ttt_optimizer="sgd", ttt_method="chunk",
 )
 
@@ -793,7 +797,8 @@ PRESETS = {
         beta2=0.95, muon_momentum=0.99, muon_orthogonalizer="quintic", muon_row_normalize=True,
         muon_weight_decay=0.090, embed_bf16=True, warmdown_frac=0.667, ema_decay=0.997, ema_warmup=False,
         quant_bits=6, embed_quant_bits=8, quant_clip="percentile", embed_quant_clip="quantile", quant_clip_floor=1.0,
-        quant_passthrough_numel=65536, gptq_calibration="self", gptq_self_seqs=128, gptq_self_seq_len=2048,
+        quant_passthrough_numel=65536, vectors_fp32=False, gptq_calibration="self", gptq_self_seqs=128,
+        gptq_self_seq_len=2048,
         gptq_reserve_seconds=45.0, gptq_clip_search="gptq", gptq_embed=False, compressor="brotli", byte_shuffle=True,
     ),
     # neon213 (NeonBench's Muon growth run, stages 1-11): 8 plain pre-norm blocks of width 384, 6 heads, learnable
@@ -834,7 +839,7 @@ PRESETS = {
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,
         lqer_factor_bits=4, lqer_asym_enabled=True, gated_attn_quant_gate=True, compressor="pergroup",
-        muon_bf16_state=True, embed_bf16=True, ema_warmup=False,
+        muon_bf16_state=True, embed_bf16=True, ema_warmup=False, vectors_fp32=False,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -2846,7 +2851,7 @@ def looping_due(hp, step, elapsed_ms):
 # QUANTIZATION / EXPORT
 # ============================================================================================
 # Every projection matrix and token table is quantized per row, symmetric, at QUANT_BITS (EMBED_QUANT_BITS for the
-# tables), with an fp16 scale per row; gains, gates and other small tensors pass through (fp32 vectors, fp16 2-D).
+# tables), with an fp16 scale per row; gains, gates and other small tensors pass through (fp16, or fp32 vectors).
 # The row scale comes from the clip: SDClip (k times the row's std; credit: the SP8192 SDClip record, per-group k
 # from the current record), a GPTQ-lite percentile search, or the row max. The rounding is full-Hessian GPTQ
 # (Frantar et al., arXiv 2210.17323; credit: the Full-GPTQ records) when Hessians are given, else round to nearest.
@@ -3128,7 +3133,8 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
             quantized[name] = quantized_gate(w)
             continue
         if name not in groups:
-            quantized[name] = dict(kind="fp32", data=w.cpu()) if w.ndim < 2 else dict(kind="fp16", data=w.half().cpu())
+            kept_fp32 = w.ndim < 2 and hp.vectors_fp32
+            quantized[name] = dict(kind="fp32", data=w.cpu()) if kept_fp32 else dict(kind="fp16", data=w.half().cpu())
             continue
         (bits, k), method = group_bits_and_k(hp, groups[name]), clip_method(hp, groups[name])
         qmax = largest_level(bits)

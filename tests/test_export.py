@@ -56,6 +56,23 @@ def test_state_dict_quantization_covers_matrices_and_tables_and_passes_the_rest(
     assert "blocks.0.attn.gate.weight" not in groups  # the small gates pass through
 
 
+@pytest.mark.parametrize("vectors_fp32", [True, False])
+def test_the_tensors_kept_out_of_quantization_are_fp16_but_for_the_vectors_unless_vectors_fp32_is_off(vectors_fp32):
+    hp = small_hp(num_layers=2, model_dim=64, vectors_fp32=vectors_fp32)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # no value that fp16 holds exactly by chance
+    groups, state = T.quantized_tensor_groups(model, hp), model.state_dict()
+    restored = T.dequantize_state_dict(T.quantize_state_dict(state, groups, hp))
+    kept = [name for name, tensor in state.items() if name not in groups and tensor.is_floating_point()]
+    vectors = [name for name in kept if state[name].ndim < 2]
+    assert vectors and len(vectors) < len(kept)  # gains and scales; skip weights, resid_mix
+    for name in kept:
+        exact = vectors_fp32 and name in vectors
+        assert torch.equal(restored[name], state[name] if exact else state[name].half().float()), name
+
+
 @pytest.fixture(scope="module")
 def trained(sample):
     """A small model trained briefly on the offline sample, with calibration and held-out Hessians."""

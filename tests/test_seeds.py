@@ -379,7 +379,7 @@ RECORD_CHANGES = {
     "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
     "phased_ttt_prefix_docs": 2500, "phased_ttt_num_phases": 3, "fused_ce_enabled": True,
     "lqer_factor_bits": 4, "lqer_asym_enabled": True, "gated_attn_quant_gate": True, "compressor": "pergroup",
-    "muon_bf16_state": True, "embed_bf16": True, "ema_warmup": False,
+    "muon_bf16_state": True, "embed_bf16": True, "ema_warmup": False, "vectors_fp32": False,
 }
 
 
