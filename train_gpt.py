@@ -146,6 +146,10 @@ class Hyperparameters:
     # training sequence length (the records' since March; the baseline's 1024 is PRESET=baseline)
     train_seq_len: int = setting(2048, ">0")
     grad_accum_steps: int = setting(0, ">=0")  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
+    # seq: each micro-batch is rows of TRAIN_SEQ_LEN cut from the stream, a document crossing a row's end going on
+    # in the next row; packed: each micro-batch is one row, its whole span of the stream, with every document cut
+    # into pieces of at most TRAIN_SEQ_LEN from its own start (the 04-27 record's DocumentPackingLoader)
+    train_rows: str = setting("seq", "seq|packed", "DOC_ISOLATION=1")
     train_log_every: int = setting(200, ">=0")  # log the train loss every N steps
     # evaluate on the full validation split every N steps; 0 = only at the end
     val_loss_every: int = setting(1000, ">=0")
@@ -663,6 +667,11 @@ def rules_of_training(hp, require):
     for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
         require(getattr(hp, name) == 0 or getattr(hp, name) > hp.min_lr_scale, name.upper(),
                 f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
+    require(hp.train_rows == "seq" or hp.data_seed == -1, "TRAIN_ROWS",
+            "packed reads each micro-batch as one span of the stream: set DATA_SEED=-1")
+    require(hp.train_rows == "seq" or not hp.rope_train_seq_len, "TRAIN_ROWS",
+            f"packed rows are longer than ROPE_TRAIN_SEQ_LEN={hp.rope_train_seq_len}, whose base would be rescaled "
+            f"for them: set ROPE_TRAIN_SEQ_LEN=0")
     require(not (hp.fused_ce_enabled and hp.mile_gamma > 0), "FUSED_CE_ENABLED",
             "computes the loss without the logits whose entropy MILE_GAMMA weights by; set one of them")
     if hp.kernel_stage_restarts:
@@ -988,10 +997,15 @@ def caseops_signs(val_files, sp):
 STREAM_CHUNKS = 8
 
 
-def document_starts(input_ids, bos_id):
-    """(B, T) bool: the positions that start a document, each row's first and every BOS."""
+def document_starts(input_ids, bos_id, piece_len=0):
+    """(B, T) bool: the positions that start a document, each row's first and every BOS; with `piece_len`
+    (TRAIN_ROWS=packed), also every piece_len-th position from each such start, as the 04-27 record cuts documents."""
     starts = input_ids == bos_id
     starts[:, 0] = True
+    if piece_len:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+        offsets = positions - torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
+        starts = starts | (offsets % piece_len == 0)
     return starts
 
 
@@ -1031,10 +1045,11 @@ class TrainLoader:
     """
 
     def __init__(self, files, seq_len, seqs_per_step, data_seed, rank=0, world_size=1, grad_accum_steps=1,
-                 varlen_bos_id=None):
+                 varlen_bos_id=None, piece_len=0):
         self.shards = [load_shard(f) for f in files]
         self.seq_len, self.seqs_per_step, self.data_seed = seq_len, seqs_per_step, data_seed
         self.varlen_bos_id = varlen_bos_id  # set: each batch carries its cu_seqlens (DOC_ISOLATION on FlashAttention)
+        self.piece_len = piece_len  # set: TRAIN_ROWS=packed, each micro-batch one row of pieces of at most this
         self.rank, self.world_size, self.grad_accum_steps = rank, world_size, grad_accum_steps
         self.seqs_per_micro = seqs_per_step // (world_size * grad_accum_steps)
         self.shard_offsets = np.concatenate([[0], np.cumsum([len(s) for s in self.shards])])
@@ -1045,6 +1060,11 @@ class TrainLoader:
         if self.num_windows < seqs_per_step:
             raise ConfigError(f"the training shards hold {self.num_windows} windows of TRAIN_SEQ_LEN={seq_len}, fewer "
                               f"than one batch of {seqs_per_step}; lower TRAIN_BATCH_TOKENS or add shards")
+        micro_batches = world_size * grad_accum_steps
+        if piece_len and micro_batches % self.stream_chunks:  # a micro-batch would join two of a step's spans
+            raise ConfigError(f"TRAIN_ROWS=packed makes each micro-batch one span of the stream, but a step's "
+                              f"{self.stream_chunks} spans do not divide among WORLD_SIZE x GRAD_ACCUM_STEPS = "
+                              f"{micro_batches} micro-batches; make that a multiple of {self.stream_chunks}")
         self._epoch, self._order = -1, None
 
     def _window_order(self, epoch):
@@ -1087,17 +1107,21 @@ class TrainLoader:
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def batch(self, step, micro_step, device=None):
-        """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step, and
-        with varlen_bos_id their cu_seqlens, found here on the host. On a GPU the tensors travel in asynchronous copies
+        """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step (with
+        TRAIN_ROWS=packed, (1, seqs_per_micro * seq_len)), and with varlen_bos_id their cu_seqlens, found here on the
+        host. On a GPU the tensors travel in asynchronous copies
         from pinned memory: the host does not wait for the GPU to reach the copy, so it keeps queueing work ahead (a
         pageable copy, or cu_seqlens found on the device, would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
-        rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
-        for row, start in enumerate(starts):
-            rows[row] = self.read_stream(start, self.seq_len + 1)
+        if self.piece_len:  # TRAIN_ROWS=packed: the same tokens, the micro-batch's span as one row
+            rows = np.asarray(self.read_stream(starts[0], len(starts) * self.seq_len + 1), dtype=np.int64)[None]
+        else:
+            rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
+            for row, start in enumerate(starts):
+                rows[row] = self.read_stream(start, self.seq_len + 1)
         rows = torch.from_numpy(rows)
-        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id))
+        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id, self.piece_len))
                       if self.varlen_bos_id is not None else None)
         if device is not None and device.type == "cuda":
             rows = rows.pin_memory().to(device, non_blocking=True)
@@ -1462,15 +1486,16 @@ class PackedDocuments(NamedTuple):
     offsets: torch.Tensor  # (B, T) each position's offset inside its document
     cu_seqlens: Optional[torch.Tensor] = None  # FlashAttention's varlen bounds (cu_seqlens_of), found before the model
     block_mask: object = None  # FlexAttention's BlockMask of the documents (ATTN_BACKEND=flex), once per forward
+    piece_len: int = 0  # TRAIN_ROWS=packed: no document piece is longer (FlashAttention's max_seqlen)
 
 
-def packed_documents(input_ids, bos_id, cu_seqlens=None, block_mask=False):
-    starts = document_starts(input_ids, bos_id)
+def packed_documents(input_ids, bos_id, cu_seqlens=None, block_mask=False, piece_len=0):
+    starts = document_starts(input_ids, bos_id, piece_len)
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
     ids = starts.cumsum(1)
     return PackedDocuments(ids=ids, offsets=positions - last_start, cu_seqlens=cu_seqlens,
-                           block_mask=document_block_mask(ids) if block_mask else None)
+                           block_mask=document_block_mask(ids) if block_mask else None, piece_len=piece_len)
 
 
 def document_block_mask(ids):
@@ -1530,8 +1555,9 @@ def _load_flash_attention(backend):
                               f"set ATTN_BACKEND=sdpa")
         B, T = q.shape[:2]
         cu_seqlens = docs.cu_seqlens if docs.cu_seqlens is not None else cu_seqlens_of(docs.offsets == 0)  # eager
-        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, T, T,
-                           causal=True))
+        longest = min(docs.piece_len, T) if docs.piece_len else T
+        out = first(varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens, longest,
+                           longest, causal=True))
         return out.view(B, T, *out.shape[1:])
     flash.has_varlen = varlen is not None
     return flash
@@ -1542,11 +1568,16 @@ def uses_varlen(hp, attention_name):
     return hp.doc_isolation and attention_name in ("fa3", "fa2")
 
 
-def check_doc_isolation(hp, attention_name, attention_fn):
-    """DOC_ISOLATION on FlashAttention needs its varlen entry point; SDPA takes a block-diagonal mask."""
+def check_doc_isolation(hp, attention_name, attention_fn, device_type="cpu"):
+    """DOC_ISOLATION on FlashAttention needs its varlen entry point; SDPA takes a block-diagonal mask, which a GPU
+    cannot hold over the long rows of TRAIN_ROWS=packed."""
     if uses_varlen(hp, attention_name) and not getattr(attention_fn, "has_varlen", False):
         raise ConfigError(f"DOC_ISOLATION=1 needs flash_attn_varlen_func, which this {attention_name} build lacks; "
                           f"set ATTN_BACKEND=sdpa")
+    if hp.train_rows == "packed" and attention_name == "sdpa" and device_type == "cuda":
+        raise ConfigError("TRAIN_ROWS=packed makes each micro-batch one row, whose dense mask SDPA would build (its "
+                          "length squared): install FlashAttention, or compile (COMPILE=1, ATTN_BACKEND=auto or flex) "
+                          "for FlexAttention, or set TRAIN_ROWS=seq")
 
 
 def select_attention(requested, device_type, half_precision=True, documents=False, compiled=False):
@@ -1596,6 +1627,8 @@ class Rotary(nn.Module):
         if self.rescale_above and seq_len > self.rescale_above:
             cos, sin = self.tables(self.base * (seq_len / self.rescale_above) ** (self.dims / (self.dims - 2)),
                                    seq_len, x.device)
+        elif seq_len > self.cos.size(1):  # a packed row (TRAIN_ROWS=packed): positions along it, as the record's
+            cos, sin = self.tables(self.base, seq_len, x.device)
         else:
             cos, sin = self.cos[:, :seq_len], self.sin[:, :seq_len]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -1975,6 +2008,7 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
+        self.piece_len = hp.train_seq_len if hp.train_rows == "packed" else 0  # documents' longest piece, packed rows
         self.block_mask = getattr(attention_fn, "takes_block_mask", False)  # FlexAttention's, built once per forward
         self.tok_emb = TokenTable(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
@@ -2073,7 +2107,8 @@ class GPT(nn.Module):
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
-        docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask) if self.doc_isolation else None
+        docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask, self.piece_len) \
+            if self.doc_isolation else None
         for position, layer in enumerate(order):
             lanes = self.blocks[layer].split(lanes)
             if position >= num_encoder and skips:  # skips go into the attention lane: none is dropped
@@ -4596,7 +4631,7 @@ def setup(run):
     run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
     run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16,
                                                             documents=hp.doc_isolation, compiled=run.use_compile)
-    check_doc_isolation(hp, run.attention_name, run.attention_fn)
+    check_doc_isolation(hp, run.attention_name, run.attention_fn, device_type)
     run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
@@ -4637,7 +4672,8 @@ def load_data(run):
     train_files, val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     val_tokens = load_validation_tokens(val_files)
     loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,
-                         run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None)
+                         run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None,
+                         hp.train_seq_len if hp.train_rows == "packed" else 0)
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(val_files, [load_shard(f) for f in val_files], hp.vocab_size)
     check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
@@ -4745,13 +4781,13 @@ class VarlenDocuments(nn.Module):
     batches bring theirs from the loader. A module, so that TTT finds the parameters (their names gain a prefix;
     TTT_PARAMS matches substrings)."""
 
-    def __init__(self, model, bos_id):
+    def __init__(self, model, bos_id, piece_len=0):
         super().__init__()
-        self.model, self.bos_id = model, bos_id
+        self.model, self.bos_id, self.piece_len = model, bos_id, piece_len
 
     def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
         if cu_seqlens is None:
-            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id))
+            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id, self.piece_len))
         return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
 
 
@@ -4790,7 +4826,7 @@ def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"
         compiled = RegionallyCompiled(model, backend)
     else:
         compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
-    return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
+    return VarlenDocuments(compiled, model.bos_id, model.piece_len) if varlen else compiled
 
 
 class Model(NamedTuple):

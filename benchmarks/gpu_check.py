@@ -26,7 +26,10 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
      it selects (FA3 where installed, else FlexAttention);
   7. a profile of the default stack's step (benchmarks/profile_step.py): kernel time against the step, the share
      of each kind of kernel, the top ten kernels; PRESET=pr754 without the bf16 state; PRESET=record with each
-     speed switch flipped alone; PRESET=baseline.
+     speed switch flipped alone; PRESET=baseline;
+  8. PRESET=record with TRAIN_ROWS=packed at the record's batch in 8 micro-steps: each micro-batch one row of
+     98,304 tokens, as the record's loader makes them (FlexAttention's block mask over such a row, or FA3's varlen
+     path, has not run on a GPU); its tokens/s beside PRESET=record's row.
 """
 
 import argparse
@@ -372,6 +375,16 @@ def record_speed_switch_step_times(table, check):
         record_step_time(table, check, switches)
 
 
+def record_packed_rows_step_time(table, check):
+    """PRESET=record with TRAIN_ROWS=packed: the record's batch in 8 micro-steps, each one row of 98,304 tokens (a
+    step holds 8 spans of the stream, one per micro-batch). Not in the CPU miniature: tests/test_doc_isolation.py
+    trains with packed rows on the CPU."""
+    if check.tiny:
+        table.add("PRESET=record TRAIN_ROWS=packed", "not run in the CPU miniature")
+        return
+    record_step_time(table, check, dict(TRAIN_ROWS="packed", TRAIN_BATCH_TOKENS="786432", GRAD_ACCUM_STEPS="8"))
+
+
 def baseline_step_time(table, check):
     log = check.run(check.env("check_bench_baseline", PRESET="baseline",
                               BENCHMARK_STEPS=str(check.args.benchmark_steps)), "PRESET=baseline")
@@ -468,7 +481,7 @@ def fused_kernels(table, check):
 PHASES = ((attention, 30), (fused_kernels, 10), (end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30),
           (speed_switch_step_times, 60), (pr754_step_time, 60), (whole_model_step_times, 120),
           (record_step_time, 50), (profile_rows, 60), (pr754_fp32_state_step_time, 60),
-          (record_speed_switch_step_times, 150), (baseline_step_time, 40))
+          (record_speed_switch_step_times, 150), (baseline_step_time, 40), (record_packed_rows_step_time, 90))
 
 
 def main(argv=None):

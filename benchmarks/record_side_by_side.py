@@ -12,7 +12,10 @@ own settings, the record's weights are drawn at random and copied into ours, and
      on both sides (each side draws its own at random otherwise);
   5. the export at width 512 (where every matrix is large enough to be quantized): the record's gptq_mixed_quantize
      and dequantize_mixed against our quantize_state_dict and dequantize_state_dict, from the same weights and the
-     same Hessians: what each tensor becomes.
+     same Hessians: what each tensor becomes;
+  6. the training rows (with --shard, a shard of BOS-led documents such as the record's CaseOps validation shard):
+     the record's DocumentPackingLoader against our TrainLoader with TRAIN_ROWS=packed, micro-batch by micro-batch
+     until the record's loader reaches the shard's end (where it skips the tail, and ours reads on).
 
     R=<parameter-golf>/records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611
     python3 benchmarks/record_side_by_side.py --record-script $R/train_gpt.py
@@ -27,6 +30,7 @@ import importlib.util
 import os
 import re
 import sys
+import tempfile
 import types
 import warnings
 from pathlib import Path
@@ -63,6 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--record-script", required=True, help="the 04-27 record's train_gpt.py")
     parser.add_argument("--steps", type=int, default=5, help="training steps per comparison")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the same comparisons on a GPU")
+    parser.add_argument("--shard", help="a shard of BOS-led documents for the training rows' comparison")
     return parser.parse_args(argv)
 
 
@@ -403,6 +408,41 @@ def compare_export(record, args):
           f"relative difference {max(map(relative, others)):.0e}")
 
 
+@contextlib.contextmanager
+def unpinned():
+    """The record's loader pins its host tensors, which needs a GPU; on the CPU they stay pageable."""
+    empty, pin = torch.empty, torch.Tensor.pin_memory
+    torch.empty = lambda *args, pin_memory=False, **kwargs: empty(*args, **kwargs)
+    torch.Tensor.pin_memory = lambda self, *args: self
+    try:
+        yield
+    finally:
+        torch.empty, torch.Tensor.pin_memory = empty, pin
+
+
+def compare_training_rows(record, shard, tmp):
+    """The record's DocumentPackingLoader and our TrainLoader (TRAIN_ROWS=packed), one process of 8 micro-steps
+    of 98,304 tokens, as on one GPU: each micro-batch's inputs, targets and cu_seqlens."""
+    paths = [Path(tmp) / f"fineweb_train_00000{index}.bin" for index in range(2)]  # two copies: a whole step
+    for path in paths:
+        path.write_bytes(Path(shard).read_bytes())
+    h = record.Hyperparameters()
+    h.train_files, h.train_seq_len, h.rank, h.world_size = str(Path(tmp) / "fineweb_train_*.bin"), 2048, 0, 1
+    ours = T.TrainLoader(list(map(str, paths)), 2048, 786_432 // 2048, -1, 0, 1, 8, varlen_bos_id=BOS,
+                         piece_len=2048)
+    fits = (ours.shard_offsets[1] - 1) // (786_432 // 8 + 1)  # micro-batches before the record's loader skips
+    with unpinned():
+        theirs = record.DocumentPackingLoader(h, torch.device("cpu"))
+        same = []
+        for micro in range(min(fits, 8)):
+            x, y, cu_seqlens, _ = theirs.next_batch(786_432, 8)
+            batch = ours.batch(0, micro)
+            same.append(torch.equal(x, batch.inputs) and torch.equal(y, batch.targets)
+                        and torch.equal(cu_seqlens, batch.cu_seqlens))
+    print(f"training_rows micro-batches of 98304 tokens compared: {len(same)}; inputs, targets and cu_seqlens equal "
+          f"in {sum(same)}; pieces in the first: {int((batch.cu_seqlens < batch.inputs.numel()).sum())}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     record = load_record(args.record_script)
@@ -413,6 +453,9 @@ def main(argv=None):
     for documents in (16, 18):
         compare_ttt_evaluation(record, args, documents)
     compare_export(record, args)
+    if args.shard:
+        with tempfile.TemporaryDirectory() as tmp:
+            compare_training_rows(record, args.shard, tmp)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 variable-length entry point) and in the neon convolutions; SmearGate and BigramHash never cross a BOS anyway."""
 
 import dataclasses
+import re
 import sys
 
 import numpy as np
@@ -210,6 +211,85 @@ def test_the_block_diagonal_mask_compiles_as_one_graph():
     loss = compiled(tokens[:, :-1], tokens[:, 1:])
     loss.backward()
     assert torch.allclose(loss, model(tokens[:, :-1], tokens[:, 1:]), atol=1e-5)
+
+
+def record_pieces(bos_positions, length, piece_len):
+    """The piece starts of the 04-27 record's _build_cu_seqlens, restated: a segment from the row's start and from
+    every BOS, each cut every piece_len tokens from its own start."""
+    bounds = sorted({0, *bos_positions}) + [length]
+    return [start for first, end in zip(bounds, bounds[1:]) for start in range(first, end, piece_len)]
+
+
+def shard_of_documents(tmp_path, seed=0):
+    """A training shard whose documents run from 1 to 120 tokens, so that many cross 32-token rows."""
+    rng, pieces = np.random.default_rng(seed), []
+    while sum(map(len, pieces)) < 20000:
+        pieces.append(np.concatenate([[BOS], rng.integers(2, 97, int(rng.integers(0, 120)))]))
+    path = tmp_path / "fineweb_train_000000.bin"
+    write_shard(path, np.concatenate(pieces))
+    return str(path)
+
+
+def test_packed_rows_hold_the_micro_batchs_tokens_in_the_records_pieces(tmp_path):
+    path = shard_of_documents(tmp_path)
+    rows = T.TrainLoader([path], 32, 16, -1, grad_accum_steps=8, varlen_bos_id=BOS)
+    packed = T.TrainLoader([path], 32, 16, -1, grad_accum_steps=8, varlen_bos_id=BOS, piece_len=32)
+    cut_inside = 0
+    for step, micro in ((0, 0), (0, 7), (5, 3)):
+        seq, one = rows.batch(step, micro), packed.batch(step, micro)
+        assert one.inputs.shape == (1, 64) and torch.equal(one.inputs, seq.inputs.reshape(1, -1))
+        assert torch.equal(one.targets, seq.targets.reshape(1, -1))
+        inputs = one.inputs[0]
+        pieces = record_pieces(torch.nonzero(inputs == BOS).flatten().tolist(), inputs.numel(), 32)
+        assert sorted(set(one.cu_seqlens.tolist()) - {inputs.numel()}) == pieces
+        assert torch.equal(one.cu_seqlens, T.cu_seqlens_of(T.document_starts(one.inputs, BOS, 32)))
+        cut_inside += sum(start % 32 != 0 and inputs[start] != BOS for start in pieces)
+    assert cut_inside  # pieces cut from a document's start, not from the row's
+    with pytest.raises(T.ConfigError, match="TRAIN_ROWS=packed makes each micro-batch one span"):
+        T.TrainLoader([path], 32, 16, -1, grad_accum_steps=2, piece_len=32)  # 8 spans over 2 micro-batches
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fa3"])
+def test_a_packed_row_scores_each_piece_as_if_it_ran_alone(monkeypatch, backend):
+    """Pieces of at most TRAIN_SEQ_LEN (8 here) from each document's start: the 13-token document is two pieces, and
+    the row (32 tokens) is longer than the rotary tables (8). The SmearGate and BigramHash, which read the previous
+    token across a cut that is not a BOS (as in the record), are off."""
+    attention_fn, dtype = attention(backend, monkeypatch)
+    hp = dataclasses.replace(STACK, train_rows="packed", train_seq_len=8, eval_seq_len=8, eval_stride=8,
+                             smear_gate=False, bigram_buckets=0)
+    docs, model = documents(), model_of(hp, attention_fn)
+    packed = logits(model, torch.cat(docs), dtype)
+    pieces = [piece for doc in docs for piece in doc.split(8)]
+    tolerance = 2e-4 if dtype == torch.float32 else 6e-2
+    start, error = 0, 0.0
+    for piece in pieces:
+        error = max(error, (packed[start:start + len(piece)] - logits(model, piece, dtype)).abs().max().item())
+        start += len(piece)
+    assert error < tolerance, (backend, error)
+    whole = logits(model_of(dataclasses.replace(hp, train_rows="seq", train_seq_len=32), attention_fn),
+                   torch.cat(docs), dtype)  # the documents whole: their second pieces read their first
+    assert (whole - packed).abs().max().item() > 5 * error
+
+
+def test_packed_rows_are_refused_where_they_cannot_be_honoured():
+    with pytest.raises(T.ConfigError, match="TRAIN_ROWS"):
+        T.Hyperparameters.from_env({"TRAIN_ROWS": "packed"})  # without DOC_ISOLATION=1
+    for bad in ({"DATA_SEED": "3"}, {"ROPE_TRAIN_SEQ_LEN": "1024"}):
+        with pytest.raises(T.ConfigError, match="TRAIN_ROWS"):
+            T.Hyperparameters.from_env({"DOC_ISOLATION": "1", "TRAIN_ROWS": "packed", **bad})
+    hp, _ = T.Hyperparameters.from_env({"DOC_ISOLATION": "1", "TRAIN_ROWS": "packed"})
+    with pytest.raises(T.ConfigError, match="SDPA would build"):
+        T.check_doc_isolation(hp, "sdpa", T._sdpa, "cuda")
+    T.check_doc_isolation(hp, "sdpa", T._sdpa, "cpu")  # short rows on the CPU: the mask is small
+
+
+def test_a_run_with_packed_rows_trains_and_scores(sample, tmp_path):
+    env = tiny_env(sample, DOC_ISOLATION=1, TRAIN_ROWS="packed", RUN_ID="packed", ITERATIONS=3, GRAD_ACCUM_STEPS=8,
+                   TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=128)
+    result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "packed.txt").read_text()
+    assert re.search(r"^step:3/3 train_loss:[\d.]+ ", log, re.M) and "final_int6_brotli_roundtrip_exact" in log
 
 
 @pytest.mark.cuda_path  # a whole run: CI's second step
