@@ -1109,9 +1109,9 @@ class TrainLoader:
     def batch(self, step, micro_step, device=None):
         """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step (with
         TRAIN_ROWS=packed, (1, seqs_per_micro * seq_len)), and with varlen_bos_id their cu_seqlens, found here on the
-        host. On a GPU the tensors travel in asynchronous copies
-        from pinned memory: the host does not wait for the GPU to reach the copy, so it keeps queueing work ahead (a
-        pageable copy, or cu_seqlens found on the device, would stall it every micro-step)."""
+        host. On a GPU the tensors travel in asynchronous copies from pinned memory: the host does not wait for the
+        GPU to reach the copy, so it keeps queueing work ahead (a pageable copy, or cu_seqlens found on the device,
+        would stall it every micro-step)."""
         chunk = self.rank * self.grad_accum_steps + micro_step
         starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
         if self.piece_len:  # TRAIN_ROWS=packed: the same tokens, the micro-batch's span as one row
