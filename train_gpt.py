@@ -2459,7 +2459,8 @@ def describe_features(model, hp):
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
         (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})",
          hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
-        ("doc_isolation", hp.doc_isolation),
+        ("doc_isolation" + (f"(packed_rows,pieces:{hp.train_seq_len})" if hp.train_rows == "packed" else ""),
+         hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",

@@ -289,6 +289,7 @@ def test_a_run_with_packed_rows_trains_and_scores(sample, tmp_path):
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "packed.txt").read_text()
+    assert re.search(r"^features: .* doc_isolation\(packed_rows,pieces:128\)$", log, re.M)
     assert re.search(r"^step:3/3 train_loss:[\d.]+ ", log, re.M) and "final_int6_brotli_roundtrip_exact" in log
 
 
