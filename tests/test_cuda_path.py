@@ -617,13 +617,14 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
                 "ran | the same math unfused",
                 "| PRESET=pr754 at the record's batch, MUON_BF16_STATE=0 EMBED_BF16=0: looping:False | ",
                 "| default stack + ADAMW_SIDE_STREAM=1, COMPILE_SCOPE=block: looping:True |",
-                "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |"):
+                "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |",
+                "| PRESET=record TRAIN_ROWS=packed | not run in the CPU miniature |"):
         assert row in table, row
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 13
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 14
     # --phases: a subset, the rest not run; a name that is not a phase is refused before anything runs.
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0", "--phases",
