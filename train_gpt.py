@@ -571,6 +571,11 @@ class Hyperparameters:
                               f"{self.conv_k} / MLP_CONV_K={self.mlp_conv_k}, the allocated sizes")
         return stages
 
+    @property
+    def piece_len(self):
+        """The longest document piece of TRAIN_ROWS=packed (TRAIN_SEQ_LEN); 0 = rows cut documents instead."""
+        return self.train_seq_len if self.train_rows == "packed" else 0
+
     def seed_list(self):
         """SEEDS as integers (space- or comma-separated), or [SEED]."""
         try:
@@ -2008,7 +2013,7 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
-        self.piece_len = hp.train_seq_len if hp.train_rows == "packed" else 0  # documents' longest piece, packed rows
+        self.piece_len = hp.piece_len
         self.block_mask = getattr(attention_fn, "takes_block_mask", False)  # FlexAttention's, built once per forward
         self.tok_emb = TokenTable(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
@@ -2459,8 +2464,7 @@ def describe_features(model, hp):
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
         (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})",
          hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
-        ("doc_isolation" + (f"(packed_rows,pieces:{hp.train_seq_len})" if hp.train_rows == "packed" else ""),
-         hp.doc_isolation),
+        ("doc_isolation" + (f"(packed_rows,pieces:{hp.piece_len})" if hp.piece_len else ""), hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
@@ -4674,7 +4678,7 @@ def load_data(run):
     val_tokens = load_validation_tokens(val_files)
     loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,
                          run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None,
-                         hp.train_seq_len if hp.train_rows == "packed" else 0)
+                         hp.piece_len)
     reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(val_files, [load_shard(f) for f in val_files], hp.vocab_size)
     check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
