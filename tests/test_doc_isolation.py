@@ -318,6 +318,37 @@ def test_flexattention_over_packed_documents_equals_the_sdpa_mask_and_builds_its
     assert model.block_mask and not model_of(STACK, T._sdpa).block_mask
 
 
+@pytest.mark.parametrize("rows, length, block, bos_per_row, piece_len", [
+    (3, 200, 16, 5, 0),  # a ragged last block
+    (2, 256, 32, 3, 0),
+    (1, 1000, 64, 0, 0),  # one document: every block before the diagonal full
+    (2, 777, 16, 40, 50),  # short documents, pieces (TRAIN_ROWS=packed), documents inside a block
+    (1, 50, 128, 1, 0),  # shorter than a block
+])
+def test_the_documents_block_mask_is_the_one_create_block_mask_finds_from_every_pair(rows, length, block, bos_per_row,
+                                                                                       piece_len):
+    """Built from block ends, it must equal PyTorch's own, which evaluates the mask at all (query, key) pairs: the
+    same partial and full blocks in the same order, in both directions (the backward reads the transposed ones)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    generator = torch.Generator().manual_seed(length)
+    input_ids = torch.randint(2, 97, (rows, length), generator=generator)
+    for row in range(rows):
+        input_ids[row, torch.randint(length, (bos_per_row,), generator=generator)] = BOS
+    ids = T.packed_documents(input_ids, BOS, piece_len=piece_len).ids
+    ours = T.document_block_mask(ids, block)
+    expected = create_block_mask(lambda b, h, q, k: (q >= k) & (ids[b, q] == ids[b, k]), rows, None, length, length,
+                                 device="cpu", BLOCK_SIZE=block)
+    assert (ours.kv_num_blocks > 0).all() and (ours.full_kv_num_blocks.sum() > 0) == (length >= 2 * block)
+    for name in ("seq_lengths", "BLOCK_SIZE", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                 "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        mine, theirs = getattr(ours, name), getattr(expected, name)
+        assert (mine == theirs).all() if isinstance(mine, torch.Tensor) else tuple(mine) == tuple(theirs), name
+    q = torch.randn(rows, length, 2, 8, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(T._flex(q, q, q, T.PackedDocuments(ids, ids, block_mask=ours)),
+                                   T._sdpa(q, q, q, T.PackedDocuments(ids, ids)), rtol=1e-5, atol=1e-5)
+
+
 def test_the_selector_takes_flexattention_for_documents_on_a_compiled_gpu_without_flashattention(monkeypatch):
     inject = lambda fa3, fa2: (monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3),
                                monkeypatch.setitem(sys.modules, "flash_attn", fa2))
@@ -340,7 +371,8 @@ def test_flexattention_compiles_as_one_graph_for_any_length_and_document_count()
     model, reference = model_of(hp, T._flex), model_of(hp, T._sdpa)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     graphs_before = T.compiled_graphs()
-    for length, bos in ((30, [5, 11]), (17, [3, 4, 9])):
+    # Rows of several FlexAttention blocks, so the fused kernel skips some, masks some and takes some whole.
+    for length, bos in ((530, [400]), (300, [5, 140, 141])):
         tokens = torch.randint(2, 97, (2, length), generator=torch.Generator().manual_seed(length))
         tokens[0, bos] = BOS
         with torch.no_grad():
