@@ -2036,7 +2036,6 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap, self.fused_ce = hp.logit_softcap, None  # build_model sets fused_ce where it can run
         self.bos_id, self.doc_isolation = bos_id, hp.doc_isolation
-        self.piece_len = hp.piece_len
         self.block_mask = getattr(attention_fn, "takes_block_mask", False)  # FlexAttention's, built once per forward
         self.tok_emb = TokenTable(hp.vocab_size, hp.model_dim)
         self.bigram = BigramHash(hp.bigram_buckets, hp.bigram_dim, hp.model_dim, bos_id) if hp.bigram_buckets else None
@@ -2128,14 +2127,16 @@ class GPT(nn.Module):
             return x + weighted
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
-    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None, block=Block.__call__):
+    def hidden_states(self, input_ids, cu_seqlens=None, adapters=None, block=Block.__call__, piece_len=0):
+        """`piece_len`: the rows are TRAIN_ROWS=packed rows, their documents cut into pieces of at most this many
+        tokens (see document_starts); 0 for any other row, which a document spans up to the row's end."""
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
         cache_after = self.backout_layer if self.backout_layer >= 0 else len(order) + self.backout_layer
         num_encoder = len(order) // 2 if self.skip_weights is not None else 0  # 0: no layer gives or takes a skip
         lanes, skips, v0, cached = (x0, None), [], None, None
-        docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask, self.piece_len) \
+        docs = packed_documents(input_ids, self.bos_id, cu_seqlens, self.block_mask, piece_len) \
             if self.doc_isolation else None
         for position, layer in enumerate(order):
             lanes = self.blocks[layer].split(lanes)
@@ -2189,12 +2190,13 @@ class GPT(nn.Module):
         return self.output_logits(self.hidden_states(input_ids, cu_seqlens, adapters), adapters)
 
     def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, adapters=None,
-                regions=None):
+                regions=None, piece_len=0):
         """The hidden states, then the output (see `output`). `cu_seqlens`: see cu_seqlens_of; `adapters`: see
-        logits; `regions`: the compiled block and output of COMPILE_SCOPE=block (ForwardRegions), else eager."""
+        logits; `regions`: the compiled block and output of COMPILE_SCOPE=block (ForwardRegions), else eager;
+        `piece_len`: see hidden_states."""
         block, output = regions or EAGER_REGIONS
-        return output(self, self.hidden_states(input_ids, cu_seqlens, adapters, block), target_ids, reduction,
-                      mile_gamma, adapters)
+        return output(self, self.hidden_states(input_ids, cu_seqlens, adapters, block, piece_len), target_ids,
+                      reduction, mile_gamma, adapters)
 
 
 class ForwardRegions(NamedTuple):
@@ -3644,10 +3646,10 @@ class Code:
 
 
 @torch.no_grad()
-def collect_hessians(model, batches, autocast):
+def collect_hessians(model, batches, autocast, piece_len=0):
     """{name: X^T X} of the input X of every CastedLinear (a looped layer adds every pass) and, for a tied
     embedding, of the final hidden state, which is the input of the logit matmul (credit: the SP8192 GPTQ-embedding
-    record). Runs the eager model, whose hooks see every call."""
+    record). Runs the eager model, whose hooks see every call; `piece_len`: the training loader's, for its rows."""
     hessians, hooks = {}, []
 
     def accumulate(name, x):
@@ -3662,7 +3664,7 @@ def collect_hessians(model, batches, autocast):
     try:
         for inputs in batches:
             with autocast():
-                hidden = model.hidden_states(inputs)
+                hidden = model.hidden_states(inputs, piece_len=piece_len)
             if model.lm_head is None:
                 accumulate("tok_emb.weight", hidden)
     finally:
@@ -4809,14 +4811,14 @@ class VarlenDocuments(nn.Module):
     batches bring theirs from the loader. A module, so that TTT finds the parameters (their names gain a prefix;
     TTT_PARAMS matches substrings)."""
 
-    def __init__(self, model, bos_id, piece_len=0):
+    def __init__(self, model, bos_id):
         super().__init__()
-        self.model, self.bos_id, self.piece_len = model, bos_id, piece_len
+        self.model, self.bos_id = model, bos_id
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, piece_len=0):
         if cu_seqlens is None:
-            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id, self.piece_len))
-        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens)
+            cu_seqlens = cu_seqlens_of(document_starts(input_ids, self.bos_id, piece_len))
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, piece_len=piece_len)
 
 
 class RegionallyCompiled(nn.Module):
@@ -4832,8 +4834,9 @@ class RegionallyCompiled(nn.Module):
         compiled = functools.partial(torch.compile, dynamic=False, fullgraph=True, backend=backend)
         self.regions = ForwardRegions(compiled(Block.forward), compiled(GPT.output))
 
-    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None):
-        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, regions=self.regions)
+    def forward(self, input_ids, target_ids=None, reduction="mean", mile_gamma=None, cu_seqlens=None, piece_len=0):
+        return self.model(input_ids, target_ids, reduction, mile_gamma, cu_seqlens, regions=self.regions,
+                          piece_len=piece_len)
 
 
 # Dynamo's limit of graphs per compiled function. Its default, 8, would send later graphs to eager: a run's graphs
@@ -4854,7 +4857,7 @@ def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"
         compiled = RegionallyCompiled(model, backend)
     else:
         compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
-    return VarlenDocuments(compiled, model.bos_id, model.piece_len) if varlen else compiled
+    return VarlenDocuments(compiled, model.bos_id) if varlen else compiled
 
 
 class Model(NamedTuple):
@@ -5020,7 +5023,8 @@ def accumulate_and_step(run, model, loader, step, lr_scale):
     for micro_step in range(run.grad_accum_steps):
         batch = loader.batch(step, micro_step, run.device)
         with run.autocast():
-            loss = model.forward(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens)
+            loss = model.forward(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens,
+                                 piece_len=loader.piece_len)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
     model.optimizers.step(lr_scale, muon_momentum(run.hp, step))
@@ -5155,7 +5159,7 @@ def calibration_reserve(hp, seconds_per_batch):
 def hessians_of_batch(run, net, loader, step):
     """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
     batches = (loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
-    return collect_hessians(net, batches, run.autocast)
+    return collect_hessians(net, batches, run.autocast, loader.piece_len)
 
 
 def reserve_calibration_time(run, data, net):
@@ -5648,7 +5652,8 @@ def calibrate(run, data, net):
         hessians, described = hessians_within_the_cap(run, net, data.train_loader, start)
     else:
         batches, described = calibration_batches(run, data, net)
-        hessians = collect_hessians(net, batches, run.autocast)
+        piece_len = data.train_loader.piece_len if hp.gptq_calibration == "train" else 0  # self-made rows: none
+        hessians = collect_hessians(net, batches, run.autocast, piece_len)
         run.timings["training_data_read_until_s"] = run.results["train_time_ms"] / 1000 + time.perf_counter() - start
     for hessian in (hessians or {}).values():
         all_reduce(hessian, dist.ReduceOp.SUM)

@@ -50,9 +50,9 @@ def model_of(hp, attention_fn):
     return model.eval()
 
 
-def logits(model, tokens, dtype):
+def logits(model, tokens, dtype, piece_len=0):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        return model.logits(tokens[None]).float()[0]
+        return model.output_logits(model.hidden_states(tokens[None], piece_len=piece_len)).float()[0]
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex", "fa3", "fa2"])
@@ -258,7 +258,7 @@ def test_a_packed_row_scores_each_piece_as_if_it_ran_alone(monkeypatch, backend)
     hp = dataclasses.replace(STACK, train_rows="packed", train_seq_len=8, eval_seq_len=8, eval_stride=8,
                              smear_gate=False, bigram_buckets=0)
     docs, model = documents(), model_of(hp, attention_fn)
-    packed = logits(model, torch.cat(docs), dtype)
+    packed = logits(model, torch.cat(docs), dtype, piece_len=hp.piece_len)
     pieces = [piece for doc in docs for piece in doc.split(8)]
     tolerance = 2e-4 if dtype == torch.float32 else 6e-2
     start, error = 0, 0.0
@@ -266,9 +266,8 @@ def test_a_packed_row_scores_each_piece_as_if_it_ran_alone(monkeypatch, backend)
         error = max(error, (packed[start:start + len(piece)] - logits(model, piece, dtype)).abs().max().item())
         start += len(piece)
     assert error < tolerance, (backend, error)
-    whole = logits(model_of(dataclasses.replace(hp, train_rows="seq", train_seq_len=32), attention_fn),
-                   torch.cat(docs), dtype)  # the documents whole: their second pieces read their first
-    assert (whole - packed).abs().max().item() > 5 * error
+    whole = logits(model, torch.cat(docs), dtype)  # rows that are not packed: the documents whole
+    assert (whole - packed).abs().max().item() > 5 * error  # their second pieces read their first
 
 
 def test_packed_rows_are_refused_where_they_cannot_be_honoured():
@@ -283,14 +282,32 @@ def test_packed_rows_are_refused_where_they_cannot_be_honoured():
     T.check_doc_isolation(hp, "sdpa", T._sdpa, "cpu")  # short rows on the CPU: the mask is small
 
 
-def test_a_run_with_packed_rows_trains_and_scores(sample, tmp_path):
+def test_a_run_with_packed_rows_cuts_its_training_rows_into_pieces_and_nothing_else(sample, tmp_path, monkeypatch):
+    """In-process, every forward's documents recorded: training's micro-batches and GPTQ's calibration (training
+    rows) are one row of 512 tokens cut into pieces of TRAIN_SEQ_LEN=128; the validation rows of EVAL_SEQ_LEN=256,
+    longer than a piece, are not cut, so a document spans its row as without TRAIN_ROWS=packed."""
+    seen, original = [], T.packed_documents
+
+    def recorded(input_ids, bos_id, cu_seqlens=None, block_mask=False, piece_len=0):
+        seen.append((tuple(input_ids.shape), piece_len))
+        return original(input_ids, bos_id, cu_seqlens, block_mask, piece_len)
+    monkeypatch.setattr(T, "packed_documents", recorded)
     env = tiny_env(sample, DOC_ISOLATION=1, TRAIN_ROWS="packed", RUN_ID="packed", ITERATIONS=3, GRAD_ACCUM_STEPS=8,
-                   TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=128)
-    result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+                   TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=256, GPTQ_CALIBRATION_BATCHES=2)
+    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    T.main()
     log = (tmp_path / "logs" / "packed.txt").read_text()
     assert re.search(r"^features: .* doc_isolation\(packed_rows,pieces:128\)$", log, re.M)
     assert re.search(r"^step:3/3 train_loss:[\d.]+ ", log, re.M) and "final_int6_brotli_roundtrip_exact" in log
+    assert re.search(r"^gptq_calibration: batches:2 ", log, re.M)
+    assert seen.count(((1, 512), 128)) == (3 + 2) * 8  # 3 steps and 2 calibration batches of 8 micro-batches
+    validation = [piece_len for shape, piece_len in seen if shape[1] == 256]
+    assert validation and set(validation) == {0}
+    assert {piece_len for shape, piece_len in seen if shape != (1, 512)} == {0}
 
 
 @pytest.mark.cuda_path  # a whole run: CI's second step
