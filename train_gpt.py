@@ -148,7 +148,8 @@ class Hyperparameters:
     grad_accum_steps: int = setting(0, ">=0")  # micro-steps per optimizer step; 0 = 8 // WORLD_SIZE as in the challenge
     # seq: each micro-batch is rows of TRAIN_SEQ_LEN cut from the stream, a document crossing a row's end going on
     # in the next row; packed: each micro-batch is one row, its whole span of the stream, with every document cut
-    # into pieces of at most TRAIN_SEQ_LEN from its own start (the 04-27 record's DocumentPackingLoader)
+    # into pieces of at most TRAIN_SEQ_LEN from its own start (the 04-27 record's DocumentPackingLoader), and the
+    # phases' global SGD packed as the record packs it (see adapt_on_chunk)
     train_rows: str = setting("seq", "seq|packed", "DOC_ISOLATION=1")
     train_log_every: int = setting(200, ">=0")  # log the train loss every N steps
     # evaluate on the full validation split every N steps; 0 = only at the end
@@ -3911,26 +3912,54 @@ def ttt_parameters(model, hp):
 
 
 class AdaptSteps(NamedTuple):
-    """How one adaptation walks its scored tokens: passes, sequences per step (summed over ranks), gradient clip."""
+    """How one adaptation walks its scored tokens: passes, sequences per step (summed over ranks), gradient clip, and
+    the rows a step's sequences make (summed over ranks): one each, or with `spans`, that many (see adapt_on_chunk)."""
     epochs: int
     batch_seqs: int
     grad_clip: float
+    spans: int = 0
+
+    @property
+    def rows(self):
+        return self.spans or self.batch_seqs
+
+    def row_len(self, seq_len):
+        return -(-self.batch_seqs // self.rows) * seq_len
+
+
+def adapt_steps(epochs, batch_seqs, grad_clip, chunk_tokens, seq_len, packed=False):
+    """AdaptSteps over chunks of at most chunk_tokens targets. A step holds no more sequences than a chunk has, so
+    no row is padding only (the records' ranks take a share of the chunk's sequences, and pad none). Packed, a step's
+    sequences make STREAM_CHUNKS rows at any world size, as the 04-27 record's global SGD packs each of its 8 ranks'
+    share into one row."""
+    batch_seqs = min(batch_seqs, -(-chunk_tokens // seq_len))
+    return AdaptSteps(epochs, batch_seqs, grad_clip, min(STREAM_CHUNKS, batch_seqs) if packed else 0)
+
+
+def global_sgd_steps(hp, seq_len):
+    """The phases' global SGD; with TRAIN_ROWS=packed its rows are packed as training's."""
+    return adapt_steps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip,
+                       hp.global_ttt_chunk_tokens, seq_len, hp.train_rows == "packed")
 
 
 def adapt_on_chunk(model, ledger, first, end, params, optimizer, steps, seq_len, rank, world_size, device, autocast):
     """steps.epochs passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
-    is the mean over the global batch of steps.batch_seqs sequences whatever the world size; gradients are summed."""
+    is the mean over the global batch of steps.batch_seqs sequences whatever the world size; gradients are summed.
+    With steps.spans, the step's sequences are cut into that many contiguous spans (rank_share), each one row whose
+    documents are cut into pieces of at most seq_len from their own starts."""
     tokens = ledger.training_tokens(first, end)
     sequences = [(start, start, min(start + seq_len, end)) for start in range(first, end, seq_len)]
-    local_rows = -(-steps.batch_seqs // world_size)
+    local_rows, row_len = -(-steps.rows // world_size), steps.row_len(seq_len)
     for _ in range(steps.epochs):
         for batch_start in range(0, len(sequences), steps.batch_seqs):
             batch = sequences[batch_start:batch_start + steps.batch_seqs]
             count = sum(end_ - start for start, _, end_ in batch)
-            mine = [(s - first, f - first, e - first) for s, f, e in rank_share(batch, rank, world_size)]
-            inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], seq_len, local_rows, device))
+            spans = [rank_share(batch, index, steps.rows) for index in range(steps.rows)]
+            rows = [(span[0][0], span[0][1], span[-1][2]) for span in spans if span]
+            mine = [(s - first, f - first, e - first) for s, f, e in rank_share(rows, rank, world_size)]
+            inputs, targets, mask = next(window_batches(tokens, mine or [(0, 0, 0)], row_len, local_rows, device))
             with autocast():
-                losses = model(inputs, targets, reduction="none")
+                losses = model(inputs, targets, reduction="none", piece_len=seq_len if steps.spans else 0)
             (losses.float() * mask).sum().div(count).backward()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             if world_size > 1:
@@ -3998,7 +4027,7 @@ def scoring_work(num_windows, rows_per_batch, world_size, seq_len):
 def adapt_work(first, end, steps, seq_len, world_size):
     """Positions one rank forwards and backwards to adapt on targets [first, end): whole batches of padded rows."""
     batches = -(-(-(-(end - first) // seq_len)) // steps.batch_seqs)
-    return steps.epochs * batches * -(-steps.batch_seqs // world_size) * seq_len
+    return steps.epochs * batches * -(-steps.rows // world_size) * steps.row_len(seq_len)
 
 
 class TTTClock:
@@ -4066,8 +4095,8 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     params = ttt_parameters(model, hp)
     optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if ttt_optimizer_of(hp) == "sgd" else
                  torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
-    chunk_steps = AdaptSteps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip)
-    global_steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    chunk_steps = adapt_steps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip, hp.ttt_chunk_tokens, seq_len)
+    global_steps = global_sgd_steps(hp, seq_len)
     ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
     per_segment, adapting, adapted = [], True, 0
     num_chunks, progress = -(-num_targets // chunk), Progress(log, "segment", len(segments))
@@ -4428,7 +4457,7 @@ def run_document_phase(models, ledger, documents, params, hp, rank, world_size, 
     phase_ledger = ScoredTargets(stream)
     phase_ledger.commit(stream.numel() - 1)
     seq_len = hp.eval_seq_len or hp.train_seq_len
-    steps = AdaptSteps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip)
+    steps = global_sgd_steps(hp, seq_len)
     work = sum(adapt_work(first, stop, steps, seq_len, world_size)
                for first, stop in global_chunks(stream.numel() - 1, hp.global_ttt_chunk_tokens)[:-1])
     if not clock.fits(work, work_after):
@@ -5094,16 +5123,16 @@ def warm_evaluation_graphs(run, model, layouts, final_looping):
             seconds = timed_synthetic_pass(run, model.forward, rows, seq_len)
         run.log(f"warmup_eval: seq_len:{seq_len} rows:{rows} looping:{looping} time:{seconds:.2f}s")
     net.looping = final_looping
-    for rows, params in ttt_training_passes(run, model):
+    for rows, row_len, piece_len, params in ttt_training_passes(run, model):
         trainable = {id(param) for param in params}
         for param in net.parameters():
             param.requires_grad_(id(param) in trainable)
-        seconds = timed_synthetic_pass(run, model.forward, rows, run.eval_seq_len, backward=True)
+        seconds = timed_synthetic_pass(run, model.forward, rows, row_len, backward=True, piece_len=piece_len)
         for param in net.parameters():
             param.requires_grad_(True)
         model.optimizers.zero_grad()
-        run.log(f"warmup_ttt_training: seq_len:{run.eval_seq_len} rows:{rows} params:{len(params)} "
-                f"time:{seconds:.2f}s")
+        run.log(f"warmup_ttt_training: seq_len:{row_len} rows:{rows} " + (f"pieces:{piece_len} " if piece_len else "")
+                + f"params:{len(params)} time:{seconds:.2f}s")
     ttt_forward = lora_forward_of(run, net) if hp.ttt_enabled and hp.ttt_method == "lora" else None
     net.looping = initial_looping
     return ttt_forward
@@ -5121,24 +5150,26 @@ def warm_up_evaluation(run, model):
 
 
 def ttt_training_passes(run, model):
-    """(rows per rank, trained parameters) of each training pass TTT makes through the compiled model."""
-    hp, passes = run.hp, []
-    rows_of = lambda batch_seqs: -(-batch_seqs // run.world_size)
+    """(rows per rank, row length, piece length, trained parameters) of each training pass TTT makes through the
+    compiled model (the shapes of adapt_on_chunk)."""
+    hp, passes, seq_len = run.hp, [], run.eval_seq_len
+    shape_of = lambda steps: (-(-steps.rows // run.world_size), steps.row_len(seq_len), seq_len if steps.spans else 0)
     if hp.ttt_enabled and hp.ttt_method == "chunk":
-        passes.append((rows_of(hp.ttt_batch_seqs), ttt_parameters(model.forward, hp)))
+        steps = adapt_steps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip, hp.ttt_chunk_tokens, seq_len)
+        passes.append((*shape_of(steps), ttt_parameters(model.forward, hp)))
     if hp.ttt_enabled and hp.phased_ttt_enabled:  # the global SGD: chunk TTT's parameters, or all with LoRA TTT
         params = ttt_parameters(model.forward, hp) if hp.ttt_method == "chunk" else list(model.net.parameters())
-        passes.append((rows_of(hp.global_ttt_batch_seqs), params))
-    return list({rows: (rows, params) for rows, params in passes}.values())
+        passes.append((*shape_of(global_sgd_steps(hp, seq_len)), params))
+    return list({tuple(shape): (*shape, params) for *shape, params in passes}.values())
 
 
-def timed_synthetic_pass(run, forward, rows, seq_len, backward=False):
+def timed_synthetic_pass(run, forward, rows, seq_len, backward=False, piece_len=0):
     """Seconds of one pass of the compiled model over `rows` random sequences (the per-token losses, summed for the
-    backward as TTT sums them), waited for."""
+    backward as TTT sums them), waited for; `piece_len`: see GPT.hidden_states."""
     start = time.perf_counter()
     tokens = torch.randint(run.hp.vocab_size, (rows, seq_len + 1), device=run.device)  # synthetic tokens
     with run.autocast():
-        losses = forward(tokens[:, :-1], tokens[:, 1:], reduction="none")
+        losses = forward(tokens[:, :-1], tokens[:, 1:], reduction="none", piece_len=piece_len)
     if backward:
         losses.float().sum().backward()
     synchronize(run)

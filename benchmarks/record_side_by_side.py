@@ -9,7 +9,8 @@ own settings, the record's weights are drawn at random and copied into ours, and
      momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3;
   4. the whole evaluation of the record, per-document LoRA TTT with phased global SGD, over a small validation
      stream: its eval_val_ttt_phased against our per_document_lora_ttt, in fp32, every adapter's A drawn alike
-     on both sides (each side draws its own at random otherwise);
+     on both sides (each side draws its own at random otherwise); then with its global SGD's packed rows against
+     ours under TRAIN_ROWS=packed;
   5. the export at width 512 (where every matrix is large enough to be quantized): the record's gptq_mixed_quantize
      and dequantize_mixed against our quantize_state_dict and dequantize_state_dict, from the same weights and the
      same Hessians: what each tensor becomes;
@@ -58,6 +59,11 @@ RECORD_COMMAND = dict(SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5"
 TTT_SIZES = dict(TTT_BATCH_SIZE="4", TTT_EVAL_SEQ_LEN="128", TTT_LORA_RANK="8", PHASED_TTT_PREFIX_DOCS="8",
                  PHASED_TTT_NUM_PHASES="2", GLOBAL_TTT_CHUNK_TOKENS="1024", GLOBAL_TTT_BATCH_SEQS="1",
                  EVAL_SEQ_LEN="1024")
+# With TRAIN_ROWS=packed, the record's own batches: chunks of 8 sequences of 128, each chunk one step of one row,
+# documents cut into pieces of 128 from their own starts. In one process the record packs the whole step into one
+# row; ours packs a step into STREAM_CHUNKS rows, the record's 8 ranks', whatever the world size, so the comparison
+# sets STREAM_CHUNKS to 1, the record's rank count here.
+PACKED_TTT_SIZES = dict(TTT_SIZES, GLOBAL_TTT_BATCH_SEQS="32", EVAL_SEQ_LEN="128")
 BOS = 1
 DOCUMENT_STARTS = [0, 37, 100, 290, 300, 451]  # in one row of 512 tokens
 
@@ -316,19 +322,21 @@ def adapters_drawn_alike(record):
         T.BatchedLoRA.__init__, T.BatchedLoRA.reset = our_init, our_reset
 
 
-def record_ttt_settings(record, hp):
-    """The record's Hyperparameters (its command's values) with the evaluation's sizes of TTT_SIZES."""
+def record_ttt_settings(record, hp, sizes):
+    """The record's Hyperparameters (its command's values) with the evaluation's `sizes`."""
     h = record.Hyperparameters()
-    for name in TTT_SIZES:
+    for name in sizes:
         setattr(h, name.lower(), type(getattr(h, name.lower()))(getattr(hp, name.lower())))
     return h
 
 
-def compare_ttt_evaluation(record, args, documents):
+def compare_ttt_evaluation(record, args, documents, packed=False):
     """The record's eval_val_ttt_phased and our per_document_lora_ttt, from the same weights over the same stream:
     val_loss and val_bpb, and how many phases ran; the model alone (no adaptation) for scale."""
     theirs = record_model(record, seed=0, device=args.device)
-    ours, hp = our_model(theirs, clip=0.3, **TTT_SIZES)
+    sizes = PACKED_TTT_SIZES if packed else TTT_SIZES
+    rows = dict(TRAIN_ROWS="packed", DOC_ISOLATION="1") if packed else {}
+    ours, hp = our_model(theirs, clip=0.3, **sizes, **rows)
     theirs.looping_active = ours.looping = True
     tokens, luts = validation_stream(seed=3, documents=documents)
     device = torch.device(args.device)
@@ -346,21 +354,32 @@ def compare_ttt_evaluation(record, args, documents):
     with adapters_drawn_alike(record):
         alone = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
                                         log=lambda message: None, budget_left=lambda: -1.0).result
-        settings = record_ttt_settings(record, hp)
+        settings = record_ttt_settings(record, hp, sizes)
         with warnings.catch_warnings():  # its autocast names CUDA: off on the CPU, where both sides run in fp32
             warnings.filterwarnings("ignore", message="CUDA is not available")
             record_loss, record_bpb = record.eval_val_ttt_phased(settings, theirs, device, validation,
                                                                  theirs.forward_ttt)
         for path in Path("/tmp").glob(f"ttt_*_{settings.run_id}"):  # its ranks' shared counters
             path.unlink()
-        report = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
-                                         log=lambda message: None)
+        with stream_chunks(1 if packed else T.STREAM_CHUNKS):
+            report = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
+                                             log=lambda message: None)
     our_loss, our_bpb, _ = report.result
     record_phases = sum(line.startswith("ttpr:") for line in record_lines)
-    print(f"ttt_evaluation documents:{documents} batches:{report.rounds} phases record/ours:{record_phases}/"
+    print(f"ttt_evaluation{'(packed_global_sgd)' if packed else ''} documents:{documents} batches:{report.rounds} "
+          f"phases record/ours:{record_phases}/"
           f"{report.phases} val_loss record {record_loss:.6f} ours {our_loss:.6f} difference "
           f"{our_loss - record_loss:+.1e}; val_bpb record {record_bpb:.6f} ours {our_bpb:.6f} difference "
           f"{our_bpb - record_bpb:+.1e}; the model alone {alone[0]:.6f} ({alone[0] - record_loss:+.3f})")
+
+
+@contextlib.contextmanager
+def stream_chunks(count):
+    saved, T.STREAM_CHUNKS = T.STREAM_CHUNKS, count
+    try:
+        yield
+    finally:
+        T.STREAM_CHUNKS = saved
 
 
 def random_hessians(names_and_widths, seed):
@@ -452,6 +471,7 @@ def main(argv=None):
         compare_steps(record, args, clip)
     for documents in (16, 18):
         compare_ttt_evaluation(record, args, documents)
+    compare_ttt_evaluation(record, args, 18, packed=True)
     compare_export(record, args)
     if args.shard:
         with tempfile.TemporaryDirectory() as tmp:

@@ -518,6 +518,28 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_alike(sam
     assert not re.search(r"^warning: .* compiled after the warmup", log, re.M)
 
 
+
+@pytest.mark.cuda_path
+def test_packed_rows_build_their_training_and_global_sgd_graphs_in_the_warmup(sample, tmp_path):
+    """TRAIN_ROWS=packed with phased chunk TTT (dynamo's aot_eager backend, the shapes and guards being the point):
+    the training rows of 512 and the global SGD's 8 spans (rows of 2 sequences of 128, one per step) are compiled in
+    the warmup, and nothing after it."""
+    env = tiny_env(sample, RUN_ID="packed", COMPILE="1", WARMUP_STEPS="1", DOC_ISOLATION="1", TRAIN_ROWS="packed",
+                   GRAD_ACCUM_STEPS="8", TRAIN_BATCH_TOKENS="4096", TRAIN_SEQ_LEN="128", ITERATIONS="3",
+                   TTT_ENABLED="1", TTT_CHUNK_TOKENS="4096", TTT_EPOCHS="1", TTT_BATCH_SEQS="4",
+                   PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1",
+                   GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="32")
+    command = [sys.executable, "-c",
+               f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
+               "compile = torch.compile\n"
+               "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
+               "import train_gpt as T\nT.main()\n"]
+    log = run_log(command, env, tmp_path, "packed")
+    assert re.search(r"^warmup_ttt_training: seq_len:128 rows:4 params:", log, re.M)  # chunk TTT: a row each
+    assert re.search(r"^warmup_ttt_training: seq_len:256 rows:8 pieces:128 params:", log, re.M)
+    assert re.search(r"^ttt_phase: 1/1 ", log, re.M) and "\nfinal_ttt_exact val_loss:" in log
+    assert_every_graph_built_in_the_warmup(log)
+
 # Each seed's stack at smoke size, small tables, through its export and its own evaluation: sliding windows, chunk TTT
 # (pr754, pr703), per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile with inductor;
 # PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds its

@@ -246,3 +246,83 @@ def test_progress_is_printed_at_most_every_interval_and_always_at_the_end(monkey
     for done in range(1, 5):
         progress(done, done / 4)
     assert lines == ["ttt_progress: round:3/4 elapsed:40s eta:13s", "ttt_progress: round:4/4 elapsed:41s eta:0s"]
+
+
+def adapted_delta(model, tokens, steps, seq_len, rank=0, world_size=1, shapes=None):
+    """The parameter change of adapt_on_chunk over all of `tokens` with SGD at lr 1 (no momentum): minus the summed
+    gradient over the count of the global batch, linear in each rank's gradient. `shapes` collects the rows' shapes."""
+    start = [p.detach().clone() for p in model.parameters()]
+    ledger = T.ScoredTargets(tokens)
+    ledger.commit(tokens.numel() - 1)
+    params = list(model.parameters())
+
+    def forward(inputs, targets, reduction, piece_len):
+        if shapes is not None:
+            shapes.append((tuple(inputs.shape), piece_len))
+        return model(inputs, targets, reduction=reduction, piece_len=piece_len)
+    T.adapt_on_chunk(forward, ledger, 0, tokens.numel() - 1, params, torch.optim.SGD(params, lr=1.0), steps, seq_len,
+                     rank, world_size, CPU, AUTOCAST_OFF)
+    delta = [(p.detach() - s) for p, s in zip(model.parameters(), start)]
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    return delta
+
+
+def documents_model():
+    hp = small_hp(num_layers=2, doc_isolation=True, smear_gate=False, bigram_buckets=0)  # see test_doc_isolation
+    torch.manual_seed(0)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def document_stream(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.concatenate([[1, *rng.integers(2, 64, n - 1)] for n in lengths]).astype(np.int64))
+
+
+def test_an_adaptation_step_pads_no_row_beyond_its_chunks_sequences_and_updates_as_the_padded_one_did():
+    """A chunk of 96 targets in sequences of 16 has 6 sequences: with TTT_BATCH_SEQS=32 each rank used to run 32 rows
+    (at 8 ranks, 4 where the chunk gives 1), 26 of them padding, as the records never did."""
+    model, tokens = documents_model(), document_stream([30, 40, 27])
+    padded_shapes, capped_shapes = [], []
+    padded = adapted_delta(model, tokens, T.AdaptSteps(1, 32, 0.0), 16, shapes=padded_shapes)
+    capped_steps = T.adapt_steps(1, 32, 0.0, chunk_tokens=96, seq_len=16)
+    capped = adapted_delta(model, tokens, capped_steps, 16, shapes=capped_shapes)
+    assert padded_shapes == [((32, 16), 0)] and capped_shapes == [((6, 16), 0)]
+    for a, b in zip(padded, capped):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert T.adapt_work(0, 96, capped_steps, 16, 8) == 16 and T.adapt_work(0, 96, T.AdaptSteps(1, 32, 0.0), 16, 8) == 64
+    assert T.adapt_steps(1, 4, 0.0, chunk_tokens=96, seq_len=16).batch_seqs == 4  # fewer than the chunk's: as asked
+
+
+def test_packed_global_sgd_trains_each_document_piece_as_a_row_of_its_own_at_any_world_size():
+    """TRAIN_ROWS=packed (the 04-27 record's global SGD): a step's 6 sequences of 16 make STREAM_CHUNKS spans (rows
+    of 1 sequence here, at most 8), and each row's documents are cut into pieces of 16 from their own starts. With SGD
+    at lr 1, one step's change is minus the mean gradient, so it equals running each piece as its own row; and
+    ranks 0 and 1 of 2, summed, equal one process."""
+    model, tokens = documents_model(), document_stream([30, 40, 27])  # 96 targets: 6 sequences of 16
+    hp = small_hp(num_layers=2, global_ttt_epochs=1, global_ttt_batch_seqs=32, global_ttt_grad_clip=0.0,
+                  global_ttt_chunk_tokens=96, train_rows="packed", doc_isolation=True)
+    steps, shapes = T.global_sgd_steps(hp, 16), []
+    assert steps.rows == 6 and steps.row_len(16) == 16
+    steps = steps._replace(spans=3)  # 3 spans of 2 sequences: rows of 32 whose documents cross a sequence's end
+    packed = adapted_delta(model, tokens, steps, 16, shapes=shapes)
+    assert shapes == [((3, 32), 16)]
+    starts = T.document_starts(tokens[None, :-1].reshape(3, 32), 1, 16).reshape(-1)
+    bounds = torch.nonzero(starts).flatten().tolist() + [96]
+    pieces = list(zip(bounds, bounds[1:]))
+    assert any(tokens[first] != 1 and first % 32 for first, _ in pieces)  # cut 16 tokens after a document's start
+    model.zero_grad()
+    losses = [model(tokens[None, a:b], tokens[None, a + 1:b + 1], reduction="none").sum() for a, b in pieces]
+    (sum(losses) / 96).backward()
+    for delta, p in zip(packed, model.parameters()):
+        torch.testing.assert_close(delta, -p.grad, rtol=1e-4, atol=1e-6)
+    unpacked = adapted_delta(model, tokens, steps._replace(spans=0), 16)
+    assert max((a - b).abs().max().item() for a, b in zip(packed, unpacked)) > 1e-4  # sequences cut documents
+    halves = [adapted_delta(model, tokens, steps, 16, rank, 2) for rank in (0, 1)]
+    for delta, first, second in zip(packed, *halves):
+        torch.testing.assert_close(first + second, delta, rtol=1e-4, atol=1e-6)
