@@ -2129,8 +2129,9 @@ class GPT(nn.Module):
         return torch.lerp(weighted, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
     def hidden_states(self, input_ids, cu_seqlens=None, adapters=None, block=Block.__call__, piece_len=0):
-        """`piece_len`: the rows are TRAIN_ROWS=packed rows, their documents cut into pieces of at most this many
-        tokens (see document_starts); 0 for any other row, which a document spans up to the row's end."""
+        """`piece_len`: the rows are packed rows (TRAIN_ROWS=packed: training's, and the phases' global SGD's), their
+        documents cut into pieces of at most this many tokens (see document_starts); 0 for any other row, which a
+        document spans up to the row's end."""
         x0 = self.embed(input_ids)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         order = self.layer_order()
@@ -3928,10 +3929,10 @@ class AdaptSteps(NamedTuple):
 
 
 def adapt_steps(epochs, batch_seqs, grad_clip, chunk_tokens, seq_len, packed=False):
-    """AdaptSteps over chunks of at most chunk_tokens targets. A step holds no more sequences than a chunk has, so
-    no row is padding only (the records' ranks take a share of the chunk's sequences, and pad none). Packed, a step's
-    sequences make STREAM_CHUNKS rows at any world size, as the 04-27 record's global SGD packs each of its 8 ranks'
-    share into one row."""
+    """AdaptSteps over chunks of at most chunk_tokens targets. A step holds no more sequences than a chunk has: the
+    rows a larger batch would add could only be padding, which the records' ranks, each taking its share of the
+    chunk's sequences, never compute. Packed, a step's sequences make STREAM_CHUNKS rows at any world size, as the
+    04-27 record's global SGD packs each of its 8 ranks' share into one row."""
     batch_seqs = min(batch_seqs, -(-chunk_tokens // seq_len))
     return AdaptSteps(epochs, batch_seqs, grad_clip, min(STREAM_CHUNKS, batch_seqs) if packed else 0)
 

@@ -268,6 +268,12 @@ def test_a_packed_row_scores_each_piece_as_if_it_ran_alone(monkeypatch, backend)
     assert error < tolerance, (backend, error)
     whole = logits(model, torch.cat(docs), dtype)  # rows that are not packed: the documents whole
     assert (whole - packed).abs().max().item() > 5 * error  # their second pieces read their first
+    if backend == "fa3":  # the varlen wrapper cuts the same pieces for the cu_seqlens it finds
+        row = torch.cat(docs)[None]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            wrapped = T.VarlenDocuments(model, BOS)(row[:, :-1], row[:, 1:], reduction="none", piece_len=8)
+            direct = model(row[:, :-1], row[:, 1:], reduction="none", piece_len=8)  # cu_seqlens from its pieces
+        torch.testing.assert_close(wrapped.float(), direct.float(), rtol=0, atol=0)
 
 
 def test_packed_rows_are_refused_where_they_cannot_be_honoured():
