@@ -52,8 +52,9 @@ def small_hp(preset="", **overrides):
     NUM_LAYERS (middle layer looped once, parallel lanes on the last layer), or a preset's model."""
     import train_gpt as T
     layers = overrides.get("num_layers", 4)
-    values = dict(num_layers=layers, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, train_seq_len=32, eval_stride=16,
-                  loop_start=layers // 2, loop_end=layers // 2, num_loops=1, parallel_start_layer=layers - 1)
+    values = dict(num_layers=layers, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=64, train_seq_len=32,
+                  eval_stride=16, loop_start=layers // 2, loop_end=layers // 2, num_loops=1,
+                  parallel_start_layer=layers - 1)
     for name in filter(None, preset.split(",")):
         values.update(T.PRESETS[name])
     values.update(overrides)

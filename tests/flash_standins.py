@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 def _check(q, k, v):
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"FlashAttention only support fp16 and bf16 data type (got q:{q.dtype} k:{k.dtype} v:{v.dtype})")
+        raise RuntimeError(f"FlashAttention only support fp16 and bf16 data type "
+                           f"(got q:{q.dtype} k:{k.dtype} v:{v.dtype})")
     if q.dim() != 4 or k.shape != v.shape or q.size(2) % k.size(2):
         raise RuntimeError(f"bad shapes q:{tuple(q.shape)} k:{tuple(k.shape)} v:{tuple(v.shape)}")
 
@@ -108,8 +109,9 @@ def varlen_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
             S = S.masked_fill(torch.ones_like(S, dtype=torch.bool).triu(1), float("-inf"))
         P = S.softmax(-1)
         dS = P * (dO @ V.transpose(-1, -2) - (dO * (P @ V)).sum(-1, keepdim=True))
-        dq[a:b], dk[a:b], dv[a:b] = ((dS @ K * scale).transpose(0, 1), (dS.transpose(-1, -2) @ Q * scale).transpose(0, 1),
-                                     (P.transpose(-1, -2) @ dO).transpose(0, 1))
+        dq[a:b] = (dS @ K * scale).transpose(0, 1)
+        dk[a:b] = (dS.transpose(-1, -2) @ Q * scale).transpose(0, 1)
+        dv[a:b] = (P.transpose(-1, -2) @ dO).transpose(0, 1)
     fold = lambda g: g.view(g.size(0), -1, groups, g.size(2)).sum(2)  # query heads back onto their K/V head
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 

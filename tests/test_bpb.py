@@ -81,7 +81,8 @@ class ConstantModel(torch.nn.Module):
 
     def forward(self, inputs, targets, reduction="none"):
         logits = torch.zeros(*inputs.shape, self.vocab)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return losses.view_as(targets)
 
 
 class TargetValueModel(torch.nn.Module):
@@ -98,28 +99,32 @@ class TargetValueModel(torch.nn.Module):
 AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
 
 
-@pytest.mark.parametrize("num_tokens, seq_len, batch_tokens", [(2, 4, 4), (1001, 64, 256), (1024, 64, 128), (97, 10, 35)])
+@pytest.mark.parametrize("num_tokens, seq_len, batch_tokens",
+                         [(2, 4, 4), (1001, 64, 256), (1024, 64, 128), (97, 10, 35)])
 def test_evaluation_formula_and_exact_bytes(num_tokens, seq_len, batch_tokens):
     rng = np.random.default_rng(num_tokens)
     vocab = 50
     tokens = torch.from_numpy(rng.integers(0, vocab, num_tokens).astype(np.int32))
     luts = (rng.integers(1, 4, vocab), rng.random(vocab) < 0.5, rng.random(vocab) < 0.1)
     target_bytes = T.TargetBytes(T.target_byte_counts(tokens.numpy(), luts))
-    loss, bpb, scored = T.evaluate(ConstantModel(vocab), tokens, target_bytes, seq_len, seq_len, batch_tokens, 0, 1, torch.device("cpu"), AUTOCAST_OFF)
+    loss, bpb, scored = T.evaluate(ConstantModel(vocab), tokens, target_bytes, seq_len, seq_len, batch_tokens, 0, 1,
+                                   torch.device("cpu"), AUTOCAST_OFF)
     n_bytes = T.count_target_bytes(tokens.numpy(), luts)
     assert scored == num_tokens - 1 and target_bytes.total == n_bytes
     assert loss == pytest.approx(math.log(vocab), rel=1e-6)  # fp32 cross-entropy of uniform logits
     assert bpb == pytest.approx(loss / math.log(2) * (num_tokens - 1) / n_bytes, rel=1e-12)
 
 
-@pytest.mark.parametrize("num_tokens, seq_len, batch_tokens, world_size", [(2, 4, 4, 1), (1001, 64, 256, 3), (1025, 64, 128, 2), (97, 10, 35, 4)])
+@pytest.mark.parametrize("num_tokens, seq_len, batch_tokens, world_size",
+                         [(2, 4, 4, 1), (1001, 64, 256, 3), (1025, 64, 128, 2), (97, 10, 35, 4)])
 def test_every_target_is_scored_exactly_once_over_ranks(num_tokens, seq_len, batch_tokens, world_size):
     tokens = torch.arange(num_tokens, dtype=torch.int32)  # unique ids: the sums below identify the scored set
     target_bytes = T.TargetBytes(np.arange(1, num_tokens))  # target p covers p + 1 "bytes"
     windows = T.plan_windows(num_targets=num_tokens - 1, seq_len=seq_len, stride=seq_len)
     rows = T.eval_rows_per_batch(batch_tokens, seq_len, world_size)
     for power in (0, 1, 2):  # count, sum and sum of squares of the scored target ids
-        sums = sum(T.score_windows(TargetValueModel(power), tokens, T.rank_share(windows, rank, world_size), target_bytes,
-                                   seq_len, rows, torch.device("cpu"), AUTOCAST_OFF) for rank in range(world_size))
+        sums = sum(T.score_windows(TargetValueModel(power), tokens, T.rank_share(windows, rank, world_size),
+                                   target_bytes, seq_len, rows, torch.device("cpu"), AUTOCAST_OFF)
+                   for rank in range(world_size))
         assert sums[0].item() == sum(j ** power for j in range(1, num_tokens))
         assert sums[2].item() == sum(range(1, num_tokens))  # the bytes of each scored target, once

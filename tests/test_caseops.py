@@ -155,8 +155,8 @@ def test_the_records_exporter_output_is_written_byte_for_byte(corpus, tmp_path):
     byte sidecar for the same documents, file for file."""
     import prepare_docs
     docs = corpus / "fineweb_docs_200.jsonl"
-    out, _ = prepare_docs.prepare(str(docs), name="rec", tokenizer=corpus / RECORD_TOKENIZER, caseops=True, val_source=str(docs),
-                                  output_root=tmp_path)
+    out, _ = prepare_docs.prepare(str(docs), name="rec", tokenizer=corpus / RECORD_TOKENIZER, caseops=True,
+                                  val_source=str(docs), output_root=tmp_path)
     for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"):
         assert (out / name).read_bytes() == (corpus / "caseops_record" / name).read_bytes(), name
 

@@ -1,4 +1,5 @@
-"""Hyperparameters from the environment, their errors, `--help`, and the table that documents them (docs/configuration.md)."""
+"""Hyperparameters from the environment, their errors, `--help`, and the table that documents them
+(docs/configuration.md)."""
 
 import dataclasses
 import re
@@ -14,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_env_vars_are_typed_and_override_presets():
-    hp, sources = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LAYERS": "6", "TIE_EMBEDDINGS": "false", "MATRIX_LR": "0.02"})
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LAYERS": "6", "TIE_EMBEDDINGS": "false",
+                                              "MATRIX_LR": "0.02"})
     assert hp.num_layers == 6 and hp.tie_embeddings is False and hp.matrix_lr == 0.02
     assert hp.model_dim == T.PRESETS["smoke"]["model_dim"]
     assert sources["num_layers"] == "env" and sources["model_dim"] == "preset:smoke" and sources["seed"] == "default"
@@ -73,18 +75,21 @@ def test_readme_table_documents_every_env_var_with_its_default():
     fields = {f.name.upper(): f.default for f in dataclasses.fields(T.Hyperparameters)}
     assert set(table) == set(fields)
     for name, default in fields.items():
-        assert table[name] == ("\"\"" if default == "" else str(default)), f"README default of {name} is {table[name]!r}, the code says {default!r}"
+        assert table[name] == ("\"\"" if default == "" else str(default)), \
+            f"README default of {name} is {table[name]!r}, the code says {default!r}"
 
 
 def test_only_the_hyperparameters_block_reads_the_environment():
-    allowed = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"}  # torchrun's (it sets the threads too)
-    lines = [(n, line) for n, line in enumerate((REPO / "train_gpt.py").read_text().splitlines(), 1) if "os.environ" in line]
+    allowed = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"}  # torchrun's (and threads)
+    source = (REPO / "train_gpt.py").read_text().splitlines()
+    lines = [(n, line) for n, line in enumerate(source, 1) if "os.environ" in line]
     assert any("environ = os.environ if environ is None" in line for _, line in lines)  # Hyperparameters.from_env
     for number, line in lines:
         if "environ = os.environ if environ is None" in line:
             continue
         names = set(re.findall(r"[\"']([A-Z_]+)[\"']", line))
-        assert names and names <= allowed, f"train_gpt.py:{number} reads the environment outside Hyperparameters: {line.strip()}"
+        assert names and names <= allowed, \
+            f"train_gpt.py:{number} reads the environment outside Hyperparameters: {line.strip()}"
 
 
 def test_readme_test_command_is_what_ci_runs():

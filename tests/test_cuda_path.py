@@ -107,7 +107,8 @@ def test_bf16_autocast_keeps_master_weights_logits_loss_and_optimizer_state_in_f
     loss.backward()
     assert set(linear_outputs) == {torch.bfloat16}  # the matrices ran in bf16
     assert logits.dtype == loss.dtype == torch.float32  # softcap and cross-entropy in fp32
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32
+               for p in model.parameters() if p.grad is not None)
     seen = []
     original = optimizers.muon.orthogonalize
     optimizers.muon.orthogonalize = lambda g, *a, **k: seen.append(k.get("dtype")) or original(g, *a, **k)
@@ -150,8 +151,8 @@ def test_a_whole_run_under_bf16_autocast_scores_within_bf16_noise_of_fp32(sample
     # Training, validation, GPTQ calibration, the round-trip, sliding windows and TTT, all on the bf16 path.
     summaries = {}
     for autocast in ("off", "bf16"):
-        env = tiny_env(sample, AUTOCAST=autocast, RUN_ID=autocast, EVAL_STRIDE=128, TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000,
-                       TTT_EPOCHS=1, TTT_BATCH_SEQS=4, OMP_NUM_THREADS=1, VAL_LOSS_EVERY=3)
+        env = tiny_env(sample, AUTOCAST=autocast, RUN_ID=autocast, EVAL_STRIDE=128, TTT_ENABLED=1,
+                       TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=4, OMP_NUM_THREADS=1, VAL_LOSS_EVERY=3)
         result = run_script([sys.executable, SCRIPT], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         log = (tmp_path / "logs" / f"{autocast}.txt").read_text()
@@ -267,7 +268,8 @@ class FakeRun:
 
     def __init__(self, hp, world_size=1, grad_accum_steps=1, autocast="off"):
         torch.manual_seed(0)
-        self.hp, self.world_size, self.grad_accum_steps, self.device = hp, world_size, grad_accum_steps, torch.device("cpu")
+        self.hp, self.world_size, self.grad_accum_steps = hp, world_size, grad_accum_steps
+        self.device = torch.device("cpu")
         self.model = T.GPT(hp, bos_id=BOS)
         self.model.looping = hp.num_loops > 0
         self.optimizers = T.Optimizers(self.model, hp, 0, world_size)
@@ -341,8 +343,8 @@ def test_the_measured_peak_is_logged_beside_the_estimate_and_warns_near_capacity
 
 def test_out_of_memory_names_the_setting_and_the_value_to_try():
     hp = dataclasses.replace(EVERYTHING, train_batch_tokens=16 * 32)
-    assert "set GRAD_ACCUM_STEPS=4 " in T.out_of_memory_advice(FakeRun(hp, world_size=2, grad_accum_steps=2))
-    assert "micro-batch of 4 sequences of 32 tokens" in T.out_of_memory_advice(FakeRun(hp, world_size=2, grad_accum_steps=2))
+    advice = T.out_of_memory_advice(FakeRun(hp, world_size=2, grad_accum_steps=2))
+    assert "set GRAD_ACCUM_STEPS=4 " in advice and "micro-batch of 4 sequences of 32 tokens" in advice
     assert "lower TRAIN_BATCH_TOKENS=512" in T.out_of_memory_advice(FakeRun(hp, world_size=8, grad_accum_steps=2))
 
 
@@ -360,7 +362,8 @@ def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weigh
     assert result.returncode == 1
     assert "set GRAD_ACCUM_STEPS=2 (the micro-batch halves" in result.stderr
     log = (tmp_path / "logs" / "oom.txt").read_text()
-    assert "memory_estimate: per_gpu:" in log and "saved_raw_weights:logs/oom_raw.pt step:2" in log and "FINISH_FROM=" in log
+    assert "memory_estimate: per_gpu:" in log and "FINISH_FROM=" in log
+    assert "saved_raw_weights:logs/oom_raw.pt step:2" in log
 
 
 def free_port():
@@ -425,8 +428,8 @@ def test_two_nodes_without_a_shared_disk_match_one_process_and_only_the_first_wr
         cwd = tmp_path / f"node{node}"
         shutil.copytree(data_dir, cwd / "data")  # each node reads its own copy: nothing on disk is shared
         shutil.copy(tokenizer, cwd / "tokenizer.model")
-        env = distributed_env(sample, "nodes", 2, DATA_PATH=str(cwd / "data"), TOKENIZER_PATH=str(cwd / "tokenizer.model"),
-                              RECORD_DIR="record")
+        env = distributed_env(sample, "nodes", 2, DATA_PATH=str(cwd / "data"),
+                              TOKENIZER_PATH=str(cwd / "tokenizer.model"), RECORD_DIR="record")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
                     f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=pg"]
         clean = {k: v for k, v in T.os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
@@ -474,7 +477,8 @@ def test_the_default_stack_compiles_once_per_layout_with_inductor(sample, tmp_pa
     # the LR changing every step, the validations at step 0 (unlooped) and step 4 (looped), the evaluation graph
     # (round-trip, sliding windows, TTT's scoring) and TTT's adapting graph.
     compiled, eager = compared_runs(sample, tmp_path, ITERATIONS=8, WARMUP_STEPS=2, NUM_LOOPS=1, LOOP_START=1,
-                                    LOOP_END=1, PARALLEL_RESIDUALS=1, PARALLEL_START_LAYER=1, WARMDOWN_FRAC=0.5, QAT_START_LR_SCALE=0.5,
+                                    LOOP_END=1, PARALLEL_RESIDUALS=1, PARALLEL_START_LAYER=1, WARMDOWN_FRAC=0.5,
+                                    QAT_START_LR_SCALE=0.5,
                                     MILE_GAMMA=1.1, EVAL_STRIDE=128, TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000,
                                     TTT_EPOCHS=1, TTT_BATCH_SEQS=4, VAL_LOSS_EVERY=4)
     assert "compile:True" in compiled and "recurrence: activated at step:3 " in compiled and "qat: enabled" in compiled
@@ -541,9 +545,9 @@ def test_packed_rows_build_their_training_and_global_sgd_graphs_in_the_warmup(sa
     assert_every_graph_built_in_the_warmup(log)
 
 # Each seed's stack at smoke size, small tables, through its export and its own evaluation: sliding windows, chunk TTT
-# (pr754, pr703), per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile with inductor;
-# PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds its
-# dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
+# (pr754, pr703), per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile
+# with inductor; PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds
+# its dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
 # suite, which has the time; record in the CUDA-path step.
 PRESET_COMPILE_SETTINGS = {
     "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",

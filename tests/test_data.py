@@ -72,7 +72,8 @@ def _global_rows(loader_factory, step, world_size, accum):
 @pytest.mark.parametrize("data_seed", [-1, 7])  # the challenge's stream order, and shuffled windows
 def test_loader_is_world_size_invariant_and_ranks_are_disjoint(tmp_path, data_seed):
     files = _make_shards(tmp_path, [5000, 3333, 4100])
-    factory = lambda rank, world, accum: T.TrainLoader(files, 32, 16, data_seed, rank=rank, world_size=world, grad_accum_steps=accum)
+    factory = lambda rank, world, accum: T.TrainLoader(files, 32, 16, data_seed, rank=rank, world_size=world,
+                                                       grad_accum_steps=accum)
     for step in (0, 3, 17):  # step 17 crosses an epoch boundary (386 windows / 16 per step)
         reference = _global_rows(factory, step, 1, 8)
         for world, accum in ((2, 4), (4, 2), (8, 1), (2, 1)):
@@ -121,7 +122,8 @@ def test_tokenizer_must_match_vocab_size(corpus):
 
 def baseline_loader_rows(files, batch_tokens, seq_len, steps, world_size=8, grad_accum=1):
     """A re-statement of the challenge baseline's loader: the sorted shards as one cyclic stream; every call takes
-    the next (local + 1) * world_size tokens and rank r reads its (local + 1)-token span as rows (inputs, last target)."""
+    the next (local + 1) * world_size tokens and rank r reads its (local + 1)-token span as rows (inputs, last
+    target)."""
     stream = np.concatenate([np.asarray(T.load_shard(f)) for f in files])
     local = batch_tokens // (world_size * grad_accum)
     position, per_step = 0, []
@@ -143,7 +145,8 @@ def test_the_default_order_gives_each_step_the_baselines_tokens(tmp_path):
     files = _make_shards(tmp_path, [5000, 3333, 4100])
     expected = baseline_loader_rows(files, 16 * 32, 32, steps=30)  # 30 steps wrap around the 12,433 tokens
     for world, accum in ((1, 8), (8, 1), (2, 4)):
-        factory = lambda rank, w, a: T.TrainLoader(files, 32, 16, -1, rank=rank, world_size=w, grad_accum_steps=a)  # noqa: E731
+        factory = lambda rank, w, a: T.TrainLoader(  # noqa: E731
+            files, 32, 16, -1, rank=rank, world_size=w, grad_accum_steps=a)
         for step in range(30):
             assert sorted(_global_rows(factory, step, world, accum).tolist()) == expected[step], (world, accum, step)
 

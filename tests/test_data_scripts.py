@@ -38,13 +38,15 @@ def fineweb_texts(corpus, count):
 def test_drop_val_duplicates_drops_exactly_the_copies_of_validation_documents(corpus, tmp_path):
     texts = fineweb_texts(corpus, 40)
     source = tmp_path / "docs.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20] + [texts[3]] + texts[20:] + [texts[7]]))
+    with_duplicates = texts[:20] + [texts[3]] + texts[20:] + [texts[7]]
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in with_duplicates))
     tokenizer = str(corpus / "tokenizers" / "fineweb_1024_bpe.model")
     out_dir, _ = prepare_docs.prepare(str(source), "t", tokenizer=tokenizer, num_val_docs=10, shard_tokens=5000,
                                       output_root=tmp_path / "out", drop_val_duplicates=True)
     _, entry = root_manifest_entry(tmp_path / "out", "t_sp1024")
     assert (entry["stats"]["docs_val"], entry["stats"]["docs_train"]) == (10, 30)
-    assert entry["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 2 and entry["prepare_docs"]["drop_val_duplicates"]
+    assert entry["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 2
+    assert entry["prepare_docs"]["drop_val_duplicates"]
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     _, _, val_docs = _split_docs(out_dir, "val", sp.bos_id())
     assert val_docs == sp.encode(texts[:10])
@@ -95,7 +97,8 @@ def test_the_default_export_is_the_challenge_exporters_byte_for_byte(corpus, tmp
     manifest, entry = root_manifest_entry(tmp_path / "out", "fineweb10B_sp1024")
     assert list(manifest) == ["version", "num_docs", "num_val_docs", "shuffle_seed", "shard_size", "append_eos",
                               "docs_jsonl", "docs_meta", "tokenizer_specs", "tokenizers", "datasets"]
-    assert (manifest["num_docs"], manifest["num_val_docs"], manifest["shard_size"], manifest["append_eos"]) == (41, 10, 5000, False)
+    assert (manifest["num_docs"], manifest["num_val_docs"], manifest["shard_size"], manifest["append_eos"]) == \
+        (41, 10, 5000, False)
     assert entry["stats"] == dict(docs_total=41, docs_val=10, docs_train=31, files_total=len(expected),
                                   files_val=sum(n.startswith("fineweb_val") for n in expected),
                                   files_train=sum(n.startswith("fineweb_train") for n in expected),
@@ -157,14 +160,17 @@ def test_the_stdlib_sample_is_real_text_with_a_small_validation_split(sample):
     data_dir, _ = sample
     _, entry = root_manifest_entry(data_dir.parent.parent, "stdlib_sp1024")
     assert entry["stats"]["docs_val"] == prepare_docs.STDLIB_VAL_DOCS
-    assert entry["stats"]["tokens_train"] > 200_000 and entry["stats"]["tokens_val"] < entry["stats"]["tokens_train"] / 5
+    stats = entry["stats"]
+    assert stats["tokens_train"] > 200_000 and stats["tokens_val"] < stats["tokens_train"] / 5
 
 
 # ---- the downloader, with a directory standing in for the Hub ----
 
 MANIFEST = {
-    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024", "stats": {"files_train": 3, "files_val": 1}},
-                 {"name": "fineweb10B_byte260", "tokenizer_name": "pure_byte_260", "stats": {"files_train": 1, "files_val": 1}}],
+    "datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+                  "stats": {"files_train": 3, "files_val": 1}},
+                 {"name": "fineweb10B_byte260", "tokenizer_name": "pure_byte_260",
+                  "stats": {"files_train": 1, "files_val": 1}}],
     "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
                     "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"},
                    {"name": "pure_byte_260", "path": "tokenizers/fineweb_pure_byte_260.json"}],
@@ -212,7 +218,8 @@ class FakeHubClient:
 def hub(tmp_path):
     fake_repo(tmp_path / "willdepueo")
     fake_repo(tmp_path / "kevclark", prefix="exports", manifest={
-        "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 2, "files_val": 2}}],
+        "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
+                      "stats": {"files_train": 2, "files_val": 2}}],
         "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}]})
     return FakeHubClient({"willdepueoai/parameter-golf": tmp_path / "willdepueo",
                           "kevclark/parameter-golf": tmp_path / "kevclark"}, tmp_path / "cache")
@@ -231,7 +238,8 @@ def test_download_writes_the_challenges_paths_from_the_cache(hub, tmp_path):
     assert (data / "tokenizers" / "fineweb_1024_bpe.vocab").read_bytes() == b"sp_bpe_1024:vocab_path"
     assert json.loads((data / "manifest.json").read_text()) == MANIFEST
     shard = data / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
-    blob = tmp_path / "cache" / "willdepueoai--parameter-golf" / "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin"
+    blob = (tmp_path / "cache" / "willdepueoai--parameter-golf" / "datasets" / "datasets" / "fineweb10B_sp1024"
+            / "fineweb_train_000001.bin")
     assert shard.stat().st_ino == blob.stat().st_ino  # linked from the cache, not a second copy
     assert ("willdepueoai/parameter-golf", "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin") in hub.calls
 
@@ -274,7 +282,8 @@ def test_byte260_json_tokenizer_docs_and_skip_manifest(hub, tmp_path):
 def test_a_damaged_shard_in_the_cache_is_named_and_never_put_in_place(hub, tmp_path):
     shard = tmp_path / "willdepueo" / "datasets" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:-4])
-    with pytest.raises(SystemExit, match="fineweb_train_000000.bin from willdepueoai/parameter-golf is not a whole shard"):
+    with pytest.raises(SystemExit,
+                       match="fineweb_train_000000.bin from willdepueoai/parameter-golf is not a whole shard"):
         fetch(hub, tmp_path, ["--train-shards", "1"])
     assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000000.bin").exists()
 
@@ -323,8 +332,8 @@ def run_downloader(tmp_path, args, **env):
 def test_the_real_hub_client_serves_the_cache_offline(tmp_path):
     pytest.importorskip("huggingface_hub")
     cache = hf_cache(tmp_path / "hf", "kevclark/parameter-golf", fake_repo(tmp_path / "repo").parent)
-    result, _, data = run_downloader(tmp_path, ["--variant", "sp1024", "1"], HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache),
-                                     MATCHED_FINEWEB_REPO_ID="kevclark/parameter-golf")
+    result, _, data = run_downloader(tmp_path, ["--variant", "sp1024", "1"], HF_HUB_OFFLINE="1",
+                                     HF_HUB_CACHE=str(cache), MATCHED_FINEWEB_REPO_ID="kevclark/parameter-golf")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (data / "datasets" / "fineweb10B_sp1024").iterdir()) == [
         "fineweb_train_000000.bin", "fineweb_val_000000.bin"]

@@ -15,10 +15,11 @@ from conftest import REPO, run_script, small_hp, tiny_env
 import flash_standins
 
 BOS = 1
-STACK = small_hp(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, bigram_buckets=31, bigram_dim=16,
-                 ve_layers="2,3", ve_dim=16, value_residual=True, backout_layer=3, doc_isolation=True)
-NEON = small_hp("neon213", num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, loop_start=0, loop_end=-1,
-                num_loops=0, parallel_start_layer=-1, conv_k=5, mlp_conv_k=3, kernel_schedule="", doc_isolation=True)
+STACK = small_hp(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, bigram_buckets=31,
+                 bigram_dim=16, ve_layers="2,3", ve_dim=16, value_residual=True, backout_layer=3, doc_isolation=True)
+NEON = small_hp("neon213", num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97, loop_start=0,
+                loop_end=-1, num_loops=0, parallel_start_layer=-1, conv_k=5, mlp_conv_k=3, kernel_schedule="",
+                doc_isolation=True)
 LENGTHS = (9, 13, 10)  # three documents packed into one 32-token row
 
 

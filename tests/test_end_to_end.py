@@ -32,7 +32,8 @@ def summary(log):
 @pytest.fixture(scope="module")
 def single_run(sample, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("single")
-    env = smoke_env(sample, ITERATIONS=40, WARMDOWN_FRAC=0.25, VAL_LOSS_EVERY=20, RUN_ID="e2e", RECORD_DIR=cwd / "record")
+    env = smoke_env(sample, ITERATIONS=40, WARMDOWN_FRAC=0.25, VAL_LOSS_EVERY=20, RUN_ID="e2e",
+                    RECORD_DIR=cwd / "record")
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return cwd, env, (cwd / "logs" / "e2e.txt").read_text()
@@ -49,7 +50,9 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
     # The default stack in miniature: recurrence switches on at 35% of the 40 steps, after the untimed warmup
     # compiled (here: ran) both layouts.
     assert re.search(r"^features: .*xsa_layers:all attn_gate:sparse .*smear_gate:scalar\(bos_masked\) ln_scale "
-                     r"sublayer_scales resid_mix unet_skips\(gated\) depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5\(routing\)$", log, re.M)
+                     r"sublayer_scales resid_mix unet_skips\(gated\) "
+                     r"depth_recurrence:layers2-3x3@0.35\(virtual_layers:10\) parallel_lanes:4-5\(routing\)$",
+                     log, re.M)
     assert "recurrence: activated at step:14 " in log and "warmup_step:2/2 looping:True" in log
     # The exported weights are the EMA, and the log says so; the matrices are banked for Parallel Muon.
     assert "weight_averaging: exported ema(decay:0.9965 updates:40)" in log
@@ -87,8 +90,8 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
                                                    "train_seed1337.log"}  # what only the run knows
     make.make(record)  # the rest is derived from the log
     names = {p.name for p in record.iterdir()} - {"loss_curves.png"}  # the plot needs matplotlib
-    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py", "train_seed1337.log",
-                     "requirements.txt"}
+    assert names == {"README.md", "index.jsonl", "submission.json", "train_gpt.py", "train_gpt_human.py",
+                     "train_seed1337.log", "requirements.txt"}
     submission = json.loads((record / "submission.json").read_text())
     assert submission == make.submission_from_logs([log])
     assert submission["val_bpb"] == summary(log)["val_bpb"] and submission["seeds"] == [1337]
@@ -109,8 +112,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
                         TTT_CHUNK_SIZE=64, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
-                        GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)  # the export and eval costs are not what is tested
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+                        # the export and eval costs are not what is tested
+                        GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                    if nproc > 1 else [sys.executable])
         result = run_script(launcher + [SCRIPT], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         runs[nproc] = (tmp_path / "logs" / f"ws{nproc}.txt").read_text()
@@ -123,8 +128,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
     for log in runs.values():  # 19 batches of 8 documents, longest first; phases after documents 30 and 60
         assert "bpb_bytecheck:ok docs:150 bytes:" in log and "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
-        assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 boundaries:\[30, 60\]$",
-                         log, re.M)
+        assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 "
+                         r"boundaries:\[30, 60\]$", log, re.M)
         assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 2/2 documents:60" in log
         assert re.search(r"compliance: ttt:score_first method:lora .* last_chunk_trained:no .* phases:2", log)
 
@@ -136,7 +141,8 @@ def test_benchmark_mode_times_both_layouts_and_stops(sample, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "bench.txt").read_text()
     for looping in (False, True):  # before and after depth recurrence; no MFU on the CPU (no known peak)
-        assert re.search(rf"^benchmark: looping:{looping} steps:2 ms_per_step:[\d.]+ tokens_per_s_per_gpu:\d+ $", log, re.M)
+        assert re.search(rf"^benchmark: looping:{looping} steps:2 ms_per_step:[\d.]+ tokens_per_s_per_gpu:\d+ $", log,
+                         re.M)
     assert not re.search(r"^summary_json: ", log, re.M) and not list((tmp_path / "logs").glob("*.ptz"))
 
 
@@ -172,7 +178,8 @@ CHALLENGE_PARSERS = {
     "serialized_raw": r"^Serialized model: (\d+) bytes$",
     "code_size": r"^Code size: (\d+) bytes$",
     "total_raw": r"^Total submission size: (\d+) bytes$",
-    "serialized": r"^Serialized model ([a-z0-9]+\+[a-z]+): (\d+) bytes \(payload:(\d+) raw_torch:(\d+) payload_ratio:([\d.]+)x\)$",
+    "serialized": r"^Serialized model ([a-z0-9]+\+[a-z]+): (\d+) bytes "
+                  r"\(payload:(\d+) raw_torch:(\d+) payload_ratio:([\d.]+)x\)$",
     "total": r"^Total submission size ([a-z0-9]+\+[a-z]+): (\d+) bytes$",
     "final_exact": r"^(final_[a-z0-9_]+)_exact val_loss:(\d+\.\d{8}) val_bpb:(\d+\.\d{8})$",
 }
@@ -194,13 +201,14 @@ def test_challenge_parsers_read_every_line_they_expect(single_run):
     assert int(found["total_raw"][0]) == int(found["serialized_raw"][0]) + sizes["bytes_code"]
     assert int(found["model_params"][0]) > 0
     assert found["final_exact"][0][0] == "final_int6_brotli_roundtrip"
-    assert float(found["final_exact"][-1][2]) == pytest.approx(sizes["val_bpb"], abs=1e-8)  # the last _exact line is the score
+    # the last _exact line is the score
+    assert float(found["final_exact"][-1][2]) == pytest.approx(sizes["val_bpb"], abs=1e-8)
 
 
 def test_the_baseline_preset_exports_int8_zlib_and_scores_the_plain_round_trip(sample, tmp_path):
     from conftest import tiny_env
     env = tiny_env(sample, PRESET="baseline,smoke", RUN_ID="base")
-    for inert in ("GPTQ_CALIBRATION_BATCHES", "SIZE_TARGET_BYTES", "WARMDOWN_FRAC"):  # the baseline has no GPTQ or SDClip
+    for inert in ("GPTQ_CALIBRATION_BATCHES", "SIZE_TARGET_BYTES", "WARMDOWN_FRAC"):  # no GPTQ or SDClip there
         env.pop(inert)
     result = run_script([sys.executable, SCRIPT], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -222,7 +230,8 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     text = (cwd / "logs" / "again.txt").read_text()
     sha = __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
-    assert f"eval_only: artifact:{artifact} sha256:{sha} " in text and not re.search(r"^(step|warmup_step):", text, re.M)
+    assert f"eval_only: artifact:{artifact} sha256:{sha} " in text
+    assert not re.search(r"^(step|warmup_step):", text, re.M)
     exact = r"^final_int6_brotli_roundtrip_exact (.*)$"
     assert re.search(exact, text, re.M).group(1) == re.search(exact, log, re.M).group(1)
     ttt = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="ttt", EVAL_ONLY_QUANTIZED_PATH=str(artifact),

@@ -182,7 +182,8 @@ def test_a_phase_end_changes_no_score_before_it_and_the_phase_adapts_on_all_scor
     assert not torch.equal(phased[2], plain[2])
     assert all(stop <= scored for _, stop, scored in reads)  # the ledger's guard, seen from outside
     global_reads = [(first, stop) for first, stop, scored in reads if scored == end]
-    chunks = [(first, min(first + PHASED.global_ttt_chunk_tokens, end)) for first in range(0, end, PHASED.global_ttt_chunk_tokens)]
+    chunk = PHASED.global_ttt_chunk_tokens
+    chunks = [(first, min(first + chunk, end)) for first in range(0, end, chunk)]
     assert global_reads == chunks[:-1]  # the phase's global SGD walks [0, end) once per chunk, the last one aside
     assert [(first, stop) for first, stop, scored in plain_reads if scored == end] == [(HP.ttt_chunk_tokens, end)]
 

@@ -87,7 +87,8 @@ def trained(sample):
         optimizers.step(lr_scale=1.0, momentum=T.muon_momentum(hp, step))
         optimizers.zero_grad()
     batches = lambda first: [loader.batch(step, 0)[0] for step in range(first, first + 4)]
-    return hp, model, T.collect_hessians(model, batches(100), NO_AUTOCAST), T.collect_hessians(model, batches(200), NO_AUTOCAST)
+    hessians = [T.collect_hessians(model, batches(first), NO_AUTOCAST) for first in (100, 200)]
+    return hp, model, *hessians
 
 
 def output_error(quantized, model, held_out):
@@ -252,15 +253,17 @@ def test_size_target_picks_the_finest_clip_grid_that_fits(trained):
     groups = T.quantized_tensor_groups(model)
     _, blob, k_scale = T.quantize_to_fit(model.state_dict(), groups, hp, None, 1000)
     assert k_scale == 1.0  # no target: the k's as given
-    fit = lambda target: T.quantize_to_fit(model.state_dict(), groups, dataclasses.replace(hp, size_target_bytes=target),
-                                           None, 1000, messages.append)
+    fit = lambda target: T.quantize_to_fit(model.state_dict(), groups,
+                                           dataclasses.replace(hp, size_target_bytes=target), None, 1000,
+                                           messages.append)
     messages = []
     _, _, k_scale = fit(10 ** 9)  # room to spare: the finest grid of the search range
     assert k_scale == T.K_SCALE_RANGE[0]
     for target in (1000 + len(blob) - 3000, 1000 + len(blob) + 3000):  # tighter and looser than k x1
         _, fitted, k_scale = fit(target)
         assert 1000 + len(fitted) <= target and (k_scale > 1.0) == (target < 1000 + len(blob))
-        finer = dataclasses.replace(hp, clip_k_mlp=hp.clip_k_mlp * k_scale / 1.1, clip_k_attn=hp.clip_k_attn * k_scale / 1.1,
+        finer = dataclasses.replace(hp, clip_k_mlp=hp.clip_k_mlp * k_scale / 1.1,
+                                    clip_k_attn=hp.clip_k_attn * k_scale / 1.1,
                                     clip_k_embed=hp.clip_k_embed * k_scale / 1.1)
         _, too_big, _ = T.quantize_to_fit(model.state_dict(), groups, finer, None, 1000)
         assert 1000 + len(too_big) > target  # a grid 10% finer would not have fit

@@ -60,7 +60,8 @@ def test_the_queue_is_the_records_longest_batches_first_and_phases_take_its_pref
     plan = T.document_phases(queue, prefix_docs=4, num_phases=2)
     # 2 documents scored after the first batch: phase 1; 4 after the second: phase 2, whose set is taken by batch
     # index, then position (the record's sort), and cut at 4
-    assert {position: [d.targets for d in docs] for position, docs in plan.items()} == {0: [45, 60], 1: [12, 20, 30, 45]}
+    planned = {position: [d.targets for d in docs] for position, docs in plan.items()}
+    assert planned == {0: [45, 60], 1: [12, 20, 30, 45]}
     assert T.document_phases(queue, prefix_docs=8, num_phases=1) == {}  # would end after the last batch
     assert T.queue_rounds(3, [0], 2) == [[0], [1, 2]] and T.queue_rounds(5, [], 2) == [[0, 1], [2, 3], [4]]
 

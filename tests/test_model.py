@@ -13,14 +13,15 @@ BOS = 1
 BASELINE = small_hp("baseline", num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97)
 STACK = small_hp(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=97)
 # Every technique at once, including those the default stack leaves off.
-EVERYTHING = dataclasses.replace(STACK, bigram_buckets=31, bigram_dim=16, ve_layers="2,3", ve_dim=16, value_residual=True,
-                                 backout_layer=3)
+EVERYTHING = dataclasses.replace(STACK, bigram_buckets=31, bigram_dim=16, ve_layers="2,3", ve_dim=16,
+                                 value_residual=True, backout_layer=3)
 ONE_AT_A_TIME = {  # technique: settings that switch it on over the baseline
     "leaky_relu2": dict(mlp_activation="leaky_relu2"), "ortho_init": dict(ortho_init=True),
     "partial_rope": dict(rope_dims=8), "xsa": dict(xsa_layers="all"), "xsa_some": dict(xsa_layers="1,3"),
-    "head_gate": dict(attn_gate="head"), "output_gate": dict(attn_gate="output"), "sparse_gate": dict(attn_gate="sparse"),
-    "value_residual": dict(value_residual=True), "value_embed": dict(ve_layers="1,3", ve_dim=16),
-    "bigram_hash": dict(bigram_buckets=31, bigram_dim=16), "smear_gate": dict(smear_gate=True), "ln_scale": dict(ln_scale=True),
+    "head_gate": dict(attn_gate="head"), "output_gate": dict(attn_gate="output"),
+    "sparse_gate": dict(attn_gate="sparse"), "value_residual": dict(value_residual=True),
+    "value_embed": dict(ve_layers="1,3", ve_dim=16), "bigram_hash": dict(bigram_buckets=31, bigram_dim=16),
+    "smear_gate": dict(smear_gate=True), "ln_scale": dict(ln_scale=True),
     "skip_gates": dict(skip_gates=True), "recurrence": dict(num_loops=2, loop_start=1, loop_end=2, loop_enable_at=0),
     "parallel_lanes": dict(parallel_residuals=True, parallel_start_layer=2), "backout": dict(backout_layer=2),
     "norm_weights": dict(norm_weights=True),
@@ -312,10 +313,12 @@ def expected_parameters(hp):
     d, heads, layers = hp.model_dim, hp.num_heads, hp.num_layers
     kv = d // heads * hp.num_kv_heads
     hidden = int(round(hp.mlp_mult * d))
-    gate = {"none": 0, "head": heads * d, "output": heads * hp.gate_window, "sparse": heads * hp.gate_window}[hp.attn_gate]
+    gate = {"none": 0, "head": heads * d, "output": heads * hp.gate_window,
+            "sparse": heads * hp.gate_window}[hp.attn_gate]
     head_dim = d // heads
     query_scale = 2 * head_dim + 2 * d if hp.norm_weights else heads  # q/k and sublayer norm weights, or the q gain
-    block = 2 * d * d + 2 * d * kv + query_scale + 2 * d * hidden + 2 * d * hp.sublayer_scales + 2 * d * hp.resid_mix + gate
+    block = (2 * d * d + 2 * d * kv + query_scale + 2 * d * hidden + 2 * d * hp.sublayer_scales
+             + 2 * d * hp.resid_mix + gate)
     ve_layers = len(hp.layer_set("ve_layers"))
     total = layers * block + hp.vocab_size * d * (1 if hp.tie_embeddings else 2)
     total += (layers - 1) * hp.value_residual + ve_layers
@@ -343,7 +346,8 @@ def test_baseline_preset_matches_the_challenge_record():
     # The challenge's naive baseline (9x512, 8/4 heads, MLP 2x, vocab 1024, tied) has 17,059,912 parameters.
     hp, _ = T.Hyperparameters.from_env({"PRESET": "baseline"})
     assert T.count_parameters(T.GPT(hp)) == (17_059_912, 524_288, 16_535_624)
-    assert T.describe_features(T.GPT(hp), hp) == "mlp:relu2x2 gqa:8/4 rope_dims:64/64 qk_gain_init:1.5 softcap:30 tied_embeddings sublayer_scales resid_mix unet_skips"
+    assert T.describe_features(T.GPT(hp), hp) == ("mlp:relu2x2 gqa:8/4 rope_dims:64/64 qk_gain_init:1.5 softcap:30 "
+                                                  "tied_embeddings sublayer_scales resid_mix unet_skips")
 
 
 def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_it():
@@ -361,8 +365,10 @@ def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_i
     weights = T.mile_weights(logits.flatten(0, 1), torch.tensor(1.1))
     log_p = F.log_softmax(logits.flatten(0, 1), -1)
     entropy = -(log_p.exp() * log_p).sum(-1)
-    assert torch.allclose(weights, (1 - torch.exp(-entropy)) ** 1.1 / ((1 - torch.exp(-entropy)) ** 1.1).mean(), atol=1e-5)
-    assert torch.allclose(model(tokens, targets, mile_gamma=torch.tensor(1.1)), (per_token.flatten() * weights).mean(), atol=1e-6)
+    confident = (1 - torch.exp(-entropy)) ** 1.1
+    assert torch.allclose(weights, confident / confident.mean(), atol=1e-5)
+    weighted = model(tokens, targets, mile_gamma=torch.tensor(1.1))
+    assert torch.allclose(weighted, (per_token.flatten() * weights).mean(), atol=1e-6)
 
 
 def test_output_projections_start_at_zero_and_ortho_init_is_orthogonal():

@@ -255,9 +255,11 @@ def test_a_run_grows_its_kernels_on_schedule_and_exports_them(sample, tmp_path):
     assert len(re.findall(r"^kernel_growth: .* optimizers:restarted$", log, re.M)) == 2  # each stage restarts them
     assert "\nfinal_fp16_brotli_roundtrip_exact val_loss:" in log  # its fp16 export, scored on plain windows
     assert ("mlp:swiglux4 gqa:4/2 rope_dims:32/32 qk_gain_init:1 no_softcap tied_embeddings no_embed_norm "
-            "random_init_proj norm_weights conv_qkvi:5 intent_gate mlp_gate_conv:3 kernel_schedule:1@0,3@0.5,5@0.75(init:random)") in log
+            "random_init_proj norm_weights conv_qkvi:5 intent_gate mlp_gate_conv:3 "
+            "kernel_schedule:1@0,3@0.5,5@0.75(init:random)") in log
     assert re.search(r"^pr: step:4 q:[\d./]+ k:[\d./]+ v:[\d./]+ i:[\d./]+ residual:[\d./]+$", log, re.M)
-    assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\nsample_text: ['\"]def main", log, re.M)
+    assert re.search(r"^sample: prompt:'def main' tokens:12 temperature:0.8 top_k:50 seed:1337\n"
+                     r"sample_text: ['\"]def main", log, re.M)
     hp, _ = T.Hyperparameters.from_env(env)
     model = T.GPT(hp)
     model.load_state_dict(T.dequantize_state_dict(T.read_artifact(tmp_path / "logs" / "neon_model.fp16.ptz")))

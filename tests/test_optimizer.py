@@ -321,7 +321,8 @@ def test_lr_schedule_by_steps_and_by_wall_clock():
     assert T.lr_multiplier(timed, 3, 5000) == 1.0
     assert T.lr_multiplier(timed, 3, 9500) == pytest.approx(0.5)
     assert T.lr_multiplier(timed, 3, 9990) == pytest.approx(0.1)
-    assert T.Hyperparameters(warmdown_frac=0).warmdown_frac == 0 and T.lr_multiplier(T.Hyperparameters(warmdown_frac=0), 10**6, 0) == 1.0
+    no_warmdown = T.Hyperparameters(warmdown_frac=0)
+    assert no_warmdown.warmdown_frac == 0 and T.lr_multiplier(no_warmdown, 10**6, 0) == 1.0
 
 
 def test_muon_momentum_warmup():

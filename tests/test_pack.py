@@ -114,7 +114,8 @@ def test_the_packed_file_trains_and_scores_exactly_like_the_readable_file(sample
     packed_dir = tmp_path / "elsewhere"  # away from the readable file: the packed one must not need it
     packed_dir.mkdir()
     (packed_dir / "train_gpt.py").write_bytes(T.pack_source(SCRIPT.read_bytes())[0])
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
     logs = {}
     for name, script in (("readable", SCRIPT), ("packed", packed_dir / "train_gpt.py")):
         env = tiny_env(sample, RUN_ID=name, TRAIN_BATCH_TOKENS=2048, ITERATIONS=3, VAL_BATCH_SIZE=16384)
@@ -138,7 +139,8 @@ def test_the_packer_names_the_file_that_does_not_parse(tmp_path):
 def test_the_code_size_benchmark_counts_what_a_run_counts_and_every_line(tmp_path):
     source = tmp_path / "two.py"
     source.write_text('"""Doc."""\n\n\nclass Run:\n    def __init__(self):\n        self.hp = 1\n\n\n'
-                      '# ' + "=" * 20 + "\n# MAIN\n# " + "=" * 20 + "\ndef train(run):\n    run.model = 2\n" + "x = 1\n" * 3
+                      '# ' + "=" * 20 + "\n# MAIN\n# " + "=" * 20 + "\ndef train(run):\n    run.model = 2\n"
+                      + "x = 1\n" * 3
                       + "class Hyperparameters:\n    pass\n")
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "code_size.py"), "--source", str(source)],
                             capture_output=True, text=True)

@@ -32,8 +32,8 @@ def two_seeds(sample, tmp_path_factory):
     result = run_script([sys.executable, SCRIPT], env, cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "next: python3 records/make.py" in result.stdout
-    built = subprocess.run([sys.executable, str(REPO / "records" / "make.py"), str(cwd / "record")], capture_output=True,
-                           text=True)
+    built = subprocess.run([sys.executable, str(REPO / "records" / "make.py"), str(cwd / "record")],
+                           capture_output=True, text=True)
     assert built.returncode == 0 and "passes the records contract" in built.stdout, built.stdout + built.stderr
     return cwd, env
 
@@ -58,8 +58,8 @@ def test_the_index_records_every_launch_and_finish(two_seeds):
 def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_the_logs(two_seeds):
     cwd, _ = two_seeds
     folder = cwd / "record"
-    expected = {"README.md", "submission.json", "train_gpt.py", "train_gpt_human.py", "index.jsonl", "train_seed1337.log",
-                "train_seed42.log", "requirements.txt"}
+    expected = {"README.md", "submission.json", "train_gpt.py", "train_gpt_human.py", "index.jsonl",
+                "train_seed1337.log", "train_seed42.log", "requirements.txt"}
     if importlib.util.find_spec("matplotlib"):
         expected.add("loss_curves.png")
         assert (folder / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
@@ -75,7 +75,8 @@ def test_the_records_folder_passes_the_contract_and_its_submission_comes_from_th
     assert (submission["name"], submission["github_id"], submission["author"]) == ("Tiny pair", "tester", "")
     assert submission["track"] == "10min_16mb" and submission["hardware"] == "1x" + T.platform.machine()
     for log in logs:
-        assert submission["seed_results"][str(make.summary_of(log)["seed"])]["artifact_bytes"] == make.summary_of(log)["bytes_total"]
+        summary = make.summary_of(log)
+        assert submission["seed_results"][str(summary["seed"])]["artifact_bytes"] == summary["bytes_total"]
     assert submission["bytes_total"] == max(r["artifact_bytes"] for r in submission["seed_results"].values())
     assert submission["compliance"]["artifact_under_16mb"] and submission["compliance"]["eval_under_budget"]
     assert f"torch=={submission['versions']['torch']}\n" in (folder / "requirements.txt").read_text()
@@ -114,8 +115,8 @@ def test_the_contract_check_reports_a_nan_as_a_nan_and_a_packed_file_that_is_not
     assert problems == ["submission.json: val_bpb is nan, not a finite score"]
     log = (folder / "train_seed42.log").read_text()
     summary = make.summary_of(log)
-    (folder / "train_seed42.log").write_text(log.replace(json.dumps(summary, sort_keys=True),
-                                                         json.dumps(dict(summary, val_loss=float("nan")), sort_keys=True)))
+    diverged = json.dumps(dict(summary, val_loss=float("nan")), sort_keys=True)
+    (folder / "train_seed42.log").write_text(log.replace(json.dumps(summary, sort_keys=True), diverged))
     problems, _ = stats.check_record(folder)
     assert "train_seed42.log: val_loss is nan: a non-finite score is never a result" in problems
     (folder / "train_seed42.log").write_text(log)
@@ -185,8 +186,8 @@ def test_the_p_values_match_scipy():
 def test_the_stats_command_prints_the_verdict(tmp_path):
     candidate = write_logs(tmp_path / "candidate", dict(zip((1, 2, 3), CANDIDATE)))
     baseline = write_logs(tmp_path / "baseline", dict(zip((1, 2, 3, 4), BASELINE)))
-    result = run_script([sys.executable, str(REPO / "records" / "stats.py"), str(candidate), "--baseline", str(baseline)],
-                        {}, tmp_path, timeout=120)
+    result = run_script([sys.executable, str(REPO / "records" / "stats.py"), str(candidate), "--baseline",
+                         str(baseline)], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(r"p:0\.00109 -> significant at p < 0\.01", result.stdout)
     assert "mean      1.88076667" in result.stdout
@@ -218,7 +219,8 @@ def test_stats_reads_official_record_folders_as_they_are_in_the_challenge(tmp_pa
         "train_seed8.log": ["quantized_ttt_phased val_loss:2.31944212 val_bpb:1.05989454 eval_time:508785ms"]})
     baseline = official_folder(tmp_path, "baseline", None, {
         "train.log": ["seed:1337", "final_int8_zlib_roundtrip_exact val_loss:2.07269931 val_bpb:1.22436570"]})
-    runs = lambda folder: [(r["seed"], r["val_loss"], r["val_bpb"]) for r in stats.load_runs([folder], "x")]  # noqa: E731
+    runs = lambda folder: [(r["seed"], r["val_loss"], r["val_bpb"])  # noqa: E731
+                           for r in stats.load_runs([folder], "x")]
     assert runs(full) == [(0, 1.83, 1.081), (42, 1.81, 1.071)]
     assert runs(bpb_only) == [(42, 2.50671564, 1.08938974)]  # the line submission.json scores, not the last one
     assert runs(logs_only) == [(7, 1.89, 1.12), (8, 2.31944212, 1.05989454)]
@@ -247,7 +249,8 @@ def test_hand_filled_fields_survive_the_next_seed(two_seeds, sample, tmp_path):
     submission = json.loads((folder / "submission.json").read_text())
     submission.update(author="A. Person", blurb="written by hand")
     (folder / "submission.json").write_text(json.dumps(submission))
-    env = records_env(sample, SEED=7, RUN_ID="third", RECORD_DIR=folder, RECORD_NAME="Tiny pair", RECORD_GITHUB_ID="tester")
+    env = records_env(sample, SEED=7, RUN_ID="third", RECORD_DIR=folder, RECORD_NAME="Tiny pair",
+                      RECORD_GITHUB_ID="tester")
     result = run_script([sys.executable, SCRIPT], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     make.make(folder)
@@ -272,7 +275,8 @@ def test_the_shipped_cpu_example_passes_the_records_contract():
 
 
 def test_stats_names_every_log_it_cannot_count(tmp_path, capsys):
-    """A seed cut short (no summary_json) or diverged (a nan score) is named with the reason, never dropped in silence."""
+    """A seed cut short (no summary_json) or diverged (a nan score) is named with the reason, never dropped in
+    silence."""
     folder = write_logs(tmp_path / "three", {1: 2.0, 2: 2.01})
     (folder / "train_seed3.log").write_text(fake_log(3, 1.99).split("summary_json")[0])  # the run was cut short
     (folder / "train_seed4.log").write_text(fake_log(4, float("nan")))
@@ -280,7 +284,8 @@ def test_stats_names_every_log_it_cannot_count(tmp_path, capsys):
     runs = stats.load_runs([folder], "candidate")
     assert [run["seed"] for run in runs] == [1, 2]
     err = capsys.readouterr().err
-    assert "train_seed3.log: left out: no summary_json line" in err and "train_seed4.log: left out: its score is not finite" in err
+    assert "train_seed3.log: left out: no summary_json line" in err
+    assert "train_seed4.log: left out: its score is not finite" in err
     assert "train_seed5.log: left out: its summary_json line is cut short" in err
     print(stats.describe(runs, "candidate"))  # a nan no longer reaches statistics.stdev
     for name in ("train_seed1.log", "train_seed2.log", "train_seed5.log"):
@@ -297,7 +302,8 @@ def test_the_reproduce_command_pastes_into_bash_and_gives_back_every_value(tmp_p
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
     # Run it with the launcher replaced by a program that prints what it was given.
     names = [name for name in values if name != "SEED"] + ["SEEDS"]
-    show = f"{sys.executable} -c 'import json, os; print(json.dumps({{n: os.environ.get(n) for n in {json.dumps(names)}}}))'"
+    show = (f"{sys.executable} -c 'import json, os; "
+            f"print(json.dumps({{n: os.environ.get(n) for n in {json.dumps(names)}}}))'")
     launcher = "torchrun --standalone --nproc_per_node=8 train_gpt.py"
     assert command.endswith(launcher)
     printed = subprocess.run(["bash", "-c", command.replace(launcher, show)], capture_output=True, text=True,

@@ -275,7 +275,8 @@ def test_qat_fake_quantizes_exactly_onto_the_exported_grid(method, size_target):
     if size_target:  # a target that binds: smaller than the artifact at k x 1, so the search picks a coarser grid
         _, blob, _ = T.quantize_to_fit(model.state_dict(), groups, hp, None, 0)
         hp = dataclasses.replace(hp, size_target_bytes=len(blob) - 2000) if method == "sdclip" else hp
-    _, _, k_scale = T.quantize_to_fit(model.state_dict(), groups, hp, None, 0, log=lambda *_: None)  # qat_k_scale's search
+    # qat_k_scale's search
+    _, _, k_scale = T.quantize_to_fit(model.state_dict(), groups, hp, None, 0, log=lambda *_: None)
     if size_target and method == "sdclip":
         assert k_scale > 1.0
     T.set_qat(model, hp, on=True, k_scale=k_scale)
@@ -318,7 +319,8 @@ def block_params(d, kv_dim, hidden, heads, extra=0):
 def pr549_family_params(vocab=1024, layers=11, d=512, hidden=1536, bigram=1536, extra=0):
     kv_dim = 256
     tables = vocab * d + bigram * 128 + 128 * d + 1 + vocab * 128 + 128 * kv_dim + 1  # tokens, BigramHash, VE
-    return tables + layers * block_params(d, kv_dim, hidden, 8) + 2 + d + (layers // 2) * d + extra  # VE scales, smear, skips
+    # then the VE scales, the smear gate and the skips
+    return tables + layers * block_params(d, kv_dim, hidden, 8) + 2 + d + (layers // 2) * d + extra
 
 
 def neon213_params(k):
@@ -333,7 +335,8 @@ PRESET_PARAMS = {
     "pr703": pr549_family_params(extra=1),  # the backout multiple
     # The SP4096 record's log says 34401372; #1392 adds the seed-era SmearGate (512), and our U-Net skips have a
     # slot for each of the 6 encoder layers of the looped stack (the record's 5 skipped the sixth): +2 x 512.
-    "pr1392": 4096 * 512 + 4096 * 128 + 128 * 256 + 1 + 11 * block_params(512, 256, 2048, 8) + 2 + 512 + 1 + 2 * 6 * 512,
+    "pr1392": (4096 * 512 + 4096 * 128 + 128 * 256 + 1 + 11 * block_params(512, 256, 2048, 8) + 2 + 512 + 1
+               + 2 * 6 * 512),
     "neon213": neon213_params(1),  # NeonBench's table: 26,368,384 at k = 1, 26,675,584 at k = 21
 }
 
@@ -362,10 +365,12 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
     full, smoke = (T.Hyperparameters.from_env({"PRESET": p})[0] for p in ("pr754", "pr754,smoke"))
     assert (full.warmdown_iters, full.warmdown_frac) == (3500, 0.0)
     assert (smoke.warmdown_iters, smoke.warmdown_frac) == (0, pytest.approx(3500 / 6756, abs=1e-3))
-    assert T.Hyperparameters.from_env({"PRESET": "pr1392,smoke"})[0].loop_enable_at == pytest.approx(3000 / 5450, abs=1e-3)
+    looped = T.Hyperparameters.from_env({"PRESET": "pr1392,smoke"})[0]
+    assert looped.loop_enable_at == pytest.approx(3000 / 5450, abs=1e-3)
     assert T.Hyperparameters.from_env({"PRESET": "baseline,smoke"})[0].warmdown_frac == pytest.approx(0.087, abs=1e-3)
     assert T.Hyperparameters.from_env({"PRESET": "smoke"})[0].warmdown_frac == T.Hyperparameters.warmdown_frac
-    assert T.Hyperparameters.from_env({"PRESET": "pr754,smoke"})[0].ema_warmup  # 0.997 fixed over 300 steps would not do
+    # 0.997 fixed over 300 steps would not do
+    assert T.Hyperparameters.from_env({"PRESET": "pr754,smoke"})[0].ema_warmup
     assert not T.Hyperparameters.from_env({"PRESET": "pr754"})[0].ema_warmup
 
 
@@ -389,7 +394,8 @@ def test_the_record_preset_is_the_default_stack_with_the_record_s_data_evaluatio
                if getattr(record, f.name) != getattr(default, f.name) and f.name != "preset"}
     assert changed == RECORD_CHANGES
     # The default stack at SP8192: 48 parameters fewer than the record's logged model_params:35945671 (docs/seeds.md).
-    assert T.count_parameters(T.GPT(record))[0] == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
+    record_params = T.count_parameters(T.GPT(record))[0]
+    assert record_params == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
 
 
 def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(caseops_sample, tmp_path):
@@ -403,7 +409,7 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "record.txt").read_text()
     assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log and "doc_isolated:True" in log
-    assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:3 boundaries:\[4, 8, 12\]$",
-                     log, re.M)
+    assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:3 "
+                     r"boundaries:\[4, 8, 12\]$", log, re.M)
     assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 3/3 documents:12" in log
     assert "\nfinal_ttt_exact val_loss:" in log

@@ -96,7 +96,8 @@ def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
     on = T.dataclasses.replace(default, bigram_buckets=0, ve_layers="1")
     assert T.switched_on(on, "BIGRAM_BUCKETS > 0 or VE_LAYERS") and not T.switched_on(default, "VE_LAYERS")
     assert T.switched_on(default, "WEIGHT_AVERAGING=ema or ema_swa") and not T.switched_on(default, "TIE_EMBEDDINGS=0")
-    hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})  # the preset's LOOP_START is not the user's
+    # the preset's LOOP_START is not the user's
+    hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})
     assert hp.num_loops == 0
     T.Hyperparameters.from_env({"TTT_ENABLED": "1", "TTT_LORA_RANK": "4", "TTT_WEIGHT_DECAY": "0.5"})
 
@@ -119,7 +120,8 @@ def baseline_lr_mul(iterations, warmdown_iters, max_wallclock_ms, step, elapsed_
 
 
 def test_warmdown_iters_has_the_baselines_meaning():
-    hp, sources = T.Hyperparameters.from_env({"WARMDOWN_ITERS": "300", "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "0"})
+    hp, sources = T.Hyperparameters.from_env({"WARMDOWN_ITERS": "300", "ITERATIONS": "1000",
+                                              "MAX_WALLCLOCK_SECONDS": "0"})
     assert hp.warmdown_frac == 0 and sources["warmdown_frac"] == "implied:WARMDOWN_ITERS"
     for step in (0, 500, 699, 700, 701, 850, 999, 1000):
         assert T.lr_multiplier(hp, step, 0.0) == baseline_lr_mul(1000, 300, None, step, 0.0), step
@@ -181,7 +183,8 @@ def test_default_run_ids_are_unique_within_one_second():
 def start_and_signal(command, env, cwd, signum, log_name, after_step=3, timeout=120):
     """Launches `command`, waits until the log shows `after_step`, sends `signum`; returns (returncode, log)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
-    process = subprocess.Popen(command, cwd=cwd, env=dict(clean, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=cwd, env=dict(clean, **env), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     log = Path(cwd) / "logs" / log_name
     deadline = time.time() + timeout
     while not (log.exists() and f"step:{after_step}/" in log.read_text()):
@@ -201,15 +204,18 @@ def test_sigint_saves_the_weights_and_finishing_later_scores_as_a_run_that_stopp
     step = int(re.search(r"^interrupted: signal:SIGINT step:(\d+)$", log, re.M).group(1))
     assert f"saved_raw_weights:logs/cut_raw.pt step:{step}" in log and "FINISH_FROM=logs/cut_raw.pt" in log
     assert not list((tmp_path / "logs").glob("cut_model*"))
-    finished = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="cut_finished", FINISH_FROM="logs/cut_raw.pt"), tmp_path)
+    finished = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="cut_finished", FINISH_FROM="logs/cut_raw.pt"),
+                          tmp_path)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     stopped = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="stopped", ITERATIONS=str(step)), tmp_path)
     assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
-    finished_log, stopped_log = (tmp_path / "logs" / "cut_finished.txt").read_text(), (tmp_path / "logs" / "stopped.txt").read_text()
+    finished_log = (tmp_path / "logs" / "cut_finished.txt").read_text()
+    stopped_log = (tmp_path / "logs" / "stopped.txt").read_text()
     assert f"finish_from:logs/cut_raw.pt step:{step}" in finished_log
     assert roundtrip(finished_log) == roundtrip(stopped_log)
     # FINISH_FROM refuses weights of another configuration.
-    other = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="other", MODEL_DIM="32", FINISH_FROM="logs/cut_raw.pt"), tmp_path)
+    other = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="other", MODEL_DIM="32",
+                                                      FINISH_FROM="logs/cut_raw.pt"), tmp_path)
     assert other.returncode != 0 and "FINISH_FROM" in other.stderr and "config hash" in other.stderr
 
 
@@ -249,8 +255,9 @@ def test_a_bad_token_in_a_later_shard_is_named_before_training(sample, tmp_path)
     tokens[3000] = 1500
     write_shard(bad_data / "fineweb_train_999999.bin", tokens)  # the last shard, one bad id
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
-    result = run_script(command, tiny_env(sample, DATA_PATH=bad_data, RUN_ID="shard", TRAIN_BATCH_TOKENS=2048), tmp_path,
-                        timeout=120)  # two ranks: the shard is in the second rank's share of the scan
+    # two ranks: the shard is in the second rank's share of the scan
+    result = run_script(command, tiny_env(sample, DATA_PATH=bad_data, RUN_ID="shard", TRAIN_BATCH_TOKENS=2048),
+                        tmp_path, timeout=120)
     assert result.returncode != 0, result.stderr[-3000:]
     message = "fineweb_train_999999.bin holds token id 1500 >= VOCAB_SIZE=1024 (at token 3000)"
     assert message in result.stderr + result.stdout
@@ -265,7 +272,8 @@ def test_a_failed_artifact_write_keeps_the_raw_weights_and_leaves_no_partial_fil
     log = (tmp_path / "logs" / "w.txt").read_text()
     assert "saved_raw_weights:logs/w_raw.pt step:6" in log and "could not write the model artifact" in log
     assert "not_finished: export," in log
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["index.jsonl", "w.txt", "w_model.int6.ptz", "w_raw.pt"]
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == \
+        ["index.jsonl", "w.txt", "w_model.int6.ptz", "w_raw.pt"]
     assert not list((tmp_path / "logs" / "w_model.int6.ptz").iterdir())
 
 
@@ -279,7 +287,8 @@ def test_unusable_paths_are_named_before_training(sample, tmp_path, overrides, m
     (tmp_path / "file").write_text("not a model")
     env = tiny_env(sample, RUN_ID="p", **{k: v.format(tmp=tmp_path) for k, v in overrides.items()})
     result = run_script([sys.executable, SCRIPT], env, tmp_path, timeout=60)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +322,8 @@ def test_every_shard_is_scanned_for_bad_ids_and_ranks_share_the_scan(tmp_path):
     files = [str(p) for p in paths]
     shards = [T.load_shard(f) for f in files]
     T.check_token_ids(files[:2], shards[:2], 100)
-    with pytest.raises(T.DataError, match=r"fineweb_train_000002\.bin holds token id 100 >= VOCAB_SIZE=100 \(at token 40\)"):
+    with pytest.raises(T.DataError,
+                       match=r"fineweb_train_000002\.bin holds token id 100 >= VOCAB_SIZE=100 \(at token 40\)"):
         T.check_token_ids(files, shards, 100)
     # Rank 0 of two scans shard 0 only; the combined maxima (here: rank 1's share added by hand) still find it.
     T.check_token_ids(files, shards, 100, rank=0, world_size=2)
@@ -339,7 +349,8 @@ def read_in_a_fresh_process(path):
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "try:\n    T.read_artifact(sys.argv[2])\nexcept ValueError as error:\n    print(error)\n"
              "print('grew_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
-    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe, str(REPO), str(path)], capture_output=True, text=True,
+                            timeout=120)
     grew = re.search(r"grew_kib (\d+)", result.stdout)
     assert grew, result.stdout + result.stderr
     return result.stdout, int(grew.group(1))
@@ -385,7 +396,8 @@ def test_a_hostile_pergroup_payload_is_refused_before_it_is_used(tmp_path):
     cases = {
         "stream table is inconsistent": pergroup_artifact([packed(rest), packed(group)], sizes=len(rest)),
         "does not decompress to the size": pergroup_artifact([packed(rest), (lzma_id, 5, packed(group)[2])]),
-        "an lrzip stream has a bad header": pergroup_artifact([packed(rest), (T.STREAM_CODECS["lrzip"][0], 24, b"LRZI\0\6" + (1 << 40).to_bytes(8, "little") + bytes(10))]),
+        "an lrzip stream has a bad header": pergroup_artifact([packed(rest), (
+            T.STREAM_CODECS["lrzip"][0], 24, b"LRZI\0\6" + (1 << 40).to_bytes(8, "little") + bytes(10))]),
         "not a plain tensor state": pergroup_artifact([packed(T.pickle.dumps(print)), packed(group)]),
     }
     state = T.load_plain_state(rest, "rest")
@@ -477,8 +489,10 @@ def test_the_03_23_records_command_runs_that_records_method_with_every_name_tran
     hp, sources = T.Hyperparameters.from_env(env)
     assert hp.ttt_method == "chunk" and sources["ttt_method"].startswith("implied:")  # its TTT is chunk SGD
     assert (hp.bigram_buckets, hp.xsa_layers, hp.ve_layers, hp.ttt_params) == (1536, "-4,-3,-2,-1", "9,10", "all")
-    assert (hp.weight_averaging, hp.qat_start_lr_scale) == ("ema", 0.0)  # its SWA is never applied, its late QAT never ran
-    assert sources["xsa_layers"] == "env:XSA_LAST_N=4(translated)" and sources["bigram_buckets"] == "env:BIGRAM_VOCAB_SIZE(alias)"
+    # its SWA is never applied, its late QAT never ran
+    assert (hp.weight_averaging, hp.qat_start_lr_scale) == ("ema", 0.0)
+    assert sources["xsa_layers"] == "env:XSA_LAST_N=4(translated)"
+    assert sources["bigram_buckets"] == "env:BIGRAM_VOCAB_SIZE(alias)"
     preset, _ = T.Hyperparameters.from_env({"PRESET": "pr754", "EVAL_SEQ_LEN": "2048"})
     assert hp.layer_set("xsa_layers") == preset.layer_set("xsa_layers") == {7, 8, 9, 10}
 
@@ -492,7 +506,8 @@ def test_the_04_27_records_command_is_accepted_name_by_name_under_its_preset():
     preset, _ = T.Hyperparameters.from_env({"PRESET": "record", "SEED": "42"})
     differing = {f.name for f in T.dataclasses.fields(hp) if getattr(hp, f.name) != getattr(preset, f.name)}
     assert differing == {"data_dir"}  # the preset is the command: the same settings, the same values
-    assert (hp.compressor, hp.pergroup_codec, hp.fused_ce_enabled, hp.lqer_asym_enabled) == ("pergroup", "lrzip", True, True)
+    assert (hp.compressor, hp.pergroup_codec, hp.fused_ce_enabled, hp.lqer_asym_enabled) == \
+        ("pergroup", "lrzip", True, True)
     with pytest.raises(T.ConfigError, match="TTT_ENABLED=1"):  # its TTT is on by default there, off here
         T.Hyperparameters.from_env(env)
 
@@ -531,7 +546,8 @@ def test_raw_weights_that_logs_cannot_take_go_to_the_temporary_folder(tmp_path, 
     T.save_raw_weights(run)
     assert run.raw_weights_path == str(tmp_path / "tmp" / "r_raw.pt") and run.raw_saved
     assert T.load_raw_weights(run.raw_weights_path)[1]["step"] == 3
-    assert any("saved them to" in line for line in lines) and lines[-1].startswith(f"saved_raw_weights:{run.raw_weights_path}")
+    assert any("saved them to" in line for line in lines)
+    assert lines[-1].startswith(f"saved_raw_weights:{run.raw_weights_path}")
 
 
 def test_a_full_disk_is_called_a_full_disk(tmp_path, monkeypatch):
@@ -564,7 +580,8 @@ def test_a_hostile_or_truncated_raw_file_is_refused_in_one_sentence(tmp_path):
     torch.save({"model": {}, "step": 1, "payload": collections.OrderedDict(a=Fraction(1, 3))}, hostile)
     torch.save({"model": {"w": torch.ones(1000)}, "step": 1}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:2000])
-    for path, message in ((hostile, "refused unread, since loading it could run code"), (truncated, "damaged or truncated")):
+    for path, message in ((hostile, "refused unread, since loading it could run code"),
+                          (truncated, "damaged or truncated")):
         with pytest.raises(T.ConfigError, match=message) as caught:
             T.load_raw_weights(path)
         assert "weights_only" not in str(caught.value)
@@ -629,7 +646,8 @@ def test_a_graph_that_cannot_compile_is_named_with_the_phase_it_stops_before():
     run = SimpleNamespace(attention_name="sdpa")
     for before in ("training", "the evaluation"):
         with pytest.raises(T.ConfigError, match=f"failed in the warmup, before {before} .*set COMPILE=0"):
-            named = T.compile_failures_named(run, before=before) if before != "training" else T.compile_failures_named(run)
+            named = (T.compile_failures_named(run, before=before) if before != "training"
+                     else T.compile_failures_named(run))
             with named:
                 raise T.torch._dynamo.exc.Unsupported("a graph break")
 
