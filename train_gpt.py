@@ -4647,7 +4647,8 @@ class Cluster:
         return box[0]
 
     def stop(self):
-        if self.distributed:
+        if self.distributed:  # every rank done first: a gloo rank torn down while a peer still exchanges can abort
+            dist.barrier()
             dist.destroy_process_group()
 
 

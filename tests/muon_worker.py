@@ -88,4 +88,5 @@ if __name__ == "__main__":  # argv: the output prefix, then variants to train to
     for variant in sys.argv[2:]:
         params, _ = train(dist.get_rank(), dist.get_world_size(), **{variant: True})
         torch.save(dict(params=params), f"{sys.argv[1]}.{variant}.rank{dist.get_rank()}.pt")
+    dist.barrier()
     dist.destroy_process_group()
