@@ -47,6 +47,16 @@ def run_script(args, env_overrides, cwd, timeout=600):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def set_run_env(monkeypatch, env, cwd):
+    """For a run in this process (train_gpt.main()): `env` in the environment, cleaned of run settings as run_script
+    cleans it, and `cwd` the working directory; monkeypatch restores both."""
+    for key in [k for k in os.environ if k in env or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.chdir(cwd)
+
+
 def small_hp(preset="", **overrides):
     """Hyperparameters of a small model: the default stack with its looped segment and parallel lanes placed to fit
     NUM_LAYERS (middle layer looped once, parallel lanes on the last layer), or a preset's model."""

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, run_script, small_hp, tiny_env
+from conftest import REPO, run_script, set_run_env, small_hp, tiny_env
 import flash_standins
 
 BOS = 1
@@ -207,11 +207,7 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
     env = tiny_env(sample, ITERATIONS=24, TRAIN_LOG_EVERY=8, RUN_ID="syncs", MILE_GAMMA=1.1, WEIGHT_AVERAGING="ema",
                    QAT_START_LR_SCALE=0.5, WARMDOWN_FRAC=0.5, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1)
     env.update({key: str(value) for key, value in OPTIMIZER_PATHS[optimizer_path].items()})
-    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
+    set_run_env(monkeypatch, env, tmp_path)
     T.main()
     steps, current = [], None
     for kind in events:
@@ -246,12 +242,7 @@ def test_a_graph_that_cannot_compile_stops_the_warmup_with_the_settings_that_avo
 
     untraceable.__wrapped__ = T._sdpa
     monkeypatch.setattr(T, "_sdpa", untraceable)
-    env = tiny_env(sample, COMPILE=1, WARMUP_STEPS=1, RUN_ID="nocompile")
-    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
+    set_run_env(monkeypatch, tiny_env(sample, COMPILE=1, WARMUP_STEPS=1, RUN_ID="nocompile"), tmp_path)
     try:
         with pytest.raises(T.ConfigError, match=r"torch.compile failed in the warmup, before training .*set COMPILE=0"):
             T.main()
@@ -489,6 +480,15 @@ def test_the_default_stack_compiles_once_per_layout_with_inductor(sample, tmp_pa
     assert_compiled_matches_eager(compiled, eager, SCORES)
 
 
+# The script with every torch.compile on dynamo's aot_eager backend: the graphs, their shapes and guards as inductor
+# would see them, without inductor's compile time.
+SCRIPT_ON_AOT_EAGER = [sys.executable, "-c",
+                       f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
+                       "compile = torch.compile\n"
+                       "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
+                       "import train_gpt as T\nT.main()\n"]
+
+
 def assert_every_graph_built_in_the_warmup(log):
     counts = compile_counts(log)
     assert set(counts) == {"warmup", "training", "evaluation"}, counts
@@ -533,12 +533,7 @@ def test_packed_rows_build_their_training_and_global_sgd_graphs_in_the_warmup(sa
                    TTT_ENABLED="1", TTT_CHUNK_TOKENS="4096", TTT_EPOCHS="1", TTT_BATCH_SEQS="4",
                    PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1",
                    GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="32")
-    command = [sys.executable, "-c",
-               f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
-               "compile = torch.compile\n"
-               "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
-               "import train_gpt as T\nT.main()\n"]
-    log = run_log(command, env, tmp_path, "packed")
+    log = run_log(SCRIPT_ON_AOT_EAGER, env, tmp_path, "packed")
     assert re.search(r"^warmup_ttt_training: seq_len:128 rows:4 params:", log, re.M)  # chunk TTT: a row each
     assert re.search(r"^warmup_ttt_training: seq_len:256 rows:8 pieces:128 params:", log, re.M)
     assert re.search(r"^ttt_phase: 1/1 ", log, re.M) and "\nfinal_ttt_exact val_loss:" in log
@@ -575,14 +570,7 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
                WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", COMPILE_SCOPE="block", EVAL_STRIDE="256",
                **PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
-    command = [sys.executable, SCRIPT]
-    if preset == "record":
-        command = [sys.executable, "-c",
-                   f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r})\n"
-                   "compile = torch.compile\n"
-                   "torch.compile = lambda *args, **kwargs: compile(*args, **{**kwargs, 'backend': 'aot_eager'})\n"
-                   "import train_gpt as T\nT.main()\n"]
-    log = run_log(command, env, tmp_path, "compiled")
+    log = run_log(SCRIPT_ON_AOT_EAGER if preset == "record" else [sys.executable, SCRIPT], env, tmp_path, "compiled")
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
     assert re.search(rf"^optimizer: .* {PRESET_STATE[preset]} ", log, re.M)
     assert_every_graph_built_in_the_warmup(log)

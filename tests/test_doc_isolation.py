@@ -11,7 +11,7 @@ import torch
 
 import train_gpt as T
 from prepare_docs import write_shard
-from conftest import REPO, run_script, small_hp, tiny_env
+from conftest import REPO, run_script, set_run_env, small_hp, tiny_env
 import flash_standins
 
 BOS = 1
@@ -301,11 +301,7 @@ def test_a_run_with_packed_rows_cuts_its_training_rows_into_pieces_and_nothing_e
     monkeypatch.setattr(T, "packed_documents", recorded)
     env = tiny_env(sample, DOC_ISOLATION=1, TRAIN_ROWS="packed", RUN_ID="packed", ITERATIONS=3, GRAD_ACCUM_STEPS=8,
                    TRAIN_BATCH_TOKENS=4096, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=256, GPTQ_CALIBRATION_BATCHES=2)
-    for key in [k for k in T.os.environ if k in env or k in ("RANK", "WORLD_SIZE", "PRESET")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.chdir(tmp_path)
+    set_run_env(monkeypatch, env, tmp_path)
     T.main()
     log = (tmp_path / "logs" / "packed.txt").read_text()
     assert re.search(r"^features: .* doc_isolation\(packed_rows,pieces:128\)$", log, re.M)

@@ -18,9 +18,9 @@ HP = small_hp(num_layers=2, val_batch_size=256, eval_stride=8, ttt_chunk_tokens=
 LUTS = T.TargetBytes(np.ones(10_000))  # 1 byte per target, for any stream of up to 10,000 tokens
 
 
-def small_model(seed=0):
+def small_model(seed=0, hp=HP):
     torch.manual_seed(seed)
-    model = T.GPT(HP)
+    model = T.GPT(hp)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -270,14 +270,8 @@ def adapted_delta(model, tokens, steps, seq_len, rank=0, world_size=1, shapes=No
     return delta
 
 
-def documents_model():
-    hp = small_hp(num_layers=2, doc_isolation=True, smear_gate=False, bigram_buckets=0)  # see test_doc_isolation
-    torch.manual_seed(0)
-    model = T.GPT(hp)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+def documents_model():  # SmearGate and BigramHash off: they read across a piece's cut (see test_doc_isolation)
+    return small_model(hp=small_hp(num_layers=2, doc_isolation=True, smear_gate=False, bigram_buckets=0))
 
 
 def document_stream(lengths, seed=0):
