@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -438,6 +439,29 @@ def attention(table, check):
             ms = timed_ms(device, lambda: forward_backward(call))
             table.add(f"attention {backend}{name} vs sdpa (fwd+bwd)", f"max error {error:.2e}, {ms:.2f} ms", "< 2e-2",
                       "ok" if error < 2e-2 else "MISMATCH")
+    document_block_mask(table, check)
+
+
+def document_block_mask(table, check):
+    """FlexAttention's block mask of one TRAIN_ROWS=packed row (the record's 98,304 tokens, documents in pieces of
+    2,048), built once per forward: its time, and whether it is the mask create_block_mask finds by evaluating every
+    token pair (compared on the row's first 8,192 tokens, where that is affordable)."""
+    device = check.device
+    length, piece_len, compared = (1024, 128, 512) if check.tiny else (98_304, 2048, 8192)
+    generator = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(2, 1024, (1, length), device=device, generator=generator)
+    tokens[:, torch.randint(length, (length // 1000 + 1,), device=device, generator=generator)] = 1  # BOS = 1
+    ids = T.packed_documents(tokens, 1, piece_len=piece_len).ids
+    ms = timed_ms(device, lambda: T.document_block_mask(ids))
+    head = ids[:, :compared]
+    ours = T.document_block_mask(head)
+    theirs = create_block_mask(lambda b, h, q, k: (q >= k) & (head[b, q] == head[b, k]), 1, None, compared, compared,
+                               device=device)
+    equal = all(torch.equal(getattr(ours, name), getattr(theirs, name))
+                for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"))
+    table.add(f"document block mask, one packed row of {length:,} tokens",
+              f"{ms:.2f} ms; create_block_mask's at {compared:,} tokens: {'equal' if equal else 'different'}", "equal",
+              "ok" if equal else "MISMATCH")
 
 
 def fused_kernels(table, check):
