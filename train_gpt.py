@@ -1009,10 +1009,14 @@ def document_starts(input_ids, bos_id, piece_len=0):
     starts = input_ids == bos_id
     starts[:, 0] = True
     if piece_len:
-        positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-        offsets = positions - torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
-        starts = starts | (offsets % piece_len == 0)
+        starts = starts | (offsets_from(starts) % piece_len == 0)
     return starts
+
+
+def offsets_from(starts):
+    """(B, T): each position's distance to the last start at or before it (starts: (B, T) bool, column 0 set)."""
+    positions = torch.arange(starts.size(1), device=starts.device).expand_as(starts)
+    return positions - torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
 
 
 CU_SEQLENS_BUCKET = 64  # the records pad cu_seqlens to a multiple of 64 entries, so compile sees few lengths
@@ -1497,10 +1501,8 @@ class PackedDocuments(NamedTuple):
 
 def packed_documents(input_ids, bos_id, cu_seqlens=None, block_mask=False, piece_len=0):
     starts = document_starts(input_ids, bos_id, piece_len)
-    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-    last_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
     ids = starts.cumsum(1)
-    return PackedDocuments(ids=ids, offsets=positions - last_start, cu_seqlens=cu_seqlens,
+    return PackedDocuments(ids=ids, offsets=offsets_from(starts), cu_seqlens=cu_seqlens,
                            block_mask=document_block_mask(ids) if block_mask else None, piece_len=piece_len)
 
 
@@ -3937,6 +3939,11 @@ def adapt_steps(epochs, batch_seqs, grad_clip, chunk_tokens, seq_len, packed=Fal
     return AdaptSteps(epochs, batch_seqs, grad_clip, min(STREAM_CHUNKS, batch_seqs) if packed else 0)
 
 
+def chunk_ttt_steps(hp, seq_len):
+    """Chunk TTT's adaptation of each scored chunk."""
+    return adapt_steps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip, hp.ttt_chunk_tokens, seq_len)
+
+
 def global_sgd_steps(hp, seq_len):
     """The phases' global SGD; with TRAIN_ROWS=packed its rows are packed as training's."""
     return adapt_steps(hp.global_ttt_epochs, hp.global_ttt_batch_seqs, hp.global_ttt_grad_clip,
@@ -4096,7 +4103,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     params = ttt_parameters(model, hp)
     optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if ttt_optimizer_of(hp) == "sgd" else
                  torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
-    chunk_steps = adapt_steps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip, hp.ttt_chunk_tokens, seq_len)
+    chunk_steps = chunk_ttt_steps(hp, seq_len)
     global_steps = global_sgd_steps(hp, seq_len)
     ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
     per_segment, adapting, adapted = [], True, 0
@@ -5157,8 +5164,7 @@ def ttt_training_passes(run, model):
     hp, passes, seq_len = run.hp, [], run.eval_seq_len
     shape_of = lambda steps: (-(-steps.rows // run.world_size), steps.row_len(seq_len), seq_len if steps.spans else 0)
     if hp.ttt_enabled and hp.ttt_method == "chunk":
-        steps = adapt_steps(hp.ttt_epochs, hp.ttt_batch_seqs, hp.ttt_grad_clip, hp.ttt_chunk_tokens, seq_len)
-        passes.append((*shape_of(steps), ttt_parameters(model.forward, hp)))
+        passes.append((*shape_of(chunk_ttt_steps(hp, seq_len)), ttt_parameters(model.forward, hp)))
     if hp.ttt_enabled and hp.phased_ttt_enabled:  # the global SGD: chunk TTT's parameters, or all with LoRA TTT
         params = ttt_parameters(model.forward, hp) if hp.ttt_method == "chunk" else list(model.net.parameters())
         passes.append((*shape_of(global_sgd_steps(hp, seq_len)), params))
