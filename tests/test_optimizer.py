@@ -11,6 +11,9 @@ import muon_worker
 import train_gpt as T
 from conftest import REPO, run_script, small_hp
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from optimizer_step import DispatchedOperators  # noqa: E402
+
 
 def random_orthogonal_pair(rows, cols, seed):
     torch.manual_seed(seed)
@@ -252,6 +255,39 @@ def test_clipping_uses_the_global_norm():
     optimizers.clip_global_norm()
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g * 0.01 / (norm + 1e-6))
+
+
+def test_sum_of_squares_is_the_fp32_sum_over_tensors_of_any_dtype():
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 5), torch.randn(7).bfloat16(), torch.randn(2, 2), torch.randn(4, 4).bfloat16()]
+    expected = sum(t.double().square().sum() for t in tensors)
+    total = T.sum_of_squares(tensors)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), expected, rtol=1e-6, atol=0)
+    assert T.sum_of_squares([]) == 0
+
+
+@pytest.mark.parametrize("variant", [{}, dict(grad_clip_local=True), dict(muon_bf16_state=True, embed_bf16=True)])
+def test_an_optimizer_step_runs_as_many_operators_for_six_layers_as_for_two(variant):
+    """The host's work in a step (clip, AdamW, Muon, zeroing, the EMA) grows with the banks, not with the tensors:
+    six layers have twice the small gains and gates of two and the same bank shapes."""
+    counts = []
+    for layers in (2, 6):
+        hp = small_hp(num_layers=layers, grad_clip_norm=0.01, **variant)
+        model = T.GPT(hp)
+        optimizers, average = T.Optimizers(model, hp, 0, 1), T.WeightAverage(model, hp)
+        tokens = torch.randint(hp.vocab_size, (2, hp.train_seq_len + 1))
+        for step in (1, 2):  # the second step: AdamW's and Muon's state exist
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+            with DispatchedOperators() as dispatched:
+                optimizers.step(lr_scale=1.0, momentum=0.95)
+                optimizers.zero_grad()
+                average.update(step, lr_scale=1.0)
+        counts.append((len(optimizers.replicated), dispatched.counts))
+    (replicated_two, two), (replicated_six, six) = counts
+    assert replicated_six > 2 * replicated_two > 0
+    assert two == six
+    assert "aten.zeros_like" not in six  # the optimizers' state is made in the first step only
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
