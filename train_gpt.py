@@ -1035,6 +1035,14 @@ def cu_seqlens_of(starts):
     return cu_seqlens
 
 
+def to_device(tensor, device):
+    """A host tensor on `device`. On a GPU, an asynchronous copy from pinned memory: the host goes on queueing work
+    (a copy from pageable memory waits for every kernel queued before it). Elsewhere (or device None), the tensor."""
+    if device is None or device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class TrainBatch(NamedTuple):
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -1133,11 +1141,10 @@ class TrainLoader:
         rows = torch.from_numpy(rows)
         cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id, self.piece_len))
                       if self.varlen_bos_id is not None else None)
-        if device is not None and device.type == "cuda":
-            rows = rows.pin_memory().to(device, non_blocking=True)
-            if cu_seqlens is not None:
-                cu_seqlens = cu_seqlens.pin_memory().to(device, non_blocking=True)
-                torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        rows = to_device(rows, device)
+        if cu_seqlens is not None and device is not None and device.type == "cuda":
+            cu_seqlens = to_device(cu_seqlens, device)
+            torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         return TrainBatch(rows[:, :-1], rows[:, 1:], cu_seqlens)
 
 
@@ -3817,16 +3824,26 @@ def eval_rows_per_batch(batch_tokens, seq_len, world_size):
     return max(1, batch_tokens // (seq_len * world_size))
 
 
+def window_rows(tokens, windows, seq_len, rows):
+    """Host tensors of `windows` [(start, score_from, end), or None for a row left empty], padded to `rows` rows: the
+    tokens [start, end] of each (rows, seq_len + 1) int64, zero after them, and its scored mask (rows, seq_len), True
+    on [score_from, end). One gather whatever the number of rows."""
+    empty = (0, 0, -1)
+    spans = [window or empty for window in windows] + [empty] * (rows - len(windows))
+    start, score_from, end = torch.tensor(spans, dtype=torch.int64).view(rows, 3, 1).unbind(1)
+    columns = torch.arange(seq_len + 1)
+    index = (start + columns).clamp_(max=tokens.numel() - 1)
+    token_rows = torch.where(columns <= end - start, tokens[index].long(), 0)
+    scored = (columns[:-1] >= score_from - start) & (columns[:-1] < end - start)
+    return token_rows, scored
+
+
 def window_batches(tokens, windows, seq_len, rows_per_batch, device):
     """(inputs, targets, scored mask) batches of a fixed shape: short windows and spare rows are masked, so a
     compiled model never recompiles, and a causal model is unaffected by the right padding."""
     for first in range(0, len(windows), rows_per_batch):
-        rows = torch.zeros(rows_per_batch, seq_len + 1, dtype=torch.int64)
-        scored = torch.zeros(rows_per_batch, seq_len, dtype=torch.bool)
-        for row, (start, score_from, end) in enumerate(windows[first:first + rows_per_batch]):
-            rows[row, :end - start + 1] = tokens[start:end + 1]
-            scored[row, score_from - start:end - start] = True
-        rows, scored = rows.to(device), scored.to(device)
+        rows, scored = window_rows(tokens, windows[first:first + rows_per_batch], seq_len, rows_per_batch)
+        rows, scored = to_device(rows, device), to_device(scored, device)
         yield rows[:, :-1], rows[:, 1:], scored
 
 
@@ -3837,7 +3854,8 @@ def score_windows(model, tokens, windows, target_bytes, seq_len, rows_per_batch,
     for inputs, targets, scored in window_batches(tokens, windows, seq_len, rows_per_batch, device):
         with autocast():
             losses = model(inputs, targets, reduction="none")
-        sums[:2] += torch.stack([losses.double()[scored].sum(), scored.sum().double()])
+        # a where, not losses[scored]: a boolean index reads its size back from the device every batch
+        sums[:2] += torch.stack([torch.where(scored, losses.double(), 0).sum(), scored.sum().double()])
     sums[2] += target_bytes.of(windows)
     return sums
 
@@ -4126,6 +4144,7 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
         sums = score_windows(model, val_tokens, mine, target_bytes, seq_len, rows, device, autocast)
         per_segment.append(all_reduce(sums, dist.ReduceOp.SUM))  # every rank has scored its share of this segment
         ledger.commit(end)
+        synchronize_device(device)  # the scoring's kernels, queued without waiting, are done: the clock is true
         clock.scored(time.perf_counter() - start, scoring[index])
         progress(index + 1, end / num_targets, lambda: f"scored_bpb:{loss_and_bpb(sum(per_segment))[1]:.4f} ")
         if index == len(segments) - 1:
@@ -4143,14 +4162,16 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
         start = time.perf_counter()
         if phase:
             global_sgd(model, ledger, end, params, hp, global_steps, seq_len, rank, world_size, device, autocast)
-            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
-                f"time:{time.perf_counter() - start:.1f}s")
         else:
             for group in optimizer.param_groups:  # cosine over chunks, as in the LegalTTT records
                 group["lr"] = cosine_lr(hp.ttt_lr, first // chunk, num_chunks)
             adapt_on_chunk(model, ledger, first, end, params, optimizer, chunk_steps, seq_len, rank, world_size,
                            device, autocast)
+        synchronize_device(device)
         clock.adapted(time.perf_counter() - start, work)
+        if phase:
+            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
+                f"time:{time.perf_counter() - start:.1f}s")
         adapted += 1
     return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
 
@@ -4329,17 +4350,17 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
     sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device)
     for chunk in range(max(counts)):
         width = min((chunk + 1) * chunk_size, context)
-        rows = torch.zeros(len(batch), width + 1, dtype=torch.int64)
-        scored = torch.zeros(len(batch), width, dtype=torch.bool)
         windows = [chunk_window(document, chunk, chunk_size, context) if chunk < count else None
                    for document, count in zip(batch, counts)]
-        for row, (document, window) in enumerate(zip(batch, windows)):
-            if window is not None:
-                start, first, end = window
-                rows[row, :end - start + 1] = val_tokens[document.start + start:document.start + end + 1]
-                scored[row, first - start:end - start] = True
-        inputs, targets, scored = rows[:, :-1].to(device), rows[:, 1:].to(device), scored.to(device)
+        in_stream = [window and tuple(document.start + at for at in window) for document, window in zip(batch, windows)]
+        rows, scored = window_rows(val_tokens, in_stream, width, len(batch))
         training = [row for row, count in enumerate(counts) if adapt and chunk < count - 1]
+        # each training row's mean over its chunk: 1 / (the chunk's targets) on them
+        means = torch.tensor([1.0 / (windows[row][2] - windows[row][1]) if row in training else 0.0
+                              for row in range(len(batch))])
+        weights = to_device(scored * means[:, None], device)
+        rows, scored = to_device(rows, device), to_device(scored, device)
+        inputs, targets = rows[:, :-1], rows[:, 1:]
         with torch.set_grad_enabled(bool(training)), autocast():
             losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
         sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
@@ -4347,27 +4368,23 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
             if window is not None:
                 ledger.commit(document, window[2])
         if training:
-            train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, (inputs, targets, losses),
-                           hp, autocast)
+            for row in training:  # raises unless every target of each chunk trained on is scored
+                ledger.training_tokens(batch[row], *windows[row][1:])
+            train_on_chunk(forward, adapters, optimizer, (inputs, targets, losses), weights, hp, autocast)
     return sums
 
 
-def train_on_chunk(forward, adapters, optimizer, ledger, batch, windows, training, scored, hp, autocast):
+def train_on_chunk(forward, adapters, optimizer, scored, weights, hp, autocast):
     """TTT_GRAD_STEPS steps on the scored chunk: the sum over documents of each one's mean loss over the chunk
-    (documents never share a gradient). `scored`: the scoring forward's (inputs, targets, losses), which the first
-    step reuses; the ledger is asked first."""
+    (documents never share a gradient), as `weights` weigh it. `scored`: the scoring forward's (inputs, targets,
+    losses), which the first step reuses."""
     inputs, targets, losses = scored
-    mask = torch.zeros_like(losses)
-    for row in training:
-        start, first, end = windows[row]
-        ledger.training_tokens(batch[row], first, end)  # raises unless every target of the chunk is scored
-        mask[row, first - start:end - start] = 1.0 / (end - first)
     for step in range(hp.ttt_grad_steps):
         if step > 0:
             with autocast():
                 losses = forward(inputs, targets, reduction="none", adapters=adapters)
         optimizer.zero_grad(set_to_none=True)
-        (losses.float() * mask).sum().backward()
+        (losses.float() * weights).sum().backward()
         optimizer.step()
 
 
@@ -4376,11 +4393,12 @@ def ttt_context(hp):
 
 
 def ttt_lora_optimizer(params, hp):
-    """A fresh optimizer per batch of documents: no state crosses from one document to the next."""
+    """A fresh optimizer per batch of documents: no state crosses from one document to the next. AdamW is fused, as
+    the 04-27 record's: one kernel a step for every adapter, and its step count stays on the device, never read."""
     if ttt_optimizer_of(hp) == "sgd":
         return torch.optim.SGD(params, lr=hp.ttt_lora_lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
     return torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
-                             weight_decay=hp.ttt_weight_decay)
+                             weight_decay=hp.ttt_weight_decay, fused=True)
 
 
 def lora_generator(hp, *keys):

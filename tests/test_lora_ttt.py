@@ -2,12 +2,18 @@
 
 import dataclasses
 
+import sys
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_gpt as T
-from conftest import small_hp
+from conftest import REPO, small_hp
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from optimizer_step import DispatchedOperators  # noqa: E402
 
 CPU = torch.device("cpu")
 AUTOCAST_OFF = lambda: torch.autocast("cpu", enabled=False)
@@ -292,3 +298,97 @@ def test_the_compiled_forward_scores_as_the_eager_one(fresh_dynamo):
     assert torch.allclose(report.per_document, eager, rtol=1e-5, atol=1e-6)
     assert T.compiled_graphs() == graphs  # every batch and context length ran on the graphs built beforehand
 
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records what would make the host wait for a GPU: a value read back (`.item()`, `bool()`: a scalar read), the
+    size of a boolean selection (`x[mask]`), and, through `to` (patched by the test), a copy to a device, which from
+    pageable memory waits for every kernel queued before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        boolean_index = name == "aten.index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select") or boolean_index:
+            self.waits.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def device_waits(monkeypatch):
+    """A DeviceWaits that also records every Tensor.to naming a device that train_gpt.py calls (torch's own, as in
+    clip_grad_norm_, move results between devices that are already the same)."""
+    waits = DeviceWaits()
+    original = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):
+        names_device = any(isinstance(arg, (torch.device, str)) for arg in args) or "device" in kwargs
+        if names_device and sys._getframe(1).f_code.co_filename == T.__file__:
+            waits.waits.append("to(device)")
+        return original(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return waits
+
+
+def test_a_chunk_of_lora_ttt_and_a_batch_of_sliding_windows_never_wait_for_the_device(device_waits):
+    """The per-chunk work of LoRA TTT, the sliding window's per-batch scoring and a step of chunk TTT (or of the
+    phases' global SGD) queue their work and go on: their inputs travel by `to_device` (pinned, asynchronous on a
+    GPU) and nothing is read back."""
+    tokens = documents_stream(LENGTHS)
+    model = model_of()
+    documents = T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)
+    batch = [documents[0], documents[2], documents[5]]  # 30, 45 and 60 targets: 4 to 8 chunks, trained on
+    adapters = T.DocumentAdapters(model, HP.ttt_batch_size, HP, T.lora_generator(HP, 0))
+    ledger = T.ScoredDocuments(tokens, documents)
+    windows = T.plan_windows(tokens.numel() - 1, 24, 8, T.doc_starts_of(tokens, BOS))
+    scored = T.ScoredTargets(tokens)
+    scored.commit(tokens.numel() - 1)
+    params = T.ttt_parameters(model, HP)
+    before = [p.detach().clone() for p in params]
+    with device_waits:
+        sums = T.adapt_documents(model, adapters, ledger, batch, tokens, HP, CPU, AUTOCAST_OFF, True)
+        scores = T.score_windows(model, tokens, windows, LUTS, 24, 4, CPU, AUTOCAST_OFF)
+        T.adapt_on_chunk(model, scored, 0, 100, params, torch.optim.SGD(params, lr=0.01, momentum=0.9),
+                         T.AdaptSteps(epochs=1, batch_seqs=4, grad_clip=1.0), 24, 0, 1, CPU, AUTOCAST_OFF)
+    assert sums[:, 1].tolist() == [30, 45, 60] and scores[1].item() == tokens.numel() - 1
+    assert adapters.q[0].b.abs().sum() > 0 and not torch.equal(params[0], before[0])  # both adapted
+    assert device_waits.waits == []
+
+
+def test_a_chunk_runs_as_many_operators_for_three_documents_as_for_two():
+    """Building a chunk's rows, masks and training weights takes the same operators however many documents it
+    holds: nothing is done row by row (on a GPU each would be a launch)."""
+    tokens = documents_stream([30] * 3)
+    documents = T.documents_of(T.doc_starts_of(tokens, BOS), tokens.numel() - 1)
+    counts = []
+    for batch in (documents[:2], documents):
+        model = model_of()
+        adapters = T.DocumentAdapters(model, HP.ttt_batch_size, HP, T.lora_generator(HP, 0))
+        with DispatchedOperators() as dispatched:
+            T.adapt_documents(model, adapters, T.ScoredDocuments(tokens, documents), batch, tokens, HP, CPU,
+                              AUTOCAST_OFF, True)
+        counts.append(dispatched.counts)
+    assert counts[0] == counts[1]
+
+
+def test_the_eval_budgets_clock_reads_the_time_only_after_the_device_is_done(monkeypatch):
+    """Evaluation queues its kernels without waiting, so the host's clock runs ahead of the device: every time
+    TTT's budget clock takes (scoring, adapting, a phase) must follow a device synchronize, in LoRA TTT and in chunk
+    TTT alike."""
+    events = []
+    monkeypatch.setattr(T, "synchronize_device", lambda device: events.append("synchronize"))
+    for name in ("scored", "adapted"):
+        original = getattr(T.TTTClock, name)
+        monkeypatch.setattr(T.TTTClock, name, lambda self, *args, original=original, name=name:
+                            events.append(name) or original(self, *args))
+    tokens = documents_stream(LENGTHS)
+    run(tokens, PHASED, budget_left=lambda: 100.0)
+    chunk = dataclasses.replace(PHASED, ttt_method="chunk", ttt_chunk_tokens=48, ttt_epochs=1, ttt_batch_seqs=2)
+    T.score_first_ttt(model_of(0, chunk), tokens, LUTS, chunk, 0, 1, CPU, AUTOCAST_OFF, T.doc_starts_of(tokens, BOS),
+                      log=lambda message: None, budget_left=lambda: 100.0, phases=[96])
+    clocks = [index for index, event in enumerate(events) if event != "synchronize"]
+    assert {events[index] for index in clocks} == {"scored", "adapted"} and len(clocks) > 10
+    assert all(events[index - 1] == "synchronize" for index in clocks)
