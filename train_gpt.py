@@ -1142,7 +1142,7 @@ class TrainLoader:
         cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id, self.piece_len))
                       if self.varlen_bos_id is not None else None)
         rows = to_device(rows, device)
-        if cu_seqlens is not None and device is not None and device.type == "cuda":
+        if cu_seqlens is not None and rows.is_cuda:
             cu_seqlens = to_device(cu_seqlens, device)
             torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
         return TrainBatch(rows[:, :-1], rows[:, 1:], cu_seqlens)
@@ -4352,7 +4352,8 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
         width = min((chunk + 1) * chunk_size, context)
         windows = [chunk_window(document, chunk, chunk_size, context) if chunk < count else None
                    for document, count in zip(batch, counts)]
-        in_stream = [window and tuple(document.start + at for at in window) for document, window in zip(batch, windows)]
+        in_stream = [window and tuple(document.start + at for at in window)  # the windows' positions in val_tokens
+                     for document, window in zip(batch, windows)]
         rows, scored = window_rows(val_tokens, in_stream, width, len(batch))
         training = [row for row, count in enumerate(counts) if adapt and chunk < count - 1]
         # each training row's mean over its chunk: 1 / (the chunk's targets) on them
