@@ -5228,7 +5228,7 @@ def calibration_reserve(hp, seconds_per_batch):
 
 def hessians_of_batch(run, net, loader, step):
     """GPTQ's Hessians of this rank's micro-batches of the training batch of `step` (not yet summed over ranks)."""
-    batches = (loader.batch(step, micro)[0].to(run.device) for micro in range(run.grad_accum_steps))
+    batches = (loader.batch(step, micro, run.device).inputs for micro in range(run.grad_accum_steps))
     return collect_hessians(net, batches, run.autocast, loader.piece_len)
 
 
@@ -5704,7 +5704,7 @@ def calibration_batches(run, data, net):
         return batches, (f"self_generated seqs:{hp.gptq_self_seqs} seq_len:{hp.gptq_self_seq_len} "
                          f"temperature:{hp.gptq_self_temperature:g} tokens:{hp.gptq_self_seqs * hp.gptq_self_seq_len}")
     first_step = run.results["steps"]
-    batches = (data.train_loader.batch(first_step + step, micro)[0].to(run.device)
+    batches = (data.train_loader.batch(first_step + step, micro, run.device).inputs
                for step in range(hp.gptq_calibration_batches) for micro in range(run.grad_accum_steps))
     tokens = hp.gptq_calibration_batches * hp.train_batch_tokens
     return batches, f"batches:{hp.gptq_calibration_batches} tokens:{tokens}"
