@@ -1,5 +1,8 @@
 """What the start-up checks of the training shards cost: the header and size of every shard, and the scan of every
-token id against VOCAB_SIZE (one process; under torchrun each rank scans 1/WORLD_SIZE of the shards).
+token id against VOCAB_SIZE (one process; under torchrun each rank scans 1/WORLD_SIZE of the shards). Then the
+host's work for one micro-batch of the record's shape (one GPU's share of 786,432 tokens: 48 rows of 2,048), which
+a step does while the GPU runs the one before: the rows, their document bounds (cu_seqlens, with DOC_ISOLATION on
+FlashAttention), and TRAIN_ROWS=packed's single row cut into pieces.
 
     python3 benchmarks/data_checks.py                                   # 80 shards of 10M tokens in a temp folder
     python3 benchmarks/data_checks.py --shards 80 --tokens 100000000    # the challenge's 80 x 100M (16 GB of disk)
@@ -47,9 +50,28 @@ def main():
         T.check_token_ids(files, shards, args.vocab_size)
         scan_s = time.perf_counter() - start
         total = sum(len(shard) for shard in shards)
+        batch_ms = {name: micro_batch_ms(files, **settings) for name, settings in MICRO_BATCHES.items()}
     print(f"shards:{len(files)} tokens:{total:,}")
     print(f"header and size check of every shard: {headers_s * 1000:.1f} ms")
     print(f"token-id scan of every shard: {scan_s:.2f} s ({total / scan_s / 1e9:.1f} G tokens/s)")
+    for name, ms in batch_ms.items():
+        print(f"one micro-batch of 98,304 tokens on the host, {name}: {ms:.2f} ms (median of 20)")
+
+
+# The loader's three kinds of micro-batch (BOS is id 1 in the challenge's tokenizers).
+MICRO_BATCHES = {"rows": {}, "rows and cu_seqlens": dict(varlen_bos_id=1),
+                 "one packed row and cu_seqlens": dict(varlen_bos_id=1, piece_len=2048)}
+
+
+def micro_batch_ms(files, **settings):
+    """The median time of TrainLoader.batch for rank 0 of 8, one micro-step, 48 rows of 2,048 (no device copy)."""
+    loader = T.TrainLoader(files, 2048, 8 * 48, -1, rank=0, world_size=8, **settings)
+    times = []
+    for step in range(20):
+        start = time.perf_counter()
+        loader.batch(step, 0)
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":
