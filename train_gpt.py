@@ -4198,12 +4198,13 @@ class BatchedLoRA(nn.Module):
 
     @torch.no_grad()
     def reset(self, warm_a, generators):
-        """B to zero; unless `warm_a`, row i's A is drawn again from generators[i] (one per document)."""
+        """B to zero; unless `warm_a`, row i's A is drawn again from generators[i] (one per document), on the host,
+        and the rows go to the device in one copy."""
         self.b.zero_()
         if not warm_a:
-            for row, generator in enumerate(generators):
-                draw = torch.empty(self.a.shape[1:]).uniform_(-self.bound, self.bound, generator=generator)
-                self.a[row].copy_(draw)
+            draws = torch.stack([torch.empty(self.a.shape[1:]).uniform_(-self.bound, self.bound, generator=generator)
+                                 for generator in generators])
+            self.a[:len(generators)].copy_(to_device(draws, self.a.device))
 
     def forward(self, x):  # x: (documents, T, in); a batch of fewer documents uses the first rows
         a, b = self.a[:x.size(0)].to(x.dtype), self.b[:x.size(0)].to(x.dtype)

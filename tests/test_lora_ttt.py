@@ -392,3 +392,16 @@ def test_the_eval_budgets_clock_reads_the_time_only_after_the_device_is_done(mon
     clocks = [index for index, event in enumerate(events) if event != "synchronize"]
     assert {events[index] for index in clocks} == {"scored", "adapted"} and len(clocks) > 10
     assert all(events[index - 1] == "synchronize" for index in clocks)
+
+
+def test_new_adapters_are_drawn_row_by_row_on_the_host_and_sent_in_one_copy():
+    adapters = T.DocumentAdapters(model_of(), HP.ttt_batch_size, HP, T.lora_generator(HP, 0))
+    counts = []
+    for documents in (2, 3):
+        with DispatchedOperators() as dispatched:
+            adapters.reset(False, [T.lora_generator(HP, index) for index in range(documents)])
+        counts.append(dispatched.counts)
+    assert counts[0]["aten.copy_"] == counts[1]["aten.copy_"] > 0  # one copy a module, not one a row
+    lora = adapters.q[0]  # the first module: the first draw of each document's generator
+    draw = torch.empty(lora.a.shape[1:]).uniform_(-lora.bound, lora.bound, generator=T.lora_generator(HP, 2))
+    assert torch.equal(lora.a[2], draw) and not torch.equal(lora.a[1], draw)
