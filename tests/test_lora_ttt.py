@@ -1,7 +1,7 @@
-"""Per-document LoRA TTT (TTT_METHOD=lora): the ledger, the record's queue and phases, and legality."""
+"""Per-document LoRA TTT (TTT_METHOD=lora): the ledger, the record's queue and phases, and legality; and the
+evaluation's host work (chunks, sliding batches and TTT steps never wait for the device)."""
 
 import dataclasses
-
 import sys
 
 import numpy as np
@@ -297,7 +297,6 @@ def test_the_compiled_forward_scores_as_the_eager_one(fresh_dynamo):
                                      AUTOCAST_OFF, starts, log=lambda message: None)
     assert torch.allclose(report.per_document, eager, rtol=1e-5, atol=1e-6)
     assert T.compiled_graphs() == graphs  # every batch and context length ran on the graphs built beforehand
-
 
 
 class DeviceWaits(TorchDispatchMode):
