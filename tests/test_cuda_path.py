@@ -177,8 +177,8 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float_
 @pytest.mark.parametrize("optimizer_path", OPTIMIZER_PATHS)
 def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tmp_path, monkeypatch, optimizer_path):
     """Counts the calls that would block the host on a GPU (device synchronize, a tensor's value read back, as by
-    .item() or bool(), collectives on the device group) between the start of one training step and the next, in a
-    real in-process run."""
+    .item() or bool(), collectives on the device group, a blocking copy to the device) between the start of one
+    training step and the next, in a real in-process run."""
     events, training = [], [False]
 
     def counted(kind, original):
@@ -190,6 +190,14 @@ def test_a_step_that_logs_nothing_never_blocks_the_host_on_the_device(sample, tm
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    original_to = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):  # a copy to a device from pageable memory waits for the kernels queued before it
+        names_device = any(isinstance(arg, (torch.device, str)) for arg in args) or "device" in kwargs
+        if training[0] and names_device and sys._getframe(1).f_code.co_filename == T.__file__:
+            events.append("to(device)")
+        return original_to(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "to", to)
     monkeypatch.setattr(torch.cuda, "synchronize", counted("cuda.synchronize", torch.cuda.synchronize))
     monkeypatch.setattr(T, "synchronize", counted("synchronize", T.synchronize))
     monkeypatch.setattr(T, "all_reduce", counted("all_reduce", T.all_reduce))
