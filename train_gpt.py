@@ -4692,47 +4692,55 @@ class Cluster:
 
 
 class Run:
-    """What the phases of one seed's run share: settings, devices, data, model, clocks."""
+    """What the phases of one seed's run share: its settings and how it executes (batch split, compile, attention,
+    precision), the cluster, the log, the clocks and results, and what a failure saves. Every attribute is made
+    here. A setting the machine cannot meet is refused here too, before the log or anything else is written."""
 
     def __init__(self, hp, sources, cluster, code, signals):
         self.hp, self.sources, self.code, self.signals, self.cluster = hp, sources, code, signals, cluster
+        self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
+        self.device, device_type = cluster.device, cluster.device.type
+        self.device_name = torch.cuda.get_device_name(self.device) if device_type == "cuda" else "cpu"
+        self.seqs_per_step, self.grad_accum_steps = batch_split(hp, self.world_size)
+        self.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+        bf16 = autocast_name(hp.autocast, device_type) == "bf16"
+        self.attention_name, self.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16,
+                                                                  documents=hp.doc_isolation, compiled=self.use_compile)
+        check_doc_isolation(hp, self.attention_name, self.attention_fn, device_type)
+        self.autocast = autocast_context(hp.autocast, device_type)
+        self.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
         self.run_id, self.log = hp.run_id, print  # the log file is opened by `setup`
+        self.log_path = os.path.join("logs", f"{hp.run_id}.txt")
+        self.code_sha256 = hashlib.sha256(code.counted).hexdigest()[:16]
+        self.config_hash = None  # set by `setup`: it hashes the data too
+        self.timings, self.results = {}, {}
+        self.scored_targets = {}  # final evaluation name: validation targets it scored
+        self.eval_start = None  # the evaluation clock's start (`evaluate_artifact`)
+        self.graphs_before, self.graphs_after_warmup = 0, 0  # compiled graphs when the model was built, after warmup
+        self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
         self.raw_weights_path = os.path.join("logs", f"{hp.run_id}_raw.pt")
         self.phase, self.training_began, self.raw_saved, self.steps_done = "setup", False, False, 0
         self.net, self.average = None, None  # what a failure saves: the network (build_model), its average (train)
-        self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
-        self.device = cluster.device
-        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        self.timings = {}
-        self.results = {}
-        self.scored_targets = {}  # final evaluation name: validation targets it scored
-        self.qat_k_scale = None  # the size target's k scale QAT trained against, once it started
+
+
+def batch_split(hp, world_size):
+    """(sequences per step, micro-steps per step): GRAD_ACCUM_STEPS, else 8 // WORLD_SIZE (one micro-step per rank
+    on 8 GPUs, the records' split) where that divides, else 1. Refused unless the sequences split evenly."""
+    seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
+    accum = hp.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
+    if seqs_per_step % (world_size * accum):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is {seqs_per_step} sequences of "
+                          f"TRAIN_SEQ_LEN={hp.train_seq_len}, which does not split over WORLD_SIZE={world_size} x "
+                          f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
+    return seqs_per_step, accum
 
 
 def setup(run):
-    """The batch split, the log, attention and precision, then the data (`load_data`), which it returns. Fails
-    early, with a message naming the fix."""
+    """The log, then the data (`load_data`), which it returns. Fails early, with a message naming the fix."""
     hp = run.hp
-    device_type = run.device.type
-    seqs_per_step = hp.train_batch_tokens // hp.train_seq_len
-    accum = hp.grad_accum_steps or (8 // run.world_size if 8 % run.world_size == 0 else 1)
-    if seqs_per_step % (run.world_size * accum):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} is {seqs_per_step} sequences of "
-                          f"TRAIN_SEQ_LEN={hp.train_seq_len}, which does not split over WORLD_SIZE={run.world_size} x "
-                          f"GRAD_ACCUM_STEPS={accum}; change TRAIN_BATCH_TOKENS or GRAD_ACCUM_STEPS")
-    run.seqs_per_step, run.grad_accum_steps = seqs_per_step, accum
-
-    run.log_path = os.path.join("logs", f"{run.run_id}.txt")
     run.log = Logger(run.log_path, run.rank == 0, hp.overwrite_run)
     run.log(run.code.source.decode("utf-8"), console=False)
     run.log("=" * 100, console=False)
-
-    bf16 = autocast_name(hp.autocast, device_type) == "bf16"
-    run.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
-    run.attention_name, run.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16,
-                                                            documents=hp.doc_isolation, compiled=run.use_compile)
-    check_doc_isolation(hp, run.attention_name, run.attention_fn, device_type)
-    run.autocast = autocast_context(hp.autocast, device_type)
 
     if hp.finish_from and run.cluster.broadcast(run.rank == 0 and not os.path.isfile(hp.finish_from)):
         raise ConfigError(f"FINISH_FROM={hp.finish_from!r} is not a file (it takes logs/<RUN_ID>_raw.pt)")
@@ -4741,8 +4749,7 @@ def setup(run):
         raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={only!r} is not a file (a run writes "
                           f"logs/<RUN_ID>_model.<format>.ptz)")
     data = load_data(run)
-    run.eval_seq_len = hp.eval_seq_len or hp.train_seq_len
-    run.config_hash, run.code_sha256 = hp.config_hash(data.digest), hashlib.sha256(run.code.counted).hexdigest()[:16]
+    run.config_hash = hp.config_hash(data.digest)
     check_record_dir(run)
     if run.rank == 0:
         log_environment(run, data)
@@ -6187,8 +6194,9 @@ def conclude_failure(run, error):
         pending = AFTER_TRAINING[AFTER_TRAINING.index(run.phase):] if run.phase in AFTER_TRAINING else AFTER_TRAINING
         best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
                     f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
-    with contextlib.suppress(Exception):
-        append_index(run, "failed", phase=run.phase, error=str(error)[:500])
+    if run.config_hash is not None:  # the index knows the seed (`setup` hashed its data)
+        with contextlib.suppress(Exception):
+            append_index(run, "failed", phase=run.phase, error=str(error)[:500])
 
 
 def run_ids(hp, cluster):

@@ -168,6 +168,20 @@ def test_bad_input_fails_before_training_with_a_named_fix(sample, tmp_path, over
     assert result.returncode != 0
     assert "config error:" in result.stderr and message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "logs" / "index.jsonl").exists()  # the seed never launched: the index does not list it
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(GRAD_ACCUM_STEPS=3), "does not split over WORLD_SIZE=1 x GRAD_ACCUM_STEPS=3"),
+    (dict(ATTN_BACKEND="flex", DOC_ISOLATION=1), "ATTN_BACKEND=flex: FlexAttention has no backward on the CPU"),
+])
+def test_a_setting_the_machine_cannot_meet_leaves_no_log_so_the_same_run_id_can_be_rerun(sample, tmp_path, overrides,
+                                                                                          message):
+    result = run_script([sys.executable, SCRIPT], smoke_env(sample, RUN_ID="refused", **overrides), tmp_path,
+                        timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "logs" / "refused.txt").exists()  # a log of that name would refuse the fixed command
+    assert not (tmp_path / "logs" / "index.jsonl").exists()  # nor is the seed in the index: it never launched
 
 
 # The lines public parsers of the challenge's logs key on, as regular expressions written from its log format.
