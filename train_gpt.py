@@ -4111,6 +4111,14 @@ class Progress:
         self.log(f"ttt_progress: {self.unit}:{done}/{self.total} {detail()}elapsed:{elapsed:.0f}s eta:{left:.0f}s")
 
 
+def chunk_ttt_optimizer(params, hp):
+    """One optimizer for the whole pass, its state carried from chunk to chunk: SGD with momentum (the LegalTTT
+    records'), or AdamW with TTT_MOMENTUM as its beta1."""
+    if ttt_optimizer_of(hp) == "sgd":
+        return torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    return torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0)
+
+
 def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, device, autocast, doc_starts=(), log=print,
                     budget_left=None, phases=()):
     """Legal test-time training. The stream is cut into segments at every TTT_CHUNK_TOKENS targets and at the
@@ -4123,18 +4131,15 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
     chunk, phases = hp.ttt_chunk_tokens, list(phases)
     cuts = sorted(set(range(chunk, num_targets, chunk)) | set(phases))
     segments = list(zip([0] + cuts, cuts + [num_targets]))
-    windows = plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, cuts)
     windows_of = [[] for _ in segments]
-    for window in windows:
+    for window in plan_windows(num_targets, seq_len, hp.eval_stride or seq_len, doc_starts, cuts):
         windows_of[bisect.bisect_right(cuts, window[1])].append(window)
     rows = eval_rows_per_batch(hp.val_batch_size, seq_len, world_size)
     scoring = [scoring_work(len(w), rows, world_size, seq_len) for w in windows_of]
     positions_after = np.cumsum(scoring[::-1])[::-1].tolist()[1:] + [0]
     params = ttt_parameters(model, hp)
-    optimizer = (torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if ttt_optimizer_of(hp) == "sgd" else
-                 torch.optim.AdamW(params, lr=hp.ttt_lr, betas=(hp.ttt_momentum, 0.999), weight_decay=0.0))
-    chunk_steps = chunk_ttt_steps(hp, seq_len)
-    global_steps = global_sgd_steps(hp, seq_len)
+    optimizer = chunk_ttt_optimizer(params, hp)
+    chunk_steps, global_steps = chunk_ttt_steps(hp, seq_len), global_sgd_steps(hp, seq_len)
     ledger, clock = ScoredTargets(val_tokens), TTTClock(budget_left, device)
     per_segment, adapting, adapted = [], True, 0
     num_chunks, progress = -(-num_targets // chunk), Progress(log, "segment", len(segments))
