@@ -6199,7 +6199,7 @@ def conclude_failure(run, error):
         pending = AFTER_TRAINING[AFTER_TRAINING.index(run.phase):] if run.phase in AFTER_TRAINING else AFTER_TRAINING
         best_effort(f"not_finished: {','.join(pending)}; raw weights at {run.raw_weights_path}; to finish: rerun the "
                     f"same command with FINISH_FROM={run.raw_weights_path} (and a new RUN_ID)")
-    if run.config_hash is not None:  # the index knows the seed (`setup` hashed its data)
+    if run.config_hash is not None:  # a seed refused before `setup` hashed its data never enters the index
         with contextlib.suppress(Exception):
             append_index(run, "failed", phase=run.phase, error=str(error)[:500])
 
