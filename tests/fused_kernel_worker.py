@@ -19,7 +19,7 @@ INTERPRETER_CANNOT = 77  # the exit status for "skipped": the interpreter, not t
 def interpreter_problem():
     """None, or why this Triton's interpreter cannot run any kernel that loops over a runtime bound, as both kernels
     do. The interpreter of Triton 3.6 and older hands such a bound to range() as a one-element array, which NumPy 2.4
-    and newer no longer turn into a Python int."""
+    and newer no longer turn into a Python int. Triton 3.7.1 and 3.9.0 run them with NumPy 2.5 and 2.4."""
     triton, tl = T.triton_language()
 
     @triton.jit
@@ -36,7 +36,7 @@ def interpreter_problem():
         if "only 0-dimensional arrays can be converted to Python scalars" not in str(error):
             raise
         return (f"the interpreter of Triton {triton.__version__} cannot loop over a runtime bound with NumPy "
-                f"{np.__version__} ({error}); NumPy < 2.4 or a newer Triton runs these checks")
+                f"{np.__version__} ({error}); NumPy < 2.4 or Triton 3.7 and newer run these checks")
     assert out.item() == 3, f"the interpreter counted {out.item()} blocks of 4 in 10 columns"
     return None
 
