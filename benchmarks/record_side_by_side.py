@@ -3,14 +3,15 @@
 own settings, the record's weights are drawn at random and copied into ours, and then they are compared:
 
   1. the loss over one row of packed documents, without and with the loop (the record's side gets the cu_seqlens its
-     own _build_cu_seqlens makes; ours finds the documents itself);
+     own _build_cu_seqlens makes; ours finds the documents itself), and what a forward and backward costs: the
+     FLOPs of the matmuls and attention, and the ATen operators run eagerly;
   2. the per-document TTT forward, the same LoRA adapters on both sides, one document a row;
   3. a few training steps with each side's own optimizers in the record's precision of state (bf16 bank gradients,
      momentum and Newton-Schulz, compiled on both sides), without clipping and with its clip at 0.3;
   4. the whole evaluation of the record, per-document LoRA TTT with phased global SGD, over a small validation
      stream: its eval_val_ttt_phased against our per_document_lora_ttt, in fp32, every adapter's A drawn alike
      on both sides (each side draws its own at random otherwise); then with its global SGD's packed rows against
-     ours under TRAIN_ROWS=packed;
+     ours under TRAIN_ROWS=packed; and what each evaluation costs, counted as in 1;
   5. the export at width 512 (where every matrix is large enough to be quantized): the record's gptq_mixed_quantize
      and dequantize_mixed against our quantize_state_dict and dequantize_state_dict, from the same weights and the
      same Hessians: what each tensor becomes;
@@ -35,10 +36,13 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as T  # noqa: E402
@@ -86,12 +90,14 @@ def sdpa(q, k, v, mask=None):
 
 
 def varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, window_size=None):
-    """flash_attn_varlen_func's documents (one packed row) as a block-diagonal causal mask."""
-    positions = torch.arange(q.size(0), device=q.device)
-    document = torch.zeros_like(positions)
-    for start in cu_seqlens_q[1:].tolist():
-        document += positions >= start
-    mask = (document[:, None] == document[None, :]) & (positions[None, :] <= positions[:, None])
+    """flash_attn_varlen_func's documents (one packed row) as a block-diagonal causal mask. Making the mask is the
+    stand-in's work, not the record's: a Cost leaves it out."""
+    with _disable_current_modes():
+        positions = torch.arange(q.size(0), device=q.device)
+        document = torch.zeros_like(positions)
+        for start in cu_seqlens_q[1:].tolist():
+            document += positions >= start
+        mask = (document[:, None] == document[None, :]) & (positions[None, :] <= positions[:, None])
     return sdpa(q[None], k[None], v[None], mask)[0]
 
 
@@ -164,6 +170,54 @@ def packed_row(record, seed, device):
     return ids[:, :-1], ids[:, 1:], cu_seqlens, max_len
 
 
+def grouped(query_shape, kv_shape):
+    """K or V's shape as the query heads read it (grouped-query attention: each K/V head serves several)."""
+    return (*query_shape[:2], *kv_shape[2:])
+
+
+# torch's FLOP counter knows the CUDA attention kernels only; both sides run the CPU's flash kernel (dense: every
+# position pair, masked or not), counted here by the same formulas.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, grouped(q, k), grouped(q, v)),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, grouped(q, k),
+                                                                                        grouped(q, v)),
+}
+
+
+class Cost(NamedTuple):
+    flops: int  # matmuls and attention, forward and backward
+    operators: int  # ATen operators run, views excluded (eagerly: on a GPU, each one a kernel launch)
+
+
+class OperatorCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.operators = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def measured(costs, side):
+    """Puts the Cost of the work in the block into costs[side]. (Not its time: the counting itself takes most.)"""
+    flops, operators = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS), OperatorCount()
+    with flops, operators:
+        yield
+    costs[side] = Cost(flops.get_total_flops(), operators.operators)
+
+
+def cost_line(name, costs):
+    record, ours = costs["record"], costs["ours"]
+    extra = ours.flops - record.flops
+    return (f"{name} GFLOP record {record.flops / 1e9:.3f} ours {ours.flops / 1e9:.3f} "
+            f"({f'ours {extra:+,} FLOPs, {extra / record.flops:+.0e}' if extra else 'equal'}); "
+            f"operators record {record.operators} ours {ours.operators} ({ours.operators / record.operators - 1:+.1%})")
+
+
 def compare_forward(record, args):
     theirs = record_model(record, seed=0, device=args.device)
     ours, _ = our_model(theirs, clip=0.3)
@@ -175,6 +229,12 @@ def compare_forward(record, args):
             our_loss = ours(x, y).item()
         print(f"forward looping:{looping} loss record {record_loss:.6f} ours {our_loss:.6f} "
               f"difference {our_loss - record_loss:+.1e}")
+    costs = {}
+    with measured(costs, "record"):
+        theirs(x, y, cu_seqlens=cu_seqlens, max_seqlen=max_len).backward()
+    with measured(costs, "ours"):
+        ours(x, y).backward()
+    print(cost_line("forward_and_backward_cost looping:True", costs))
 
 
 def copied_adapters(record, theirs, ours, hp, rows, rank):
@@ -355,13 +415,14 @@ def compare_ttt_evaluation(record, args, documents, packed=False):
         alone = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
                                         log=lambda message: None, budget_left=lambda: -1.0).result
         settings = record_ttt_settings(record, hp, sizes)
-        with warnings.catch_warnings():  # its autocast names CUDA: off on the CPU, where both sides run in fp32
-            warnings.filterwarnings("ignore", message="CUDA is not available")
+        costs = {}
+        with warnings.catch_warnings(), measured(costs, "record"):  # its autocast names CUDA: off on the CPU, where
+            warnings.filterwarnings("ignore", message="CUDA is not available")  # both sides run in fp32
             record_loss, record_bpb = record.eval_val_ttt_phased(settings, theirs, device, validation,
                                                                  theirs.forward_ttt)
         for path in Path("/tmp").glob(f"ttt_*_{settings.run_id}"):  # its ranks' shared counters
             path.unlink()
-        with stream_chunks(1 if packed else T.STREAM_CHUNKS):
+        with stream_chunks(1 if packed else T.STREAM_CHUNKS), measured(costs, "ours"):
             report = T.per_document_lora_ttt(models, tokens, target_bytes, hp, 0, 1, device, autocast, starts,
                                              log=lambda message: None)
     our_loss, our_bpb, _ = report.result
@@ -371,6 +432,7 @@ def compare_ttt_evaluation(record, args, documents, packed=False):
           f"{report.phases} val_loss record {record_loss:.6f} ours {our_loss:.6f} difference "
           f"{our_loss - record_loss:+.1e}; val_bpb record {record_bpb:.6f} ours {our_bpb:.6f} difference "
           f"{our_bpb - record_bpb:+.1e}; the model alone {alone[0]:.6f} ({alone[0] - record_loss:+.3f})")
+    print(cost_line(f"ttt_evaluation_cost{'(packed_global_sgd)' if packed else ''} documents:{documents}", costs))
 
 
 @contextlib.contextmanager
