@@ -5345,14 +5345,15 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e
 
 def training_flops_per_token(model, seq_len):
     """Forward + backward FLOPs per token: 6 x the matrix weights a token passes through (a looped layer once per
-    pass, the output head included) plus attention, 6 x seq_len x width per layer pass (PaLM's 12 L T d, halved
-    because causal attention skips the upper triangle)."""
+    pass; the output head and the bigram's and value embeddings' projections once) plus attention, 6 x seq_len x
+    width per layer pass (PaLM's 12 L T d, halved because causal attention skips the upper triangle)."""
     passes = Counter(model.layer_order())
-    weights = lambda block: sum(m.weight.numel() for m in block.modules() if isinstance(m, CastedLinear))
+    weights = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, CastedLinear))
     block_weights = sum(count * weights(model.blocks[layer]) for layer, count in passes.items())
-    head = model.tok_emb.weight.numel() if model.lm_head is None else model.lm_head.weight.numel()
+    tied_head = model.tok_emb.weight.numel() if model.lm_head is None else 0
+    outside_blocks = weights(model) - weights(model.blocks) + tied_head
     width = model.tok_emb.weight.size(1)
-    return 6 * (block_weights + head) + 6 * sum(passes.values()) * seq_len * width
+    return 6 * (block_weights + outside_blocks) + 6 * sum(passes.values()) * seq_len * width
 
 
 def mfu_field(run, net, tokens_per_s):
