@@ -844,12 +844,14 @@ PRESETS = {
     # per-document LoRA TTT (rank 80, alpha 144, warm A, AdamW 1e-4 with betas (0, 0.99) and weight decay 0.5,
     # 48-token chunks, 64 documents at a time, contexts of 2,048); bf16 bank gradients, momentum and token table, and
     # its fixed EMA decay, as in its script. Attention is FA3's varlen path where FA3 is installed, as in the record,
-    # else FlexAttention on a compiled GPU run, else SDPA with a block-diagonal mask. README: "PRESET=record".
+    # else FlexAttention on a compiled GPU run, else SDPA with a block-diagonal mask. No sliding pass: the record runs
+    # none, and on the eval clock it would take TTT's time (EVAL_STRIDE=64 adds it, document-isolated). README:
+    # "PRESET=record".
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
         tokenizer_path="./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", vocab_size=8192,
         caseops_enabled=True,
-        doc_isolation=True, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
+        doc_isolation=True, eval_stride=0, eval_doc_isolated=True, min_lr_scale=0.1, lqer_rank=4,
         gptq_reserve_seconds=0.5, train_log_every=500, val_loss_every=0, ttt_enabled=True, ttt_method="lora",
         ttt_lora_rank=80, ttt_beta2=0.99, ttt_weight_decay=0.5,
         phased_ttt_enabled=True, phased_ttt_prefix_docs=2500, phased_ttt_num_phases=3, fused_ce_enabled=True,

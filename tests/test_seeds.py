@@ -378,7 +378,7 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
 RECORD_CHANGES = {
     "data_path": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_doc_isolated": True,
+    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_stride": 0, "eval_doc_isolated": True,
     "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
     "val_loss_every": 0, "ttt_enabled": True, "ttt_method": "lora", "ttt_lora_rank": 80, "ttt_beta2": 0.99,
     "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
