@@ -147,7 +147,8 @@ class Check:
         self.on_h100 = "H100" in self.device_name or "H200" in self.device_name  # an H200 has the H100's bf16 peak
         self.workdir = Path(args.out).resolve().parent / "gpu_check_runs"
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.artifact, self.sliding_projected = None, 0.0  # what the end-to-end phase leaves to the TTT phase
+        # What the end-to-end phase leaves to the TTT phase: the artifact, and its passes' seconds on 8 GPUs.
+        self.artifact, self.roundtrip_projected, self.sliding_projected = None, 0.0, 0.0
 
     def env(self, run_id, **settings):
         env = dict(DATA_PATH=str(Path(self.args.data_path).resolve()),
@@ -241,13 +242,15 @@ def end_to_end(table, check):
     table.add("artifact", found(r"^artifact: (bytes_code:\d+ bytes_model:\d+ bytes_total:\d+)", log))
     val_tokens = int(found(r"^val_tokens:(\d+)", log, "0"))
     roundtrip = next((k[:-len("_val_bpb")] for k in summary if k.endswith("_roundtrip_val_bpb")), "")
+    projected = {}
     for name, label in ((roundtrip, "round trip"), ("final_sliding_window", "sliding window")):
         scored = projected_seconds(log, name, val_tokens) if name else None
         table.add(f"evaluation: {label}", "not run" if scored is None else
                   f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here, projected {scored[2]:.0f} s on {GPUS} GPUs")
+        projected[label] = scored[2] if scored else 0.0
     export_name = found(r"^final_(\w+?)_roundtrip ", log)
     check.artifact = str(check.workdir / "logs" / f"check_train_model.{export_name.split('_')[0]}.ptz")
-    check.sliding_projected = (projected_seconds(log, "final_sliding_window", val_tokens) or (0, 0, 0))[2]
+    check.roundtrip_projected, check.sliding_projected = projected["round trip"], projected["sliding window"]
 
 
 def ttt_on_the_artifact(table, check):
@@ -263,10 +266,16 @@ def ttt_on_the_artifact(table, check):
         if scored is None:
             table.add(f"evaluation: TTT {method}", "not run")
             continue
-        total = scored[2] + check.sliding_projected
+        # A run's whole evaluation clock: the artifact's read (each rank reads it whole, so it is not scaled), the
+        # round trip, and with chunk TTT the sliding pass (pr754's evaluation; PRESET=record, LoRA's, runs none).
+        read = float(found(r"^artifact_read_time:(\d+)ms", log, "0")) / 1000
+        passes = check.roundtrip_projected + (check.sliding_projected if method == "chunk" else 0.0)
+        total = read + passes + scored[2]
+        with_passes = "the round trip and the sliding pass" if method == "chunk" else "the round trip"
         table.add(f"evaluation: TTT {method} on the artifact", f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here "
-                  f"(graphs built in {warmup} s before), projected {scored[2]:.0f} s on {GPUS} GPUs; with sliding "
-                  f"{total:.0f} s", f"<= {TARGETS['eval_s']:.0f} s (8xH100)",
+                  f"(graphs built in {warmup} s before), projected {scored[2]:.0f} s on {GPUS} GPUs; with the "
+                  f"artifact's read ({read:.1f} s) and {with_passes}: {total:.0f} s",
+                  f"<= {TARGETS['eval_s']:.0f} s (8xH100)",
                   ("met" if total <= TARGETS["eval_s"] else "NOT MET") if check.on_h100 else "n/a (not an H100)")
 
 

@@ -644,6 +644,11 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |",
                 "| PRESET=record TRAIN_ROWS=packed | not run in the CPU miniature |"):
         assert row in table, row
+    # Each TTT is held to the whole evaluation clock of the runs that use it: chunk TTT's (pr754's) has the sliding
+    # pass, LoRA TTT's (PRESET=record's) has none.
+    ttt_total = r"\| evaluation: TTT {} on the artifact \| .* with the artifact's read \([\d.]+ s\) and {}: \d+ s \|"
+    assert re.search(ttt_total.format("chunk", "the round trip and the sliding pass"), table)
+    assert re.search(ttt_total.format("lora", "the round trip"), table)
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
