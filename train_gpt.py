@@ -5992,8 +5992,12 @@ def log_compliance(run, data, model, ttt_report):
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
     logsumexp, charged = check_normalization(model.net, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
-    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{run.eval_seq_len} "
-        f"stride:{hp.eval_stride or run.eval_seq_len} doc_isolated:{hp.eval_doc_isolated} "
+    # The windows of the last windowed pass: the sliding pass's (chunk TTT scores in the same windows, and at stride 0
+    # in EVAL_SEQ_LEN windows), else the round trip's plain TRAIN_SEQ_LEN windows, which never isolate documents.
+    evaluation_windows = hp.eval_stride > 0 or (hp.ttt_enabled and hp.ttt_method == "chunk")
+    seq_len = run.eval_seq_len if evaluation_windows else hp.train_seq_len
+    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{seq_len} "
+        f"stride:{hp.eval_stride or seq_len} doc_isolated:{hp.eval_doc_isolated and evaluation_windows} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
         f"single_pass:yes")
     report = ttt_report  # what TTT adapted, as evaluate_ttt returned it
