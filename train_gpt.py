@@ -84,8 +84,9 @@ PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 
 
 def switched_on(hp, condition):
-    """Whether a `needs` condition holds: clauses joined by " and ", each "NAME=a or b" (the value is one of them;
-    booleans are 1 and 0), or "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty string)."""
+    """Whether a `needs` condition holds: alternatives joined by ", or ", each clauses joined by " and ", each clause
+    "NAME=a or b" (the value is one of them; booleans are 1 and 0), or "NAME or NAME > 0" (any of them is set:
+    nonzero, or a nonempty string)."""
     def clause_holds(clause):
         if "=" in clause:
             name, values = clause.split("=", 1)
@@ -93,7 +94,8 @@ def switched_on(hp, condition):
             return str(int(value) if isinstance(value, bool) else value) in values.split(" or ")
         set_ = lambda value: bool(value.strip()) if isinstance(value, str) else bool(value)
         return any(set_(getattr(hp, name.lower())) for name in clause.replace(" > 0", "").split(" or "))
-    return all(clause_holds(clause) for clause in condition.split(" and "))
+    return any(all(clause_holds(clause) for clause in alternative.split(" and "))
+               for alternative in condition.split(", or "))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +313,8 @@ class Hyperparameters:
     # window length of the final evaluations; 0 = TRAIN_SEQ_LEN
     eval_seq_len: int = setting(0, ">=0", group="evaluation and score-first test-time training")
     eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
-    eval_doc_isolated: bool = False  # windows never read across a BOS (context comes from the same document only)
+    # Windows never read across a BOS (context comes from the same document only): the sliding pass's and chunk TTT's.
+    eval_doc_isolated: bool = setting(False, needs="EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk")
     # eval time budget: TTT stops adapting (never scoring) when it would run over
     eval_budget_seconds: float = setting(600.0, ">=0")
     # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)

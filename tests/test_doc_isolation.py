@@ -315,11 +315,12 @@ def test_a_run_with_packed_rows_cuts_its_training_rows_into_pieces_and_nothing_e
 
 @pytest.mark.cuda_path  # a whole run: CI's second step
 def test_a_run_with_isolated_documents_trains_and_scores(sample, tmp_path):
-    env = tiny_env(sample, DOC_ISOLATION=1, RUN_ID="docs", ITERATIONS=4)
+    env = tiny_env(sample, DOC_ISOLATION=1, RUN_ID="docs", ITERATIONS=4, EVAL_STRIDE=128, EVAL_DOC_ISOLATED=1)
     result = run_script([sys.executable, str(REPO / "train_gpt.py")], env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "docs.txt").read_text()
     assert " doc_isolation\n" in log and "final_int6_brotli_roundtrip_exact" in log
+    assert "final_sliding_window_exact" in log and " stride:128 doc_isolated:True " in log
 
 
 def test_flexattention_over_packed_documents_equals_the_sdpa_mask_and_builds_its_block_mask_once():

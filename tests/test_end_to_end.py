@@ -240,11 +240,10 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     artifact = cwd / "logs" / "e2e_model.int6.ptz"
     env = {k: v for k, v in env.items() if k != "RECORD_DIR"}
     again = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="again", EVAL_STRIDE="0", EVAL_SEQ_LEN="128",
-                                                      EVAL_DOC_ISOLATED="1", EVAL_ONLY_QUANTIZED_PATH=str(artifact)),
-                       cwd)
+                                                      EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     text = (cwd / "logs" / "again.txt").read_text()
-    # Without a sliding pass or chunk TTT, the last windows are the round trip's: TRAIN_SEQ_LEN, not isolated.
+    # Without a sliding pass or chunk TTT, the last windows are the round trip's: TRAIN_SEQ_LEN, not EVAL_SEQ_LEN.
     assert "compliance: eval_mode:plain seq_len:256 stride:256 doc_isolated:False " in text
     sha = __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
     assert f"eval_only: artifact:{artifact} sha256:{sha} " in text

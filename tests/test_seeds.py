@@ -403,12 +403,15 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
     env = dict(PRESET="record,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
                NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
                NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0",
-               RUN_ID="record", EVAL_STRIDE="256", GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
+               RUN_ID="record", GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
                TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0")
     result = run_script(["python3", str(T.__file__)], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "record.txt").read_text()
-    assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log and "doc_isolated:True" in log
+    assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
+    # No sliding pass, as the record: the last windows are the round trip's, which never isolate documents.
+    assert "compliance: eval_mode:plain seq_len:256 stride:256 doc_isolated:False " in log
+    assert not re.search(r"^final_sliding_window", log, re.M)
     assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:3 "
                      r"boundaries:\[4, 8, 12\]$", log, re.M)
     assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 3/3 documents:12" in log

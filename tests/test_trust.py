@@ -66,6 +66,8 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"TTT_ENABLED": "1"}, "TTT_METHOD=chunk or TTT_METHOD=lora"),  # the records' TTT_ENABLED=1 names two methods
     ({"TTT_ENABLED": "1", "TTT_EPOCHS": "2", "TTT_LORA_RANK": "4"}, "TTT_METHOD"),  # settings of both methods
     ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "DOC_ISOLATION"),
+    ({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1"}, "EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk"),
+    ({"PRESET": "record", "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # the preset has no sliding pass
     ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
     ({"RUN_ID": "a/b"}, "RUN_ID"),
@@ -96,6 +98,12 @@ def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
     on = T.dataclasses.replace(default, bigram_buckets=0, ve_layers="1")
     assert T.switched_on(on, "BIGRAM_BUCKETS > 0 or VE_LAYERS") and not T.switched_on(default, "VE_LAYERS")
     assert T.switched_on(default, "WEIGHT_AVERAGING=ema or ema_swa") and not T.switched_on(default, "TIE_EMBEDDINGS=0")
+    chunk_at_stride_0 = T.dataclasses.replace(default, eval_stride=0, ttt_enabled=True, ttt_method="chunk")
+    either = "EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk"  # alternatives
+    assert T.switched_on(default, either) and T.switched_on(chunk_at_stride_0, either)
+    assert not T.switched_on(T.dataclasses.replace(chunk_at_stride_0, ttt_method="lora"), either)
+    T.Hyperparameters.from_env({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1", "TTT_ENABLED": "1",
+                                "TTT_METHOD": "chunk"})
     # the preset's LOOP_START is not the user's
     hp, _ = T.Hyperparameters.from_env({"PRESET": "smoke", "NUM_LOOPS": "0"})
     assert hp.num_loops == 0
