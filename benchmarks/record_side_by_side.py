@@ -416,8 +416,9 @@ def compare_ttt_evaluation(record, args, documents, packed=False):
                                         log=lambda message: None, budget_left=lambda: -1.0).result
         settings = record_ttt_settings(record, hp, sizes)
         costs = {}
-        with warnings.catch_warnings(), measured(costs, "record"):  # its autocast names CUDA: off on the CPU, where
-            warnings.filterwarnings("ignore", message="CUDA is not available")  # both sides run in fp32
+        with warnings.catch_warnings(), measured(costs, "record"):
+            # Its autocast names CUDA: off on the CPU, where both sides run in fp32.
+            warnings.filterwarnings("ignore", message="CUDA is not available")
             record_loss, record_bpb = record.eval_val_ttt_phased(settings, theirs, device, validation,
                                                                  theirs.forward_ttt)
         for path in Path("/tmp").glob(f"ttt_*_{settings.run_id}"):  # its ranks' shared counters
