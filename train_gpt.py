@@ -314,7 +314,8 @@ class Hyperparameters:
     eval_seq_len: int = setting(0, ">=0", group="evaluation and score-first test-time training")
     eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
     # Windows never read across a BOS (context comes from the same document only): the sliding pass's and chunk TTT's.
-    eval_doc_isolated: bool = setting(False, needs="EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk")
+    eval_doc_isolated: bool = setting(False, needs="EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or TTT_ENABLED=1 and "
+                                                   "TTT_METHOD=chunk")
     # eval time budget: TTT stops adapting (never scoring) when it would run over
     eval_budget_seconds: float = setting(600.0, ">=0")
     # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)

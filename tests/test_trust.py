@@ -66,7 +66,10 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"TTT_ENABLED": "1"}, "TTT_METHOD=chunk or TTT_METHOD=lora"),  # the records' TTT_ENABLED=1 names two methods
     ({"TTT_ENABLED": "1", "TTT_EPOCHS": "2", "TTT_LORA_RANK": "4"}, "TTT_METHOD"),  # settings of both methods
     ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "DOC_ISOLATION"),
-    ({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1"}, "EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk"),
+    ({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1"}, "EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or TTT_ENABLED=1 and "
+                                                     "TTT_METHOD=chunk"),
+    ({"EVAL_ONLY_QUANTIZED_PATH": "a.ptz", "TTT_EVAL_ONLY": "1", "TTT_ENABLED": "1", "TTT_METHOD": "lora",
+      "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # TTT alone: no sliding pass
     ({"PRESET": "record", "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # the preset has no sliding pass
     ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
