@@ -5986,6 +5986,18 @@ def evaluate_chunk_ttt(run, data, model):
     return dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
 
 
+def scored_windows(hp, eval_seq_len):
+    """The windows of the last pass that scored in windows (LoRA TTT has a line of its own): the sliding pass's
+    (chunk TTT scores in the same windows, and at stride 0 in EVAL_SEQ_LEN windows), else the round trip's plain
+    TRAIN_SEQ_LEN windows, which never isolate documents; TTT_EVAL_ONLY with LoRA TTT runs neither."""
+    if (hp.eval_stride and not hp.ttt_eval_only) or (hp.ttt_enabled and hp.ttt_method == "chunk"):
+        return (f"eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{eval_seq_len} "
+                f"stride:{hp.eval_stride or eval_seq_len} doc_isolated:{hp.eval_doc_isolated}")
+    if hp.ttt_eval_only:
+        return "eval_mode:ttt_only"
+    return f"eval_mode:plain seq_len:{hp.train_seq_len} stride:{hp.train_seq_len} doc_isolated:False"
+
+
 def log_compliance(run, data, model, ttt_report):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
@@ -5996,12 +6008,7 @@ def log_compliance(run, data, model, ttt_report):
             raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
     logsumexp, charged = check_normalization(model.net, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
-    # The windows of the last windowed pass: the sliding pass's (chunk TTT scores in the same windows, and at stride 0
-    # in EVAL_SEQ_LEN windows), else the round trip's plain TRAIN_SEQ_LEN windows, which never isolate documents.
-    evaluation_windows = hp.eval_stride > 0 or (hp.ttt_enabled and hp.ttt_method == "chunk")
-    seq_len = run.eval_seq_len if evaluation_windows else hp.train_seq_len
-    log(f"compliance: eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{seq_len} "
-        f"stride:{hp.eval_stride or seq_len} doc_isolated:{hp.eval_doc_isolated and evaluation_windows} "
+    log(f"compliance: {scored_windows(hp, run.eval_seq_len)} "
         f"targets_scored:{' '.join(f'{n}={c}' for n, c in run.scored_targets.items())} expected:{expected} "
         f"single_pass:yes")
     report = ttt_report  # what TTT adapted, as evaluate_ttt returned it

@@ -257,6 +257,7 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     text = (cwd / "logs" / "ttt.txt").read_text()
     assert "ttt: method:lora (per-document LoRA)" in text and re.search(r"^final_ttt_exact ", text, re.M)
     assert not re.search(r"^final_(int6_brotli_roundtrip|sliding_window) ", text, re.M)
+    assert "compliance: eval_mode:ttt_only targets_scored:final_ttt=" in text  # LoRA TTT's windows: its own line
     wider = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="wider", MLP_MULT="3",
                                                       EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
     assert wider.returncode != 0 and "MLP_MULT" in wider.stdout + wider.stderr
