@@ -16,7 +16,9 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
      each graph's compile, the memory estimate beside the measured peak, the graph counts, training, GPTQ
      calibration against its reserve, the training data read inside the cap, quantization, the artifact's bytes,
      the round trip and the sliding window (its time projected to the full FineWeb validation split on 8 GPUs);
-  4. on that artifact (EVAL_ONLY_QUANTIZED_PATH), chunk TTT and per-document LoRA TTT, each projected likewise;
+  4. on that artifact (EVAL_ONLY_QUANTIZED_PATH), chunk TTT (pr754's) and PRESET=record's TTT (per-document LoRA
+     with its phases, their prefix scaled to this split), each projected likewise (LoRA's to the record's split)
+     and, with the artifact's read, the round trip and the sliding pass where that run has one, held to 600 s;
   5. BENCHMARK_STEPS figures before and after the recurrence (ms/step, tokens/s, MFU, peak memory) at one GPU's
      share of the record batch (98,304 tokens, GRAD_ACCUM_STEPS=1), for both COMPILE_SCOPEs (which decides the
      default: model, the records', until block steps as fast), and with each speed switch on alone
@@ -41,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
@@ -50,6 +53,8 @@ sys.path.insert(0, str(REPO))
 import train_gpt as T  # noqa: E402
 
 FINEWEB_VAL_TOKENS = 62_021_632  # the challenge's sp1024 validation split (its logs' val_loader line)
+# The 04-27 record's validation split in its CaseOps SP8192 tokens (its log's val_tokens), and its documents.
+RECORD_VAL_TOKENS, RECORD_VAL_DOCUMENTS = 47_851_520, 50_000
 GPUS = 8
 # The step targets on one H100/H200: 1.2x the 1.08 M tok/s and 40% MFU for the default stack before the recurrence,
 # 580 ms/step for PRESET=pr754 at the 03-23 record's batch (691.6 measured; the record's own script: 698.8).
@@ -62,7 +67,7 @@ TINY_STACK = dict(LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3")  # not
 TINY_TRAINING = dict(GPTQ_CALIBRATION_BATCHES="2", SIZE_TARGET_BYTES="0", EVAL_STRIDE="64", ITERATIONS="30",
                      MAX_WALLCLOCK_SECONDS="0")
 TINY_TTT = dict(chunk=dict(TTT_CHUNK_TOKENS="8192", TTT_BATCH_SEQS="4", TTT_EPOCHS="1"),
-                lora=dict(TTT_BATCH_SIZE="32", TTT_CHUNK_SIZE="128"))
+                lora=dict(TTT_BATCH_SIZE="32", TTT_CHUNK_SIZE="128", TTT_LORA_RANK="8"))
 
 
 def parse_args(argv):
@@ -179,13 +184,14 @@ def found(pattern, log, default="-"):
     return match.group(1) if match else default
 
 
-def projected_seconds(log, name, val_tokens):
-    """(val_bpb, seconds here, seconds projected to the full FineWeb validation split on 8 GPUs) of a final line."""
+def projected_seconds(log, name, val_tokens, split_tokens=FINEWEB_VAL_TOKENS):
+    """(val_bpb, seconds here, seconds projected to a validation split of `split_tokens` on 8 GPUs) of a final
+    line."""
     match = re.search(rf"^{name} val_loss:[\d.]+ val_bpb:([\d.]+).* eval_time:(\d+)ms", log, re.M)
     if not match:
         return None
     seconds = int(match.group(2)) / 1000
-    return float(match.group(1)), seconds, FINEWEB_VAL_TOKENS / (val_tokens / seconds * GPUS)
+    return float(match.group(1)), seconds, split_tokens / (val_tokens / seconds * GPUS)
 
 
 def compile_rows(table, label, log):
@@ -253,15 +259,33 @@ def end_to_end(table, check):
     check.roundtrip_projected, check.sliding_projected = projected["round trip"], projected["sliding window"]
 
 
+def record_ttt_settings(check):
+    """PRESET=record's TTT (per-document LoRA at its rank and optimizer, its phases of global SGD over documents kept
+    apart), its phases' prefix scaled to this validation split: the record's 2,500 of its 50,000 documents."""
+    record = T.PRESETS["record"]
+    settings = {name.upper(): str(value) for name, value in record.items() if name.startswith(("ttt_", "phased_"))}
+    tokens = T.load_validation_tokens(T.shard_files(check.args.data_path, "val"))
+    bos = spm.SentencePieceProcessor(model_file=str(check.args.tokenizer_path)).bos_id()
+    documents = len(set(T.doc_starts_of(tokens, bos)) | {0})
+    prefix = round(documents * record["phased_ttt_prefix_docs"] / RECORD_VAL_DOCUMENTS)
+    return dict(settings, PHASED_TTT_PREFIX_DOCS=str(max(prefix, record["phased_ttt_num_phases"])),
+                DOC_ISOLATION=str(int(record["doc_isolation"])))
+
+
 def ttt_on_the_artifact(table, check):
-    """Chunk TTT and per-document LoRA TTT on the end-to-end run's artifact, nothing trained."""
+    """Chunk TTT (the default's, pr754's) and PRESET=record's per-document LoRA TTT with its phases, on the
+    end-to-end run's artifact, nothing trained; each against the whole eval clock of the runs that use it."""
     if not check.artifact or not Path(check.artifact).is_file():
         raise RuntimeError("no artifact: the end-to-end phase did not finish")
     for method in ("chunk", "lora"):
-        settings = dict(EVAL_ONLY_QUANTIZED_PATH=check.artifact, TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_METHOD=method,
-                        **(TINY_TTT[method] if check.tiny else {}))
+        settings = {"TTT_ENABLED": "1", "TTT_METHOD": method,
+                    **(record_ttt_settings(check) if method == "lora" else {}),
+                    "EVAL_ONLY_QUANTIZED_PATH": check.artifact, "TTT_EVAL_ONLY": "1",
+                    **(TINY_TTT[method] if check.tiny else {})}
         log = check.run(check.env(f"check_ttt_{method}", **settings), f"TTT {method}")
-        scored = projected_seconds(log, "final_ttt", int(found(r"^val_tokens:(\d+)", log, "0")))
+        # LoRA's is PRESET=record's evaluation, so projected to the record's split (its SP8192 tokens).
+        split = RECORD_VAL_TOKENS if method == "lora" else FINEWEB_VAL_TOKENS
+        scored = projected_seconds(log, "final_ttt", int(found(r"^val_tokens:(\d+)", log, "0")), split)
         warmup = found(r"untimed_warmup:([\d.]+)s", log)
         if scored is None:
             table.add(f"evaluation: TTT {method}", "not run")
@@ -269,10 +293,12 @@ def ttt_on_the_artifact(table, check):
         # A run's whole evaluation clock: the artifact's read (each rank reads it whole, so it is not scaled), the
         # round trip, and with chunk TTT the sliding pass (pr754's evaluation; PRESET=record, LoRA's, runs none).
         read = float(found(r"^artifact_read_time:(\d+)ms", log, "0")) / 1000
-        passes = check.roundtrip_projected + (check.sliding_projected if method == "chunk" else 0.0)
+        passes = (check.roundtrip_projected * split / FINEWEB_VAL_TOKENS
+                  + (check.sliding_projected if method == "chunk" else 0.0))
         total = read + passes + scored[2]
         with_passes = "the round trip and the sliding pass" if method == "chunk" else "the round trip"
-        table.add(f"evaluation: TTT {method} on the artifact", f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here "
+        label = "chunk TTT" if method == "chunk" else "PRESET=record's TTT (lora, phased)"
+        table.add(f"evaluation: {label} on the artifact", f"val_bpb {scored[0]:.4f}, {scored[1]:.1f} s here "
                   f"(graphs built in {warmup} s before), projected {scored[2]:.0f} s on {GPUS} GPUs; with the "
                   f"artifact's read ({read:.1f} s) and {with_passes}: {total:.0f} s",
                   f"<= {TARGETS['eval_s']:.0f} s (8xH100)",

@@ -624,8 +624,8 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
                 "| default stack, COMPILE_SCOPE=block: memory per GPU |",
                 "| GPTQ calibration against its reserve |", "| quantization |", "| artifact | bytes_code:",
                 "| evaluation: round trip | val_bpb ", "| evaluation: sliding window | val_bpb ",
-                "| evaluation: TTT chunk on the artifact | val_bpb ",
-                "| evaluation: TTT lora on the artifact | val_bpb ",
+                "| evaluation: chunk TTT on the artifact | val_bpb ",
+                "| evaluation: PRESET=record's TTT (lora, phased) on the artifact | val_bpb ",
                 "| default stack, COMPILE_SCOPE=block: looping:False |",
                 "| default stack, COMPILE_SCOPE=model: looping:True |",
                 "| default stack + FUSED_CE_ENABLED=1: what ran | the same math unfused",
@@ -646,9 +646,15 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
         assert row in table, row
     # Each TTT is held to the whole evaluation clock of the runs that use it: chunk TTT's (pr754's) has the sliding
     # pass, LoRA TTT's (PRESET=record's) has none.
-    ttt_total = r"\| evaluation: TTT {} on the artifact \| .* with the artifact's read \([\d.]+ s\) and {}: \d+ s \|"
-    assert re.search(ttt_total.format("chunk", "the round trip and the sliding pass"), table)
-    assert re.search(ttt_total.format("lora", "the round trip"), table)
+    ttt_total = r"\| evaluation: {} on the artifact \| .* with the artifact's read \([\d.]+ s\) and {}: \d+ s \|"
+    assert re.search(ttt_total.format("chunk TTT", "the round trip and the sliding pass"), table)
+    assert re.search(ttt_total.format(re.escape("PRESET=record's TTT (lora, phased)"), "the round trip"), table)
+    # PRESET=record's TTT ran: its three phases, their prefix scaled to this split's documents, kept apart.
+    ttt_log = (tmp_path / "gpu_check_runs" / "logs" / "check_ttt_lora.txt").read_text()
+    documents, prefix = map(int, re.search(r"^ttt_phased: total_docs:(\d+) prefix_docs:(\d+) .* num_phases:3 ",
+                                           ttt_log, re.M).groups())
+    assert prefix == max(round(documents * 2500 / 50000), 3)
+    assert re.search(r"^features: .* doc_isolation\b", ttt_log, re.M)
     # Every row is in the file as soon as it is measured; a phase that no longer fits the budget is listed, not run.
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
