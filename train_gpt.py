@@ -80,6 +80,9 @@ RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v
                 "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                 "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
 CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and TTT_METHOD=lora"
+# The passes that score in windows of EVAL_SEQ_LEN, which EVAL_DOC_ISOLATED keeps inside documents: the sliding pass
+# and chunk TTT (the round trip's plain windows are TRAIN_SEQ_LEN's, never isolated; LoRA TTT's are its own).
+EVAL_WINDOWS = f"EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or {CHUNK_TTT}"
 PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 
 
@@ -314,8 +317,7 @@ class Hyperparameters:
     eval_seq_len: int = setting(0, ">=0", group="evaluation and score-first test-time training")
     eval_stride: int = setting(64, ">=0")  # sliding-window stride of the final evaluation; 0 = no sliding pass
     # Windows never read across a BOS (context comes from the same document only): the sliding pass's and chunk TTT's.
-    eval_doc_isolated: bool = setting(False, needs="EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or TTT_ENABLED=1 and "
-                                                   "TTT_METHOD=chunk")
+    eval_doc_isolated: bool = setting(False, needs=EVAL_WINDOWS)
     # eval time budget: TTT stops adapting (never scoring) when it would run over
     eval_budget_seconds: float = setting(600.0, ">=0")
     # val_bpb counts the original text's bytes from the CaseOps byte sidecar (prepare_docs.py --caseops)
@@ -5987,10 +5989,10 @@ def evaluate_chunk_ttt(run, data, model):
 
 
 def scored_windows(hp, eval_seq_len):
-    """The windows of the last pass that scored in windows (LoRA TTT has a line of its own): the sliding pass's
-    (chunk TTT scores in the same windows, and at stride 0 in EVAL_SEQ_LEN windows), else the round trip's plain
+    """The windows of the last pass that scored in windows (LoRA TTT has a line of its own): EVAL_WINDOWS' (chunk
+    TTT scores in the sliding pass's windows, and at stride 0 in EVAL_SEQ_LEN windows), else the round trip's plain
     TRAIN_SEQ_LEN windows, which never isolate documents; TTT_EVAL_ONLY with LoRA TTT runs neither."""
-    if (hp.eval_stride and not hp.ttt_eval_only) or (hp.ttt_enabled and hp.ttt_method == "chunk"):
+    if switched_on(hp, EVAL_WINDOWS):
         return (f"eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{eval_seq_len} "
                 f"stride:{hp.eval_stride or eval_seq_len} doc_isolated:{hp.eval_doc_isolated}")
     if hp.ttt_eval_only:

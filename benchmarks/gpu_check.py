@@ -266,7 +266,7 @@ def record_ttt_settings(check):
     settings = {name.upper(): str(value) for name, value in record.items() if name.startswith(("ttt_", "phased_"))}
     tokens = T.load_validation_tokens(T.shard_files(check.args.data_path, "val"))
     bos = spm.SentencePieceProcessor(model_file=str(check.args.tokenizer_path)).bos_id()
-    documents = len(set(T.doc_starts_of(tokens, bos)) | {0})
+    documents = len(T.documents_of(T.doc_starts_of(tokens, bos), tokens.numel() - 1))  # as TTT counts them
     prefix = round(documents * record["phased_ttt_prefix_docs"] / RECORD_VAL_DOCUMENTS)
     return dict(settings, PHASED_TTT_PREFIX_DOCS=str(max(prefix, record["phased_ttt_num_phases"])),
                 DOC_ISOLATION=str(int(record["doc_isolation"])))
