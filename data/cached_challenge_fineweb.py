@@ -6,6 +6,8 @@ challenge's data/cached_challenge_fineweb.py does (same flags, environment varia
     python3 data/cached_challenge_fineweb.py --variant sp1024 10                  # the positional shard count
     MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant sp8192
     python3 data/cached_challenge_fineweb.py --variant sp1024 --with-docs         # + docs_selected.jsonl
+    MATCHED_FINEWEB_REPO_ID=romeerp/parameter-golf-caseops-v1 MATCHED_FINEWEB_REMOTE_ROOT_PREFIX=datasets \
+        python3 data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved --train-shards 80
 
 MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf) is the dataset repository and
 MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (default datasets) the folder in it that holds manifest.json, datasets/ and
@@ -15,12 +17,18 @@ shards, into data/datasets/fineweb10B_<variant>/ and data/tokenizers/, through t
 hard-linked from it, or copied), several at a time. A file already in place is kept (a shard only if it is valid),
 so an interrupted download resumes; every shard's header and size are checked. Offline, HF_HUB_OFFLINE=1 takes
 what the cache already has. Only huggingface_hub is needed (not torch).
+
+The CaseOps records' copy of this script (2026-04-18, PR #1729) adds two things, kept here so that their published
+command (the last one above) runs: a variant may be sp<VOCAB_SIZE>_<name> (the folder fineweb10B_<variant>), and a
+dataset whose manifest entry has val_bytes_glob brings its validation byte sidecars (fineweb_val_bytes_NNNNNN.bin,
+one per validation shard), which CaseOps needs to count val_bpb's bytes.
 """
 
 import argparse
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -62,9 +70,10 @@ def shard_problem(path):
 
 
 def dataset_dir_for_variant(variant):
-    if variant == "byte260" or (variant.startswith("sp") and variant[2:].isdigit()):
+    if variant == "byte260" or re.fullmatch(r"sp[0-9]+(_[A-Za-z0-9_.-]+)?", variant):
         return f"fineweb10B_{variant}"
-    raise DownloadError(f"unsupported --variant {variant!r}; expected byte260 or sp<VOCAB_SIZE>")
+    raise DownloadError(f"unsupported --variant {variant!r}; expected byte260, sp<VOCAB_SIZE> or sp<VOCAB_SIZE>_<name> "
+                        f"(sp8192_lossless_caps_caseops_v1_reserved: the CaseOps export)")
 
 
 class Hub:
@@ -88,20 +97,24 @@ class Hub:
             parts = parts[1:]
         return self.data_dir.joinpath(*parts)
 
+    def cached(self, remote):
+        """The path of one file of the repository in the Hugging Face cache (fetched there if it is not)."""
+        folder, name = Path(remote).parent.as_posix(), Path(remote).name
+        try:
+            subfolder = None if folder == "." else folder
+            return Path(self.download(repo_id=self.repo_id, filename=name, subfolder=subfolder,
+                                      repo_type="dataset", etag_timeout=ETAG_TIMEOUT_S)).resolve(strict=True)
+        except Exception as error:  # the client raises many types (offline, HTTP, DNS, missing entry)
+            raise DownloadError(f"could not get {remote} from the Hugging Face dataset {self.repo_id} "
+                                f"({type(error).__name__}: {error}).\n{WHAT_TO_DO}") from None
+
     def get(self, remote):
         """Fetch one file into place unless a valid copy is there; returns its local path."""
         destination = self.local_path(remote)
         is_shard = destination.suffix == ".bin"
         if destination.is_file() and not (is_shard and shard_problem(destination)):
             return destination
-        folder, name = Path(remote).parent.as_posix(), Path(remote).name
-        try:
-            subfolder = None if folder == "." else folder
-            cached = Path(self.download(repo_id=self.repo_id, filename=name, subfolder=subfolder,
-                                        repo_type="dataset", etag_timeout=ETAG_TIMEOUT_S)).resolve(strict=True)
-        except Exception as error:  # the client raises many types (offline, HTTP, DNS, missing entry)
-            raise DownloadError(f"could not get {remote} from the Hugging Face dataset {self.repo_id} "
-                                f"({type(error).__name__}: {error}).\n{WHAT_TO_DO}") from None
+        cached = self.cached(remote)
         if is_shard and shard_problem(cached):
             raise DownloadError(f"{remote} from {self.repo_id} is not a whole shard ({shard_problem(cached)}): "
                                 f"delete {cached} from the Hugging Face cache and run again")
@@ -116,22 +129,46 @@ class Hub:
         return destination
 
 
-def load_manifest(hub, skip_manifest):
-    path = hub.local_path(f"{hub.remote_root}/manifest.json")
-    if not path.is_file():
-        if skip_manifest:
-            raise DownloadError(f"--skip-manifest: manifest.json is required for the shard counts but is not present "
-                                f"locally at {path}")
-        hub.get(f"{hub.remote_root}/manifest.json")
+def read_manifest(path):
     try:
-        return json.loads(path.read_text(encoding="utf-8")), path
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DownloadError(f"{path} is not valid JSON ({error}); delete it and run again") from None
 
 
+def has_dataset(manifest, dataset_dir):
+    return any(d.get("name") == dataset_dir for d in manifest.get("datasets", []))
+
+
+def load_manifest(hub, skip_manifest, dataset_dir):
+    """The manifest that names `dataset_dir`: the local one (data/manifest.json) if it does, else the repository's,
+    merged into the local one. The challenge's script fetches a manifest only where there is none, so a second
+    repository's variant (kevclark's sp8192 after the challenge's sp1024) is "not found" there. Here the local file
+    keeps its other datasets and tokenizers, and takes the repository's entries and top-level fields."""
+    path = hub.local_path(f"{hub.remote_root}/manifest.json")
+    local = read_manifest(path) if path.is_file() else None
+    if skip_manifest:
+        if local is None:
+            raise DownloadError(f"--skip-manifest: manifest.json is required for the shard counts but is not "
+                                f"present locally at {path}")
+        return local, path
+    if local is not None and has_dataset(local, dataset_dir):
+        return local, path
+    remote = read_manifest(hub.cached(f"{hub.remote_root}/manifest.json"))
+    merged = dict(local or {}, **remote)
+    for key in ("datasets", "tokenizers"):
+        names = {entry.get("name") for entry in remote.get(key, [])}
+        merged[key] = [e for e in (local or {}).get(key, []) if e.get("name") not in names] + remote.get(key, [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)  # a new file: the old one may be hard-linked to the cache's copy
+    return merged, path
+
+
 def plan_downloads(manifest, manifest_path, variant, train_shards, remote_root, with_docs):
     """The repository paths to fetch: the tokenizer's artifacts, the docs (with --with-docs), every validation
-    shard and the first `train_shards` training shards."""
+    shard (and its byte sidecar where the dataset has them) and the first `train_shards` training shards."""
     dataset_dir = dataset_dir_for_variant(variant)
     entry = next((d for d in manifest.get("datasets", []) if d.get("name") == dataset_dir), None)
     if entry is None:
@@ -155,12 +192,14 @@ def plan_downloads(manifest, manifest_path, variant, train_shards, remote_root, 
         files += [f"{remote_root}/docs_selected.jsonl", f"{remote_root}/docs_selected.source_manifest.json"]
     prefix = f"{remote_root}/datasets/{dataset_dir}"
     files += [f"{prefix}/fineweb_val_{i:06d}.bin" for i in range(int(stats["files_val"]))]
+    if entry.get("val_bytes_glob"):  # CaseOps: each validation token's bytes in the original text
+        files += [f"{prefix}/fineweb_val_bytes_{i:06d}.bin" for i in range(int(stats["files_val"]))]
     files += [f"{prefix}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     return files
 
 
 def download(hub, variant, train_shards, skip_manifest=False, with_docs=False, workers=PARALLEL_DOWNLOADS, log=print):
-    manifest, manifest_path = load_manifest(hub, skip_manifest)
+    manifest, manifest_path = load_manifest(hub, skip_manifest, dataset_dir_for_variant(variant))
     files = plan_downloads(manifest, manifest_path, variant, train_shards, hub.remote_root, with_docs)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for done, path in enumerate(pool.map(hub.get, files), 1):
@@ -173,7 +212,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("train_shards_positional", nargs="?", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--train-shards", type=int, default=80, help="training shards of 100M tokens (default 80)")
-    parser.add_argument("--variant", default="sp1024", help="sp1024, sp4096, sp8192, byte260, ... (as in the manifest)")
+    parser.add_argument("--variant", default="sp1024",
+                        help="sp1024, sp4096, sp8192, byte260, sp8192_lossless_caps_caseops_v1_reserved, ... (as in "
+                             "the manifest)")
     parser.add_argument("--skip-manifest", action="store_true",
                         help="use the local data/manifest.json, never download it")
     parser.add_argument("--with-docs", action="store_true",

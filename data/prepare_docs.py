@@ -359,7 +359,9 @@ def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
     manifest.update(top)
     for key, entry in (("tokenizers", tokenizer_entry), ("datasets", dataset_entry)):
         manifest[key] = [e for e in manifest.get(key, []) if e.get("name") != entry["name"]] + [entry]
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)  # a new file: a downloaded manifest is hard-linked to the Hugging Face cache's copy
     return path
 
 

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece as spm
 
 import cached_challenge_fineweb as cached
+import check_overlap
 import prepare_docs
 import train_gpt as T
 from prepare_docs import write_shard
@@ -54,6 +55,46 @@ def test_drop_val_duplicates_drops_exactly_the_copies_of_validation_documents(co
     assert len(train_files) > 1 and all(T.read_shard_header(f) <= 5000 for f in train_files)
     assert stream.size == entry["stats"]["tokens_train"]
     assert train_docs == sp.encode(texts[10:])  # in order, packed across shard boundaries, both copies dropped
+
+
+def check_overlap_of(out_dir, capsys, *flags):
+    status = check_overlap.main([str(out_dir), *flags])
+    return status, capsys.readouterr().out
+
+
+def test_the_overlap_check_finds_exactly_the_validation_documents_trained_on(corpus, tmp_path, capsys):
+    texts = fineweb_texts(corpus, 40)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20] + [texts[3]] + texts[20:]))
+    tokenizer = str(corpus / "tokenizers" / "fineweb_1024_bpe.model")
+    export = lambda name, val, **flags: prepare_docs.prepare(  # noqa: E731  (small shards: documents straddle them)
+        str(source), name, tokenizer=tokenizer, num_val_docs=val, shard_tokens=5000, output_root=tmp_path / "out",
+        **flags)[0]
+    clean = export("clean", 10, drop_val_duplicates=True)
+    status, report = check_overlap_of(clean, capsys)
+    shards = lambda split: sorted(clean.glob(f"fineweb_{split}_0*.bin"))  # noqa: E731
+    assert len(shards("val")) > 1 and len(shards("train")) > 1
+    assert status == 0 and (f"validation: 10 documents in {len(shards('val'))} shards; training: 30 documents in "
+                            f"{len(shards('train'))} shards") in report
+    assert "overlap: 0 of the 10 validation documents (0.00%)" in report
+    copies = export("copies", 10)  # one validation document is in the corpus twice
+    status, report = check_overlap_of(copies, capsys)
+    assert status == 1 and "overlap: 1 of the 10 validation documents (10.00%)" in report
+    assert "first: training document 10 is validation document 3" in report
+    assert check_overlap_of(copies, capsys, "--max-fraction", "0.2")[0] == 0
+    # prepare_caseops_data.py's way: training from document 4 on, scored on a validation split of 10 documents
+    leaky = export("leaky", 4)
+    for shard in leaky.glob("fineweb_val_*.bin"):
+        shard.unlink()
+    for shard in clean.glob("fineweb_val_*.bin"):
+        shutil.copy(shard, leaky / shard.name)
+    status, report = check_overlap_of(leaky, capsys)
+    assert status == 1 and "overlap: 7 of the 10 validation documents (70.00%)" in report  # 4 to 9, and the copy of 3
+    assert "first: training document 0 is validation document 4" in report
+    status, report = check_overlap_of(leaky, capsys, "--train-shards", "1")  # what a run with one shard reads
+    first_shard = np.asarray(T.load_shard(sorted(leaky.glob("fineweb_train_*.bin"))[0]))
+    assert f"training: {np.count_nonzero(first_shard == first_shard[0])} documents in 1 shards" in report
+    assert status == 1 and "first: training document 0 is validation document 4" in report
 
 
 def challenge_exporter_shards(texts, sp, num_val_docs, shard_size):
@@ -183,7 +224,10 @@ def fake_repo(root, prefix="datasets", manifest=MANIFEST):
     for entry in manifest["datasets"]:
         folder = base / "datasets" / entry["name"]
         folder.mkdir(parents=True)
-        for split, count in (("val", entry["stats"]["files_val"]), ("train", entry["stats"]["files_train"])):
+        splits = [("val", entry["stats"]["files_val"]), ("train", entry["stats"]["files_train"])]
+        if entry.get("val_bytes_glob"):
+            splits.append(("val_bytes", entry["stats"]["files_val"]))
+        for split, count in splits:
             for index in range(count):
                 write_shard(folder / f"fineweb_{split}_{index:06d}.bin", np.arange(100) + index)
     (base / "tokenizers").mkdir()
@@ -214,6 +258,14 @@ class FakeHubClient:
         return str(blob)
 
 
+CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_MANIFEST = {  # the CaseOps records' export (2026-04-18, PR #1729): a validation byte sidecar per val shard
+    "datasets": [{"name": CASEOPS, "tokenizer_name": "sp_bpe_8192_caseops", "stats": {"files_train": 3, "files_val": 1},
+                  "val_bytes_glob": f"datasets/{CASEOPS}/fineweb_val_bytes_*.bin"}],
+    "tokenizers": [{"name": "sp_bpe_8192_caseops",
+                    "model_path": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"}]}
+
+
 @pytest.fixture
 def hub(tmp_path):
     fake_repo(tmp_path / "willdepueo")
@@ -221,8 +273,10 @@ def hub(tmp_path):
         "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
                       "stats": {"files_train": 2, "files_val": 2}}],
         "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}]})
+    fake_repo(tmp_path / "romeerp", manifest=CASEOPS_MANIFEST)
     return FakeHubClient({"willdepueoai/parameter-golf": tmp_path / "willdepueo",
-                          "kevclark/parameter-golf": tmp_path / "kevclark"}, tmp_path / "cache")
+                          "kevclark/parameter-golf": tmp_path / "kevclark",
+                          "romeerp/parameter-golf-caseops-v1": tmp_path / "romeerp"}, tmp_path / "cache")
 
 
 def fetch(hub, tmp_path, argv, **environ):
@@ -268,6 +322,38 @@ def test_another_repo_and_root_prefix_from_the_challenges_env_vars(hub, tmp_path
     assert all(remote.startswith("exports/") for _, remote in hub.calls)
 
 
+def test_the_caseops_records_command_brings_the_sidecar_to_where_preset_record_reads(hub, tmp_path):
+    # the command of the CaseOps records' READMEs (2026-04-18 onwards), as published
+    data = fetch(hub, tmp_path, ["--variant", "sp8192_lossless_caps_caseops_v1_reserved", "--train-shards", "2"],
+                 MATCHED_FINEWEB_REPO_ID="romeerp/parameter-golf-caseops-v1",
+                 MATCHED_FINEWEB_REMOTE_ROOT_PREFIX="datasets")
+    assert sorted(p.name for p in (data / "datasets" / CASEOPS).iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin",
+        "fineweb_val_bytes_000000.bin"]
+    record = T.PRESETS["record"]  # its default paths are where the download puts the data
+    assert (tmp_path / record["data_path"]).resolve() == (data / "datasets" / CASEOPS).resolve()
+    assert (tmp_path / record["tokenizer_path"]).resolve().is_file()
+    assert T.shard_files(str(data / "datasets" / CASEOPS), "val") == [
+        str(data / "datasets" / CASEOPS / "fineweb_val_000000.bin")]
+
+
+def test_a_second_repository_s_variant_after_the_first_is_found(hub, tmp_path):
+    # the challenge's script keeps the first manifest it fetched, and so reports the second variant "not found"
+    data = fetch(hub, tmp_path, ["--variant", "sp1024", "1"])
+    blob = tmp_path / "cache" / "willdepueoai--parameter-golf" / "datasets" / "manifest.json"
+    (data / "manifest.json").unlink()
+    os.link(blob, data / "manifest.json")  # as the challenge's script leaves it: the cache's copy, hard-linked
+    fetch(hub, tmp_path, ["--variant", "sp8192", "--train-shards", "1"],
+                 MATCHED_FINEWEB_REPO_ID="kevclark/parameter-golf", MATCHED_FINEWEB_REMOTE_ROOT_PREFIX="exports")
+    assert (data / "datasets" / "fineweb10B_sp8192" / "fineweb_train_000000.bin").is_file()
+    names = [d["name"] for d in json.loads((data / "manifest.json").read_text())["datasets"]]
+    assert names == ["fineweb10B_sp1024", "fineweb10B_byte260", "fineweb10B_sp8192"]
+    assert json.loads(blob.read_text()) == MANIFEST  # the cache's copy of the first manifest is untouched
+    hub.calls.clear()
+    fetch(hub, tmp_path, ["--variant", "sp1024", "1"])  # both are now known locally: nothing is fetched
+    assert hub.calls == []
+
+
 def test_byte260_json_tokenizer_docs_and_skip_manifest(hub, tmp_path):
     with pytest.raises(SystemExit, match="--skip-manifest: manifest.json is required"):
         fetch(hub, tmp_path, ["--variant", "byte260", "--skip-manifest"])
@@ -290,7 +376,8 @@ def test_a_damaged_shard_in_the_cache_is_named_and_never_put_in_place(hub, tmp_p
 
 @pytest.mark.parametrize("argv, message", [(["--variant", "sp4096"], "dataset fineweb10B_sp4096 not found"),
                                            (["--train-shards", "9"], "only has 3 training shards"),
-                                           (["--variant", "gpt2"], "unsupported --variant")])
+                                           (["--variant", "gpt2"], "unsupported --variant"),
+                                           (["--variant", "sp_caseops"], "unsupported --variant")])
 def test_download_refuses_what_the_manifest_does_not_have(hub, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
         fetch(hub, tmp_path, argv)
@@ -359,6 +446,21 @@ def test_the_hf_source_says_what_to_install_when_datasets_is_missing(monkeypatch
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(SystemExit, match="pip install datasets"):
         next(iter(prepare_docs.hf_docs("HuggingFaceFW/fineweb:sample-10BT", "text")))
+
+
+def test_an_export_adds_its_entry_to_a_downloaded_manifest_without_writing_into_the_cache(corpus, tmp_path):
+    blob = tmp_path / "cache" / "manifest.json"  # the Hugging Face cache's copy, which the download hard-links
+    blob.parent.mkdir()
+    blob.write_text(json.dumps(MANIFEST))
+    (tmp_path / "out").mkdir()
+    os.link(blob, tmp_path / "out" / "manifest.json")
+    source = tmp_path / "mine.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
+    prepare_docs.main([str(source), "--tokenizer", str(corpus / "tokenizers" / "fineweb_1024_bpe.model"),
+                       "--num-val-docs", "2", "--name", "mine", "--output-root", str(tmp_path / "out")])
+    assert json.loads(blob.read_text()) == MANIFEST
+    names = [d["name"] for d in json.loads((tmp_path / "out" / "manifest.json").read_text())["datasets"]]
+    assert names == ["fineweb10B_sp1024", "fineweb10B_byte260", "mine_sp1024"]
 
 
 def test_an_export_never_replaces_shards_another_source_made(corpus, tmp_path):
