@@ -972,15 +972,23 @@ def load_shard(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
 
 
+def how_to_get_data(data_path):
+    """What brings DATA_PATH's shards and their tokenizer: for the CaseOps records' folder, their download command."""
+    variant = os.path.basename(os.path.normpath(data_path)).removeprefix("fineweb10B_")
+    if variant.endswith("_lossless_caps_caseops_v1_reserved"):  # PR #1729's export on the Hub, the record's data
+        return (f"MATCHED_FINEWEB_REPO_ID=romeerp/parameter-golf-caseops-v1 python3 data/cached_challenge_fineweb.py "
+                f"--variant {variant}")
+    return "data/cached_challenge_fineweb.py (a download) or data/prepare_docs.py (an export)"
+
+
 def shard_files(data_path, split):
     if not os.path.isdir(data_path):
         raise ConfigError(f"DATA_PATH={data_path!r} is {'a file' if os.path.exists(data_path) else 'missing'}, not a "
-                          f"folder of shards; download them with data/cached_challenge_fineweb.py or export them with "
-                          f"data/prepare_docs.py")
+                          f"folder of shards; get them with {how_to_get_data(data_path)}")
     files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))  # not the CaseOps byte sidecars
     if not files:
-        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; download them with "
-                          f"data/cached_challenge_fineweb.py or export them with data/prepare_docs.py")
+        raise ConfigError(f"DATA_PATH={data_path!r} holds no fineweb_{split}_*.bin shards; get them with "
+                          f"{how_to_get_data(data_path)}")
     return files
 
 
@@ -1180,10 +1188,11 @@ def load_validation_tokens(files):
     return torch.from_numpy(tokens)
 
 
-def load_tokenizer(path, vocab_size):
+def load_tokenizer(path, vocab_size, data_path=None):
     if not os.path.isfile(path):
+        get = f"; get it with {how_to_get_data(data_path)}" if data_path and not os.path.exists(path) else ""
         raise ConfigError(f"TOKENIZER_PATH={path!r} "
-                          f"{'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
+                          f"{'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}{get}")
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as error:
@@ -4788,7 +4797,7 @@ def load_data(run):
     """The tokenizer and the shards, checked before anything trains: every token id within the vocabulary, and the
     bytes val_bpb counts against the text (the tokenizer's LUTs, or CaseOps' byte sidecar, document by document)."""
     hp = run.hp
-    tokenizer = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    tokenizer = load_tokenizer(hp.tokenizer_path, hp.vocab_size, hp.data_path)
     train_files, val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
     val_tokens = load_validation_tokens(val_files)
     loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,

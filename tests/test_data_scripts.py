@@ -335,6 +335,15 @@ def test_the_caseops_records_command_brings_the_sidecar_to_where_preset_record_r
     assert (tmp_path / record["tokenizer_path"]).resolve().is_file()
     assert T.shard_files(str(data / "datasets" / CASEOPS), "val") == [
         str(data / "datasets" / CASEOPS / "fineweb_val_000000.bin")]
+    # the trainer, missing the preset's data, names the command that brings it
+    with pytest.raises(T.ConfigError, match="get it with MATCHED_FINEWEB_REPO_ID") as refusal:
+        T.load_tokenizer(str(tmp_path / "elsewhere.model"), 8192, record["data_path"])
+    environment, _, arguments = str(refusal.value).partition("get it with ")[2].partition(
+        " python3 data/cached_challenge_fineweb.py ")
+    elsewhere = tmp_path / "elsewhere"
+    cached.main(arguments.split() + ["--train-shards", "1"], environ=dict(v.split("=") for v in environment.split()),
+                download_function=hub, data_dir=elsewhere / "data")
+    assert (elsewhere / record["data_path"]).is_dir() and (elsewhere / record["tokenizer_path"]).is_file()
 
 
 def test_a_second_repository_s_variant_after_the_first_is_found(hub, tmp_path):
