@@ -31,12 +31,14 @@ import gzip
 import hashlib
 import json
 import lzma
+import multiprocessing
 import os
 import random
 import shutil
 import sys
 import sysconfig
 import time
+from collections import deque
 from itertools import chain, islice
 from pathlib import Path
 
@@ -273,51 +275,102 @@ def surface_original_bytes(surfaces):
     return counts
 
 
-class CaseOpsSidecar:
-    """The per-token byte sidecar of the CaseOps validation split (fineweb_val_bytes_NNNNNN.bin, shard for shard),
-    counted as the records' exporter counts it (PR #1729's, the 04-27 record's prepare_caseops_data.py): for each
-    piece, the original bytes of the surface SentencePiece gives it, so a normalizing tokenizer's sidecar counts the
-    text before normalization. With a tokenizer that does not normalize (ours), checks, document by document, that
-    the tokens decode to a CaseOps string whose original has exactly the sidecar's bytes, and counts the documents it
-    cannot reproduce exactly."""
-
-    def __init__(self, out_dir, sp, shard_tokens):
-        self.writer = ShardWriter(out_dir, "val_bytes", shard_tokens)
-        self.sp, self.normalizes = sp, tokenizer_normalizes(sp)
-        self.inexact = 0
-
-    def add(self, tokens, original, encoded):
-        ids, surfaces = piece_surfaces(self.sp, encoded)
-        if ids != tokens[1:]:
-            raise SystemExit("CaseOps byte sidecar: SentencePiece's pieces are not the document's tokens")
-        counts = [0] + surface_original_bytes(surfaces)  # BOS stands for no text
-        if not self.normalizes:
-            represented = case_decode(self.sp.decode(tokens[1:]))
-            if sum(counts) != len(represented.encode("utf-8")):
-                raise SystemExit(f"CaseOps byte sidecar: a document's tokens count {sum(counts)} bytes, the text "
-                                 f"they decode to has {len(represented.encode('utf-8'))}")
-            self.inexact += represented != original  # e.g. a literal U+2581, which SentencePiece decodes as a space
-        self.writer.add(counts)
+class ExportError(Exception):
+    """A document the export cannot write faithfully (raised in a worker as in the main process)."""
 
 
-def export_split(docs, sp, writer, label, skip_hashes=frozenset(), batch_docs=512, caseops=False, sidecar=None):
-    """Encode documents (in their CaseOps form with `caseops`) in batches and write [BOS] + tokens for each, and
-    their byte counts to `sidecar`. Returns (docs written, docs skipped)."""
-    progress, written, skipped = Progress(label), 0, 0
-    docs = iter(docs)
-    while batch := list(islice(docs, batch_docs)):
-        kept = [d for d in batch if doc_hash(d) not in skip_hashes]
-        skipped += len(batch) - len(kept)
-        encoded = [case_encode(d) for d in kept] if caseops else kept
-        for original, text, ids in zip(kept, encoded, sp.encode(encoded, num_threads=os.cpu_count() or 1)):
-            writer.add([sp.bos_id()] + ids)
-            if sidecar is not None:
-                sidecar.add([sp.bos_id()] + ids, original, text)
-        written += len(kept)
-        progress.update(written, writer.tokens)
+def sidecar_counts(sp, normalizes, tokens, original, encoded):
+    """The CaseOps byte sidecar of one document ([BOS] + tokens), counted as the records' exporter counts it (PR
+    #1729's, the 04-27 record's prepare_caseops_data.py): for each piece, the original bytes of the surface
+    SentencePiece gives it, so a normalizing tokenizer's sidecar counts the text before normalization. With a
+    tokenizer that does not normalize (ours), also checks that the tokens decode to a CaseOps string whose original
+    has exactly the sidecar's bytes. Returns (counts, whether the tokens give back the original exactly)."""
+    ids, surfaces = piece_surfaces(sp, encoded)
+    if ids != tokens[1:]:
+        raise ExportError("CaseOps byte sidecar: SentencePiece's pieces are not the document's tokens")
+    counts = [0] + surface_original_bytes(surfaces)  # BOS stands for no text
+    if normalizes:
+        return counts, True
+    represented = case_decode(sp.decode(tokens[1:]))
+    if sum(counts) != len(represented.encode("utf-8")):
+        raise ExportError(f"CaseOps byte sidecar: a document's tokens count {sum(counts)} bytes, the text they decode "
+                          f"to has {len(represented.encode('utf-8'))}")
+    return counts, represented == original  # not so with e.g. a literal U+2581, which SentencePiece decodes as a space
+
+
+class BatchEncoder:
+    """Turns a batch of documents into what its split writes: [BOS] + tokens for each document not skipped, in
+    order, and with `sidecar` the CaseOps byte counts. The main process (one worker) and each worker process run the
+    same object, so N workers write what one does."""
+
+    def __init__(self, tokenizer_path, caseops=False, sidecar=False, skip_hashes=frozenset(), threads=1):
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))  # picklable, for spawned workers
+        self.normalizes, self.caseops, self.sidecar = tokenizer_normalizes(self.sp), caseops, sidecar
+        self.skip_hashes, self.threads = skip_hashes, threads
+
+    def __call__(self, batch):
+        kept = [d for d in batch if doc_hash(d) not in self.skip_hashes]
+        encoded = [case_encode(d) for d in kept] if self.caseops else kept
+        tokens, counts, inexact = [], [], 0
+        for original, text, ids in zip(kept, encoded, self.sp.encode(encoded, num_threads=self.threads)):
+            tokens.append([self.sp.bos_id()] + ids)
+            if self.sidecar:
+                document_counts, exact = sidecar_counts(self.sp, self.normalizes, tokens[-1], original, text)
+                counts.append(document_counts)
+                inexact += not exact
+        flat = lambda lists: np.fromiter(chain.from_iterable(lists), dtype=np.uint16)  # noqa: E731  (raises past it)
+        return flat(tokens), flat(counts) if self.sidecar else None, len(kept), len(batch) - len(kept), inexact
+
+
+_WORKER_ENCODER = None  # a worker process's BatchEncoder
+
+
+def _encode_in_worker(batch):
+    return _WORKER_ENCODER(batch)  # its ExportError comes back through the pool (a SystemExit would end the worker)
+
+
+def _start_worker(encoder):
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = encoder
+
+
+def encoded_batches(encoder, docs, workers, batch_docs):
+    """encoder(batch) for each batch of `docs`, in order: in this process with one worker, else in `workers`
+    processes with at most two batches a worker in flight, so that a source of any size is read as it is written."""
+    batches = iter(lambda: list(islice(docs, batch_docs)), [])
+    if workers <= 1:
+        yield from map(encoder, batches)
+        return
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
+        pending = deque(pool.apply_async(_encode_in_worker, (batch,)) for batch in islice(batches, 2 * workers))
+        while pending:
+            result = pending.popleft().get()
+            pending.extend(pool.apply_async(_encode_in_worker, (batch,)) for batch in islice(batches, 1))
+            yield result
+
+
+BATCH_DOCS = 512  # documents a worker encodes at a time
+
+
+def export_split(docs, encoder, writer, label, sidecar_writer=None, workers=1):
+    """Encode documents in batches (see BatchEncoder) and write them, and their byte counts to `sidecar_writer`.
+    Returns (docs written, docs skipped, docs whose tokens do not give back their text exactly)."""
+    progress, written, skipped, inexact = Progress(label), 0, 0, 0
+    try:
+        for tokens, counts, kept, dropped, differing in encoded_batches(encoder, iter(docs), workers, BATCH_DOCS):
+            writer.add(tokens)
+            if sidecar_writer is not None:
+                sidecar_writer.add(counts)
+            written, skipped, inexact = written + kept, skipped + dropped, inexact + differing
+            progress.update(written, writer.tokens)
+    except ExportError as error:
+        raise SystemExit(str(error)) from None
     writer.flush()
+    if sidecar_writer is not None:
+        sidecar_writer.flush()
     progress.update(written, writer.tokens, final=True)
-    return written, skipped
+    return written, skipped, inexact
 
 
 def exporter_names(name, vocab_size, caseops=False):
@@ -367,7 +420,7 @@ def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
 
 def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=None, max_docs=0, shard_tokens=10**8,
             tokenizer_train_docs=None, text_field="text", output_root=DATA_DIR, val_source=None,
-            drop_val_duplicates=False, tokenizer_from="all", overwrite=False, caseops=False):
+            drop_val_duplicates=False, tokenizer_from="all", overwrite=False, caseops=False, workers=1):
     """Export `source` (see the module docstring); returns (dataset folder, tokenizer model path)."""
     output_root = Path(output_root)
     # a fresh pass over the source
@@ -417,19 +470,18 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
     for stale in out_dir.glob("fineweb_*.bin"):
         stale.unlink()
     val_writer = ShardWriter(out_dir, "val", shard_tokens)
-    sidecar = CaseOpsSidecar(out_dir, sp, shard_tokens) if caseops else None
-    val_count, _ = export_split(val_docs, sp, val_writer, "val", caseops=caseops, sidecar=sidecar)
-    sidecar_files = []
-    if sidecar:
-        sidecar.writer.flush()
-        sidecar_files = sidecar.writer.files
-        if sidecar.inexact:
-            print(f"caseops: {sidecar.inexact} validation documents hold text the tokenizer cannot reproduce exactly "
-                  f"(a literal U+2581); the sidecar counts the bytes of the text their tokens stand for",
-                  file=sys.stderr)
+    sidecar_writer = ShardWriter(out_dir, "val_bytes", shard_tokens) if caseops else None
+    threads = os.cpu_count() or 1 if workers == 1 else 1  # SentencePiece's own threads, where one process encodes
+    val_encoder = BatchEncoder(tokenizer_path, caseops, sidecar=caseops, threads=threads)
+    val_count, _, inexact = export_split(val_docs, val_encoder, val_writer, "val", sidecar_writer, workers)
+    sidecar_files = sidecar_writer.files if caseops else []
+    if inexact:
+        print(f"caseops: {inexact} validation documents hold text the tokenizer cannot reproduce exactly (a literal "
+              f"U+2581); the sidecar counts the bytes of the text their tokens stand for", file=sys.stderr)
     skip = frozenset(doc_hash(d) for d in val_docs) if drop_val_duplicates else frozenset()
     train_writer = ShardWriter(out_dir, "train", shard_tokens)
-    train_count, dropped = export_split(train_docs(), sp, train_writer, "train", skip, caseops=caseops)
+    train_encoder = BatchEncoder(tokenizer_path, caseops, skip_hashes=skip, threads=threads)
+    train_count, dropped, _ = export_split(train_docs(), train_encoder, train_writer, "train", workers=workers)
     for file in val_writer.files + sidecar_files + train_writer.files:  # every shard back through the trainer's check
         read_shard_header(out_dir / file)
 
@@ -451,7 +503,7 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
                 tokenizer_sha256=hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
                 **(dict(caseops="case_encode of train_gpt.py (TITLE/ALLCAPS/CAPNEXT/ESCAPE = U+E001..U+E004)",
                         val_bytes_glob=relative(out_dir / "fineweb_val_bytes_*.bin"),
-                        val_docs_not_reproduced_exactly=sidecar.inexact) if caseops else {}))
+                        val_docs_not_reproduced_exactly=inexact) if caseops else {}))
     dataset_entry = dict(name=dataset_name, tokenizer_name=tokenizer_name, tokenizer_kind="sentencepiece_bpe",
                          path=relative(out_dir), train_glob=relative(out_dir / "fineweb_train_*.bin"),
                          val_glob=relative(out_dir / "fineweb_val_*.bin"), **ids, stats=stats, prepare_docs=ours)
@@ -497,15 +549,18 @@ def main(argv=None):
                         "tokenizer "
                         "on it with the operators as pieces, and write the validation byte sidecar for "
                         "CASEOPS_ENABLED=1")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes that encode documents (default: one per CPU core); any number writes the "
+                             "same files")
     parser.add_argument("--text-field", default="text", help="JSON / dataset field holding the text")
     parser.add_argument("--output-root", default=str(DATA_DIR), help="root of datasets/ and tokenizers/")
     args = parser.parse_args(argv)
-    if args.chunk_tokens <= 0:
-        parser.error("--chunk-tokens must be positive")
+    if args.chunk_tokens <= 0 or args.workers <= 0:
+        parser.error("--chunk-tokens and --workers must be positive")
     name = args.name or ("stdlib" if args.source == "stdlib" else None)
     prepare(args.source, name, args.vocab_size, args.tokenizer, args.num_val_docs, args.max_docs, args.chunk_tokens,
             args.tokenizer_train_docs, args.text_field, args.output_root, args.val_source, args.drop_val_duplicates,
-            args.tokenizer_from, args.overwrite, args.caseops)
+            args.tokenizer_from, args.overwrite, args.caseops, args.workers)
 
 
 if __name__ == "__main__":

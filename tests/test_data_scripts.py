@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def root_manifest_entry(root, name):
     return manifest, next(d for d in manifest["datasets"] if d["name"] == name)
 
 
+RECORD_CASEOPS_TOKENIZER = "caseops_record/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+
+
 def fineweb_texts(corpus, count):
     return [json.loads(line)["text"] for line in open(corpus / "fineweb_docs_200.jsonl")][:count]
 
@@ -55,6 +59,40 @@ def test_drop_val_duplicates_drops_exactly_the_copies_of_validation_documents(co
     assert len(train_files) > 1 and all(T.read_shard_header(f) <= 5000 for f in train_files)
     assert stream.size == entry["stats"]["tokens_train"]
     assert train_docs == sp.encode(texts[10:])  # in order, packed across shard boundaries, both copies dropped
+
+
+@pytest.mark.parametrize("caseops", [False, True])
+def test_any_number_of_workers_writes_the_files_one_writes(corpus, tmp_path, monkeypatch, caseops):
+    texts = fineweb_texts(corpus, 60)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + texts[2:5]))  # 3 copies to drop
+    tokenizer = corpus / (RECORD_CASEOPS_TOKENIZER if caseops else "tokenizers/fineweb_1024_bpe.model")
+    monkeypatch.setattr(prepare_docs, "BATCH_DOCS", 4)  # many batches, in flight at once, and shards cut inside them
+    written = {}
+    for workers in (1, 3):
+        root = tmp_path / f"workers{workers}"
+        prepare_docs.prepare(str(source), "w", tokenizer=tokenizer, num_val_docs=10, shard_tokens=7000,
+                             output_root=root, drop_val_duplicates=True, caseops=caseops, workers=workers)
+        written[workers] = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+    assert len([name for name in written[1] if "fineweb_train_" in name]) > 3
+    assert any("fineweb_val_bytes_" in name for name in written[1]) == caseops
+    assert written[3] == written[1]
+    encoder = prepare_docs.BatchEncoder(tokenizer, caseops, sidecar=caseops)  # as a spawned worker receives it
+    batch = [json.loads(line)["text"] for line in source.read_text().splitlines()[:6]]
+    expected = encoder(batch)
+    received = pickle.loads(pickle.dumps(encoder))(batch)
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(received, expected))
+    manifest = json.loads(written[1]["manifest.json"])["datasets"][0]
+    assert manifest["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 3
+
+
+def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_docs, "piece_surfaces", lambda sp, text: ([], []))  # (forked workers inherit it)
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
+    with pytest.raises(SystemExit, match="SentencePiece's pieces are not the document's tokens"):
+        prepare_docs.prepare(str(source), "w", tokenizer=corpus / RECORD_CASEOPS_TOKENIZER, num_val_docs=4,
+                             output_root=tmp_path / "out", caseops=True, workers=2)
 
 
 def check_overlap_of(out_dir, capsys, *flags):
