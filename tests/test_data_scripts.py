@@ -33,7 +33,9 @@ def root_manifest_entry(root, name):
     return manifest, next(d for d in manifest["datasets"] if d["name"] == name)
 
 
-RECORD_CASEOPS_TOKENIZER = "caseops_record/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+def stdlib_texts(count):
+    """Documents of the offline sample (docstrings of the standard library), present wherever the tests run."""
+    return list(prepare_docs._stdlib_doc_list(0)[:count])
 
 
 def fineweb_texts(corpus, count):
@@ -62,16 +64,16 @@ def test_drop_val_duplicates_drops_exactly_the_copies_of_validation_documents(co
 
 
 @pytest.mark.parametrize("caseops", [False, True])
-def test_any_number_of_workers_writes_the_files_one_writes(corpus, tmp_path, monkeypatch, caseops):
-    texts = fineweb_texts(corpus, 60)
+def test_any_number_of_workers_writes_the_files_one_writes(request, tmp_path, monkeypatch, caseops):
+    texts = stdlib_texts(60)
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + texts[2:5]))  # 3 copies to drop
-    tokenizer = corpus / (RECORD_CASEOPS_TOKENIZER if caseops else "tokenizers/fineweb_1024_bpe.model")
+    tokenizer = request.getfixturevalue("caseops_sample" if caseops else "sample")[1]
     monkeypatch.setattr(prepare_docs, "BATCH_DOCS", 4)  # many batches, in flight at once, and shards cut inside them
     written = {}
     for workers in (1, 3):
         root = tmp_path / f"workers{workers}"
-        prepare_docs.prepare(str(source), "w", tokenizer=tokenizer, num_val_docs=10, shard_tokens=7000,
+        prepare_docs.prepare(str(source), "w", tokenizer=tokenizer, num_val_docs=10, shard_tokens=1000,
                              output_root=root, drop_val_duplicates=True, caseops=caseops, workers=workers)
         written[workers] = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
     assert len([name for name in written[1] if "fineweb_train_" in name]) > 3
@@ -86,12 +88,12 @@ def test_any_number_of_workers_writes_the_files_one_writes(corpus, tmp_path, mon
     assert manifest["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 3
 
 
-def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(corpus, tmp_path, monkeypatch):
+def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(caseops_sample, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_docs, "piece_surfaces", lambda sp, text: ([], []))  # (forked workers inherit it)
     source = tmp_path / "docs.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_texts(12)))
     with pytest.raises(SystemExit, match="SentencePiece's pieces are not the document's tokens"):
-        prepare_docs.prepare(str(source), "w", tokenizer=corpus / RECORD_CASEOPS_TOKENIZER, num_val_docs=4,
+        prepare_docs.prepare(str(source), "w", tokenizer=caseops_sample[1], num_val_docs=4,
                              output_root=tmp_path / "out", caseops=True, workers=2)
 
 
@@ -100,13 +102,13 @@ def check_overlap_of(out_dir, capsys, *flags):
     return status, capsys.readouterr().out
 
 
-def test_the_overlap_check_finds_exactly_the_validation_documents_trained_on(corpus, tmp_path, capsys):
-    texts = fineweb_texts(corpus, 40)
+def test_the_overlap_check_finds_exactly_the_validation_documents_trained_on(sample, tmp_path, capsys):
+    texts = stdlib_texts(40)
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:20] + [texts[3]] + texts[20:]))
-    tokenizer = str(corpus / "tokenizers" / "fineweb_1024_bpe.model")
+    tokenizer = str(sample[1])
     export = lambda name, val, **flags: prepare_docs.prepare(  # noqa: E731  (small shards: documents straddle them)
-        str(source), name, tokenizer=tokenizer, num_val_docs=val, shard_tokens=5000, output_root=tmp_path / "out",
+        str(source), name, tokenizer=tokenizer, num_val_docs=val, shard_tokens=500, output_root=tmp_path / "out",
         **flags)[0]
     clean = export("clean", 10, drop_val_duplicates=True)
     status, report = check_overlap_of(clean, capsys)
@@ -495,16 +497,16 @@ def test_the_hf_source_says_what_to_install_when_datasets_is_missing(monkeypatch
         next(iter(prepare_docs.hf_docs("HuggingFaceFW/fineweb:sample-10BT", "text")))
 
 
-def test_an_export_adds_its_entry_to_a_downloaded_manifest_without_writing_into_the_cache(corpus, tmp_path):
+def test_an_export_adds_its_entry_to_a_downloaded_manifest_without_writing_into_the_cache(sample, tmp_path):
     blob = tmp_path / "cache" / "manifest.json"  # the Hugging Face cache's copy, which the download hard-links
     blob.parent.mkdir()
     blob.write_text(json.dumps(MANIFEST))
     (tmp_path / "out").mkdir()
     os.link(blob, tmp_path / "out" / "manifest.json")
     source = tmp_path / "mine.jsonl"
-    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in fineweb_texts(corpus, 12)))
-    prepare_docs.main([str(source), "--tokenizer", str(corpus / "tokenizers" / "fineweb_1024_bpe.model"),
-                       "--num-val-docs", "2", "--name", "mine", "--output-root", str(tmp_path / "out")])
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_texts(12)))
+    prepare_docs.main([str(source), "--tokenizer", str(sample[1]), "--num-val-docs", "2", "--name", "mine",
+                       "--output-root", str(tmp_path / "out")])
     assert json.loads(blob.read_text()) == MANIFEST
     names = [d["name"] for d in json.loads((tmp_path / "out" / "manifest.json").read_text())["datasets"]]
     assert names == ["fineweb10B_sp1024", "fineweb10B_byte260", "mine_sp1024"]
