@@ -471,7 +471,7 @@ def prepare(source, name=None, vocab_size=1024, tokenizer=None, num_val_docs=Non
         stale.unlink()
     val_writer = ShardWriter(out_dir, "val", shard_tokens)
     sidecar_writer = ShardWriter(out_dir, "val_bytes", shard_tokens) if caseops else None
-    threads = os.cpu_count() or 1 if workers == 1 else 1  # SentencePiece's own threads, where one process encodes
+    threads = (os.cpu_count() or 1) if workers == 1 else 1  # SentencePiece's own threads, where one process encodes
     val_encoder = BatchEncoder(tokenizer_path, caseops, sidecar=caseops, threads=threads)
     val_count, _, inexact = export_split(val_docs, val_encoder, val_writer, "val", sidecar_writer, workers)
     sidecar_files = sidecar_writer.files if caseops else []
