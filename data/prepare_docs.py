@@ -26,6 +26,7 @@ the sources beyond a .jsonl file.
 
 import argparse
 import ast
+import concurrent.futures
 import functools
 import gzip
 import hashlib
@@ -35,6 +36,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import sys
 import sysconfig
 import time
@@ -331,22 +333,26 @@ def _encode_in_worker(batch):
 
 def _start_worker(encoder):
     global _WORKER_ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's, which then shuts the pool down
     _WORKER_ENCODER = encoder
 
 
 def encoded_batches(encoder, docs, workers, batch_docs):
     """encoder(batch) for each batch of `docs`, in order: in this process with one worker, else in `workers`
-    processes with at most two batches a worker in flight, so that a source of any size is read as it is written."""
+    processes with at most two batches a worker in flight, so that a source of any size is read as it is written.
+    On an error the pool finishes those batches and ends (it never kills a worker, which could leave its queue's lock
+    held)."""
     batches = iter(lambda: list(islice(docs, batch_docs)), [])
     if workers <= 1:
         yield from map(encoder, batches)
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
-        pending = deque(pool.apply_async(_encode_in_worker, (batch,)) for batch in islice(batches, 2 * workers))
+    with concurrent.futures.ProcessPoolExecutor(workers, context, initializer=_start_worker,
+                                                initargs=(encoder,)) as pool:
+        pending = deque(pool.submit(_encode_in_worker, batch) for batch in islice(batches, 2 * workers))
         while pending:
-            result = pending.popleft().get()
-            pending.extend(pool.apply_async(_encode_in_worker, (batch,)) for batch in islice(batches, 1))
+            result = pending.popleft().result()
+            pending.extend(pool.submit(_encode_in_worker, batch) for batch in islice(batches, 1))
             yield result
 
 

@@ -88,13 +88,43 @@ def test_any_number_of_workers_writes_the_files_one_writes(request, tmp_path, mo
     assert manifest["prepare_docs"]["train_docs_dropped_as_val_duplicates"] == 3
 
 
-def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(caseops_sample, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_docs, "piece_surfaces", lambda sp, text: ([], []))  # (forked workers inherit it)
+def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(sample, tmp_path):
+    """Twenty times over, in a process as the suite leaves it (torch's threads, a run's signal handlers): ending the
+    pool with batches in flight once hung (a killed worker can hold its queue's lock), so this runs with a timeout."""
+    source = tmp_path / "docs.jsonl"
+    texts = stdlib_texts(200)
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    code = f"""
+import prepare_docs, torch, train_gpt
+torch.randn(256, 256) @ torch.randn(256, 256)
+train_gpt.StopSignals()
+plain_hash, bad = prepare_docs.doc_hash, {texts[150]!r}
+def doc_hash(text):
+    if text == bad:
+        raise prepare_docs.ExportError("a document this export cannot write")
+    return plain_hash(text)
+prepare_docs.doc_hash, prepare_docs.BATCH_DOCS = doc_hash, 2
+for attempt in range(20):
+    try:
+        prepare_docs.prepare({str(source)!r}, "w", tokenizer={str(sample[1])!r}, num_val_docs=5, overwrite=True,
+                             output_root={str(tmp_path / "out")!r}, workers=3)
+    except SystemExit as error:
+        print("stopped:", error)
+"""
+    repo = T.Path(T.__file__).parent
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), str(repo / "data")])))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["stopped: a document this export cannot write"] * 20
+
+
+def test_a_sidecar_that_does_not_match_its_tokens_stops_the_export(caseops_sample, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_docs, "piece_surfaces", lambda sp, text: ([], []))
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_texts(12)))
     with pytest.raises(SystemExit, match="SentencePiece's pieces are not the document's tokens"):
         prepare_docs.prepare(str(source), "w", tokenizer=caseops_sample[1], num_val_docs=4,
-                             output_root=tmp_path / "out", caseops=True, workers=2)
+                             output_root=tmp_path / "out", caseops=True)
 
 
 def check_overlap_of(out_dir, capsys, *flags):
