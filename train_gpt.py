@@ -84,6 +84,7 @@ CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and T
 # and chunk TTT (the round trip's plain windows are TRAIN_SEQ_LEN's, never isolated; LoRA TTT's are its own).
 EVAL_WINDOWS = f"EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or {CHUNK_TTT}"
 PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
+SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
 
 
 def switched_on(hp, condition):
@@ -343,8 +344,21 @@ class Hyperparameters:
     # lora: a new document resets B only, A stays warm within a phase (PR #1767); off = A re-drawn too
     ttt_warm_start_a: bool = setting(True, needs=LORA_TTT)
     ttt_lora_lr: float = setting(0.0001, ">=0", LORA_TTT)  # lora: adapter learning rate (constant)
+    # lora: the adapters' optimizer runs at TTT_LORA_LR times this (the late-April records' local LR multiplier;
+    # the phases' global SGD keeps GLOBAL_TTT_LR)
+    ttt_local_lr_mult: float = setting(1.0, ">=0", LORA_TTT)
     # lora: each document is scored, then trained on, in chunks of this many targets
     ttt_chunk_size: int = setting(48, ">0", LORA_TTT)
+    # lora: batches of short documents are scored and trained on in smaller chunks (PR #2014's short-document
+    # score-first): TTT_SHORT_SCORE_FIRST_STEPS, or else TTT_SHORT_DOC_LEN and TTT_SHORT_CHUNK_SIZE
+    ttt_short_score_first_enabled: bool = setting(False, needs=LORA_TTT)
+    # lora: L:C items (e.g. 256:8,2000:24): a batch whose longest document has at most L tokens (its targets + 1, as
+    # the record counts them) takes chunks of C targets, the smallest such L deciding; longer ones TTT_CHUNK_SIZE
+    ttt_short_score_first_steps: str = setting("", needs=SHORT_SCORE_FIRST)
+    # lora: without TTT_SHORT_SCORE_FIRST_STEPS, the one step TTT_SHORT_DOC_LEN:TTT_SHORT_CHUNK_SIZE; with it, the
+    # pair, unless left at its defaults, must be one of its items (the record then ignores the pair)
+    ttt_short_doc_len: int = setting(512, ">0", SHORT_SCORE_FIRST)
+    ttt_short_chunk_size: int = setting(0, ">=0", SHORT_SCORE_FIRST)  # lora: see TTT_SHORT_DOC_LEN; 0 = TTT_CHUNK_SIZE
     # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
     ttt_eval_seq_len: int = setting(0, ">=0", LORA_TTT)
     ttt_batch_size: int = setting(64, ">0", LORA_TTT)  # lora: documents adapted side by side (longest batches first)
@@ -352,7 +366,10 @@ class Hyperparameters:
     ttt_weight_decay: float = setting(1.0, ">=0", LORA_TTT)  # lora: decoupled weight decay of the adapters
     ttt_beta1: float = setting(0.0, "[0,1)", LORA_TTT)  # lora: AdamW beta1, or SGD momentum
     ttt_beta2: float = setting(0.999, "[0,1)", LORA_TTT)  # lora: AdamW beta2
-    ttt_k_lora: bool = setting(True, needs=LORA_TTT)  # lora: adapters on K (Q, V and the output head always have them)
+    # lora: adapters on Q (the output head always has them; the records' TTT_MASK=no_q or no_qv turns this off)
+    ttt_q_lora: bool = setting(True, needs=LORA_TTT)
+    ttt_k_lora: bool = setting(True, needs=LORA_TTT)  # lora: adapters on K
+    ttt_v_lora: bool = setting(True, needs=LORA_TTT)  # lora: adapters on V (TTT_MASK=no_v or no_qv: off)
     # lora: adapters on the attention output, reading the block's normed input
     ttt_o_lora: bool = setting(True, needs=LORA_TTT)
     ttt_mlp_lora: bool = setting(True, needs=LORA_TTT)  # lora: a dim -> dim adapter beside each MLP
@@ -553,6 +570,7 @@ class Hyperparameters:
                 choices = [choice for choice in check.split("|") if choice]
                 raise ConfigError(f"{field.name.upper()}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         self.seed_list(), self.kernel_stages, self.layer_set("xsa_layers"), self.layer_set("ve_layers")  # parsed
+        self.short_score_first_steps  # parsed
         def require(ok, env_name, why):
             if not ok:
                 raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
@@ -577,6 +595,33 @@ class Hyperparameters:
             raise ConfigError(f"KERNEL_SCHEDULE={self.kernel_schedule!r}: grows to {taps[-1]} taps, beyond CONV_K="
                               f"{self.conv_k} / MLP_CONV_K={self.mlp_conv_k}, the allocated sizes")
         return stages
+
+    @functools.cached_property
+    def short_score_first_steps(self):
+        """[(longest document in tokens, chunk size)] in ascending order: TTT_SHORT_SCORE_FIRST_STEPS, else the pair
+        TTT_SHORT_DOC_LEN:TTT_SHORT_CHUNK_SIZE; [] unless TTT_SHORT_SCORE_FIRST_ENABLED=1."""
+        if not self.ttt_short_score_first_enabled:
+            return []
+        pair = (self.ttt_short_doc_len, self.ttt_short_chunk_size or self.ttt_chunk_size)
+        items = [item.strip() for item in self.ttt_short_score_first_steps.split(",") if item.strip()]
+        if not items:
+            return [pair]
+        try:
+            steps = sorted((int(limit), int(chunk)) for limit, chunk in (item.replace("=", ":").split(":")
+                                                                         for item in items))
+        except ValueError:
+            raise ConfigError(f"TTT_SHORT_SCORE_FIRST_STEPS={self.ttt_short_score_first_steps!r}: expected "
+                              f"tokens:chunk items, e.g. 256:8,2000:24") from None
+        if any(limit <= 0 or chunk <= 0 for limit, chunk in steps):
+            raise ConfigError(f"TTT_SHORT_SCORE_FIRST_STEPS={self.ttt_short_score_first_steps!r}: document lengths "
+                              f"and chunk sizes must be positive")
+        defaults = (type(self).ttt_short_doc_len, type(self).ttt_short_chunk_size)
+        if (self.ttt_short_doc_len, self.ttt_short_chunk_size) != defaults and pair not in steps:
+            raise ConfigError(f"TTT_SHORT_DOC_LEN={self.ttt_short_doc_len} with TTT_SHORT_CHUNK_SIZE="
+                              f"{self.ttt_short_chunk_size}: TTT_SHORT_SCORE_FIRST_STEPS decides the chunks (the "
+                              f"record ignores the pair beside it), and {pair[0]}:{pair[1]} is not one of its items; "
+                              f"add it there or unset the pair")
+        return steps
 
     @property
     def piece_len(self):
@@ -929,8 +974,9 @@ def refuse_inert_settings(hp, sources):
     for field in dataclasses.fields(hp):
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(hp, needs):
+            given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
             raise ConfigError(f"{field.name.upper()}={getattr(hp, field.name)!r} has no effect unless {needs}; set "
-                              f"that too, or unset {field.name.upper()}")
+                              f"that too, or unset {given}")
 
 
 # ============================================================================================
@@ -4201,10 +4247,10 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
 # --- per-document LoRA TTT (credit: the LoRA TTT record of 2026-03-17 and PR #1530's batched document adapters;
 # PR #1767 the alpha scale and the warm A; PR #1610/#1626 the phases; composed as in the 04-27 record) ---
 # Every validation document gets adapters of its own, reset before it starts, so what one document teaches reaches
-# another only through a phase's global SGD. A document is cut into TTT_CHUNK_SIZE-target chunks. Each chunk is
-# scored by one forward over at most TTT_EVAL_SEQ_LEN tokens of its own document, and only then, unless it is the
-# document's last, trained on with TTT_GRAD_STEPS optimizer steps. Documents go TTT_BATCH_SIZE at a time, one per
-# batch row, longest batches first.
+# another only through a phase's global SGD. A document is cut into TTT_CHUNK_SIZE-target chunks (fewer targets in
+# batches of short documents with TTT_SHORT_SCORE_FIRST_ENABLED=1). Each chunk is scored by one forward over at most
+# TTT_EVAL_SEQ_LEN tokens of its own document, and only then, unless it is the document's last, trained on with
+# TTT_GRAD_STEPS optimizer steps. Documents go TTT_BATCH_SIZE at a time, one per batch row, longest batches first.
 
 
 class BatchedLoRA(nn.Module):
@@ -4234,17 +4280,19 @@ class BatchedLoRA(nn.Module):
 
 
 class LayerLoRA(NamedTuple):
-    """One virtual layer's per-document adapters; None where TTT_K_LORA, TTT_O_LORA or TTT_MLP_LORA is off."""
-    q: nn.Module
+    """One virtual layer's per-document adapters; None where TTT_Q_LORA, TTT_K_LORA, TTT_V_LORA, TTT_O_LORA or
+    TTT_MLP_LORA is off."""
+    q: Optional[nn.Module]
     k: Optional[nn.Module]
-    v: nn.Module
+    v: Optional[nn.Module]
     o: Optional[nn.Module]
     mlp: Optional[nn.Module]
 
 
 class DocumentAdapters(nn.Module):
-    """The adapters of `rows` documents: Q and V (K, O and the MLP where switched on) in every virtual layer, so that
-    a looped block gets a set per pass, and the output head. Made on the CPU from `generator`, then moved."""
+    """The adapters of `rows` documents: on Q, K, V, the attention output and beside the MLP where switched on, in
+    every virtual layer, so that a looped block gets a set per pass; and on the output head. Made on the CPU from
+    `generator`, then moved."""
 
     def __init__(self, model, rows, hp, generator):
         super().__init__()
@@ -4252,13 +4300,14 @@ class DocumentAdapters(nn.Module):
         kv_dim = model.blocks[0].attn.c_k.out_features
         lora = lambda width: BatchedLoRA(rows, dim, width, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
         per_layer = lambda on, width: nn.ModuleList(lora(width) for _ in range(slots)) if on else None
-        self.q, self.k, self.v = per_layer(True, dim), per_layer(hp.ttt_k_lora, kv_dim), per_layer(True, kv_dim)
+        self.q, self.k = per_layer(hp.ttt_q_lora, dim), per_layer(hp.ttt_k_lora, kv_dim)
+        self.v = per_layer(hp.ttt_v_lora, kv_dim)
         self.o, self.mlp = per_layer(hp.ttt_o_lora, dim), per_layer(hp.ttt_mlp_lora, dim)
         self.head = lora(model.tok_emb.num_embeddings)
 
     def layer(self, position):
         pick = lambda loras: None if loras is None else loras[position]
-        return LayerLoRA(self.q[position], pick(self.k), self.v[position], pick(self.o), pick(self.mlp))
+        return LayerLoRA(pick(self.q), pick(self.k), pick(self.v), pick(self.o), pick(self.mlp))
 
     def reset(self, warm_a, generators):
         for module in self.modules():
@@ -4363,11 +4412,18 @@ def batch_positions(batch, chunk_size, context, rows):
     return sum(rows * min((chunk + 1) * chunk_size, context) for chunk in range(chunks))
 
 
+def score_first_chunk_size(batch, hp):
+    """The chunk size of a batch of documents: TTT_CHUNK_SIZE, or with TTT_SHORT_SCORE_FIRST_ENABLED=1 that of the
+    first short-document step whose length holds the batch's longest document (in tokens, its targets + 1)."""
+    longest = max(document.targets for document in batch) + 1
+    return next((chunk for limit, chunk in hp.short_score_first_steps if longest <= limit), hp.ttt_chunk_size)
+
+
 def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, autocast, adapt):
-    """Scores `batch`'s documents chunk by chunk; after each chunk is scored (and committed) and `adapt`, the
-    documents with more chunks to come take TTT_GRAD_STEPS steps on it. Returns (documents, 2) float64 sums (loss
-    in nats, targets)."""
-    chunk_size, context = hp.ttt_chunk_size, ttt_context(hp)
+    """Scores `batch`'s documents chunk by chunk (see score_first_chunk_size); after each chunk is scored (and
+    committed) and `adapt`, the documents with more chunks to come take TTT_GRAD_STEPS steps on it. Returns
+    (documents, 2) float64 sums (loss in nats, targets)."""
+    chunk_size, context = score_first_chunk_size(batch, hp), ttt_context(hp)
     optimizer = ttt_lora_optimizer(adapters.parameters(), hp)
     counts = [-(-document.targets // chunk_size) for document in batch]
     sums = torch.zeros(len(batch), 2, dtype=torch.float64, device=device)
@@ -4419,9 +4475,10 @@ def ttt_context(hp):
 def ttt_lora_optimizer(params, hp):
     """A fresh optimizer per batch of documents: no state crosses from one document to the next. AdamW is fused, as
     the 04-27 record's: one kernel a step for every adapter, and its step count stays on the device, never read."""
+    lr = hp.ttt_lora_lr * hp.ttt_local_lr_mult
     if ttt_optimizer_of(hp) == "sgd":
-        return torch.optim.SGD(params, lr=hp.ttt_lora_lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
-    return torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
+        return torch.optim.SGD(params, lr=lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
                              weight_decay=hp.ttt_weight_decay, fused=True)
 
 
@@ -4463,7 +4520,7 @@ def per_document_lora_ttt(models, val_tokens, target_bytes, hp, rank, world_size
         prefix = min(hp.phased_ttt_prefix_docs, len(documents))
         log(f"ttt_phased: total_docs:{len(documents)} prefix_docs:{prefix} suffix_docs:{len(documents) - prefix} "
             f"num_phases:{len(phases)} boundaries:{[len(phase) for phase in phases.values()]}")
-    work = [batch_positions(batch, hp.ttt_chunk_size, context, hp.ttt_batch_size) for _, batch in queue]
+    work = [batch_positions(batch, score_first_chunk_size(batch, hp), context, hp.ttt_batch_size) for _, batch in queue]
     round_work = [max(work[position] for position in positions) for positions in rounds]
     work_after = np.cumsum(round_work[::-1])[::-1].tolist()[1:] + [0]
     ledger, clock = ScoredDocuments(val_tokens, documents), TTTClock(budget_left, device)
@@ -5958,7 +6015,8 @@ def lora_forward_of(run, net, backend="inductor"):
     for param in net.parameters():
         param.requires_grad_(False)  # as while the adapters train
     try:
-        for width in sorted({min(hp.ttt_chunk_size, ttt_context(hp)), ttt_context(hp)}):
+        chunk_sizes = {hp.ttt_chunk_size} | {chunk for _, chunk in hp.short_score_first_steps}
+        for width in sorted({min(chunk, ttt_context(hp)) for chunk in chunk_sizes} | {ttt_context(hp)}):
             tokens = torch.randint(hp.vocab_size, (hp.ttt_batch_size, width + 1), device=run.device)  # synthetic
             with run.autocast():
                 compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters).float().mean().backward()
@@ -6025,8 +6083,10 @@ def log_compliance(run, data, model, ttt_report):
     report = ttt_report  # what TTT adapted, as evaluate_ttt returned it
     if hp.ttt_enabled and hp.ttt_method == "lora":
         log(f"compliance: ttt:score_first method:lora per_document_adapters:reset_each_document "
-            f"chunk_size:{hp.ttt_chunk_size} rounds:{report['chunks']} adapted_rounds:{report['adapted']} "
-            f"last_chunk_trained:no rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr}"
+            f"chunk_size:{hp.ttt_chunk_size} "
+            + "".join(f"short_docs_upto_{limit}:{chunk} " for limit, chunk in hp.short_score_first_steps)
+            + f"rounds:{report['chunks']} adapted_rounds:{report['adapted']} last_chunk_trained:no "
+            f"rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr * hp.ttt_local_lr_mult:g}"
             + (f" phases:{report['phases']} global_sgd:scored_documents_only" if hp.phased_ttt_enabled else ""))
     elif hp.ttt_enabled:
         log(f"compliance: ttt:score_first method:chunk chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "
@@ -6389,6 +6449,27 @@ def _translate_sparse_attn_gate(raw, environ):
     return {"attn_gate": "sparse" if _parse_env("SPARSE_ATTN_GATE_ENABLED", raw, bool) else "none"}
 
 
+TTT_MASKS = {"": "", "all": "", "baseline_all": "", "no_q": "q", "no_v": "v", "no_qv": "qv"}  # what each turns off
+
+
+def _translate_ttt_mask(raw, environ):
+    """The late-April records' TTT_MASK: the default of TTT_Q_LORA and TTT_V_LORA. One given beside it that
+    disagrees is refused (the records let it win)."""
+    mask = raw.strip().lower()
+    if mask not in TTT_MASKS:
+        raise ConfigError(f"TTT_MASK={raw!r}: choose all, no_q, no_v or no_qv")
+    implied = {}
+    for which in "qv":
+        name, wanted = f"TTT_{which.upper()}_LORA", which not in TTT_MASKS[mask]
+        given = environ.get(name, "").strip()
+        if not given:
+            implied[name.lower()] = str(int(wanted))
+        elif _parse_env(name, given, bool) != wanted:
+            raise ConfigError(f"TTT_MASK={raw!r} turns {name} {'on' if wanted else 'off'}, and {name}={given!r} says "
+                              f"otherwise; set one")
+    return implied
+
+
 def _ema_and_swa_as_in_the_03_23_record(environ):
     """EMA_ENABLED=1 with SWA_ENABLED=1 (or unset): the PR #549 family keeps an EMA and SWA snapshots and exports
     the EMA; its SWA is never applied."""
@@ -6429,6 +6510,7 @@ RECORD_TRANSLATIONS = {
     "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
     "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
     "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate, "LQER_ENABLED": _translate_lqer_enabled,
+    "TTT_MASK": _translate_ttt_mask,
 }
 
 # Variables of other programs that are never read as settings, even when a name is close to one of ours.

@@ -404,3 +404,63 @@ def test_new_adapters_are_drawn_row_by_row_on_the_host_and_sent_in_one_copy():
     lora = adapters.q[0]  # the first module: the first draw of each document's generator
     draw = torch.empty(lora.a.shape[1:]).uniform_(-lora.bound, lora.bound, generator=T.lora_generator(HP, 2))
     assert torch.equal(lora.a[2], draw) and not torch.equal(lora.a[1], draw)
+
+
+def test_each_adapter_switch_takes_its_adapters_away_and_only_q_and_v_act_where_they_alone_are_perturbed():
+    model, inputs = model_of(), torch.randint(2, 64, (2, 16))
+    for which in ("q", "k", "v", "o", "mlp"):
+        off = T.DocumentAdapters(model, 2, dataclasses.replace(HP, **{f"ttt_{which}_lora": False}),
+                                 torch.Generator().manual_seed(0))
+        assert getattr(off, which) is None and all(getattr(off.layer(0), name) is None for name in [which])
+    for which in ("q", "v"):  # the Q and V adapters reach the output: turning them off changes what TTT can learn
+        adapters = T.DocumentAdapters(model, 2, HP, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for module in getattr(adapters, which):
+                module.b.normal_()
+        assert not torch.equal(model(inputs, adapters=adapters), model(inputs))
+
+
+def test_ttt_mask_no_qv_adapts_without_q_and_v_adapters_and_scores_differently():
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "record", "TTT_MASK": "no_qv"})
+    assert (hp.ttt_q_lora, hp.ttt_k_lora, hp.ttt_v_lora) == (False, True, False)
+    assert sources["ttt_v_lora"] == "env:TTT_MASK=no_qv(translated)"
+    tokens = documents_stream(LENGTHS)
+    masked = run(tokens, dataclasses.replace(HP, ttt_q_lora=False, ttt_v_lora=False))
+    full = run(tokens)
+    assert masked.adapted_rounds == full.adapted_rounds > 0
+    assert torch.equal(masked.per_document[:, 1], full.per_document[:, 1])
+    assert not torch.equal(masked.per_document[:, 0], full.per_document[:, 0])
+
+
+def test_the_local_lr_multiplier_scales_the_adapters_learning_rate():
+    tokens = documents_stream(LENGTHS)
+    frozen = run(tokens, budget_left=lambda: -1.0).per_document
+    assert torch.equal(run(tokens, dataclasses.replace(HP, ttt_local_lr_mult=0.0)).per_document, frozen)
+    halved = run(tokens, dataclasses.replace(HP, ttt_local_lr_mult=0.5)).per_document
+    assert torch.equal(halved, run(tokens, dataclasses.replace(HP, ttt_lora_lr=HP.ttt_lora_lr / 2)).per_document)
+    assert not torch.equal(halved, run(tokens).per_document) and not torch.equal(halved, frozen)
+
+
+def test_a_batch_of_short_documents_takes_the_chunk_size_of_the_first_step_that_holds_its_longest():
+    short = dataclasses.replace(HP, ttt_short_score_first_enabled=True, ttt_short_score_first_steps="20:4,8:2")
+    assert short.short_score_first_steps == [(8, 2), (20, 4)]
+    batch = lambda *targets: [T.Document(i, 0, count) for i, count in enumerate(targets)]
+    # a document of n targets has n + 1 tokens, as the record counts its length
+    assert [T.score_first_chunk_size(batch(3, targets), short) for targets in (7, 8, 19, 20)] == [2, 4, 4, 8]
+    assert T.score_first_chunk_size(batch(3, 7), HP) == HP.ttt_chunk_size  # switched off
+    pair = dataclasses.replace(HP, ttt_short_score_first_enabled=True, ttt_short_doc_len=10, ttt_short_chunk_size=3)
+    assert pair.short_score_first_steps == [(10, 3)]
+    assert dataclasses.replace(pair, ttt_short_chunk_size=0).short_score_first_steps == [(10, HP.ttt_chunk_size)]
+
+
+def test_short_document_chunks_change_only_the_short_batch_and_still_score_every_target_once():
+    tokens = documents_stream(LENGTHS)  # batches of 3 by length: (3, 7, 9), (12, 20, 30), (45, 60)
+    reference = run(tokens).per_document
+    short = run(tokens, dataclasses.replace(HP, ttt_short_score_first_enabled=True,
+                                            ttt_short_score_first_steps="10:4")).per_document
+    assert short[:, 1].tolist() == LENGTHS[:-1] + [LENGTHS[-1] - 1]
+    in_short_batch = [1, 4, 7]  # the documents of 7, 3 and 9 targets
+    others = [i for i in range(len(LENGTHS)) if i not in in_short_batch]
+    assert torch.equal(short[others], reference[others])
+    # 3 targets: one chunk either way; 7 targets: one chunk of 8 before, now adapted after its first 4
+    assert torch.equal(short[4], reference[4]) and not torch.equal(short[1], reference[1])

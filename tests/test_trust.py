@@ -663,6 +663,34 @@ def test_a_graph_that_cannot_compile_is_named_with_the_phase_it_stops_before():
                 raise T.torch._dynamo.exc.Unsupported("a graph break")
 
 
+def test_the_late_april_records_ttt_names_have_their_meaning_and_contradictions_are_refused():
+    lora = {"PRESET": "record"}
+    for mask, q_and_v in (("all", (True, True)), ("no_q", (False, True)), ("no_v", (True, False)),
+                          ("no_qv", (False, False)), ("NO_QV", (False, False))):
+        hp, _ = T.Hyperparameters.from_env(dict(lora, TTT_MASK=mask))
+        assert (hp.ttt_q_lora, hp.ttt_v_lora) == q_and_v, mask
+    # the records' published form: the mask and the two switches it implies
+    hp, sources = T.Hyperparameters.from_env(dict(lora, TTT_MASK="no_qv", TTT_Q_LORA="0", TTT_V_LORA="0"))
+    assert (hp.ttt_q_lora, hp.ttt_v_lora, sources["ttt_q_lora"]) == (False, False, "env")
+    for env, match in (({"TTT_MASK": "no_qv", "TTT_Q_LORA": "1"}, "TTT_MASK='no_qv' turns TTT_Q_LORA off"),
+                       ({"TTT_MASK": "qv"}, "TTT_MASK='qv': choose"),
+                       ({"TTT_SHORT_SCORE_FIRST_ENABLED": "1", "TTT_SHORT_SCORE_FIRST_STEPS": "256"}, "tokens:chunk"),
+                       ({"TTT_SHORT_SCORE_FIRST_ENABLED": "1", "TTT_SHORT_SCORE_FIRST_STEPS": "0:8"}, "positive"),
+                       ({"TTT_SHORT_SCORE_FIRST_ENABLED": "1", "TTT_SHORT_SCORE_FIRST_STEPS": "256:8",
+                         "TTT_SHORT_DOC_LEN": "2000", "TTT_SHORT_CHUNK_SIZE": "24"}, "2000:24 is not one of its items"),
+                       ({"TTT_SHORT_SCORE_FIRST_STEPS": "256:8"}, "unless .*TTT_SHORT_SCORE_FIRST_ENABLED=1"),
+                       ({"TTT_LOCAL_LR_MULT": "-1"}, "TTT_LOCAL_LR_MULT")):
+        with pytest.raises(T.ConfigError, match=match):
+            T.Hyperparameters.from_env(dict(lora, **env))
+    with pytest.raises(T.ConfigError, match="unset TTT_MASK$"):  # the name the user gave
+        T.Hyperparameters.from_env({"TTT_MASK": "no_qv"})
+    # PR #2014's evaluation settings, as its command gives them
+    hp, _ = T.Hyperparameters.from_env(dict(lora, TTT_MASK="no_qv", TTT_LOCAL_LR_MULT="0.75",
+                                            TTT_SHORT_SCORE_FIRST_ENABLED="1", TTT_SHORT_DOC_LEN="2000",
+                                            TTT_SHORT_CHUNK_SIZE="24", TTT_SHORT_SCORE_FIRST_STEPS="256:8,2000:24"))
+    assert hp.short_score_first_steps == [(256, 8), (2000, 24)] and hp.ttt_local_lr_mult == 0.75
+
+
 def test_the_records_lqer_switch_is_lqer_rank():
     assert T.Hyperparameters.from_env({"LQER_ENABLED": "1"})[0].lqer_rank == 4  # the records' default rank
     hp, sources = T.Hyperparameters.from_env({"LQER_ENABLED": "1", "LQER_RANK": "2"})
