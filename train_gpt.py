@@ -442,6 +442,12 @@ class Hyperparameters:
     gptq_clip_search: str = setting("rtn", "rtn|gptq", "GPTQ=1 and QUANT_CLIP=percentile")
     # GPTQ also rounds the tied embedding (the 04-27 record's); off = its rows round to nearest (the SP4096 record's)
     gptq_embed: bool = setting(True, needs="GPTQ=1")
+    # AWQ-lite (PR #1953/#2014): the AWQ_LITE_GROUP_TOP_K groups of AWQ_LITE_GROUP_SIZE input columns with the most
+    # activation-weighted magnitude, over every matrix GPTQ rounds at fewer bits, get AWQ_LITE_BITS (a finer row scale)
+    awq_lite_enabled: bool = setting(False, needs="GPTQ=1")
+    awq_lite_bits: int = setting(8, needs="AWQ_LITE_ENABLED=1")  # the protected columns' bits (at most 8: int8)
+    awq_lite_group_top_k: int = setting(1, ">0", "AWQ_LITE_ENABLED=1")  # groups protected, over all matrices
+    awq_lite_group_size: int = setting(64, ">0", "AWQ_LITE_ENABLED=1")  # input columns per group
     lqer_rank: int = setting(0, ">=0")  # LQER: rank of the fp16 correction of the worst-quantized matrices; 0 = off
     lqer_top_k: int = setting(3, ">=0", "LQER_RANK > 0")  # matrices that get the LQER correction
     # LQER's factors in the artifact: 16 = fp16; 2..8 = symmetric per row at that many bits (the records' name)
@@ -759,6 +765,9 @@ def rules_of_export(hp, require):
     if hp.pack_code and not compressor_available("brotli"):
         raise ConfigError("PACK_CODE=1: packing the code compares brotli with LZMA, and brotli is not installed "
                           "(pip install brotli, or PACK_CODE=0 to count the raw file)")
+    require(not hp.awq_lite_enabled or 2 <= hp.awq_lite_bits <= 8, "AWQ_LITE_BITS", "must be 2 to 8 (int8 values)")
+    require(not hp.awq_lite_enabled or hp.quant_packing == "byte", "QUANT_PACKING",
+            "must be byte with AWQ_LITE_ENABLED=1: a matrix holds values of two widths")
     if hp.compressor == "pergroup":
         require(hp.quant_packing == "byte", "QUANT_PACKING", "must be byte with COMPRESSOR=pergroup, which lays out "
                 "the bytes of each integer matrix itself")
@@ -3217,12 +3226,12 @@ def fake_quantize(w, bits, method, k, floor=0.0, k_scale=1.0):
     return round_to_nearest(clipped_for_rounding(w, method), scale, qmax) * scale[:, None]
 
 
-def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
+def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01, wide=None):
     """Integer values for `w` (rows x cols) that minimize the output error on inputs with second moment `hessian`
     (cols x cols): columns in order of decreasing Hessian diagonal (act-order), each rounded with its row scale and
     its error spread over the columns not yet rounded through the inverse Hessian's Cholesky factor, a block of
-    columns at a time. Dead columns (never active) are zeroed. Raises torch.linalg.LinAlgError when H is not
-    positive definite even after damping."""
+    columns at a time. `wide`: AWQ-lite's (column mask, row scale, qmax) for its protected columns. Dead columns
+    (never active) are zeroed. Raises torch.linalg.LinAlgError when H is not positive definite even after damping."""
     w, hessian = w.clone(), hessian.clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
@@ -3231,26 +3240,27 @@ def gptq(w, hessian, scale, qmax, block_size=128, damp=0.01):
     order = torch.argsort(hessian.diagonal(), descending=True)
     w, hessian = w[:, order], hessian[order][:, order]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
-    q = torch.zeros_like(w)
+    q, in_wide = torch.zeros_like(w), ([False] * w.size(1) if wide is None else wide[0][order].tolist())
     for first in range(0, w.size(1), block_size):
         last = min(first + block_size, w.size(1))
         errors = torch.zeros(w.size(0), last - first, device=w.device)
         for j in range(first, last):
-            q[:, j] = round_to_nearest(w[:, j:j + 1], scale, qmax)[:, 0]
-            error = (w[:, j] - q[:, j] * scale) / inverse[j, j]
+            column_scale, column_qmax = wide[1:] if in_wide[j] else (scale, qmax)
+            q[:, j] = round_to_nearest(w[:, j:j + 1], column_scale, column_qmax)[:, 0]
+            error = (w[:, j] - q[:, j] * column_scale) / inverse[j, j]
             w[:, j:last] -= error[:, None] * inverse[j, j:last][None]
             errors[:, j - first] = error
         w[:, last:] -= errors @ inverse[first:last, last:]
     return q[:, torch.argsort(order)]
 
 
-def gptq_best_of(w, hessian, scales, qmax, hp):
+def gptq_best_of(w, hessian, scales, qmax, hp, wide=None):
     """GPTQ's integers for each candidate row scale, and the pair whose result has the lowest weight MSE (with one
     candidate, plain GPTQ; GPTQ_CLIP_SEARCH=gptq, after the SP4096 record, tries every GPTQ-lite quantile)."""
     best = None
     for scale in scales:
-        q = gptq(w, hessian, scale, qmax, hp.gptq_block_size, hp.gptq_damp)
-        error = (w - q * scale[:, None]).square().sum().item() if len(scales) > 1 else 0.0
+        q = gptq(w, hessian, scale, qmax, hp.gptq_block_size, hp.gptq_damp, wide)
+        error = (w - matrix_of(q, scale, wide)).square().sum().item() if len(scales) > 1 else 0.0
         if best is None or error < best[0]:
             best = (error, q, scale)
     return best[1], best[2]
@@ -3274,10 +3284,11 @@ def unpack_values(data, bits, packing, shape):
     return torch.from_numpy(unsigned.astype(np.float32) - largest_level(bits) - 1).view(shape)
 
 
-def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=None):
+def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=None, protected=None):
     """The quantized form of a state dict. `groups` ({name: embed|mlp|attn}) says which tensors are quantized;
-    `hessians` ({name: H}) switches GPTQ on for those names; `k_scale` multiplies every SDClip k (the size target)."""
-    quantized, residuals = {}, {}
+    `hessians` ({name: H}) switches GPTQ on for those names; `k_scale` multiplies every SDClip k (the size target);
+    `protected` ({name: [first column]}): AWQ-lite's groups (see awq_lite_groups)."""
+    quantized, residuals, protected = {}, {}, protected or {}
     for name, tensor in state_dict.items():
         w = tensor.detach().float()
         if hp.gated_attn_quant_gate and name.endswith(".attn.gate.weight"):
@@ -3291,21 +3302,82 @@ def quantize_state_dict(state_dict, groups, hp, hessians=None, k_scale=1.0, log=
         qmax = largest_level(bits)
         scale = row_scales(w, bits, method, clip_factor(k, k_scale), hp.quant_clip_floor)
         rounded, q = clipped_for_rounding(w, method), None
+        wide = awq_lite_columns(w, protected.get(name), hp, method, clip_factor(k, k_scale))
         if hessians is not None and name in hessians and (hp.gptq_embed or groups[name] != "embed"):
             searched = method == "percentile" and hp.gptq_clip_search == "gptq"
             candidates = percentile_scales(w, bits, hp.quant_clip_floor) if searched else [scale]
             try:
-                q, scale = gptq_best_of(rounded, hessians[name].to(w.device), candidates, qmax, hp)
+                q, scale = gptq_best_of(rounded, hessians[name].to(w.device), candidates, qmax, hp, wide)
             except torch.linalg.LinAlgError:
                 (log or print)(f"gptq: Cholesky failed for {name}; rounding it to nearest instead")
-        q = round_to_nearest(rounded, scale, qmax) if q is None else q
+        if q is None:
+            q = round_to_nearest(rounded, scale, qmax)
+            if wide is not None:
+                q[:, wide[0]] = round_to_nearest(rounded[:, wide[0]], wide[1], wide[2])
         if hp.lqer_rank > 0:  # the error LQER corrects; kept only when asked for (a copy of every matrix)
-            residuals[name] = w - q * scale[:, None]
+            residuals[name] = w - matrix_of(q, scale, wide)
         quantized[name] = dict(kind="int", bits=bits, packing=hp.quant_packing, shape=list(w.shape),
                                data=pack_values(q, bits, hp.quant_packing), scale=scale.half().cpu())
+        if wide is not None:
+            quantized[name]["awq"] = dict(starts=torch.tensor(protected[name], dtype=torch.int32),
+                                          size=hp.awq_lite_group_size, scale=wide[1].half().cpu())
     if hp.lqer_rank > 0:
         add_low_rank_corrections(quantized, residuals, hp)
     return quantized
+
+
+def matrix_of(q, scale, wide=None):
+    """The weights integers `q` stand for: each row's scale, AWQ-lite's own in its protected columns."""
+    w = q * scale[:, None]
+    if wide is not None:
+        w[:, wide[0]] = q[:, wide[0]] * wide[1][:, None]
+    return w
+
+
+# --- AWQ-lite (credit: PR #1953 and PR #2014): a few input-column groups keep more bits. A group's salience is the
+# sum over its columns of the input's RMS (from GPTQ's Hessian diagonal) times the column's mean |weight|, as AWQ
+# (Lin et al. 2023) weighs channels; the top groups over all matrices are rounded at AWQ_LITE_BITS inside GPTQ, with
+# a row scale of their own, so GPTQ spreads the other columns' errors around them. ---
+
+
+def awq_lite_groups(state_dict, groups, hessians, passes, hp):
+    """{name: [first column of each protected group]}: the AWQ_LITE_GROUP_TOP_K most salient groups of
+    AWQ_LITE_GROUP_SIZE columns among the matrices GPTQ rounds at fewer than AWQ_LITE_BITS. `passes` ({name: calls
+    per forward}) turns the Hessians' sums into per-call second moments, so that looped layers compare fairly."""
+    if not hp.awq_lite_enabled or hessians is None:
+        return {}
+    size, candidates = hp.awq_lite_group_size, []
+    for name, group in groups.items():
+        gptq_rounds = name in hessians and (hp.gptq_embed or group != "embed")
+        if not gptq_rounds or group_bits_and_k(hp, group)[0] >= hp.awq_lite_bits:
+            continue
+        w = state_dict[name].detach().float()
+        rms = (hessians[name].diagonal().float().cpu() / passes.get(name, 1)).clamp_min(0).sqrt()
+        salience = rms * w.abs().mean(dim=0).cpu()
+        for first in range(0, w.size(1) - size + 1, size):
+            candidates.append((salience[first:first + size].sum().item(), name, first))
+    chosen = {}
+    for _, name, first in sorted(candidates, key=lambda item: -item[0])[:hp.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(first)
+    return chosen
+
+
+def calls_per_forward(net, names):
+    """{name: how often a forward calls the weight}: a block's, once per pass of the (looped) stack; others once."""
+    passes = Counter(net.layer_order())
+    return {name: passes[int(name.split(".")[1])] if name.startswith("blocks.") else 1 for name in names}
+
+
+def awq_lite_columns(w, starts, hp, method, k):
+    """(column mask, row scale, qmax) of a matrix's protected columns, or None: the row scale is the matrix's
+    clip rule at AWQ_LITE_BITS."""
+    if not starts:
+        return None
+    mask = torch.zeros(w.size(1), dtype=torch.bool, device=w.device)
+    for first in starts:
+        mask[first:first + hp.awq_lite_group_size] = True
+    bits = hp.awq_lite_bits
+    return mask, row_scales(w, bits, method, k, hp.quant_clip_floor), largest_level(bits)
 
 
 def quantized_gate(w):
@@ -3357,12 +3429,22 @@ def low_rank_factors(lqer):
     return a, b
 
 
+def awq_columns_of(entry, columns):
+    """An artifact entry's AWQ-lite columns as matrix_of takes them, or None."""
+    if "awq" not in entry:
+        return None
+    mask, awq = torch.zeros(columns, dtype=torch.bool), entry["awq"]
+    for first in awq["starts"].tolist():
+        mask[first:first + awq["size"]] = True
+    return mask, awq["scale"].float(), None
+
+
 def dequantize_state_dict(quantized):
     state_dict = {}
     for name, entry in quantized.items():
         if entry["kind"] == "int":
             w = unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"])
-            w = w * entry["scale"].float()[:, None]
+            w = matrix_of(w, entry["scale"].float(), awq_columns_of(entry, w.size(1)))
             if "lqer" in entry:
                 a, b = low_rank_factors(entry["lqer"])
                 w = w + a @ b
@@ -3372,13 +3454,13 @@ def dequantize_state_dict(quantized):
     return state_dict
 
 
-def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print, qat_k_scale=None):
+def quantize_to_fit(state_dict, groups, hp, hessians, code_bytes, log=print, qat_k_scale=None, protected=None):
     """(quantized, artifact bytes, k scale). With SIZE_TARGET_BYTES and SDClip, every clip k is scaled by the
     smallest factor in K_SCALE_RANGE whose artifact fits with the code: a finer grid is more accurate, a coarser one
     has a lower entropy and compresses smaller. A bisection in log space; each step quantizes and compresses again.
     `qat_k_scale`: the scale QAT trained against, kept whenever its artifact fits, so that QAT's grid is exported."""
     def attempt(k_scale):
-        quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log)
+        quantized = quantize_state_dict(state_dict, groups, hp, hessians, k_scale, log, protected)
         blob = serialize_artifact(quantized, hp.compressor, hp.byte_shuffle, hp.pergroup_codec)
         return quantized, blob, k_scale, code_bytes + len(blob) <= hp.size_target_bytes
 
@@ -5868,9 +5950,10 @@ def export(run, net, hessians):
         raise RunError(f"the trained weights are not finite ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
                        f"no artifact is written")
     if run.rank == 0:
-        code_bytes = len(run.code.counted)
-        quantized, blob, k_scale = quantize_to_fit(net.state_dict(), quantized_tensor_groups(net, hp), hp,
-                                                   hessians, code_bytes, log, run.qat_k_scale)
+        code_bytes, state, groups = len(run.code.counted), net.state_dict(), quantized_tensor_groups(net, hp)
+        protected = awq_lite_groups(state, groups, hessians, calls_per_forward(net, groups), hp)
+        quantized, blob, k_scale = quantize_to_fit(state, groups, hp, hessians, code_bytes, log, run.qat_k_scale,
+                                                   protected)
         total = code_bytes + len(blob)
         run.timings["quantize_s"] = time.perf_counter() - start
         model_bytes = write_artifact(path, blob)
@@ -5880,6 +5963,8 @@ def export(run, net, hessians):
             f"embed_clip:{clip_method(hp, 'embed')} clip_floor:{hp.quant_clip_floor:g} "
             f"k_scale:{k_scale:.3f} "
             f"gptq:{hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
+            + (f"awq_lite:int{hp.awq_lite_bits}:{','.join(f'{n}@{c}' for n, cs in protected.items() for c in cs)} "
+               if protected else "") +
             f"time:{run.timings['quantize_s']:.1f}s")
         log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")

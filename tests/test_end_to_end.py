@@ -112,6 +112,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
                         TTT_CHUNK_SIZE=64, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
+                        # PR #2014's additions: its adapters, short-document chunks, LR multiplier and AWQ-lite
+                        TTT_MASK="no_qv", TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="200:16",
+                        TTT_LOCAL_LR_MULT=0.75, AWQ_LITE_ENABLED=1, AWQ_LITE_GROUP_TOP_K=2,
                         # the export and eval costs are not what is tested
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -131,7 +134,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 "
                          r"boundaries:\[30, 60\]$", log, re.M)
         assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 2/2 documents:60" in log
-        assert re.search(r"compliance: ttt:score_first method:lora .* last_chunk_trained:no .* phases:2", log)
+        assert re.search(r"compliance: ttt:score_first method:lora .* chunk_size:64 short_docs_upto_200:16 .* "
+                         r"last_chunk_trained:no .* lr:7.5e-05 phases:2", log)
+        assert re.search(r"^quantization: .* awq_lite:int8:[\w.]+@\d+,[\w.]+@\d+ ", log, re.M)
 
 
 @pytest.mark.cuda_path  # the CUDA path's benchmark mode: CI's second step

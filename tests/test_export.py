@@ -513,3 +513,117 @@ def test_the_pr549_presets_export_with_the_records_floors_value_for_value(std):
         assert torch.equal(T.unpack_values(entry["data"], entry["bits"], entry["packing"], entry["shape"]), q), name
     default = T.quantize_state_dict({"m": w}, {"m": "mlp"}, T.dataclasses.replace(hp, quant_clip_floor=0.0))
     assert torch.equal(default["m"]["scale"], quantized["m"]["scale"]) == (std > 1)  # the floor binds at 0.02
+
+
+def record_awq_gptq(w, hessian, clip_sigmas, starts, size, qmax=31, qmax_wide=127, block_size=128):
+    """PR #2014's GPTQ with AWQ-lite's protected groups, restated from its script: every row's scale clip_sigmas *
+    std / qmax in fp16, the protected columns' the same at qmax_wide; act-order, damping 0.01, blocks of 128."""
+    w, hessian = w.float().clone(), hessian.float().clone()
+    rows, cols = w.shape
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    hessian.diagonal().add_(0.01 * hessian.diag().mean())
+    perm = torch.argsort(hessian.diag(), descending=True)
+    w_perm = w[:, perm].clone()
+    w_perm[:, dead[perm]] = 0
+    hessian = hessian[perm][:, perm]
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    s = (clip_sigmas * w.std(dim=1) / qmax).clamp_min(1e-10).half().float()
+    s_wide = (clip_sigmas * w.std(dim=1) / qmax_wide).clamp_min(1e-10).half().float()
+    protect = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        protect[start:start + size] = True
+    protect = protect[perm]
+    q, work = torch.zeros(rows, cols), w_perm.clone()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        block, errors = work[:, i1:i2].clone(), torch.zeros(rows, i2 - i1)
+        for j in range(i2 - i1):
+            scale, limit = (s_wide, qmax_wide) if protect[i1 + j] else (s, qmax)
+            q[:, i1 + j] = torch.clamp(torch.round(block[:, j] / scale), -limit, limit)
+            errors[:, j] = (block[:, j] - q[:, i1 + j] * scale) / inverse[i1 + j, i1 + j]
+            block[:, j:] -= errors[:, j:j + 1] * inverse[i1 + j, i1 + j:i2][None]
+        if i2 < cols:
+            work[:, i2:] -= errors @ inverse[i1:i2, i2:]
+    return q[:, torch.argsort(perm)], s, s_wide
+
+
+AWQ_HP = small_hp(awq_lite_enabled=True, clip_k_attn=13.0, quant_bits=6)
+
+
+def test_awq_lite_rounds_its_groups_at_eight_bits_inside_gptq_as_the_record_does():
+    torch.manual_seed(7)
+    w = torch.randn(48, 256) * 0.02
+    x = torch.randn(600, 256) * torch.linspace(0.2, 2, 256)
+    x[:, 5] = 0  # a dead column
+    hessian = x.T @ x
+    q, s, s_wide = record_awq_gptq(w, hessian, 13.0, [64, 192], 64)
+    entry = T.quantize_state_dict({"w": w}, {"w": "attn"}, AWQ_HP, {"w": hessian}, protected={"w": [64, 192]})["w"]
+    ours = T.unpack_values(entry["data"], 6, "byte", (48, 256))
+    assert torch.equal(ours, q) and torch.equal(entry["scale"].float(), s)
+    assert torch.equal(entry["awq"]["scale"].float(), s_wide) and entry["awq"]["starts"].tolist() == [64, 192]
+    assert ours[:, 64:128].abs().max() > 31 and ours[:, :64].abs().max() <= 31  # the wider range is used
+    restored = T.dequantize_state_dict({"w": entry})["w"]
+    wide_columns = torch.zeros(256, dtype=torch.bool)
+    wide_columns[64:128] = wide_columns[192:] = True
+    expected = torch.where(wide_columns, q * s_wide[:, None], q * s[:, None])
+    assert torch.equal(restored, expected)
+    plain = T.dequantize_state_dict(T.quantize_state_dict({"w": w}, {"w": "attn"}, AWQ_HP, {"w": hessian}))["w"]
+    error = lambda r, cols: ((r - w)[:, cols] @ hessian[cols][:, cols] * (r - w)[:, cols]).sum()
+    assert error(restored, wide_columns) < 0.25 * error(plain, wide_columns)  # 8 bits where it was 6
+
+
+def test_awq_lite_picks_the_groups_with_the_most_activation_weighted_magnitude_per_call():
+    """The record's salience: per input column, the RMS of the inputs over every call times the column's mean
+    |weight|, summed over a group; the top groups over all matrices with fewer bits than AWQ_LITE_BITS."""
+    torch.manual_seed(1)
+    hp = dataclasses.replace(AWQ_HP, awq_lite_group_size=32, awq_lite_group_top_k=2)
+    state = {"blocks.0.attn.c_q.weight": torch.randn(16, 128), "blocks.1.mlp.fc.weight": torch.randn(16, 96),
+             "tok_emb.weight": torch.randn(40, 128)}
+    groups = {"blocks.0.attn.c_q.weight": "attn", "blocks.1.mlp.fc.weight": "mlp", "tok_emb.weight": "embed"}
+    inputs = {name: torch.randn(200, w.size(1)) * torch.rand(w.size(1)) * 3 for name, w in state.items()}
+    passes = {"blocks.0.attn.c_q.weight": 1, "blocks.1.mlp.fc.weight": 3, "tok_emb.weight": 1}
+    hessians = {name: torch.cat([x] * passes[name]).T @ torch.cat([x] * passes[name]) for name, x in inputs.items()}
+    scores = []
+    for name, w in state.items():  # restated: sqrt(sum of squares / count) over every call
+        rms = (torch.cat([inputs[name]] * passes[name]).square().mean(dim=0)).sqrt()
+        salience = rms * w.abs().mean(dim=0)
+        scores += [(salience[first:first + 32].sum().item(), name, first) for first in range(0, w.size(1), 32)]
+    expected = {}
+    for _, name, first in sorted(scores, reverse=True)[:2]:
+        expected.setdefault(name, []).append(first)
+    chosen = T.awq_lite_groups(state, groups, hessians, passes, hp)
+    assert chosen == expected
+    assert T.awq_lite_groups(state, groups, hessians, {}, hp) != chosen  # without the passes, the looped layer wins
+    assert T.awq_lite_groups(state, groups, hessians, passes, dataclasses.replace(hp, awq_lite_bits=6)) == {}
+    assert T.awq_lite_groups(state, groups, None, passes, hp) == {}  # no calibration, nothing protected
+
+
+def test_an_awq_lite_artifact_round_trips_through_both_layouts(tmp_path):
+    torch.manual_seed(3)
+    hp = small_hp(num_layers=2, model_dim=32, vocab_size=64, lqer_rank=2, awq_lite_enabled=True,
+                  awq_lite_group_size=16, awq_lite_group_top_k=3)
+    model = T.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    groups = T.quantized_tensor_groups(model, hp)
+    hessians = T.collect_hessians(model, [torch.randint(0, 64, (2, 32))], NO_AUTOCAST)
+    protected = T.awq_lite_groups(model.state_dict(), groups, hessians, T.calls_per_forward(model, groups), hp)
+    assert sum(map(len, protected.values())) == 3
+    quantized = T.quantize_state_dict(model.state_dict(), groups, hp, hessians, protected=protected)
+    assert sum("awq" in entry for entry in quantized.values()) == len(protected)
+    expected = T.dequantize_state_dict(quantized)
+    for compressor in ("lzma", "pergroup"):
+        T.write_artifact(tmp_path / "m.ptz", T.serialize_artifact(quantized, compressor, False, "lzma"))
+        back = T.dequantize_state_dict(T.read_artifact(tmp_path / "m.ptz"))
+        assert all(torch.equal(back[name], expected[name]) for name in expected), compressor
+
+
+def test_awq_lite_settings_are_refused_where_they_cannot_hold():
+    for env, match in (({"AWQ_LITE_ENABLED": "1", "QUANT_PACKING": "dense"}, "QUANT_PACKING"),
+                       ({"AWQ_LITE_ENABLED": "1", "AWQ_LITE_BITS": "9"}, "AWQ_LITE_BITS"),
+                       ({"AWQ_LITE_ENABLED": "1", "GPTQ": "0"}, "unless GPTQ=1"),
+                       ({"AWQ_LITE_GROUP_SIZE": "32"}, "unless AWQ_LITE_ENABLED=1")):
+        with pytest.raises(T.ConfigError, match=match):
+            T.Hyperparameters.from_env(env)
