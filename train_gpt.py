@@ -630,6 +630,11 @@ class Hyperparameters:
         return steps
 
     @property
+    def ttt_adapter_lr(self):
+        """The learning rate of LoRA TTT's adapters: TTT_LORA_LR times TTT_LOCAL_LR_MULT."""
+        return self.ttt_lora_lr * self.ttt_local_lr_mult
+
+    @property
     def piece_len(self):
         """The longest document piece of TRAIN_ROWS=packed (TRAIN_SEQ_LEN); 0 = rows cut documents instead."""
         return self.train_seq_len if self.train_rows == "packed" else 0
@@ -3373,11 +3378,16 @@ def awq_lite_columns(w, starts, hp, method, k):
     clip rule at AWQ_LITE_BITS."""
     if not starts:
         return None
-    mask = torch.zeros(w.size(1), dtype=torch.bool, device=w.device)
-    for first in starts:
-        mask[first:first + hp.awq_lite_group_size] = True
-    bits = hp.awq_lite_bits
+    mask, bits = group_columns(w.size(1), starts, hp.awq_lite_group_size, w.device), hp.awq_lite_bits
     return mask, row_scales(w, bits, method, k, hp.quant_clip_floor), largest_level(bits)
+
+
+def group_columns(columns, starts, size, device=None):
+    """A (columns,) bool mask of the groups of `size` columns that begin at `starts`."""
+    mask = torch.zeros(columns, dtype=torch.bool, device=device)
+    for first in starts:
+        mask[first:first + size] = True
+    return mask
 
 
 def quantized_gate(w):
@@ -3433,10 +3443,8 @@ def awq_columns_of(entry, columns):
     """An artifact entry's AWQ-lite columns as matrix_of takes them, or None."""
     if "awq" not in entry:
         return None
-    mask, awq = torch.zeros(columns, dtype=torch.bool), entry["awq"]
-    for first in awq["starts"].tolist():
-        mask[first:first + awq["size"]] = True
-    return mask, awq["scale"].float(), None
+    awq = entry["awq"]
+    return group_columns(columns, awq["starts"].tolist(), awq["size"]), awq["scale"].float(), None
 
 
 def dequantize_state_dict(quantized):
@@ -4557,7 +4565,7 @@ def ttt_context(hp):
 def ttt_lora_optimizer(params, hp):
     """A fresh optimizer per batch of documents: no state crosses from one document to the next. AdamW is fused, as
     the 04-27 record's: one kernel a step for every adapter, and its step count stays on the device, never read."""
-    lr = hp.ttt_lora_lr * hp.ttt_local_lr_mult
+    lr = hp.ttt_adapter_lr
     if ttt_optimizer_of(hp) == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=hp.ttt_beta1, weight_decay=hp.ttt_weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=(hp.ttt_beta1, hp.ttt_beta2), eps=1e-10,
@@ -6171,7 +6179,7 @@ def log_compliance(run, data, model, ttt_report):
             f"chunk_size:{hp.ttt_chunk_size} "
             + "".join(f"short_docs_upto_{limit}:{chunk} " for limit, chunk in hp.short_score_first_steps)
             + f"rounds:{report['chunks']} adapted_rounds:{report['adapted']} last_chunk_trained:no "
-            f"rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lora_lr * hp.ttt_local_lr_mult:g}"
+            f"rank:{hp.ttt_lora_rank} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_adapter_lr:g}"
             + (f" phases:{report['phases']} global_sgd:scored_documents_only" if hp.phased_ttt_enabled else ""))
     elif hp.ttt_enabled:
         log(f"compliance: ttt:score_first method:chunk chunks:{report['chunks']} chunk_tokens:{hp.ttt_chunk_tokens} "

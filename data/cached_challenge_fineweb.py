@@ -154,16 +154,25 @@ def load_manifest(hub, skip_manifest, dataset_dir):
         return local, path
     if local is not None and has_dataset(local, dataset_dir):
         return local, path
-    remote = read_manifest(hub.cached(f"{hub.remote_root}/manifest.json"))
-    merged = dict(local or {}, **remote)
+    return merge_into_manifest(path, read_manifest(hub.cached(f"{hub.remote_root}/manifest.json"))), path
+
+
+def merge_into_manifest(path, update):
+    """Writes the manifest at `path` (or a new one) with `update` merged in: its top-level fields, and its
+    datasets and tokenizers in place of the entries of the same names (the others are kept). The file is written
+    anew, never in place: a downloaded manifest is hard-linked to the Hugging Face cache's copy. Returns the merged
+    manifest. prepare_docs.py writes its entries through this too."""
+    path = Path(path)
+    local = read_manifest(path) if path.is_file() else {}
+    merged = dict(local, **update)
     for key in ("datasets", "tokenizers"):
-        names = {entry.get("name") for entry in remote.get(key, [])}
-        merged[key] = [e for e in (local or {}).get(key, []) if e.get("name") not in names] + remote.get(key, [])
+        names = {entry.get("name") for entry in update.get(key, [])}
+        merged[key] = [e for e in local.get(key, []) if e.get("name") not in names] + update.get(key, [])
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)  # a new file: the old one may be hard-linked to the cache's copy
-    return merged, path
+    os.replace(partial, path)
+    return merged
 
 
 def plan_downloads(manifest, manifest_path, variant, train_shards, remote_root, with_docs):

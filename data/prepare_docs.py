@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from cached_challenge_fineweb import merge_into_manifest  # noqa: E402  (beside this file: the downloader's manifest)
 from train_gpt import (CASE_ESCAPE, CASE_OPERATORS, SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION,  # noqa: E402
                        case_decode, case_encode, read_shard_header,  # (the shard format and the CaseOps transform
                        tokenizer_normalizes)  # are defined where they are read)
@@ -414,13 +415,7 @@ def refuse_to_replace(output_root, out_dir, dataset_name, source, overwrite):
 def update_root_manifest(output_root, top, tokenizer_entry, dataset_entry):
     """<output-root>/manifest.json in the exporter's schema; entries of other datasets and tokenizers are kept."""
     path = output_root / "manifest.json"
-    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    manifest.update(top)
-    for key, entry in (("tokenizers", tokenizer_entry), ("datasets", dataset_entry)):
-        manifest[key] = [e for e in manifest.get(key, []) if e.get("name") != entry["name"]] + [entry]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)  # a new file: a downloaded manifest is hard-linked to the Hugging Face cache's copy
+    merge_into_manifest(path, dict(top, tokenizers=[tokenizer_entry], datasets=[dataset_entry]))
     return path
 
 

@@ -138,9 +138,10 @@ def test_gptq_handles_dead_columns_and_falls_back_when_cholesky_fails():
     assert "Cholesky failed for w" in messages[0] and quantized["w"]["kind"] == "int"
 
 
-def sp4096_gptq(w, hessian, qmax=31, block_size=128):
-    """The SP4096 record's (2026-04-04) GPTQ, restated from its script: damping 0.01, act-order, and a full GPTQ
-    for each candidate quantile of the rows' |w|, keeping the result with the lowest weight MSE."""
+def records_gptq_order(w, hessian):
+    """What the records' GPTQ does before rounding (the SP4096 record's and PR #2014's alike): dead columns'
+    diagonal set to 1 and their weights zeroed, damping 0.01 of the mean diagonal, act-order, and the upper Cholesky
+    factor of the inverse Hessian. Returns (w, rows, cols, perm, w permuted, that factor)."""
     w, hessian = w.float().clone(), hessian.float().clone()
     rows, cols = w.shape
     dead = torch.diag(hessian) == 0
@@ -151,6 +152,13 @@ def sp4096_gptq(w, hessian, qmax=31, block_size=128):
     w_perm[:, dead[perm]] = 0
     hessian = hessian[perm][:, perm]
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    return w, rows, cols, perm, w_perm, inverse
+
+
+def sp4096_gptq(w, hessian, qmax=31, block_size=128):
+    """The SP4096 record's (2026-04-04) GPTQ, restated from its script: damping 0.01, act-order, and a full GPTQ
+    for each candidate quantile of the rows' |w|, keeping the result with the lowest weight MSE."""
+    w, rows, cols, perm, w_perm, inverse = records_gptq_order(w, hessian)
     best = None
     for pct in [0.9990, 0.9995, 0.9999, 0.99999, 1.0]:
         row_clip = torch.quantile(w.abs(), pct, dim=1) if pct < 1.0 else w.abs().amax(dim=1)
@@ -518,16 +526,7 @@ def test_the_pr549_presets_export_with_the_records_floors_value_for_value(std):
 def record_awq_gptq(w, hessian, clip_sigmas, starts, size, qmax=31, qmax_wide=127, block_size=128):
     """PR #2014's GPTQ with AWQ-lite's protected groups, restated from its script: every row's scale clip_sigmas *
     std / qmax in fp16, the protected columns' the same at qmax_wide; act-order, damping 0.01, blocks of 128."""
-    w, hessian = w.float().clone(), hessian.float().clone()
-    rows, cols = w.shape
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    hessian.diagonal().add_(0.01 * hessian.diag().mean())
-    perm = torch.argsort(hessian.diag(), descending=True)
-    w_perm = w[:, perm].clone()
-    w_perm[:, dead[perm]] = 0
-    hessian = hessian[perm][:, perm]
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    w, rows, cols, perm, w_perm, inverse = records_gptq_order(w, hessian)
     s = (clip_sigmas * w.std(dim=1) / qmax).clamp_min(1e-10).half().float()
     s_wide = (clip_sigmas * w.std(dim=1) / qmax_wide).clamp_min(1e-10).half().float()
     protect = torch.zeros(cols, dtype=torch.bool)

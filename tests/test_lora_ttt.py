@@ -411,7 +411,7 @@ def test_each_adapter_switch_takes_its_adapters_away_and_only_q_and_v_act_where_
     for which in ("q", "k", "v", "o", "mlp"):
         off = T.DocumentAdapters(model, 2, dataclasses.replace(HP, **{f"ttt_{which}_lora": False}),
                                  torch.Generator().manual_seed(0))
-        assert getattr(off, which) is None and all(getattr(off.layer(0), name) is None for name in [which])
+        assert getattr(off, which) is None and getattr(off.layer(0), which) is None
     for which in ("q", "v"):  # the Q and V adapters reach the output: turning them off changes what TTT can learn
         adapters = T.DocumentAdapters(model, 2, HP, torch.Generator().manual_seed(0))
         with torch.no_grad():
