@@ -157,6 +157,16 @@ class Hyperparameters:
     # into pieces of at most TRAIN_SEQ_LEN from its own start (the 04-27 record's DocumentPackingLoader), and the
     # phases' global SGD packed as the record packs it (see adapt_on_chunk)
     train_rows: str = setting("seq", "seq|packed", "DOC_ISOLATION=1")
+    # the longest piece of TRAIN_ROWS=packed by stage (PR #2014's progressive length): comma-separated L@share
+    # items; each step takes the first stage whose share is at or above the share of training done, a last share
+    # below 1 keeps its L to the end, and the largest L must be TRAIN_SEQ_LEN; empty = TRAIN_SEQ_LEN throughout
+    train_seq_schedule: str = setting("", needs="TRAIN_ROWS=packed")
+    # what TRAIN_SEQ_SCHEDULE's shares count: wallclock = the LR schedule's (of the training budget under
+    # MAX_WALLCLOCK_SECONDS, else of ITERATIONS); step = of ITERATIONS even under a cap
+    train_seq_schedule_mode: str = setting("wallclock", "wallclock|step", "TRAIN_SEQ_SCHEDULE")
+    # after a stage change at a step s > 0, the LR is multiplied by (step - s + 1) / N for N steps (the optimizers'
+    # LR only: the warmdown's scale, which QAT, SWA and MiLe follow, is left alone); 0 = none
+    seq_change_warmup_steps: int = setting(0, ">=0", "TRAIN_SEQ_SCHEDULE")
     train_log_every: int = setting(200, ">=0")  # log the train loss every N steps
     # evaluate on the full validation split every N steps; 0 = only at the end
     val_loss_every: int = setting(1000, ">=0")
@@ -181,8 +191,9 @@ class Hyperparameters:
 
     rope_base: float = setting(10000.0, ">0", group="model: attention")  # rotary embedding base
     rope_dims: int = 16  # leading head dims that get RoPE (partial RoPE); 0 = the whole head
-    # a forward of T > this many tokens rotates with the base rescaled to base * (T / this)^(d / (d - 2)) over its d
-    # rotary dims (the PR #549 family hard-codes 1024, so its 2,048-token runs use a base of about 22,082); 0 = never
+    # a forward whose attention reaches T > this many tokens (a row's length; a packed row's longest piece) rotates
+    # with the base rescaled to base * (T / this)^(d / (d - 2)) over its d rotary dims (the PR #549 family
+    # hard-codes 1024, so its 2,048-token runs use a base of about 22,082); 0 = never
     rope_train_seq_len: int = setting(0, ">=0")
     qk_gain_init: float = 5.0  # initial per-head gain on the normalized queries
     xsa_layers: str = "all"  # layers with exclusive self-attention: all, or comma-separated indices; empty = none
@@ -576,7 +587,7 @@ class Hyperparameters:
                 choices = [choice for choice in check.split("|") if choice]
                 raise ConfigError(f"{field.name.upper()}={value!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
         self.seed_list(), self.kernel_stages, self.layer_set("xsa_layers"), self.layer_set("ve_layers")  # parsed
-        self.short_score_first_steps  # parsed
+        self.short_score_first_steps, self.train_seq_stages  # parsed
         def require(ok, env_name, why):
             if not ok:
                 raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
@@ -629,6 +640,27 @@ class Hyperparameters:
                               f"add it there or unset the pair")
         return steps
 
+    @functools.cached_property  # parsed once: the training loop asks every step
+    def train_seq_stages(self):
+        """TRAIN_SEQ_SCHEDULE as [(share of training, longest piece)] in order of share, the last at share 1; []
+        without a schedule. Stages of equal share keep their order (the first is the one taken, as in PR #2014)."""
+        items = [item.strip() for item in self.train_seq_schedule.split(",") if item.strip()]
+        if not items:
+            return []
+        try:
+            stages = sorted(((float(share), int(length)) for length, share in (item.split("@") for item in items)),
+                            key=lambda stage: stage[0])
+        except ValueError:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: expected length@share items, e.g. "
+                              f"1024@0.1,2048@0.7,3072@1.0") from None
+        if any(length <= 0 or not 0 < share <= 1 for share, length in stages):
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: lengths must be positive and shares "
+                              f"in (0, 1]")
+        if max(length for _, length in stages) != self.train_seq_len:
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r}: its longest length must be "
+                              f"TRAIN_SEQ_LEN={self.train_seq_len}, which lays out the micro-batches (as in PR #2014)")
+        return stages + ([(1.0, stages[-1][1])] if stages[-1][0] < 1 else [])
+
     @property
     def ttt_adapter_lr(self):
         """The learning rate of LoRA TTT's adapters: TTT_LORA_LR times TTT_LOCAL_LR_MULT."""
@@ -636,8 +668,11 @@ class Hyperparameters:
 
     @property
     def piece_len(self):
-        """The longest document piece of TRAIN_ROWS=packed (TRAIN_SEQ_LEN); 0 = rows cut documents instead."""
-        return self.train_seq_len if self.train_rows == "packed" else 0
+        """The longest document piece of TRAIN_ROWS=packed at the end of training (TRAIN_SEQ_SCHEDULE's last stage,
+        else TRAIN_SEQ_LEN); 0 = rows cut documents instead."""
+        if self.train_rows != "packed":
+            return 0
+        return self.train_seq_stages[-1][1] if self.train_seq_stages else self.train_seq_len
 
     def seed_list(self):
         """SEEDS as integers (space- or comma-separated), or [SEED]."""
@@ -737,9 +772,6 @@ def rules_of_training(hp, require):
                 f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
     require(hp.train_rows == "seq" or hp.data_seed == -1, "TRAIN_ROWS",
             "packed reads each micro-batch as one span of the stream: set DATA_SEED=-1")
-    require(hp.train_rows == "seq" or not hp.rope_train_seq_len, "TRAIN_ROWS",
-            f"packed rows are longer than ROPE_TRAIN_SEQ_LEN={hp.rope_train_seq_len}, whose base would be rescaled "
-            f"for them: set ROPE_TRAIN_SEQ_LEN=0")
     require(not (hp.fused_ce_enabled and hp.mile_gamma > 0), "FUSED_CE_ENABLED",
             "computes the loss without the logits whose entropy MILE_GAMMA weights by; set one of them")
     if hp.kernel_stage_restarts:
@@ -1200,22 +1232,23 @@ class TrainLoader:
             position = (position + len(piece)) % int(self.shard_offsets[-1])
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def batch(self, step, micro_step, device=None):
+    def batch(self, step, micro_step, device=None, piece_len=None):
         """TrainBatch: int64 (inputs, targets) of shape (seqs_per_micro, seq_len) for this rank and micro-step (with
-        TRAIN_ROWS=packed, (1, seqs_per_micro * seq_len)), and with varlen_bos_id their cu_seqlens, found here on the
-        host. On a GPU the tensors travel in asynchronous copies from pinned memory: the host does not wait for the
-        GPU to reach the copy, so it keeps queueing work ahead (a pageable copy, or cu_seqlens found on the device,
-        would stall it every micro-step)."""
+        TRAIN_ROWS=packed, (1, seqs_per_micro * seq_len), in pieces of at most `piece_len`, the loader's unless
+        given), and with varlen_bos_id their cu_seqlens, found here on the host. On a GPU the tensors travel in
+        asynchronous copies from pinned memory: the host does not wait for the GPU to reach the copy, so it keeps
+        queueing work ahead (a pageable copy, or cu_seqlens found on the device, would stall it every micro-step)."""
+        piece_len = self.piece_len if piece_len is None else piece_len
         chunk = self.rank * self.grad_accum_steps + micro_step
         starts = self.row_starts(step, np.arange(chunk * self.seqs_per_micro, (chunk + 1) * self.seqs_per_micro))
-        if self.piece_len:  # TRAIN_ROWS=packed: the same tokens, the micro-batch's span as one row
+        if piece_len:  # TRAIN_ROWS=packed: the same tokens, the micro-batch's span as one row
             rows = np.asarray(self.read_stream(starts[0], len(starts) * self.seq_len + 1), dtype=np.int64)[None]
         else:
             rows = np.empty((len(starts), self.seq_len + 1), dtype=np.int64)
             for row, start in enumerate(starts):
                 rows[row] = self.read_stream(start, self.seq_len + 1)
         rows = torch.from_numpy(rows)
-        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id, self.piece_len))
+        cu_seqlens = (cu_seqlens_of(document_starts(rows[:, :-1], self.varlen_bos_id, piece_len))
                       if self.varlen_bos_id is not None else None)
         rows = to_device(rows, device)
         if cu_seqlens is not None and rows.is_cuda:
@@ -1722,8 +1755,9 @@ def select_attention(requested, device_type, half_precision=True, documents=Fals
 
 class Rotary(nn.Module):
     """Rotary position embedding on the first `dims` channels of each head; the rest carry no position (partial
-    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence, but for a forward longer
-    than `rescale_above` (when set), whose base is rescaled as the PR #549 family's rotary does (NTK-aware)."""
+    RoPE, credit: the PartialRoPE record). Tables are precomputed for the longest sequence, but for a forward whose
+    attention reaches further than `rescale_above` (when set), whose base is rescaled as the PR #549 family's rotary
+    does (NTK-aware). A packed row's attention reaches its longest piece, not its length."""
 
     def __init__(self, dims, base, max_seq_len, rescale_above=0):
         super().__init__()
@@ -1737,10 +1771,11 @@ class Rotary(nn.Module):
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
-    def forward(self, x):  # x: (B, T, H, D); rotates the two halves of the first `dims` channels as pairs
+    def forward(self, x, reach=0):  # x: (B, T, H, D); rotates the two halves of the first `dims` channels as pairs
         seq_len = x.size(1)
-        if self.rescale_above and seq_len > self.rescale_above:
-            cos, sin = self.tables(self.base * (seq_len / self.rescale_above) ** (self.dims / (self.dims - 2)),
+        reach = min(reach, seq_len) if reach else seq_len  # reach: a packed row's longest piece
+        if self.rescale_above and reach > self.rescale_above:
+            cos, sin = self.tables(self.base * (reach / self.rescale_above) ** (self.dims / (self.dims - 2)),
                                    seq_len, x.device)
         elif seq_len > self.cos.size(1):  # a packed row (TRAIN_ROWS=packed): positions along it, as the record's
             cos, sin = self.tables(self.base, seq_len, x.device)
@@ -1900,7 +1935,8 @@ class CausalSelfAttention(nn.Module):
         own_v = v
         if self.value_residual is not None and v0 is not None:
             v = self.mix_value_residual(v, v0)
-        q, k = self.rotary(self.q_norm(q)), self.rotary(self.k_norm(k))
+        reach = docs.piece_len if docs is not None else 0
+        q, k = self.rotary(self.q_norm(q), reach), self.rotary(self.k_norm(k), reach)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
         y = self.attention_fn(q, k, v) if docs is None else self.attention_fn(q, k, v, docs)
@@ -3000,6 +3036,47 @@ def kernel_taps_due(hp, step, elapsed_ms):
         reached = step >= when if when >= 1 else training_progress(hp, step, elapsed_ms) >= when
         due = taps if reached else due
     return due
+
+
+def schedule_share(hp, step, elapsed_ms):
+    """The share of training TRAIN_SEQ_SCHEDULE reads: the LR schedule's, or with TRAIN_SEQ_SCHEDULE_MODE=step, of
+    ITERATIONS whatever the cap."""
+    return step / hp.iterations if hp.train_seq_schedule_mode == "step" else training_progress(hp, step, elapsed_ms)
+
+
+def piece_len_due(hp, step, elapsed_ms):
+    """The longest piece of the packed rows at this point of training: TRAIN_SEQ_SCHEDULE's first stage whose share
+    is at or above the share done (PR #2014's choice), or the one length without a schedule."""
+    if not hp.train_seq_stages:
+        return hp.piece_len
+    done = schedule_share(hp, step, elapsed_ms)
+    return next((length for share, length in hp.train_seq_stages if done <= share), hp.train_seq_stages[-1][1])
+
+
+def lr_rewarm(hp, step, changed_at):
+    """SEQ_CHANGE_WARMUP_STEPS: the optimizers' LR factor at `step` after the stage change at step `changed_at`
+    (None: no change yet, or the change at step 0, which PR #2014 does not ramp)."""
+    if changed_at is None or hp.seq_change_warmup_steps == 0:
+        return 1.0
+    return min((step - changed_at + 1) / hp.seq_change_warmup_steps, 1.0)
+
+
+def training_shapes(hp, initial_looping):
+    """(longest piece, looping) of every training graph the run can meet, for the warmup to build untimed: each
+    TRAIN_SEQ_SCHEDULE stage in each layout it can run in. A stage spans the shares (start, end]: when the recurrence
+    switches on at a share counted as the schedule counts, a stage runs unlooped only if it starts before that share,
+    and looped only if it reaches it (PR #2014's COMPILE_SHAPE_WARMUP_LOOP_MODES=auto); else in both layouts."""
+    layouts = [initial_looping] + ([True] if hp.num_loops > 0 and not initial_looping else [])
+    one_clock = len(layouts) == 2 and hp.loop_enable_at < 1 and (
+        hp.train_seq_schedule_mode == "wallclock" or hp.max_wallclock_seconds == 0)
+    shapes, start = [], 0.0
+    for end, length in hp.train_seq_stages or [(1.0, hp.piece_len)]:
+        for looping in layouts:
+            meets = not one_clock or (end >= hp.loop_enable_at if looping else start < hp.loop_enable_at)
+            if meets and (length, looping) not in shapes:
+                shapes.append((length, looping))
+        start = end
+    return shapes
 
 
 def looping_due(hp, step, elapsed_ms):
@@ -5252,28 +5329,31 @@ def out_of_memory_advice(run):
             f"(GRAD_ACCUM_STEPS={accum}): {fix}")
 
 
-def train_step(run, model, loader, step, lr_scale):
-    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged)."""
+def train_step(run, model, loader, step, lr_scale, piece_len=None, rewarm=1.0):
+    """One optimizer step over the global batch; returns this rank's mean loss (a tensor, not yet averaged).
+    `piece_len`: the packed rows' longest piece (the loader's unless given); `rewarm`: a factor on the optimizers'
+    LR only (SEQ_CHANGE_WARMUP_STEPS)."""
     try:
-        return accumulate_and_step(run, model, loader, step, lr_scale)
+        return accumulate_and_step(run, model, loader, step, lr_scale, piece_len, rewarm)
     except torch.OutOfMemoryError as error:
         raise RunError(out_of_memory_advice(run)) from error
 
 
-def accumulate_and_step(run, model, loader, step, lr_scale):
+def accumulate_and_step(run, model, loader, step, lr_scale, piece_len, rewarm):
     total_loss = torch.zeros((), device=run.device)
     # MiLe's exponent decays with the LR, so the warmdown ends on plain cross-entropy; a tensor, so compile never
     # specializes on its value.
     # torch.full is a fill kernel: unlike torch.tensor, it copies nothing from the host, so the step never blocks on it.
     mile_gamma = torch.full((), run.hp.mile_gamma * lr_scale, device=run.device) if run.hp.mile_gamma > 0 else None
+    piece_len = loader.piece_len if piece_len is None else piece_len
     for micro_step in range(run.grad_accum_steps):
-        batch = loader.batch(step, micro_step, run.device)
+        batch = loader.batch(step, micro_step, run.device, piece_len)
         with run.autocast():
             loss = model.forward(batch.inputs, batch.targets, mile_gamma=mile_gamma, cu_seqlens=batch.cu_seqlens,
-                                 piece_len=loader.piece_len)
+                                 piece_len=piece_len)
         (loss / run.grad_accum_steps).backward()
         total_loss += loss.detach()
-    model.optimizers.step(lr_scale, muon_momentum(run.hp, step))
+    model.optimizers.step(lr_scale * rewarm, muon_momentum(run.hp, step))
     model.optimizers.zero_grad()
     return total_loss / run.grad_accum_steps
 
@@ -5296,16 +5376,17 @@ def warmup(run, data, model):
     initial_looping = net.looping
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    # The first half of the steps unlooped, the second looped; every layout gets a step, even from WARMUP_STEPS=1.
-    layouts = [initial_looping] + ([True] if hp.num_loops > 0 and not initial_looping else [])
-    steps = max(hp.warmup_steps, len(layouts))
+    # The steps shared in order among the training shapes (the first half unlooped, the second looped, per piece
+    # length of TRAIN_SEQ_SCHEDULE); every shape gets a step, even from WARMUP_STEPS=1.
+    shapes = training_shapes(hp, initial_looping)
+    steps = max(hp.warmup_steps, len(shapes))
     for step in range(steps):
-        net.looping = layouts[step * len(layouts) // steps]
+        piece_len, net.looping = shapes[step * len(shapes) // steps]
         step_start = time.perf_counter()
-        train_step(run, model, data.train_loader, step, lr_scale=1.0)
-        synchronize(run)  # the first step of a layout includes its compile time, shown here
-        run.log(f"warmup_step:{step + 1}/{steps} looping:{net.looping} "
-                f"time:{time.perf_counter() - step_start:.2f}s")
+        train_step(run, model, data.train_loader, step, 1.0, piece_len)
+        synchronize(run)  # the first step of a shape includes its compile time, shown here
+        run.log(f"warmup_step:{step + 1}/{steps} looping:{net.looping} " + (f"pieces:{piece_len} " if piece_len else "")
+                + f"time:{time.perf_counter() - step_start:.2f}s")
     net.looping = initial_looping
     log_measured_memory(run.device, model.memory, run.log, out_of_memory_advice(run))
     # The layouts evaluations will see: the final evaluations', looped if the recurrence switches on before the last
@@ -5545,7 +5626,8 @@ def throughput(run, net, step, step_avg_ms, elapsed_ms):
 class TrainingClock:
     """The timed loop's state. `train_ms` is training time up to the last off-clock pause, `since` when the clock
     resumed; `elapsed_ms` is the time the ranks agreed on at the last step (MAX), `stop_after` the step the predictive
-    stop chose; `nonfinite` a flag on the device: any non-finite loss since the last check."""
+    stop chose; `nonfinite` a flag on the device: any non-finite loss since the last check; `piece_len` the packed
+    rows' longest piece and `changed_at` the step of its last change after step 0 (TRAIN_SEQ_SCHEDULE)."""
     step: int = 0
     train_ms: float = 0.0
     elapsed_ms: float = 0.0
@@ -5555,6 +5637,8 @@ class TrainingClock:
     qat_on: bool = False
     grown_taps: int = 0
     nonfinite: Optional[torch.Tensor] = None
+    piece_len: int = 0
+    changed_at: Optional[int] = None
 
     def pause(self, run):
         synchronize(run)
@@ -5574,7 +5658,8 @@ def train(run, data, model):
     hp = run.hp
     run.average = WeightAverage(model.net, hp)  # the run's: a failure applies it before saving
     clock = TrainingClock(grown_taps=max(model.net.kernel_sizes(), default=0),  # read once: the masks are on the device
-                          nonfinite=torch.zeros((), dtype=torch.bool, device=run.device))
+                          nonfinite=torch.zeros((), dtype=torch.bool, device=run.device),
+                          piece_len=0 if hp.train_seq_stages else hp.piece_len)  # a schedule logs its first stage
     # PR_EVERY's fixed batch: 4 training sequences (the diagnostics read what the model sees, never validation)
     pr_tokens = data.train_loader.batch(0, 0)[0][:4].to(run.device) if hp.pr_every else None
     synchronize(run)
@@ -5643,7 +5728,8 @@ def score_live_weights(run, data, model, live):
 
 
 def scheduled_events(run, model, clock):
-    """What the schedule switches on before a step: kernel growth, the recurrence, the LR scale, and late QAT."""
+    """What the schedule switches on before a step: kernel growth, the packed rows' piece length, the recurrence,
+    the LR scale, and late QAT."""
     hp, log, net, step, elapsed_ms = run.hp, run.log, model.net, clock.step, clock.elapsed_ms
     taps = kernel_taps_due(hp, step, elapsed_ms)
     if taps is not None and taps > clock.grown_taps:
@@ -5654,6 +5740,13 @@ def scheduled_events(run, model, clock):
         log(f"kernel_growth: taps:{taps} at step:{step} train_time:{elapsed_ms:.0f}ms sizes:{net.kernel_sizes()} "
             f"model_params:{count_parameters(net)[0]}"
             + (" optimizers:restarted" if hp.kernel_stage_restarts else ""))
+    piece_len = piece_len_due(hp, step, elapsed_ms)
+    if piece_len != clock.piece_len:  # PR #2014's log lines
+        clock.piece_len = piece_len
+        log(f"growth_stage:seq_len:{piece_len} progress:{schedule_share(hp, step, elapsed_ms):.3f} step:{step}")
+        if hp.seq_change_warmup_steps and step > 0:
+            clock.changed_at = step
+            log(f"growth_stage_rewarmup:start step:{step} steps:{hp.seq_change_warmup_steps} seq_len:{piece_len}")
     if not net.looping and looping_due(hp, step, elapsed_ms):
         net.looping = True
         log(f"recurrence: activated at step:{step} train_time:{elapsed_ms:.0f}ms "
@@ -5671,7 +5764,8 @@ def timed_step(run, data, model, clock):
     """One optimizer step on the clock, the weight average's update, the ranks' agreement on the elapsed time (and
     on a stop signal), the step line, and the predictive stop."""
     hp, log = run.hp, run.log
-    local_loss = train_step(run, model, data.train_loader, clock.step, clock.lr_scale)
+    local_loss = train_step(run, model, data.train_loader, clock.step, clock.lr_scale, clock.piece_len,
+                            lr_rewarm(hp, clock.step, clock.changed_at))
     clock.nonfinite |= ~torch.isfinite(local_loss)
     step = clock.step = run.steps_done = clock.step + 1
     run.average.update(step, clock.lr_scale)
@@ -6502,8 +6596,7 @@ FOREIGN_SETTINGS = set(SETTING_ALIASES) | set(FOREIGN_SETTING_HINTS) | set("""
     EVAL_NTK_ALPHA EMBED_INNER_DIM EFFECTIVE_DEPTH DEPTH_LORA_RANK COEFF_LR_SCALE
     COEFF_LR_BASE CHECKPOINT_EVERY CHECKPOINT_DIR CE_WEIGHT CE_PURE_FRAC BLOCK_TYPE BLOCK_LARS_TRUST
     BLOCK_LARS_MIN_SCALE ATTN_VARIANT MODE
-    TRAIN_SEQ_SCHEDULE TRAIN_SEQ_SCHEDULE_MODE SEQ_CHANGE_WARMUP_STEPS COMPILE_SHAPE_WARMUP COMPILE_SHAPE_WARMUP_ITERS
-    COMPILE_SHAPE_WARMUP_LOOP_MODES ASYM_LOGIT_RESCALE EVAL_INCLUDE_TAIL MIDRUN_CAP_SCHEDULE MIDRUN_CAP_LOG_UPDATES
+    MIDRUN_CAP_SCHEDULE MIDRUN_CAP_LOG_UPDATES
     LQER_SCOPE LQER_GAIN_SELECT TTT_SHORT_LORA_ENABLED TTT_SHORT_LORA_RANK TTT_SHORT_LORA_LR TTT_SHORT_WEIGHT_DECAY
     TTT_SHORT_BETA2 TTT_TRAIN_MIN_DOC_LEN TTT_TRAIN_MAX_DOC_LEN TTT_WARM_START_MEAN_ENABLED TTT_WARM_START_MEAN_DOC_LEN
     TTT_WARM_START_MEAN_MOMENTUM CONTROL_TENSOR_NAME_PATTERNS
@@ -6600,6 +6693,36 @@ def _translate_late_qat(name):
     return translate
 
 
+def _what_runs_here(name, typ, accepted, here):
+    """A record setting whose `accepted` values ask for what this script always does (`here` says what); any
+    other value is refused."""
+    def translate(raw, environ):
+        if _parse_env(name, raw, typ) not in accepted:
+            raise ConfigError(f"{name}={raw!r}: {here}; unset {name}")
+        return {}
+    return translate
+
+
+# PR #2014's: its shape warmup is what the warmup here always does, and it scores the validation tail as here. Its
+# ASYM_LOGIT_RESCALE is the plain softcap in effect: its two scales start at LOGIT_SOFTCAP and nothing trains them
+# (the training forward, which its global SGD also runs, keeps the single softcap; no optimizer holds them; its TTT
+# trains only the adapters), so either value runs its function.
+PR2014_AS_HERE = {
+    "COMPILE_SHAPE_WARMUP": _what_runs_here("COMPILE_SHAPE_WARMUP", bool, (True,), "the warmup here always builds "
+                                            "every training shape untimed, each TRAIN_SEQ_SCHEDULE stage in each "
+                                            "layout it can meet (COMPILE_SHAPE_WARMUP=1)"),
+    "COMPILE_SHAPE_WARMUP_ITERS": _what_runs_here("COMPILE_SHAPE_WARMUP_ITERS", int, (1,), "the warmup here "
+                                                  "shares WARMUP_STEPS among the training shapes, at least one each; "
+                                                  "set WARMUP_STEPS"),
+    "COMPILE_SHAPE_WARMUP_LOOP_MODES": _what_runs_here("COMPILE_SHAPE_WARMUP_LOOP_MODES", str, ("auto",), "the "
+                                                       "warmup here builds each stage in the layouts it can meet "
+                                                       "(auto)"),
+    "EVAL_INCLUDE_TAIL": _what_runs_here("EVAL_INCLUDE_TAIL", bool, (True,), "every validation target is scored "
+                                         "here, the tail included (EVAL_INCLUDE_TAIL=1)"),
+    "ASYM_LOGIT_RESCALE": _what_runs_here("ASYM_LOGIT_RESCALE", bool, (True, False), ""),
+}
+
+
 # Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
 # that, and logged as "(translated)" in the config line. Late QAT never ran in the records that have it (a class
 # flag that torch.compile constant-folds: the PartialRoPE record's README, credit @152334H; frozen under their torch
@@ -6610,7 +6733,7 @@ RECORD_TRANSLATIONS = {
     "SWA_ENABLED": _translate_averaging_switch("SWA_ENABLED"), "SWA_EVERY": _translate_swa_every,
     "LATE_QAT": _translate_late_qat("LATE_QAT"), "LATE_QAT_THRESHOLD": _translate_late_qat("LATE_QAT_THRESHOLD"),
     "SPARSE_ATTN_GATE_ENABLED": _translate_sparse_attn_gate, "LQER_ENABLED": _translate_lqer_enabled,
-    "TTT_MASK": _translate_ttt_mask,
+    "TTT_MASK": _translate_ttt_mask, **PR2014_AS_HERE,
 }
 
 # Variables of other programs that are never read as settings, even when a name is close to one of ours.

@@ -736,7 +736,8 @@ def test_no_name_pr2014s_script_reads_is_ignored():
     applied = ours | set(T.SETTING_ALIASES) | set(T.RECORD_TRANSLATIONS)
     foreign = [name for name in PR2014_NAMES if name not in applied]
     assert len(PR2014_NAMES) == len(set(PR2014_NAMES)) == 156
-    assert {"TRAIN_SEQ_SCHEDULE", "ASYM_LOGIT_RESCALE", "LOAD_ARTIFACT_PATH"} <= set(foreign)
+    assert {"TRAIN_SEQ_SCHEDULE", "ASYM_LOGIT_RESCALE", "EVAL_INCLUDE_TAIL"} <= applied
+    assert {"MIDRUN_CAP_SCHEDULE", "TTT_WARM_START_MEAN_ENABLED", "LOAD_ARTIFACT_PATH"} <= set(foreign)
     for name in foreign:
         with pytest.raises(T.ConfigError, match=f"{name}='1' is a setting of the challenge records"):
             T.Hyperparameters.from_env({"PRESET": "record", name: "1"})
