@@ -416,3 +416,91 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
                      r"boundaries:\[4, 8, 12\]$", log, re.M)
     assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 3/3 documents:12" in log
     assert "\nfinal_ttt_exact val_loss:" in log
+
+
+# What PRESET=pr2014 changes in PRESET=record: docs/seeds.md's "PR #2014" section lists each of these.
+PR2014_CHANGES = {
+    "train_rows": "packed", "train_seq_len": 3072, "train_seq_schedule": "1024@0.100,2048@0.700,3072@1.000",
+    "seq_change_warmup_steps": 32, "qk_gain_init": 5.25, "gptq_reserve_seconds": 4.0, "awq_lite_enabled": True,
+    "eval_seq_len": 3072, "ttt_eval_seq_len": 3072, "ttt_q_lora": False, "ttt_v_lora": False,
+    "ttt_local_lr_mult": 0.75, "ttt_batch_size": 24, "ttt_short_score_first_enabled": True,
+    "ttt_short_score_first_steps": "256:8,2000:24", "ttt_short_doc_len": 2000, "ttt_short_chunk_size": 24,
+    "phased_ttt_num_phases": 1,
+}
+# The hyperparameters PR #2014's seed-42 run logged (the 04-30 reproduction's train_seed42_repro.log: its command's
+# values and its script's defaults), under the names its script reads, for every one that has a meaning here. Left
+# out: EVAL_STRIDE=1536, which no pass of its script reads (here it would add a sliding pass), and EMBED_LR, which
+# its tied embeddings leave unread, as here (where it is refused when given).
+PR2014_LOGGED = {
+    "ADAM_EPS": "1e-08", "ADAM_WD": "0.02", "AWQ_LITE_BITS": "8", "AWQ_LITE_ENABLED": "1", "AWQ_LITE_GROUP_SIZE": "64",
+    "AWQ_LITE_GROUP_TOP_K": "1", "BETA1": "0.9", "BETA2": "0.99", "CASEOPS_ENABLED": "1", "COMPILE_SHAPE_WARMUP": "1",
+    "COMPILE_SHAPE_WARMUP_ITERS": "1", "COMPILE_SHAPE_WARMUP_LOOP_MODES": "auto", "COMPRESSOR": "pergroup",
+    "EMA_DECAY": "0.9965", "EMBED_BITS": "7", "EMBED_CLIP_SIGMAS": "14.0", "EMBED_WD": "0.085",
+    "ENABLE_LOOPING_AT": "0.35", "EVAL_INCLUDE_TAIL": "1", "EVAL_SEQ_LEN": "3072", "FUSED_CE_ENABLED": "1",
+    "GATE_WINDOW": "12", "GATED_ATTN_QUANT_GATE": "1", "GLOBAL_TTT_BATCH_SEQS": "32",
+    "GLOBAL_TTT_CHUNK_TOKENS": "32768", "GLOBAL_TTT_EPOCHS": "1", "GLOBAL_TTT_GRAD_CLIP": "1.0",
+    "GLOBAL_TTT_LR": "0.001", "GLOBAL_TTT_MOMENTUM": "0.9", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1",
+    "GLOBAL_TTT_WARMUP_CHUNKS": "0", "GLOBAL_TTT_WARMUP_START_LR": "0.0", "GPTQ_CALIBRATION_BATCHES": "16",
+    "GPTQ_RESERVE_SECONDS": "4.0", "GRAD_CLIP_NORM": "0.3", "ITERATIONS": "20000", "LN_SCALE": "1",
+    "LOGIT_SOFTCAP": "30.0", "LOOP_END": "5", "LOOP_START": "3", "LQER_ASYM_ENABLED": "1", "LQER_ASYM_GROUP": "64",
+    "LQER_ENABLED": "1", "LQER_FACTOR_BITS": "4", "LQER_RANK": "4", "LQER_TOP_K": "3", "MATRIX_BITS": "6",
+    "MATRIX_LR": "0.026", "MAX_WALLCLOCK_SECONDS": "600.0", "MIN_LR": "0.1", "MLP_CLIP_SIGMAS": "11.5",
+    "ATTN_CLIP_SIGMAS": "13.0", "MLP_MULT": "4.0", "MODEL_DIM": "512", "MUON_BACKEND_STEPS": "5",
+    "MUON_MOMENTUM": "0.97", "MUON_MOMENTUM_WARMUP_START": "0.92", "MUON_MOMENTUM_WARMUP_STEPS": "1500",
+    "MUON_ROW_NORMALIZE": "1", "MUON_WD": "0.095", "NUM_HEADS": "8", "NUM_KV_HEADS": "4", "NUM_LAYERS": "11",
+    "NUM_LOOPS": "2", "PARALLEL_START_LAYER": "8", "PHASED_TTT_NUM_PHASES": "1", "PHASED_TTT_PREFIX_DOCS": "2500",
+    "QK_GAIN_INIT": "5.25", "ROPE_BASE": "10000.0", "ROPE_DIMS": "16", "ROPE_TRAIN_SEQ_LEN": "3072",
+    "SCALAR_LR": "0.02", "SEQ_CHANGE_WARMUP_STEPS": "32", "SKIP_GATES_ENABLED": "1", "SMEAR_GATE_ENABLED": "1",
+    "SPARSE_ATTN_GATE_ENABLED": "1", "SPARSE_ATTN_GATE_SCALE": "0.5", "TIE_EMBEDDINGS": "1",
+    "TIED_EMBED_INIT_STD": "0.005", "TIED_EMBED_LR": "0.03", "TRAIN_BATCH_TOKENS": "786432", "TRAIN_LOG_EVERY": "500",
+    "TRAIN_SEQ_LEN": "3072", "TRAIN_SEQ_SCHEDULE": "1024@0.100,2048@0.700,3072@1.000",
+    "TRAIN_SEQ_SCHEDULE_MODE": "wallclock", "TTT_BATCH_SIZE": "24", "TTT_BETA1": "0.0", "TTT_BETA2": "0.99",
+    "TTT_CHUNK_SIZE": "48", "TTT_ENABLED": "1", "TTT_EVAL_SEQ_LEN": "3072", "TTT_GRAD_STEPS": "1", "TTT_K_LORA": "1",
+    "TTT_LOCAL_LR_MULT": "0.75", "TTT_LORA_LR": "0.0001", "TTT_LORA_RANK": "80", "TTT_MASK": "no_qv",
+    "TTT_MLP_LORA": "1", "TTT_O_LORA": "1", "TTT_Q_LORA": "0", "TTT_SHORT_CHUNK_SIZE": "24",
+    "TTT_SHORT_DOC_LEN": "2000", "TTT_SHORT_SCORE_FIRST_ENABLED": "1", "TTT_SHORT_SCORE_FIRST_STEPS": "256:8,2000:24",
+    "TTT_V_LORA": "0", "TTT_WEIGHT_DECAY": "0.5", "VAL_BATCH_TOKENS": "524288", "VAL_LOSS_EVERY": "0",
+    "VOCAB_SIZE": "8192", "WARMDOWN_FRAC": "0.85", "WARMDOWN_ITERS": "0", "WARMUP_STEPS": "20", "XSA_LAST_N": "11",
+}
+
+
+def test_the_pr2014_preset_is_the_record_preset_with_pr2014s_changes():
+    record, pr2014 = (T.Hyperparameters.from_env({"PRESET": name})[0] for name in ("record", "pr2014"))
+    changed = {f.name: getattr(pr2014, f.name) for f in dataclasses.fields(pr2014)
+               if getattr(pr2014, f.name) != getattr(record, f.name) and f.name != "preset"}
+    assert changed == PR2014_CHANGES
+
+
+def test_pr2014s_logged_configuration_given_beside_its_preset_changes_nothing():
+    """Every value PR #2014's run logged is the preset's: given explicitly (where an explicit variable wins), it
+    leaves the configuration as the preset makes it. XSA_LAST_N=11 names the 11 layers that "all" names. Its
+    ROPE_TRAIN_SEQ_LEN=3072 is unread there (ROPE_YARN=0): here it rescales only a forward reaching past 3,072
+    tokens, which the preset never runs, so the preset leaves it at 0, as unread."""
+    preset = T.Hyperparameters.from_env({"PRESET": "pr2014"})[0]
+    logged, sources = T.Hyperparameters.from_env({"PRESET": "pr2014", **PR2014_LOGGED})
+    assert logged.layer_set("xsa_layers") == preset.layer_set("xsa_layers") == set(range(11))
+    assert max(preset.train_seq_len, preset.eval_seq_len, preset.ttt_eval_seq_len) == logged.rope_train_seq_len
+    assert dataclasses.replace(logged, xsa_layers="all", rope_train_seq_len=0) == preset
+    assert sources["ttt_q_lora"] == "env" and sources["train_seq_schedule"] == "env"
+
+
+def test_the_pr2014_preset_runs_at_smoke_size_through_its_schedule_and_ttt(caseops_sample, tmp_path):
+    data_dir, tokenizer, _ = caseops_sample
+    env = dict(PRESET="pr2014,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="10",
+               NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
+               NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="4", RUN_ID="pr2014",
+               GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", SIZE_TARGET_BYTES="0",
+               TRAIN_LOG_EVERY="1")
+    result = run_script(["python3", str(T.__file__)], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "logs" / "pr2014.txt").read_text()
+    assert re.findall(r"^warmup_step:\d/4 looping:(\w+) pieces:(\d+) ", log, re.M) == [
+        ("False", "64"), ("False", "128"), ("True", "128"), ("True", "256")]  # the recurrence from 0.35 of the run
+    assert re.findall(r"^growth_stage:seq_len:(\d+) progress:[\d.]+ step:(\d+)$", log, re.M) == [
+        ("64", "0"), ("128", "2"), ("256", "8")]
+    assert len(re.findall(r"^growth_stage_rewarmup:start step:\d+ steps:32 ", log, re.M)) == 2
+    assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:1 "
+                     r"boundaries:\[12\]$", log, re.M)
+    assert re.search(r"short_docs_upto_256:8 short_docs_upto_2000:24 ", log)
+    assert re.search(r" awq_lite:int8:\S+@\d+ ", log)
+    assert "\nfinal_ttt_exact val_loss:" in log
