@@ -969,7 +969,7 @@ PRESETS = {
         seq_change_warmup_steps=32, qk_gain_init=5.25, gptq_reserve_seconds=4.0, awq_lite_enabled=True,
         eval_seq_len=3072, ttt_eval_seq_len=3072, ttt_q_lora=False, ttt_v_lora=False, ttt_local_lr_mult=0.75,
         ttt_batch_size=24, ttt_short_score_first_enabled=True, ttt_short_score_first_steps="256:8,2000:24",
-        ttt_short_doc_len=2000, ttt_short_chunk_size=24, phased_ttt_num_phases=1,
+        phased_ttt_num_phases=1,
     ),
     # A miniature of the model on the offline sample (`python3 data/prepare_docs.py stdlib`): minutes on 2 CPU
     # cores. It sets sizes and positions only, so PRESET=baseline,smoke is the baseline at the same size.
@@ -5576,26 +5576,30 @@ def log_compiled_graphs(run, phase):
 
 def benchmark(run, data, model):
     """BENCHMARK_STEPS=N: after the untimed warmup, N timed steps on training data in each training layout (without
-    and with depth recurrence); logs ms/step, tokens/s per GPU, MFU and peak memory. Nothing is exported or scored."""
+    and with depth recurrence), and with TRAIN_SEQ_SCHEDULE at each stage's piece length; logs ms/step, tokens/s per
+    GPU, MFU and peak memory. Nothing is exported or scored."""
     hp = run.hp
-    for looping in ([False, True] if hp.num_loops else [False]):
+    lengths = list(dict.fromkeys(length for _, length in hp.train_seq_stages)) or [data.train_loader.piece_len]
+    for piece_len, looping in itertools.product(lengths, [False, True] if hp.num_loops else [False]):
         model.net.looping = looping
-        # untimed: the first step of a layout may still compile
-        train_step(run, model, data.train_loader, 0, lr_scale=1.0)
+        # untimed: the first step of a shape may still compile
+        train_step(run, model, data.train_loader, 0, 1.0, piece_len)
         synchronize(run)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)
         start = time.perf_counter()
         for step in range(1, hp.benchmark_steps + 1):
-            train_step(run, model, data.train_loader, step, lr_scale=1.0)
+            train_step(run, model, data.train_loader, step, 1.0, piece_len)
         synchronize(run)
         step_ms = 1000 * (time.perf_counter() - start) / hp.benchmark_steps
         tokens_per_s = hp.train_batch_tokens / step_ms * 1000
         memory = (f"peak_memory_allocated:{torch.cuda.max_memory_allocated(run.device) // 2**20}MiB"
                   if run.device.type == "cuda" else "")
-        run.log(f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f} "
-                f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f} "
-                f"{mfu_field(run, model.net, tokens_per_s)}{memory}")
+        fields = (f"benchmark: looping:{looping} steps:{hp.benchmark_steps} ms_per_step:{step_ms:.2f}",
+                  f"tokens_per_s_per_gpu:{tokens_per_s / run.world_size:.0f}",
+                  mfu_field(run, model.net, tokens_per_s, piece_len).strip(), memory,
+                  f"pieces:{piece_len}" if hp.train_seq_stages else "")
+        run.log(" ".join(filter(None, fields)))
 
 
 def run_validation(run, data, model):
@@ -5622,12 +5626,13 @@ def training_flops_per_token(model, seq_len):
     return 6 * (block_weights + outside_blocks) + 6 * sum(passes.values()) * seq_len * width
 
 
-def mfu_field(run, net, tokens_per_s):
-    """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU)."""
+def mfu_field(run, net, tokens_per_s, span=0):
+    """`mfu:X% ` against the devices' dense bf16 peak, or nothing where the peak is unknown (the CPU). `span`: the
+    tokens attention reaches (a packed row's longest piece); TRAIN_SEQ_LEN unless given."""
     peak = PEAK_BF16_FLOPS.get(next((key for key in PEAK_BF16_FLOPS if key in run.device_name), None))
     if not peak:
         return ""
-    flops_per_s = tokens_per_s * training_flops_per_token(net, run.hp.train_seq_len)
+    flops_per_s = tokens_per_s * training_flops_per_token(net, span or run.hp.train_seq_len)
     return f"mfu:{100 * flops_per_s / (peak * run.world_size):.1f}% "
 
 

@@ -31,7 +31,8 @@ measured. Every run shares one inductor cache (its graphs compile once), and a p
      speed switch flipped alone; PRESET=baseline;
   8. PRESET=record with TRAIN_ROWS=packed at the record's batch in 8 micro-steps: each micro-batch one row of
      98,304 tokens, as the record's loader makes them (FlexAttention's block mask over such a row, or FA3's varlen
-     path, has not run on a GPU); its tokens/s beside PRESET=record's row.
+     path, has not run on a GPU); its tokens/s beside PRESET=record's row;
+  9. PRESET=pr2014 likewise, at each stage of its length schedule (pieces of at most 1,024, 2,048, 3,072 tokens).
 """
 
 import argparse
@@ -307,9 +308,9 @@ def ttt_on_the_artifact(table, check):
 
 def benchmark_rows(table, check, label, log):
     attention = found(r"^world_size:.* attention:(\w+) ", log)
-    for looping, ms, tokens, mfu, memory in re.findall(
-            r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+) "
-            r"(?:mfu:([\d.]+)% )?(?:peak_memory_allocated:(\d+)MiB)?", log, re.M):
+    for looping, ms, tokens, mfu, memory, pieces in re.findall(
+            r"^benchmark: looping:(\w+) steps:\d+ ms_per_step:([\d.]+) tokens_per_s_per_gpu:(\d+)"
+            r"(?: mfu:([\d.]+)%)?(?: peak_memory_allocated:(\d+)MiB)?(?: pieces:(\d+))?$", log, re.M):
         target, verdict = "", ""
         if label.startswith("default stack") and looping == "False":
             target = f">= {TARGETS['tokens_per_s'] / 1e6:.1f} M tok/s, >= {TARGETS['mfu']:.0f}% MFU (H100)"
@@ -319,8 +320,9 @@ def benchmark_rows(table, check, label, log):
             target = f"<= {TARGETS['pr754_ms']:.0f} ms/step (H100)"
             met = float(ms) <= TARGETS["pr754_ms"]
             verdict = ("met" if met else "NOT MET") if check.on_h100 else "n/a (not an H100)"
-        table.add(f"{label}: looping:{looping}", f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, "
-                  f"peak {memory or '-'} MiB, attention {attention}", target, verdict)
+        table.add(f"{label}: looping:{looping}" + (f" pieces:{pieces}" if pieces else ""),
+                  f"{float(ms):.1f} ms/step, {int(tokens):,} tok/s, MFU {mfu or '-'}%, peak {memory or '-'} MiB, "
+                  f"attention {attention}", target, verdict)
 
 
 def step_times(table, check, scope="block"):
@@ -389,18 +391,19 @@ def pr754_fp32_state_step_time(table, check):
     pr754_step_time(table, check, bf16_state=False)
 
 
-def record_step_time(table, check, switches=None):
-    """PRESET=record's stack and DOC_ISOLATION on this data (its sp1024 head is smaller than the record's SP8192);
-    `switches`: speed switches set on top of the preset (which sets FUSED_CE_ENABLED)."""
-    settings = dict(PRESET="record", BENCHMARK_STEPS=str(check.args.benchmark_steps), VOCAB_SIZE="1024",
+def record_step_time(table, check, switches=None, preset="record", shape=None):
+    """PRESET=record's stack (or `preset`'s) and DOC_ISOLATION on this data (its sp1024 head is smaller than the
+    record's SP8192); `switches`: settings on top of the preset (which sets FUSED_CE_ENABLED), named in the rows;
+    `shape`: settings of the batch, not named."""
+    settings = dict(PRESET=preset, BENCHMARK_STEPS=str(check.args.benchmark_steps), VOCAB_SIZE="1024",
                     CASEOPS_ENABLED="0", DATA_PATH=str(Path(check.args.data_path).resolve()),
-                    TOKENIZER_PATH=str(Path(check.args.tokenizer_path).resolve()), **(switches or {}))
+                    TOKENIZER_PATH=str(Path(check.args.tokenizer_path).resolve()), **(switches or {}), **(shape or {}))
     named = " ".join(f"{switch}={value}" for switch, value in (switches or {}).items())
-    log = check.run(check.env("check_bench_record" + "_".join([""] + [s.lower() for s in switches or {}]),
-                              **settings), f"PRESET=record {named}".strip())
-    benchmark_rows(table, check, f"PRESET=record {named + ' ' if named else ''}(sp1024 data), DOC_ISOLATION", log)
+    log = check.run(check.env(f"check_bench_{preset}" + "_".join([""] + [s.lower() for s in switches or {}]),
+                              **settings), f"PRESET={preset} {named}".strip())
+    benchmark_rows(table, check, f"PRESET={preset} {named + ' ' if named else ''}(sp1024 data), DOC_ISOLATION", log)
     for switch in [switch for switch, value in (switches or {}).items() if value == "1"]:
-        table.add(f"PRESET=record {named}: what {switch} ran", found(SPEED_SWITCHES[switch], log))
+        table.add(f"PRESET={preset} {named}: what {switch} ran", found(SPEED_SWITCHES[switch], log))
 
 
 def record_speed_switch_step_times(table, check):
@@ -419,6 +422,15 @@ def record_packed_rows_step_time(table, check):
         table.add("PRESET=record TRAIN_ROWS=packed", "not run in the CPU miniature")
         return
     record_step_time(table, check, dict(TRAIN_ROWS="packed", TRAIN_BATCH_TOKENS="786432", GRAD_ACCUM_STEPS="8"))
+
+
+def pr2014_stage_step_times(table, check):
+    """PRESET=pr2014 at the record's batch in 8 micro-steps, each one packed row of 98,304 tokens: its step at each
+    stage of its length schedule (pieces of at most 1,024, 2,048 and 3,072 tokens), before and after the recurrence.
+    The CPU miniature runs the schedule at 32, 64 and 128 (its rows of 128 tokens)."""
+    shape = (dict(GRAD_ACCUM_STEPS="8", TRAIN_SEQ_SCHEDULE="32@0.100,64@0.700,128@1.000") if check.tiny else
+             dict(TRAIN_BATCH_TOKENS="786432", GRAD_ACCUM_STEPS="8"))
+    record_step_time(table, check, preset="pr2014", shape=shape)
 
 
 def baseline_step_time(table, check):
@@ -540,7 +552,8 @@ def fused_kernels(table, check):
 PHASES = ((attention, 30), (fused_kernels, 10), (end_to_end, 150), (ttt_on_the_artifact, 90), (step_times, 30),
           (speed_switch_step_times, 60), (pr754_step_time, 60), (whole_model_step_times, 120),
           (record_step_time, 50), (profile_rows, 60), (pr754_fp32_state_step_time, 60),
-          (record_speed_switch_step_times, 150), (baseline_step_time, 40), (record_packed_rows_step_time, 90))
+          (record_speed_switch_step_times, 150), (baseline_step_time, 40), (record_packed_rows_step_time, 90),
+          (pr2014_stage_step_times, 240))
 
 
 def main(argv=None):

@@ -352,9 +352,9 @@ def test_a_step_out_of_device_memory_stops_the_run_with_the_advice_and_the_weigh
     env = tiny_env(sample, RUN_ID="oom", GRAD_ACCUM_STEPS=1, TRAIN_BATCH_TOKENS=2048)
     code = (f"import sys, torch; sys.argv = [{SCRIPT!r}]; sys.path.insert(0, {str(REPO)!r}); import train_gpt as T\n"
             "original = T.accumulate_and_step\n"
-            "def step(run, model, loader, index, lr):\n"
+            "def step(run, model, loader, index, *rest):\n"
             "    if index == 2: raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
-            "    return original(run, model, loader, index, lr)\n"
+            "    return original(run, model, loader, index, *rest)\n"
             "T.accumulate_and_step = step\n"
             "try:\n    T.main()\nexcept T.RunError as e:\n    sys.exit(f'error: {e}')\n")
     result = run_script([sys.executable, "-c", code], env, tmp_path)
@@ -642,7 +642,9 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
                 "| PRESET=pr754 at the record's batch, MUON_BF16_STATE=0 EMBED_BF16=0: looping:False | ",
                 "| default stack + ADAMW_SIDE_STREAM=1, COMPILE_SCOPE=block: looping:True |",
                 "| PRESET=record (sp1024 data), DOC_ISOLATION: looping:True |", "| PRESET=baseline: looping:False |",
-                "| PRESET=record TRAIN_ROWS=packed | not run in the CPU miniature |"):
+                "| PRESET=record TRAIN_ROWS=packed | not run in the CPU miniature |",
+                "| PRESET=pr2014 (sp1024 data), DOC_ISOLATION: looping:False pieces:32 |",
+                "| PRESET=pr2014 (sp1024 data), DOC_ISOLATION: looping:True pieces:128 |"):
         assert row in table, row
     # Each TTT is held to the whole evaluation clock of the runs that use it: chunk TTT's (pr754's) has the sliding
     # pass, LoRA TTT's (PRESET=record's) has none.
@@ -659,7 +661,7 @@ def test_the_prepared_gpu_check_runs_its_cpu_miniature(sample, tmp_path, capsys,
     skipped = tmp_path / "skipped.md"
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0"], {}, tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 14
+    assert "| device | cpu |" in skipped.read_text() and skipped.read_text().count("| SKIPPED |") == 15
     # --phases: a subset, the rest not run; a name that is not a phase is refused before anything runs.
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     result = run_script(command[:-4] + ["--out", str(skipped), "--budget-seconds", "0", "--phases",

@@ -424,8 +424,7 @@ PR2014_CHANGES = {
     "seq_change_warmup_steps": 32, "qk_gain_init": 5.25, "gptq_reserve_seconds": 4.0, "awq_lite_enabled": True,
     "eval_seq_len": 3072, "ttt_eval_seq_len": 3072, "ttt_q_lora": False, "ttt_v_lora": False,
     "ttt_local_lr_mult": 0.75, "ttt_batch_size": 24, "ttt_short_score_first_enabled": True,
-    "ttt_short_score_first_steps": "256:8,2000:24", "ttt_short_doc_len": 2000, "ttt_short_chunk_size": 24,
-    "phased_ttt_num_phases": 1,
+    "ttt_short_score_first_steps": "256:8,2000:24", "phased_ttt_num_phases": 1,
 }
 # The hyperparameters PR #2014's seed-42 run logged (the 04-30 reproduction's train_seed42_repro.log: its command's
 # values and its script's defaults), under the names its script reads, for every one that has a meaning here. Left
@@ -475,12 +474,16 @@ def test_pr2014s_logged_configuration_given_beside_its_preset_changes_nothing():
     """Every value PR #2014's run logged is the preset's: given explicitly (where an explicit variable wins), it
     leaves the configuration as the preset makes it. XSA_LAST_N=11 names the 11 layers that "all" names. Its
     ROPE_TRAIN_SEQ_LEN=3072 is unread there (ROPE_YARN=0): here it rescales only a forward reaching past 3,072
-    tokens, which the preset never runs, so the preset leaves it at 0, as unread."""
+    tokens, which the preset never runs, so the preset leaves it at 0, as unread. Its TTT_SHORT_DOC_LEN=2000 and
+    TTT_SHORT_CHUNK_SIZE=24 are unread beside its TTT_SHORT_SCORE_FIRST_STEPS, there and here (they must be one of
+    its items, 2000:24): the preset leaves them at their defaults, so that other steps need no other pair."""
     preset = T.Hyperparameters.from_env({"PRESET": "pr2014"})[0]
     logged, sources = T.Hyperparameters.from_env({"PRESET": "pr2014", **PR2014_LOGGED})
     assert logged.layer_set("xsa_layers") == preset.layer_set("xsa_layers") == set(range(11))
     assert max(preset.train_seq_len, preset.eval_seq_len, preset.ttt_eval_seq_len) == logged.rope_train_seq_len
-    assert dataclasses.replace(logged, xsa_layers="all", rope_train_seq_len=0) == preset
+    assert logged.short_score_first_steps == preset.short_score_first_steps == [(256, 8), (2000, 24)]
+    assert dataclasses.replace(logged, xsa_layers="all", rope_train_seq_len=0, ttt_short_doc_len=512,
+                               ttt_short_chunk_size=0) == preset
     assert sources["ttt_q_lora"] == "env" and sources["train_seq_schedule"] == "env"
 
 
@@ -490,7 +493,7 @@ def test_the_pr2014_preset_runs_at_smoke_size_through_its_schedule_and_ttt(caseo
                NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
                NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="4", RUN_ID="pr2014",
                GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", SIZE_TARGET_BYTES="0",
-               TRAIN_LOG_EVERY="1")
+               TRAIN_LOG_EVERY="1", TTT_CHUNK_SIZE="128", TTT_SHORT_SCORE_FIRST_STEPS="256:32,2000:64")  # fewer steps
     result = run_script(["python3", str(T.__file__)], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "logs" / "pr2014.txt").read_text()
@@ -501,6 +504,6 @@ def test_the_pr2014_preset_runs_at_smoke_size_through_its_schedule_and_ttt(caseo
     assert len(re.findall(r"^growth_stage_rewarmup:start step:\d+ steps:32 ", log, re.M)) == 2
     assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:1 "
                      r"boundaries:\[12\]$", log, re.M)
-    assert re.search(r"short_docs_upto_256:8 short_docs_upto_2000:24 ", log)
+    assert re.search(r"short_docs_upto_256:32 short_docs_upto_2000:64 ", log)
     assert re.search(r" awq_lite:int8:\S+@\d+ ", log)
     assert "\nfinal_ttt_exact val_loss:" in log

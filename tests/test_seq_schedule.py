@@ -168,3 +168,15 @@ def test_a_run_follows_the_schedule_and_warms_up_every_shape_it_meets(sample, tm
     assert re.search(r"^recurrence: activated at step:3 ", log, re.M)
     met = {(length, step >= 3) for step, length in enumerate(training)}
     assert met <= {(int(p), looping == "True") for looping, p in warmup}  # nothing left to build on the clock
+
+
+def test_benchmark_mode_times_each_stage_of_the_schedule(sample, tmp_path, monkeypatch):
+    env = tiny_env(sample, **PACKED, RUN_ID="bench_schedule", GRAD_ACCUM_STEPS=8, TRAIN_BATCH_TOKENS=4096,
+                   TRAIN_SEQ_LEN=128, TRAIN_SEQ_SCHEDULE="32@0.34,64@0.67,128@1", NUM_LOOPS=1, LOOP_START=1,
+                   LOOP_END=1, BENCHMARK_STEPS=1)
+    set_run_env(monkeypatch, env, tmp_path)
+    T.main()
+    log = (tmp_path / "logs" / "bench_schedule.txt").read_text()
+    timed = re.findall(r"^benchmark: looping:(\w+) steps:1 ms_per_step:[\d.]+ tokens_per_s_per_gpu:\d+ pieces:(\d+)$",
+                       log, re.M)
+    assert timed == [(looping, length) for length in ("32", "64", "128") for looping in ("False", "True")]
