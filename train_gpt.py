@@ -2634,7 +2634,7 @@ def describe_features(model, hp):
         (f"mlp_gate_conv:{hp.mlp_conv_k}", hp.mlp_conv_k),
         (f"kernel_schedule:{hp.kernel_schedule}(init:{hp.conv_init})",
          hp.kernel_schedule or hp.conv_k or hp.mlp_conv_k),
-        ("doc_isolation" + (f"(packed_rows,pieces:{hp.piece_len})" if hp.piece_len else ""), hp.doc_isolation),
+        ("doc_isolation" + (f"(packed_rows,pieces:{packed_pieces(hp)})" if hp.piece_len else ""), hp.doc_isolation),
     ]
     return " ".join([f"mlp:{hp.mlp_activation}{slope}x{hp.mlp_mult:g}", f"gqa:{hp.num_heads}/{hp.num_kv_heads}",
                      f"rope_dims:{hp.rope_dims or head_dim}/{head_dim}", f"qk_gain_init:{hp.qk_gain_init:g}",
@@ -3057,6 +3057,11 @@ def kernel_taps_due(hp, step, elapsed_ms):
         reached = step >= when if when >= 1 else training_progress(hp, step, elapsed_ms) >= when
         due = taps if reached else due
     return due
+
+
+def packed_pieces(hp):
+    """The packed rows' longest piece for the logs: TRAIN_SEQ_LEN's, or each stage's as length@share."""
+    return "/".join(f"{length}@{share:g}" for share, length in hp.train_seq_stages) or str(hp.piece_len)
 
 
 def schedule_share(hp, step, elapsed_ms):

@@ -548,14 +548,18 @@ def test_packed_rows_build_their_training_and_global_sgd_graphs_in_the_warmup(sa
     assert_every_graph_built_in_the_warmup(log)
 
 # Each seed's stack at smoke size, small tables, through its export and its own evaluation: sliding windows, chunk TTT
-# (pr754, pr703), per-document LoRA TTT with phases (record). Nothing is compiled after the warmup. The seeds compile
-# with inductor; PRESET=record with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds
+# (pr754, pr703), per-document LoRA TTT with phases (record, pr2014). Nothing is compiled after the warmup: for pr2014,
+# whose 4 steps take its schedule's pieces of 64, 128 (unlooped, then looped) and 256, neither. The seeds compile
+# with inductor; the records with dynamo's aot_eager backend (every torch.compile of the run), since inductor builds
 # its dynamic-shape TTT forward in about 165 s on CI's two cores, more than this step can spend. The seeds run in the
-# suite, which has the time; record in the CUDA-path step.
+# suite, which has the time; the records in the CUDA-path step.
+RECORD_COMPILE_SETTINGS = dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
+                               GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128",
+                               TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0")
 PRESET_COMPILE_SETTINGS = {
-    "record": dict(NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3",
-                   GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128",
-                   TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0"),
+    "record": RECORD_COMPILE_SETTINGS,
+    "pr2014": dict(RECORD_COMPILE_SETTINGS, ITERATIONS="4", GRAD_ACCUM_STEPS="4",  # packed: a step's 4 spans
+                   TTT_SHORT_SCORE_FIRST_STEPS="256:32,2000:64"),
     "pr754": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
                   TTT_BATCH_SEQS="4"),
     "pr703": dict(BIGRAM_BUCKETS="64", BIGRAM_DIM="16", VE_DIM="16", TTT_CHUNK_TOKENS="16384", TTT_EPOCHS="1",
@@ -567,18 +571,21 @@ PRESET_EVALUATIONS = {"pr754": ["final_sliding_window", "final_ttt"], "pr703": [
                       "pr1392": ["final_sliding_window"]}
 # The precision of state each preset's script has (MUON_BF16_STATE, MUON_MOMENTUM_INT8, EMBED_BF16): the 04-04 record
 # under pr1392 keeps fp32 bank gradients and momentum; every one of them leaves its token tables in bf16.
-PRESET_STATE = {"record": "grads:bf16 momentum:bf16 tables:bf16", "pr754": "grads:bf16 momentum:bf16 tables:bf16",
+PRESET_STATE = {"record": "grads:bf16 momentum:bf16 tables:bf16", "pr2014": "grads:bf16 momentum:bf16 tables:bf16",
+                "pr754": "grads:bf16 momentum:bf16 tables:bf16",
                 "pr703": "grads:bf16 momentum:int8 tables:bf16", "pr1392": "grads:fp32 momentum:fp32 tables:bf16"}
 
 
-@pytest.mark.parametrize("preset", [pytest.param("record", marks=pytest.mark.cuda_path), "pr1392", "pr703", "pr754"])
+@pytest.mark.parametrize("preset", [pytest.param(name, marks=pytest.mark.cuda_path) for name in ("record", "pr2014")]
+                         + ["pr1392", "pr703", "pr754"])
 def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_sample, tmp_path):
-    data_dir, tokenizer = caseops_sample[:2] if preset == "record" else sample
+    a_record = preset in ("record", "pr2014")
+    data_dir, tokenizer = caseops_sample[:2] if a_record else sample
     env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
                MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1",
-               WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", COMPILE_SCOPE="block", EVAL_STRIDE="256",
-               **PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
-    log = run_log(SCRIPT_ON_AOT_EAGER if preset == "record" else [sys.executable, SCRIPT], env, tmp_path, "compiled")
+               WARMUP_STEPS="1", RUN_ID="compiled", COMPILE="1", COMPILE_SCOPE="block", EVAL_STRIDE="256")
+    env.update(PRESET_COMPILE_SETTINGS[preset])  # block: a fraction of the compile time; both scopes are tested above
+    log = run_log(SCRIPT_ON_AOT_EAGER if a_record else [sys.executable, SCRIPT], env, tmp_path, "compiled")
     assert "compile:True(scope:block)" in log and "\nfinal_" in log
     assert re.search(rf"^optimizer: .* {PRESET_STATE[preset]} ", log, re.M)
     assert_every_graph_built_in_the_warmup(log)
@@ -588,9 +595,12 @@ def test_each_preset_compiles_every_graph_in_the_warmup(preset, sample, caseops_
             assert f"\n{name}_exact val_loss:" in log, name
     if preset == "pr1392":
         assert "gptq_calibration: self_generated seqs:8 seq_len:128" in log
-    if preset == "record":  # the per-document TTT forward is built in the warmup, before the phases run
+    if a_record:  # the per-document TTT forward is built in the warmup, before the phases run
         where = lambda line: re.search(rf"^{line}", log, re.M).start()
-        assert where(r"ttt_lora: compiled \(dynamic shapes\)") < where("warmup:done") and "ttt_phase: 3/3" in log
+        assert where(r"ttt_lora: compiled \(dynamic shapes\)") < where("warmup:done")
+        assert f"ttt_phase: {'3/3' if preset == 'record' else '1/1'}" in log
+    if preset == "pr2014":
+        assert re.findall(r"^growth_stage:seq_len:(\d+) ", log, re.M) == ["64", "128", "256"]
 
 
 @pytest.mark.cuda_path

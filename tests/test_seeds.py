@@ -398,16 +398,21 @@ def test_the_record_preset_is_the_default_stack_with_the_record_s_data_evaluatio
     assert record_params == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
 
 
-def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(caseops_sample, tmp_path):
+def small_record_run(preset, caseops_sample, tmp_path, **settings):
+    """A run of PRESET=<preset>,smoke with 4 layers of width 64 on the CaseOps sample; returns its log."""
     data_dir, tokenizer, _ = caseops_sample
-    env = dict(PRESET="record,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="3",
-               NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
-               NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="1024", GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0",
-               RUN_ID="record", GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
-               TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0")
+    env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="4",
+               LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64", NUM_HEADS="2",
+               NUM_KV_HEADS="1", RUN_ID=preset, GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
+               TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0", **settings)
     result = run_script(["python3", str(T.__file__)], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / "logs" / "record.txt").read_text()
+    return (tmp_path / "logs" / f"{preset}.txt").read_text()
+
+
+def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(caseops_sample, tmp_path):
+    log = small_record_run("record", caseops_sample, tmp_path, ITERATIONS="3", TRAIN_BATCH_TOKENS="1024",
+                           GRAD_ACCUM_STEPS="1", WARMUP_STEPS="0")
     assert "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
     # No sliding pass, as the record: the last windows are the round trip's, which never isolate documents.
     assert "compliance: eval_mode:plain seq_len:256 stride:256 doc_isolated:False " in log
@@ -488,15 +493,9 @@ def test_pr2014s_logged_configuration_given_beside_its_preset_changes_nothing():
 
 
 def test_the_pr2014_preset_runs_at_smoke_size_through_its_schedule_and_ttt(caseops_sample, tmp_path):
-    data_dir, tokenizer, _ = caseops_sample
-    env = dict(PRESET="pr2014,smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), ITERATIONS="10",
-               NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64",
-               NUM_HEADS="2", NUM_KV_HEADS="1", TRAIN_BATCH_TOKENS="2048", WARMUP_STEPS="4", RUN_ID="pr2014",
-               GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", SIZE_TARGET_BYTES="0",
-               TRAIN_LOG_EVERY="1", TTT_CHUNK_SIZE="128", TTT_SHORT_SCORE_FIRST_STEPS="256:32,2000:64")  # fewer steps
-    result = run_script(["python3", str(T.__file__)], env, tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = (tmp_path / "logs" / "pr2014.txt").read_text()
+    log = small_record_run("pr2014", caseops_sample, tmp_path, ITERATIONS="10", TRAIN_BATCH_TOKENS="2048",
+                           WARMUP_STEPS="4", TRAIN_LOG_EVERY="1",
+                           TTT_SHORT_SCORE_FIRST_STEPS="256:32,2000:64")  # fewer TTT steps than 256:8,2000:24
     assert re.findall(r"^warmup_step:\d/4 looping:(\w+) pieces:(\d+) ", log, re.M) == [
         ("False", "64"), ("False", "128"), ("True", "128"), ("True", "256")]  # the recurrence from 0.35 of the run
     assert re.findall(r"^growth_stage:seq_len:(\d+) progress:[\d.]+ step:(\d+)$", log, re.M) == [

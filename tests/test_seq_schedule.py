@@ -161,6 +161,7 @@ def test_a_run_follows_the_schedule_and_warms_up_every_shape_it_meets(sample, tm
     micro_batches = lambda lengths: [length for length in lengths for _ in range(8)]
     assert pieces == micro_batches([int(p) for _, p in warmup]) + micro_batches(training) + [128] * 16
     assert lr_scales == [1.0] * 6 + [1.0, 1.0, 1.0, 0.5, 1.0, 0.5]
+    assert re.search(r"^features: .* doc_isolation\(packed_rows,pieces:32@0\.34/64@0\.67/128@1\)$", log, re.M)
     assert re.search(r"^growth_stage:seq_len:32 progress:0\.000 step:0$", log, re.M)
     assert re.search(r"^growth_stage:seq_len:64 progress:0\.500 step:3$", log, re.M)
     assert re.search(r"^growth_stage_rewarmup:start step:3 steps:2 seq_len:64$", log, re.M)
