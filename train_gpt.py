@@ -997,12 +997,11 @@ SMOKE_SCHEDULES = {
     # prepare_docs.py --caseops.
     "record": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, data_path="./data/datasets/stdlib_sp1024_caseops",
                    tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model", ema_warmup=True),
-    # Its length schedule at the smoke size (pieces of 64, 128, then 256), and 8 micro-batches: packed rows take a
-    # step's 8 spans one per micro-batch.
-    "pr2014": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, data_path="./data/datasets/stdlib_sp1024_caseops",
-                   tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model", ema_warmup=True,
-                   train_seq_schedule="64@0.100,128@0.700,256@1.000", ttt_eval_seq_len=0, grad_accum_steps=8),
 }
+# PR #2014's: the record's, with its length schedule at the smoke size (pieces of 64, 128, then 256), and 8
+# micro-batches: packed rows take a step's 8 spans one per micro-batch.
+SMOKE_SCHEDULES["pr2014"] = SMOKE_SCHEDULES["record"] | dict(train_seq_schedule="64@0.100,128@0.700,256@1.000",
+                                                             ttt_eval_seq_len=0, grad_accum_steps=8)
 
 
 def _parse_env(env_name, raw, typ):
@@ -6738,20 +6737,17 @@ def _what_runs_here(name, typ, accepted, here):
 # ASYM_LOGIT_RESCALE is the plain softcap in effect: its two scales start at LOGIT_SOFTCAP and nothing trains them
 # (the training forward, which its global SGD also runs, keeps the single softcap; no optimizer holds them; its TTT
 # trains only the adapters), so either value runs its function.
-PR2014_AS_HERE = {
-    "COMPILE_SHAPE_WARMUP": _what_runs_here("COMPILE_SHAPE_WARMUP", bool, (True,), "the warmup here always builds "
-                                            "every training shape untimed, each TRAIN_SEQ_SCHEDULE stage in each "
-                                            "layout it can meet (COMPILE_SHAPE_WARMUP=1)"),
-    "COMPILE_SHAPE_WARMUP_ITERS": _what_runs_here("COMPILE_SHAPE_WARMUP_ITERS", int, (1,), "the warmup here "
-                                                  "shares WARMUP_STEPS among the training shapes, at least one each; "
-                                                  "set WARMUP_STEPS"),
-    "COMPILE_SHAPE_WARMUP_LOOP_MODES": _what_runs_here("COMPILE_SHAPE_WARMUP_LOOP_MODES", str, ("auto",), "the "
-                                                       "warmup here builds each stage in the layouts it can meet "
-                                                       "(auto)"),
-    "EVAL_INCLUDE_TAIL": _what_runs_here("EVAL_INCLUDE_TAIL", bool, (True,), "every validation target is scored "
-                                         "here, the tail included (EVAL_INCLUDE_TAIL=1)"),
-    "ASYM_LOGIT_RESCALE": _what_runs_here("ASYM_LOGIT_RESCALE", bool, (True, False), ""),
-}
+PR2014_AS_HERE = {name: _what_runs_here(name, typ, accepted, here) for name, typ, accepted, here in (
+    ("COMPILE_SHAPE_WARMUP", bool, (True,), "the warmup here always builds every training shape untimed, each "
+     "TRAIN_SEQ_SCHEDULE stage in each layout it can meet (COMPILE_SHAPE_WARMUP=1)"),
+    ("COMPILE_SHAPE_WARMUP_ITERS", int, (1,), "the warmup here shares WARMUP_STEPS among the training shapes, at "
+     "least one each; set WARMUP_STEPS"),
+    ("COMPILE_SHAPE_WARMUP_LOOP_MODES", str, ("auto",), "the warmup here builds each stage in the layouts it can "
+     "meet (auto)"),
+    ("EVAL_INCLUDE_TAIL", bool, (True,), "every validation target is scored here, the tail included "
+     "(EVAL_INCLUDE_TAIL=1)"),
+    ("ASYM_LOGIT_RESCALE", bool, (True, False), ""),
+)}
 
 
 # Record settings whose meaning, in the records' published commands, is one of ours with another value: applied as
