@@ -475,3 +475,25 @@ def test_mfus_flops_per_token_are_torchs_count_of_a_forward_and_backward(preset)
     matrices = T.training_flops_per_token(model, hp.train_seq_len) - attention
     assert matrices == pytest.approx(counted.get("addmm", 0) + counted["mm"], rel=1e-3), counted
     assert attention == counted["bmm"] / 2
+
+
+def test_the_training_logs_mfu_counts_each_step_at_the_layout_and_piece_length_it_ran():
+    # A run that looped only its last steps, under a length schedule: its MFU so far is the step-weighted mean of
+    # what each shape alone would give in the same time, not the current shape's rate over every step.
+    import re
+    import types
+    hp = T.Hyperparameters.from_env({"PRESET": "record,smoke", "CASEOPS_ENABLED": "0"})[0]
+    model = T.GPT(hp)
+    run = types.SimpleNamespace(hp=hp, device_name="NVIDIA H100 80GB HBM3", world_size=2)
+    shapes = {(False, 64): 10, (False, 256): 6, (True, 256): 4}
+    model.looping = True  # the current layout, which the first 16 steps did not run
+
+    def logged_mfu(counts):
+        clock = T.TrainingClock(step=20, elapsed_ms=1.0)
+        clock.shapes.update(counts)
+        return float(re.search(r"mfu:([\d.]+)%", T.throughput(run, model, clock, step_avg_ms=1.0 / 20)).group(1))
+
+    alone = {shape: logged_mfu({shape: 20}) for shape in shapes}
+    assert alone[False, 64] < alone[False, 256] < alone[True, 256]
+    mean = sum(n * alone[shape] for shape, n in shapes.items()) / 20
+    assert logged_mfu(shapes) == pytest.approx(mean, abs=0.11)  # each figure is rounded to 0.1%

@@ -133,7 +133,7 @@ def test_a_run_follows_the_schedule_and_warms_up_every_shape_it_meets(sample, tm
     """In-process, with every packed forward's piece length and every LR factor recorded: the warmup builds the
     four shapes of `32@0.34,64@0.67,128@1` with the recurrence from half of the 6 steps; training takes 32, 32,
     32, 64, 64, 128 (shares of ITERATIONS), with the LR at half on each change's step (SEQ_CHANGE_WARMUP_STEPS=2);
-    GPTQ's calibration reads the last stage's pieces."""
+    GPTQ's calibration reads the last stage's pieces; the logged MFU counts each step at its shape."""
     pieces, lr_scales = [], []
     original_documents, original_step = T.packed_documents, T.Optimizers.step
 
@@ -145,8 +145,14 @@ def test_a_run_follows_the_schedule_and_warms_up_every_shape_it_meets(sample, tm
     def recorded_step(self, lr_scale, momentum):
         lr_scales.append(lr_scale)
         return original_step(self, lr_scale, momentum)
+
+    def recorded_throughput(run, net, clock, step_avg_ms):
+        counted.update(clock.shapes)
+        return original_throughput(run, net, clock, step_avg_ms)
+    counted, original_throughput = {}, T.throughput
     monkeypatch.setattr(T, "packed_documents", recorded_documents)
     monkeypatch.setattr(T.Optimizers, "step", recorded_step)
+    monkeypatch.setattr(T, "throughput", recorded_throughput)
     env = tiny_env(sample, **PACKED, RUN_ID="schedule", GRAD_ACCUM_STEPS=8, TRAIN_BATCH_TOKENS=4096,
                    TRAIN_SEQ_LEN=128, TRAIN_SEQ_SCHEDULE="32@0.34,64@0.67,128@1", TRAIN_SEQ_SCHEDULE_MODE="step",
                    SEQ_CHANGE_WARMUP_STEPS=2, ROPE_TRAIN_SEQ_LEN=128, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1,
@@ -169,6 +175,7 @@ def test_a_run_follows_the_schedule_and_warms_up_every_shape_it_meets(sample, tm
     assert re.search(r"^recurrence: activated at step:3 ", log, re.M)
     met = {(length, step >= 3) for step, length in enumerate(training)}
     assert met <= {(int(p), looping == "True") for looping, p in warmup}  # nothing left to build on the clock
+    assert counted == {(False, 32): 3, (True, 64): 2, (True, 128): 1}  # the steps the logged MFU counts, by shape
 
 
 def test_benchmark_mode_times_each_stage_of_the_schedule(sample, tmp_path, monkeypatch):
