@@ -4850,14 +4850,19 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """SIGINT and SIGTERM (what schedulers send and torchrun forwards). While `deferred` (the training loop) the
-    handler only records the signal, and the loop stops every rank at the same step with the weights saved; at any
-    other time it raises Interrupted at once."""
+    """SIGINT and SIGTERM (what schedulers send and torchrun forwards), for the runs inside its `with`. While
+    `deferred` (the training loop) the handler only records the signal, and the loop stops every rank at the same
+    step with the weights saved; at any other time it raises Interrupted at once. On leaving, the handlers that were
+    there before are back, so a program that runs `main()` keeps its own."""
 
-    def __init__(self):
+    def __enter__(self):
         self.received, self.deferred = None, False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+        self.previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *error):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -6564,16 +6569,16 @@ def main():
     # once: every seed logs and ships the code that is running, even if the file changes
     code = Code.read(__file__, hp.pack_code)
     cluster = Cluster(hp)
-    signals = StopSignals()
-    for seed, run_id in run_ids(hp, cluster).items():
-        seed_sources = sources if len(hp.seed_list()) == 1 else dict(sources, seed="SEEDS")
-        run = Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code, signals)
-        try:
-            train_and_evaluate(run)
-        except BaseException as error:
-            conclude_failure(run, error)
-            raise
-        torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not against a cache limit
+    with StopSignals() as signals:
+        for seed, run_id in run_ids(hp, cluster).items():
+            seed_sources = sources if len(hp.seed_list()) == 1 else dict(sources, seed="SEEDS")
+            run = Run(dataclasses.replace(hp, seed=seed, run_id=run_id), seed_sources, cluster, code, signals)
+            try:
+                train_and_evaluate(run)
+            except BaseException as error:
+                conclude_failure(run, error)
+                raise
+            torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not a cache limit's
     cluster.stop()
 
 

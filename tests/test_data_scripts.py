@@ -89,15 +89,15 @@ def test_any_number_of_workers_writes_the_files_one_writes(request, tmp_path, mo
 
 
 def test_a_document_a_worker_cannot_write_stops_the_export_naming_why(sample, tmp_path):
-    """Twenty times over, in a process as the suite leaves it (torch's threads, a run's signal handlers): ending the
-    pool with batches in flight once hung (a killed worker can hold its queue's lock), so this runs with a timeout."""
+    """Twenty times over, in a process with torch's threads and a run's signal handlers in place: ending the pool
+    with batches in flight once hung (a killed worker can hold its queue's lock), so this runs with a timeout."""
     source = tmp_path / "docs.jsonl"
     texts = stdlib_texts(200)
     source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     code = f"""
 import prepare_docs, torch, train_gpt
 torch.randn(256, 256) @ torch.randn(256, 256)
-train_gpt.StopSignals()
+train_gpt.StopSignals().__enter__()  # a run's handlers, in place
 plain_hash, bad = prepare_docs.doc_hash, {texts[150]!r}
 def doc_hash(text):
     if text == bad:

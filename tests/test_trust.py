@@ -2,6 +2,7 @@
 failed write or hostile artifact loses the trained weights or turns into a score."""
 
 import collections
+import contextlib
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ import torch
 import make
 import train_gpt as T
 from prepare_docs import write_shard
-from conftest import REPO, run_script, tiny_env
+from conftest import REPO, run_script, set_run_env, tiny_env
 
 SCRIPT = str(REPO / "train_gpt.py")
 
@@ -243,6 +244,35 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_with_the_weights_sa
     finished = run_script(command, dict(env, RUN_ID="tr_finished", FINISH_FROM="logs/tr_raw.pt"), tmp_path)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert roundtrip((tmp_path / "logs" / "tr_finished.txt").read_text())
+
+
+def test_a_run_in_a_larger_program_gives_the_signal_handlers_back_whether_it_ends_or_fails(sample, tmp_path,
+                                                                                           monkeypatch):
+    # main() in a program of its own (a notebook, a sweep, this suite): during the run the stop handler is in place;
+    # after it, the program's own handler is back, so a Ctrl-C later is the program's, not an Interrupted.
+    def programs_own(signum, frame):
+        pass
+    seen = []
+
+    def run_that(fails):
+        def recorded(run):
+            seen.append(signal.getsignal(signal.SIGTERM) == run.signals._handle == signal.getsignal(signal.SIGINT))
+            if fails:
+                raise T.RunError("a run that fails")
+        return recorded
+    previous = {signum: signal.signal(signum, programs_own) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        set_run_env(monkeypatch, tiny_env(sample), tmp_path)
+        for fails in (False, True):
+            monkeypatch.setattr(T, "train_and_evaluate", run_that(fails))
+            monkeypatch.setenv("RUN_ID", f"inside_{fails}")
+            with pytest.raises(T.RunError) if fails else contextlib.nullcontext():
+                T.main()
+            assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is programs_own
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert seen == [True, True]
 
 
 def test_a_diverging_run_stops_with_no_artifact_and_no_record(sample, tmp_path):
