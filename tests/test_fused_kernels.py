@@ -81,7 +81,7 @@ def test_the_fused_mlp_is_refused_with_swiglu():
 
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 HOPPER_SHARED_BYTES = 227 * 1024
 
 
@@ -133,9 +133,11 @@ def test_the_triton_kernels_compile_for_an_h100_as_the_code_launches_them(monkey
     forward and backward), recorded at the default stack's sizes (width 512, MLP 4x, an SP8192 head) and compiled
     for sm_90 to a cubin, within an H100's shared memory. In bf16 the MLP's tiles stream through shared memory
     asynchronously (cp.async, the pipeline's stages) into Hopper's warpgroup tensor-core instructions (wgmma), and
-    the cross-entropy reads (and writes) a row 16 bytes a thread at a time. The interpreter tests run the kernels'
-    math; this runs the GPU compiler that the interpreter skips."""
+    the cross-entropy reads (and writes) a row 16 bytes a thread at a time. FP fusion is on, as the records' kernels
+    have it, under Triton 3.10's default (off) too. The interpreter tests run the kernels' math; this runs the GPU
+    compiler that the interpreter skips."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")  # Triton 3.10's default
     matmul, tf32 = torch.backends.cuda.matmul, torch.backends.cuda.matmul.allow_tf32
     matmul.allow_tf32 = True  # as a CUDA run sets it. Not by monkeypatch: its undo deletes what is not in __dict__
     request.addfinalizer(lambda: setattr(matmul, "allow_tf32", tf32))
@@ -156,6 +158,7 @@ def test_the_triton_kernels_compile_for_an_h100_as_the_code_launches_them(monkey
             compiled = compile_for_sm90(recorder.kernel, args, kwargs)
             assert compiled.metadata.shared <= HOPPER_SHARED_BYTES
             assert compiled.metadata.num_warps == kwargs.get("num_warps", 4)
+            assert compiled.metadata.enable_fp_fusion, recorder.kernel
             ptx = compiled.asm["ptx"]
             if recorder is mlp and args[0].dtype == torch.bfloat16:
                 tensor_cores, pipelined = "wgmma.mma_async" in ptx, re.search(r"cp\.async\.(ca|cg)", ptx) is not None
