@@ -112,7 +112,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
                         TTT_CHUNK_SIZE=64, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
-                        # PR #2014's additions: its adapters, short-document chunks, LR multiplier and AWQ-lite
+                        # PR #2014's additions: packed rows through its length schedule (8 micro-batches a step at
+                        # either world size: GRAD_ACCUM_STEPS=0 is 8 // WORLD_SIZE), its adapters, short-document
+                        # chunks, LR multiplier and AWQ-lite
+                        DOC_ISOLATION=1, TRAIN_ROWS="packed", GRAD_ACCUM_STEPS=0, SEQ_CHANGE_WARMUP_STEPS=2,
+                        TRAIN_SEQ_SCHEDULE="64@0.34,128@0.67,256@1",
                         TTT_MASK="no_qv", TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="200:16",
                         TTT_LOCAL_LR_MULT=0.75, AWQ_LITE_ENABLED=1, AWQ_LITE_GROUP_TOP_K=2,
                         # the export and eval costs are not what is tested
@@ -122,7 +126,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         result = run_script(launcher + [SCRIPT], env, tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         runs[nproc] = (tmp_path / "logs" / f"ws{nproc}.txt").read_text()
-    assert "world_size:2 grad_accum_steps:2" in runs[2]
+    assert "world_size:2 grad_accum_steps:4" in runs[2]
     one, two = train_losses(runs[1]), train_losses(runs[2])
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:  # printed to 4 decimals; the sums differ only in float rounding order
@@ -130,6 +134,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
     for metric in ("final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb", "final_ttt_val_bpb"):
         assert summary(runs[2])[metric] == pytest.approx(summary(runs[1])[metric], rel=1e-4), metric
     for log in runs.values():  # 19 batches of 8 documents, longest first; phases after documents 30 and 60
+        assert re.findall(r"^growth_stage:seq_len:(\d+) progress:[\d.]+ step:(\d+)$", log, re.M) == [
+            ("64", "0"), ("128", "3"), ("256", "5")]
         assert "bpb_bytecheck:ok docs:150 bytes:" in log and "bytes_from:caseops_sidecar caseops_roundtrip:ok" in log
         assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 "
                          r"boundaries:\[30, 60\]$", log, re.M)
