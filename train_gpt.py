@@ -6581,7 +6581,7 @@ def main():
             except BaseException as error:
                 conclude_failure(run, error)
                 raise
-            torch._dynamo.reset()  # the next seed's model is a new module: compile it afresh, not a cache limit's
+            torch._dynamo.reset()  # the next seed's model is new: compiled afresh, not against the cache limit
     cluster.stop()
 
 
