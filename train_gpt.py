@@ -5653,7 +5653,7 @@ def throughput(run, net, clock, step_avg_ms):
     tokens_per_s = hp.train_batch_tokens / step_avg_ms * 1000
     flops = hp.train_batch_tokens * sum(steps * training_flops_per_token(net, reach, looping)
                                         for (looping, reach), steps in clock.shapes.items())
-    mfu = mfu_field(run, flops / max(clock.elapsed_ms / 1000, 1e-9))
+    mfu = mfu_field(run, flops / (clock.elapsed_ms / 1000))  # elapsed > 0, as step_avg_ms above
     remaining_ms = (hp.iterations - clock.step) * step_avg_ms
     if hp.max_wallclock_seconds > 0:
         remaining_ms = min(remaining_ms, max(training_budget_ms(hp) - clock.elapsed_ms, 0.0))
