@@ -76,6 +76,11 @@ def setting(default, check="", needs="", group=""):
     return dataclasses.field(default=default, metadata=dict(check=check, needs=needs, group=group))
 
 
+def as_given(value):
+    """A setting's value as its variable spells it in a message: a switch as 1 or 0, anything else quoted."""
+    return int(value) if isinstance(value, bool) else repr(value)
+
+
 RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v >= 0, "must be zero or positive"),
                 "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                 "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
@@ -590,7 +595,7 @@ class Hyperparameters:
         self.short_score_first_steps, self.train_seq_stages  # parsed
         def require(ok, env_name, why):
             if not ok:
-                raise ConfigError(f"{env_name}={getattr(self, env_name.lower())!r}: {why}")
+                raise ConfigError(f"{env_name}={as_given(getattr(self, env_name.lower()))}: {why}")
         for rule in (rules_of_run_and_data, rules_of_model, rules_of_training, rules_of_export, rules_of_evaluation):
             rule(self, require)
 
@@ -1041,8 +1046,8 @@ def refuse_inert_settings(hp, sources):
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(hp, needs):
             given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
-            raise ConfigError(f"{field.name.upper()}={getattr(hp, field.name)!r} has no effect unless {needs}; set "
-                              f"that too, or unset {given}")
+            raise ConfigError(f"{field.name.upper()}={as_given(getattr(hp, field.name))} has no effect unless "
+                              f"{needs}; set that too, or unset {given}")
 
 
 # ============================================================================================

@@ -39,6 +39,17 @@ def test_bad_settings_fail_early_naming_the_env_var(env, name):
         T.Hyperparameters.from_env(env)
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"TTT_Q_LORA": "0"}, "TTT_Q_LORA=0 has no effect unless TTT_ENABLED=1 and TTT_METHOD=lora"),
+    ({"KERNEL_STAGE_RESTARTS": "1", "KERNEL_SCHEDULE": "1@0,3@0.5", "CONV_K": "3"}, "KERNEL_STAGE_RESTARTS=1: "),
+    ({"MLP_ACTIVATION": "gelu"}, "MLP_ACTIVATION='gelu'"),
+])
+def test_a_refusal_spells_the_value_as_the_variable_takes_it(env, message):
+    """A switch reads 1 or 0 in the message, as the user writes it, not Python's True or False."""
+    with pytest.raises(T.ConfigError, match=re.escape(message)):
+        T.Hyperparameters.from_env(env)
+
+
 CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
 
 
