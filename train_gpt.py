@@ -92,17 +92,17 @@ PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
 
 
-def switched_on(hp, condition):
-    """Whether a `needs` condition holds: alternatives joined by ", or ", each clauses joined by " and ", each clause
-    "NAME=a or b" (the value is one of them; booleans are 1 and 0), or "NAME or NAME > 0" (any of them is set:
-    nonzero, or a nonempty string)."""
+def switched_on(values, condition):
+    """Whether a `needs` condition holds for the settings' `values` ({field: value}): alternatives joined by ", or ",
+    each clauses joined by " and ", each clause "NAME=a or b" (the value is one of them; booleans are 1 and 0), or
+    "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty string)."""
     def clause_holds(clause):
         if "=" in clause:
-            name, values = clause.split("=", 1)
-            value = getattr(hp, name.lower())
-            return str(int(value) if isinstance(value, bool) else value) in values.split(" or ")
+            name, allowed = clause.split("=", 1)
+            value = values[name.lower()]
+            return str(int(value) if isinstance(value, bool) else value) in allowed.split(" or ")
         set_ = lambda value: bool(value.strip()) if isinstance(value, str) else bool(value)
-        return any(set_(getattr(hp, name.lower())) for name in clause.replace(" > 0", "").split(" or "))
+        return any(set_(values[name.lower()]) for name in clause.replace(" > 0", "").split(" or "))
     return any(all(clause_holds(clause) for clause in alternative.split(" and "))
                for alternative in condition.split(", or "))
 
@@ -560,6 +560,11 @@ class Hyperparameters:
                     default = values.get(name, getattr(cls, name))
                     values[name] = os.path.join(values["data_dir"], os.path.relpath(default, "./data"))
                     sources[name] = "implied:DATA_DIR"
+        if values.get("ttt_enabled") and not values.get("ttt_method"):
+            values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
+        # A setting whose switch is off is refused first: its switch is what to fix, whatever else its value breaks.
+        refuse_inert_settings(cls, {field.name: getattr(cls, field.name) for field in dataclasses.fields(cls)} | values,
+                              sources)
         # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
         # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
         isolated = values.get("doc_isolation", cls.doc_isolation)
@@ -570,11 +575,7 @@ class Hyperparameters:
             raise ConfigError(f"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES={int(values['global_ttt_respect_doc_boundaries'])}: "
                               f"the global SGD's attention stays within documents exactly when DOC_ISOLATION=1 (here "
                               f"{int(isolated)}); set the two alike")
-        if values.get("ttt_enabled") and not values.get("ttt_method"):
-            values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
-        hp = cls(**values)
-        refuse_inert_settings(hp, sources)
-        return hp, sources
+        return cls(**values), sources
 
     def __post_init__(self):
         self.validate()
@@ -1040,13 +1041,14 @@ def ttt_method_named(sources):
     return ("chunk", f"implied:{chunk[0]}") if chunk else ("lora", f"implied:{lora[0]}")
 
 
-def refuse_inert_settings(hp, sources):
-    """A setting given explicitly while its switch is off would be ignored: refused (a preset's values are not)."""
-    for field in dataclasses.fields(hp):
+def refuse_inert_settings(cls, values, sources):
+    """A setting given explicitly while its switch is off would be ignored: refused (a preset's values are not).
+    `values`: every field's, before the checks of `validate`."""
+    for field in dataclasses.fields(cls):
         needs = field.metadata.get("needs")
-        if needs and sources[field.name].startswith("env") and not switched_on(hp, needs):
+        if needs and sources[field.name].startswith("env") and not switched_on(values, needs):
             given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
-            raise ConfigError(f"{field.name.upper()}={as_given(getattr(hp, field.name))} has no effect unless "
+            raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
                               f"{needs}; set that too, or unset {given}")
 
 
@@ -6293,7 +6295,7 @@ def scored_windows(hp, eval_seq_len):
     """The windows of the last pass that scored in windows (LoRA TTT has a line of its own): EVAL_WINDOWS' (chunk
     TTT scores in the sliding pass's windows, and at stride 0 in EVAL_SEQ_LEN windows), else the round trip's plain
     TRAIN_SEQ_LEN windows, which never isolate documents; TTT_EVAL_ONLY with LoRA TTT runs neither."""
-    if switched_on(hp, EVAL_WINDOWS):
+    if switched_on(vars(hp), EVAL_WINDOWS):
         return (f"eval_mode:{'sliding' if hp.eval_stride else 'plain'} seq_len:{eval_seq_len} "
                 f"stride:{hp.eval_stride or eval_seq_len} doc_isolated:{hp.eval_doc_isolated}")
     if hp.ttt_eval_only:

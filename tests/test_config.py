@@ -50,6 +50,17 @@ def test_a_refusal_spells_the_value_as_the_variable_takes_it(env, message):
         T.Hyperparameters.from_env(env)
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"KERNEL_STAGE_RESTARTS": "1"}, "KERNEL_STAGE_RESTARTS=1 has no effect unless KERNEL_SCHEDULE"),
+    ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "has no effect unless TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"),
+    ({"GPTQ_CLIP_SEARCH": "gptq", "GPTQ_DAMP": "-1"}, "has no effect unless GPTQ=1 and QUANT_CLIP=percentile"),
+])
+def test_a_setting_whose_switch_is_off_is_refused_for_that_before_anything_else_its_value_breaks(env, message):
+    """Naming the missing switch first: fixing the value's other complaint first would only lead to this one."""
+    with pytest.raises(T.ConfigError, match=re.escape(message)):
+        T.Hyperparameters.from_env(env)
+
+
 CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
 
 

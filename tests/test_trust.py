@@ -66,7 +66,8 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"TTT_ENABLED": "1", "TTT_METHOD": "chunk", "TTT_LORA_RANK": "4"}, "TTT_METHOD=lora"),
     ({"TTT_ENABLED": "1"}, "TTT_METHOD=chunk or TTT_METHOD=lora"),  # the records' TTT_ENABLED=1 names two methods
     ({"TTT_ENABLED": "1", "TTT_EPOCHS": "2", "TTT_LORA_RANK": "4"}, "TTT_METHOD"),  # settings of both methods
-    ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "DOC_ISOLATION"),
+    ({"TTT_ENABLED": "1", "TTT_METHOD": "lora", "PHASED_TTT_ENABLED": "1", "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"},
+     "DOC_ISOLATION"),
     ({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1"}, "EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or TTT_ENABLED=1 and "
                                                      "TTT_METHOD=chunk"),
     ({"EVAL_ONLY_QUANTIZED_PATH": "a.ptz", "TTT_EVAL_ONLY": "1", "TTT_ENABLED": "1", "TTT_METHOD": "lora",
@@ -91,7 +92,7 @@ def test_aliases_apply_with_the_records_meaning_and_say_so():
 
 def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
     fields = {f.name: f for f in T.dataclasses.fields(T.Hyperparameters)}
-    default = T.Hyperparameters()
+    default = vars(T.Hyperparameters())
     for field in fields.values():  # every switch names settings, so its condition can be evaluated
         if field.metadata.get("needs"):
             T.switched_on(default, field.metadata["needs"])
@@ -99,13 +100,13 @@ def test_a_switched_off_setting_is_checked_only_when_set_explicitly():
     for name, table in (("compressor", [*T.COMPRESSORS, "pergroup"]), ("muon_orthogonalizer", T.ORTHOGONALIZERS),
                         ("attn_gate", T.ATTENTION_GATES), ("pergroup_codec", [*T.STREAM_CODECS, "smallest"])):
         assert set(fields[name].metadata["check"].split("|")) == set(table), name
-    on = T.dataclasses.replace(default, bigram_buckets=0, ve_layers="1")
+    on = default | dict(bigram_buckets=0, ve_layers="1")
     assert T.switched_on(on, "BIGRAM_BUCKETS > 0 or VE_LAYERS") and not T.switched_on(default, "VE_LAYERS")
     assert T.switched_on(default, "WEIGHT_AVERAGING=ema or ema_swa") and not T.switched_on(default, "TIE_EMBEDDINGS=0")
-    chunk_at_stride_0 = T.dataclasses.replace(default, eval_stride=0, ttt_enabled=True, ttt_method="chunk")
+    chunk_at_stride_0 = default | dict(eval_stride=0, ttt_enabled=True, ttt_method="chunk")
     either = "EVAL_STRIDE > 0, or TTT_ENABLED=1 and TTT_METHOD=chunk"  # alternatives
     assert T.switched_on(default, either) and T.switched_on(chunk_at_stride_0, either)
-    assert not T.switched_on(T.dataclasses.replace(chunk_at_stride_0, ttt_method="lora"), either)
+    assert not T.switched_on(chunk_at_stride_0 | dict(ttt_method="lora"), either)
     T.Hyperparameters.from_env({"EVAL_STRIDE": "0", "EVAL_DOC_ISOLATED": "1", "TTT_ENABLED": "1",
                                 "TTT_METHOD": "chunk"})
     # the preset's LOOP_START is not the user's
