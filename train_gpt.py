@@ -999,9 +999,11 @@ SMOKE_SCHEDULES = {
     "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True),  # of #549's 7,185 steps
     "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3), ema_warmup=True),  # step 3,000 of the SP4096 record's 5,450
     # The record's prefix is 2,500 of the 50,000 validation documents: a smoke validation split of a few hundred
-    # documents keeps three phases of a few documents each, one batch of 4 each. Its sidecar comes from
-    # prepare_docs.py --caseops.
-    "record": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, data_path="./data/datasets/stdlib_sp1024_caseops",
+    # documents keeps three phases of a few documents each, one batch of 4 each. Their global SGD walks chunks of
+    # 1,024 tokens where the record's walk 32,768: a phase never trains on its last chunk, which would be its whole
+    # prefix of a few thousand tokens. Its sidecar comes from prepare_docs.py --caseops.
+    "record": dict(phased_ttt_prefix_docs=12, ttt_batch_size=4, global_ttt_chunk_tokens=1024,
+                   data_path="./data/datasets/stdlib_sp1024_caseops",
                    tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model", ema_warmup=True),
 }
 # PR #2014's: the record's, with its length schedule at the smoke size (pieces of 64, 128, then 256), and 8
@@ -4309,6 +4311,11 @@ def global_chunks(end, chunk_tokens):
     return [(first, min(first + chunk_tokens, end)) for first in range(0, end, chunk_tokens)]
 
 
+def global_sgd_trained(end, chunk_tokens):
+    """How many of the scored targets [0, end) a phase's global SGD trains on: all but its last chunk's."""
+    return global_chunks(end, chunk_tokens)[-1][0] if end > 0 else 0
+
+
 def global_sgd(model, ledger, end, params, hp, steps, seq_len, rank, world_size, device, autocast):
     """The global SGD of a phase (PR #1626): the scored targets [0, end), cumulatively, in GLOBAL_TTT_CHUNK_TOKENS
     chunks under a fresh SGD optimizer with the LR of global_ttt_lr_at; as in the records, the last chunk is not
@@ -4440,7 +4447,8 @@ def score_first_ttt(model, val_tokens, target_bytes, hp, rank, world_size, devic
         synchronize_device(device)
         clock.adapted(time.perf_counter() - start, work)
         if phase:
-            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} trained_targets:{end} "
+            log(f"ttt_phase: {phases.index(end) + 1}/{len(phases)} scored_targets:{end} "
+                f"trained_targets:{global_sgd_trained(end, hp.global_ttt_chunk_tokens)} "
                 f"time:{time.perf_counter() - start:.1f}s")
         adapted += 1
     return loss_and_bpb(torch.stack(per_segment).sum(0)), per_segment, adapted
@@ -4775,12 +4783,13 @@ def run_document_phase(models, ledger, documents, params, hp, rank, world_size, 
     joined in its order and walked by global_sgd. Returns False, having done nothing, if it would not fit the
     budget: the adaptation stops there."""
     stream = torch.cat([ledger.document_tokens(document) for document in documents])
+    scored = stream.numel() - 1
     phase_ledger = ScoredTargets(stream)
-    phase_ledger.commit(stream.numel() - 1)
+    phase_ledger.commit(scored)
     seq_len = hp.eval_seq_len or hp.train_seq_len
     steps = global_sgd_steps(hp, seq_len)
     work = sum(adapt_work(first, stop, steps, seq_len, world_size)
-               for first, stop in global_chunks(stream.numel() - 1, hp.global_ttt_chunk_tokens)[:-1])
+               for first, stop in global_chunks(scored, hp.global_ttt_chunk_tokens)[:-1])
     if not clock.fits(work, work_after):
         log(f"ttt_lora: eval budget reached before phase {phase_count[0]}/{phase_count[1]}; scoring continues "
             f"without adapting")
@@ -4788,11 +4797,12 @@ def run_document_phase(models, ledger, documents, params, hp, rank, world_size, 
     start = time.perf_counter()
     for param in params:
         param.requires_grad_(True)
-    global_sgd(models.train_forward, phase_ledger, stream.numel() - 1, params, hp, steps, seq_len, rank, world_size,
-               device, autocast)
+    global_sgd(models.train_forward, phase_ledger, scored, params, hp, steps, seq_len, rank, world_size, device,
+               autocast)
     synchronize_device(device)
     clock.adapted(time.perf_counter() - start, work)
-    log(f"ttt_phase: {phase_count[0]}/{phase_count[1]} documents:{len(documents)} trained_targets:{stream.numel() - 1} "
+    log(f"ttt_phase: {phase_count[0]}/{phase_count[1]} documents:{len(documents)} scored_targets:{scored} "
+        f"trained_targets:{global_sgd_trained(scored, hp.global_ttt_chunk_tokens)} "
         f"time:{time.perf_counter() - start:.1f}s")
     return True
 

@@ -174,8 +174,9 @@ def test_a_phase_end_changes_no_score_before_it_and_the_phase_adapts_on_all_scor
     monkeypatch.setattr(T.ScoredTargets, "training_tokens", spy)
     _, plain, _ = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF)
     plain_reads, reads[:] = list(reads), []
+    lines = []
     _, phased, adapted = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF,
-                                           log=lambda message: None, phases=[end])
+                                           log=lines.append, phases=[end])
     assert len(phased) == len(plain) and adapted == len(plain) - 1
     for index in range(2):
         assert torch.equal(phased[index], plain[index])
@@ -185,6 +186,8 @@ def test_a_phase_end_changes_no_score_before_it_and_the_phase_adapts_on_all_scor
     chunk = PHASED.global_ttt_chunk_tokens
     chunks = [(first, min(first + chunk, end)) for first in range(0, end, chunk)]
     assert global_reads == chunks[:-1]  # the phase's global SGD walks [0, end) once per chunk, the last one aside
+    trained = sum(stop - first for first, stop in global_reads)  # the log counts what it trained on, not all it read
+    assert 0 < trained < end and f"ttt_phase: 1/1 scored_targets:{end} trained_targets:{trained} " in "\n".join(lines)
     assert [(first, stop) for first, stop, scored in plain_reads if scored == end] == [(HP.ttt_chunk_tokens, end)]
 
 

@@ -403,7 +403,7 @@ def small_record_run(preset, caseops_sample, tmp_path, **settings):
     data_dir, tokenizer, _ = caseops_sample
     env = dict(PRESET=f"{preset},smoke", DATA_PATH=str(data_dir), TOKENIZER_PATH=str(tokenizer), NUM_LAYERS="4",
                LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", MODEL_DIM="64", NUM_HEADS="2",
-               NUM_KV_HEADS="1", RUN_ID=preset, GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4",
+               NUM_KV_HEADS="1", RUN_ID=preset, GLOBAL_TTT_BATCH_SEQS="4",
                TTT_CHUNK_SIZE="128", SIZE_TARGET_BYTES="0", **settings)
     result = run_script(["python3", str(T.__file__)], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -420,6 +420,9 @@ def test_the_record_preset_runs_at_smoke_size_through_caseops_and_phased_ttt(cas
     assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:12 suffix_docs:138 num_phases:3 "
                      r"boundaries:\[4, 8, 12\]$", log, re.M)
     assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 3/3 documents:12" in log
+    # The miniature's phases train as the record's do: each on all its scored targets but its last chunk's.
+    phases = re.findall(r"^ttt_phase: \d/3 documents:\d+ scored_targets:(\d+) trained_targets:(\d+) ", log, re.M)
+    assert len(phases) == 3 and all(0 < int(trained) < int(scored) for scored, trained in phases), phases
     assert "\nfinal_ttt_exact val_loss:" in log
 
 
