@@ -1006,10 +1006,12 @@ SMOKE_SCHEDULES = {
                    data_path="./data/datasets/stdlib_sp1024_caseops",
                    tokenizer_path="./data/tokenizers/stdlib_1024_bpe_caseops.model", ema_warmup=True),
 }
-# PR #2014's: the record's, with its length schedule at the smoke size (pieces of 64, 128, then 256), and 8
-# micro-batches: packed rows take a step's 8 spans one per micro-batch.
-SMOKE_SCHEDULES["pr2014"] = SMOKE_SCHEDULES["record"] | dict(train_seq_schedule="64@0.100,128@0.700,256@1.000",
-                                                             ttt_eval_seq_len=0, grad_accum_steps=8)
+# PR #2014's: the record's, with its length schedule at the smoke size (pieces of 64, 128, then 256) and the LR's
+# re-warmup after each change the same share of the run (32 of its 4,888 steps), and 8 micro-batches: packed rows
+# take a step's 8 spans one per micro-batch.
+SMOKE_SCHEDULES["pr2014"] = SMOKE_SCHEDULES["record"] | dict(
+    train_seq_schedule="64@0.100,128@0.700,256@1.000",
+    seq_change_warmup_steps=round(32 * PRESETS["smoke"]["iterations"] / 4_888), ttt_eval_seq_len=0, grad_accum_steps=8)
 
 
 def _parse_env(env_name, raw, typ):
