@@ -1369,18 +1369,21 @@ def count_target_bytes(tokens, luts):
 
 
 def check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=1 << 21, roundtrip_docs=256):
-    """Start-up self-checks on the first documents (BOS-delimited) of the validation split.
+    """Start-up self-checks on the documents (BOS-delimited) of the first `max_tokens` of the validation split: all
+    of them where the split fits, the last one included, so that the bytes checked are then the val_bytes.
 
     1. The denominator is the real UTF-8 size of the text: document by document, the LUT byte count equals the
        length of the SentencePiece decode.
     2. The tokenizer is the one that made the shards (check_reencoding).
     """
+    whole = len(tokens) <= max_tokens
     tokens = np.asarray(tokens[:max_tokens], dtype=np.int64)
     bos_positions = np.flatnonzero(tokens == sp.bos_id())
     if len(bos_positions) < 2 or bos_positions[0] != 0:
         raise ConfigError("the validation split must be BOS-delimited documents starting with BOS; re-export the "
                           "shards")
-    docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions[:-1], bos_positions[1:])]
+    ends = [*bos_positions[1:], len(tokens)] if whole else bos_positions[1:]  # a cut-off document is not checked
+    docs = [tokens[a + 1:b].tolist() for a, b in zip(bos_positions, ends)]
     decoded = sp.decode(docs)
     total = 0
     for index, (doc, text) in enumerate(zip(docs, decoded)):

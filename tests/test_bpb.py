@@ -21,14 +21,18 @@ def _encode_docs(sp, texts):
 def test_lut_bytes_equal_utf8_of_decode_on_real_fineweb(corpus):
     sp = spm.SentencePieceProcessor(model_file=str(corpus / "tokenizers" / "fineweb_1024_bpe.model"))
     texts = [json.loads(line)["text"] for line in open(corpus / "fineweb_docs_200.jsonl")]
-    tokens = _encode_docs(sp, texts + ["tail"])  # the check reads documents up to the last BOS
+    tokens = _encode_docs(sp, texts)
     luts = T.build_byte_luts(sp, 1024)
     docs, total = T.check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=len(tokens))
-    assert docs == 200
+    assert docs == 200  # the last document too: no BOS follows it, the split's end does
     expected = sum(len(sp.decode(ids).encode("utf-8")) for ids in sp.encode(texts))
     assert total == expected
-    # The whole-stream count agrees with the per-document sum (each BOS target contributes 0 bytes).
-    assert T.count_target_bytes(tokens[: -(len(sp.encode("tail")) + 1)], luts) == expected
+    # The whole-stream count (the run's val_bytes) agrees with the per-document sum (a BOS target counts 0 bytes).
+    assert T.count_target_bytes(tokens, luts) == expected
+    # A split longer than the check's reach: the document it cuts off is left out, not checked in part.
+    last = sp.encode(texts[-1])
+    assert T.check_tokenizer_and_bytes(sp, tokens, luts, max_tokens=len(tokens) - len(last) // 2) == (
+        199, expected - len(sp.decode(last).encode("utf-8")))
 
 
 def test_lut_identity_on_the_embedded_sample(sample):

@@ -60,6 +60,9 @@ def test_training_reduces_the_loss_and_logs_the_exact_final_line(single_run):
                      r"momentum:fp32 tables:fp32 ", log, re.M)
     for key in ("val_tokens:", "val_bytes:", "bpb_bytecheck:ok", "attention:sdpa", "warmup:done", "timing: "):
         assert key in log
+    # The split fits the byte check's reach, so it checked every document, and every byte of val_bpb's denominator.
+    checked = re.search(r"^bpb_bytecheck:ok docs:(\d+) bytes:(\d+) ", log, re.M)
+    assert int(checked.group(1)) == 150 and checked.group(2) == re.search(r" val_bytes:(\d+)$", log, re.M).group(1)
 
 
 def test_the_written_artifact_scores_what_the_log_says(single_run):
