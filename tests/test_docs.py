@@ -86,3 +86,16 @@ def test_the_scripts_users_read_keep_their_lines_within_120_characters():
                   for path in sorted(REPO.glob(pattern))
                   for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
     assert long_lines == []
+
+
+def logged_keys(source):
+    """The keys of the log lines the script writes: `log(f"key:...")`, `log(f"key ...")` and `log(f"key=...")`."""
+    return set(re.findall(r'\blog\(\s*f?"([a-z_]+)[:= ]', source))
+
+
+def test_every_line_the_log_can_hold_is_in_the_log_table():
+    table = [row for row in (REPO / "docs" / "runs.md").read_text().splitlines() if row.startswith("| `")]
+    documented = {key for row in table for key in re.findall(r"`([a-z_]+)[:= ]", row.split(" | ")[0])}
+    keys = logged_keys((REPO / "train_gpt.py").read_text())
+    assert len(keys) > 40 and keys <= documented, sorted(keys - documented)
+    assert logged_keys('run.log(f"brand_new: x")\nlog("other=1")') == {"brand_new", "other"}
