@@ -562,9 +562,10 @@ class Hyperparameters:
                     sources[name] = "implied:DATA_DIR"
         if values.get("ttt_enabled") and not values.get("ttt_method"):
             values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
+        values = {field.name: getattr(cls, field.name) for field in dataclasses.fields(cls)} | values
         # A setting whose switch is off is refused first: its switch is what to fix, whatever else its value breaks.
-        refuse_inert_settings(cls, {field.name: getattr(cls, field.name) for field in dataclasses.fields(cls)} | values,
-                              sources)
+        refuse_inert_settings(cls, values, sources)
+        reset_inert_preset_values(cls, values, sources)
         # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
         # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
         isolated = values.get("doc_isolation", cls.doc_isolation)
@@ -1054,6 +1055,18 @@ def refuse_inert_settings(cls, values, sources):
             given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
                               f"{needs}; set that too, or unset {given}")
+
+
+def reset_inert_preset_values(cls, values, sources):
+    """A preset's value whose switch you turned off has no effect: it goes back to its default, so that nothing reads
+    it, and its source says so (`inert:preset:<name>`). Until none is left, since a reset can switch another off
+    (DOC_ISOLATION=0 under PRESET=pr2014: TRAIN_ROWS, then TRAIN_SEQ_SCHEDULE, then its re-warmup)."""
+    inert = True
+    while inert:
+        inert = [field for field in dataclasses.fields(cls) if field.metadata.get("needs")
+                 and sources[field.name].startswith("preset") and not switched_on(values, field.metadata["needs"])]
+        for field in inert:
+            values[field.name], sources[field.name] = field.default, "inert:" + sources[field.name]
 
 
 # ============================================================================================

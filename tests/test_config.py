@@ -61,6 +61,20 @@ def test_a_setting_whose_switch_is_off_is_refused_for_that_before_anything_else_
         T.Hyperparameters.from_env(env)
 
 
+def test_a_presets_value_whose_switch_you_turned_off_returns_to_its_default_and_says_so():
+    """PR #2014's packed rows need document isolation: with DOC_ISOLATION=0 they, and the length schedule they carry,
+    have no effect, so nothing may read them (the loader once still made packed rows, the log still a schedule)."""
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "pr2014", "DOC_ISOLATION": "0"})
+    assert (hp.train_rows, hp.train_seq_schedule, hp.seq_change_warmup_steps, hp.piece_len) == ("seq", "", 0, 0)
+    for name in ("train_rows", "train_seq_schedule", "seq_change_warmup_steps"):
+        assert sources[name] == "inert:preset:pr2014", name
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "pr2014"})
+    assert (hp.train_rows, hp.piece_len, sources["train_rows"]) == ("packed", 3072, "preset:pr2014")
+    # An inert value you set is still refused, not reset: you asked for it.
+    with pytest.raises(T.ConfigError, match="TRAIN_ROWS='packed' has no effect unless DOC_ISOLATION=1"):
+        T.Hyperparameters.from_env({"PRESET": "pr2014", "DOC_ISOLATION": "0", "TRAIN_ROWS": "packed"})
+
+
 CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
 
 

@@ -378,7 +378,7 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
 RECORD_CHANGES = {
     "data_path": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
     "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
-    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_stride": 0, "eval_doc_isolated": True,
+    "vocab_size": 8192, "caseops_enabled": True, "doc_isolation": True, "eval_stride": 0,
     "min_lr_scale": 0.1, "lqer_rank": 4, "gptq_reserve_seconds": 0.5, "train_log_every": 500,
     "val_loss_every": 0, "ttt_enabled": True, "ttt_method": "lora", "ttt_lora_rank": 80, "ttt_beta2": 0.99,
     "ttt_weight_decay": 0.5, "phased_ttt_enabled": True,
@@ -393,6 +393,8 @@ def test_the_record_preset_is_the_default_stack_with_the_record_s_data_evaluatio
     changed = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)
                if getattr(record, f.name) != getattr(default, f.name) and f.name != "preset"}
     assert changed == RECORD_CHANGES
+    # Its EVAL_DOC_ISOLATED=1 waits for a sliding pass: without one it has no effect, so it stays at its default.
+    assert T.Hyperparameters.from_env({"PRESET": "record", "EVAL_STRIDE": "64"})[0].eval_doc_isolated
     # The default stack at SP8192: 48 parameters fewer than the record's logged model_params:35945671 (docs/seeds.md).
     record_params = T.count_parameters(T.GPT(record))[0]
     assert record_params == T.count_parameters(T.GPT(default))[0] + (8192 - 1024) * 512 == 35_945_623
