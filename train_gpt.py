@@ -568,8 +568,8 @@ class Hyperparameters:
         reset_inert_preset_values(cls, values, sources)
         # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
         # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
-        isolated = values.get("doc_isolation", cls.doc_isolation)
-        if sources["global_ttt_respect_doc_boundaries"] == "default":
+        isolated = values["doc_isolation"]
+        if sources["global_ttt_respect_doc_boundaries"].startswith(("default", "inert:")):  # not given for this run
             values["global_ttt_respect_doc_boundaries"] = isolated
             sources["global_ttt_respect_doc_boundaries"] = "implied:DOC_ISOLATION"
         elif values["global_ttt_respect_doc_boundaries"] != isolated:
@@ -1047,8 +1047,8 @@ def ttt_method_named(sources):
 
 
 def refuse_inert_settings(cls, values, sources):
-    """A setting given explicitly while its switch is off would be ignored: refused (a preset's values are not).
-    `values`: every field's, before the checks of `validate`."""
+    """A setting given explicitly while its switch is off would be ignored: refused (a preset's value is reset, by
+    reset_inert_preset_values). `values`: every field's, before the checks of `validate`."""
     for field in dataclasses.fields(cls):
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(values, needs):
