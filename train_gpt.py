@@ -563,9 +563,9 @@ class Hyperparameters:
         if values.get("ttt_enabled") and not values.get("ttt_method"):
             values["ttt_method"], sources["ttt_method"] = ttt_method_named(sources)
         values = {field.name: getattr(cls, field.name) for field in dataclasses.fields(cls)} | values
+        reset_inert_preset_values(cls, values, sources)
         # A setting whose switch is off is refused first: its switch is what to fix, whatever else its value breaks.
         refuse_inert_settings(cls, values, sources)
-        reset_inert_preset_values(cls, values, sources)
         # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
         # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
         isolated = values["doc_isolation"]
@@ -1048,13 +1048,17 @@ def ttt_method_named(sources):
 
 def refuse_inert_settings(cls, values, sources):
     """A setting given explicitly while its switch is off would be ignored: refused (a preset's value is reset, by
-    reset_inert_preset_values). `values`: every field's, before the checks of `validate`."""
-    for field in dataclasses.fields(cls):
+    reset_inert_preset_values, which runs first). `values`: every field's, before the checks of `validate`."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    for field in fields.values():
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(values, needs):
             given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
+            reset = [f"{name}, which PRESET={sources[name.lower()].rsplit(':', 1)[1]} sets, has no effect either: it "
+                     f"needs {fields[name.lower()].metadata['needs']}" for name in re.findall(r"[A-Z][A-Z0-9_]+", needs)
+                     if sources.get(name.lower(), "").startswith("inert:")]
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
-                              f"{needs}; set that too, or unset {given}")
+                              f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset))
 
 
 def reset_inert_preset_values(cls, values, sources):

@@ -70,9 +70,15 @@ def test_a_presets_value_whose_switch_you_turned_off_returns_to_its_default_and_
         assert sources[name] == "inert:preset:pr2014", name
     hp, sources = T.Hyperparameters.from_env({"PRESET": "pr2014"})
     assert (hp.train_rows, hp.piece_len, sources["train_rows"]) == ("packed", 3072, "preset:pr2014")
-    # An inert value you set is still refused, not reset: you asked for it.
+    # An inert value you set is still refused, not reset: you asked for it. So is one whose switch only the preset
+    # set, now reset; the message says why that switch is off.
     with pytest.raises(T.ConfigError, match="TRAIN_ROWS='packed' has no effect unless DOC_ISOLATION=1"):
         T.Hyperparameters.from_env({"PRESET": "pr2014", "DOC_ISOLATION": "0", "TRAIN_ROWS": "packed"})
+    with pytest.raises(T.ConfigError, match=re.escape(
+            "SEQ_CHANGE_WARMUP_STEPS=4 has no effect unless TRAIN_SEQ_SCHEDULE; set that too, or unset "
+            "SEQ_CHANGE_WARMUP_STEPS (TRAIN_SEQ_SCHEDULE, which PRESET=pr2014 sets, has no effect either: it needs "
+            "TRAIN_ROWS=packed)")):
+        T.Hyperparameters.from_env({"PRESET": "pr2014", "DOC_ISOLATION": "0", "SEQ_CHANGE_WARMUP_STEPS": "4"})
 
 
 CONFIGURATION_DOC = REPO / "docs" / "configuration.md"
