@@ -996,8 +996,12 @@ PRESETS = {
 # and its fixed EMA decay is warmed up, since 0.997 over 300 steps would export 40% of the initial weights.
 SMOKE_SCHEDULES = {
     "baseline": dict(warmdown_iters=0, warmdown_frac=round(1200 / 13_780, 3)),  # 1,200 of its 13,780 steps
-    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3), ema_warmup=True),  # 3,500 of #754's 6,756
-    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True),  # of #549's 7,185 steps
+    # The chunk TTT of #754 and #703 adapts on chunks of 1,024 tokens where theirs take 32,768: the smoke split of
+    # some 28,000 tokens is then 28 chunks, 27 of them trained on, where one chunk of 32,768 would train on none.
+    "pr754": dict(warmdown_iters=0, warmdown_frac=round(3500 / 6_756, 3), ema_warmup=True,  # 3,500 of its 6,756 steps
+                  ttt_chunk_tokens=1024),
+    "pr703": dict(warmdown_iters=0, warmdown_frac=round(3500 / 7_185, 3), ema_warmup=True,  # of #549's 7,185 steps
+                  ttt_chunk_tokens=1024),
     "pr1392": dict(loop_enable_at=round(3000 / 5_450, 3), ema_warmup=True),  # step 3,000 of the SP4096 record's 5,450
     # The record's prefix is 2,500 of the 50,000 validation documents: a smoke validation split of a few hundred
     # documents keeps three phases of a few documents each, one batch of 4 each. Their global SGD walks chunks of

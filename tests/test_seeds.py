@@ -374,6 +374,17 @@ def test_smoke_keeps_a_seeds_step_counted_schedule_as_its_share_of_the_run():
     assert not T.Hyperparameters.from_env({"PRESET": "pr754"})[0].ema_warmup
 
 
+@pytest.mark.parametrize("preset", ["pr754", "pr703"])
+def test_a_seeds_chunk_ttt_adapts_on_most_of_the_smoke_split(preset, sample):
+    """Score-first chunk TTT never trains on its last chunk: at its own 32,768 tokens the offline split would be one
+    chunk, scored and never adapted on. At the smoke size it walks chunks small enough to adapt on nine tenths."""
+    full, smoke = (T.Hyperparameters.from_env({"PRESET": p})[0] for p in (preset, f"{preset},smoke"))
+    assert full.ttt_chunk_tokens == 32768 and smoke.ttt_enabled and smoke.ttt_method == "chunk"
+    targets = len(T.load_validation_tokens(sorted(sample[0].glob("fineweb_val_*.bin")))) - 1
+    chunks = -(-targets // smoke.ttt_chunk_tokens)
+    assert (chunks - 1) / chunks >= 0.9, (targets, smoke.ttt_chunk_tokens)
+
+
 # What PRESET=record changes in the default stack: docs/seeds.md's "PRESET=record" section lists each of these.
 RECORD_CHANGES = {
     "data_path": "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
