@@ -1062,7 +1062,19 @@ def refuse_inert_settings(cls, values, sources):
                      f"needs {fields[name.lower()].metadata['needs']}" for name in re.findall(r"[A-Z][A-Z0-9_]+", needs)
                      if sources.get(name.lower(), "").startswith("inert:")]
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
-                              f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset))
+                              f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset)
+                              + ("" if values["preset"] else presets_switching_on(cls, needs)))
+
+
+def presets_switching_on(cls, needs):
+    """Where no preset is given, the presets that switch `needs` on: a record's script has its own defaults (the
+    04-27 record's TTT is on unless TTT_ENABLED=0), so its published command, which does not restate them, runs
+    here under its preset."""
+    defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+    names = [name for name, preset in PRESETS.items() if name not in ("", "smoke")
+             and switched_on(defaults | preset, needs)]
+    return (f"; a seed's or record's command runs here under its preset, which sets its script's defaults "
+            f"(PRESET={' or PRESET='.join(names)} sets that)") if names else ""
 
 
 def reset_inert_preset_values(cls, values, sources):

@@ -550,8 +550,14 @@ def test_the_04_27_records_command_is_accepted_name_by_name_under_its_preset():
     assert differing == {"data_dir"}  # the preset is the command: the same settings, the same values
     assert (hp.compressor, hp.pergroup_codec, hp.fused_ce_enabled, hp.lqer_asym_enabled) == \
         ("pergroup", "lrzip", True, True)
-    with pytest.raises(T.ConfigError, match="TTT_ENABLED=1"):  # its TTT is on by default there, off here
+    # Its TTT is on by default there, off here: without its preset the refusal names the switch and the preset.
+    with pytest.raises(T.ConfigError, match=r"TTT_ENABLED=1.*\(PRESET=record or PRESET=pr2014 sets that\)$"):
         T.Hyperparameters.from_env(env)
+    # The 04-29 record's command sets the phases alone, its script's PHASED_TTT_ENABLED being on.
+    with pytest.raises(T.ConfigError, match=r"PHASED_TTT_ENABLED=1.*\(PRESET=record or PRESET=pr2014 sets that\)$"):
+        T.Hyperparameters.from_env({"PHASED_TTT_NUM_PHASES": "3"})
+    with pytest.raises(T.ConfigError, match=r"unset TTT_EPOCHS$"):  # a preset given: its own settings are the fix
+        T.Hyperparameters.from_env({"PRESET": "record", "TTT_EPOCHS": "3"})
 
 
 def test_data_dir_moves_the_default_paths_only():
