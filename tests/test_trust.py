@@ -767,14 +767,57 @@ LOAD_ARTIFACT_PATH CONTROL_TENSOR_NAME_PATTERNS
 """.split()
 
 
-def test_no_name_pr2014s_script_reads_is_ignored():
-    """Each is one of ours, an alias, a translation, or refused: a name read by nobody here must raise."""
+# Every other name that the challenge's baseline (train_gpt.py) or a script of a 10-minute record reads
+# (records/track_10min_16mb, all .py files, at the May 3 snapshot), found by `os.environ.get("NAME"` and
+# `os.environ["NAME"]`; leaving out the data download's MATCHED_FINEWEB_* and torchrun's RANK, LOCAL_RANK, WORLD_SIZE.
+RECORD_SCRIPT_NAMES = """
+ADAM_WEIGHT_DECAY BANK_SPLIT BIGRAM_DIM BIGRAM_HASH_BUCKETS BIGRAM_HASH_DIM BIGRAM_VOCAB_SIZE BLOCK_LARS_MIN_SCALE
+BLOCK_LARS_TRUST CANON_AC_LAYERS CLIP_MULT_EARLY CLIP_MULT_LATE CLIP_MULT_LOOP CLIP_MULT_MID DATASETS_DIR
+DISABLE_LAYER0_ATTN DTG_ENABLED EMA_ENABLED EMBEDDING_DIM EVAL_BATCH_SEQS EVAL_BATCH_SIZE EVAL_NTK_ALPHA
+EVAL_ONLY_PATH EVAL_ONLY_QUANTIZED_PATH FP16_EMBED_EXPORT FP16_KEEP_NAME_PATTERNS FP16_PASSTHROUGH_PATTERNS
+FP_STORAGE GATED_ATTENTION GATE_ATTN_OUT GATE_ATTN_SRC GATE_MLP_OUT GATE_WIDTH GLOBAL_TTT_DOC_LIMIT GPTQ_AR_SELFGEN
+GPTQ_BATCH_SIZE GPTQ_BLOCK_SIZE GPTQ_CALIB_BATCHES GPTQ_CALIB_SAMPLES GPTQ_ENABLED GPTQ_RESERVE_MS GPTQ_TEMPERATURE
+HEAD_LR HESSIAN_CLIP_LAMBDA INT4_LAYERS INT4_STEP INT6_LAYER_END INT6_LAYER_START INT8_FULL_RANGE_PATTERNS
+INT8_KEEP_FLOAT_FP32_NAME_PATTERNS LATE_QAT LATE_QAT_THRESHOLD LAWA_ENABLED LAWA_FREQ LAWA_K LOOP_LAYER_BITS
+LOOP_LAYER_CLIP_SIGMAS LOOP_PHASE2_AT LORA_LR LORA_RANK MATRIX_LR_EARLY MATRIX_LR_LATE MIXED_QUANT MLP_HIDDEN
+MTP_LOSS_WEIGHT MTP_NUM_HEADS MUON_BETA2 MUON_WEIGHT_DECAY NEGATIVE_SLOPE N_INT6_LAYERS PARALLEL_RESIDUAL
+PARALLEL_RESIDUAL_START PARALLEL_START_LAYER_IS_PHYSICAL POLAR_EXPRESS POST_GPTQ_EVAL_ONLY PRUNE_RATIO QAT
+QAT_ENABLED QAT_INT6 QAT_THRESHOLD QUANT_CLIP_RANGE RECUR_LAYERS RECUR_START_STEP REPEAT_UNTIE_MLP
+REPEAT_UNTIE_MLP_LAYERS SKIP_POST_TRAIN_EVAL SLIDING_WINDOW_ENABLED SLOT_ENABLED SLOT_LR SLOT_STEPS SMEAR_GATE
+SMEAR_GATE_WIDTH SWA_ENABLED SWA_EVERY SWA_START_FRAC SW_EVAL_BATCH TARGET_MB TRAIN_FILES TRIGRAM TTT_BATCH_SEQS
+TTT_CHUNK_TOKENS TTT_DEBUG_BYPASS TTT_DOC_LIMIT TTT_ENTROPY_HIGH TTT_ENTROPY_LOW TTT_EPOCHS TTT_FREEZE_BLOCKS
+TTT_GRAD_CLIP TTT_HEARTBEAT_SECONDS TTT_LR TTT_MOMENTUM TTT_NS_STEPS TTT_ONLY TTT_ONLY_EVAL TTT_OUTPUT_DIR
+UNTIE_LOOP_MLPS USE_GPTQ USE_INT6 USE_SMEARGATE USE_ZSTD VALUE_RESIDUAL VAL_BATCH_SIZE VAL_FILES VAL_MAX_TOKENS
+VE_DIM VE_ENABLED VE_LAYERS WD_TAPER_FINAL_MULT WD_TAPER_START_FRAC WEIGHT_DECAY ZSTD_LEVEL
+""".split()
+
+
+def foreign_names(names):
     ours = {field.name.upper() for field in T.dataclasses.fields(T.Hyperparameters)}
     applied = ours | set(T.SETTING_ALIASES) | set(T.RECORD_TRANSLATIONS)
-    foreign = [name for name in PR2014_NAMES if name not in applied]
+    return applied, [name for name in names if name not in applied]
+
+
+def test_no_name_pr2014s_script_reads_is_ignored():
+    """Each is one of ours, an alias, a translation, or refused: a name read by nobody here must raise."""
+    applied, foreign = foreign_names(PR2014_NAMES)
     assert len(PR2014_NAMES) == len(set(PR2014_NAMES)) == 156
     assert {"TRAIN_SEQ_SCHEDULE", "ASYM_LOGIT_RESCALE", "EVAL_INCLUDE_TAIL"} <= applied
     assert {"MIDRUN_CAP_SCHEDULE", "TTT_WARM_START_MEAN_ENABLED", "LOAD_ARTIFACT_PATH"} <= set(foreign)
     for name in foreign:
         with pytest.raises(T.ConfigError, match=f"{name}='1' is a setting of the challenge records"):
             T.Hyperparameters.from_env({"PRESET": "record", name: "1"})
+
+
+def test_no_name_the_baseline_or_a_records_script_reads_is_ignored():
+    applied, foreign = foreign_names(RECORD_SCRIPT_NAMES)
+    assert len(RECORD_SCRIPT_NAMES) == len(set(RECORD_SCRIPT_NAMES) - set(PR2014_NAMES)) == 130
+    assert {"BIGRAM_VOCAB_SIZE", "TTT_FREEZE_BLOCKS", "VE_ENABLED"} <= applied
+    for name in foreign:
+        with pytest.raises(T.ConfigError, match=f"{name}='1' is a setting of the challenge records"):
+            T.Hyperparameters.from_env({name: "1"})
+    # the baseline's own: its float tensors kept in fp32 at export
+    with pytest.raises(T.ConfigError, match="use VECTORS_FP32 instead"):
+        T.Hyperparameters.from_env({"INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": "attn_scale"})
+    with pytest.raises(T.ConfigError, match="use MUON_ORTHOGONALIZER instead"):  # the 04-06 record's, off by default
+        T.Hyperparameters.from_env({"POLAR_EXPRESS": "0"})
