@@ -719,7 +719,7 @@ def test_the_late_april_records_ttt_names_have_their_meaning_and_contradictions_
                        ({"TTT_LOCAL_LR_MULT": "-1"}, "TTT_LOCAL_LR_MULT")):
         with pytest.raises(T.ConfigError, match=match):
             T.Hyperparameters.from_env(dict(lora, **env))
-    with pytest.raises(T.ConfigError, match="unset TTT_MASK$"):  # the name the user gave
+    with pytest.raises(T.ConfigError, match="unset TTT_MASK;"):  # the name the user gave
         T.Hyperparameters.from_env({"TTT_MASK": "no_qv"})
     # PR #2014's evaluation settings, as its command gives them
     hp, _ = T.Hyperparameters.from_env(dict(lora, TTT_MASK="no_qv", TTT_LOCAL_LR_MULT="0.75",
