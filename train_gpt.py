@@ -111,8 +111,8 @@ def switched_on(values, condition):
 class Hyperparameters:
     """Every setting of a run. The environment variable is the field name in upper case."""
 
-    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, record, smoke; "pr1392,smoke" applies
-    # both in order); empty = none
+    # named bundles of defaults (baseline, pr754, pr703, pr1392, neon213, record, pr2014, smoke; "pr1392,smoke"
+    # applies both in order); empty = none
     preset: str = setting("", group="run and data")
     # name of logs/<RUN_ID>.txt and of the artifacts (letters, digits, . _ -); empty = a timestamp plus a random
     # suffix
