@@ -5210,7 +5210,7 @@ def log_environment(run, data):
     log(f"val_tokens:{data.val_tokens.numel()} val_bytes:{data.target_bytes.total}")
     log(f"bpb_bytecheck:ok {data.bytecheck}")
     planned = hp.iterations * hp.train_batch_tokens
-    if planned > train_tokens:
+    if planned > train_tokens and not (hp.finish_from or hp.eval_only_quantized_path):  # else nothing trains
         log(f"warning: {hp.iterations} steps x {hp.train_batch_tokens} tokens = {planned} exceeds the {train_tokens} "
             f"training tokens on disk, so data repeats (download more shards)")
 
@@ -5988,9 +5988,9 @@ SHAPING_SETTINGS = (
     ("attn.gate", "ATTN_GATE, GATE_WINDOW, NUM_HEADS"), ("attn.c_i", "INTENT_GATE"), ("convs", "CONV_K, INTENT_GATE"),
     ("value_residual", "VALUE_RESIDUAL, VALUE_RESIDUAL_FORM"), ("q_gain", "NORM_WEIGHTS, NUM_HEADS"),
     ("norm", "NORM_WEIGHTS"), ("attn_scale", "SUBLAYER_SCALES"), ("mlp_scale", "SUBLAYER_SCALES"),
-    ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER"),
+    ("resid_mix", "RESID_MIX"), ("lane", "PARALLEL_RESIDUALS, PARALLEL_FORM, PARALLEL_START_LAYER, NUM_LAYERS"),
     ("mlp", "MLP_MULT, MLP_ACTIVATION, MLP_CONV_K"),
-    ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LOOPS, LOOP_START, LOOP_END"),
+    ("skip", "UNET_SKIPS, SKIP_GATES, NUM_LAYERS, NUM_LOOPS, LOOP_START, LOOP_END"),
     ("backout", "BACKOUT_LAYER"), ("blocks.", "NUM_LAYERS, MODEL_DIM, NUM_HEADS"), ("", "MODEL_DIM"),
 )
 
@@ -6004,6 +6004,10 @@ def check_artifact_fits(model, state, path):
     settings that shape it: the model is this run's settings, the artifact the training run's."""
     mine = model.state_dict()
     where = f"EVAL_ONLY_QUANTIZED_PATH={path!r}: "
+    blocks = lambda names: len({name.split(".")[1] for name in names if name.startswith("blocks.")})
+    if blocks(state) != blocks(mine):  # else the first tensor that differs would name the settings of its kind
+        raise ConfigError(f"{where}the artifact has {blocks(state)} blocks, this model {blocks(mine)}; set NUM_LAYERS "
+                          f"as the run that wrote it did")
     for name, tensor in state.items():
         if name not in mine:
             raise ConfigError(f"{where}the artifact has {name}, which this model has not; set "

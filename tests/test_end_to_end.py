@@ -253,10 +253,12 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     cwd, env, log = single_run
     artifact = cwd / "logs" / "e2e_model.int6.ptz"
     env = {k: v for k, v in env.items() if k != "RECORD_DIR"}
+    # ITERATIONS would read the training data many times over; nothing trains, so no warning says it will.
     again = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="again", EVAL_STRIDE="0", EVAL_SEQ_LEN="128",
-                                                      EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
+                                                      ITERATIONS="100000", EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     text = (cwd / "logs" / "again.txt").read_text()
+    assert not re.search(r"^warning:", text, re.M)
     # Without a sliding pass or chunk TTT, the last windows are the round trip's: TRAIN_SEQ_LEN, not EVAL_SEQ_LEN.
     assert "compliance: eval_mode:plain seq_len:256 stride:256 doc_isolated:False " in text
     sha = __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()

@@ -626,3 +626,13 @@ def test_awq_lite_settings_are_refused_where_they_cannot_hold():
                        ({"AWQ_LITE_GROUP_SIZE": "32"}, "unless AWQ_LITE_ENABLED=1")):
         with pytest.raises(T.ConfigError, match=match):
             T.Hyperparameters.from_env(env)
+
+
+def test_an_artifact_of_another_depth_is_refused_naming_the_depth():
+    """The depth shapes every block's tensors and the skips': the refusal names NUM_LAYERS, not the settings of the
+    first tensor that happens to differ (the skips', or a missing block's MLP)."""
+    six, five = (T.GPT(small_hp("smoke", num_layers=layers)) for layers in (6, 5))
+    for model, state in ((five, six.state_dict()), (six, five.state_dict())):
+        with pytest.raises(T.ConfigError, match=r"blocks, this model \d; set NUM_LAYERS as the run that wrote it did"):
+            T.check_artifact_fits(model, state, "a.ptz")
+    T.check_artifact_fits(six, T.GPT(small_hp("smoke", num_layers=6)).state_dict(), "a.ptz")  # the same: accepted
