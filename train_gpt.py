@@ -85,6 +85,13 @@ RANGE_CHECKS = {">0": (lambda v: v > 0, "must be positive"), ">=0": (lambda v: v
                 "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
                 "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]")}
 CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and TTT_METHOD=lora"
+# What quantization settings need: bits below 16 (at 16 a tensor is stored as fp16), and, for an SDClip k, SDClip as
+# the row scale of the tensors it is the k of (the matrices' QUANT_CLIP; the tables' EMBED_QUANT_CLIP, or same).
+QUANTIZED_BITS = "5 or 6 or 7 or 8"
+MATRICES_QUANTIZED, TABLES_QUANTIZED = f"QUANT_BITS={QUANTIZED_BITS}", f"EMBED_QUANT_BITS={QUANTIZED_BITS}"
+SDCLIP_MATRICES = f"QUANT_CLIP=sdclip and {MATRICES_QUANTIZED}"
+SDCLIP_TABLES = (f"EMBED_QUANT_CLIP=sdclip and {TABLES_QUANTIZED}, "
+                 f"or EMBED_QUANT_CLIP=same and QUANT_CLIP=sdclip and {TABLES_QUANTIZED}")
 # The passes that score in windows of EVAL_SEQ_LEN, which EVAL_DOC_ISOLATED keeps inside documents: the sliding pass
 # and chunk TTT (the round trip's plain windows are TRAIN_SEQ_LEN's, never isolated; LoRA TTT's are its own).
 EVAL_WINDOWS = f"EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or {CHUNK_TTT}"
@@ -425,18 +432,20 @@ class Hyperparameters:
     embed_quant_bits: int = 7
     # row scale: sdclip (k * row std), percentile (GPTQ-lite search), quantile (the baseline's fixed 99.99984th
     # percentile) or rowmax
-    quant_clip: str = setting("sdclip", "sdclip|percentile|quantile|rowmax")
+    quant_clip: str = setting("sdclip", "sdclip|percentile|quantile|rowmax",
+                              f"{MATRICES_QUANTIZED}, or EMBED_QUANT_CLIP=same and {TABLES_QUANTIZED}")
     # the token tables' row scale, as QUANT_CLIP's choices (quantile: the PR #549 family's int8 tables); same =
     # QUANT_CLIP
-    embed_quant_clip: str = setting("same", "same|sdclip|percentile|quantile|rowmax")
+    embed_quant_clip: str = setting("same", "same|sdclip|percentile|quantile|rowmax", TABLES_QUANTIZED)
     # the least clip of a row: its scale is at least this / qmax (the PR #549 family's 1.0: 1/31 at int6); 0 = a
     # 2^-20 floor only
-    quant_clip_floor: float = setting(0.0, ">=0")
-    clip_k_mlp: float = setting(11.5, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the MLP matrices
+    quant_clip_floor: float = setting(0.0, ">=0", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
+    clip_k_mlp: float = setting(11.5, ">0", SDCLIP_MATRICES)  # SDClip k of the MLP matrices
     # SDClip k of the attention and other projection matrices
-    clip_k_attn: float = setting(13.0, ">0", "QUANT_CLIP=sdclip")
-    clip_k_embed: float = setting(14.0, ">0", "QUANT_CLIP=sdclip")  # SDClip k of the token tables
-    quant_packing: str = setting("byte", "byte|dense")  # byte (an int8 per value) or dense (bit-packed)
+    clip_k_attn: float = setting(13.0, ">0", SDCLIP_MATRICES)
+    clip_k_embed: float = setting(14.0, ">0", SDCLIP_TABLES)  # SDClip k of the token tables
+    # byte (an int8 per value) or dense (bit-packed)
+    quant_packing: str = setting("byte", "byte|dense", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
     gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
     # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR
     # #1019/#1392)
@@ -476,10 +485,11 @@ class Hyperparameters:
     # STE quantization-aware training from when the LR scale falls below this; 0 = off
     qat_start_lr_scale: float = setting(0.0, ">=0")
     # scale every SDClip k to the finest grid whose artifact fits; 0 = use the k's as given
-    size_target_bytes: int = setting(16_000_000, ">=0", "QUANT_CLIP=sdclip")
+    size_target_bytes: int = setting(16_000_000, ">=0", f"{SDCLIP_MATRICES}, or QUANT_CLIP=sdclip and "
+                                                         f"EMBED_QUANT_CLIP=same or sdclip and {TABLES_QUANTIZED}")
     # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
     # quantize every matrix
-    quant_passthrough_numel: int = setting(0, ">=0")
+    quant_passthrough_numel: int = setting(0, ">=0", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
     # the float vectors kept out of quantization (gains, scales, lane weights) in fp32, as the baseline keeps its
     # control tensors; off = fp16, as every record since PR #549 stores every tensor it does not quantize
     vectors_fp32: bool = True
@@ -1061,15 +1071,17 @@ def refuse_inert_settings(cls, values, sources):
             reset = [f"{name}, which PRESET={sources[name.lower()].rsplit(':', 1)[1]} sets, has no effect either: it "
                      f"needs {fields[name.lower()].metadata['needs']}" for name in re.findall(r"[A-Z][A-Z0-9_]+", needs)
                      if sources.get(name.lower(), "").startswith("inert:")]
+            switches = re.findall(r"[A-Z][A-Z0-9_]+", needs)
+            left_off = not values["preset"] and not any(sources[name.lower()].startswith("env") for name in switches)
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
                               f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset)
-                              + ("" if values["preset"] else presets_switching_on(cls, needs)))
+                              + (presets_switching_on(cls, needs) if left_off else ""))
 
 
 def presets_switching_on(cls, needs):
-    """Where no preset is given, the presets that switch `needs` on: a record's script has its own defaults (the
-    04-27 record's TTT is on unless TTT_ENABLED=0), so its published command, which does not restate them, runs
-    here under its preset."""
+    """Where neither a preset nor the switch is given, the presets that switch `needs` on: a record's script has its
+    own defaults (the 04-27 record's TTT is on unless TTT_ENABLED=0), so its published command, which does not
+    restate them, runs here under its preset."""
     defaults = {field.name: field.default for field in dataclasses.fields(cls)}
     names = [name for name, preset in PRESETS.items() if name not in ("", "smoke")
              and switched_on(defaults | preset, needs)]
@@ -3306,8 +3318,6 @@ def quantized_tensor_groups(model, hp=None):
         if kept_float:
             del groups[f"{name}.weight"]
     return groups
-
-
 
 
 def group_bits_and_k(hp, group):

@@ -636,3 +636,29 @@ def test_an_artifact_of_another_depth_is_refused_naming_the_depth():
         with pytest.raises(T.ConfigError, match=r"blocks, this model \d; set NUM_LAYERS as the run that wrote it did"):
             T.check_artifact_fits(model, state, "a.ptz")
     T.check_artifact_fits(six, T.GPT(small_hp("smoke", num_layers=6)).state_dict(), "a.ptz")  # the same: accepted
+
+
+def test_a_quantization_setting_is_accepted_exactly_where_it_acts():
+    """An SDClip k acts where its tensors are quantized with SDClip: the tables' k under EMBED_QUANT_CLIP=sdclip
+    whatever the matrices use, and no k, clip, packing or size target at 16 bits (fp16, nothing quantized)."""
+    hp = small_hp(num_layers=2, model_dim=64, quant_clip="percentile", embed_quant_clip="sdclip", gptq=False)
+    model = T.GPT(hp)
+    groups = T.quantized_tensor_groups(model, hp)
+    scales = [T.quantize_state_dict(model.state_dict(), groups, dataclasses.replace(hp, clip_k_embed=k))
+              ["tok_emb.weight"]["scale"] for k in (4.0, 10.0)]
+    assert not torch.equal(*scales)  # the tables' k acts: the setting must be accepted
+    env = {"QUANT_CLIP": "percentile", "EMBED_QUANT_CLIP": "sdclip", "CLIP_K_EMBED": "10"}
+    assert T.Hyperparameters.from_env(env)[0].clip_k_embed == 10.0
+    for refused in ({"EMBED_QUANT_CLIP": "quantile", "CLIP_K_EMBED": "10"},  # the tables' scale is a quantile
+                    {"QUANT_BITS": "16", "CLIP_K_MLP": "10"},  # the matrices are fp16
+                    {"PRESET": "neon213", "SIZE_TARGET_BYTES": "15000000"},  # everything is fp16: nothing to fit
+                    {"PRESET": "neon213", "QUANT_CLIP": "rowmax"}, {"PRESET": "neon213", "QUANT_PACKING": "dense"}):
+        with pytest.raises(T.ConfigError, match="has no effect unless"):
+            T.Hyperparameters.from_env(refused)
+    with pytest.raises(T.ConfigError, match=r"unset CLIP_K_MLP$"):  # its switch given: no preset is suggested
+        T.Hyperparameters.from_env({"QUANT_BITS": "16", "CLIP_K_MLP": "10"})
+    # fp16 matrices, int7 tables with SDClip: the size target still scales the tables' k
+    assert T.Hyperparameters.from_env({"QUANT_BITS": "16", "SIZE_TARGET_BYTES": "3000000"})[0].quant_bits == 16
+    # PR #754's fp16 embedding leaves PR #549's quantile clip of the tables without effect: back to its default
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "pr754"})
+    assert (hp.embed_quant_clip, sources["embed_quant_clip"]) == ("same", "inert:preset:pr754")
