@@ -194,7 +194,7 @@ class Hyperparameters:
     mlp_activation: str = setting("leaky_relu2", "relu2|leaky_relu2|swiglu")
     mlp_leaky_slope: float = setting(0.5, needs="MLP_ACTIVATION=leaky_relu2")  # negative slope of leaky_relu2
     tie_embeddings: bool = True  # share the token embedding with the output head
-    tied_embed_init_std: float = setting(0.005, ">=0")  # std of the tied embedding at init
+    tied_embed_init_std: float = setting(0.005, ">=0", "TIE_EMBEDDINGS=1")  # std of the tied embedding at init
     ortho_init: bool = True  # orthogonal init of every random matrix of at least 64 x 64
     # the attention output and MLP down projections start at zero (the baseline's); off = PyTorch's default init
     # (neon213)
@@ -213,7 +213,8 @@ class Hyperparameters:
     attn_gate: str = setting("sparse", "none|head|biased|output|sparse")
     # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
     attn_gate_scale: float = setting(0.5, needs="ATTN_GATE=sparse")
-    gate_window: int = 12  # input channels read by the output and sparse attention gates and by the SmearGate
+    # input channels read by the output and sparse attention gates and by the scalar SmearGate
+    gate_window: int = setting(12, needs="ATTN_GATE=output or sparse, or SMEAR_GATE=1 and SMEAR_GATE_FORM=scalar")
     value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
     # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
     value_residual_form: str = setting("sigmoid", "sigmoid|lambda", "VALUE_RESIDUAL=1")
@@ -464,9 +465,10 @@ class Hyperparameters:
     gptq_damp: float = setting(0.01, ">=0", "GPTQ=1")  # GPTQ damping, a fraction of the mean Hessian diagonal
     # how GPTQ-lite's quantile is chosen for a matrix GPTQ rounds: rtn (by the round-to-nearest error, then one GPTQ)
     # or gptq (GPTQ once per candidate, keeping the lowest weight MSE: the SP4096 record's)
-    gptq_clip_search: str = setting("rtn", "rtn|gptq", "GPTQ=1 and QUANT_CLIP=percentile")
+    gptq_clip_search: str = setting("rtn", "rtn|gptq", "GPTQ=1 and QUANT_CLIP=percentile, or GPTQ=1 and "
+                                                        "GPTQ_EMBED=1 and EMBED_QUANT_CLIP=percentile")
     # GPTQ also rounds the tied embedding (the 04-27 record's); off = its rows round to nearest (the SP4096 record's)
-    gptq_embed: bool = setting(True, needs="GPTQ=1")
+    gptq_embed: bool = setting(True, needs=f"GPTQ=1 and {TABLES_QUANTIZED}")
     # AWQ-lite (PR #1953/#2014): the AWQ_LITE_GROUP_TOP_K groups of AWQ_LITE_GROUP_SIZE input columns with the most
     # activation-weighted magnitude, over every matrix GPTQ rounds at fewer bits, get AWQ_LITE_BITS (a finer row scale)
     awq_lite_enabled: bool = setting(False, needs="GPTQ=1")

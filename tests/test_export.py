@@ -657,6 +657,8 @@ def test_a_quantization_setting_is_accepted_exactly_where_it_acts():
             T.Hyperparameters.from_env(refused)
     with pytest.raises(T.ConfigError, match=r"unset CLIP_K_MLP$"):  # its switch given: no preset is suggested
         T.Hyperparameters.from_env({"QUANT_BITS": "16", "CLIP_K_MLP": "10"})
+    # GPTQ's clip search runs on the tables alone where only they use a percentile clip
+    T.Hyperparameters.from_env({"EMBED_QUANT_CLIP": "percentile", "GPTQ_CLIP_SEARCH": "gptq"})
     # fp16 matrices, int7 tables with SDClip: the size target still scales the tables' k
     assert T.Hyperparameters.from_env({"QUANT_BITS": "16", "SIZE_TARGET_BYTES": "3000000"})[0].quant_bits == 16
     # PR #754's fp16 embedding leaves PR #549's quantile clip of the tables without effect: back to its default

@@ -74,6 +74,10 @@ SCRIPT = str(REPO / "train_gpt.py")
       "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # TTT alone: no sliding pass
     ({"PRESET": "record", "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # the preset has no sliding pass
     ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
+    ({"ATTN_GATE": "none", "SMEAR_GATE": "0", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),  # no gate reads it
+    ({"SMEAR_GATE_FORM": "blend", "ATTN_GATE": "head", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),
+    ({"TIE_EMBEDDINGS": "0", "TIED_EMBED_INIT_STD": "0.1"}, "TIED_EMBED_INIT_STD=0.1 has no effect"),
+    ({"PRESET": "pr754", "GPTQ": "1", "GPTQ_EMBED": "0"}, "GPTQ_EMBED=0 has no effect"),  # its tables are fp16
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
     ({"RUN_ID": "a/b"}, "RUN_ID"),
 ])
