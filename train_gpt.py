@@ -1070,10 +1070,10 @@ def refuse_inert_settings(cls, values, sources):
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(values, needs):
             given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
-            reset = [f"{name}, which PRESET={sources[name.lower()].rsplit(':', 1)[1]} sets, has no effect either: it "
-                     f"needs {fields[name.lower()].metadata['needs']}" for name in re.findall(r"[A-Z][A-Z0-9_]+", needs)
-                     if sources.get(name.lower(), "").startswith("inert:")]
             switches = re.findall(r"[A-Z][A-Z0-9_]+", needs)
+            reset = [f"{name}, which PRESET={sources[name.lower()].rsplit(':', 1)[1]} sets, has no effect either: it "
+                     f"needs {fields[name.lower()].metadata['needs']}" for name in switches
+                     if sources[name.lower()].startswith("inert:")]
             left_off = not values["preset"] and not any(sources[name.lower()].startswith("env") for name in switches)
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
                               f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset)
