@@ -786,9 +786,15 @@ def rules_of_training(hp, require):
     require(not (hp.warmdown_iters > 0 and hp.warmdown_frac > 0), "WARMDOWN_ITERS",
             f"and WARMDOWN_FRAC={hp.warmdown_frac} are two forms of the warmdown; set one (WARMDOWN_ITERS=0 to "
             f"use the fraction, WARMDOWN_FRAC=0 to use the steps)")
-    for name in ("qat_start_lr_scale", "swa_start_lr_scale"):
-        require(getattr(hp, name) == 0 or getattr(hp, name) > hp.min_lr_scale, name.upper(),
-                f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
+    # QAT and SWA start when the LR scale falls below theirs: it must fall, and below their start
+    decays = hp.warmdown_frac > 0 or hp.warmdown_iters > 0 or hp.kernel_stage_restarts
+    for switch, on, name in (("QAT_START_LR_SCALE", hp.qat_start_lr_scale > 0, "qat_start_lr_scale"),
+                             ("WEIGHT_AVERAGING", "swa" in hp.weight_averaging, "swa_start_lr_scale")):
+        if on:
+            require(decays, switch, f"{name[:3].upper()} never starts: without a warmdown (WARMDOWN_FRAC=0 and "
+                    f"WARMDOWN_ITERS=0) the LR scale stays 1, never below {name.upper()}; set one of them")
+            require(getattr(hp, name) > hp.min_lr_scale, name.upper(),
+                    f"must be above MIN_LR_SCALE={hp.min_lr_scale}, or the LR scale never falls below it")
     require(hp.train_rows == "seq" or hp.data_seed == -1, "TRAIN_ROWS",
             "packed reads each micro-batch as one span of the stream: set DATA_SEED=-1")
     require(not (hp.fused_ce_enabled and hp.mile_gamma > 0), "FUSED_CE_ENABLED",

@@ -77,6 +77,9 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"ATTN_GATE": "none", "SMEAR_GATE": "0", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),  # no gate reads it
     ({"SMEAR_GATE_FORM": "blend", "ATTN_GATE": "head", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),
     ({"TIE_EMBEDDINGS": "0", "TIED_EMBED_INIT_STD": "0.1"}, "TIED_EMBED_INIT_STD=0.1 has no effect"),
+    ({"QAT_START_LR_SCALE": "0.2", "WARMDOWN_FRAC": "0"}, "QAT never starts"),  # no warmdown: the LR scale stays 1
+    ({"WEIGHT_AVERAGING": "swa", "WARMDOWN_FRAC": "0"}, "SWA never starts"),
+    ({"WEIGHT_AVERAGING": "ema_swa", "MIN_LR_SCALE": "0.5"}, "SWA_START_LR_SCALE=0.2: must be above MIN_LR_SCALE"),
     ({"PRESET": "pr754", "GPTQ": "1", "GPTQ_EMBED": "0"}, "GPTQ_EMBED=0 has no effect"),  # its tables are fp16
     ({"RUN_ID": "../x"}, "RUN_ID"),  # a name, never a path
     ({"RUN_ID": "a/b"}, "RUN_ID"),
@@ -84,6 +87,12 @@ SCRIPT = str(REPO / "train_gpt.py")
 def test_a_bad_setting_is_refused_naming_the_variable(env, name):
     with pytest.raises(T.ConfigError, match=name):
         T.Hyperparameters.from_env(env)
+
+
+def test_a_start_scale_is_checked_only_where_its_technique_runs():
+    """SWA's start scale is SWA's: a floor above it refuses SWA, not the default stack, which runs no SWA."""
+    assert T.Hyperparameters.from_env({"MIN_LR_SCALE": "0.5"})[0].min_lr_scale == 0.5
+    assert T.Hyperparameters.from_env({"PRESET": "neon213", "WEIGHT_AVERAGING": "swa"})[0].kernel_stage_restarts
 
 
 def test_aliases_apply_with_the_records_meaning_and_say_so():
