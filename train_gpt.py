@@ -89,6 +89,7 @@ CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and T
 # the row scale of the tensors it is the k of (the matrices' QUANT_CLIP; the tables' EMBED_QUANT_CLIP, or same).
 QUANTIZED_BITS = "5 or 6 or 7 or 8"
 MATRICES_QUANTIZED, TABLES_QUANTIZED = f"QUANT_BITS={QUANTIZED_BITS}", f"EMBED_QUANT_BITS={QUANTIZED_BITS}"
+ANY_QUANTIZED = f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}"
 SDCLIP_MATRICES = f"QUANT_CLIP=sdclip and {MATRICES_QUANTIZED}"
 SDCLIP_TABLES = (f"EMBED_QUANT_CLIP=sdclip and {TABLES_QUANTIZED}, "
                  f"or EMBED_QUANT_CLIP=same and QUANT_CLIP=sdclip and {TABLES_QUANTIZED}")
@@ -440,13 +441,13 @@ class Hyperparameters:
     embed_quant_clip: str = setting("same", "same|sdclip|percentile|quantile|rowmax", TABLES_QUANTIZED)
     # the least clip of a row: its scale is at least this / qmax (the PR #549 family's 1.0: 1/31 at int6); 0 = a
     # 2^-20 floor only
-    quant_clip_floor: float = setting(0.0, ">=0", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
+    quant_clip_floor: float = setting(0.0, ">=0", ANY_QUANTIZED)
     clip_k_mlp: float = setting(11.5, ">0", SDCLIP_MATRICES)  # SDClip k of the MLP matrices
     # SDClip k of the attention and other projection matrices
     clip_k_attn: float = setting(13.0, ">0", SDCLIP_MATRICES)
     clip_k_embed: float = setting(14.0, ">0", SDCLIP_TABLES)  # SDClip k of the token tables
     # byte (an int8 per value) or dense (bit-packed)
-    quant_packing: str = setting("byte", "byte|dense", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
+    quant_packing: str = setting("byte", "byte|dense", ANY_QUANTIZED)
     gptq: bool = True  # full-Hessian GPTQ rounding (matrices and the tied embedding); off = round to nearest
     # the Hessians' inputs: train (fresh training batches) or self (sequences the model samples itself, PR
     # #1019/#1392)
@@ -491,7 +492,7 @@ class Hyperparameters:
                                                          f"EMBED_QUANT_CLIP=same or sdclip and {TABLES_QUANTIZED}")
     # float tensors of at most this many elements are stored as fp16, not quantized (the PR #549 family: 65536); 0 =
     # quantize every matrix
-    quant_passthrough_numel: int = setting(0, ">=0", f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}")
+    quant_passthrough_numel: int = setting(0, ">=0", ANY_QUANTIZED)
     # the float vectors kept out of quantization (gains, scales, lane weights) in fp32, as the baseline keeps its
     # control tensors; off = fp16, as every record since PR #549 stores every tensor it does not quantize
     vectors_fp32: bool = True
