@@ -6317,6 +6317,9 @@ def lora_forward_of(run, net, backend="inductor"):
     hp, start = run.hp, time.perf_counter()
     # Its graphs share the model forward's cache with training's and evaluation's (COMPILE_GRAPH_LIMIT).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
+    # Only the batch and the lengths vary: the model's float constants (scales, slopes, the softcap) stay constants,
+    # which dynamic=True would trace as symbols; that halves the build on the CPU (aot_eager: 46 s -> 28 s).
+    torch._dynamo.config.specialize_float = True
     compiled = torch.compile(net, dynamic=True, backend=backend)
     adapters = DocumentAdapters(net, hp.ttt_batch_size, hp, torch.Generator().manual_seed(0)).to(run.device)
     for param in net.parameters():
