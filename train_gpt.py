@@ -6903,7 +6903,10 @@ def settings_in_environ(environ, types):
 
 if __name__ == "__main__":
     if sys.argv[1:] in (["-h"], ["--help"]):
-        print(usage())
+        try:
+            print(usage(), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted and closed the pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     if sys.argv[1:]:
         sys.exit(f"config error: train_gpt.py takes no arguments ({' '.join(sys.argv[1:])}): every setting is an "

@@ -3,6 +3,7 @@
 
 import dataclasses
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def test_help_lists_every_setting_by_group_and_every_preset_and_starts_nothing(t
     assert all(name in result.stdout for name in T.PRESETS) and "docs/configuration.md" in result.stdout
     refused = run_script([sys.executable, str(REPO / "train_gpt.py"), "--iterations", "3"], {}, tmp_path)
     assert refused.returncode == 1 and "takes no arguments" in refused.stderr and not (tmp_path / "logs").exists()
+    # `--help | head`: a reader that closes the pipe early (here before the text is written) gets no traceback
+    reader_gone = subprocess.Popen([sys.executable, str(REPO / "train_gpt.py"), "--help"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, cwd=tmp_path)
+    reader_gone.stdout.close()
+    assert reader_gone.wait(timeout=120) == 0 and reader_gone.stderr.read() == b""
 
 
 def test_readme_table_documents_every_env_var_with_its_default():
