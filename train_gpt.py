@@ -90,6 +90,9 @@ CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and T
 QUANTIZED_BITS = "5 or 6 or 7 or 8"
 MATRICES_QUANTIZED, TABLES_QUANTIZED = f"QUANT_BITS={QUANTIZED_BITS}", f"EMBED_QUANT_BITS={QUANTIZED_BITS}"
 ANY_QUANTIZED = f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}"
+# AWQ-lite widens columns of the matrices GPTQ rounds at fewer bits than its own (the tables only with GPTQ_EMBED=1)
+AWQ_LITE_PROTECTS = ("GPTQ=1 and QUANT_BITS < AWQ_LITE_BITS, or GPTQ=1 and GPTQ_EMBED=1 and "
+                     "EMBED_QUANT_BITS < AWQ_LITE_BITS")
 SDCLIP_MATRICES = f"QUANT_CLIP=sdclip and {MATRICES_QUANTIZED}"
 SDCLIP_TABLES = (f"EMBED_QUANT_CLIP=sdclip and {TABLES_QUANTIZED}, "
                  f"or EMBED_QUANT_CLIP=same and QUANT_CLIP=sdclip and {TABLES_QUANTIZED}")
@@ -102,9 +105,13 @@ SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
 
 def switched_on(values, condition):
     """Whether a `needs` condition holds for the settings' `values` ({field: value}): alternatives joined by ", or ",
-    each clauses joined by " and ", each clause "NAME=a or b" (the value is one of them; booleans are 1 and 0), or
-    "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty string)."""
+    each clauses joined by " and ", each clause "NAME=a or b" (the value is one of them; booleans are 1 and 0),
+    "NAME < NAME" (two numbers compared), or "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty
+    string)."""
     def clause_holds(clause):
+        if " < " in clause:
+            low, high = (values[name.lower()] for name in clause.split(" < "))
+            return low < high
         if "=" in clause:
             name, allowed = clause.split("=", 1)
             value = values[name.lower()]
@@ -472,7 +479,7 @@ class Hyperparameters:
     gptq_embed: bool = setting(True, needs=f"GPTQ=1 and {TABLES_QUANTIZED}")
     # AWQ-lite (PR #1953/#2014): the AWQ_LITE_GROUP_TOP_K groups of AWQ_LITE_GROUP_SIZE input columns with the most
     # activation-weighted magnitude, over every matrix GPTQ rounds at fewer bits, get AWQ_LITE_BITS (a finer row scale)
-    awq_lite_enabled: bool = setting(False, needs="GPTQ=1")
+    awq_lite_enabled: bool = setting(False, needs=AWQ_LITE_PROTECTS)
     awq_lite_bits: int = setting(8, needs="AWQ_LITE_ENABLED=1")  # the protected columns' bits (at most 8: int8)
     awq_lite_group_top_k: int = setting(1, ">0", "AWQ_LITE_ENABLED=1")  # groups protected, over all matrices
     awq_lite_group_size: int = setting(64, ">0", "AWQ_LITE_ENABLED=1")  # input columns per group

@@ -3,6 +3,7 @@ exact file round-trips, corruption, and the model read back from disk."""
 
 import contextlib
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -636,6 +637,30 @@ def test_an_artifact_of_another_depth_is_refused_naming_the_depth():
         with pytest.raises(T.ConfigError, match=r"blocks, this model \d; set NUM_LAYERS as the run that wrote it did"):
             T.check_artifact_fits(model, state, "a.ptz")
     T.check_artifact_fits(six, T.GPT(small_hp("smoke", num_layers=6)).state_dict(), "a.ptz")  # the same: accepted
+
+
+def test_awq_lite_is_accepted_exactly_where_it_protects_columns():
+    """AWQ-lite widens columns of the matrices GPTQ rounds at fewer bits than AWQ_LITE_BITS (the tables only with
+    GPTQ_EMBED=1): where there are none, it would protect nothing, so it is refused, and a preset's is reset."""
+    for quant_bits, embed_bits, gptq_embed, awq_bits in itertools.product((6, 8, 16), (7, 8), (0, 1), (7, 8)):
+        settings = dict(gptq=True, awq_lite_enabled=True, quant_bits=quant_bits, embed_quant_bits=embed_bits,
+                        gptq_embed=bool(gptq_embed), awq_lite_bits=awq_bits)
+        hp = small_hp(num_layers=2, model_dim=64, **settings)
+        model = T.GPT(hp)
+        groups = T.quantized_tensor_groups(model, hp)
+        hessians = {name: torch.eye(model.state_dict()[name].size(1)) for name in groups}
+        protects = bool(T.awq_lite_groups(model.state_dict(), groups, hessians, {}, hp))
+        env = {name.upper(): str(int(value)) for name, value in settings.items()}
+        try:
+            accepted = T.Hyperparameters.from_env(env)[0].awq_lite_enabled
+        except T.ConfigError as error:
+            assert "AWQ_LITE_ENABLED=1 has no effect unless" in str(error)
+            accepted = False
+        assert accepted == protects, settings
+    # PR #2014's AWQ-lite under 8-bit matrices and tables: back to its default, and the config line says so
+    hp, sources = T.Hyperparameters.from_env({"PRESET": "pr2014", "QUANT_BITS": "8", "EMBED_QUANT_BITS": "8"})
+    assert (hp.awq_lite_enabled, sources["awq_lite_enabled"]) == (False, "inert:preset:pr2014")
+    assert T.Hyperparameters.from_env({"PRESET": "pr2014", "QUANT_BITS": "8"})[0].awq_lite_enabled  # int7 tables
 
 
 def test_a_quantization_setting_is_accepted_exactly_where_it_acts():
