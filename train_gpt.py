@@ -90,7 +90,7 @@ CHUNK_TTT, LORA_TTT = "TTT_ENABLED=1 and TTT_METHOD=chunk", "TTT_ENABLED=1 and T
 QUANTIZED_BITS = "5 or 6 or 7 or 8"
 MATRICES_QUANTIZED, TABLES_QUANTIZED = f"QUANT_BITS={QUANTIZED_BITS}", f"EMBED_QUANT_BITS={QUANTIZED_BITS}"
 ANY_QUANTIZED = f"{MATRICES_QUANTIZED}, or {TABLES_QUANTIZED}"
-# AWQ-lite widens columns of the matrices GPTQ rounds at fewer bits than its own (the tables only with GPTQ_EMBED=1)
+# AWQ-lite gives its bits to columns of the matrices GPTQ rounds at fewer bits (the tables only with GPTQ_EMBED=1)
 AWQ_LITE_PROTECTS = ("GPTQ=1 and QUANT_BITS < AWQ_LITE_BITS, or GPTQ=1 and GPTQ_EMBED=1 and "
                      "EMBED_QUANT_BITS < AWQ_LITE_BITS")
 SDCLIP_MATRICES = f"QUANT_CLIP=sdclip and {MATRICES_QUANTIZED}"
@@ -105,7 +105,7 @@ SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
 
 def switched_on(values, condition):
     """Whether a `needs` condition holds for the settings' `values` ({field: value}): alternatives joined by ", or ",
-    each clauses joined by " and ", each clause "NAME=a or b" (the value is one of them; booleans are 1 and 0),
+    each a set of clauses joined by " and ", each clause "NAME=a or b" (the value is one of them; booleans are 1 and 0),
     "NAME < NAME" (two numbers compared), or "NAME or NAME > 0" (any of them is set: nonzero, or a nonempty
     string)."""
     def clause_holds(clause):
