@@ -545,7 +545,8 @@ def test_packed_rows_build_their_training_and_global_sgd_graphs_in_the_warmup(sa
 # whose 4 steps take its schedule's pieces of 64, 128 (unlooped, then looped) and 256, neither. The seeds compile
 # with inductor; the records with dynamo's aot_eager backend (every torch.compile of the run), since inductor takes
 # minutes on CI's two cores to build their dynamic-shape TTT forward. Three layers (five with the loops) keep that
-# trace short. The seeds run in the suite, which has the time; the records in the CUDA-path step.
+# trace short. The seeds run in the suite, about 15 s each there (in the CUDA-path step, on a cold inductor cache,
+# they took 160 s together); the records in the CUDA-path step.
 RECORD_COMPILE_SETTINGS = dict(NUM_LAYERS="3", LOOP_START="1", LOOP_END="1", PARALLEL_START_LAYER="2",
                                GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4", TTT_CHUNK_SIZE="128",
                                TTT_BATCH_SIZE="16", SIZE_TARGET_BYTES="0")
