@@ -104,6 +104,7 @@ def test_the_records_folder_is_generated_from_the_log(single_run):
     assert f"{submission['val_bpb']:.8f}" in (record / "README.md").read_text()
 
 
+@pytest.mark.cuda_path  # with the eight-rank and two-node proofs, in CI's second step (the suite has no time left)
 def test_two_processes_match_one_process_with_the_same_global_batch(caseops_sample, tmp_path):
     runs = {}
     for nproc in (1, 2):
