@@ -101,6 +101,7 @@ SDCLIP_TABLES = (f"EMBED_QUANT_CLIP=sdclip and {TABLES_QUANTIZED}, "
 EVAL_WINDOWS = f"EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or {CHUNK_TTT}"
 PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
+GATES_READ_WINDOW = "ATTN_GATE=output or sparse, or SMEAR_GATE=1 and SMEAR_GATE_FORM=scalar"
 
 
 def switched_on(values, condition):
@@ -222,7 +223,7 @@ class Hyperparameters:
     # s in the sparse gate sigmoid(s * W x[:GATE_WINDOW])
     attn_gate_scale: float = setting(0.5, needs="ATTN_GATE=sparse")
     # input channels read by the output and sparse attention gates and by the scalar SmearGate
-    gate_window: int = setting(12, needs="ATTN_GATE=output or sparse, or SMEAR_GATE=1 and SMEAR_GATE_FORM=scalar")
+    gate_window: int = setting(12, needs=GATES_READ_WINDOW)
     value_residual: bool = False  # every later layer's V also reads layer 0's V (the form: VALUE_RESIDUAL_FORM)
     # sigmoid: v + sigmoid(a) v0, a = 0 (ResFormer); lambda: l0 v0 + l1 v, l = (0.5, 0.5) (PR #549's)
     value_residual_form: str = setting("sigmoid", "sigmoid|lambda", "VALUE_RESIDUAL=1")
@@ -771,7 +772,9 @@ def rules_of_model(hp, require):
     require(hp.mlp_conv_k == 0 or hp.mlp_activation == "swiglu", "MLP_CONV_K",
             "needs MLP_ACTIVATION=swiglu (it convolves the gate branch)")
     require(not hp.kernel_stages or max(hp.conv_k, hp.mlp_conv_k) > 0, "KERNEL_SCHEDULE", "needs CONV_K or MLP_CONV_K")
-    require(0 < hp.gate_window <= hp.model_dim, "GATE_WINDOW", "must be in 1..MODEL_DIM")
+    # checked only where a gate reads it: the default 12 must not refuse a narrower model without those gates
+    require(not switched_on(vars(hp), GATES_READ_WINDOW) or 0 < hp.gate_window <= hp.model_dim, "GATE_WINDOW",
+            f"must be in 1..MODEL_DIM={hp.model_dim}")
     require(hp.bigram_buckets == 0 or hp.bigram_buckets >= 2, "BIGRAM_BUCKETS", "0 (off) or at least 2")
     if hp.num_loops:
         require(0 <= hp.loop_start <= hp.loop_end < hp.num_layers, "LOOP_END",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt as T
 from conftest import run_script
@@ -60,6 +61,25 @@ def test_a_setting_whose_switch_is_off_is_refused_for_that_before_anything_else_
     """Naming the missing switch first: fixing the value's other complaint first would only lead to this one."""
     with pytest.raises(T.ConfigError, match=re.escape(message)):
         T.Hyperparameters.from_env(env)
+
+
+@pytest.mark.parametrize("gates, reads_window", [
+    ({"ATTN_GATE": "none", "SMEAR_GATE": "0"}, False), ({"ATTN_GATE": "head", "SMEAR_GATE_FORM": "blend"}, False),
+    ({"ATTN_GATE": "sparse", "SMEAR_GATE": "0"}, True), ({"ATTN_GATE": "output", "SMEAR_GATE": "0"}, True),
+    ({"ATTN_GATE": "none"}, True),  # the scalar SmearGate reads it
+])
+def test_a_default_no_gate_reads_refuses_no_model_narrower_than_it(gates, reads_window):
+    """GATE_WINDOW's default (12) is checked against MODEL_DIM only where a gate reads it: a model of width 8 without
+    those gates builds and runs; with one of them it is refused, naming the setting to lower."""
+    env = dict(MODEL_DIM="8", NUM_HEADS="2", NUM_KV_HEADS="2", ROPE_DIMS="4", NUM_LAYERS="2", NUM_LOOPS="0",
+               PARALLEL_RESIDUALS="0", VOCAB_SIZE="64", **gates)
+    if reads_window:
+        with pytest.raises(T.ConfigError, match=re.escape("GATE_WINDOW=12: must be in 1..MODEL_DIM=8")):
+            T.Hyperparameters.from_env(env)
+        env["GATE_WINDOW"] = "8"
+    hp, _ = T.Hyperparameters.from_env(env)
+    logits = T.GPT(hp).logits(torch.randint(0, 64, (1, 16)))
+    assert logits.shape == (1, 16, 64) and torch.isfinite(logits).all()
 
 
 def test_a_presets_value_whose_switch_you_turned_off_returns_to_its_default_and_says_so():
