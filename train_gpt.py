@@ -3399,6 +3399,21 @@ def clipped_for_rounding(w, method):
     return torch.maximum(torch.minimum(w, clip), -clip)
 
 
+def quantization_line(hp, k_scale, gptq, protected, seconds):
+    """The log's `quantization:` line. A clip, the size target's k scale and the packing are named only where some
+    tensor is quantized: an all-fp16 export has none of them."""
+    matrices, tables = hp.quant_bits < FP16_BITS, hp.embed_quant_bits < FP16_BITS
+    fields = [f"bits:{hp.quant_bits}", f"embed_bits:{hp.embed_quant_bits}"]
+    fields += [f"clip:{hp.quant_clip}"] * matrices + [f"embed_clip:{clip_method(hp, 'embed')}"] * tables
+    if matrices or tables:
+        fields += [f"clip_floor:{hp.quant_clip_floor:g}", f"k_scale:{k_scale:.3f}", f"packing:{hp.quant_packing}"]
+    fields += [f"gptq:{gptq}", f"lqer_rank:{hp.lqer_rank}"]
+    if protected:
+        columns = ",".join(f"{name}@{column}" for name, columns in protected.items() for column in columns)
+        fields.append(f"awq_lite:int{hp.awq_lite_bits}:{columns}")
+    return "quantization: " + " ".join(fields + [f"time:{seconds:.1f}s"])
+
+
 def clip_method(hp, group):
     return hp.embed_quant_clip if group == "embed" and hp.embed_quant_clip != "same" else hp.quant_clip
 
@@ -6191,13 +6206,7 @@ def export(run, net, hessians):
         model_bytes = write_artifact(path, blob)
         sha256 = hashlib.sha256(blob).hexdigest()  # evaluation scores these bytes, nothing else
         others = compressed_sizes_for_log(quantized, hp)
-        log(f"quantization: bits:{hp.quant_bits} embed_bits:{hp.embed_quant_bits} clip:{hp.quant_clip} "
-            f"embed_clip:{clip_method(hp, 'embed')} clip_floor:{hp.quant_clip_floor:g} "
-            f"k_scale:{k_scale:.3f} "
-            f"gptq:{hessians is not None} lqer_rank:{hp.lqer_rank} packing:{hp.quant_packing} "
-            + (f"awq_lite:int{hp.awq_lite_bits}:{','.join(f'{n}@{c}' for n, cs in protected.items() for c in cs)} "
-               if protected else "") +
-            f"time:{run.timings['quantize_s']:.1f}s")
+        log(quantization_line(hp, k_scale, hessians is not None, protected, run.timings["quantize_s"]))
         log(f"compressed_model_bytes: {hp.compressor}:{model_bytes} (shipped) "
             + " ".join(f"{name}:{size}" for name, size in others.items()) + f" byte_shuffle:{hp.byte_shuffle}")
         log(f"artifact: bytes_code:{code_bytes} bytes_model:{model_bytes} bytes_total:{total} "

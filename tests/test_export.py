@@ -689,3 +689,16 @@ def test_a_quantization_setting_is_accepted_exactly_where_it_acts():
     # PR #754's fp16 embedding leaves PR #549's quantile clip of the tables without effect: back to its default
     hp, sources = T.Hyperparameters.from_env({"PRESET": "pr754"})
     assert (hp.embed_quant_clip, sources["embed_quant_clip"]) == ("same", "inert:preset:pr754")
+
+
+@pytest.mark.parametrize("env, named, unnamed", [
+    ({}, "clip:sdclip embed_clip:sdclip clip_floor:0 k_scale:0.500 packing:byte gptq:True", ""),
+    ({"QUANT_BITS": "16"}, "embed_bits:7 embed_clip:sdclip clip_floor:0 k_scale:0.500", " clip:"),
+    ({"EMBED_QUANT_BITS": "16"}, "embed_bits:16 clip:sdclip clip_floor", "embed_clip:"),
+    ({"PRESET": "neon213"}, "bits:16 embed_bits:16 gptq:False lqer_rank:0 time:", "clip"),
+])
+def test_the_quantization_line_names_a_clip_only_where_tensors_are_quantized(env, named, unnamed):
+    """The log names the settings that acted: an all-fp16 export has no clip, k scale or packing to report."""
+    hp = T.Hyperparameters.from_env(env)[0]
+    line = T.quantization_line(hp, 0.5, hp.gptq, {}, 1.0)
+    assert named in line and (not unnamed or unnamed not in line) and line.endswith(" time:1.0s"), line
