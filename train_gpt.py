@@ -5081,6 +5081,10 @@ class Run:
         self.device_name = torch.cuda.get_device_name(self.device) if device_type == "cuda" else "cpu"
         self.seqs_per_step, self.grad_accum_steps = batch_split(hp, self.world_size)
         self.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
+        if sources["compile_scope"].startswith("env") and not self.use_compile:  # COMPILE=0 is refused by `needs`
+            raise ConfigError(f"COMPILE_SCOPE={hp.compile_scope!r} has no effect: COMPILE=auto compiles on CUDA only, "
+                              f"and this run is on the {device_type}; set COMPILE=1 to compile here, or unset "
+                              f"COMPILE_SCOPE")
         bf16 = autocast_name(hp.autocast, device_type) == "bf16"
         self.attention_name, self.attention_fn = select_attention(hp.attn_backend, device_type, half_precision=bf16,
                                                                   documents=hp.doc_isolation, compiled=self.use_compile)

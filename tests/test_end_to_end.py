@@ -189,6 +189,7 @@ def test_bad_input_fails_before_training_with_a_named_fix(sample, tmp_path, over
 @pytest.mark.parametrize("overrides, message", [
     (dict(GRAD_ACCUM_STEPS=3), "does not split over WORLD_SIZE=1 x GRAD_ACCUM_STEPS=3"),
     (dict(ATTN_BACKEND="flex", DOC_ISOLATION=1), "ATTN_BACKEND=flex: FlexAttention has no backward on the CPU"),
+    (dict(COMPILE_SCOPE="block"), "COMPILE_SCOPE='block' has no effect: COMPILE=auto compiles on CUDA only"),
 ])
 def test_a_setting_the_machine_cannot_meet_leaves_no_log_so_the_same_run_id_can_be_rerun(sample, tmp_path, overrides,
                                                                                           message):
