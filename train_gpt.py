@@ -101,6 +101,7 @@ SDCLIP_TABLES = (f"EMBED_QUANT_CLIP=sdclip and {TABLES_QUANTIZED}, "
 EVAL_WINDOWS = f"EVAL_STRIDE > 0 and TTT_EVAL_ONLY=0, or {CHUNK_TTT}"
 PHASED_TTT = "TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"
 SHORT_SCORE_FIRST = f"{LORA_TTT} and TTT_SHORT_SCORE_FIRST_ENABLED=1"
+RECORD_FOLDER = "RECORD_DIR or RECORD_NAME"  # a run that writes a records folder (its submission.json's fields)
 GATES_READ_WINDOW = "ATTN_GATE=output or sparse, or SMEAR_GATE=1 and SMEAR_GATE_FORM=scalar"
 
 
@@ -159,9 +160,10 @@ class Hyperparameters:
     # submission.json "name"; with RECORD_DIR empty, the record goes to
     # records/track_10min_16mb/<date>_<RECORD_NAME>/
     record_name: str = ""
-    record_author: str = ""  # submission.json "author" (kept from the folder's submission.json when empty)
-    record_github_id: str = ""  # submission.json "github_id" (likewise)
-    record_blurb: str = ""  # submission.json "blurb" (likewise)
+    # submission.json "author" (kept from the folder's submission.json when empty)
+    record_author: str = setting("", needs=RECORD_FOLDER)
+    record_github_id: str = setting("", needs=RECORD_FOLDER)  # submission.json "github_id" (likewise)
+    record_blurb: str = setting("", needs=RECORD_FOLDER)  # submission.json "blurb" (likewise)
 
     iterations: int = setting(20000, ">0", group="schedule and batch")  # maximum number of optimizer steps
     # training-time cap (warmup, validation and export excluded); 0 = none

@@ -56,6 +56,7 @@ def test_a_refusal_spells_the_value_as_the_variable_takes_it(env, message):
     ({"KERNEL_STAGE_RESTARTS": "1"}, "KERNEL_STAGE_RESTARTS=1 has no effect unless KERNEL_SCHEDULE"),
     ({"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "1"}, "has no effect unless TTT_ENABLED=1 and PHASED_TTT_ENABLED=1"),
     ({"GPTQ_CLIP_SEARCH": "gptq", "GPTQ_DAMP": "-1"}, "has no effect unless GPTQ=1 and QUANT_CLIP=percentile"),
+    ({"RECORD_AUTHOR": "A. Person"}, "has no effect unless RECORD_DIR or RECORD_NAME"),  # no folder to write it in
 ])
 def test_a_setting_whose_switch_is_off_is_refused_for_that_before_anything_else_its_value_breaks(env, message):
     """Naming the missing switch first: fixing the value's other complaint first would only lead to this one."""
