@@ -599,6 +599,9 @@ class Hyperparameters:
             raise ConfigError(f"GLOBAL_TTT_RESPECT_DOC_BOUNDARIES={int(values['global_ttt_respect_doc_boundaries'])}: "
                               f"the global SGD's attention stays within documents exactly when DOC_ISOLATION=1 (here "
                               f"{int(isolated)}); set the two alike")
+        if sources["seed"].startswith("env") and values["seeds"].strip():  # each seed's run takes its own
+            raise ConfigError(f"SEED={values['seed']} has no effect with SEEDS={values['seeds']!r}, whose runs each "
+                              f"take one of its seeds; unset SEED (and list every seed in SEEDS)")
         return cls(**values), sources
 
     def __post_init__(self):

@@ -35,6 +35,7 @@ def test_env_vars_are_typed_and_override_presets():
     ({"COMPRESSOR": "lz4"}, "COMPRESSOR"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND"), ({"ATTN_BACKEND": "flex"}, "ATTN_BACKEND"),
     ({"ITERATIONS": "0"}, "ITERATIONS"),
+    ({"SEED": "7", "SEEDS": "1 2"}, "SEED=7 has no effect with SEEDS='1 2'"),  # each seed's run takes its own
 ])
 def test_bad_settings_fail_early_naming_the_env_var(env, name):
     with pytest.raises(T.ConfigError, match=name):
