@@ -113,7 +113,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         env = smoke_env(caseops_sample[:2], ITERATIONS=6, WARMDOWN_FRAC=0.5, WARMUP_STEPS=1, RUN_ID=f"ws{nproc}",
                         CASEOPS_ENABLED=1, TTT_ENABLED=1, NUM_LAYERS=4, MODEL_DIM=64, LOOP_START=1, LOOP_END=2,
                         PARALLEL_START_LAYER=3, TTT_METHOD="lora", TTT_LORA_RANK=8, TTT_BATCH_SIZE=8,
-                        TTT_CHUNK_SIZE=64, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
+                        TTT_CHUNK_SIZE=128, TTT_WARM_START_A=0,  # warm A would carry a rank's own earlier documents
                         PHASED_TTT_ENABLED=1, PHASED_TTT_PREFIX_DOCS=60, PHASED_TTT_NUM_PHASES=2,  # 2 global SGDs
                         GLOBAL_TTT_CHUNK_TOKENS=4096, GLOBAL_TTT_BATCH_SEQS=6,
                         # PR #2014's additions: packed rows through its length schedule (8 micro-batches a step at
@@ -121,7 +121,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
                         # chunks, LR multiplier and AWQ-lite
                         DOC_ISOLATION=1, TRAIN_ROWS="packed", GRAD_ACCUM_STEPS=0, SEQ_CHANGE_WARMUP_STEPS=2,
                         TRAIN_SEQ_SCHEDULE="64@0.34,128@0.67,256@1",
-                        TTT_MASK="no_qv", TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="200:16",
+                        TTT_MASK="no_qv", TTT_SHORT_SCORE_FIRST_ENABLED=1, TTT_SHORT_SCORE_FIRST_STEPS="200:32",
                         TTT_LOCAL_LR_MULT=0.75, AWQ_LITE_ENABLED=1, AWQ_LITE_GROUP_TOP_K=2,
                         # the export and eval costs are not what is tested
                         GPTQ_CALIBRATION_BATCHES=2, SIZE_TARGET_BYTES=0, EVAL_STRIDE=128)
@@ -144,7 +144,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(caseops_samp
         assert re.search(r"^ttt_phased: total_docs:150 prefix_docs:60 suffix_docs:90 num_phases:2 "
                          r"boundaries:\[30, 60\]$", log, re.M)
         assert "ttt: method:lora (per-document LoRA)" in log and "ttt_phase: 2/2 documents:60" in log
-        assert re.search(r"compliance: ttt:score_first method:lora .* chunk_size:64 short_docs_upto_200:16 .* "
+        assert re.search(r"compliance: ttt:score_first method:lora .* chunk_size:128 short_docs_upto_200:32 .* "
                          r"last_chunk_trained:no .* lr:7.5e-05 phases:2", log)
         assert re.search(r"^quantization: .* awq_lite:int8:[\w.]+@\d+,[\w.]+@\d+ ", log, re.M)
 
