@@ -4738,7 +4738,9 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
         weights = to_device(scored * means[:, None], device)
         rows, scored = to_device(rows, device), to_device(scored, device)
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        with torch.set_grad_enabled(bool(training)), autocast():
+        # With gradients on even where no row trains (the last chunk, a round past the budget), as the record runs
+        # it: the compiled forward is then one graph; under no_grad it would be a second, as long again to build.
+        with torch.enable_grad(), autocast():
             losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
         sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
         for document, window in zip(batch, windows):
@@ -6337,9 +6339,9 @@ def evaluate_lora_ttt(run, data, model):
 
 def lora_forward_of(run, net, backend="inductor"):
     """The forward per-document TTT calls: the model compiled with dynamic shapes (the batch and the context length
-    change from chunk to chunk), its graphs built here on synthetic tokens at the shortest and longest context,
-    scoring and training, as the record warms its TTT graph; or the eager model, with COMPILE=0 or when
-    torch.compile cannot build it (the same math, logged). The tests compile with backend="aot_eager"."""
+    change from chunk to chunk), its graph built here on synthetic tokens at the shortest and longest context (one
+    graph: it always runs with gradients on), as the record warms its TTT graph; or the eager model, with COMPILE=0
+    or when torch.compile cannot build it (the same math, logged). The tests compile with backend="aot_eager"."""
     if not run.use_compile:
         return net
     hp, start = run.hp, time.perf_counter()
@@ -6358,8 +6360,6 @@ def lora_forward_of(run, net, backend="inductor"):
             tokens = torch.randint(hp.vocab_size, (hp.ttt_batch_size, width + 1), device=run.device)  # synthetic
             with run.autocast():
                 compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters).float().mean().backward()
-                with torch.no_grad():
-                    compiled(tokens[:, :-1], tokens[:, 1:], reduction="none", adapters=adapters)
     except torch._dynamo.exc.TorchDynamoException as error:
         run.log(f"warning: torch.compile cannot build the per-document TTT forward ({type(error).__name__}); it runs "
                 f"eager, the same math")
