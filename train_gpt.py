@@ -4739,7 +4739,7 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
         rows, scored = to_device(rows, device), to_device(scored, device)
         inputs, targets = rows[:, :-1], rows[:, 1:]
         # With gradients on even where no row trains (the last chunk, a round past the budget), as the record runs
-        # it: the compiled forward is then one graph; under no_grad it would be a second, as long again to build.
+        # it: the compiled forward is then one graph, where no_grad would build a second one in the warmup.
         with torch.enable_grad(), autocast():
             losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
         sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
