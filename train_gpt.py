@@ -4759,11 +4759,13 @@ def train_on_chunk(forward, adapters, optimizer, scored, weights, hp, autocast):
     losses), which the first step reuses."""
     inputs, targets, losses = scored
     for step in range(hp.ttt_grad_steps):
-        if step > 0:
-            with autocast():
-                losses = forward(inputs, targets, reduction="none", adapters=adapters)
+        with torch.enable_grad():  # whatever the caller's grad mode: the steps train
+            if step > 0:  # a fresh forward through the adapters the last step moved
+                with autocast():
+                    losses = forward(inputs, targets, reduction="none", adapters=adapters)
+            loss = (losses.float() * weights).sum()
         optimizer.zero_grad(set_to_none=True)
-        (losses.float() * weights).sum().backward()
+        loss.backward()
         optimizer.step()
 
 

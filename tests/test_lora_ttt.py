@@ -441,6 +441,40 @@ def test_the_local_lr_multiplier_scales_the_adapters_learning_rate():
     assert not torch.equal(halved, run(tokens).per_document) and not torch.equal(halved, frozen)
 
 
+def test_ttt_grad_steps_takes_that_many_steps_on_each_chunk_each_from_a_fresh_forward_with_gradients(monkeypatch):
+    """TTT_GRAD_STEPS=2 (the record's loop): two optimizer steps on each chunk that trains, the second on the loss
+    of a new forward through the adapters the first moved; every forward records gradients, whatever the caller's
+    grad mode."""
+    tokens, steps, make_optimizer = documents_stream(LENGTHS), [], T.ttt_lora_optimizer
+
+    def counted_optimizer(params, hp):
+        optimizer = make_optimizer(params, hp)
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        return optimizer
+
+    def counted_run(hp):
+        model, forwards = model_of(0, hp), []
+
+        def forward(*args, **kwargs):
+            forwards.append(torch.is_grad_enabled())
+            return model(*args, **kwargs)
+
+        with torch.no_grad():
+            report = T.per_document_lora_ttt(T.LoraTTTModels(model, forward, model), tokens, LUTS, hp, 0, 1, CPU,
+                                             AUTOCAST_OFF, T.doc_starts_of(tokens, BOS))
+        return report, forwards
+
+    monkeypatch.setattr(T, "ttt_lora_optimizer", counted_optimizer)
+    once, scoring = counted_run(HP)
+    trained_chunks, steps[:] = len(steps), []
+    twice, forwards = counted_run(dataclasses.replace(HP, ttt_grad_steps=2))
+    assert 0 < trained_chunks < len(scoring) and all(scoring)
+    assert len(steps) == 2 * trained_chunks
+    assert len(forwards) == len(scoring) + trained_chunks and all(forwards)
+    assert torch.equal(twice.per_document[:, 1], once.per_document[:, 1])
+    assert not torch.equal(twice.per_document[:, 0], once.per_document[:, 0])
+
+
 def test_a_batch_of_short_documents_takes_the_chunk_size_of_the_first_step_that_holds_its_longest():
     short = dataclasses.replace(HP, ttt_short_score_first_enabled=True, ttt_short_score_first_steps="20:4,8:2")
     assert short.short_score_first_steps == [(8, 2), (20, 4)]
