@@ -268,14 +268,23 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     assert not re.search(r"^(step|warmup_step):", text, re.M)
     exact = r"^final_int6_brotli_roundtrip_exact (.*)$"
     assert re.search(exact, text, re.M).group(1) == re.search(exact, log, re.M).group(1)
-    ttt = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="ttt", EVAL_ONLY_QUANTIZED_PATH=str(artifact),
-                                                    TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_LORA_RANK="4",
-                                                    TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="64"), cwd)
+    ttt_env = dict(env, EVAL_ONLY_QUANTIZED_PATH=str(artifact), TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_LORA_RANK="4",
+                   TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="64")
+    ttt = run_script([sys.executable, SCRIPT], dict(ttt_env, RUN_ID="ttt"), cwd)
     assert ttt.returncode == 0, ttt.stdout[-3000:] + ttt.stderr[-3000:]
     text = (cwd / "logs" / "ttt.txt").read_text()
     assert "ttt: method:lora (per-document LoRA)" in text and re.search(r"^final_ttt_exact ", text, re.M)
     assert not re.search(r"^final_(int6_brotli_roundtrip|sliding_window) ", text, re.M)
     assert "compliance: eval_mode:ttt_only targets_scored:final_ttt=" in text  # LoRA TTT's windows: its own line
+    assert not re.search(r"^ttt_lora: eval budget reached", text, re.M)
+    # EVAL_BUDGET_SECONDS is the clock adaptation stops by: with none of it left, every round scores unadapted.
+    frozen = run_script([sys.executable, SCRIPT], dict(ttt_env, RUN_ID="frozen", EVAL_BUDGET_SECONDS="0"), cwd)
+    assert frozen.returncode == 0, frozen.stdout[-3000:] + frozen.stderr[-3000:]
+    frozen_text = (cwd / "logs" / "frozen.txt").read_text()
+    assert re.search(r"^ttt_lora: eval budget reached at round 1/\d+; scoring continues without adapting$",
+                     frozen_text, re.M) and "(budget 0s)" in frozen_text
+    final = lambda log: re.search(r"^final_ttt_exact val_loss:(\S+) ", log, re.M).group(1)
+    assert final(frozen_text) != final(text)
     wider = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="wider", MLP_MULT="3",
                                                       EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
     assert wider.returncode != 0 and "MLP_MULT" in wider.stdout + wider.stderr
