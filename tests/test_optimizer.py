@@ -180,10 +180,12 @@ def test_a_banked_model_computes_the_same_function_and_gradients():
     assert list(banked.state_dict()) == list(plain.state_dict())
 
 
-def test_routing_covers_every_parameter_once():
+def test_routing_covers_every_parameter_once_and_each_adamw_group_takes_its_own_lr_and_weight_decay():
+    rates = dict(tied_embed_lr=0.011, embed_lr=0.022, head_lr=0.033, scalar_lr=0.044, embed_weight_decay=0.055,
+                 scalar_weight_decay=0.066)
     for tied in (True, False):
         hp = small_hp(num_layers=3, model_dim=64, tie_embeddings=tied, bigram_buckets=16, ve_layers="1,2",
-                      value_residual=True, backout_layer=2)
+                      value_residual=True, backout_layer=2, **rates)
         model = T.GPT(hp)
         optimizers = T.Optimizers(model, hp, 0, 1)
         banked = [p for bank in optimizers.banks for p in bank.params]
@@ -194,6 +196,12 @@ def test_routing_covers_every_parameter_once():
         tables = optimizers.adam.param_groups[0]["params"]
         assert [p.shape for p in tables] == [(64, 64), (16, 112), (64, 128)]
         assert (model.lm_head is None) == tied and all(p is not getattr(model.lm_head, "weight", None) for p in banked)
+        settings = [(group["lr"], group["weight_decay"]) for group in optimizers.adam.param_groups]
+        table_lr = hp.tied_embed_lr if tied else hp.embed_lr
+        head = [] if tied else [(hp.head_lr, 0.0)]
+        assert settings == [(table_lr, hp.embed_weight_decay), (hp.scalar_lr, hp.scalar_weight_decay)] + head
+        assert tied or optimizers.adam.param_groups[2]["params"] == [model.lm_head.weight]
+        assert any(p is model.blocks[0].attn_scale for p in optimizers.adam.param_groups[1]["params"])
 
 
 def reference_muon_steps(weights, grads_per_step, lr, momentum, weight_decay, steps=5):
