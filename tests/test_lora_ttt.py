@@ -475,6 +475,23 @@ def test_ttt_grad_steps_takes_that_many_steps_on_each_chunk_each_from_a_fresh_fo
     assert not torch.equal(twice.per_document[:, 0], once.per_document[:, 0])
 
 
+def test_ttt_optimizer_gives_the_adapters_that_optimizer_with_their_settings():
+    hp = dataclasses.replace(HP, ttt_lora_lr=0.02, ttt_local_lr_mult=0.5, ttt_beta1=0.8, ttt_beta2=0.95,
+                             ttt_weight_decay=0.1)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = T.ttt_lora_optimizer(params, dataclasses.replace(hp, ttt_optimizer="sgd"))
+    assert type(sgd) is torch.optim.SGD
+    assert (sgd.defaults["lr"], sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.01, 0.8, 0.1)
+    for name in ("", "adamw", "adam"):  # LoRA's default is AdamW; "adam" is its records' spelling
+        adamw = T.ttt_lora_optimizer(params, dataclasses.replace(hp, ttt_optimizer=name))
+        assert type(adamw) is torch.optim.AdamW and adamw.defaults["fused"]
+        assert adamw.defaults["lr"] == 0.01 and adamw.defaults["betas"] == (0.8, 0.95)
+        assert adamw.defaults["weight_decay"] == 0.1
+    tokens = documents_stream(LENGTHS)
+    assert not torch.equal(run(tokens, dataclasses.replace(HP, ttt_optimizer="sgd")).per_document,
+                           run(tokens).per_document)
+
+
 def test_a_batch_of_short_documents_takes_the_chunk_size_of_the_first_step_that_holds_its_longest():
     short = dataclasses.replace(HP, ttt_short_score_first_enabled=True, ttt_short_score_first_steps="20:4,8:2")
     assert short.short_score_first_steps == [(8, 2), (20, 4)]
