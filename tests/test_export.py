@@ -702,3 +702,25 @@ def test_the_quantization_line_names_a_clip_only_where_tensors_are_quantized(env
     hp = T.Hyperparameters.from_env(env)[0]
     line = T.quantization_line(hp, 0.5, hp.gptq, {}, 1.0)
     assert named in line and (not unnamed or unnamed not in line) and line.endswith(" time:1.0s"), line
+
+
+def test_self_generated_calibration_samples_the_same_sequences_at_any_world_size_and_greedily_at_temperature_0():
+    """GPTQ_CALIBRATION=self: GPTQ_SELF_SEQS sequences of GPTQ_SELF_SEQ_LEN tokens from BOS, in batches seeded by
+    (SEED, batch) and shared out to the ranks; GPTQ_SELF_TEMPERATURE=0 takes the most likely token every time."""
+    hp = small_hp(gptq=True, gptq_calibration="self", gptq_self_seqs=T.SELF_CALIBRATION_BATCH * 2 + 3,
+                  gptq_self_seq_len=7)
+    torch.manual_seed(0)
+    model, bos, cpu = T.GPT(hp, bos_id=1).eval(), 1, torch.device("cpu")
+    sample = lambda hp, rank=0, world_size=1: [row.tolist() for batch in T.self_generated_batches(
+        model, hp, bos, rank, world_size, cpu, contextlib.nullcontext) for row in batch]
+    rows = sample(hp)
+    assert len(rows) == hp.gptq_self_seqs and all(len(row) == 7 and row[0] == bos for row in rows)
+    assert len({tuple(row) for row in rows}) == len(rows)  # sampled, not repeated
+    assert sample(hp, 0, 2) + sample(hp, 1, 2) == rows == sample(hp, 0, 3) + sample(hp, 1, 3) + sample(hp, 2, 3)
+    assert sample(dataclasses.replace(hp, gptq_self_temperature=2.0)) != rows
+    assert sample(dataclasses.replace(hp, seed=7)) != rows
+    greedy = sample(dataclasses.replace(hp, gptq_self_temperature=0.0))
+    with torch.no_grad():
+        for position in range(1, 7):
+            prefix = torch.tensor([row[:position] for row in greedy])
+            assert model.logits(prefix)[:, -1].argmax(-1).tolist() == [row[position] for row in greedy]
