@@ -298,12 +298,22 @@ def test_the_rotary_base_is_rescaled_above_rope_train_seq_len_as_the_pr549_famil
     assert T.GPT(hp).blocks[0].attn.rotary.rescale_above == hp.rope_train_seq_len == 1024
 
 
-def test_attention_gates_start_where_the_records_start():
+def test_attention_gates_start_where_the_records_start_and_compute_their_formulas():
     x = torch.randn(2, 5, 64)
     assert torch.equal(T.AttentionGate("output", 64, 4, 12, 0.5)(x), torch.ones(2, 5, 4, 1))
     assert torch.equal(T.AttentionGate("sparse", 64, 4, 12, 0.5)(x), torch.full((2, 5, 4, 1), 0.5))
     head = T.AttentionGate("head", 64, 4, 12, 0.5)(x)
     assert head.shape == (2, 5, 4, 1) and (head - 0.5).abs().max() < 0.1
+    # Once their weights move, each computes its formula: the sparse gate's logits scaled by ATTN_GATE_SCALE, and
+    # the window gates reading the first GATE_WINDOW channels only.
+    formulas = {"sparse": lambda z: torch.sigmoid(0.25 * z), "output": lambda z: 2 * torch.sigmoid(z),
+                "biased": lambda z: torch.sigmoid(z + 4.0), "head": torch.sigmoid}
+    for kind, formula in formulas.items():
+        gate = T.AttentionGate(kind, 64, 4, 12, 0.25)
+        torch.nn.init.normal_(gate.weight)
+        source = x if kind in ("head", "biased") else x[..., :12]
+        expected = formula(source @ gate.weight.T).unsqueeze(-1)
+        assert torch.allclose(gate(x), expected, atol=1e-6), kind
     with pytest.raises(T.ConfigError, match="ATTN_GATE"):
         T.Hyperparameters(attn_gate="head+sparse")
 
