@@ -381,12 +381,19 @@ def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_i
     assert torch.allclose(weighted, (per_token.flatten() * weights).mean(), atol=1e-6)
 
 
-def test_output_projections_start_at_zero_and_ortho_init_is_orthogonal():
+def test_output_projections_start_at_zero_and_ortho_init_is_orthogonal_as_ve_proj_init_says():
     model = T.GPT(STACK)
     for block in model.blocks:
         assert block.attn.proj.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
         w = block.attn.c_q.weight
         assert torch.allclose(w @ w.T, torch.eye(64), atol=1e-5)
+    # VE_PROJ_INIT: the value embeddings' projection starts at zero, or orthogonal (PR #549's) with ORTHO_INIT or not
+    for ortho_init in (True, False):
+        projection = lambda init: T.GPT(dataclasses.replace(STACK, ve_layers="1", ve_proj_init=init,
+                                                            ortho_init=ortho_init)).value_embed.proj.weight.detach()
+        assert projection("zero").abs().max() == 0
+        w = projection("ortho")
+        assert torch.allclose(w @ w.T, torch.eye(w.size(0)), atol=1e-5)
 
 
 def test_attention_backend_selection_on_cpu():
