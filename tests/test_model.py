@@ -381,6 +381,17 @@ def test_loss_is_the_cross_entropy_of_the_softcapped_logits_and_mile_reweights_i
     assert torch.allclose(weighted, (per_token.flatten() * weights).mean(), atol=1e-6)
 
 
+@pytest.mark.parametrize("activation, slope", [("leaky_relu2", 0.5), ("leaky_relu2", 0.3), ("relu2", 0.0)])
+def test_the_mlp_squares_its_activation_with_the_slope_mlp_leaky_slope_gives(activation, slope):
+    torch.manual_seed(0)
+    mlp = T.MLP(dataclasses.replace(STACK, mlp_activation=activation, mlp_leaky_slope=0.5 if slope == 0 else slope))
+    torch.nn.init.normal_(mlp.proj.weight)
+    x = torch.randn(2, 5, 64)
+    hidden = x @ mlp.fc.weight.T
+    activated = torch.where(hidden > 0, hidden, slope * hidden)  # ReLU^2 (the baseline's) takes no slope
+    assert torch.allclose(mlp(x), activated.square() @ mlp.proj.weight.T, atol=1e-5)
+
+
 def test_output_projections_start_at_zero_and_ortho_init_is_orthogonal_as_ve_proj_init_says():
     model = T.GPT(STACK)
     for block in model.blocks:
