@@ -7,13 +7,19 @@ empty inductor cache, so nothing is reused between them.
 
 The model is the default stack (looped, as after the recurrence switches on) with the width, vocabulary and batch
 given; bf16 autocast on any device. Prints one line per scope: graphs built, first step (compile) and ms per step.
+Under COMPILE_SCOPE=model, whose forward and backward are one graph each, a second line counts the kernels a
+micro-step launches, read from the code inductor generated: its fused pointwise and reduction kernels (C++ on the
+CPU, Triton on a GPU), the matmuls, attention and any other call, per graph; `--kernels` lists the fused ones by
+the operators each fuses.
 """
 
 import argparse
+import collections
 import json
 import os
 import subprocess
 import sys
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +34,33 @@ def parse_args(argv):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--kernels", action="store_true", help="list COMPILE_SCOPE=model's fused kernels")
     parser.add_argument("--scope", choices=["block", "model"], help="(internal) measure this scope in this process")
     return parser.parse_args(argv)
+
+
+# A kernel launch in inductor's generated code: a fused kernel (cpp_fused_... on the CPU, triton_{poi,red,per}_...
+# on a GPU, triton_tem_... for its matmul templates), an extern matmul, or an operator it calls as is.
+LAUNCH = re.compile(r"^\s+(?:[\w, ]+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+)(?:\.run)?\(",
+                    re.M)
+KINDS = (("fused", r"^(cpp_fused_|triton_(poi|red|per)_)"), ("matmul", r"^(extern_kernels\.|triton_tem_)"),
+         ("attention", r"attention|flash|flex"), ("other", r""))
+
+
+def kernel_launches(codes):
+    """[(graph's launches by kind, its fused kernels' names)] of each graph's generated code, in compile order."""
+    graphs = []
+    for code in codes:
+        names = LAUNCH.findall(code)
+        kinds = collections.Counter(next(kind for kind, pattern in KINDS if re.search(pattern, name)) for name in names)
+        graphs.append((dict(kinds), [name for name in names if re.search(KINDS[0][1], name)]))
+    return graphs
 
 
 def measure(args):
     """{graphs, first_step_s, step_ms} of one scope, in this process."""
     import torch
+    from torch._inductor.utils import run_and_get_code
     sys.path.insert(0, str(REPO))
     import train_gpt as T
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,12 +80,12 @@ def measure(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
     start = time.perf_counter()
-    step()
+    _, codes = run_and_get_code(step)  # the first step, where the graphs are built
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    return dict(graphs=T.compiled_graphs(), first_step_s=first,
+    return dict(graphs=T.compiled_graphs(), first_step_s=first, kernels=kernel_launches(codes),
                 step_ms=1000 * (time.perf_counter() - start) / args.steps, device=str(device))
 
 
@@ -77,6 +103,13 @@ def main(argv=None):
         print(f"COMPILE_SCOPE={scope}: {figures['graphs']} graphs, "
               f"first step (compile) {figures['first_step_s']:.1f} s, "
               f"then {figures['step_ms']:.1f} ms/step on {figures['device']}", flush=True)
+        if scope == "model":
+            counts = "; ".join(f"{role}: " + " ".join(f"{kind}:{n}" for kind, n in kinds.items())
+                               for role, (kinds, _) in zip(("forward", "backward"), figures["kernels"]))
+            print(f"COMPILE_SCOPE=model: kernels a micro-step launches, {counts}", flush=True)
+            for role, (_, names) in zip(("forward", "backward"), figures["kernels"] if args.kernels else []):
+                for name, n in collections.Counter(names).most_common():
+                    print(f"  {role} {n}x {name}", flush=True)
 
 
 if __name__ == "__main__":
