@@ -139,6 +139,21 @@ def test_gptq_handles_dead_columns_and_falls_back_when_cholesky_fails():
     assert "Cholesky failed for w" in messages[0] and quantized["w"]["kind"] == "int"
 
 
+def test_gptq_block_size_changes_how_the_updates_are_batched_not_the_codes(monkeypatch):
+    """GPTQ_BLOCK_SIZE: the error of a block's columns reaches the later columns at once, which is the same sum as
+    column by column, so the codes are the same at any block size."""
+    torch.manual_seed(5)
+    w, x = torch.randn(12, 40), torch.randn(200, 40)
+    scale = T.row_scales(w, 6, "rowmax", 0)
+    codes = [T.gptq(w, x.T @ x, scale, 31, block_size) for block_size in (1, 7, 16, 40, 128)]
+    assert all(torch.equal(c, codes[0]) for c in codes[1:]) and codes[0].abs().max() <= 31
+    assert not torch.equal(codes[0], T.round_to_nearest(w, scale, 31))  # GPTQ, not plain rounding
+    gptq, sizes = T.gptq, []
+    monkeypatch.setattr(T, "gptq", lambda *args: sizes.append(args[4]) or gptq(*args))
+    T.gptq_best_of(w, x.T @ x, [scale], 31, T.Hyperparameters(gptq_block_size=7))
+    assert sizes == [7]
+
+
 def records_gptq_order(w, hessian):
     """What the records' GPTQ does before rounding (the SP4096 record's and PR #2014's alike): dead columns'
     diagonal set to 1 and their weights zeroed, damping 0.01 of the mean diagonal, act-order, and the upper Cholesky
