@@ -17,9 +17,9 @@ import argparse
 import collections
 import json
 import os
+import re
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -43,8 +43,8 @@ def parse_args(argv):
 # on a GPU, triton_tem_... for its matmul templates), an extern matmul, or an operator it calls as is.
 LAUNCH = re.compile(r"^\s+(?:[\w, ]+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+)(?:\.run)?\(",
                     re.M)
-KINDS = (("fused", r"^(cpp_fused_|triton_(poi|red|per)_)"), ("matmul", r"^(extern_kernels\.|triton_tem_)"),
-         ("attention", r"attention|flash|flex"), ("other", r""))
+KINDS = (("fused", r"^(cpp_fused_|triton_(poi|red|per)_)"), ("attention", r"attention|flash|flex"),
+         ("matmul", r"^(extern_kernels\.|triton_tem_)"), ("other", r""))
 
 
 def kernel_launches(codes):
@@ -58,7 +58,7 @@ def kernel_launches(codes):
 
 
 def measure(args):
-    """{graphs, first_step_s, step_ms} of one scope, in this process."""
+    """{graphs, first_step_s, kernels, step_ms, device} of one scope, in this process."""
     import torch
     from torch._inductor.utils import run_and_get_code
     sys.path.insert(0, str(REPO))
