@@ -4716,6 +4716,7 @@ def score_first_chunk_size(batch, hp):
     return next((chunk for limit, chunk in hp.short_score_first_steps if longest <= limit), hp.ttt_chunk_size)
 
 
+@torch.enable_grad()  # whatever the caller's grad mode: the chunks' forwards record gradients and their steps train
 def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, autocast, adapt):
     """Scores `batch`'s documents chunk by chunk (see score_first_chunk_size); after each chunk is scored (and
     committed) and `adapt`, the documents with more chunks to come take TTT_GRAD_STEPS steps on it. Returns
@@ -4738,9 +4739,9 @@ def adapt_documents(forward, adapters, ledger, batch, val_tokens, hp, device, au
         weights = to_device(scored * means[:, None], device)
         rows, scored = to_device(rows, device), to_device(scored, device)
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        # With gradients on even where no row trains (the last chunk, a round past the budget), as the record runs
-        # it: the compiled forward is then one graph, where no_grad would build a second one in the warmup.
-        with torch.enable_grad(), autocast():
+        # Gradients on even where no row trains (the last chunk, a round past the budget), as the record runs it:
+        # the compiled forward is then one graph, where no_grad would build a second one in the warmup.
+        with autocast():
             losses = forward(inputs, targets, reduction="none", adapters=adapters).float()
         sums += torch.stack([(losses.detach().double() * scored).sum(1), scored.sum(1).double()], 1)
         for document, window in zip(batch, windows):
@@ -4759,13 +4760,11 @@ def train_on_chunk(forward, adapters, optimizer, scored, weights, hp, autocast):
     losses), which the first step reuses."""
     inputs, targets, losses = scored
     for step in range(hp.ttt_grad_steps):
-        with torch.enable_grad():  # whatever the caller's grad mode: the steps train
-            if step > 0:  # a fresh forward through the adapters the last step moved
-                with autocast():
-                    losses = forward(inputs, targets, reduction="none", adapters=adapters)
-            loss = (losses.float() * weights).sum()
+        if step > 0:  # a fresh forward through the adapters the last step moved
+            with autocast():
+                losses = forward(inputs, targets, reduction="none", adapters=adapters)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (losses.float() * weights).sum().backward()
         optimizer.step()
 
 
