@@ -80,11 +80,14 @@ def test_the_readme_is_short_and_in_the_order_a_record_chaser_needs():
                             "From finished runs to a pull request", "Troubleshooting"]
 
 
-def test_the_scripts_users_read_keep_their_lines_within_120_characters():
-    scripts = ["train_gpt.py", "benchmarks/*.py", "data/*.py", "records/*.py", "tests/*.py"]
-    long_lines = [f"{path.relative_to(REPO)}:{number} ({len(line)})" for pattern in scripts
+def test_the_scripts_and_docs_users_read_keep_their_lines_within_120_characters():
+    # A Markdown table row cannot be wrapped; a records folder's README is written by records/make.py
+    read = ["train_gpt.py", "benchmarks/*.py", "data/*.py", "records/*.py", "tests/*.py", "README.md", "docs/*.md",
+            "records/README.md"]
+    long_lines = [f"{path.relative_to(REPO)}:{number} ({len(line)})" for pattern in read
                   for path in sorted(REPO.glob(pattern))
-                  for number, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 120]
+                  for number, line in enumerate(path.read_text().splitlines(), 1)
+                  if len(line) > 120 and not (path.suffix == ".md" and line.startswith("|"))]
     assert long_lines == []
 
 
