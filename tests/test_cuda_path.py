@@ -2,6 +2,7 @@
 thread counts, host syncs per step, the memory estimate. The slow parts (inductor compiles, eight ranks, two nodes)
 carry the `cuda_path` marker and run as CI's second step (`python3 -m pytest -q -m cuda_path tests`)."""
 
+import concurrent.futures
 import dataclasses
 import importlib
 import json
@@ -149,13 +150,11 @@ def test_omp_num_threads_is_honoured_and_logged(monkeypatch):
 @pytest.mark.cuda_path
 def test_a_whole_run_under_bf16_autocast_scores_within_bf16_noise_of_fp32(sample, tmp_path):
     # Training, validation, GPTQ calibration, the round-trip, sliding windows and TTT, all on the bf16 path.
+    runs = {autocast: ([sys.executable, SCRIPT], tiny_env(
+        sample, AUTOCAST=autocast, RUN_ID=autocast, EVAL_STRIDE=128, TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000,
+        TTT_EPOCHS=1, TTT_BATCH_SEQS=4, OMP_NUM_THREADS=1, VAL_LOSS_EVERY=3)) for autocast in ("off", "bf16")}
     summaries = {}
-    for autocast in ("off", "bf16"):
-        env = tiny_env(sample, AUTOCAST=autocast, RUN_ID=autocast, EVAL_STRIDE=128, TTT_ENABLED=1,
-                       TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=4, OMP_NUM_THREADS=1, VAL_LOSS_EVERY=3)
-        result = run_script([sys.executable, SCRIPT], env, tmp_path)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        log = (tmp_path / "logs" / f"{autocast}.txt").read_text()
+    for autocast, log in run_logs_side_by_side(runs, tmp_path).items():
         assert f"autocast:{'bf16' if autocast == 'bf16' else 'off(fp32)'} threads:1(OMP_NUM_THREADS)" in log
         summaries[autocast] = json.loads(re.search(r"^summary_json: (.*)$", log, re.M).group(1))
     for metric in ("pre_quant_val_bpb", "final_int6_brotli_roundtrip_val_bpb", "final_sliding_window_val_bpb",
@@ -388,6 +387,14 @@ def run_log(command, env, cwd, run_id):
     return (cwd / "logs" / f"{run_id}.txt").read_text()
 
 
+def run_logs_side_by_side(runs, cwd):
+    """{run_id: (command, env)}, every run started at once -> {run_id: its log}. Inductor lowers a graph on one core,
+    and CI's machine has two."""
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        logs = {run_id: pool.submit(run_log, command, env, cwd, run_id) for run_id, (command, env) in runs.items()}
+    return {run_id: log.result() for run_id, log in logs.items()}
+
+
 def assert_same_run(one, many):
     losses = lambda log: {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:([\d.]+)", log, re.M)}
     assert sorted(losses(one)) == sorted(losses(many)) == list(range(1, 7))
@@ -452,12 +459,13 @@ def compile_counts(log):
 
 def compared_runs(sample, tmp_path, **settings):
     """The same tiny run compiled with inductor (fullgraph, static shapes) and eager: (compiled log, eager log)."""
-    logs = []
+    runs = {}
     for compiled in ("1", "0"):
         env = {k: v for k, v in tiny_env(sample, RUN_ID=f"compile{compiled}", COMPILE=compiled, **settings).items()
                if v != "None"}  # a setting given as None is dropped from tiny_env's
-        logs.append(run_log([sys.executable, SCRIPT], env, tmp_path, f"compile{compiled}"))
-    return logs
+        runs[f"compile{compiled}"] = ([sys.executable, SCRIPT], env)
+    logs = run_logs_side_by_side(runs, tmp_path)
+    return logs["compile1"], logs["compile0"]
 
 
 def assert_compiled_matches_eager(compiled, eager, metrics):
@@ -496,11 +504,10 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_as_eager(
     settings = dict(ITERATIONS=8, WARMUP_STEPS=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1, PARALLEL_RESIDUALS=1,
                     PARALLEL_START_LAYER=1, WARMDOWN_FRAC=0.5, QAT_START_LR_SCALE=0.5, MILE_GAMMA=1.1, EVAL_STRIDE=128,
                     TTT_ENABLED=1, TTT_CHUNK_TOKENS=10000, TTT_EPOCHS=1, TTT_BATCH_SEQS=4, VAL_LOSS_EVERY=4)
-    logs = {}
-    for scope in ("block", "model", "eager"):
-        env = tiny_env(sample, RUN_ID=scope, COMPILE="0" if scope == "eager" else "1", **settings,
-                       **({} if scope == "eager" else dict(COMPILE_SCOPE=scope)))
-        logs[scope] = run_log([sys.executable, SCRIPT], env, tmp_path, scope)
+    envs = {scope: tiny_env(sample, RUN_ID=scope, COMPILE="0" if scope == "eager" else "1", **settings,
+                            **({} if scope == "eager" else dict(COMPILE_SCOPE=scope)))
+            for scope in ("block", "model", "eager")}
+    logs = run_logs_side_by_side({scope: ([sys.executable, SCRIPT], env) for scope, env in envs.items()}, tmp_path)
     for scope in ("block", "model"):
         compiled = logs[scope]
         assert f"compile:True(scope:{scope})" in compiled and "qat: enabled" in compiled
@@ -510,10 +517,10 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_as_eager(
         assert_compiled_matches_eager(compiled, logs["eager"], SCORES)
     # An evaluation-only run builds its graphs before the evaluation clock: chunk TTT's training pass (8 rows) and a
     # phase's global SGD (4 rows) included.
-    env = dict(env, RUN_ID="evaluated", COMPILE="1", COMPILE_SCOPE="block", EVAL_ONLY_QUANTIZED_PATH=str(
-        tmp_path / "logs" / "block_model.int6.ptz"), TTT_BATCH_SEQS="8", PHASED_TTT_ENABLED="1",
-        PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1", GLOBAL_TTT_CHUNK_TOKENS="2048",
-        GLOBAL_TTT_BATCH_SEQS="4")
+    artifact = tmp_path / "logs" / "block_model.int6.ptz"
+    env = dict(envs["block"], RUN_ID="evaluated", EVAL_ONLY_QUANTIZED_PATH=str(artifact), TTT_BATCH_SEQS="8",
+               PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1",
+               GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4")
     log = run_log(SCRIPT_ON_AOT_EAGER, env, tmp_path, "evaluated")  # the shapes and guards are the point
     assert "eval_only: artifact:" in log and "\nfinal_ttt_exact val_loss:" in log
     for rows in (8, 4):
