@@ -781,8 +781,9 @@ LOAD_ARTIFACT_PATH CONTROL_TENSOR_NAME_PATTERNS
 
 
 # Every other name that the challenge's baseline (train_gpt.py) or a script of a 10-minute record reads
-# (records/track_10min_16mb, all .py files, at the May 3 snapshot), found by `os.environ.get("NAME"` and
-# `os.environ["NAME"]`; leaving out the data download's MATCHED_FINEWEB_* and torchrun's RANK, LOCAL_RANK, WORLD_SIZE.
+# (records/track_10min_16mb, all .py files, at the May 3 snapshot), found by `os.environ.get("NAME"`,
+# `os.environ["NAME"]` and the 03-24 ternary record's own `_e("NAME"`; leaving out the data download's
+# MATCHED_FINEWEB_* and torchrun's RANK, LOCAL_RANK, WORLD_SIZE.
 RECORD_SCRIPT_NAMES = """
 ADAM_WEIGHT_DECAY BANK_SPLIT BIGRAM_DIM BIGRAM_HASH_BUCKETS BIGRAM_HASH_DIM BIGRAM_VOCAB_SIZE BLOCK_LARS_MIN_SCALE
 BLOCK_LARS_TRUST CANON_AC_LAYERS CLIP_MULT_EARLY CLIP_MULT_LATE CLIP_MULT_LOOP CLIP_MULT_MID DATASETS_DIR
@@ -802,6 +803,11 @@ TTT_CHUNK_TOKENS TTT_DEBUG_BYPASS TTT_DOC_LIMIT TTT_ENTROPY_HIGH TTT_ENTROPY_LOW
 TTT_GRAD_CLIP TTT_HEARTBEAT_SECONDS TTT_LR TTT_MOMENTUM TTT_NS_STEPS TTT_ONLY TTT_ONLY_EVAL TTT_OUTPUT_DIR
 UNTIE_LOOP_MLPS USE_GPTQ USE_INT6 USE_SMEARGATE USE_ZSTD VALUE_RESIDUAL VAL_BATCH_SIZE VAL_FILES VAL_MAX_TOKENS
 VE_DIM VE_ENABLED VE_LAYERS WD_TAPER_FINAL_MULT WD_TAPER_START_FRAC WEIGHT_DECAY ZSTD_LEVEL
+ACTIVATION ADAM_LR ATTN_PROJ_TYPE BATCH_SCHEDULE_FRACTION BATCH_TOKENS_START BIGRAM_HASH BITNET_GROUP_SIZE
+CHURN_LOG_EVERY COMPILE_MODE CORR_WEIGHT_LR DIFF_ATTN EMBED_DIM EVAL_DEPTH_RECURRENCE LOGIT_HEAD_TYPE MATRIX_OPTIMIZER
+MLP_GROUPS MTP_HEADS REFINER REFINER_KERNEL ROPE_TYPE SEQ_LEN_START SEQ_SCHEDULE_FRACTION SLIDING_BATCH_SIZE
+SLIDING_EVAL SLIDING_EVAL_STRIDE SMEAR SOFTCAP_TYPE TEMP_SCALING TRAINING_DEPTH_RECURRENCE TVERSKY_FEATURE_POOLS
+TVERSKY_MEMBERSHIP TVERSKY_NUM_FEATURES UNTIE_AT_FRACTION WARMDOWN_FRACTION YARN_MAX_LEN
 """.split()
 
 
@@ -824,7 +830,7 @@ def test_no_name_pr2014s_script_reads_is_ignored():
 
 def test_no_name_the_baseline_or_a_records_script_reads_is_ignored():
     applied, foreign = foreign_names(RECORD_SCRIPT_NAMES)
-    assert len(RECORD_SCRIPT_NAMES) == len(set(RECORD_SCRIPT_NAMES) - set(PR2014_NAMES)) == 130
+    assert len(RECORD_SCRIPT_NAMES) == len(set(RECORD_SCRIPT_NAMES) - set(PR2014_NAMES)) == 165
     assert {"BIGRAM_VOCAB_SIZE", "TTT_FREEZE_BLOCKS", "VE_ENABLED"} <= applied
     for name in foreign:
         with pytest.raises(T.ConfigError, match=f"{name}='1' is a setting of the challenge records"):
@@ -834,3 +840,5 @@ def test_no_name_the_baseline_or_a_records_script_reads_is_ignored():
         T.Hyperparameters.from_env({"INT8_KEEP_FLOAT_FP32_NAME_PATTERNS": "attn_scale"})
     with pytest.raises(T.ConfigError, match="use MUON_ORTHOGONALIZER instead"):  # the 04-06 record's, off by default
         T.Hyperparameters.from_env({"POLAR_EXPRESS": "0"})
+    with pytest.raises(T.ConfigError, match=r"use COMPILE and COMPILE_SCOPE \(torch.compile's default mode\) instead"):
+        T.Hyperparameters.from_env({"COMPILE_MODE": "reduce-overhead"})  # the ternary record's CUDA graphs
