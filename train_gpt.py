@@ -4334,6 +4334,7 @@ def global_sgd_steps(hp, seq_len):
                        hp.global_ttt_chunk_tokens, seq_len, hp.train_rows == "packed")
 
 
+@torch.enable_grad()  # whatever the caller's grad mode, as for LoRA TTT: chunk TTT and the phases' global SGD train
 def adapt_on_chunk(model, ledger, first, end, params, optimizer, steps, seq_len, rank, world_size, device, autocast):
     """steps.epochs passes over the (already scored) targets [first, end) in sequences of seq_len. Each step's loss
     is the mean over the global batch of steps.batch_seqs sequences whatever the world size; gradients are summed.

@@ -191,6 +191,15 @@ def test_a_phase_end_changes_no_score_before_it_and_the_phase_adapts_on_all_scor
     assert [(first, stop) for first, stop, scored in plain_reads if scored == end] == [(HP.ttt_chunk_tokens, end)]
 
 
+def test_chunk_ttt_and_a_phases_global_sgd_train_whatever_the_callers_grad_mode():
+    tokens, end = stream(7), 2 * HP.ttt_chunk_tokens
+    _, with_grad, adapted = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF,
+                                              phases=[end])
+    with torch.no_grad():
+        _, without, _ = T.score_first_ttt(small_model(), tokens, LUTS, PHASED, 0, 1, CPU, AUTOCAST_OFF, phases=[end])
+    assert adapted == len(with_grad) - 1 and all(torch.equal(a, b) for a, b in zip(with_grad, without))
+
+
 def test_with_document_isolated_windows_a_later_phase_changes_nothing_scored_before_it():
     """Phase ends fall on document starts. With document-isolated windows a phase end plans no window
     differently, wherever it falls; and adding a later phase leaves every score before it as it was."""
