@@ -139,7 +139,8 @@ class Hyperparameters:
     # raw weights (logs/<RUN_ID>_raw.pt) of an interrupted or crashed run: skip training, then calibrate, export and
     # evaluate them
     finish_from: str = ""
-    # an artifact (.ptz) to evaluate with this run's evaluation settings; nothing is trained, calibrated or exported
+    # an artifact (.ptz) to evaluate with this run's evaluation settings; nothing is trained, calibrated or exported,
+    # so the settings only those read are refused
     eval_only_quantized_path: str = ""
     # with EVAL_ONLY_QUANTIZED_PATH: TTT only, the round-trip and sliding evaluations skipped (the records'
     # TTT_EVAL_ONLY)
@@ -589,6 +590,7 @@ class Hyperparameters:
         reset_inert_preset_values(cls, values, sources)
         # A setting whose switch is off is refused first: its switch is what to fix, whatever else its value breaks.
         refuse_inert_settings(cls, values, sources)
+        refuse_settings_unread_when_evaluating_only(cls, values, sources)
         # The global SGD runs the model, whose attention stays within documents exactly when DOC_ISOLATION=1: the
         # record's GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1 goes with its DOC_ISOLATION=1, and the two are set alike.
         isolated = values["doc_isolation"]
@@ -1084,6 +1086,11 @@ def ttt_method_named(sources):
     return ("chunk", f"implied:{chunk[0]}") if chunk else ("lora", f"implied:{lora[0]}")
 
 
+def given_name(name, sources):
+    """The variable that set field `name`: its own, or the alias given (MUON_WD for muon_weight_decay)."""
+    return re.match(r"env:?([A-Z0-9_]*)", sources[name]).group(1) or name.upper()
+
+
 def refuse_inert_settings(cls, values, sources):
     """A setting given explicitly while its switch is off would be ignored: refused (a preset's value is reset, by
     reset_inert_preset_values, which runs first). `values`: every field's, before the checks of `validate`."""
@@ -1091,7 +1098,7 @@ def refuse_inert_settings(cls, values, sources):
     for field in fields.values():
         needs = field.metadata.get("needs")
         if needs and sources[field.name].startswith("env") and not switched_on(values, needs):
-            given = re.match(r"env:?([A-Z0-9_]*)", sources[field.name]).group(1) or field.name.upper()  # or an alias
+            given = given_name(field.name, sources)
             switches = re.findall(r"[A-Z][A-Z0-9_]+", needs)
             reset = [f"{name}, which PRESET={sources[name.lower()].rsplit(':', 1)[1]} sets, has no effect either: it "
                      f"needs {fields[name.lower()].metadata['needs']}" for name in switches
@@ -1100,6 +1107,43 @@ def refuse_inert_settings(cls, values, sources):
             raise ConfigError(f"{field.name.upper()}={as_given(values[field.name])} has no effect unless "
                               f"{needs}; set that too, or unset {given}" + "".join(f" ({why})" for why in reset)
                               + (presets_switching_on(cls, needs) if left_off else ""))
+
+
+# What an evaluation-only run (EVAL_ONLY_QUANTIZED_PATH) never reads: it trains, calibrates and exports nothing,
+# and the artifact's weights replace every initialization. The settings of these groups but the two read there, and
+# the others named.
+GROUPS_UNREAD_WHEN_EVALUATING_ONLY = ("optimizer", "weight averaging", "quantization and export")
+READ_WHEN_EVALUATING_ONLY = ("embed_bf16", "pack_code")  # the tables' dtype in the forward; the code bytes counted
+ALSO_UNREAD_WHEN_EVALUATING_ONLY = (
+    "data_seed", "iterations", "max_wallclock_seconds", "warmup_steps", "train_batch_tokens", "grad_accum_steps",
+    "train_seq_schedule", "train_seq_schedule_mode", "seq_change_warmup_steps", "train_log_every", "val_loss_every",
+    "tied_embed_init_std", "ortho_init", "zero_init_proj", "qk_gain_init", "conv_init", "backout_init",  # inits
+    "kernel_schedule", "loop_enable_at",  # the artifact holds the grown taps and whether the layers loop
+    "mile_gamma", "fused_ce_enabled", "adamw_side_stream", "pr_every")  # the training loss and step
+
+
+def unread_when_evaluating_only(cls):
+    """The fields an evaluation-only run never reads, in field order."""
+    group, names = "", []
+    for field in dataclasses.fields(cls):
+        group = field.metadata.get("group") or group
+        if (group in GROUPS_UNREAD_WHEN_EVALUATING_ONLY and field.name not in READ_WHEN_EVALUATING_ONLY
+                or field.name in ALSO_UNREAD_WHEN_EVALUATING_ONLY):
+            names.append(field.name)
+    return names
+
+
+def refuse_settings_unread_when_evaluating_only(cls, values, sources):
+    """EVAL_ONLY_QUANTIZED_PATH with a training, calibration or export setting given, which would be ignored: refused,
+    naming every one at once (a preset's values are not given: they stay, unread)."""
+    if not values["eval_only_quantized_path"]:
+        return
+    given = [given_name(name, sources) for name in unread_when_evaluating_only(cls) if sources[name].startswith("env")]
+    if given:
+        raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH scores an artifact: nothing is trained, calibrated or exported, "
+                          f"and its weights replace every initialization, so {', '.join(given)} would have no "
+                          f"effect; unset {'it' if len(given) == 1 else 'them'} (the model's settings apply, and must "
+                          f"be the artifact's, and so do the evaluation and TTT settings)")
 
 
 def presets_switching_on(cls, needs):
@@ -3747,6 +3791,16 @@ def export_name(hp):
     return f"{bits}_{hp.compressor}"
 
 
+def exported_as(quantized, blob, groups):
+    """export_name of an artifact read back (EVAL_ONLY_QUANTIZED_PATH), from what it holds rather than this run's
+    settings: its MLP matrices' bits (QUANT_BITS; fp16 where they are not quantized, as in a miniature whose matrices
+    are all within QUANT_PASSTHROUGH_NUMEL) and its header's compressor. `groups`: quantized_tensor_groups of the
+    model it loads into."""
+    bits = {entry["bits"] for name, entry in quantized.items() if groups.get(name) == "mlp" and entry["kind"] == "int"}
+    by_id = {cid: name for name, (cid, _, _) in COMPRESSORS.items()} | {PERGROUP_ID: "pergroup"}
+    return f"{f'int{max(bits)}' if bits else 'fp16'}_{by_id[blob[4]]}"
+
+
 def write_atomically(path, data, what):
     """Writes `data` (bytes, or a function that writes to the open file) under a temporary name beside `path`, then
     renames it: a failed write (full disk, no permission) never leaves a partial file under the final name, and the
@@ -5088,7 +5142,9 @@ class Run:
         self.distributed, self.rank, self.world_size = cluster.distributed, cluster.rank, cluster.world_size
         self.device, device_type = cluster.device, cluster.device.type
         self.device_name = torch.cuda.get_device_name(self.device) if device_type == "cuda" else "cpu"
-        self.seqs_per_step, self.grad_accum_steps = batch_split(hp, self.world_size)
+        # an evaluation-only run trains nothing: no batch to split, and none refused (TRAIN_BATCH_TOKENS is its default)
+        self.seqs_per_step, self.grad_accum_steps = (0, 1) if hp.eval_only_quantized_path else batch_split(
+            hp, self.world_size)
         self.use_compile = hp.compile == "1" or (hp.compile == "auto" and device_type == "cuda")
         if sources["compile_scope"].startswith("env") and not self.use_compile:  # COMPILE=0 is refused by `needs`
             raise ConfigError(f"COMPILE_SCOPE={hp.compile_scope!r} has no effect: COMPILE=auto compiles on CUDA only, "
@@ -5152,8 +5208,8 @@ class Data(NamedTuple):
     """What `load_data` hands on: the tokenizer, the training stream, and the validation split with the bytes each
     target counts for val_bpb, all checked."""
     tokenizer: spm.SentencePieceProcessor
-    train_files: list
-    train_loader: TrainLoader
+    train_files: list  # none for EVAL_ONLY_QUANTIZED_PATH, which reads no training data
+    train_loader: Optional[TrainLoader]
     val_files: list
     val_tokens: torch.Tensor
     target_bytes: TargetBytes  # the bytes each validation target counts: the LUTs', or CaseOps' sidecar
@@ -5164,17 +5220,21 @@ class Data(NamedTuple):
 
 def load_data(run):
     """The tokenizer and the shards, checked before anything trains: every token id within the vocabulary, and the
-    bytes val_bpb counts against the text (the tokenizer's LUTs, or CaseOps' byte sidecar, document by document)."""
+    bytes val_bpb counts against the text (the tokenizer's LUTs, or CaseOps' byte sidecar, document by document).
+    An evaluation-only run (EVAL_ONLY_QUANTIZED_PATH) needs no training shards and reads none."""
     hp = run.hp
     tokenizer = load_tokenizer(hp.tokenizer_path, hp.vocab_size, hp.data_path)
-    train_files, val_files = shard_files(hp.data_path, "train"), shard_files(hp.data_path, "val")
+    val_files = shard_files(hp.data_path, "val")
     val_tokens = load_validation_tokens(val_files)
-    loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank, run.world_size,
-                         run.grad_accum_steps, tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None,
-                         hp.piece_len)
-    reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
     check_token_ids(val_files, [load_shard(f) for f in val_files], hp.vocab_size)
-    check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
+    train_files, loader = [], None
+    if not hp.eval_only_quantized_path:
+        train_files = shard_files(hp.data_path, "train")
+        bos_id = tokenizer.bos_id() if uses_varlen(hp, run.attention_name) else None
+        loader = TrainLoader(train_files, hp.train_seq_len, run.seqs_per_step, hp.data_seed, run.rank,
+                             run.world_size, run.grad_accum_steps, bos_id, hp.piece_len)
+        reduce_max = lambda maxima: all_reduce(torch.from_numpy(maxima).to(run.device), dist.ReduceOp.MAX).cpu().numpy()
+        check_token_ids(train_files, loader.shards, hp.vocab_size, run.rank, run.world_size, reduce_max)
     if hp.caseops_enabled:  # the bytes of the original text, from the sidecar, checked document by document
         caseops_byte_luts(tokenizer, hp.vocab_size)  # the tokenizer holds the operators
         sidecar = load_byte_sidecar(val_files)
@@ -5258,7 +5318,7 @@ def log_environment(run, data):
         f"attention:{run.attention_name} compile:{run.use_compile}{scope} "
         f"autocast:{autocast_name(hp.autocast, run.device.type)} "
         f"{run.cluster.threads_note}")
-    train_tokens = sum(len(s) for s in data.train_loader.shards)
+    train_tokens = sum(len(s) for s in data.train_loader.shards) if data.train_loader else 0
     log(f"data: train_shards:{len(data.train_files)} train_tokens:{train_tokens} val_shards:{len(data.val_files)} "
         f"val_sha256:{data.digest['val_sha256']} tokenizer_sha256:{data.digest['tokenizer_sha256']}")
     log(f"fingerprint: config_hash:{run.config_hash} code_sha256:{run.code_sha256} seed:{hp.seed}")
@@ -5330,12 +5390,12 @@ def train_model_of(model, use_compile, varlen, scope="model", backend="inductor"
 
 class Model(NamedTuple):
     """What `build_model` hands on: the network, its optimizers, the forward that training and scoring call
-    (compiled per COMPILE and COMPILE_SCOPE, else the network itself), the memory estimate, and, once the warmup has
-    compiled it, the forward per-document TTT calls."""
+    (compiled per COMPILE and COMPILE_SCOPE, else the network itself), the memory estimate of a training step (none
+    where nothing trains), and, once the warmup has compiled it, the forward per-document TTT calls."""
     net: GPT
     optimizers: Optimizers
     forward: nn.Module
-    memory: "MemoryEstimate"
+    memory: Optional["MemoryEstimate"]
     ttt_forward: Optional[nn.Module] = None
 
 
@@ -5370,13 +5430,19 @@ def build_model(run, data):
     run.log(f"features: {describe_features(net, hp)}")
     run.log(f"model_params:{total} embedding_params:{embedding} non_embedding_params:{non_embedding}")
     run.log(f"optimizer: {optimizers.describe()}")
+    memory = None if hp.eval_only_quantized_path else logged_memory_estimate(run, net, optimizers)  # of a step
+    return Model(net, optimizers, forward, memory)
+
+
+def logged_memory_estimate(run, net, optimizers):
+    """The memory estimate of a training step, logged, with a warning where it nears the device's memory."""
     memory = estimate_memory(run, net, optimizers)
     capacity = torch.cuda.get_device_properties(run.device).total_memory if run.device.type == "cuda" else 0
     run.log(memory.describe() + (f" of device:{capacity / 2**20:.0f}MiB" if capacity else ""))
     if capacity and memory.total > 0.95 * capacity:
         advice = out_of_memory_advice(run).split(": ", 1)[1]
         run.log(f"warning: the estimate exceeds 95% of the device's memory; {advice}")
-    return Model(net, optimizers, forward, memory)
+    return memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6084,15 +6150,16 @@ def load_artifact_to_evaluate(run, net):
     path = run.hp.eval_only_quantized_path
     blob = run.cluster.broadcast(Path(path).read_bytes() if run.rank == 0 else None)
     try:
-        state = dequantize_state_dict(read_artifact(path, blob))
+        quantized = read_artifact(path, blob)
     except ValueError as error:
         raise ConfigError(f"EVAL_ONLY_QUANTIZED_PATH={path!r}: {error}") from None
-    check_artifact_fits(net, state, path)
-    artifact = Artifact(path, hashlib.sha256(blob).hexdigest())
+    check_artifact_fits(net, dequantize_state_dict(quantized), path)
+    export = exported_as(quantized, blob, quantized_tensor_groups(net))
+    artifact = Artifact(path, hashlib.sha256(blob).hexdigest(), export)
     code_bytes = len(run.code.counted)
     run.results.update(bytes_code=code_bytes, bytes_model=len(blob), bytes_total=code_bytes + len(blob))
     run.log(f"eval_only: artifact:{path} sha256:{artifact.sha256} bytes_model:{len(blob)} "
-            f"bytes_total:{code_bytes + len(blob)} (nothing trained, calibrated or exported)"
+            f"bytes_total:{code_bytes + len(blob)} export:{export} (nothing trained, calibrated or exported)"
             + (" ttt_eval_only:1" if run.hp.ttt_eval_only else ""))
     return artifact
 
@@ -6192,9 +6259,11 @@ def hessians_within_the_cap(run, net, loader, start):
 
 class Artifact(NamedTuple):
     """What `export` hands to evaluation: the file, the SHA-256 of the bytes written (evaluation scores those bytes,
-    nothing else; known on rank 0), and, once `evaluate_artifact` has read it back, the bytes."""
+    nothing else; known on rank 0), its export name (int6_brotli: the round trip's line is named after it), and,
+    once `evaluate_artifact` has read it back, the bytes."""
     path: str
     sha256: Optional[str]
+    export: str
     blob: Optional[bytes] = None
 
 
@@ -6233,7 +6302,7 @@ def export(run, net, hessians):
         dist.barrier()
     run.timings["export_s"] = time.perf_counter() - start
     log(f"export_time:{run.timings['export_s']:.1f}s")
-    return Artifact(path, sha256)
+    return Artifact(path, sha256, export_name(hp))
 
 
 def tensor_bytes(tree):
@@ -6296,7 +6365,7 @@ def evaluate_artifact(run, data, model, artifact):
     result = run_validation(run, data, model)
     synchronize(run)
     gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
-    log_final(run, f"final_{export_name(run.hp)}_roundtrip", result, time.perf_counter() - start,
+    log_final(run, f"final_{artifact.export}_roundtrip", result, time.perf_counter() - start,
               f"quant_gap_bpb:{gap:+.4f} " if math.isfinite(gap) else "")
     if math.isfinite(gap):
         run.results["quant_gap_bpb"] = gap
@@ -6433,7 +6502,8 @@ def log_compliance(run, data, model, ttt_report):
             f"adapted_chunks:{report['adapted']} last_chunk_trained:no "
             f"epochs:{hp.ttt_epochs} params:{hp.ttt_params} optimizer:{ttt_optimizer_of(hp)} lr:{hp.ttt_lr}"
             + (f" phases:{report['phases']} global_sgd:scored_targets_only" if hp.phased_ttt_enabled else ""))
-    log("compliance: warmup_data:training_tokens+synthetic validation_seen_before_scoring:never")
+    warmup_data = "synthetic" if hp.eval_only_quantized_path or hp.finish_from else "training_tokens+synthetic"
+    log(f"compliance: warmup_data:{warmup_data} validation_seen_before_scoring:never")  # nothing trained: no steps
     if "training_data_read_until_s" in run.timings and hp.gptq_calibration == "train" and hp.max_wallclock_seconds:
         read_until = run.timings["training_data_read_until_s"]  # the last calibration batch read
         log(f"compliance: training_data_read_until:{read_until:.1f}s max_wallclock:{hp.max_wallclock_seconds:g}s "
@@ -6441,7 +6511,7 @@ def log_compliance(run, data, model, ttt_report):
     log(f"compliance: normalization max_abs_logsumexp:{logsumexp:.2e} max_abs_loss_plus_logp:{charged:.2e}")
 
 
-def log_summary(run):
+def log_summary(run, artifact):
     """The closing block: the separate clocks, the artifact, every val_bpb; then the same as one JSON line."""
     synchronize(run)
     run.timings["eval_s"] = time.perf_counter() - run.eval_start
@@ -6463,13 +6533,14 @@ def log_summary(run):
         f"headroom {ARTIFACT_LIMIT_BYTES - r.get('bytes_total', 0):,}",
         f"eval      {t['eval_s']:8.1f} s  of a {run.hp.eval_budget_seconds:.0f} s budget",
         f"val_bpb   pre-quant {bpb('pre_quant_val_bpb')} "
-        f"| round-trip {bpb(f'final_{export_name(run.hp)}_roundtrip_val_bpb')} "
+        f"| round-trip {bpb(f'final_{artifact.export}_roundtrip_val_bpb')} "
         f"| sliding {bpb('final_sliding_window_val_bpb')} | ttt {bpb('final_ttt_val_bpb')}",
         "=" * len(header)]))
     summary = dict(run_id=run.run_id, seed=run.hp.seed, world_size=run.world_size, config_hash=run.config_hash,
                    code_sha256=run.code_sha256, eval_time_s=t["eval_s"], calibration_time_s=t.get("calibration_s", 0),
                    versions=package_versions(),
-                   ttt_score_first=run.hp.ttt_enabled, max_wallclock_seconds=run.hp.max_wallclock_seconds,
+                   ttt_score_first=run.hp.ttt_enabled,
+                   max_wallclock_seconds=None if run.hp.eval_only_quantized_path else run.hp.max_wallclock_seconds,
                    eval_budget_seconds=run.hp.eval_budget_seconds,
                    record={field: getattr(run.hp, f"record_{field}")
                            for field in ("name", "author", "github_id", "blurb")}, **r)
@@ -6567,7 +6638,7 @@ def evaluate_and_conclude(run, data, model, artifact):
     in_phase(run, evaluate_sliding, data, model)
     ttt_report = in_phase(run, evaluate_ttt, data, model)
     in_phase(run, log_compliance, data, model, ttt_report)
-    in_phase(run, log_summary)
+    in_phase(run, log_summary, artifact)
     in_phase(run, generate_sample, data, artifact)
 
 

@@ -166,7 +166,11 @@ class Check:
             env.update(TINY_STACK)
         if self.tiny:  # the miniature runs eager (COMPILE=auto on the CPU), where a compile scope is refused
             settings.pop("COMPILE_SCOPE", None)
-        return {**env, **settings}
+        env = {**env, **settings}
+        if "EVAL_ONLY_QUANTIZED_PATH" in env:  # such a run refuses the settings it never reads (the batch, warmup)
+            unread = {name.upper() for name in T.unread_when_evaluating_only(T.Hyperparameters)}
+            env = {name: value for name, value in env.items() if name not in unread}
+        return env
 
     def run(self, env, label, script=REPO / "train_gpt.py"):
         """One run of train_gpt.py (or of a benchmark that runs it); returns its log, or raises with the output's

@@ -5,8 +5,9 @@ evaluation time per validation token.
 
     python3 benchmarks/ttt_methods.py --data D --tokenizer T --seeds 1337 42 PRESET=record,smoke ITERATIONS=120
 
-KEY=VALUE arguments are env vars applied to every run (training and evaluations). CPU-size gains do not predict
-8xH100 ones.
+KEY=VALUE arguments are env vars applied to every run: the training, and the evaluations but for those an
+evaluation-only run never reads (ITERATIONS, the optimizer's, the export's), which it would refuse. CPU-size gains
+do not predict 8xH100 ones.
 """
 
 import argparse
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import train_gpt as T  # noqa: E402  (the settings an evaluation-only run refuses)
 
 METHODS = {  # name: env of the evaluation (the preset's phases are switched off where a method has none)
     "chunk SGD TTT": dict(TTT_ENABLED="1", TTT_METHOD="chunk", PHASED_TTT_ENABLED="0", TTT_LR="0.005"),
@@ -51,6 +54,8 @@ def main():
     args = parser.parse_args()
     shared = dict(item.split("=", 1) for item in args.settings)
     shared.update(DATA_PATH=args.data, TOKENIZER_PATH=args.tokenizer)
+    unread = {name.upper() for name in T.unread_when_evaluating_only(T.Hyperparameters)}  # refused there
+    evaluating = {name: value for name, value in shared.items() if name not in unread}
     print("| method | seed | val_bpb | eval s | us per token |\n|---|---|---|---|---|", flush=True)
     for seed in args.seeds:
         train_id = f"ttt_methods_train_seed{seed}"
@@ -64,7 +69,7 @@ def main():
         artifact = Path(args.log_dir) / "logs" / f"{train_id}_model.{summary_format(log)}.ptz"
         for method, overrides in METHODS.items():
             run_id = f"ttt_methods_{re.sub(r'[^a-z]+', '_', method.lower()).strip('_')}_seed{seed}"
-            env = dict(shared, SEED=str(seed), EVAL_ONLY_QUANTIZED_PATH=str(artifact.resolve()), TTT_EVAL_ONLY="1",
+            env = dict(evaluating, SEED=str(seed), EVAL_ONLY_QUANTIZED_PATH=str(artifact.resolve()), TTT_EVAL_ONLY="1",
                        **overrides)
             log, summary = run(run_id, env, args.log_dir)
             seconds = eval_seconds(log, "final_ttt")

@@ -80,3 +80,11 @@ def tiny_env(sample, **overrides):
                SIZE_TARGET_BYTES="0", TRAIN_LOG_EVERY="1", WARMDOWN_FRAC="0", ITERATIONS="6")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def evaluation_only_env(env, artifact, **settings):
+    """A training run's `env` made an evaluation-only run of its `artifact`, plus `settings`: what such a run never
+    reads, which it refuses, is left out (and RECORD_DIR, which it cannot go with)."""
+    import train_gpt as T
+    unread = {name.upper() for name in T.unread_when_evaluating_only(T.Hyperparameters)} | {"RECORD_DIR"}
+    return {k: v for k, v in env.items() if k not in unread} | dict(EVAL_ONLY_QUANTIZED_PATH=str(artifact), **settings)

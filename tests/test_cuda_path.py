@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO, run_script, set_run_env, small_hp, tiny_env
+from conftest import REPO, evaluation_only_env, run_script, set_run_env, small_hp, tiny_env
 import flash_standins
 
 BOS = 1
@@ -518,9 +518,9 @@ def test_both_compile_scopes_build_every_graph_in_the_warmup_and_train_as_eager(
     # An evaluation-only run builds its graphs before the evaluation clock: chunk TTT's training pass (8 rows) and a
     # phase's global SGD (4 rows) included.
     artifact = tmp_path / "logs" / "block_model.int6.ptz"
-    env = dict(envs["block"], RUN_ID="evaluated", EVAL_ONLY_QUANTIZED_PATH=str(artifact), TTT_BATCH_SEQS="8",
-               PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1",
-               GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4")
+    env = evaluation_only_env(envs["block"], artifact, RUN_ID="evaluated", TTT_BATCH_SEQS="8",
+                              PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="16", PHASED_TTT_NUM_PHASES="1",
+                              GLOBAL_TTT_CHUNK_TOKENS="2048", GLOBAL_TTT_BATCH_SEQS="4")
     log = run_log(SCRIPT_ON_AOT_EAGER, env, tmp_path, "evaluated")  # the shapes and guards are the point
     assert "eval_only: artifact:" in log and "\nfinal_ttt_exact val_loss:" in log
     for rows in (8, 4):

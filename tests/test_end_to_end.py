@@ -2,14 +2,16 @@
 
 import json
 import re
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import make
 import train_gpt as T
-from conftest import REPO, run_script
+from conftest import REPO, evaluation_only_env, run_script
 
 SCRIPT = str(REPO / "train_gpt.py")
 
@@ -237,7 +239,9 @@ def test_challenge_parsers_read_every_line_they_expect(single_run):
 
 def test_the_baseline_preset_exports_int8_zlib_and_scores_the_plain_round_trip(sample, tmp_path):
     from conftest import tiny_env
-    env = tiny_env(sample, PRESET="baseline,smoke", RUN_ID="base")
+    # At this size the baseline's 65,536-element threshold would keep every tensor in fp16: a lower one rounds the
+    # matrices to int8, as at full size.
+    env = tiny_env(sample, PRESET="baseline,smoke", RUN_ID="base", QUANT_PASSTHROUGH_NUMEL="4096")
     for inert in ("GPTQ_CALIBRATION_BATCHES", "SIZE_TARGET_BYTES", "WARMDOWN_FRAC"):  # no GPTQ or SDClip there
         env.pop(inert)
     result = run_script([sys.executable, SCRIPT], env, tmp_path)
@@ -247,6 +251,18 @@ def test_the_baseline_preset_exports_int8_zlib_and_scores_the_plain_round_trip(s
     assert [name for name, *_ in found["final_exact"]] == ["final_int8_zlib_roundtrip"]  # no sliding window, no TTT
     assert found["total"][0][0] == "int8+zlib" and "quantization: bits:8 embed_bits:8 clip:quantile" in log
     assert summary(log)["val_bpb"] == pytest.approx(float(found["final_exact"][0][2]), abs=1e-8)
+    # Scored again by a run whose own export settings are the default stack's (int6, brotli): the same model, given
+    # setting by setting, the same score, and the line still named after the artifact, which is int8 zlib.
+    unread, smoke = T.unread_when_evaluating_only(T.Hyperparameters), T.PRESETS["smoke"]
+    as_env = lambda value: str(int(value)) if isinstance(value, bool) else str(value)
+    model = {name.upper(): as_env(value) for name, value in T.PRESETS["baseline"].items()
+             if name not in unread and name not in smoke and name.upper() not in env}
+    again = evaluation_only_env(env, tmp_path / "logs" / "base_model.int8.ptz", PRESET="smoke", RUN_ID="again", **model)
+    assert T.export_name(T.Hyperparameters.from_env(again)[0]) == "int6_brotli"
+    result = run_script([sys.executable, SCRIPT], again, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scored = parse_like_the_challenge((tmp_path / "logs" / "again.txt").read_text())["final_exact"]
+    assert scored == found["final_exact"]
 
 
 def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_path):
@@ -254,13 +270,18 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     TTT alone, with settings the training run never had; a model of another shape is refused, naming the setting."""
     cwd, env, log = single_run
     artifact = cwd / "logs" / "e2e_model.int6.ptz"
-    env = {k: v for k, v in env.items() if k != "RECORD_DIR"}
-    # ITERATIONS would read the training data many times over; nothing trains, so no warning says it will.
+    env = evaluation_only_env(env, artifact)
+    val_only = cwd / "val_only"  # the validation shards alone: no training data is needed, or read
+    val_only.mkdir()
+    for shard in Path(env["DATA_PATH"]).glob("fineweb_val_*"):
+        shutil.copy(shard, val_only)
     again = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="again", EVAL_STRIDE="0", EVAL_SEQ_LEN="128",
-                                                      ITERATIONS="100000", EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
+                                                      DATA_PATH=str(val_only)), cwd)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     text = (cwd / "logs" / "again.txt").read_text()
-    assert not re.search(r"^warning:", text, re.M)
+    assert not re.search(r"^(warning|memory_estimate):", text, re.M)  # the estimate is of a training step: none
+    assert "data: train_shards:0 train_tokens:0 " in text and "compliance: warmup_data:synthetic " in text
+    assert summary(text)["max_wallclock_seconds"] is None and summary(text)["steps"] == 0  # no training cap: none
     # Without a sliding pass or chunk TTT, the last windows are the round trip's: TRAIN_SEQ_LEN, not EVAL_SEQ_LEN.
     assert "compliance: eval_mode:plain seq_len:256 stride:256 doc_isolated:False " in text
     sha = __import__("hashlib").sha256(artifact.read_bytes()).hexdigest()
@@ -268,8 +289,8 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
     assert not re.search(r"^(step|warmup_step):", text, re.M)
     exact = r"^final_int6_brotli_roundtrip_exact (.*)$"
     assert re.search(exact, text, re.M).group(1) == re.search(exact, log, re.M).group(1)
-    ttt_env = dict(env, EVAL_ONLY_QUANTIZED_PATH=str(artifact), TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_LORA_RANK="4",
-                   TTT_CHUNK_SIZE="128", TTT_BATCH_SIZE="64")
+    ttt_env = dict(env, TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_LORA_RANK="4", TTT_CHUNK_SIZE="128",
+                   TTT_BATCH_SIZE="64")
     ttt = run_script([sys.executable, SCRIPT], dict(ttt_env, RUN_ID="ttt"), cwd)
     assert ttt.returncode == 0, ttt.stdout[-3000:] + ttt.stderr[-3000:]
     text = (cwd / "logs" / "ttt.txt").read_text()
@@ -285,7 +306,6 @@ def test_a_saved_artifact_is_evaluated_again_without_training(single_run, tmp_pa
                      frozen_text, re.M) and "(budget 0s)" in frozen_text
     final = lambda log: re.search(r"^final_ttt_exact val_loss:(\S+) ", log, re.M).group(1)
     assert final(frozen_text) != final(text)
-    wider = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="wider", MLP_MULT="3",
-                                                      EVAL_ONLY_QUANTIZED_PATH=str(artifact)), cwd)
+    wider = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="wider", MLP_MULT="3"), cwd)
     assert wider.returncode != 0 and "MLP_MULT" in wider.stdout + wider.stderr
     assert "blocks.0.mlp.fc.weight" in wider.stdout + wider.stderr

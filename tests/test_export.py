@@ -311,6 +311,24 @@ def test_artifact_file_round_trip_is_exact(tmp_path, compressor, shuffle):
         assert T.byte_shuffle(T.byte_shuffle(blob), inverse=True) == blob
 
 
+@pytest.mark.parametrize("settings", [
+    dict(quant_bits=6, compressor="brotli"), dict(quant_bits=8, embed_quant_bits=8, compressor="zlib"),
+    dict(quant_bits=5, embed_quant_bits=7, compressor="zstd", gated_attn_quant_gate=True),  # the gate is int8
+    dict(quant_bits=16, embed_quant_bits=8, compressor="lzma"), dict(quant_bits=7, compressor="pergroup",
+                                                                      pergroup_codec="lzma")])
+def test_an_artifact_read_back_is_named_as_its_run_named_it_whatever_this_runs_settings(settings):
+    """EVAL_ONLY_QUANTIZED_PATH names the round trip's line after the artifact, not after this run's QUANT_BITS
+    and COMPRESSOR (which it never uses): an int5 zstd artifact scored by a run at the defaults is int5_zstd."""
+    torch.manual_seed(3)
+    hp = small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=300, **settings)
+    model = T.GPT(hp)
+    quantized = T.quantize_state_dict(model.state_dict(), T.quantized_tensor_groups(model, hp), hp)
+    blob = T.serialize_artifact(quantized, hp.compressor, False, hp.pergroup_codec)
+    groups = T.quantized_tensor_groups(T.GPT(small_hp(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
+                                                      vocab_size=300)))
+    assert T.exported_as(T.read_artifact("m.ptz", blob), blob, groups) == T.export_name(hp)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b[:-10], "checksum mismatch"),
     (lambda b: b[:50] + bytes([b[50] ^ 1]) + b[51:], "checksum mismatch"),

@@ -22,7 +22,7 @@ import torch
 import make
 import train_gpt as T
 from prepare_docs import write_shard
-from conftest import REPO, run_script, set_run_env, tiny_env
+from conftest import REPO, evaluation_only_env, run_script, set_run_env, tiny_env
 
 SCRIPT = str(REPO / "train_gpt.py")
 
@@ -135,6 +135,83 @@ def test_unrelated_variables_are_left_alone():
     assert hp.iterations == 7 and sources["iterations"] == "env"
 
 
+def test_an_evaluation_only_run_refuses_every_setting_it_never_reads_naming_them_all():
+    """EVAL_ONLY_QUANTIZED_PATH trains, calibrates and exports nothing: a training, initialization, optimizer,
+    averaging or export setting given with it would be ignored, so it is refused, all such names in one message (an
+    alias by the name given); a preset's values are not given, and the model's, evaluation's and TTT's are read."""
+    only = {"EVAL_ONLY_QUANTIZED_PATH": "a.ptz"}
+    with pytest.raises(T.ConfigError) as refused:
+        T.Hyperparameters.from_env(dict(only, QUANT_BITS="5", ITERATIONS="100", MUON_WD="0.1", ORTHO_INIT="0",
+                                        TRAIN_LOG_EVERY="1", NUM_LAYERS="11"))
+    named = re.search(r"so (.*) would have no effect; unset them", str(refused.value)).group(1)
+    assert named == "ITERATIONS, TRAIN_LOG_EVERY, ORTHO_INIT, MUON_WD, QUANT_BITS"
+    for name in T.unread_when_evaluating_only(T.Hyperparameters):
+        default = getattr(T.Hyperparameters, name)
+        value = str(int(default)) if isinstance(default, bool) else str(default)
+        with pytest.raises(T.ConfigError, match=rf"\b{name.upper()}\b"):
+            T.Hyperparameters.from_env(dict(only, **{name.upper(): value or "x"}))
+    hp, _ = T.Hyperparameters.from_env(dict(only, PRESET="record", NUM_LAYERS="11", SEED="42", TTT_LORA_RANK="8",
+                                            EMBED_BF16="1", PACK_CODE="0", VAL_BATCH_SIZE="65536"))
+    assert hp.compressor == "pergroup" and hp.lqer_rank == 4  # set by the preset, unread
+    assert set(T.unread_when_evaluating_only(T.Hyperparameters)) == set(T.ALSO_UNREAD_WHEN_EVALUATING_ONLY) | {
+        field.name for field in T.dataclasses.fields(T.Hyperparameters) if field.name not in T.READ_WHEN_EVALUATING_ONLY
+        and field.name in settings_of_groups(T.GROUPS_UNREAD_WHEN_EVALUATING_ONLY)}
+
+
+def settings_of_groups(titles):
+    """The fields of the `--help` groups titled `titles`, from the usage text."""
+    text, names = T.usage(), set()
+    for block in re.split(r"\n(?=\S)", text):
+        title = block.split(":\n")[0]
+        if title in titles:
+            names |= {item.split("=")[0].lower() for item in block.split(":\n", 1)[1].split()}
+    return names
+
+
+def test_an_evaluation_only_run_never_reads_a_setting_it_refuses(sample, tmp_path, monkeypatch):
+    """What the refusal above rests on, watched in real runs: from the artifact's loading on, the evaluation phases
+    (round trip, sliding windows and chunk TTT; then LoRA TTT alone, with a phase of global SGD) read none of those
+    fields.
+    (Functions that sweep every field, the config hash and the summary, are left out: they read, they do not use.)"""
+    train = tiny_env(sample)
+    hp, _ = T.Hyperparameters.from_env(train)
+    net = T.GPT(hp)  # untrained: the weights are beside the point
+    quantized = T.quantize_state_dict(net.state_dict(), T.quantized_tensor_groups(net, hp), hp)
+    T.write_artifact(tmp_path / "model.ptz", T.serialize_artifact(quantized, hp.compressor, False))
+    reads, recording = collections.defaultdict(set), [False]
+    fields = {field.name for field in T.dataclasses.fields(T.Hyperparameters)}
+    plain_read = object.__getattribute__
+
+    def watched(self, name):
+        if recording[0] and name in fields:
+            reads[sys._getframe(1).f_code].add(name)
+        return plain_read(self, name)
+
+    def loading(run, net):
+        recording[0] = True
+        return load_artifact(run, net)
+    load_artifact = T.load_artifact_to_evaluate
+    monkeypatch.setattr(T.Hyperparameters, "__getattribute__", watched)
+    monkeypatch.setattr(T, "load_artifact_to_evaluate", loading)
+    evaluating = evaluation_only_env(train, tmp_path / "model.ptz")
+    runs = (("chunk", dict(EVAL_STRIDE="128", TTT_ENABLED="1", TTT_METHOD="chunk", TTT_CHUNK_TOKENS="16384",
+                           TTT_EPOCHS="1")),
+            ("lora", dict(TTT_EVAL_ONLY="1", TTT_ENABLED="1", TTT_METHOD="lora", TTT_LORA_RANK="4", TTT_BATCH_SIZE="64",
+                          TTT_CHUNK_SIZE="64", PHASED_TTT_ENABLED="1", PHASED_TTT_PREFIX_DOCS="8",
+                          PHASED_TTT_NUM_PHASES="1", GLOBAL_TTT_CHUNK_TOKENS="1024", GLOBAL_TTT_EPOCHS="1")))
+    for run_id, ttt in runs:
+        for name in set(train).union(*(settings for _, settings in runs)):  # each run gives only its own
+            monkeypatch.delenv(name, raising=False)
+        set_run_env(monkeypatch, dict(evaluating, RUN_ID=run_id, **ttt), tmp_path)
+        recording[0] = False  # until this run loads its artifact
+        T.main()
+        assert re.search(r"^final_ttt_exact ", (tmp_path / "logs" / f"{run_id}.txt").read_text(), re.M)
+    used = set().union(*(names for code, names in reads.items() if len(names) < len(fields) // 2))  # no sweeps
+    assert {"eval_stride", "val_batch_size", "ttt_chunk_tokens", "ttt_lora_rank", "global_ttt_lr"} <= used
+    read_yet_refused = used & set(T.unread_when_evaluating_only(T.Hyperparameters))
+    assert not read_yet_refused, sorted(read_yet_refused)
+
+
 def baseline_lr_mul(iterations, warmdown_iters, max_wallclock_ms, step, elapsed_ms):
     """The challenge baseline's lr_mul, restated from its train_gpt.py."""
     if max_wallclock_ms is None:
@@ -239,6 +316,9 @@ def test_sigint_saves_the_weights_and_finishing_later_scores_as_a_run_that_stopp
     stopped_log = (tmp_path / "logs" / "stopped.txt").read_text()
     assert f"finish_from:logs/cut_raw.pt step:{step}" in finished_log
     assert roundtrip(finished_log) == roundtrip(stopped_log)
+    # its warmup builds the evaluation graphs only, on synthetic tokens; a run that trains warms up on training data
+    assert "compliance: warmup_data:synthetic " in finished_log
+    assert "compliance: warmup_data:training_tokens+synthetic " in stopped_log
     # FINISH_FROM refuses weights of another configuration.
     other = run_script([sys.executable, SCRIPT], dict(env, RUN_ID="other", MODEL_DIM="32",
                                                       FINISH_FROM="logs/cut_raw.pt"), tmp_path)
