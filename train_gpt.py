@@ -395,7 +395,8 @@ class Hyperparameters:
     # pair, unless left at its defaults, must be one of its items (the record then ignores the pair)
     ttt_short_doc_len: int = setting(512, ">0", SHORT_SCORE_FIRST)
     ttt_short_chunk_size: int = setting(0, ">=0", SHORT_SCORE_FIRST)  # lora: see TTT_SHORT_DOC_LEN; 0 = TTT_CHUNK_SIZE
-    # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN)
+    # lora: a chunk's context is at most this many tokens of its own document; 0 = EVAL_SEQ_LEN (else TRAIN_SEQ_LEN);
+    # it must hold the largest chunk, which is scored in one window
     ttt_eval_seq_len: int = setting(0, ">=0", LORA_TTT)
     ttt_batch_size: int = setting(64, ">0", LORA_TTT)  # lora: documents adapted side by side (longest batches first)
     ttt_grad_steps: int = setting(1, ">0", LORA_TTT)  # lora: optimizer steps on each scored chunk
@@ -872,6 +873,12 @@ def rules_of_evaluation(hp, require):
             f"must not exceed the longest positions the model has (TRAIN_SEQ_LEN={hp.train_seq_len}, "
             f"EVAL_SEQ_LEN={hp.eval_seq_len})")
     require(not hp.ttt_enabled or hp.ttt_method != "", "TTT_METHOD", "choose chunk or lora with TTT_ENABLED=1")
+    if hp.ttt_enabled and hp.ttt_method == "lora":  # each chunk is scored in one window: else targets go unscored
+        context = next(name for name in ("ttt_eval_seq_len", "eval_seq_len", "train_seq_len") if getattr(hp, name))
+        largest = max([hp.ttt_chunk_size] + [chunk for _, chunk in hp.short_score_first_steps])
+        require(largest <= getattr(hp, context), context.upper(),
+                f"per-document TTT scores each chunk in one window of at most this many positions, so it must hold "
+                f"the largest chunk, {largest} targets (TTT_CHUNK_SIZE, TTT_SHORT_SCORE_FIRST_STEPS)")
 
 
 # neon213's Muon growth run (k = 1 for 5,000 steps, then +2 taps every 3,000 steps up to 21 at step 32,000 of 35,000)
@@ -6330,9 +6337,13 @@ def log_challenge_sizes(run, net, quantized, blob, code_bytes):
     run.log(f"Total submission size {label}: {len(blob) + code_bytes} bytes")
 
 
-def log_final(run, name, result, seconds, extra=""):
-    """One evaluation's lines: rounded, then `_exact` to 8 decimals. The last `_exact` line of a log is its score."""
+def log_final(run, data, name, result, seconds, extra=""):
+    """One evaluation's lines: rounded, then `_exact` to 8 decimals. The last `_exact` line of a log is its score, so
+    an evaluation that scored other than every validation target is refused before it writes one."""
     val_loss, val_bpb, scored = result
+    expected = data.val_tokens.numel() - 1
+    if scored != expected:
+        raise RunError(f"{name} scored {scored} validation targets, not {expected}; its score is not logged")
     run.scored_targets[name] = scored
     run.log(f"{name} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} {extra}eval_time:{1000 * seconds:.0f}ms")
     run.log(f"{name}_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
@@ -6365,7 +6376,7 @@ def evaluate_artifact(run, data, model, artifact):
     result = run_validation(run, data, model)
     synchronize(run)
     gap = result[1] - run.results.get("pre_quant_val_bpb", math.nan)  # none when EVAL_ONLY_QUANTIZED_PATH
-    log_final(run, f"final_{artifact.export}_roundtrip", result, time.perf_counter() - start,
+    log_final(run, data, f"final_{artifact.export}_roundtrip", result, time.perf_counter() - start,
               f"quant_gap_bpb:{gap:+.4f} " if math.isfinite(gap) else "")
     if math.isfinite(gap):
         run.results["quant_gap_bpb"] = gap
@@ -6380,7 +6391,7 @@ def evaluate_sliding(run, data, model):
     result = evaluate(model.forward, data.val_tokens, data.target_bytes, run.eval_seq_len, hp.eval_stride,
                       hp.val_batch_size, run.rank, run.world_size, run.device, run.autocast, data.doc_starts)
     synchronize(run)
-    log_final(run, "final_sliding_window", result, time.perf_counter() - start,
+    log_final(run, data, "final_sliding_window", result, time.perf_counter() - start,
               f"seq_len:{run.eval_seq_len} stride:{hp.eval_stride} ")
 
 
@@ -6402,7 +6413,7 @@ def evaluate_lora_ttt(run, data, model):
                                    data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
                                    doc_starts_of(data.val_tokens, data.tokenizer.bos_id()), run.log, budget_left)
     synchronize(run)
-    log_final(run, "final_ttt", report.result, time.perf_counter() - start,
+    log_final(run, data, "final_ttt", report.result, time.perf_counter() - start,
               f"documents:{report.per_document.size(0)} rounds:{report.rounds} adapted_rounds:{report.adapted_rounds} "
               f"phases:{report.phases} ")
     return dict(chunks=report.rounds, adapted=report.adapted_rounds, phases=report.phases)
@@ -6459,7 +6470,7 @@ def evaluate_chunk_ttt(run, data, model):
         model.forward, data.val_tokens, data.target_bytes, hp, run.rank, run.world_size, run.device, run.autocast,
         data.doc_starts, run.log, budget_left, phases)
     synchronize(run)
-    log_final(run, "final_ttt", result, time.perf_counter() - start,
+    log_final(run, data, "final_ttt", result, time.perf_counter() - start,
               f"chunks:{len(per_segment)} adapted:{adapted} stride:{hp.eval_stride or run.eval_seq_len} ")
     return dict(chunks=len(per_segment), adapted=adapted, phases=len(phases))
 
@@ -6480,10 +6491,7 @@ def log_compliance(run, data, model, ttt_report):
     """The rules of evaluation, checked and stated in the log (parameter-golf issue #1017: causal, normalized,
     score before update, single pass)."""
     hp, log = run.hp, run.log
-    expected = data.val_tokens.numel() - 1
-    for name, scored in run.scored_targets.items():  # what each final evaluation actually scored
-        if scored != expected:
-            raise RuntimeError(f"{name} scored {scored} validation targets, not {expected}")
+    expected = data.val_tokens.numel() - 1  # what each final evaluation scored, checked by log_final
     # The eager model: a one-row diagnostic must not compile two more graphs inside the evaluation budget.
     logsumexp, charged = check_normalization(model.net, data.val_tokens, run.eval_seq_len, run.autocast, run.device)
     log(f"compliance: {scored_windows(hp, run.eval_seq_len)} "

@@ -333,3 +333,18 @@ def test_packed_global_sgd_trains_each_document_piece_as_a_row_of_its_own_at_any
     halves = [adapted_delta(model, tokens, steps, 16, rank, 2) for rank in (0, 1)]
     for delta, first, second in zip(packed, *halves):
         torch.testing.assert_close(first + second, delta, rtol=1e-4, atol=1e-6)
+
+
+def test_an_evaluation_that_missed_a_target_writes_no_score_line():
+    """The last _exact line of a log is its score: one that scored fewer targets than the split holds (a partial
+    pass) is refused before its lines are written, so no parser can read it."""
+    from types import SimpleNamespace
+    lines = []
+    run = SimpleNamespace(scored_targets={}, log=lines.append, results={})
+    data = SimpleNamespace(val_tokens=torch.zeros(11, dtype=torch.int64))  # 10 targets
+    T.log_final(run, data, "final_ttt", (2.0, 1.0, 10), 1.0)
+    assert lines[-1] == "final_ttt_exact val_loss:2.00000000 val_bpb:1.00000000" and run.results["val_bpb"] == 1.0
+    lines.clear()
+    with pytest.raises(T.RunError, match="final_sliding_window scored 9 validation targets, not 10"):
+        T.log_final(run, data, "final_sliding_window", (2.0, 0.5, 9), 1.0)
+    assert lines == [] and "final_sliding_window" not in run.scored_targets and run.results["val_bpb"] == 1.0

@@ -73,6 +73,11 @@ SCRIPT = str(REPO / "train_gpt.py")
     ({"EVAL_ONLY_QUANTIZED_PATH": "a.ptz", "TTT_EVAL_ONLY": "1", "TTT_ENABLED": "1", "TTT_METHOD": "lora",
       "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # TTT alone: no sliding pass
     ({"PRESET": "record", "EVAL_DOC_ISOLATED": "1"}, "EVAL_DOC_ISOLATED"),  # the preset has no sliding pass
+    ({"PRESET": "record", "TTT_EVAL_SEQ_LEN": "32"}, "TTT_EVAL_SEQ_LEN=32: .* largest chunk, 48"),  # a window each
+    ({"PRESET": "pr2014", "TTT_EVAL_SEQ_LEN": "0", "EVAL_SEQ_LEN": "0", "TRAIN_SEQ_LEN": "32",
+      "TRAIN_SEQ_SCHEDULE": "32@1.0"}, "TRAIN_SEQ_LEN=32: .* largest chunk, 48"),
+    ({"PRESET": "pr2014", "TTT_CHUNK_SIZE": "16", "TTT_SHORT_SCORE_FIRST_STEPS": "256:8,2000:64",
+      "TTT_EVAL_SEQ_LEN": "48"}, "TTT_EVAL_SEQ_LEN=48: .* largest chunk, 64"),  # a short documents' chunk
     ({"QUANT_CLIP": "rowmax", "CLIP_K_MLP": "10"}, "QUANT_CLIP=sdclip"),
     ({"ATTN_GATE": "none", "SMEAR_GATE": "0", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),  # no gate reads it
     ({"SMEAR_GATE_FORM": "blend", "ATTN_GATE": "head", "GATE_WINDOW": "8"}, "GATE_WINDOW=8 has no effect"),
